@@ -1,0 +1,1 @@
+//! Builds function crates into verified artifacts.

@@ -1,0 +1,1 @@
+//! Worker processes for the process and language backends.

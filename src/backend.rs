@@ -1,0 +1,223 @@
+//! The `Backend` trait every isolation mechanism implements, and the types
+//! that cross it.
+
+use crate::{Artifact, Error};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The three isolation backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// A process per function (Boucher et al.'s baseline).
+    Process,
+    /// Native calls inside per-core worker processes (Boucher et al.).
+    Language,
+    /// KVM micro-VMs started from snapshots (SEUSS).
+    Vm,
+}
+
+impl BackendKind {
+    /// Every backend, in the order tables list them.
+    pub const ALL: [BackendKind; 3] = [BackendKind::Process, BackendKind::Language, BackendKind::Vm];
+
+    /// The lowercase name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Process => "process",
+            BackendKind::Language => "language",
+            BackendKind::Vm => "vm",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown backend `{s}` (expected process, language or vm)"))
+    }
+}
+
+/// Which path started the instance that served an invocation, slowest last
+/// within each backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartPath {
+    /// A resident, initialised instance (process, language).
+    Warm,
+    /// Nothing reused: a new process, a fresh dlopen, or a VM boot.
+    Cold,
+    /// An idle running VM instance was reused (vm).
+    Hot,
+    /// Resumed from an argument snapshot after `checkpoint()` (vm).
+    Argument,
+    /// Restored from the function snapshot (vm).
+    Function,
+    /// Restored from the base snapshot, then load + init (vm).
+    Base,
+}
+
+impl StartPath {
+    /// The lowercase name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPath::Warm => "warm",
+            StartPath::Cold => "cold",
+            StartPath::Hot => "hot",
+            StartPath::Argument => "argument",
+            StartPath::Function => "function",
+            StartPath::Base => "base",
+        }
+    }
+}
+
+impl fmt::Display for StartPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the caller wants an invocation started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartRequest {
+    /// The fastest path the backend has for this function and input.
+    #[default]
+    Auto,
+    /// Exactly this path; a backend without it returns
+    /// [`Error::UnsupportedStart`].
+    Force(StartPath),
+}
+
+/// A deployable function: a name and a verified artifact.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    /// The name it is invoked by.
+    pub name: String,
+    /// The built shared object.
+    pub artifact: Arc<Artifact>,
+    /// Its invocation budget; `None` = [`crate::Config::default_budget`].
+    pub budget: Option<Duration>,
+}
+
+impl FunctionSpec {
+    /// A spec with the default budget.
+    pub fn new(name: impl Into<String>, artifact: Arc<Artifact>) -> Self {
+        Self {
+            name: name.into(),
+            artifact,
+            budget: None,
+        }
+    }
+
+    /// The same spec with its own budget.
+    pub fn with_budget(mut self, budget: Duration) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+}
+
+/// Handle of a deployed function (its name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FunctionId(Arc<str>);
+
+impl FunctionId {
+    /// The id of the function deployed under `name`.
+    pub fn new(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for FunctionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where one invocation's time went, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Making an instance ready: spawn, dlopen, restore or boot, plus load
+    /// and init where the path needs them (0 for warm and hot).
+    pub start_ns: u64,
+    /// From `invoke` being called to the function's first instruction (the
+    /// entry timestamp the artifact's shim takes); includes `start_ns`.
+    pub dispatch_ns: u64,
+    /// The function's own run, entry to return.
+    pub exec_ns: u64,
+    /// From `invoke` being called to it returning.
+    pub total_ns: u64,
+}
+
+/// A completed invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    /// What the function returned.
+    pub output: Vec<u8>,
+    /// Which start path served it.
+    pub start: StartPath,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// A backend's resident state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Functions deployed.
+    pub functions: usize,
+    /// Running instances (processes, loaded copies, VMs).
+    pub instances: usize,
+    /// Host memory the backend's instances hold, in bytes (resident set of
+    /// its processes, or private memory of its VMs).
+    pub memory_bytes: u64,
+    /// Backend-specific counters, `(name, value)`.
+    pub extra: Vec<(String, u64)>,
+}
+
+/// One isolation mechanism. Every method takes `&self` and may be called
+/// from many threads at once.
+///
+/// ```no_run
+/// use microfaas::{Backend, BackendKind, Config, FunctionSpec, StartRequest};
+///
+/// let backend = microfaas::open(BackendKind::Process, Config::default())?;
+/// let echo = backend.deploy(&FunctionSpec::new("echo", microfaas::builtin("echo")?))?;
+/// let done = backend.invoke(&echo, b"hello", StartRequest::Auto)?;
+/// assert_eq!(done.output, b"hello");
+/// println!("{} start, {} ns end to end", done.start, done.timings.total_ns);
+/// # Ok::<(), microfaas::Error>(())
+/// ```
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Makes a function available (replacing one of the same name). May do
+    /// the function's expensive set-up (spawn, preload, snapshot) now.
+    fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error>;
+
+    /// Runs the function once on `input` (any bytes, up to the input limit).
+    fn invoke(&self, id: &FunctionId, input: &[u8], start: StartRequest) -> Result<Invocation, Error>;
+
+    /// Drops the function's resident state, so its next start is cold. The
+    /// function stays deployed.
+    fn evict(&self, id: &FunctionId) -> Result<(), Error>;
+
+    /// The backend's resident state.
+    fn stats(&self) -> Stats;
+}

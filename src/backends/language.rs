@@ -1,0 +1,11 @@
+//! The `language` backend adapter (not built yet).
+
+use crate::{Backend, BackendKind, Config, Error};
+
+/// Opens the `language` backend.
+pub fn open(_config: Config) -> Result<Box<dyn Backend>, Error> {
+    Err(Error::BackendUnavailable {
+        backend: BackendKind::Language,
+        reason: "not built yet".to_owned(),
+    })
+}

@@ -1,0 +1,11 @@
+//! The `process` backend adapter (not built yet).
+
+use crate::{Backend, BackendKind, Config, Error};
+
+/// Opens the `process` backend.
+pub fn open(_config: Config) -> Result<Box<dyn Backend>, Error> {
+    Err(Error::BackendUnavailable {
+        backend: BackendKind::Process,
+        reason: "not built yet".to_owned(),
+    })
+}
