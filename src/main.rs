@@ -1,1 +1,239 @@
-fn main() {}
+//! The `microfaas` command line: build functions, invoke them on any backend.
+
+use clap::{Parser, Subcommand};
+use microfaas::{Artifact, Backend, BackendKind, Config, Error, ErrorKind, FunctionSpec, StartPath, StartRequest};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// microfaas: one FaaS host, three isolation backends (vm, language, process).
+#[derive(Debug, Parser)]
+#[command(name = "microfaas", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Invoke a function once: its output goes to stdout, the start path and
+    /// timings to stderr (or everything as one JSON object with --json).
+    Invoke {
+        /// Backend to run on.
+        #[arg(long, value_parser = ["process", "language", "vm"])]
+        backend: String,
+        /// A function from functions/ (e.g. echo) or a path to a built artifact.
+        function: String,
+        /// Input text.
+        #[arg(long, conflicts_with = "input_file")]
+        input: Option<String>,
+        /// File whose bytes are the input.
+        #[arg(long)]
+        input_file: Option<PathBuf>,
+        /// Force a cold start.
+        #[arg(long)]
+        cold: bool,
+        /// Invocation budget in milliseconds.
+        #[arg(long)]
+        budget_ms: Option<u64>,
+        /// Print one JSON object on stdout instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compile a function crate into one verified shared object.
+    Build {
+        /// The function crate's directory.
+        dir: PathBuf,
+        /// Where to write the artifact (default: DIR/target/microfaas/NAME.so).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify a built artifact.
+    Verify {
+        /// The artifact file.
+        artifact: PathBuf,
+    },
+    /// List the example functions.
+    Functions,
+}
+
+/// A failure of the command, with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+    kind: Option<ErrorKind>,
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let code = match e.kind() {
+            ErrorKind::BackendUnavailable | ErrorKind::UnknownFunction | ErrorKind::UnsupportedStart => 2,
+            ErrorKind::InvalidArtifact | ErrorKind::KvmUnavailable => 2,
+            _ => 1,
+        };
+        Failure {
+            code,
+            message: chain(&e),
+            kind: Some(e.kind()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = matches!(cli.command, Command::Invoke { json: true, .. });
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if json {
+                let obj = serde_json::json!({
+                    "error": { "kind": f.kind.map(|k| format!("{k:?}")), "message": f.message }
+                });
+                println!("{obj}");
+            } else {
+                eprintln!("error: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Invoke {
+            backend,
+            function,
+            input,
+            input_file,
+            cold,
+            budget_ms,
+            json,
+        } => {
+            let kind: BackendKind = backend.parse().map_err(|m| Failure {
+                code: 2,
+                message: m,
+                kind: None,
+            })?;
+            let input = match (input, input_file) {
+                (Some(text), _) => text.into_bytes(),
+                (None, Some(path)) => std::fs::read(&path)
+                    .map_err(|e| Error::io(format!("reading input file {}", path.display()), e))?,
+                (None, None) => Vec::new(),
+            };
+            let (name, artifact) = resolve_function(&function)?;
+            let backend = microfaas::open(kind, Config::default())?;
+            let mut spec = FunctionSpec::new(name.clone(), artifact);
+            if let Some(ms) = budget_ms {
+                spec = spec.with_budget(Duration::from_millis(ms));
+            }
+            invoke(backend.as_ref(), &spec, &input, cold, json)
+        }
+        Command::Build { dir, out } => {
+            let mut opts = microfaas_builder::BuildOptions::new(microfaas_builder::default_cache_dir());
+            let out = match out {
+                Some(out) => out,
+                None => {
+                    let name = dir
+                        .canonicalize()
+                        .ok()
+                        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                        .unwrap_or_else(|| "function".to_owned());
+                    dir.join("target").join("microfaas").join(format!("{name}.so"))
+                }
+            };
+            opts.out = Some(out);
+            let built = microfaas_builder::build(&dir, &opts).map_err(|e| Failure {
+                code: 1,
+                message: chain(&e),
+                kind: None,
+            })?;
+            println!("{}", built.path.display());
+            eprintln!(
+                "built `{}` ({}; inputs {})",
+                built.name,
+                if built.cached { "cached" } else { "compiled" },
+                &built.input_hash[..16]
+            );
+            Ok(())
+        }
+        Command::Verify { artifact } => {
+            let a = Artifact::load(&artifact)?;
+            println!("{}: ok (sha256 {})", a.path().display(), a.digest());
+            Ok(())
+        }
+        Command::Functions => {
+            for name in microfaas::builtin_names() {
+                println!("{name}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn resolve_function(function: &str) -> Result<(String, Arc<Artifact>), Failure> {
+    let path = Path::new(function);
+    if function.contains('/') || function.ends_with(".so") {
+        let artifact = Artifact::load(path)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| function.to_owned());
+        return Ok((name, Arc::new(artifact)));
+    }
+    Ok((function.to_owned(), microfaas::builtin(function)?))
+}
+
+fn invoke(backend: &dyn Backend, spec: &FunctionSpec, input: &[u8], cold: bool, json: bool) -> Result<(), Failure> {
+    let id = backend.deploy(spec)?;
+    let start = if cold {
+        StartRequest::Force(StartPath::Cold)
+    } else {
+        StartRequest::Auto
+    };
+    let done = backend.invoke(&id, input, start)?;
+    if json {
+        let obj = serde_json::json!({
+            "backend": backend.kind(),
+            "function": spec.name,
+            "start": done.start,
+            "output": std::str::from_utf8(&done.output).ok(),
+            "output_hex": done.output.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "timings": done.timings,
+        });
+        println!("{obj}");
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(&done.output)
+            .and_then(|()| stdout.flush())
+            .map_err(|e| Error::io("writing output", e))?;
+        let t = done.timings;
+        eprintln!(
+            "\nstart: {}  total: {:.1} us  start: {:.1} us  dispatch: {:.1} us  exec: {:.1} us",
+            done.start,
+            us(t.total_ns),
+            us(t.start_ns),
+            us(t.dispatch_ns),
+            us(t.exec_ns)
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}

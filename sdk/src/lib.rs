@@ -39,6 +39,12 @@ use core::ffi::c_void;
 use core::fmt;
 
 mod guest_support;
+
+/// A cell set once (typically in `init`) and read by every later call:
+/// how a function keeps state such as a precomputed table, in safe code.
+/// Set it in `init`, not in `handle`: memory a `handle` call allocates may be
+/// discarded with that call (runtimes reclaim per-invocation heaps).
+pub use once_cell::race::OnceBox;
 #[doc(hidden)]
 pub use guest_support::__private;
 

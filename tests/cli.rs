@@ -1,0 +1,101 @@
+//! The `microfaas` command line: build refusals, verification, exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn microfaas(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_microfaas"))
+        .args(args)
+        .env("MICROFAAS_BUILD_CACHE", cache)
+        .output()
+        .expect("running microfaas")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn build_refuses_unsafe_code_with_the_compiler_message() {
+    let cache = tempfile::tempdir().unwrap();
+    let out_file = cache.path().join("x.so");
+    let out = microfaas(
+        &["build", fixture("uses-unsafe").to_str().unwrap(), "--out", out_file.to_str().unwrap()],
+        cache.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("uses unsafe code"), "{err}");
+    assert!(err.contains("usage of an `unsafe` block"), "compiler message missing: {err}");
+    assert!(!out_file.exists());
+}
+
+#[test]
+fn build_refuses_a_dependency_outside_the_allowlist_by_name() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = microfaas(&["build", fixture("bad-dep").to_str().unwrap()], cache.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("dependency `not-allowed-helper`"), "{err}");
+    assert!(err.contains("bad-dep -> not-allowed-helper"), "{err}");
+}
+
+#[test]
+fn build_caches_by_content_hash() {
+    let cache = tempfile::tempdir().unwrap();
+    let echo = Path::new(env!("CARGO_MANIFEST_DIR")).join("functions/echo");
+    let first_out = cache.path().join("first.so");
+    let first = microfaas(
+        &["build", echo.to_str().unwrap(), "--out", first_out.to_str().unwrap()],
+        cache.path(),
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("(compiled;"), "{}", stderr(&first));
+    let second_out = cache.path().join("second.so");
+    let second = microfaas(
+        &["build", echo.to_str().unwrap(), "--out", second_out.to_str().unwrap()],
+        cache.path(),
+    );
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(stderr(&second).contains("(cached;"), "{}", stderr(&second));
+    assert_eq!(std::fs::read(&first_out).unwrap(), std::fs::read(&second_out).unwrap());
+    let verified = microfaas(&["verify", second_out.to_str().unwrap()], cache.path());
+    assert!(verified.status.success(), "{}", stderr(&verified));
+}
+
+#[test]
+fn verify_refuses_malformed_elf_files_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = std::fs::read(microfaas::builtin_dir().join("echo.so")).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage.so", b"this is not an ELF file at all".to_vec(), "not a valid ELF file"),
+        ("truncated.so", echo[..200].to_vec(), "invalid artifact"),
+        ("exec.so", { let mut b = echo.clone(); b[16] = 2; b }, "is not ET_DYN"),
+        ("arm.so", { let mut b = echo.clone(); b[18] = 183; b }, "is not x86-64"),
+    ];
+    for (name, bytes, expect) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = microfaas(&["verify", path.to_str().unwrap()], dir.path());
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("invalid artifact") && err.contains(name), "{name}: {err}");
+        assert!(err.contains(expect), "{name}: expected `{expect}` in {err}");
+    }
+}
+
+#[test]
+fn unknown_function_and_bad_flags_exit_with_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = microfaas(&["invoke", "--backend", "process", "no-such-function"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown function `no-such-function`"), "{}", stderr(&out));
+    let out = microfaas(&["invoke", "--backend", "warp", "echo"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let out = microfaas(&["invoke", "--backend", "process", "echo", "--frobnicate"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+}
