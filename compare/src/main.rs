@@ -1,1 +1,106 @@
-fn main() {}
+//! `compare`: the head-to-head experiments of microfaas, through the
+//! `Backend` trait, with tables, versioned JSON and SVG plots.
+//!
+//! `cargo run --release -p compare` runs the default suite; `compare
+//! EXPERIMENT [--quick] [--iterations N] [--json FILE] [--out DIR]` one
+//! experiment. See `report.rs` for the JSON schema.
+
+mod env;
+mod memory;
+mod plot;
+mod progress;
+mod report;
+mod stats;
+mod table1;
+
+use clap::{Parser, ValueEnum};
+use microfaas::Config;
+use report::Report;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The experiments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Experiment {
+    /// The default suite: every experiment below.
+    All,
+    /// The paper's Table 1 with the vm rows: start latency and throughput per backend and start path.
+    Table1,
+    /// Resident memory for N deployed functions on each backend.
+    Memory,
+}
+
+/// Head-to-head experiments: vm vs language vs process isolation.
+#[derive(Debug, Parser)]
+#[command(name = "compare", version, about)]
+struct Cli {
+    /// Which experiment to run.
+    #[arg(value_enum, default_value = "all")]
+    experiment: Experiment,
+    /// Fewer iterations, for a fast look (and the tests).
+    #[arg(long)]
+    quick: bool,
+    /// Measured invocations per warm row (cold rows: a tenth).
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// Functions deployed for table1.
+    #[arg(long)]
+    functions: Option<usize>,
+    /// Write the JSON document here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write report.md, report.json and the SVG plots into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    let environment = env::Environment::detect();
+    println!("{}\n", environment.header());
+    let mut report = Report::new(environment);
+    let config = Config::default();
+    let all = cli.experiment == Experiment::All;
+    if all || cli.experiment == Experiment::Table1 {
+        let opts = table1::Options::new(cli.quick, cli.iterations, cli.functions);
+        let rows = table1::run(&opts, &config);
+        println!(
+            "table1: noop, {} functions deployed; latency from dispatch to the function's first timestamp (median/p99/p99.9) and end to end (e2e)\n{}",
+            opts.functions,
+            report::table1_text(&rows)
+        );
+        report.rows = Some(rows);
+    }
+    if all || cli.experiment == Experiment::Memory {
+        let rows = memory::run(&memory::default_steps(cli.quick), &config);
+        println!("memory: host memory of N deployed functions, each invoked once\n{}", report::memory_text(&rows));
+        report.memory = Some(rows);
+    }
+    let json = serde_json::to_string_pretty(&report).map_err(|e| format!("serialising the report: {e}"))?;
+    if let Some(path) = &cli.json {
+        std::fs::write(path, &json).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    if let Some(dir) = &cli.out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut plots = Vec::new();
+        if let Some(rows) = &report.rows {
+            plot::latency_cdf(rows, &dir.join("latency-cdf.svg")).map_err(|e| e.to_string())?;
+            plots.push(("Start latency CDF".to_owned(), "latency-cdf.svg".to_owned()));
+        }
+        std::fs::write(dir.join("report.json"), &json).map_err(|e| format!("writing report.json: {e}"))?;
+        std::fs::write(dir.join("report.md"), report::markdown(&report, &plots))
+            .map_err(|e| format!("writing report.md: {e}"))?;
+        println!("wrote {}/report.md, report.json and the plots", dir.display());
+    }
+    Ok(())
+}

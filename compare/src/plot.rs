@@ -1,0 +1,87 @@
+//! SVG plots (plotters): latency CDFs per backend and start path.
+
+use crate::table1::Row;
+use plotters::prelude::*;
+use std::path::Path;
+
+/// Why a plot could not be drawn.
+#[derive(Debug, thiserror::Error)]
+#[error("drawing {path}: {message}")]
+pub struct PlotError {
+    path: String,
+    message: String,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> PlotError {
+    PlotError {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+/// CDFs of dispatch latency, one line per measured row, log-scaled x axis.
+pub fn latency_cdf(rows: &[Row], path: &Path) -> Result<(), PlotError> {
+    let series: Vec<(String, Vec<(f64, f64)>)> = rows
+        .iter()
+        .filter_map(|r| {
+            let points = r.dispatch.as_ref()?.cdf_points();
+            (!points.is_empty()).then(|| (format!("{} {}", r.backend, r.start), points))
+        })
+        .collect();
+    let max_x = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(x, _)| x))
+        .fold(1.0f64, f64::max)
+        * 1.5;
+    let min_x = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(x, _)| x))
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.01, max_x / 10.0)
+        * 0.8;
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Start latency: dispatch to the function's first timestamp", ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d((min_x..max_x).log_scale(), 0.0..1.0)
+        .map_err(|e| err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (µs, log scale)")
+        .y_desc("fraction of invocations")
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    for (i, (label, points)) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(path, e))?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    root.present().map_err(|e| err(path, e))?;
+    Ok(())
+}

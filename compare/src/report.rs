@@ -1,0 +1,136 @@
+//! Output: terminal tables, the versioned JSON document, report.md.
+//!
+//! # JSON schema (`schema` = "microfaas-compare", `schema_version` = 1)
+//!
+//! ```text
+//! {
+//!   "schema": "microfaas-compare", "schema_version": 1,
+//!   "environment": { cpu_model, cores, kernel, virtualised, kvm_usable, memory_mib, git_revision, date },
+//!   "rows":   [ table1 row ... ],            // present when table1 ran
+//!   "memory": [ memory row ... ]            // present when memory ran
+//! }
+//! table1 row: { backend: "process"|"language"|"vm",
+//!               start: "warm"|"cold"|"hot"|"argument"|"function"|"base",
+//!               function, functions_deployed,
+//!               median_us, p99_us, p999_us,      // dispatch -> function's first timestamp; null if skipped
+//!               end_to_end: { count, median_us, p99_us, p999_us, max_us } | null,
+//!               throughput_per_s,                // warm/hot rows only, else null
+//!               samples, errors, skipped: null | "reason" }
+//! memory row: { backend, functions, memory_mib, per_function_kib, instances, skipped }
+//! ```
+
+use crate::env::Environment;
+use crate::{memory, table1};
+use serde::Serialize;
+use std::fmt::Write;
+
+/// Version of the JSON document; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Everything one run produced.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Always "microfaas-compare".
+    pub schema: &'static str,
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Where it ran.
+    pub environment: Environment,
+    /// `table1` rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<table1::Row>>,
+    /// `memory` rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Vec<memory::Row>>,
+}
+
+impl Report {
+    /// An empty report for `environment`.
+    pub fn new(environment: Environment) -> Self {
+        Self {
+            schema: "microfaas-compare",
+            schema_version: SCHEMA_VERSION,
+            environment,
+            rows: None,
+            memory: None,
+        }
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+/// The table1 rows as a text table.
+pub fn table1_text(rows: &[table1::Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>6}",
+        "backend", "start", "median us", "p99 us", "p99.9 us", "e2e med", "e2e p99", "throughput/s", "fns"
+    );
+    for r in rows {
+        if let Some(reason) = &r.skipped {
+            let _ = writeln!(s, "{:<9} {:<9} skipped: {}", r.backend, r.start, reason);
+            continue;
+        }
+        let e2e = r.end_to_end.as_ref();
+        let _ = writeln!(
+            s,
+            "{:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>6}{}",
+            r.backend,
+            r.start,
+            opt(r.median_us, 1),
+            opt(r.p99_us, 1),
+            opt(r.p999_us, 1),
+            opt(e2e.map(|e| e.median_us), 1),
+            opt(e2e.map(|e| e.p99_us), 1),
+            opt(r.throughput_per_s, 0),
+            r.functions_deployed,
+            if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
+        );
+    }
+    s
+}
+
+/// The memory rows as a text table.
+pub fn memory_text(rows: &[memory::Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<9} {:>9} {:>12} {:>14} {:>10}", "backend", "functions", "memory MiB", "per fn KiB", "instances");
+    for r in rows {
+        if let Some(reason) = &r.skipped {
+            let _ = writeln!(s, "{:<9} {:>9} skipped: {}", r.backend, r.functions, reason);
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "{:<9} {:>9} {:>12} {:>14} {:>10}",
+            r.backend,
+            r.functions,
+            opt(r.memory_mib, 1),
+            opt(r.per_function_kib, 0),
+            r.instances.map_or_else(|| "-".to_owned(), |i| i.to_string())
+        );
+    }
+    s
+}
+
+/// report.md: the header, the tables, the plots.
+pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# microfaas comparison\n\n{}\n", report.environment.header());
+    if let Some(rows) = &report.rows {
+        let _ = writeln!(
+            s,
+            "## table1: start latency (dispatch to the function's first timestamp) and throughput\n\n```text\n{}```\n",
+            table1_text(rows)
+        );
+    }
+    if let Some(rows) = &report.memory {
+        let _ = writeln!(s, "## memory: resident memory for N deployed functions\n\n```text\n{}```\n", memory_text(rows));
+    }
+    for (title, file) in plots {
+        let _ = writeln!(s, "## {title}\n\n![{title}]({file})\n");
+    }
+    s
+}

@@ -1,0 +1,244 @@
+//! `table1`: the paper's Table 1 on this host, with the `vm` rows added.
+//! For each backend and start path: latency from dispatch to the function's
+//! first timestamp and end to end (median, p99, p99.9), and throughput with
+//! every worker busy for the warm paths, with N functions deployed.
+
+use crate::progress::bar;
+use crate::stats::{Latencies, Summary, ratio};
+use microfaas::{Backend, BackendKind, Config, ErrorKind, FunctionId, FunctionSpec, StartPath, StartRequest};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Knobs of the experiment.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Measured invocations per warm/hot row.
+    pub warm_iterations: u64,
+    /// Measured invocations per cold/snapshot row.
+    pub cold_iterations: u64,
+    /// Copies of `noop` deployed; each request picks one at random.
+    pub functions: usize,
+    /// How long each throughput measurement runs.
+    pub throughput_time: Duration,
+}
+
+impl Options {
+    /// Defaults, or the `--quick` defaults.
+    pub fn new(quick: bool, iterations: Option<u64>, functions: Option<usize>) -> Self {
+        let (warm, cold, fns, tput) = if quick { (300, 40, 8, 300) } else { (10_000, 1_000, 100, 2_000) };
+        Self {
+            warm_iterations: iterations.unwrap_or(warm),
+            cold_iterations: iterations.map_or(cold, |i| (i / 10).max(10)),
+            functions: functions.unwrap_or(fns),
+            throughput_time: Duration::from_millis(tput),
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `process`, `language` or `vm`.
+    pub backend: BackendKind,
+    /// The start path measured.
+    pub start: StartPath,
+    /// Function measured.
+    pub function: String,
+    /// Functions deployed while measuring.
+    pub functions_deployed: usize,
+    /// Median latency from dispatch to the function's first timestamp, µs.
+    pub median_us: Option<f64>,
+    /// 99th percentile of the same, µs.
+    pub p99_us: Option<f64>,
+    /// 99.9th percentile of the same, µs.
+    pub p999_us: Option<f64>,
+    /// End-to-end latency (invoke call to return), percentiles in µs.
+    pub end_to_end: Option<Summary>,
+    /// Invocations per second with every worker busy (warm paths only).
+    pub throughput_per_s: Option<f64>,
+    /// Measured invocations.
+    pub samples: u64,
+    /// Invocations that failed (should be 0).
+    pub errors: u64,
+    /// Why the row has no numbers, if it has none.
+    pub skipped: Option<String>,
+    /// The dispatch-latency distribution (not serialised; for plots).
+    #[serde(skip)]
+    pub dispatch: Option<Latencies>,
+}
+
+impl Row {
+    fn skipped(backend: BackendKind, start: StartPath, functions: usize, reason: String) -> Self {
+        Row {
+            backend,
+            start,
+            function: "noop".to_owned(),
+            functions_deployed: functions,
+            median_us: None,
+            p99_us: None,
+            p999_us: None,
+            end_to_end: None,
+            throughput_per_s: None,
+            samples: 0,
+            errors: 0,
+            skipped: Some(reason),
+            dispatch: None,
+        }
+    }
+}
+
+/// The start paths a backend offers, in table order.
+pub fn start_paths(kind: BackendKind) -> &'static [StartPath] {
+    match kind {
+        BackendKind::Process | BackendKind::Language => &[StartPath::Warm, StartPath::Cold],
+        BackendKind::Vm => &[
+            StartPath::Hot,
+            StartPath::Argument,
+            StartPath::Function,
+            StartPath::Base,
+            StartPath::Cold,
+        ],
+    }
+}
+
+fn is_warm(start: StartPath) -> bool {
+    matches!(start, StartPath::Warm | StartPath::Hot)
+}
+
+/// Runs the experiment on every backend.
+pub fn run(opts: &Options, config: &Config) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for kind in BackendKind::ALL {
+        rows.extend(run_backend(kind, opts, config));
+    }
+    rows
+}
+
+fn run_backend(kind: BackendKind, opts: &Options, config: &Config) -> Vec<Row> {
+    let backend: Arc<dyn Backend> = match microfaas::open(kind, config.clone()) {
+        Ok(b) => Arc::from(b),
+        Err(e) => {
+            return start_paths(kind)
+                .iter()
+                .map(|&s| Row::skipped(kind, s, 0, e.to_string()))
+                .collect();
+        }
+    };
+    let artifact = match microfaas::builtin("noop") {
+        Ok(a) => a,
+        Err(e) => {
+            return start_paths(kind)
+                .iter()
+                .map(|&s| Row::skipped(kind, s, 0, e.to_string()))
+                .collect();
+        }
+    };
+    let deploy = bar(u64::try_from(opts.functions).unwrap_or(0), &format!("{kind}: deploying noop"));
+    let mut ids = Vec::with_capacity(opts.functions);
+    for i in 0..opts.functions {
+        match backend.deploy(&FunctionSpec::new(format!("noop-{i}"), artifact.clone())) {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                deploy.finish_and_clear();
+                return start_paths(kind)
+                    .iter()
+                    .map(|&s| Row::skipped(kind, s, i, format!("deploying noop #{i}: {e}")))
+                    .collect();
+            }
+        }
+        deploy.inc(1);
+    }
+    deploy.finish_and_clear();
+    start_paths(kind)
+        .iter()
+        .map(|&start| measure(backend.as_ref(), kind, start, &ids, opts))
+        .collect()
+}
+
+/// A small deterministic generator for picking functions.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self, bound: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        usize::try_from(self.0 % u64::try_from(bound.max(1)).unwrap_or(1)).unwrap_or(0)
+    }
+}
+
+fn measure(backend: &dyn Backend, kind: BackendKind, start: StartPath, ids: &[FunctionId], opts: &Options) -> Row {
+    let iterations = if is_warm(start) { opts.warm_iterations } else { opts.cold_iterations };
+    let warmup = (iterations / 10).clamp(1, 500);
+    let request = StartRequest::Force(start);
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    // Probe once: a path the backend lacks is a skipped row, not an error count.
+    if let Err(e) = backend.invoke(&ids[rng.next(ids.len())], b"", request) {
+        return Row::skipped(kind, start, ids.len(), e.to_string());
+    }
+    let pb = bar(warmup + iterations, &format!("{kind} {start}"));
+    let mut dispatch = Latencies::new();
+    let mut e2e = Latencies::new();
+    let mut errors = 0;
+    for i in 0..warmup + iterations {
+        let id = &ids[rng.next(ids.len())];
+        match backend.invoke(id, b"", request) {
+            Ok(inv) if i >= warmup => {
+                dispatch.record_ns(inv.timings.dispatch_ns);
+                e2e.record_ns(inv.timings.total_ns);
+            }
+            Ok(_) => {}
+            Err(_) => errors += 1,
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let throughput_per_s = is_warm(start).then(|| throughput(backend, ids, request, opts.throughput_time));
+    let d = dispatch.summary();
+    Row {
+        backend: kind,
+        start,
+        function: "noop".to_owned(),
+        functions_deployed: ids.len(),
+        median_us: Some(d.median_us),
+        p99_us: Some(d.p99_us),
+        p999_us: Some(d.p999_us),
+        end_to_end: Some(e2e.summary()),
+        throughput_per_s: throughput_per_s.flatten(),
+        samples: dispatch.len(),
+        errors,
+        skipped: None,
+        dispatch: Some(dispatch),
+    }
+}
+
+/// Invocations per second with one caller thread per core, all busy.
+fn throughput(backend: &dyn Backend, ids: &[FunctionId], request: StartRequest, time: Duration) -> Option<f64> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (done, failed, stop) = (&done, &failed, &stop);
+            s.spawn(move || {
+                let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ u64::try_from(t).unwrap_or(0).wrapping_add(1));
+                while !stop.load(Ordering::Relaxed) {
+                    match backend.invoke(&ids[rng.next(ids.len())], b"", request) {
+                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(e) if e.kind() == ErrorKind::UnsupportedStart => return,
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+        std::thread::sleep(time);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let elapsed = started.elapsed();
+    let n = done.load(Ordering::Relaxed);
+    (n > 0).then(|| ratio(n, 1) / elapsed.as_secs_f64())
+}
