@@ -30,7 +30,7 @@ impl Options {
         let (warm, cold, fns, tput) = if quick { (300, 40, 8, 300) } else { (10_000, 1_000, 100, 2_000) };
         Self {
             warm_iterations: iterations.unwrap_or(warm),
-            cold_iterations: iterations.map_or(cold, |i| (i / 10).max(10)),
+            cold_iterations: iterations.unwrap_or(cold),
             functions: functions.unwrap_or(fns),
             throughput_time: Duration::from_millis(tput),
         }
