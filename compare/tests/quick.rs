@@ -1,0 +1,87 @@
+//! Runs every experiment in `--quick` mode through the real backends and
+//! checks the JSON document against its schema (see `src/report.rs`).
+
+use serde_json::Value;
+use std::process::Command;
+
+fn number_or_null(row: &Value, key: &str) -> Option<f64> {
+    let v = &row[key];
+    assert!(v.is_number() || v.is_null(), "`{key}` must be a number or null in {row}");
+    v.as_f64()
+}
+
+#[test]
+fn quick_suite_writes_a_valid_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_compare"))
+        .args(["all", "--quick", "--json"])
+        .arg(&json_path)
+        .arg("--out")
+        .arg(dir.path().join("report"))
+        .output()
+        .expect("running compare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "compare failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("table1"), "{stdout}");
+
+    let doc: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    assert_eq!(doc["schema"], "microfaas-compare");
+    assert_eq!(doc["schema_version"], 1);
+    for key in ["cpu_model", "kernel", "git_revision", "date"] {
+        assert!(doc["environment"][key].is_string(), "environment.{key} in {doc}");
+    }
+    assert!(doc["environment"]["cores"].as_u64().unwrap() >= 1);
+
+    let rows = doc["rows"].as_array().expect("top-level rows");
+    let expected: &[(&str, &[&str])] = &[
+        ("process", &["warm", "cold"]),
+        ("language", &["warm", "cold"]),
+        ("vm", &["hot", "argument", "function", "base", "cold"]),
+    ];
+    for (backend, starts) in expected {
+        for start in *starts {
+            let row = rows
+                .iter()
+                .find(|r| r["backend"] == *backend && r["start"] == *start)
+                .unwrap_or_else(|| panic!("no row for {backend} {start}"));
+            let median = number_or_null(row, "median_us");
+            let p99 = number_or_null(row, "p99_us");
+            let p999 = number_or_null(row, "p999_us");
+            let tput = number_or_null(row, "throughput_per_s");
+            match row["skipped"].as_str() {
+                Some(reason) => {
+                    assert!(!reason.is_empty());
+                    assert!(median.is_none() && p99.is_none() && p999.is_none());
+                }
+                None => {
+                    let (m, p, pp) = (median.unwrap(), p99.unwrap(), p999.unwrap());
+                    assert!(m > 0.0 && m <= p && p <= pp, "{row}");
+                    assert_eq!(row["errors"], 0, "{row}");
+                    assert!(row["samples"].as_u64().unwrap() > 0);
+                    if *start == "warm" || *start == "hot" {
+                        assert!(tput.unwrap() > 0.0, "{row}");
+                    } else {
+                        assert!(tput.is_none(), "{row}");
+                    }
+                }
+            }
+        }
+    }
+    // The process baseline always runs on Linux.
+    for start in ["warm", "cold"] {
+        let row = rows.iter().find(|r| r["backend"] == "process" && r["start"] == start).unwrap();
+        assert!(row["skipped"].is_null(), "process {start} was skipped: {row}");
+    }
+
+    let memory = doc["memory"].as_array().expect("memory rows");
+    assert!(memory.iter().any(|r| r["backend"] == "process" && r["memory_mib"].as_f64().is_some_and(|m| m > 0.0)));
+
+    let report = dir.path().join("report");
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("latency-cdf.svg"));
+    let svg = std::fs::read_to_string(report.join("latency-cdf.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("latency"), "not an SVG plot");
+    let report_json: Value = serde_json::from_slice(&std::fs::read(report.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report_json["schema"], "microfaas-compare");
+}
