@@ -45,17 +45,84 @@ impl Default for Config {
 }
 
 /// Knobs of the `language` backend.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LanguageConfig {
     /// Worker processes; `None` = cores - 1, at least 1.
     pub workers: Option<usize>,
+    /// Pin worker `i` to core `(i + 1) % cores`.
+    pub pin_workers: bool,
+    /// How over-budget invocations are stopped.
+    pub preemption: LanguagePreemption,
+    /// How often the dispatcher's watchdog checks deadlines while work is
+    /// outstanding: an over-budget invocation stops within its budget plus
+    /// this (plus signal delivery).
+    pub watchdog_interval: Duration,
+    /// A worker whose invocation is this far past its deadline and still
+    /// running is killed (worker-lost; a strike for the function).
+    pub hang_grace: Duration,
+    /// Idle workers and waiting callers poll this long before parking.
+    pub idle_spin: Duration,
+    /// Requests in flight per worker (a power of two).
+    pub queue_depth: u32,
+    /// Workers a function may kill or hang before it is blacklisted.
+    pub blacklist_after: u32,
+    /// Install the seccomp allowlist in every worker after start-up.
+    pub seccomp: bool,
+}
+
+impl Default for LanguageConfig {
+    fn default() -> Self {
+        Self {
+            workers: None,
+            pin_workers: true,
+            preemption: LanguagePreemption::Watchdog,
+            watchdog_interval: Duration::from_micros(50),
+            hang_grace: Duration::from_millis(250),
+            idle_spin: Duration::from_micros(200),
+            queue_depth: 8,
+            blacklist_after: 3,
+            seccomp: true,
+        }
+    }
+}
+
+/// How the `language` backend stops over-budget invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LanguagePreemption {
+    /// No timer: the dispatcher signals a worker only when its invocation is
+    /// past its deadline. Costs an invocation within budget nothing.
+    #[default]
+    Watchdog,
+    /// The paper's per-worker timer: SIGALRM every `quantum`.
+    Periodic {
+        /// Timer period (the paper's Figure 2 varies it from 5 us to 1 ms).
+        quantum: Duration,
+    },
+    /// Budgets are not enforced: the no-preemption baseline of the
+    /// preemption experiments. Not for serving untrusted functions.
+    Disabled,
 }
 
 /// Knobs of the `vm` backend.
 #[derive(Debug, Clone, Default)]
 pub struct VmConfig {
-    /// Guest memory in MiB; `None` = the VMM's default.
+    /// Guest memory in MiB; `None` = what the limits need (stack, input,
+    /// image and a heap of `heap_limit_bytes`, ~8 MiB plus the heap). A
+    /// smaller value shrinks the guest heap to fit (and is refused when no
+    /// heap is left).
     pub guest_mem_mib: Option<usize>,
+    /// Size of the guest region a function's segments are loaded into, in
+    /// MiB; `None` = 8.
+    pub image_mib: Option<usize>,
+    /// Idle (hot) instances kept per function; `None` = 16. Extra instances
+    /// are torn down after their request.
+    pub idle_per_function: Option<usize>,
+    /// Hot spinning, in microseconds: an idle guest polls its mailbox this
+    /// long after each reply before blocking (and the caller polls for the
+    /// reply as long), so back-to-back requests cost no VM exit (~1 us
+    /// instead of ~30 us here) at the price of a busy core per spinning
+    /// instance. `None` or 0 = off: every request is one exit.
+    pub hot_spin_us: Option<u32>,
     /// Snapshot store directory; `None` = `$MICROFAAS_STORE` or the user's
     /// cache directory.
     pub store_dir: Option<PathBuf>,

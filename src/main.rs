@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod snapshots_cli;
+
 /// microfaas: one FaaS host, three isolation backends (vm, language, process).
 #[derive(Debug, Parser)]
 #[command(name = "microfaas", version, about)]
@@ -57,6 +59,8 @@ enum Command {
     },
     /// List the example functions.
     Functions,
+    /// Inspect the vm backend's snapshot store: tree, show, diff, verify, gc.
+    Snapshots(snapshots_cli::SnapshotsCommand),
 }
 
 /// A failure of the command, with the exit code it maps to.
@@ -180,6 +184,11 @@ fn run(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Snapshots(cmd) => snapshots_cli::run(cmd).map_err(|e| Failure {
+            code: e.code,
+            message: e.message,
+            kind: None,
+        }),
     }
 }
 

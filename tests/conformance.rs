@@ -252,4 +252,5 @@ macro_rules! conformance {
 
 conformance! {
     process => BackendKind::Process;
+    language => BackendKind::Language;
 }

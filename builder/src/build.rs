@@ -237,13 +237,11 @@ fn inspect(dir: &Path) -> Result<Package, BuildError> {
         if !seen.insert(id.to_owned()) {
             continue;
         }
-        let pkg = by_id.get(id).copied();
-        if let Some(pkg) = pkg {
-            if pkg["source"].is_null() {
-                if let Some(m) = pkg["manifest_path"].as_str().and_then(|m| Path::new(m).parent()) {
-                    local_dirs.insert(m.to_owned());
-                }
-            }
+        if let Some(pkg) = by_id.get(id).copied()
+            && pkg["source"].is_null()
+            && let Some(m) = pkg["manifest_path"].as_str().and_then(|m| Path::new(m).parent())
+        {
+            local_dirs.insert(m.to_owned());
         }
         let Some(node) = nodes.get(id) else { continue };
         for dep in node["deps"].as_array().into_iter().flatten() {

@@ -138,11 +138,10 @@ pub mod __private {
             return status::BAD_ABI;
         }
         HOST.store(host.cast_mut(), Ordering::Relaxed);
-        let code = match init() {
+        match init() {
             Ok(()) => status::OK,
             Err(_) => status::ERROR,
-        };
-        code
+        }
     }
 
     /// Body of the exported handle symbol.

@@ -1,11 +1,182 @@
-//! The `language` backend adapter (not built yet).
+//! The `language` backend adapter: maps `lang_isolation::language`'s
+//! dispatcher (per-core worker processes running preloaded shared objects)
+//! onto the [`Backend`] trait. Warm = the preloaded copy; cold = dlopen,
+//! init, call, dlclose of a fresh copy per request.
 
-use crate::{Backend, BackendKind, Config, Error};
+use crate::{
+    Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, LanguagePreemption, StartPath,
+    StartRequest, Stats, Timings,
+};
+use lang_isolation::language::shm::now_ns;
+use lang_isolation::language::{Dispatcher, DispatcherConfig, FunctionIndex, LanguageError, Preemption, Start};
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Duration;
 
 /// Opens the `language` backend.
-pub fn open(_config: Config) -> Result<Box<dyn Backend>, Error> {
-    Err(Error::BackendUnavailable {
-        backend: BackendKind::Language,
-        reason: "not built yet".to_owned(),
-    })
+pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
+    let lang = &config.language;
+    let mut dc = DispatcherConfig::new(env!("MICROFAAS_WORKER_BIN"));
+    dc.workers = lang.workers;
+    dc.pin = lang.pin_workers;
+    dc.preemption = match lang.preemption {
+        LanguagePreemption::Watchdog => Preemption::Watchdog,
+        LanguagePreemption::Periodic { quantum } => Preemption::Periodic { quantum },
+        LanguagePreemption::Disabled => Preemption::Disabled,
+    };
+    dc.watchdog_interval = lang.watchdog_interval;
+    dc.hang_grace = lang.hang_grace;
+    dc.idle_spin = lang.idle_spin;
+    dc.queue_depth = lang.queue_depth;
+    dc.blacklist_after = lang.blacklist_after;
+    dc.seccomp = lang.seccomp;
+    dc.input_limit_bytes = config.input_limit_bytes;
+    dc.output_limit_bytes = config.output_limit_bytes;
+    dc.heap_limit_bytes = config.heap_limit_bytes;
+    dc.stack_bytes = config.stack_bytes;
+    dc.init_budget = config.init_budget;
+    let dispatcher = Dispatcher::start(dc).map_err(|e| map_error(e, "", Duration::ZERO, &config))?;
+    Ok(Box::new(LanguageBackend {
+        dispatcher,
+        config,
+        functions: RwLock::new(HashMap::new()),
+    }))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Deployed {
+    index: FunctionIndex,
+    budget: Duration,
+}
+
+/// The `language` backend.
+#[derive(Debug)]
+struct LanguageBackend {
+    dispatcher: Dispatcher,
+    config: Config,
+    functions: RwLock<HashMap<String, Deployed>>,
+}
+
+impl LanguageBackend {
+    fn lookup(&self, id: &FunctionId) -> Result<Deployed, Error> {
+        self.functions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id.name())
+            .copied()
+            .ok_or_else(|| Error::UnknownFunction {
+                name: id.name().to_owned(),
+            })
+    }
+}
+
+impl Backend for LanguageBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Language
+    }
+
+    fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error> {
+        let budget = spec.budget.unwrap_or(self.config.default_budget);
+        let index = self
+            .dispatcher
+            .deploy(spec.artifact.path(), budget)
+            .map_err(|e| map_error(e, &spec.name, budget, &self.config))?;
+        let previous = self
+            .functions
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(spec.name.clone(), Deployed { index, budget });
+        if let Some(old) = previous {
+            self.dispatcher.remove(old.index);
+        }
+        Ok(FunctionId::new(&spec.name))
+    }
+
+    fn invoke(&self, id: &FunctionId, input: &[u8], start: StartRequest) -> Result<Invocation, Error> {
+        let t0 = now_ns();
+        let deployed = self.lookup(id)?;
+        let start = match start {
+            StartRequest::Auto => Start::Auto,
+            StartRequest::Force(StartPath::Warm) => Start::Warm,
+            StartRequest::Force(StartPath::Cold) => Start::Cold,
+            StartRequest::Force(other) => {
+                return Err(Error::UnsupportedStart {
+                    backend: BackendKind::Language,
+                    start: other,
+                });
+            }
+        };
+        let done = self
+            .dispatcher
+            .invoke_since(t0, deployed.index, input, start)
+            .map_err(|e| map_error(e, id.name(), deployed.budget, &self.config))?;
+        Ok(Invocation {
+            output: done.output,
+            start: if done.cold { StartPath::Cold } else { StartPath::Warm },
+            timings: Timings {
+                start_ns: done.start_ns,
+                dispatch_ns: done.dispatch_ns,
+                exec_ns: done.exec_ns,
+                total_ns: done.total_ns,
+            },
+        })
+    }
+
+    fn evict(&self, id: &FunctionId) -> Result<(), Error> {
+        let deployed = self.lookup(id)?;
+        self.dispatcher
+            .evict(deployed.index)
+            .map_err(|e| map_error(e, id.name(), deployed.budget, &self.config))
+    }
+
+    fn stats(&self) -> Stats {
+        let s = self.dispatcher.stats();
+        let workers = s.worker_pids.len();
+        let mut extra = vec![
+            ("workers".to_owned(), u64::try_from(workers).unwrap_or(u64::MAX)),
+            ("preemptions".to_owned(), s.preemptions),
+            ("respawns".to_owned(), s.respawns),
+            (
+                "blacklisted".to_owned(),
+                u64::try_from(s.blacklisted).unwrap_or(u64::MAX),
+            ),
+        ];
+        for (i, pid) in s.worker_pids.iter().enumerate() {
+            extra.push((format!("worker{i}_pid"), u64::from(*pid)));
+        }
+        Stats {
+            functions: s.functions,
+            instances: s.resident.saturating_mul(workers),
+            memory_bytes: s.worker_rss_bytes,
+            extra,
+        }
+    }
+}
+
+fn map_error(e: LanguageError, name: &str, budget: Duration, config: &Config) -> Error {
+    let name = name.to_owned();
+    match e {
+        LanguageError::UnknownFunction => Error::UnknownFunction { name },
+        LanguageError::InputTooLarge { len, limit } => Error::InputTooLarge { len, limit },
+        LanguageError::OutputTooLarge { len, limit } => Error::OutputTooLarge { len, limit },
+        LanguageError::BudgetExceeded { .. } => Error::BudgetExceeded { name, budget },
+        LanguageError::Panicked { message } => Error::Panicked { name, message },
+        LanguageError::OutOfMemory { .. } => Error::OutOfMemory {
+            name,
+            limit_bytes: config.heap_limit_bytes,
+        },
+        LanguageError::StackOverflow { stack_bytes } => Error::StackOverflow { name, stack_bytes },
+        LanguageError::FunctionFailed { message } => Error::FunctionFailed { name, message },
+        LanguageError::InitFailed { message } => Error::InitFailed { name, message },
+        LanguageError::Crashed { detail } => Error::Crashed { name, detail },
+        LanguageError::WorkerLost { detail } => Error::WorkerLost { name, detail },
+        LanguageError::PolicyViolation { detail } => Error::PolicyViolation { name, detail },
+        LanguageError::Blacklisted { reason } => Error::Blacklisted { name, reason },
+        LanguageError::Malformed { detail } => Error::MalformedReply { name, detail },
+        LanguageError::Config(reason) => Error::BackendUnavailable {
+            backend: BackendKind::Language,
+            reason,
+        },
+        LanguageError::Io { context, source } => Error::Io { context, source },
+    }
 }

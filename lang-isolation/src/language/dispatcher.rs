@@ -1,0 +1,790 @@
+//! The dispatcher: the host-side API of the language backend. Owns the
+//! workers, the function catalog, the watchdog thread (preemption in
+//! watchdog mode, hang escalation, death detection and respawn) and the
+//! blacklist.
+
+use super::LanguageError;
+use super::catalog::CatalogEntry;
+use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
+use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
+use super::shm::{Layout, now_ns};
+use super::signals::PREEMPT_SIGNAL;
+use super::watchdog::{Overdue, WatchAction, decide};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Inputs or outputs above this size have their slot's pages released
+/// after the call (a system call, so only for large transfers).
+const LARGE_TRANSFER_BYTES: usize = 1 << 20;
+
+/// Knobs of a [`Dispatcher`].
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    /// The `microfaas-worker` binary.
+    pub worker_bin: PathBuf,
+    /// Worker processes; `None` = cores - 1, at least 1.
+    pub workers: Option<usize>,
+    /// Pin worker `i` to core `(i + 1) % cores` (core 0 for the dispatcher).
+    pub pin: bool,
+    /// How over-budget invocations are stopped.
+    pub preemption: Preemption,
+    /// How often the watchdog checks deadlines while work is outstanding
+    /// (the preemption latency past the budget).
+    pub watchdog_interval: Duration,
+    /// Past its deadline by this much, a worker that still has not stopped is
+    /// killed (its request fails as worker-lost; the function gets a strike).
+    pub hang_grace: Duration,
+    /// Idle workers (and waiting callers) poll this long before parking.
+    pub idle_spin: Duration,
+    /// Requests in flight per worker (a power of two).
+    pub queue_depth: u32,
+    /// Largest input, bytes.
+    pub input_limit_bytes: usize,
+    /// Largest output, bytes.
+    pub output_limit_bytes: usize,
+    /// Heap limit of a function instance, bytes.
+    pub heap_limit_bytes: usize,
+    /// Usable stack of a function, bytes.
+    pub stack_bytes: usize,
+    /// Budget of `init()`.
+    pub init_budget: Duration,
+    /// Strikes (workers killed or hung) after which a function is refused.
+    pub blacklist_after: u32,
+    /// Install the seccomp allowlist in workers.
+    pub seccomp: bool,
+    /// Where cold copies of artifacts go; `None` = a fresh temp directory.
+    pub scratch_dir: Option<PathBuf>,
+    /// Run the watchdog thread under `SCHED_FIFO` when permitted (it sleeps
+    /// between short checks), so that a loaded host does not delay
+    /// preemption by whole scheduler slices. Falls back silently.
+    pub watchdog_realtime: bool,
+}
+
+impl DispatcherConfig {
+    /// Defaults around `worker_bin`.
+    pub fn new(worker_bin: impl Into<PathBuf>) -> Self {
+        Self {
+            worker_bin: worker_bin.into(),
+            workers: None,
+            pin: true,
+            preemption: Preemption::Watchdog,
+            watchdog_interval: Duration::from_micros(50),
+            hang_grace: Duration::from_millis(250),
+            idle_spin: Duration::from_micros(200),
+            queue_depth: 8,
+            input_limit_bytes: 4 << 20,
+            output_limit_bytes: 4 << 20,
+            heap_limit_bytes: 64 << 20,
+            stack_bytes: 1 << 20,
+            init_budget: Duration::from_secs(10),
+            blacklist_after: 3,
+            seccomp: true,
+            scratch_dir: None,
+            watchdog_realtime: true,
+        }
+    }
+}
+
+/// A deployed function's handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FunctionIndex(u32);
+
+/// How to start an invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Warm if resident, else cold (and make it resident again afterwards).
+    Auto,
+    /// The preloaded copy (loading it first if it was evicted).
+    Warm,
+    /// dlopen + init + call + dlclose of a fresh copy.
+    Cold,
+}
+
+/// A finished invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// The output.
+    pub output: Vec<u8>,
+    /// Whether it was a cold start.
+    pub cold: bool,
+    /// Load + init time (cold), ns.
+    pub start_ns: u64,
+    /// From `invoke` to the function's entry timestamp, ns.
+    pub dispatch_ns: u64,
+    /// The function's own run, ns.
+    pub exec_ns: u64,
+    /// From `invoke` to its return, ns.
+    pub total_ns: u64,
+}
+
+/// Counters of a dispatcher.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DispatcherStats {
+    /// Functions deployed.
+    pub functions: usize,
+    /// Of them, resident (preloaded).
+    pub resident: usize,
+    /// Worker pids (0 = none right now).
+    pub worker_pids: Vec<u32>,
+    /// Sum of the workers' resident sets, bytes.
+    pub worker_rss_bytes: u64,
+    /// Invocations stopped at their deadline.
+    pub preemptions: u64,
+    /// Workers replaced after dying.
+    pub respawns: u64,
+    /// Functions refused for killing or hanging workers.
+    pub blacklisted: usize,
+}
+
+#[derive(Debug)]
+struct Function {
+    warm_path: PathBuf,
+    cold_path: PathBuf,
+    budget: Duration,
+    resident: AtomicBool,
+    strikes: AtomicU32,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: DispatcherConfig,
+    args: WorkerArgs,
+    workers: Vec<WorkerHandle>,
+    functions: RwLock<HashMap<u32, Arc<Function>>>,
+    next_func: AtomicU32,
+    next_seq: AtomicU64,
+    next_worker: AtomicUsize,
+    scratch: PathBuf,
+    own_scratch: bool,
+    shutdown: AtomicBool,
+    respawns: AtomicU64,
+    watchdog_parked: AtomicBool,
+    watchdog_bell: (Mutex<()>, Condvar),
+}
+
+/// The language backend's dispatcher: deploy, invoke, evict. `Send + Sync`;
+/// many threads may invoke at once.
+#[derive(Debug)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Dispatcher {
+    /// Starts the workers and the watchdog.
+    pub fn start(config: DispatcherConfig) -> Result<Self, LanguageError> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let workers = config.workers.unwrap_or(cores.saturating_sub(1)).max(1);
+        if !super::ring::valid_capacity(config.queue_depth) {
+            return Err(LanguageError::Config("queue_depth must be a power of two".into()));
+        }
+        let layout = Layout::new(config.queue_depth, config.input_limit_bytes, config.output_limit_bytes)
+            .map_err(|e| LanguageError::Config(e.to_string()))?;
+        let (scratch, own_scratch) = match &config.scratch_dir {
+            Some(dir) => (dir.clone(), false),
+            None => {
+                let dir = std::env::temp_dir().join(format!("microfaas-lang-{}-{}", std::process::id(), now_ns()));
+                (dir, true)
+            }
+        };
+        std::fs::create_dir_all(&scratch).map_err(|e| LanguageError::io("creating the scratch directory", e))?;
+        let mut handles = Vec::with_capacity(workers);
+        for i in 0..workers {
+            handles.push(WorkerHandle::new(i, layout).map_err(|e| LanguageError::io("creating a shared region", e))?);
+        }
+        let args = WorkerArgs {
+            shm_path: String::new(),
+            index: 0,
+            cpu: None,
+            depth: config.queue_depth,
+            input_limit: config.input_limit_bytes,
+            output_limit: config.output_limit_bytes,
+            heap_limit: config.heap_limit_bytes,
+            stack_bytes: config.stack_bytes,
+            idle_spin: config.idle_spin,
+            init_budget: config.init_budget,
+            preemption: config.preemption,
+            seccomp: config.seccomp,
+        };
+        let inner = Arc::new(Inner {
+            config,
+            args,
+            workers: handles,
+            functions: RwLock::new(HashMap::new()),
+            next_func: AtomicU32::new(1),
+            next_seq: AtomicU64::new(1),
+            next_worker: AtomicUsize::new(0),
+            scratch,
+            own_scratch,
+            shutdown: AtomicBool::new(false),
+            respawns: AtomicU64::new(0),
+            watchdog_parked: AtomicBool::new(false),
+            watchdog_bell: (Mutex::new(()), Condvar::new()),
+        });
+        for w in &inner.workers {
+            if let Err(e) = inner.spawn(w) {
+                inner.workers.iter().for_each(WorkerHandle::stop);
+                if inner.own_scratch {
+                    let _ = std::fs::remove_dir_all(&inner.scratch);
+                }
+                return Err(LanguageError::io("starting a worker", e));
+            }
+        }
+        let for_thread = Arc::clone(&inner);
+        let watchdog = std::thread::Builder::new()
+            .name("microfaas-lang-watchdog".into())
+            .spawn(move || for_thread.watch())
+            .map_err(|e| LanguageError::io("starting the watchdog", e))?;
+        Ok(Self {
+            inner,
+            watchdog: Some(watchdog),
+        })
+    }
+
+    /// Makes the artifact at `path` available with `budget`, preloaded in
+    /// every worker (its `init()` runs there now).
+    pub fn deploy(&self, path: &Path, budget: Duration) -> Result<FunctionIndex, LanguageError> {
+        let inner = &self.inner;
+        if !CatalogEntry::path_ok(path) {
+            return Err(LanguageError::Config(format!(
+                "unusable artifact path {}",
+                path.display()
+            )));
+        }
+        let index = inner.next_func.fetch_add(1, Ordering::Relaxed);
+        let cold_path = inner.scratch.join(format!("f{index}.so"));
+        std::fs::copy(path, &cold_path).map_err(|e| LanguageError::io("copying the artifact for cold starts", e))?;
+        let function = Arc::new(Function {
+            warm_path: path.to_owned(),
+            cold_path,
+            budget,
+            resident: AtomicBool::new(true),
+            strikes: AtomicU32::new(0),
+        });
+        inner.write_functions().insert(index, Arc::clone(&function));
+        let id = FunctionIndex(index);
+        if let Err(e) = self.preload(id, &function) {
+            self.remove(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    fn preload(&self, id: FunctionIndex, function: &Function) -> Result<(), LanguageError> {
+        let entry = self.inner.catalog_entry(id.0, function, true);
+        let line = entry.to_line();
+        for w in self.inner.live_workers() {
+            let reply = self.inner.control(w, op::LOAD, id.0, line.as_bytes())?;
+            if let (Outcome::InitFailed, msg) = reply {
+                return Err(LanguageError::InitFailed { message: msg });
+            }
+        }
+        function.resident.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Drops the function from every worker and the catalog.
+    pub fn remove(&self, id: FunctionIndex) {
+        let Some(function) = self.inner.write_functions().remove(&id.0) else {
+            return;
+        };
+        for w in self.inner.live_workers() {
+            let _ = self.inner.control(w, op::UNLOAD, id.0, &[]);
+        }
+        let _ = std::fs::remove_file(&function.cold_path);
+    }
+
+    /// Unloads the function from every worker; its next start is cold.
+    pub fn evict(&self, id: FunctionIndex) -> Result<(), LanguageError> {
+        let function = self.inner.function(id.0)?;
+        function.resident.store(false, Ordering::SeqCst);
+        for w in self.inner.live_workers() {
+            self.inner.control_evict(w, id.0)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the function once on `input`.
+    pub fn invoke(&self, id: FunctionIndex, input: &[u8], start: Start) -> Result<Completed, LanguageError> {
+        self.invoke_since(now_ns(), id, input, start)
+    }
+
+    /// As [`Dispatcher::invoke`], with the caller's own start timestamp
+    /// (`CLOCK_MONOTONIC` ns, see [`super::shm::now_ns`]) as the origin of
+    /// the dispatch and total times.
+    pub fn invoke_since(
+        &self,
+        t0: u64,
+        id: FunctionIndex,
+        input: &[u8],
+        start: Start,
+    ) -> Result<Completed, LanguageError> {
+        let inner = &self.inner;
+        if input.len() > inner.config.input_limit_bytes {
+            return Err(LanguageError::InputTooLarge {
+                len: input.len(),
+                limit: inner.config.input_limit_bytes,
+            });
+        }
+        let function = inner.function(id.0)?;
+        let strikes = function.strikes.load(Ordering::Relaxed);
+        if strikes >= inner.config.blacklist_after {
+            return Err(LanguageError::Blacklisted {
+                reason: format!("it killed or hung {strikes} workers"),
+            });
+        }
+        let resident = function.resident.load(Ordering::Acquire);
+        let cold = match start {
+            Start::Cold => true,
+            Start::Auto => !resident,
+            Start::Warm => {
+                if !resident {
+                    self.preload(id, &function)?;
+                }
+                false
+            }
+        };
+        let opcode = if cold { op::INVOKE_COLD } else { op::INVOKE_WARM };
+        let (w, slot) = inner.acquire()?;
+        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        if let Some(area) = w.region.input_area(slot)
+            && !input.is_empty()
+        {
+            // SAFETY: the slot's input area holds `input_limit` bytes (checked
+            // above) and belongs to us until its request is answered.
+            unsafe { std::ptr::copy_nonoverlapping(input.as_ptr(), area, input.len()) };
+        }
+        inner.bell();
+        w.submit(Request {
+            seq,
+            budget_ns: nanos(function.budget),
+            input_len: u64::try_from(input.len()).unwrap_or(u64::MAX),
+            op: opcode,
+            func: id.0,
+            slot,
+            reserved: 0,
+        });
+        let result = w.wait(slot, inner.config.idle_spin);
+        let done = inner.finish(w, slot, result, &function, t0, cold);
+        let output_len = done.as_ref().map_or(0, |c| c.output.len());
+        if input.len().max(output_len) > LARGE_TRANSFER_BYTES {
+            // Give a big transfer's shared pages back rather than keep them
+            // resident in both processes.
+            w.region.discard_slot(slot);
+        }
+        w.release(slot);
+        if cold && start == Start::Auto && !function.resident.load(Ordering::Acquire) {
+            // Auto after an eviction: serve cold, then be warm again.
+            let _ = self.preload(id, &function);
+        }
+        done
+    }
+
+    /// Counters and resident sets.
+    pub fn stats(&self) -> DispatcherStats {
+        let inner = &self.inner;
+        let functions = inner
+            .functions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pids: Vec<u32> = inner.workers.iter().map(|w| w.pid.load(Ordering::Relaxed)).collect();
+        DispatcherStats {
+            functions: functions.len(),
+            resident: functions
+                .values()
+                .filter(|f| f.resident.load(Ordering::Relaxed))
+                .count(),
+            worker_rss_bytes: pids.iter().filter(|&&p| p != 0).filter_map(|&p| rss_of(p)).sum(),
+            worker_pids: pids,
+            preemptions: inner
+                .workers
+                .iter()
+                .map(|w| w.region.header().worker.preemptions.load(Ordering::Relaxed))
+                .sum(),
+            respawns: inner.respawns.load(Ordering::Relaxed),
+            blacklisted: functions
+                .values()
+                .filter(|f| f.strikes.load(Ordering::Relaxed) >= inner.config.blacklist_after)
+                .count(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &DispatcherConfig {
+        &self.inner.config
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.inner.ring_bell();
+        if let Some(t) = self.watchdog.take() {
+            let _ = t.join();
+        }
+        for w in &self.inner.workers {
+            w.stop();
+        }
+        if self.inner.own_scratch {
+            let _ = std::fs::remove_dir_all(&self.inner.scratch);
+        }
+    }
+}
+
+impl Inner {
+    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Arc<Function>>> {
+        self.functions
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn function(&self, index: u32) -> Result<Arc<Function>, LanguageError> {
+        self.functions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&index)
+            .cloned()
+            .ok_or(LanguageError::UnknownFunction)
+    }
+
+    fn catalog_entry(&self, index: u32, f: &Function, preload: bool) -> CatalogEntry {
+        CatalogEntry {
+            func: index,
+            preload,
+            warm_path: f.warm_path.clone(),
+            cold_path: f.cold_path.clone(),
+        }
+    }
+
+    fn live_workers(&self) -> impl Iterator<Item = &WorkerHandle> {
+        self.workers.iter().filter(|w| !w.gone.load(Ordering::Relaxed))
+    }
+
+    /// Picks the least loaded worker with a free slot (round robin among
+    /// equals), waiting if every slot is busy.
+    fn acquire(&self) -> Result<(&WorkerHandle, u32), LanguageError> {
+        let n = self.workers.len();
+        loop {
+            if self.workers.iter().all(|w| w.gone.load(Ordering::Relaxed)) {
+                return Err(LanguageError::WorkerLost {
+                    detail: "no worker left: every respawn failed".into(),
+                });
+            }
+            let first = self.next_worker.fetch_add(1, Ordering::Relaxed);
+            // Least outstanding first, starting the scan at a rotating
+            // worker so that ties spread out.
+            let mut tried = 0usize;
+            let mut skip = 0u64;
+            while tried < n {
+                let mut best: Option<usize> = None;
+                for k in 0..n {
+                    let i = (first + k) % n;
+                    if skip & (1 << (i % 64)) != 0 || self.workers[i].gone.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let load = self.workers[i].outstanding.load(Ordering::Relaxed);
+                    if best.is_none_or(|b| load < self.workers[b].outstanding.load(Ordering::Relaxed)) {
+                        best = Some(i);
+                    }
+                }
+                let Some(i) = best else { break };
+                if let Some(slot) = self.workers[i].try_acquire() {
+                    return Ok((&self.workers[i], slot));
+                }
+                skip |= 1 << (i % 64);
+                tried += 1;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn acquire_on(&self, w: &WorkerHandle) -> u32 {
+        loop {
+            if let Some(slot) = w.try_acquire() {
+                return slot;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Sends a control request to one worker and waits for it. Returns the
+    /// outcome and message.
+    fn control(
+        &self,
+        w: &WorkerHandle,
+        opcode: u32,
+        func: u32,
+        payload: &[u8],
+    ) -> Result<(Outcome, String), LanguageError> {
+        self.control_with(w, opcode, func, payload, u32::from(opcode == op::UNLOAD))
+    }
+
+    fn control_evict(&self, w: &WorkerHandle, func: u32) -> Result<(), LanguageError> {
+        self.control_with(w, op::UNLOAD, func, &[], 0).map(|_| ())
+    }
+
+    fn control_with(
+        &self,
+        w: &WorkerHandle,
+        opcode: u32,
+        func: u32,
+        payload: &[u8],
+        reserved: u32,
+    ) -> Result<(Outcome, String), LanguageError> {
+        if payload.len() > self.config.input_limit_bytes {
+            return Err(LanguageError::Config("catalog line longer than the input limit".into()));
+        }
+        let slot = self.acquire_on(w);
+        if let Some(area) = w.region.input_area(slot)
+            && !payload.is_empty()
+        {
+            // SAFETY: as in `Dispatcher::invoke`: the area is ours and large
+            // enough (checked above).
+            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), area, payload.len()) };
+        }
+        self.bell();
+        w.submit(Request {
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            budget_ns: nanos(self.config.init_budget),
+            input_len: u64::try_from(payload.len()).unwrap_or(u64::MAX),
+            op: opcode,
+            func,
+            slot,
+            reserved,
+        });
+        let result = w.wait(slot, self.config.idle_spin);
+        let out = match result {
+            SlotResult::Lost(detail) => Err(LanguageError::WorkerLost { detail }),
+            SlotResult::Reply(reply) => match Outcome::from_u32(reply.outcome) {
+                Some(o) => Ok((o, read_output(w, slot, &reply, self.config.output_limit_bytes))),
+                None => Err(LanguageError::Malformed {
+                    detail: format!("outcome {}", reply.outcome),
+                }),
+            },
+        };
+        w.release(slot);
+        out
+    }
+
+    /// Turns a slot's result into the caller's answer.
+    fn finish(
+        &self,
+        w: &WorkerHandle,
+        slot: u32,
+        result: SlotResult,
+        function: &Function,
+        t0: u64,
+        cold: bool,
+    ) -> Result<Completed, LanguageError> {
+        let reply = match result {
+            SlotResult::Lost(detail) => return Err(LanguageError::WorkerLost { detail }),
+            SlotResult::Reply(reply) => reply,
+        };
+        let Some(outcome) = Outcome::from_u32(reply.outcome) else {
+            return Err(LanguageError::Malformed {
+                detail: format!("unknown outcome {}", reply.outcome),
+            });
+        };
+        let limit = self.config.output_limit_bytes;
+        let message = || read_output(w, slot, &reply, limit);
+        match outcome {
+            Outcome::Ok => {
+                let len = usize::try_from(reply.out_len).unwrap_or(usize::MAX);
+                if len > limit || len > w.region.layout().output_area {
+                    return Err(LanguageError::Malformed {
+                        detail: format!("output length {len}"),
+                    });
+                }
+                let mut output = vec![0u8; len];
+                if let (Some(area), true) = (w.region.output_area(slot), len > 0) {
+                    // SAFETY: `len` is within the slot's output area (checked
+                    // above), which the worker finished writing before it
+                    // published the reply we acquired.
+                    unsafe { std::ptr::copy_nonoverlapping(area, output.as_mut_ptr(), len) };
+                }
+                let end = now_ns();
+                Ok(Completed {
+                    output,
+                    cold,
+                    start_ns: reply.start_ns,
+                    dispatch_ns: reply.entered_ns.saturating_sub(t0),
+                    exec_ns: reply.returned_ns.saturating_sub(reply.entered_ns),
+                    total_ns: end.saturating_sub(t0),
+                })
+            }
+            Outcome::FunctionError => Err(LanguageError::FunctionFailed { message: message() }),
+            Outcome::Panicked => Err(LanguageError::Panicked { message: message() }),
+            Outcome::OutOfMemory => Err(LanguageError::OutOfMemory {
+                limit_bytes: self.config.heap_limit_bytes,
+            }),
+            Outcome::StackOverflow => Err(LanguageError::StackOverflow {
+                stack_bytes: usize::try_from(reply.detail).unwrap_or(self.config.stack_bytes),
+            }),
+            Outcome::Preempted => Err(LanguageError::BudgetExceeded {
+                budget: function.budget,
+            }),
+            Outcome::PolicyViolation => Err(LanguageError::PolicyViolation { detail: message() }),
+            Outcome::OutputTooLarge => Err(LanguageError::OutputTooLarge {
+                len: usize::try_from(reply.detail).unwrap_or(usize::MAX),
+                limit,
+            }),
+            Outcome::InitFailed => Err(LanguageError::InitFailed { message: message() }),
+            Outcome::NotLoaded => Err(LanguageError::InitFailed {
+                message: format!("not loaded in worker {}: {}", w.index, message()),
+            }),
+            Outcome::Crashed => Err(LanguageError::Crashed { detail: message() }),
+            Outcome::BadRequest => Err(LanguageError::Malformed { detail: message() }),
+        }
+    }
+
+    fn spawn(&self, w: &WorkerHandle) -> std::io::Result<()> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let args = WorkerArgs {
+            shm_path: w.region.proc_path(),
+            index: w.index,
+            cpu: self.config.pin.then(|| (w.index + 1) % cores),
+            ..self.args.clone()
+        };
+        let catalog: Vec<CatalogEntry> = self
+            .functions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(&i, f)| self.catalog_entry(i, f, f.resident.load(Ordering::Relaxed)))
+            .collect();
+        w.spawn(&self.config.worker_bin, &args, &catalog)
+    }
+
+    /// Tells the watchdog work is outstanding (wakes it if it parked).
+    fn bell(&self) {
+        if self.watchdog_parked.load(Ordering::SeqCst) {
+            self.ring_bell();
+        }
+    }
+
+    fn ring_bell(&self) {
+        let _g = lock(&self.watchdog_bell.0);
+        self.watchdog_bell.1.notify_all();
+    }
+
+    /// The watchdog thread: deadlines, hangs, deaths.
+    fn watch(&self) {
+        if self.config.watchdog_realtime {
+            raise_priority();
+        }
+        let signals = self.config.preemption == Preemption::Watchdog;
+        let enforce = self.config.preemption != Preemption::Disabled;
+        let grace = nanos(self.config.hang_grace);
+        let interval = self.config.watchdog_interval;
+        let mut tracks: Vec<Option<Overdue>> = vec![None; self.workers.len()];
+        let mut last_busy = now_ns();
+        let mut last_reap = 0;
+        while !self.shutdown.load(Ordering::SeqCst) {
+            let now = now_ns();
+            let mut busy = false;
+            for (w, track) in self.workers.iter().zip(tracks.iter_mut()) {
+                if w.gone.load(Ordering::Relaxed) {
+                    continue;
+                }
+                busy |= w.outstanding.load(Ordering::Relaxed) > 0;
+                if !w.alive.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let inflight = &w.region.header().inflight;
+                let seq = inflight.seq.load(Ordering::Acquire);
+                let deadline = inflight.deadline_ns.load(Ordering::Acquire);
+                if !enforce {
+                    continue;
+                }
+                match decide(signals, seq, deadline, now, grace, track) {
+                    WatchAction::Nothing => {}
+                    WatchAction::Signal => w.signal(PREEMPT_SIGNAL),
+                    WatchAction::Kill => w.signal(libc::SIGKILL),
+                }
+            }
+            // Deaths: checked every millisecond while busy, and on every
+            // idle wake-up.
+            if now.saturating_sub(last_reap) > 1_000_000 || !busy {
+                last_reap = now;
+                for (w, track) in self.workers.iter().zip(tracks.iter_mut()) {
+                    if let Some(status) = w.reap() {
+                        *track = None;
+                        self.replace(w, &status);
+                    }
+                }
+            }
+            if busy {
+                last_busy = now;
+                std::thread::sleep(interval);
+            } else if now.saturating_sub(last_busy) < 2_000_000 {
+                std::thread::sleep(interval);
+            } else {
+                let guard = lock(&self.watchdog_bell.0);
+                self.watchdog_parked.store(true, Ordering::SeqCst);
+                let idle = self.workers.iter().all(|w| w.outstanding.load(Ordering::SeqCst) == 0);
+                if idle && !self.shutdown.load(Ordering::SeqCst) {
+                    let _ = self.watchdog_bell.1.wait_timeout(guard, Duration::from_millis(100));
+                }
+                self.watchdog_parked.store(false, Ordering::SeqCst);
+                last_busy = now_ns();
+            }
+        }
+    }
+
+    /// A worker died: fail its in-flight request, strike its function,
+    /// start a replacement.
+    fn replace(&self, w: &WorkerHandle, status: &str) {
+        let detail = format!("worker {} died ({status})", w.index);
+        if let Some(func) = w.recover(&detail)
+            && let Ok(f) = self.function(func)
+        {
+            f.strikes.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        self.respawns.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.spawn(w) {
+            eprintln!("microfaas language: cannot respawn worker {}: {e}", w.index);
+            w.fail_all(&format!("{detail}; respawn failed: {e}"));
+        }
+    }
+}
+
+/// Best effort: makes the calling thread `SCHED_FIFO` at the lowest
+/// real-time priority (without the privilege it stays as it is) and its
+/// sleeps precise (1 ns timer slack).
+fn raise_priority() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pthread_self is always valid; the parameter lives on this
+    // stack for the call. PR_SET_TIMERSLACK takes an integer only.
+    unsafe {
+        libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param);
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+/// The slot's output area as text (a message), at most `limit` bytes.
+fn read_output(w: &WorkerHandle, slot: u32, reply: &Reply, limit: usize) -> String {
+    let len = usize::try_from(reply.out_len)
+        .unwrap_or(0)
+        .min(limit)
+        .min(w.region.layout().output_area);
+    match (w.region.output_area(slot), len) {
+        (Some(area), 1..) => {
+            // SAFETY: `len` is within the slot's output area, written by the
+            // worker before it published `reply`.
+            let bytes = unsafe { std::slice::from_raw_parts(area, len) };
+            String::from_utf8_lossy(bytes).into_owned()
+        }
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,74 @@
+//! The `language` backend after Boucher et al., "Putting the 'Micro' Back in
+//! Microservice" (USENIX ATC 2018): a dispatcher and one single-threaded,
+//! pinned worker process per core that runs functions as native calls into
+//! preloaded shared objects.
+//!
+//! ```text
+//!  callers ──invoke──> Dispatcher ──┬─ WorkerHandle 0 ── memfd region ── microfaas-worker (cpu 1)
+//!                        watchdog ──┘   requests ring  ─────────────────>  poll / park (futex)
+//!                       (deadlines,     replies ring  <─────────────────   run on own stack + heap
+//!                        deaths)        slot data areas, in-flight record, deadline
+//! ```
+//!
+//! # Queues
+//! Per worker one shared `memfd` region holds a single-producer /
+//! single-consumer request ring and reply ring of small descriptors (counters
+//! on separate cache lines) plus per-slot input and output areas. Callers
+//! take a slot, write the input, push a descriptor and spin on the reply
+//! ring; the worker spins on the request ring. Neither makes a system call
+//! while busy: an idle worker parks on a futex after `idle_spin` (the
+//! producer wakes it only if it announced so), as does a caller.
+//!
+//! # Preemption, and why abandoning a call is sound
+//! Every invocation has a budget; the worker publishes the deadline in
+//! shared memory. In the default **watchdog** mode nothing ticks: the
+//! dispatcher's watchdog thread (which runs only while work is outstanding)
+//! sends SIGUSR1 only to a worker whose current invocation is past its
+//! deadline, so a function within budget pays nothing. The **periodic**
+//! mode is the paper's per-worker POSIX timer (SIGALRM every quantum, with
+//! `SA_RESTART`), kept for the Figure 2 experiment. In both, the handler
+//! checks the deadline itself (stray signals are ignored) and redirects the
+//! interrupted context off the function's stack via the runtime
+//! ([`crate::runtime::preempt_from_signal`]).
+//!
+//! Instead of the paper's injected panic, every call runs on its own guarded
+//! stack and allocates only from its instance's invocation arena, so the
+//! call is abandoned wholesale: no unwinding through user code (which could
+//! catch it), no destructors run, nothing is freed piecemeal (the arena is
+//! reset at once). This is sound because (1) the function is safe Rust and
+//! reaches host state only through the host-services table, and a
+//! preemption landing inside a host service is deferred to the end of that
+//! service (the allocator is never torn); (2) nothing on the abandoned stack
+//! owns host resources — the runtime's frames there hold only raw pointers,
+//! and the function's allocations all live in the arena that is reset; (3)
+//! the function's own statics may be torn by any non-returning exit, so the
+//! worker replaces such an instance with a freshly loaded copy before its
+//! next use. The function cannot mask, catch or delay the signal: it has no
+//! `unsafe`, and the handlers run in the worker, not in the function.
+//!
+//! # Faults and recovery
+//! Panics and heap exhaustion leave through `fail()`, stack overflow through
+//! the guard page (SIGSEGV on a `sigaltstack`), forbidden system calls
+//! through seccomp's SIGSYS; each becomes a typed error and the worker goes
+//! on. A worker that dies anyway (or does not stop within `hang_grace` of
+//! its deadline, and is killed) is reaped by the watchdog: its in-flight
+//! request — recorded in shared memory before it leaves the ring — fails
+//! with worker-lost exactly once, queued requests stay in the ring for the
+//! replacement, which is exec'd with the resident functions. A function
+//! that kills or hangs `blacklist_after` workers is refused.
+
+mod catalog;
+mod dispatcher;
+mod error;
+mod pool;
+pub mod protocol;
+pub mod ring;
+mod seccomp;
+pub mod shm;
+mod signals;
+pub mod watchdog;
+pub mod worker;
+
+pub use dispatcher::{Completed, Dispatcher, DispatcherConfig, DispatcherStats, FunctionIndex, Start};
+pub use error::LanguageError;
+pub use protocol::Preemption;

@@ -1,0 +1,411 @@
+//! The dispatcher's side of each worker: spawning it (by exec), submitting
+//! requests, collecting replies, and recovering when it dies (fail the
+//! in-flight request exactly once, keep the queued ones, respawn with the
+//! resident functions).
+
+use super::catalog::CatalogEntry;
+use super::protocol::{Reply, Request, WorkerArgs};
+use super::shm::{Layout, Region, futex_wait, futex_wake_all, now_ns};
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// How long a new worker may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a caller sleeps on the reply futex before re-checking (bounds
+/// the delay when another thread drained its reply, or the worker died).
+const WAIT_SLICE_NS: u64 = 200_000;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How a slot's request ended, as the dispatcher sees it.
+#[derive(Debug, Clone)]
+pub(crate) enum SlotResult {
+    /// The worker answered.
+    Reply(Reply),
+    /// The worker died with the request in flight.
+    Lost(String),
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    expected_seq: u64,
+    result: Option<SlotResult>,
+}
+
+/// Host-side completion cell of one slot.
+#[derive(Debug, Default)]
+struct SlotCell {
+    ready: AtomicBool,
+    state: Mutex<SlotState>,
+}
+
+/// One worker process and its shared region.
+#[derive(Debug)]
+pub(crate) struct WorkerHandle {
+    pub index: usize,
+    pub region: Region,
+    producer: Mutex<()>,
+    reply_consumer: Mutex<()>,
+    free_slots: Mutex<Vec<u32>>,
+    slots: Vec<SlotCell>,
+    /// Requests submitted and not yet collected.
+    pub outstanding: AtomicUsize,
+    /// The child; taken while it is being replaced.
+    pub child: Mutex<Option<Child>>,
+    /// Its pid (0 while none).
+    pub pid: AtomicU32,
+    /// Serving (false while respawning, or for good after a failed respawn).
+    pub alive: AtomicBool,
+    /// Whether this worker could not be respawned.
+    pub gone: AtomicBool,
+}
+
+impl WorkerHandle {
+    pub fn new(index: usize, layout: Layout) -> std::io::Result<Self> {
+        let region = Region::create(&format!("microfaas-lang-{index}"), layout)?;
+        let depth = layout.depth;
+        Ok(Self {
+            index,
+            region,
+            producer: Mutex::new(()),
+            reply_consumer: Mutex::new(()),
+            free_slots: Mutex::new((0..depth).rev().collect()),
+            slots: (0..depth).map(|_| SlotCell::default()).collect(),
+            outstanding: AtomicUsize::new(0),
+            child: Mutex::new(None),
+            pid: AtomicU32::new(0),
+            alive: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+        })
+    }
+
+    /// Takes a free slot, if any.
+    pub fn try_acquire(&self) -> Option<u32> {
+        lock(&self.free_slots).pop()
+    }
+
+    /// Returns a slot whose result was collected.
+    pub fn release(&self, slot: u32) {
+        lock(&self.free_slots).push(slot);
+    }
+
+    /// Submits `request` (its slot acquired, its input written).
+    pub fn submit(&self, request: Request) {
+        if let Some(cell) = self.slots.get(slot_index(request.slot)) {
+            let mut st = lock(&cell.state);
+            st.expected_seq = request.seq;
+            st.result = None;
+            cell.ready.store(false, Ordering::Release);
+        }
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        {
+            let _p = lock(&self.producer);
+            let ring = self.region.requests();
+            let mut r = request;
+            // Never full for long: there are exactly `depth` slots.
+            while let Err(back) = ring.try_push(r) {
+                r = back;
+                std::thread::yield_now();
+            }
+        }
+        fence(Ordering::SeqCst);
+        if self.region.header().worker.parked.load(Ordering::SeqCst) != 0 {
+            futex_wake_all(self.region.requests().tail_word());
+        }
+    }
+
+    /// Moves every published reply to its slot's cell. Non-blocking unless
+    /// `block` (used by recovery, which must see every reply).
+    pub fn drain(&self, block: bool) {
+        let guard = if block {
+            Some(lock(&self.reply_consumer))
+        } else {
+            self.reply_consumer.try_lock().ok()
+        };
+        if guard.is_none() {
+            return;
+        }
+        while let Some(reply) = self.region.replies().pop() {
+            self.complete(reply.slot, reply.seq, SlotResult::Reply(reply));
+        }
+    }
+
+    /// Records `result` for `slot` if it is still waiting for `seq`; a
+    /// duplicate or stale completion is dropped (never answered twice).
+    pub fn complete(&self, slot: u32, seq: u64, result: SlotResult) -> bool {
+        let Some(cell) = self.slots.get(slot_index(slot)) else {
+            return false;
+        };
+        let mut st = lock(&cell.state);
+        if st.expected_seq != seq || st.result.is_some() {
+            return false;
+        }
+        st.result = Some(result);
+        cell.ready.store(true, Ordering::Release);
+        true
+    }
+
+    /// Waits for `slot`'s result: spins for `spin`, then sleeps on the reply
+    /// ring's futex in short slices.
+    pub fn wait(&self, slot: u32, spin: Duration) -> SlotResult {
+        let idx = slot_index(slot);
+        let Some(cell) = self.slots.get(idx) else {
+            return SlotResult::Lost("bad slot".into());
+        };
+        let spin_ns = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
+        let start = now_ns();
+        let header = self.region.header();
+        let tail = self.region.replies().tail_word();
+        let mut polls: u32 = 0;
+        loop {
+            if cell.ready.load(Ordering::Acquire) {
+                let result = lock(&cell.state).result.take();
+                self.outstanding.fetch_sub(1, Ordering::SeqCst);
+                return result.unwrap_or_else(|| SlotResult::Lost("result vanished".into()));
+            }
+            self.drain(false);
+            if cell.ready.load(Ordering::Acquire) {
+                continue;
+            }
+            polls = polls.wrapping_add(1);
+            if !polls.is_multiple_of(32) || now_ns().saturating_sub(start) < spin_ns {
+                std::hint::spin_loop();
+                continue;
+            }
+            header.reply_waiters.fetch_add(1, Ordering::SeqCst);
+            let seen = tail.load(Ordering::SeqCst);
+            self.drain(false);
+            if !cell.ready.load(Ordering::Acquire) {
+                futex_wait(tail, seen, WAIT_SLICE_NS);
+            }
+            header.reply_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Starts a worker process for this region and waits until it serves.
+    pub fn spawn(&self, bin: &std::path::Path, args: &WorkerArgs, catalog: &[CatalogEntry]) -> std::io::Result<()> {
+        let header = self.region.header();
+        header.worker.ready.store(0, Ordering::SeqCst);
+        let mut child = Command::new(bin)
+            .args(args.to_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        // Published before the worker can serve anything, so that anyone who
+        // saw it answer also sees its pid.
+        self.pid.store(pid, Ordering::SeqCst);
+        *lock(&self.child) = Some(child);
+        if let Some(mut stdin) = stdin {
+            let mut text = String::new();
+            for entry in catalog {
+                text.push_str(&entry.to_line());
+                text.push('\n');
+            }
+            // A worker that dies while reading is noticed below.
+            let _ = stdin.write_all(text.as_bytes());
+        }
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        let failed = loop {
+            if header.worker.ready.load(Ordering::Acquire) == 1 {
+                break None;
+            }
+            if let Some(status) = self.reap() {
+                break Some(std::io::Error::other(format!(
+                    "worker exited during start-up: {status}"
+                )));
+            }
+            if std::time::Instant::now() > deadline {
+                self.stop();
+                break Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "worker did not become ready",
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.alive.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Sends `signal` to the worker (if it has a process).
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.pid.load(Ordering::SeqCst);
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return;
+        };
+        if pid > 0 {
+            // SAFETY: kill has no memory preconditions; the pid is our own
+            // child, not yet reaped (only `reap` does that), so it cannot
+            // have been reused.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// If the worker has exited, reaps it and returns how.
+    pub fn reap(&self) -> Option<String> {
+        let mut guard = lock(&self.child);
+        let child = guard.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                *guard = None;
+                self.pid.store(0, Ordering::SeqCst);
+                Some(status.to_string())
+            }
+            Ok(None) => None,
+            Err(e) => Some(format!("cannot wait for worker: {e}")),
+        }
+    }
+
+    /// After the worker died: collects its published replies, fails its
+    /// in-flight request with `detail` and takes it off the ring. Returns the
+    /// function index of that request, if there was one.
+    pub fn recover(&self, detail: &str) -> Option<u32> {
+        self.alive.store(false, Ordering::SeqCst);
+        self.drain(true);
+        let header = self.region.header();
+        let seq = header.inflight.seq.load(Ordering::Acquire);
+        let mut culprit = None;
+        if seq != 0 {
+            let slot = header.inflight.slot.load(Ordering::Acquire);
+            let func = header.inflight.func.load(Ordering::Acquire);
+            // The worker may have died between recording and removing it.
+            if let Some((pos, req)) = self.region.requests().peek()
+                && req.seq == seq
+            {
+                self.region.requests().advance(pos);
+            }
+            if self.complete(slot, seq, SlotResult::Lost(detail.to_owned())) {
+                culprit = Some(func);
+            }
+        }
+        header.inflight.seq.store(0, Ordering::SeqCst);
+        header.inflight.deadline_ns.store(0, Ordering::SeqCst);
+        header.worker.parked.store(0, Ordering::SeqCst);
+        culprit
+    }
+
+    /// After a failed respawn: fails every request still queued.
+    pub fn fail_all(&self, detail: &str) {
+        self.gone.store(true, Ordering::SeqCst);
+        while let Some(req) = self.region.requests().pop() {
+            self.complete(req.slot, req.seq, SlotResult::Lost(detail.to_owned()));
+        }
+    }
+
+    /// Kills and reaps the worker (shutdown).
+    pub fn stop(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        if let Some(mut child) = lock(&self.child).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.pid.store(0, Ordering::SeqCst);
+    }
+}
+
+fn slot_index(slot: u32) -> usize {
+    usize::try_from(slot).unwrap_or(usize::MAX)
+}
+
+/// Resident set of process `pid` in bytes, from `/proc/<pid>/statm`.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    pages.checked_mul(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn handle() -> WorkerHandle {
+        WorkerHandle::new(0, Layout::new(4, 4096, 4096).unwrap()).unwrap()
+    }
+
+    fn request(seq: u64, slot: u32) -> Request {
+        Request {
+            seq,
+            slot,
+            func: 9,
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn a_result_is_delivered_once_and_only_for_its_request() {
+        let w = handle();
+        let slot = w.try_acquire().unwrap();
+        w.submit(request(5, slot));
+        assert!(!w.complete(slot, 4, SlotResult::Lost("stale".into())), "wrong seq");
+        assert!(!w.complete(99, 5, SlotResult::Lost("bad slot".into())));
+        assert!(w.complete(slot, 5, SlotResult::Lost("first".into())));
+        assert!(
+            !w.complete(slot, 5, SlotResult::Lost("second".into())),
+            "answered twice"
+        );
+        match w.wait(slot, Duration::ZERO) {
+            SlotResult::Lost(d) => assert_eq!(d, "first"),
+            SlotResult::Reply(_) => panic!("expected the first result"),
+        }
+        assert_eq!(w.outstanding.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn recovery_fails_the_in_flight_request_and_keeps_the_queue() {
+        let w = handle();
+        let (a, b) = (w.try_acquire().unwrap(), w.try_acquire().unwrap());
+        w.submit(request(1, a));
+        w.submit(request(2, b));
+        // A worker recorded request 1 as in flight, then died before taking
+        // it off the ring.
+        let inflight = &w.region.header().inflight;
+        inflight.slot.store(a, Ordering::SeqCst);
+        inflight.func.store(9, Ordering::SeqCst);
+        inflight.seq.store(1, Ordering::SeqCst);
+        assert_eq!(w.recover("died"), Some(9));
+        assert!(matches!(w.wait(a, Duration::ZERO), SlotResult::Lost(_)));
+        // Request 2 waits in the ring for the replacement; 1 is gone from it.
+        assert_eq!(w.region.requests().peek().map(|(_, r)| r.seq), Some(2));
+        assert_eq!(inflight.seq.load(Ordering::SeqCst), 0);
+        // A second recovery finds nothing in flight.
+        assert_eq!(w.recover("again"), None);
+        // A reply the worker published before dying is delivered, not lost.
+        w.region
+            .replies()
+            .try_push(Reply {
+                seq: 2,
+                slot: b,
+                outcome: 1,
+                ..Reply::default()
+            })
+            .unwrap();
+        assert_eq!(w.recover("died"), None);
+        assert!(matches!(w.wait(b, Duration::ZERO), SlotResult::Reply(r) if r.seq == 2));
+    }
+
+    #[test]
+    fn a_failed_respawn_fails_every_queued_request() {
+        let w = handle();
+        let slots: Vec<u32> = (0..3).map(|_| w.try_acquire().unwrap()).collect();
+        for (i, &s) in slots.iter().enumerate() {
+            w.submit(request(10 + i as u64, s));
+        }
+        w.fail_all("gone");
+        for &s in &slots {
+            assert!(matches!(w.wait(s, Duration::ZERO), SlotResult::Lost(_)));
+        }
+        assert!(w.gone.load(Ordering::SeqCst));
+    }
+}

@@ -1,0 +1,394 @@
+//! The shared region between the dispatcher and one worker: a `memfd`
+//! mapped `MAP_SHARED` by both, holding the control header, the request and
+//! reply rings, and per-slot data areas (sparse: untouched pages cost nothing).
+//!
+//! ```text
+//!  0            Header: ring counters, worker state, in-flight record (each its own cache line)
+//!  requests     [Entry<Request>; depth]   (one cache line each)
+//!  replies      [Entry<Reply>; depth]
+//!  slot 0       input area (input_limit, page rounded) | output area (output_limit, page rounded)
+//!  ...          ...
+//!  slot depth-1
+//! ```
+
+use super::protocol::{Reply, Request};
+use super::ring::{CachePadded, Entry, Ring, RingIndices};
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+/// Value of [`Header::magic`].
+pub const MAGIC: u64 = 0x6d66_6c61_6e67_0001;
+const PAGE: usize = 4096;
+
+/// What the worker publishes about itself.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    /// 1 while the worker sleeps on the request ring's tail (futex).
+    pub parked: AtomicU32,
+    /// Set to 1 by the worker once it is serving (functions loaded, filter on).
+    pub ready: AtomicU32,
+    /// The worker's pid.
+    pub pid: AtomicU32,
+    /// Invocations stopped at their deadline (all time, this region).
+    pub preemptions: AtomicU64,
+    /// Requests completed (all time, this region).
+    pub completed: AtomicU64,
+}
+
+/// The request the worker is running, for the watchdog and for recovery
+/// after the worker dies.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// `seq` of the request taken off the ring and not yet answered; 0 = none.
+    pub seq: AtomicU64,
+    /// `CLOCK_MONOTONIC` deadline of the function now running; 0 = none.
+    pub deadline_ns: AtomicU64,
+    /// Its slot.
+    pub slot: AtomicU32,
+    /// Its function index.
+    pub func: AtomicU32,
+}
+
+/// The control header at offset 0.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Header {
+    /// [`MAGIC`].
+    pub magic: u64,
+    /// Ring capacity and slot count.
+    pub depth: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Dispatcher -> worker.
+    pub requests: RingIndices,
+    /// Worker -> dispatcher.
+    pub replies: RingIndices,
+    /// Callers sleeping on the reply ring's tail (futex).
+    pub reply_waiters: CachePadded<AtomicU32>,
+    /// The worker's state.
+    pub worker: CachePadded<WorkerState>,
+    /// The request in flight.
+    pub inflight: CachePadded<InFlight>,
+}
+
+/// Byte offsets of everything in a region. Pure arithmetic, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Slots.
+    pub depth: u32,
+    /// Offset of the request entries.
+    pub requests: usize,
+    /// Offset of the reply entries.
+    pub replies: usize,
+    /// Offset of slot 0.
+    pub slots: usize,
+    /// Input area bytes per slot (page rounded).
+    pub input_area: usize,
+    /// Output area bytes per slot (page rounded).
+    pub output_area: usize,
+    /// Total bytes.
+    pub total: usize,
+}
+
+/// A layout that does not fit the address space.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("shared region of {depth} slots x ({input_limit} + {output_limit}) bytes is too large")]
+pub struct LayoutError {
+    depth: u32,
+    input_limit: usize,
+    output_limit: usize,
+}
+
+fn round_up(v: usize, to: usize) -> Option<usize> {
+    v.checked_add(to - 1).map(|x| x / to * to)
+}
+
+impl Layout {
+    /// The layout for `depth` slots with these data limits.
+    pub fn new(depth: u32, input_limit: usize, output_limit: usize) -> Result<Self, LayoutError> {
+        let err = LayoutError {
+            depth,
+            input_limit,
+            output_limit,
+        };
+        let calc = || -> Option<Self> {
+            let n = usize::try_from(depth).ok()?;
+            let requests = round_up(std::mem::size_of::<Header>(), 64)?;
+            let replies = requests.checked_add(n.checked_mul(std::mem::size_of::<Entry<Request>>())?)?;
+            let replies = round_up(replies, 64)?;
+            let end = replies.checked_add(n.checked_mul(std::mem::size_of::<Entry<Reply>>())?)?;
+            let slots = round_up(end, PAGE)?;
+            let input_area = round_up(input_limit.max(1), PAGE)?;
+            let output_area = round_up(output_limit.max(1), PAGE)?;
+            let per_slot = input_area.checked_add(output_area)?;
+            let total = slots.checked_add(per_slot.checked_mul(n)?)?;
+            isize::try_from(total).ok()?;
+            Some(Self {
+                depth,
+                requests,
+                replies,
+                slots,
+                input_area,
+                output_area,
+                total,
+            })
+        };
+        calc().ok_or(err)
+    }
+
+    /// Offset of slot `i`'s input area; `None` if `i` is out of range.
+    pub fn input_offset(&self, slot: u32) -> Option<usize> {
+        if slot >= self.depth {
+            return None;
+        }
+        let per = self.input_area.checked_add(self.output_area)?;
+        self.slots.checked_add(per.checked_mul(usize::try_from(slot).ok()?)?)
+    }
+
+    /// Offset of slot `i`'s output area; `None` if `i` is out of range.
+    pub fn output_offset(&self, slot: u32) -> Option<usize> {
+        self.input_offset(slot)?.checked_add(self.input_area)
+    }
+}
+
+/// One mapped shared region with its rings.
+#[derive(Debug)]
+pub struct Region {
+    base: *mut u8,
+    layout: Layout,
+    file: File,
+    requests: Ring<Request>,
+    replies: Ring<Reply>,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics, the
+// SPSC rings (whose discipline the users keep) and slot areas owned by one
+// side at a time per the protocol.
+unsafe impl Send for Region {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Creates a zeroed region (dispatcher side) backed by a new memfd.
+    pub fn create(name: &str, layout: Layout) -> io::Result<Self> {
+        let cname = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: a valid NUL-terminated name; the fd returned is owned below.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(u64::try_from(layout.total).map_err(io::Error::other)?)?;
+        let region = Self::map(file, layout)?;
+        // SAFETY: the header lies at offset 0 of a mapping at least its size;
+        // the fresh memfd reads as zero, which is a valid `Header`.
+        unsafe {
+            let h = region.base.cast::<Header>();
+            (*h).magic = MAGIC;
+            (*h).depth = layout.depth;
+        }
+        Ok(region)
+    }
+
+    /// Maps an existing region (worker side), checking it against `layout`.
+    pub fn open(path: &str, layout: Layout) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
+        if u64::try_from(layout.total).ok() != Some(len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("shared region is {len} bytes, expected {}", layout.total),
+            ));
+        }
+        let region = Self::map(file, layout)?;
+        let h = region.header();
+        if h.magic != MAGIC || h.depth != layout.depth {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared region header mismatch",
+            ));
+        }
+        Ok(region)
+    }
+
+    fn map(file: File, layout: Layout) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of the whole file at a kernel-chosen
+        // address; it aliases no Rust object and is unmapped in `drop`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout.total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = p.cast::<u8>();
+        // SAFETY: the header is at offset 0, the entry arrays at the layout's
+        // offsets inside the mapping (checked arithmetic in `Layout::new`),
+        // all suitably aligned (page-aligned base, 64-aligned offsets), and
+        // they live as long as `self`, which owns the mapping. Who produces
+        // and consumes each ring is fixed by the protocol (see `dispatcher`).
+        let (requests, replies) = unsafe {
+            let h = &*base.cast::<Header>();
+            (
+                Ring::from_raw(&h.requests, base.add(layout.requests).cast(), layout.depth),
+                Ring::from_raw(&h.replies, base.add(layout.replies).cast(), layout.depth),
+            )
+        };
+        Ok(Self {
+            base,
+            layout,
+            file,
+            requests,
+            replies,
+        })
+    }
+
+    /// The control header.
+    pub fn header(&self) -> &Header {
+        // SAFETY: offset 0 of the live mapping; every field another process
+        // writes is atomic (`magic` and `depth` are written once before the
+        // worker exists).
+        unsafe { &*self.base.cast::<Header>() }
+    }
+
+    /// Dispatcher -> worker ring.
+    pub fn requests(&self) -> &Ring<Request> {
+        &self.requests
+    }
+
+    /// Worker -> dispatcher ring.
+    pub fn replies(&self) -> &Ring<Reply> {
+        &self.replies
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Path under which a child of this process can open the region.
+    pub fn proc_path(&self) -> String {
+        format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd())
+    }
+
+    /// Start of slot `slot`'s input area (`input_area` bytes).
+    pub fn input_area(&self, slot: u32) -> Option<*mut u8> {
+        let off = self.layout.input_offset(slot)?;
+        // SAFETY: `off` is inside the mapping (checked layout arithmetic).
+        Some(unsafe { self.base.add(off) })
+    }
+
+    /// Start of slot `slot`'s output area (`output_area` bytes).
+    pub fn output_area(&self, slot: u32) -> Option<*mut u8> {
+        let off = self.layout.output_offset(slot)?;
+        // SAFETY: as in `input_area`.
+        Some(unsafe { self.base.add(off) })
+    }
+
+    /// Gives slot `slot`'s data pages back (after a large transfer).
+    pub fn discard_slot(&self, slot: u32) {
+        let len = self.layout.input_area.checked_add(self.layout.output_area);
+        if let (Some(p), Some(len)) = (self.input_area(slot), len) {
+            // SAFETY: the slot's areas lie inside the mapping; MADV_REMOVE
+            // frees the memfd pages, which then read as zero.
+            unsafe { libc::madvise(p.cast(), len, libc::MADV_REMOVE) };
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value created; the rings
+        // and references handed out borrow `self` and are gone.
+        unsafe { libc::munmap(self.base.cast(), self.layout.total) };
+    }
+}
+
+/// Sleeps while `word == expected`, at most `timeout_ns` (shared futex).
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout_ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::try_from(timeout_ns % 1_000_000_000).unwrap_or(0),
+    };
+    // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which is live
+    // for the call; the timespec lives on this stack.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wakes every sleeper on `word` (shared futex).
+pub fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock functions see too).
+/// Async-signal-safe.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let s = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let ns = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    s.saturating_mul(1_000_000_000).saturating_add(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_offsets() {
+        let l = Layout::new(8, 100, 5000).unwrap();
+        assert_eq!(l.requests % 64, 0);
+        assert!(l.replies >= l.requests + 8 * std::mem::size_of::<Entry<Request>>());
+        assert_eq!(l.slots % PAGE, 0);
+        assert_eq!(l.input_area, PAGE);
+        assert_eq!(l.output_area, 2 * PAGE);
+        assert_eq!(l.input_offset(1), Some(l.slots + 3 * PAGE));
+        assert_eq!(l.output_offset(7), Some(l.slots + 7 * 3 * PAGE + PAGE));
+        assert_eq!(l.total, l.slots + 8 * 3 * PAGE);
+        assert_eq!(l.input_offset(8), None);
+        assert!(Layout::new(1 << 20, usize::MAX / 2, 1).is_err());
+    }
+
+    #[test]
+    fn create_and_reopen() {
+        let l = Layout::new(4, 4096, 4096).unwrap();
+        let a = Region::create("test", l).unwrap();
+        let b = Region::open(&a.proc_path(), l).unwrap();
+        a.requests()
+            .try_push(Request {
+                seq: 7,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(b.requests().pop().map(|r| r.seq), Some(7));
+        // SAFETY: slot 3's input area is a page inside both mappings.
+        unsafe { a.input_area(3).unwrap().write(42) };
+        // SAFETY: as above.
+        assert_eq!(unsafe { b.input_area(3).unwrap().read() }, 42);
+        assert!(Region::open(&a.proc_path(), Layout::new(8, 4096, 4096).unwrap()).is_err());
+    }
+}

@@ -1,0 +1,506 @@
+//! The worker process: one single-threaded loop per core that polls its
+//! request ring, runs functions through [`crate::runtime`], and answers on
+//! its reply ring. Preemption and seccomp signals are handled here (see
+//! [`super::signals`]); everything the loop does on the warm path is plain
+//! memory access — no system call unless it parks or a function fails.
+
+use super::catalog::CatalogEntry;
+use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
+use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
+use super::{seccomp, signals};
+use crate::runtime::{Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction};
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::atomic::{Ordering, fence};
+use std::time::Duration;
+
+/// Setting up a worker failed (before it serves anything).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The command line was malformed.
+    #[error("bad worker arguments")]
+    Args(#[from] super::protocol::ArgsError),
+    /// The shared-region layout is impossible.
+    #[error("bad shared-region layout")]
+    Layout(#[from] super::shm::LayoutError),
+    /// Mapping the shared region failed.
+    #[error("cannot map the shared region `{path}`")]
+    Map {
+        /// Its path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the initial catalog from stdin failed.
+    #[error("cannot read the function catalog")]
+    Catalog(#[source] std::io::Error),
+    /// Installing signal handlers or the timer failed.
+    #[error("cannot set up preemption signals")]
+    Signals(#[source] std::io::Error),
+    /// Installing the seccomp filter failed.
+    #[error("cannot install the seccomp filter")]
+    Seccomp(#[from] seccomp::SeccompError),
+}
+
+/// Park timeout: also how often a parked worker checks its parent is alive.
+const PARK_TIMEOUT_NS: u64 = 100_000_000;
+
+struct Registered {
+    warm_path: PathBuf,
+    cold_path: PathBuf,
+}
+
+/// Resident instances, one per warm artifact path (functions deployed from
+/// the same file share one loaded image and its init state).
+struct Resident {
+    instance: Instance,
+    users: usize,
+}
+
+struct Worker {
+    region: Region,
+    /// Largest output in bytes (the output area may be larger: page rounded).
+    output_limit: usize,
+    config: InstanceConfig,
+    init_budget_ns: u64,
+    functions: HashMap<u32, Registered>,
+    resident: HashMap<PathBuf, Resident>,
+    /// Paths whose instance must be reloaded before its next use (a failure
+    /// other than a returned error may have torn the function's statics).
+    stale: Vec<PathBuf>,
+    /// Cold instances to close (dlclose) once the reply is out.
+    retired: Vec<Instance>,
+    /// Memory of the last closed cold instance, reused by the next one.
+    cold_shell: Option<InstanceShell>,
+}
+
+/// What one run produced before it is written to the reply.
+struct Ran {
+    outcome: Outcome,
+    bytes: Vec<u8>,
+    detail: u64,
+    entered_ns: u64,
+    returned_ns: u64,
+}
+
+impl Ran {
+    fn fail(outcome: Outcome, message: String, detail: u64) -> Self {
+        Self {
+            outcome,
+            bytes: message.into_bytes(),
+            detail,
+            entered_ns: 0,
+            returned_ns: 0,
+        }
+    }
+}
+
+/// Runs a worker until its parent dies. Called by the `microfaas-worker`
+/// binary with its arguments.
+pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
+    let args = WorkerArgs::parse(args)?;
+    let layout = Layout::new(args.depth, args.input_limit, args.output_limit)?;
+    let region = Region::open(&args.shm_path, layout).map_err(|source| WorkerError::Map {
+        path: args.shm_path.clone(),
+        source,
+    })?;
+    if let Some(cpu) = args.cpu {
+        pin_to(cpu);
+    }
+    signals::install(args.preemption).map_err(WorkerError::Signals)?;
+    let mut worker = Worker {
+        region,
+        output_limit: args.output_limit,
+        config: InstanceConfig {
+            heap_limit_bytes: args.heap_limit,
+            stack_bytes: args.stack_bytes,
+        },
+        init_budget_ns: u64::try_from(args.init_budget.as_nanos()).unwrap_or(u64::MAX),
+        functions: HashMap::new(),
+        resident: HashMap::new(),
+        stale: Vec::new(),
+        retired: Vec::new(),
+        cold_shell: None,
+    };
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(WorkerError::Catalog)?;
+        if let Some(entry) = CatalogEntry::parse(&line) {
+            // A function whose init fails now is simply not resident; its
+            // next warm request reports `NotLoaded`.
+            let _ = worker.register(entry);
+        }
+    }
+    if let Preemption::Periodic { quantum } = args.preemption {
+        signals::start_timer(quantum).map_err(WorkerError::Signals)?;
+    }
+    if args.seccomp {
+        seccomp::install()?;
+    }
+    let header = worker.region.header();
+    header.worker.pid.store(std::process::id(), Ordering::Relaxed);
+    header.worker.ready.store(1, Ordering::Release);
+    worker.serve(args.idle_spin);
+    Ok(())
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and
+    // sched_setaffinity only access that local set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        // Best effort: pinning can fail in a restricted cpuset.
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn parent_alive(parent: u32) -> bool {
+    // SAFETY: getppid has no preconditions.
+    let now = unsafe { libc::getppid() };
+    u32::try_from(now).ok() == Some(parent)
+}
+
+impl Worker {
+    fn header(&self) -> &Header {
+        self.region.header()
+    }
+
+    fn serve(&mut self, idle_spin: Duration) {
+        // SAFETY: getppid has no preconditions.
+        let parent = u32::try_from(unsafe { libc::getppid() }).unwrap_or(0);
+        let idle_spin_ns = u64::try_from(idle_spin.as_nanos()).unwrap_or(u64::MAX);
+        let mut idle_since = now_ns();
+        let mut polls: u32 = 0;
+        loop {
+            if let Some((pos, request)) = self.region.requests().peek() {
+                self.take(pos, request);
+                idle_since = now_ns();
+                continue;
+            }
+            polls = polls.wrapping_add(1);
+            if !polls.is_multiple_of(64) || now_ns().saturating_sub(idle_since) < idle_spin_ns {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Park: announce, re-check, sleep on the tail word.
+            let header = self.header();
+            let tail = self.region.requests().tail_word();
+            header.worker.parked.store(1, Ordering::SeqCst);
+            let seen = tail.load(Ordering::SeqCst);
+            if self.region.requests().is_empty() {
+                futex_wait(tail, seen, PARK_TIMEOUT_NS);
+            }
+            header.worker.parked.store(0, Ordering::Relaxed);
+            if !parent_alive(parent) {
+                return;
+            }
+            // `idle_since` stays: woken without work (a timeout, or a timer
+            // tick in periodic mode), the worker parks again at once.
+        }
+    }
+
+    /// Takes the request at `pos` off the ring, runs it and answers.
+    fn take(&mut self, pos: u32, request: Request) {
+        let inflight = &self.header().inflight;
+        inflight.slot.store(request.slot, Ordering::Relaxed);
+        inflight.func.store(request.func, Ordering::Relaxed);
+        // Record before removing: a worker that dies now leaves the request
+        // findable (the dispatcher then removes it from the ring itself).
+        inflight.seq.store(request.seq, Ordering::Release);
+        self.region.requests().advance(pos);
+
+        let mut reply = self.execute(&request);
+        reply.seq = request.seq;
+        reply.slot = request.slot;
+        let replies = self.region.replies();
+        // Never full: at most `depth` requests are outstanding per worker.
+        while let Err(back) = replies.try_push(reply) {
+            reply = back;
+            std::hint::spin_loop();
+        }
+        let header = self.header();
+        header.inflight.seq.store(0, Ordering::Release);
+        header.worker.completed.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if header.reply_waiters.load(Ordering::Relaxed) > 0 {
+            futex_wake_all(replies.tail_word());
+        }
+        self.close_retired();
+    }
+
+    fn execute(&mut self, request: &Request) -> Reply {
+        let mut reply = Reply::default();
+        let input = match self.input_of(request) {
+            Some(input) => input,
+            None => {
+                return self.finish(
+                    reply,
+                    Ran::fail(Outcome::BadRequest, "request names a bad slot or length".into(), 0),
+                    request.slot,
+                );
+            }
+        };
+        let ran = match request.op {
+            op::INVOKE_WARM => self.invoke_warm(request, input),
+            op::INVOKE_COLD => {
+                let (ran, start_ns) = self.invoke_cold(request, input);
+                reply.start_ns = start_ns;
+                ran
+            }
+            op::LOAD => {
+                let line = String::from_utf8_lossy(input).into_owned();
+                match CatalogEntry::parse(&line) {
+                    Some(entry) => match self.register(entry) {
+                        Ok(()) => Ran::fail(Outcome::Ok, String::new(), 0),
+                        Err(message) => Ran::fail(Outcome::InitFailed, message, 0),
+                    },
+                    None => Ran::fail(Outcome::InitFailed, "malformed catalog line".into(), 0),
+                }
+            }
+            op::UNLOAD => {
+                self.unload(request.func, request.reserved != 0);
+                Ran::fail(Outcome::Ok, String::new(), 0)
+            }
+            other => Ran::fail(Outcome::BadRequest, format!("unknown operation {other}"), 0),
+        };
+        self.finish(reply, ran, request.slot)
+    }
+
+    /// The request's input bytes, in its slot's input area.
+    fn input_of(&self, request: &Request) -> Option<&'static [u8]> {
+        let len = usize::try_from(request.input_len).ok()?;
+        if len > self.region.layout().input_area {
+            return None;
+        }
+        let ptr = self.region.input_area(request.slot)?;
+        // SAFETY: the slot's input area is `input_area` bytes inside the
+        // mapping (checked above), which lives as long as the worker; the
+        // dispatcher does not write it while the request is outstanding.
+        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+    }
+
+    /// Writes `ran`'s bytes to the slot's output area and fills the reply.
+    fn finish(&self, mut reply: Reply, mut ran: Ran, slot: u32) -> Reply {
+        let area = self.region.layout().output_area.min(self.output_limit);
+        if ran.outcome == Outcome::Ok && ran.bytes.len() > area {
+            ran.detail = u64::try_from(ran.bytes.len()).unwrap_or(u64::MAX);
+            ran.outcome = Outcome::OutputTooLarge;
+            ran.bytes.clear();
+        }
+        let n = ran.bytes.len().min(area);
+        if let (Some(out), true) = (self.region.output_area(slot), n > 0) {
+            // SAFETY: `n` <= the slot's output area inside the mapping; the
+            // dispatcher reads it only after this reply is published.
+            unsafe { std::ptr::copy_nonoverlapping(ran.bytes.as_ptr(), out, n) };
+        }
+        reply.outcome = ran.outcome as u32;
+        reply.out_len = u64::try_from(n).unwrap_or(0);
+        reply.detail = ran.detail;
+        reply.entered_ns = ran.entered_ns;
+        reply.returned_ns = ran.returned_ns;
+        reply
+    }
+
+    fn invoke_warm(&mut self, request: &Request, input: &[u8]) -> Ran {
+        let Some(registered) = self.functions.get(&request.func) else {
+            return Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0);
+        };
+        if !self.stale.is_empty() && self.stale.contains(&registered.warm_path) {
+            let path = registered.warm_path.clone();
+            self.reload(&path);
+        }
+        let Some(registered) = self.functions.get(&request.func) else {
+            return Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0);
+        };
+        let Some(resident) = self.resident.get_mut(&registered.warm_path) else {
+            return Ran::fail(Outcome::NotLoaded, "function not resident".into(), 0);
+        };
+        let ran = run_handle(&mut resident.instance, input, request.budget_ns, self.region.header());
+        if needs_reload(ran.outcome) && !self.stale.contains(&registered.warm_path) {
+            self.stale.push(registered.warm_path.clone());
+        }
+        ran
+    }
+
+    /// dlopen a fresh copy, init, handle, dlclose. Returns the run and the
+    /// start time (load + init) in nanoseconds.
+    fn invoke_cold(&mut self, request: &Request, input: &[u8]) -> (Ran, u64) {
+        let t0 = now_ns();
+        let Some(path) = self.functions.get(&request.func).map(|f| f.cold_path.clone()) else {
+            return (Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0), 0);
+        };
+        let shell = self.cold_shell.take();
+        let mut instance = match self.instantiate_in(&path, shell) {
+            Ok(instance) => instance,
+            Err(message) => return (Ran::fail(Outcome::InitFailed, message, 0), 0),
+        };
+        let start_ns = now_ns().saturating_sub(t0);
+        let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header());
+        self.retired.push(instance);
+        (ran, start_ns)
+    }
+
+    /// Loads `path` and runs its init under the init budget.
+    fn instantiate(&self, path: &std::path::Path) -> Result<Instance, String> {
+        self.instantiate_in(path, None)
+    }
+
+    /// As `instantiate`, reusing `shell`'s memory if given.
+    fn instantiate_in(&self, path: &std::path::Path, shell: Option<InstanceShell>) -> Result<Instance, String> {
+        let function = LoadedFunction::load(path).map_err(|e| error_chain(&e))?;
+        let mut instance = match shell {
+            Some(shell) => Instance::from_shell(function, shell),
+            None => Instance::new(function, &self.config).map_err(|e| error_chain(&e))?,
+        };
+        let header = self.region.header();
+        let result = with_deadline(header, self.init_budget_ns, || instance.init());
+        match result {
+            Ok(()) => Ok(instance),
+            Err(Failure::Preempted) if signals::take_policy_violation().is_none() => Err(format!(
+                "init() exceeded its budget of {} us",
+                self.init_budget_ns / 1000
+            )),
+            Err(failure) => Err(failure.to_string()),
+        }
+    }
+
+    /// Registers a function and, if asked, makes it resident.
+    fn register(&mut self, entry: CatalogEntry) -> Result<(), String> {
+        let preload = entry.preload;
+        let warm = entry.warm_path.clone();
+        let previous = self.functions.insert(
+            entry.func,
+            Registered {
+                warm_path: entry.warm_path,
+                cold_path: entry.cold_path,
+            },
+        );
+        let already_user = previous.is_some_and(|p| p.warm_path == warm) && self.resident.contains_key(&warm);
+        if !preload || already_user {
+            return Ok(());
+        }
+        if let Some(r) = self.resident.get_mut(&warm) {
+            r.users += 1;
+            return Ok(());
+        }
+        let instance = self.instantiate(&warm)?;
+        self.resident.insert(warm, Resident { instance, users: 1 });
+        Ok(())
+    }
+
+    fn unload(&mut self, func: u32, forget: bool) {
+        let Some(path) = self.functions.get(&func).map(|f| f.warm_path.clone()) else {
+            return;
+        };
+        if forget {
+            self.functions.remove(&func);
+        }
+        if let Some(r) = self.resident.get_mut(&path) {
+            r.users = r.users.saturating_sub(1);
+            if r.users == 0 {
+                self.resident.remove(&path);
+            }
+        }
+    }
+
+    /// Closes retired cold instances (off the reply's critical path).
+    fn close_retired(&mut self) {
+        while let Some(instance) = self.retired.pop() {
+            self.cold_shell = Some(instance.into_shell());
+        }
+    }
+
+    /// Replaces an instance a failure may have left torn with a fresh copy
+    /// (done lazily, at the function's next warm request, so that other
+    /// functions do not pay for it).
+    fn reload(&mut self, path: &std::path::Path) {
+        self.stale.retain(|p| p != path);
+        let Some(old) = self.resident.remove(path) else {
+            return;
+        };
+        let users = old.users;
+        // Close the old copy first (so that dlopen maps a fresh image), but
+        // keep its memory for the new one.
+        let shell = old.instance.into_shell();
+        if let Ok(instance) = self.instantiate_in(path, Some(shell)) {
+            self.resident.insert(path.to_owned(), Resident { instance, users });
+        }
+    }
+}
+
+/// Whether an outcome may have left the function's own state torn, so that
+/// its instance is replaced before the next request.
+fn needs_reload(outcome: Outcome) -> bool {
+    !matches!(
+        outcome,
+        Outcome::Ok | Outcome::FunctionError | Outcome::OutputTooLarge | Outcome::NotLoaded
+    )
+}
+
+/// Runs `f` with the invocation deadline `budget_ns` from now published to the
+/// signal handler and the watchdog.
+fn with_deadline<T>(header: &Header, budget_ns: u64, f: impl FnOnce() -> T) -> T {
+    let deadline = now_ns().saturating_add(budget_ns).max(1);
+    signals::arm(deadline);
+    header.inflight.deadline_ns.store(deadline, Ordering::Release);
+    let result = f();
+    header.inflight.deadline_ns.store(0, Ordering::Release);
+    signals::disarm();
+    result
+}
+
+fn run_handle(instance: &mut Instance, input: &[u8], budget_ns: u64, header: &Header) -> Ran {
+    let result = with_deadline(header, budget_ns, || match instance.handle(input) {
+        Ok(output) => Ok((output.bytes().to_vec(), output.entered_ns, output.returned_ns)),
+        Err(failure) => Err(failure),
+    });
+    match result {
+        Ok((bytes, entered_ns, returned_ns)) => Ran {
+            outcome: Outcome::Ok,
+            bytes,
+            detail: 0,
+            entered_ns,
+            returned_ns,
+        },
+        Err(failure) => {
+            let ran = ran_of_failure(failure, instance.stack_bytes());
+            if ran.outcome == Outcome::Preempted {
+                header.worker.preemptions.fetch_add(1, Ordering::Relaxed);
+            }
+            ran
+        }
+    }
+}
+
+fn ran_of_failure(failure: Failure, stack_bytes: usize) -> Ran {
+    let stack = u64::try_from(stack_bytes).unwrap_or(u64::MAX);
+    match failure {
+        Failure::FunctionError { message } => Ran::fail(Outcome::FunctionError, message, 0),
+        Failure::Panicked { message } => Ran::fail(Outcome::Panicked, message, 0),
+        Failure::OutOfMemory { message, limit_bytes } => {
+            Ran::fail(Outcome::OutOfMemory, message, u64::try_from(limit_bytes).unwrap_or(0))
+        }
+        Failure::StackOverflow { .. } => Ran::fail(Outcome::StackOverflow, String::new(), stack),
+        Failure::Preempted => match signals::take_policy_violation() {
+            Some(nr) => Ran::fail(Outcome::PolicyViolation, format!("system call {nr}"), nr),
+            None => Ran::fail(Outcome::Preempted, String::new(), 0),
+        },
+        other @ (Failure::Fault { .. } | Failure::BadAbi | Failure::Malformed { .. } | Failure::Poisoned) => {
+            Ran::fail(Outcome::Crashed, other.to_string(), 0)
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,331 @@
+//! The runner process's side of the protocol: map the region the host
+//! passed at fd 3, load and `init()` the artifact with [`crate::runtime`],
+//! then serve requests (warm) or the one posted request (once).
+
+use super::futex::{self, Woken};
+use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, robust, state};
+use super::shm::SharedRegion;
+use super::spawn::SHM_FD;
+use crate::runtime::{Failure, Instance, InstanceConfig, LoadedFunction, monotonic_ns};
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// How often an idle runner checks that its host is still alive.
+const PARENT_CHECK: Duration = Duration::from_secs(1);
+
+/// Runner exit code after serving (host gone, or `--once` done).
+const EXIT_OK: u8 = 0;
+/// Runner exit code after a failure that ended the instance.
+const EXIT_AFTER_FAILURE: u8 = 3;
+/// Runner exit code for unusable arguments or region.
+const EXIT_USAGE: u8 = 2;
+
+/// What a runner was asked to do (its command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerArgs {
+    /// Exit after the first reply.
+    pub once: bool,
+    /// The artifact to load.
+    pub artifact: PathBuf,
+}
+
+/// Parses `--warm|--once ARTIFACT`.
+pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
+    match args {
+        [mode, artifact] => {
+            let once = match mode.to_str()? {
+                "--once" => true,
+                "--warm" => false,
+                _ => return None,
+            };
+            Some(RunnerArgs {
+                once,
+                artifact: PathBuf::from(artifact),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The runner's `main`: returns the process exit code (and never returns
+/// while serving).
+pub fn main() -> u8 {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let Some(args) = parse_args(&args) else {
+        eprintln!(
+            "usage: microfaas-runner --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})"
+        );
+        return EXIT_USAGE;
+    };
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(SHM_FD, libc::F_GETFD) } < 0 {
+        eprintln!("microfaas-runner: no shared region at fd {SHM_FD}");
+        return EXIT_USAGE;
+    }
+    // SAFETY: the host hands this process fd 3 for it to own; checked open.
+    let fd = unsafe { OwnedFd::from_raw_fd(SHM_FD) };
+    let region = match SharedRegion::open(fd) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("microfaas-runner: bad shared region: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    register_death_notice(&region.header().alive);
+    serve(&region, &args)
+}
+
+fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
+    let h = region.header();
+    let parent = std::os::unix::process::parent_id();
+    let config = InstanceConfig {
+        heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed))
+            .unwrap_or(usize::MAX),
+        stack_bytes: usize::try_from(h.stack_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
+    };
+    let function = match LoadedFunction::load(&args.artifact) {
+        Ok(f) => f,
+        Err(e) => return fatal(region, kind::LOAD_FAILED, phase::LOAD, &error_chain(&e), 0),
+    };
+    let mut instance = match Instance::new(function, &config) {
+        Ok(i) => i,
+        Err(e) => return fatal(region, kind::LOAD_FAILED, phase::LOAD, &error_chain(&e), 0),
+    };
+    if let Err(failure) = instance.init() {
+        let (k, message, value) = describe(&failure);
+        return fatal(region, k, phase::INIT, &message, value);
+    }
+    h.ready_ns.store(monotonic_ns(), Ordering::Relaxed);
+    if h.state
+        .compare_exchange(
+            state::BOOTING,
+            state::READY,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_ok()
+    {
+        futex::wake(&h.state);
+    }
+    loop {
+        loop {
+            let s = h.state.load(Ordering::Acquire);
+            if s == state::REQUEST {
+                break;
+            }
+            if futex::wait(&h.state, s, Some(PARENT_CHECK)) == Woken::TimedOut
+                && std::os::unix::process::parent_id() != parent
+            {
+                return EXIT_OK;
+            }
+        }
+        let sequence = h.sequence.load(Ordering::Acquire);
+        h.state.store(state::RUNNING, Ordering::Release);
+        if args.once {
+            futex::wake(&h.state);
+        }
+        let len = usize::try_from(h.input_len.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        let Some(input) = region.input(len) else {
+            post(
+                region,
+                sequence,
+                kind::MALFORMED,
+                phase::HANDLE,
+                b"input length beyond the buffer",
+                0,
+                false,
+            );
+            continue;
+        };
+        let ended = match instance.handle(input) {
+            Ok(output) => {
+                let bytes = output.bytes();
+                h.entered_ns.store(output.entered_ns, Ordering::Relaxed);
+                h.returned_ns.store(output.returned_ns, Ordering::Relaxed);
+                if region.write_output(bytes).is_ok() {
+                    post(
+                        region,
+                        sequence,
+                        kind::OK,
+                        phase::HANDLE,
+                        &[],
+                        bytes.len(),
+                        false,
+                    );
+                } else {
+                    post_value(region, sequence, kind::OUTPUT_TOO_LARGE, bytes.len());
+                }
+                false
+            }
+            Err(failure) => {
+                let (k, message, value) = describe(&failure);
+                // Only a returned error leaves the instance trustworthy.
+                let fatal = !matches!(failure, Failure::FunctionError { .. });
+                post(
+                    region,
+                    sequence,
+                    k,
+                    phase::HANDLE,
+                    message.as_bytes(),
+                    value,
+                    fatal,
+                );
+                fatal
+            }
+        };
+        if ended {
+            return EXIT_AFTER_FAILURE;
+        }
+        if args.once {
+            return EXIT_OK;
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// The reply kind, message and value of a failure.
+fn describe(failure: &Failure) -> (u32, String, u64) {
+    let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    match failure {
+        Failure::FunctionError { message } => (kind::FUNCTION_ERROR, message.clone(), 0),
+        Failure::Panicked { message } => (kind::PANICKED, message.clone(), 0),
+        Failure::OutOfMemory {
+            message,
+            limit_bytes,
+        } => (kind::OUT_OF_MEMORY, message.clone(), as_u64(*limit_bytes)),
+        Failure::StackOverflow { stack_bytes } => {
+            (kind::STACK_OVERFLOW, String::new(), as_u64(*stack_bytes))
+        }
+        Failure::Fault { .. } => (kind::FAULT, failure.to_string(), 0),
+        Failure::Preempted | Failure::BadAbi | Failure::Malformed { .. } | Failure::Poisoned => {
+            (kind::MALFORMED, failure.to_string(), 0)
+        }
+    }
+}
+
+fn fatal(region: &SharedRegion, k: u32, ph: u32, message: &str, value: u64) -> u8 {
+    let sequence = region.header().sequence.load(Ordering::Acquire);
+    post(region, sequence, k, ph, message.as_bytes(), value, true);
+    EXIT_AFTER_FAILURE
+}
+
+fn post_value(region: &SharedRegion, sequence: u64, k: u32, len: usize) {
+    post(region, sequence, k, phase::HANDLE, &[], len, false);
+}
+
+/// Writes a reply and wakes the host. For `OK`, `value_or_len` is the output
+/// length (already in the buffer); otherwise `message` goes to the output
+/// buffer and `value_or_len` to `reply_value`.
+fn post(
+    region: &SharedRegion,
+    sequence: u64,
+    k: u32,
+    ph: u32,
+    message: &[u8],
+    value_or_len: impl TryInto<u64>,
+    fatal: bool,
+) {
+    let h = region.header();
+    let value = value_or_len.try_into().unwrap_or(u64::MAX);
+    let len = if k == kind::OK {
+        value
+    } else {
+        let cap = region.layout().output_capacity.min(MAX_MESSAGE_BYTES);
+        let message = &message[..message.len().min(cap)];
+        let _ = region.write_output(message);
+        h.reply_value.store(value, Ordering::Relaxed);
+        u64::try_from(message.len()).unwrap_or(0)
+    };
+    h.reply_len.store(len, Ordering::Relaxed);
+    h.reply_kind.store(k, Ordering::Relaxed);
+    h.phase.store(ph, Ordering::Relaxed);
+    h.fatal.store(u32::from(fatal), Ordering::Relaxed);
+    h.reply_sequence.store(sequence, Ordering::Relaxed);
+    h.state.store(state::REPLY, Ordering::Release);
+    futex::wake(&h.state);
+}
+
+/// `struct robust_list` of the kernel ABI.
+#[repr(C)]
+struct RobustList {
+    next: *mut RobustList,
+}
+
+/// `struct robust_list_head` of the kernel ABI.
+#[repr(C)]
+struct RobustListHead {
+    list: RobustList,
+    futex_offset: libc::c_long,
+    list_op_pending: *mut RobustList,
+}
+
+/// Makes the kernel mark `alive` FUTEX_OWNER_DIED and wake the host when this
+/// process dies, however it dies: `alive` holds our TID and is the one entry
+/// of this thread's robust futex list.
+fn register_death_notice(alive: &AtomicU32) {
+    let head: &'static mut RobustListHead = Box::leak(Box::new(RobustListHead {
+        list: RobustList {
+            next: std::ptr::null_mut(),
+        },
+        futex_offset: 0,
+        list_op_pending: std::ptr::null_mut(),
+    }));
+    let node: &'static mut RobustList = Box::leak(Box::new(RobustList {
+        next: std::ptr::null_mut(),
+    }));
+    let node_addr = std::ptr::from_mut(node).addr();
+    let offset = alive.as_ptr().addr().wrapping_sub(node_addr);
+    head.futex_offset = libc::c_long::from_ne_bytes(offset.to_ne_bytes());
+    node.next = &mut head.list;
+    head.list.next = node;
+    // SAFETY: gettid has no preconditions.
+    let tid = u32::try_from(unsafe { libc::gettid() }).unwrap_or(0) & robust::FUTEX_TID_MASK;
+    alive.store(tid | robust::FUTEX_WAITERS, Ordering::Release);
+    // SAFETY: `head` and `node` are leaked (live forever) and form a valid
+    // circular list whose one entry locates `alive`, which stays mapped until
+    // the process exits. This replaces libc's list, which the runner does not
+    // use (no robust pthread mutexes).
+    unsafe {
+        libc::syscall(
+            libc::SYS_set_robust_list,
+            head as *mut RobustListHead,
+            std::mem::size_of::<RobustListHead>(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            parse_args(&a(&["--once", "/x.so"])),
+            Some(RunnerArgs {
+                once: true,
+                artifact: "/x.so".into()
+            })
+        );
+        assert_eq!(
+            parse_args(&a(&["--warm", "/x.so"])).map(|r| r.once),
+            Some(false)
+        );
+        assert_eq!(parse_args(&a(&["--cold", "/x.so"])), None);
+        assert_eq!(parse_args(&a(&["--warm"])), None);
+    }
+}

@@ -1,0 +1,342 @@
+//! The host's handle on one runner process: spawning it, posting a request,
+//! waiting for its reply or its death, killing and reaping it.
+
+use super::ProcessError;
+use super::futex::{self, Woken};
+use super::protocol::{Layout, RawReply, Reply, decode_reply, robust, state};
+use super::shm::SharedRegion;
+use super::spawn::{RunnerMode, spawn_runner};
+use crate::runtime::monotonic_ns;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+/// Live runner pids, and a thread that reaps runners nobody waits for.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    live: Mutex<BTreeSet<libc::pid_t>>,
+    reaper: Mutex<Option<mpsc::Sender<libc::pid_t>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Tracker {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::channel::<libc::pid_t>();
+        let tracker = Arc::new(Self {
+            live: Mutex::new(BTreeSet::new()),
+            reaper: Mutex::new(Some(tx)),
+            thread: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&tracker);
+        let thread = std::thread::Builder::new()
+            .name("microfaas-reaper".to_owned())
+            .spawn(move || {
+                for pid in rx {
+                    wait_blocking(pid);
+                    if let Some(t) = weak.upgrade() {
+                        t.forget(pid);
+                    }
+                }
+            })?;
+        *lock(&tracker.thread) = Some(thread);
+        Ok(tracker)
+    }
+
+    fn add(&self, pid: libc::pid_t) {
+        lock(&self.live).insert(pid);
+    }
+
+    fn forget(&self, pid: libc::pid_t) {
+        lock(&self.live).remove(&pid);
+    }
+
+    /// Reaps `pid` in the background (or now, if the reaper is gone).
+    fn reap_later(&self, pid: libc::pid_t) {
+        let sent = lock(&self.reaper)
+            .as_ref()
+            .is_some_and(|tx| tx.send(pid).is_ok());
+        if !sent {
+            wait_blocking(pid);
+            self.forget(pid);
+        }
+    }
+
+    /// Live runner pids.
+    pub fn live(&self) -> Vec<libc::pid_t> {
+        lock(&self.live).iter().copied().collect()
+    }
+
+    /// Stops the reaper after it has reaped everything queued.
+    pub fn shutdown(&self) {
+        lock(&self.reaper).take();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (the protected data stay consistent:
+/// every critical section is panic-free).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn wait_blocking(pid: libc::pid_t) -> Option<libc::c_int> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child; `status` is writable.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == pid {
+            return Some(status);
+        }
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return None;
+    }
+}
+
+/// A wait status in words.
+pub fn describe_status(status: Option<libc::c_int>) -> String {
+    match status {
+        Some(s) if libc::WIFSIGNALED(s) => {
+            let sig = libc::WTERMSIG(s);
+            // SAFETY: strsignal returns a pointer to a static or thread-local
+            // string for any signal number.
+            let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) };
+            format!("runner killed by signal {sig} ({})", name.to_string_lossy())
+        }
+        Some(s) if libc::WIFEXITED(s) => {
+            format!("runner exited with status {}", libc::WEXITSTATUS(s))
+        }
+        Some(s) => format!("runner ended with wait status {s:#x}"),
+        None => "runner vanished".to_owned(),
+    }
+}
+
+/// How waiting on a runner ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitEnd {
+    /// The state reached one the caller waited for.
+    Reached(u32),
+    /// The runner died first.
+    Died,
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// Limits a runner is created with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunnerLimits {
+    pub layout: Layout,
+    pub heap_limit_bytes: usize,
+    pub stack_bytes: usize,
+}
+
+/// One runner process and its region. Dropping it kills and reaps it.
+#[derive(Debug)]
+pub(crate) struct Runner {
+    pid: libc::pid_t,
+    region: SharedRegion,
+    tracker: Arc<Tracker>,
+    reaped: Option<Option<libc::c_int>>,
+    sequence: u64,
+    /// The slot generation it was spawned in (see `host`).
+    pub generation: u64,
+}
+
+impl Runner {
+    /// Spawns a runner. With `request`, the request is posted before the
+    /// spawn and the runner serves only it (cold); otherwise the runner
+    /// boots and waits (warm: wait for it with [`Runner::wait_ready`]).
+    pub fn spawn(
+        runner_bin: &Path,
+        artifact: &Path,
+        limits: RunnerLimits,
+        tracker: &Arc<Tracker>,
+        request: Option<&[u8]>,
+        generation: u64,
+    ) -> Result<Self, ProcessError> {
+        let region =
+            SharedRegion::create(limits.layout, limits.heap_limit_bytes, limits.stack_bytes)
+                .map_err(|e| ProcessError::io("creating the runner's shared region", e))?;
+        let mut sequence = 0;
+        let mode = match request {
+            Some(input) => {
+                sequence = 1;
+                post_request(&region, sequence, input)?;
+                RunnerMode::Once
+            }
+            None => RunnerMode::Warm,
+        };
+        let pid = spawn_runner(runner_bin, artifact, region.raw_fd(), mode)
+            .map_err(|e| ProcessError::io(format!("spawning {}", runner_bin.display()), e))?;
+        tracker.add(pid);
+        Ok(Self {
+            pid,
+            region,
+            tracker: Arc::clone(tracker),
+            reaped: None,
+            sequence,
+            generation,
+        })
+    }
+
+    /// The region's header.
+    pub fn header(&self) -> &super::protocol::Header {
+        self.region.header()
+    }
+
+    /// Whether the runner is known to be dead.
+    pub fn is_dead(&self) -> bool {
+        self.reaped.is_some()
+            || self.header().alive.load(Ordering::Acquire) & robust::FUTEX_OWNER_DIED != 0
+    }
+
+    /// Waits until the state satisfies `done`, the runner dies, or
+    /// `deadline_ns` passes.
+    pub fn wait_until(&mut self, done: impl Fn(u32) -> bool, deadline_ns: u64) -> WaitEnd {
+        loop {
+            let (s, alive) = {
+                let h = self.region.header();
+                (
+                    h.state.load(Ordering::Acquire),
+                    h.alive.load(Ordering::Acquire),
+                )
+            };
+            if done(s) {
+                return WaitEnd::Reached(s);
+            }
+            let state_now = |r: &Self| r.region.header().state.load(Ordering::Acquire);
+            if alive & robust::FUTEX_OWNER_DIED != 0 {
+                let s = state_now(self);
+                return if done(s) {
+                    WaitEnd::Reached(s)
+                } else {
+                    WaitEnd::Died
+                };
+            }
+            let now = monotonic_ns();
+            if now >= deadline_ns {
+                return WaitEnd::TimedOut;
+            }
+            // Until the runner has registered its death notice, poll for an
+            // early exit every few milliseconds.
+            let slice_end = if alive == 0 {
+                if self.try_reap() {
+                    let s = state_now(self);
+                    return if done(s) {
+                        WaitEnd::Reached(s)
+                    } else {
+                        WaitEnd::Died
+                    };
+                }
+                deadline_ns.min(now.saturating_add(2_000_000))
+            } else {
+                deadline_ns
+            };
+            let h = self.region.header();
+            if futex::wait_either(&h.state, s, &h.alive, alive, slice_end) == Woken::TimedOut
+                && slice_end == deadline_ns
+            {
+                return WaitEnd::TimedOut;
+            }
+        }
+    }
+
+    /// Posts the next request to a ready runner.
+    pub fn post(&mut self, input: &[u8]) -> Result<(), ProcessError> {
+        self.sequence += 1;
+        post_request(&self.region, self.sequence, input)
+    }
+
+    /// Decodes the reply in the region (state is REPLY).
+    pub fn reply(&self) -> Result<Reply, super::protocol::ProtocolError> {
+        let h = self.region.header();
+        let raw = RawReply {
+            sequence: h.reply_sequence.load(Ordering::Relaxed),
+            kind: h.reply_kind.load(Ordering::Relaxed),
+            phase: h.phase.load(Ordering::Relaxed),
+            len: h.reply_len.load(Ordering::Relaxed),
+            value: h.reply_value.load(Ordering::Relaxed),
+        };
+        decode_reply(raw, self.sequence, self.region.layout().output_capacity)
+    }
+
+    /// Copies `len` bytes of the output buffer (a length `reply` checked).
+    pub fn output(&self, len: usize) -> Vec<u8> {
+        self.region.read_output(len).unwrap_or_default()
+    }
+
+    /// Whether the reply says the runner exits after it.
+    pub fn reply_is_fatal(&self) -> bool {
+        self.region.header().fatal.load(Ordering::Relaxed) != 0
+    }
+
+    fn try_reap(&mut self) -> bool {
+        if self.reaped.is_some() {
+            return true;
+        }
+        let mut status = 0;
+        // SAFETY: polling our own child; `status` is writable.
+        let rc = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+        if rc == self.pid {
+            self.reaped = Some(Some(status));
+            self.tracker.forget(self.pid);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Kills the runner (if alive) and reaps it; returns how it ended.
+    pub fn kill_and_reap(&mut self) -> String {
+        if self.reaped.is_none() {
+            // SAFETY: `pid` is our unreaped child, so it cannot have been
+            // recycled for another process.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            self.reaped = Some(wait_blocking(self.pid));
+            self.tracker.forget(self.pid);
+        }
+        describe_status(self.reaped.flatten())
+    }
+
+    /// Reaps a runner that died by itself; returns how it ended.
+    pub fn reap_dead(&mut self) -> String {
+        if self.reaped.is_none() {
+            self.reaped = Some(wait_blocking(self.pid));
+            self.tracker.forget(self.pid);
+        }
+        describe_status(self.reaped.flatten())
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if self.reaped.is_none() {
+            // SAFETY: as in `kill_and_reap`.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            self.tracker.reap_later(self.pid);
+        }
+    }
+}
+
+fn post_request(region: &SharedRegion, sequence: u64, input: &[u8]) -> Result<(), ProcessError> {
+    region
+        .write_input(input)
+        .map_err(|limit| ProcessError::InputTooLarge {
+            len: input.len(),
+            limit,
+        })?;
+    let h = region.header();
+    h.input_len.store(
+        u64::try_from(input.len()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    h.sequence.store(sequence, Ordering::Relaxed);
+    h.state.store(state::REQUEST, Ordering::Release);
+    futex::wake(&h.state);
+    Ok(())
+}

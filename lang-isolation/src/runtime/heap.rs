@@ -1,0 +1,443 @@
+//! The per-instance function heap: two arenas over `mmap`'d regions under one
+//! byte limit. `init()` allocates in the persistent arena, every invocation in
+//! the invocation arena, which is reset wholesale when the invocation ends.
+//!
+//! ```text
+//!  persistent region (limit bytes reserved)    invocation region (limit bytes reserved)
+//!  +-------------------------------+          +---------------------------+-------+
+//!  | init()'s tables, long-lived   |          | one invocation's blocks   | never |
+//!  | state; freed blocks reused    |          | -> reset (free list + the | used  |
+//!  +-------------------------------+          |  touched pages) after it  |       |
+//!                                             +---------------------------+-------+
+//!  used(persistent) + used(invocation) <= limit_bytes
+//! ```
+//!
+//! `dealloc` and `realloc` are routed by address, so an invocation may free a
+//! block `init()` allocated. State that must outlive one invocation has to be
+//! built by `init()`: a block allocated during an invocation is gone after it.
+
+use super::mmap::Mapping;
+use linked_list_allocator::Heap;
+use std::alloc::Layout;
+use std::io;
+use std::ops::Range;
+use std::ptr::NonNull;
+
+/// Invocation memory kept resident across resets (first touched pages are
+/// the expensive ones); touched pages beyond it are returned to the kernel.
+const KEEP_RESIDENT_BYTES: usize = 256 << 10;
+
+/// Which arena new allocations come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arena {
+    /// Lives as long as the instance (`init()` allocates here).
+    Persistent,
+    /// Reset after every invocation.
+    Invocation,
+}
+
+/// Which arena, if any, holds `[addr, addr + len)`. Pure routing logic.
+pub fn route(
+    addr: usize,
+    len: usize,
+    persistent: &Range<usize>,
+    invocation: &Range<usize>,
+) -> Option<Arena> {
+    let end = addr.checked_add(len)?;
+    let inside = |r: &Range<usize>| addr >= r.start && end <= r.end && (len > 0 || addr < r.end);
+    if inside(persistent) {
+        Some(Arena::Persistent)
+    } else if inside(invocation) {
+        Some(Arena::Invocation)
+    } else {
+        None
+    }
+}
+
+/// A function instance's heap. See the module doc.
+#[derive(Debug)]
+pub struct InstanceHeap {
+    limit_bytes: usize,
+    persistent_region: Mapping,
+    persistent: ArenaHeap,
+    invocation_region: Mapping,
+    invocation: ArenaHeap,
+    active: Arena,
+    /// Highest byte offset of the invocation region handed out since the last
+    /// reset: the touched pages.
+    invocation_high_water: usize,
+    /// Frees of pointers outside both arenas (ignored).
+    stray_frees: u64,
+}
+
+/// `linked_list_allocator::Heap` made `Send` and `Debug`.
+struct ArenaHeap(Heap);
+
+// SAFETY: the heap only holds pointers into a region owned by the same
+// `InstanceHeap`, which moves with it.
+unsafe impl Send for ArenaHeap {}
+
+impl std::fmt::Debug for ArenaHeap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArenaHeap")
+            .field("size", &self.0.size())
+            .field("used", &self.0.used())
+            .finish()
+    }
+}
+
+impl ArenaHeap {
+    fn over(region: &Mapping) -> Self {
+        // SAFETY: `region` is a fresh read-write mapping of `len()` bytes that
+        // only this heap hands out; the owning `InstanceHeap` keeps it mapped
+        // as long as the heap exists.
+        Self(unsafe { Heap::new(region.start(), region.len()) })
+    }
+}
+
+impl InstanceHeap {
+    /// A heap whose two arenas together hold at most `limit_bytes`.
+    pub fn new(limit_bytes: usize) -> io::Result<Self> {
+        let reserve = limit_bytes.max(4096);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let persistent_region = Mapping::anonymous(reserve, rw)?;
+        let invocation_region = Mapping::anonymous(reserve, rw)?;
+        let persistent = ArenaHeap::over(&persistent_region);
+        let invocation = ArenaHeap::over(&invocation_region);
+        Ok(Self {
+            limit_bytes,
+            persistent_region,
+            persistent,
+            invocation_region,
+            invocation,
+            active: Arena::Persistent,
+            invocation_high_water: 0,
+            stray_frees: 0,
+        })
+    }
+
+    /// The byte limit of both arenas together.
+    pub fn limit_bytes(&self) -> usize {
+        self.limit_bytes
+    }
+
+    /// Bytes currently allocated in both arenas.
+    pub fn used_bytes(&self) -> usize {
+        self.persistent
+            .0
+            .used()
+            .saturating_add(self.invocation.0.used())
+    }
+
+    /// Frees of pointers that lie in neither arena (a misbehaving artifact).
+    pub fn stray_frees(&self) -> u64 {
+        self.stray_frees
+    }
+
+    /// Sends new allocations to `arena`.
+    pub fn set_active(&mut self, arena: Arena) {
+        self.active = arena;
+    }
+
+    /// The arena new allocations go to.
+    pub fn active(&self) -> Arena {
+        self.active
+    }
+
+    /// Which arena holds `[addr, addr + len)`, if any.
+    pub fn arena_of(&self, addr: usize, len: usize) -> Option<Arena> {
+        route(
+            addr,
+            len,
+            &self.persistent_range(),
+            &self.invocation_range(),
+        )
+    }
+
+    fn persistent_range(&self) -> Range<usize> {
+        self.persistent_region.addr()..self.persistent_region.addr() + self.persistent_region.len()
+    }
+
+    fn invocation_range(&self) -> Range<usize> {
+        self.invocation_region.addr()..self.invocation_region.addr() + self.invocation_region.len()
+    }
+
+    /// Allocates `size` bytes aligned to `align` in the active arena; null
+    /// when refused (limit reached or a bad layout).
+    pub fn alloc(&mut self, size: usize, align: usize) -> *mut u8 {
+        let Ok(layout) = Layout::from_size_align(size.max(1), align) else {
+            return std::ptr::null_mut();
+        };
+        if self.used_bytes().saturating_add(layout.size()) > self.limit_bytes {
+            return std::ptr::null_mut();
+        }
+        let arena = self.active;
+        let heap = match arena {
+            Arena::Persistent => &mut self.persistent,
+            Arena::Invocation => &mut self.invocation,
+        };
+        let Ok(ptr) = heap.0.allocate_first_fit(layout) else {
+            return std::ptr::null_mut();
+        };
+        if arena == Arena::Invocation {
+            let end = ptr
+                .as_ptr()
+                .addr()
+                .saturating_add(layout.size())
+                .saturating_sub(self.invocation_region.addr());
+            self.invocation_high_water = self.invocation_high_water.max(end);
+        }
+        ptr.as_ptr()
+    }
+
+    /// Frees a block; a pointer outside both arenas is counted and ignored.
+    ///
+    /// # Safety
+    /// A `ptr` inside an arena must be a live block this heap returned with
+    /// the same `size` and `align`.
+    pub unsafe fn dealloc(&mut self, ptr: *mut u8, size: usize, align: usize) {
+        let (Some(nn), Ok(layout)) = (
+            NonNull::new(ptr),
+            Layout::from_size_align(size.max(1), align),
+        ) else {
+            self.stray_frees += 1;
+            return;
+        };
+        let heap = match self.arena_of(ptr.addr(), layout.size()) {
+            Some(Arena::Persistent) => &mut self.persistent,
+            Some(Arena::Invocation) => &mut self.invocation,
+            None => {
+                self.stray_frees += 1;
+                return;
+            }
+        };
+        // SAFETY: caller contract: a live block of this arena with `layout`.
+        unsafe { heap.0.deallocate(nn, layout) }
+    }
+
+    /// Moves a block to a new one of `new_size` bytes in the active arena;
+    /// null (and the old block untouched) when refused.
+    ///
+    /// # Safety
+    /// As [`InstanceHeap::dealloc`] for `ptr`, `old_size`, `align`.
+    pub unsafe fn realloc(
+        &mut self,
+        ptr: *mut u8,
+        old_size: usize,
+        align: usize,
+        new_size: usize,
+    ) -> *mut u8 {
+        if self.arena_of(ptr.addr(), old_size.max(1)).is_none() {
+            return std::ptr::null_mut();
+        }
+        let new = self.alloc(new_size, align);
+        if new.is_null() {
+            return new;
+        }
+        // SAFETY: `ptr` is a live block of `old_size` bytes (caller), `new`
+        // a fresh block of `new_size` bytes; distinct blocks never overlap.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, new, old_size.min(new_size)) };
+        // SAFETY: caller contract.
+        unsafe { self.dealloc(ptr, old_size, align) };
+        new
+    }
+
+    /// Discards every block of the invocation arena at once and returns its
+    /// touched pages beyond the first 256 KiB to the kernel.
+    ///
+    /// Every pointer into the invocation arena is dangling afterwards.
+    pub fn reset_invocation(&mut self) {
+        self.invocation = ArenaHeap::over(&self.invocation_region);
+        let touched = super::mmap::round_up_to_page(self.invocation_high_water)
+            .unwrap_or(self.invocation_region.len())
+            .min(self.invocation_region.len());
+        if touched > KEEP_RESIDENT_BYTES {
+            // A failure leaves the pages resident: harmless.
+            let _ = self
+                .invocation_region
+                .discard(KEEP_RESIDENT_BYTES, touched - KEEP_RESIDENT_BYTES);
+        }
+        self.invocation_high_water = 0;
+    }
+
+    /// Discards both arenas (for reuse by another instance, see
+    /// `Instance::from_shell`), returning the persistent arena's pages beyond
+    /// the first 256 KiB to the kernel too.
+    ///
+    /// Every pointer into the heap is dangling afterwards.
+    pub fn reset_all(&mut self) {
+        self.reset_invocation();
+        self.persistent = ArenaHeap::over(&self.persistent_region);
+        let len = self.persistent_region.len();
+        if len > KEEP_RESIDENT_BYTES {
+            // A failure leaves the pages resident: harmless.
+            let _ = self
+                .persistent_region
+                .discard(KEEP_RESIDENT_BYTES, len - KEEP_RESIDENT_BYTES);
+        }
+        self.active = Arena::Persistent;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_by_address() {
+        let p = 0x1000..0x3000;
+        let i = 0x8000..0x9000;
+        assert_eq!(route(0x1000, 16, &p, &i), Some(Arena::Persistent));
+        assert_eq!(route(0x2ff0, 16, &p, &i), Some(Arena::Persistent));
+        assert_eq!(route(0x2ff8, 16, &p, &i), None, "straddles the end");
+        assert_eq!(route(0x8000, 0x1000, &p, &i), Some(Arena::Invocation));
+        assert_eq!(route(0x8000, 0x1001, &p, &i), None);
+        assert_eq!(route(0x9000, 0, &p, &i), None, "one past the end");
+        assert_eq!(route(usize::MAX, 2, &p, &i), None, "overflow");
+        assert_eq!(route(0, 1, &p, &i), None);
+    }
+
+    #[test]
+    fn arenas_and_reset() {
+        let mut heap = InstanceHeap::new(1 << 20).unwrap();
+        let p = heap.alloc(1000, 8);
+        assert_eq!(heap.arena_of(p as usize, 1000), Some(Arena::Persistent));
+        heap.set_active(Arena::Invocation);
+        let q = heap.alloc(1000, 64);
+        assert_eq!(q as usize % 64, 0);
+        assert_eq!(heap.arena_of(q as usize, 1000), Some(Arena::Invocation));
+        // A persistent block freed during an invocation goes back to its arena.
+        // SAFETY: `p` is a live block of this heap with this layout.
+        unsafe { heap.dealloc(p, 1000, 8) };
+        assert!(heap.used_bytes() >= 1000 && heap.used_bytes() < 2000);
+        heap.reset_invocation();
+        assert_eq!(heap.used_bytes(), 0);
+        assert_eq!(heap.stray_frees(), 0);
+        // SAFETY: a pointer outside both arenas is ignored by contract.
+        unsafe { heap.dealloc(8 as *mut u8, 8, 8) };
+        assert_eq!(heap.stray_frees(), 1);
+    }
+
+    #[test]
+    fn limit_is_shared_by_both_arenas() {
+        let mut heap = InstanceHeap::new(64 << 10).unwrap();
+        assert!(!heap.alloc(40 << 10, 8).is_null());
+        heap.set_active(Arena::Invocation);
+        assert!(heap.alloc(40 << 10, 8).is_null(), "over the shared limit");
+        assert!(!heap.alloc(20 << 10, 8).is_null());
+        heap.reset_invocation();
+        assert!(!heap.alloc(20 << 10, 8).is_null());
+    }
+
+    #[test]
+    fn realloc_moves_and_keeps_contents() {
+        let mut heap = InstanceHeap::new(1 << 20).unwrap();
+        heap.set_active(Arena::Invocation);
+        let p = heap.alloc(4, 1);
+        // SAFETY: `p` is a fresh 4-byte block.
+        unsafe { p.copy_from_nonoverlapping(b"abcd".as_ptr(), 4) };
+        // SAFETY: `p` is live with this layout.
+        let q = unsafe { heap.realloc(p, 4, 1, 4096) };
+        assert!(!q.is_null());
+        // SAFETY: `q` holds at least 4 initialised bytes.
+        assert_eq!(unsafe { std::slice::from_raw_parts(q, 4) }, b"abcd");
+        // SAFETY: a refused realloc leaves the block alone.
+        let r = unsafe { heap.realloc(q, 4096, 1, 2 << 20) };
+        assert!(r.is_null());
+        // SAFETY: `q` still live.
+        assert_eq!(unsafe { std::slice::from_raw_parts(q, 4) }, b"abcd");
+    }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Alloc {
+                size: usize,
+                align_log2: u32,
+                invocation: bool,
+            },
+            Free {
+                pick: usize,
+            },
+            Reset,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (1usize..4_000, 0u32..8, any::<bool>())
+                    .prop_map(|(size, align_log2, invocation)| Op::Alloc { size, align_log2, invocation }),
+                2 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+                1 => Just(Op::Reset),
+            ]
+        }
+
+        struct Block {
+            ptr: *mut u8,
+            size: usize,
+            align: usize,
+            arena: Arena,
+            tag: u8,
+        }
+
+        fn check_contents(b: &Block) {
+            // SAFETY: `b` is a live block of `size` bytes the test filled.
+            let bytes = unsafe { std::slice::from_raw_parts(b.ptr, b.size) };
+            assert!(bytes.iter().all(|&x| x == b.tag), "block overwritten");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            /// Against a naive model (the list of live blocks): blocks are
+            /// aligned, lie in their arena, never overlap (contents survive),
+            /// the limit holds, and a reset drops exactly the invocation blocks.
+            #[test]
+            fn heap_matches_model(ops in proptest::collection::vec(op(), 1..200)) {
+                let limit = 64 << 10;
+                let mut heap = InstanceHeap::new(limit).unwrap();
+                let mut live: Vec<Block> = Vec::new();
+                for (i, op) in ops.into_iter().enumerate() {
+                    match op {
+                        Op::Alloc { size, align_log2, invocation } => {
+                            let align = 1usize << align_log2;
+                            let arena = if invocation { Arena::Invocation } else { Arena::Persistent };
+                            heap.set_active(arena);
+                            let ptr = heap.alloc(size, align);
+                            let naive_used: usize = live.iter().map(|b| b.size).sum();
+                            if ptr.is_null() {
+                                continue;
+                            }
+                            prop_assert!(naive_used + size <= limit);
+                            prop_assert_eq!(ptr as usize % align, 0);
+                            prop_assert_eq!(heap.arena_of(ptr as usize, size), Some(arena));
+                            let tag = u8::try_from(i % 251).unwrap();
+                            // SAFETY: a fresh block of `size` bytes.
+                            unsafe { ptr.write_bytes(tag, size) };
+                            live.push(Block { ptr, size, align, arena, tag });
+                        }
+                        Op::Free { pick } => {
+                            if live.is_empty() {
+                                continue;
+                            }
+                            let b = live.swap_remove(pick % live.len());
+                            check_contents(&b);
+                            // SAFETY: a live block with its layout.
+                            unsafe { heap.dealloc(b.ptr, b.size, b.align) };
+                        }
+                        Op::Reset => {
+                            heap.reset_invocation();
+                            live.retain(|b| b.arena == Arena::Persistent);
+                        }
+                    }
+                    prop_assert!(heap.used_bytes() <= limit);
+                    for b in &live {
+                        check_contents(b);
+                    }
+                }
+                prop_assert_eq!(heap.stray_frees(), 0);
+            }
+        }
+    }
+}
