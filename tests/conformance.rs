@@ -253,4 +253,5 @@ macro_rules! conformance {
 conformance! {
     process => BackendKind::Process;
     language => BackendKind::Language;
+    vm => BackendKind::Vm;
 }

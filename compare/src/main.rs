@@ -8,6 +8,7 @@
 mod env;
 mod memory;
 mod plot;
+mod preemption;
 mod progress;
 mod report;
 mod stats;
@@ -18,6 +19,7 @@ use microfaas::Config;
 use report::Report;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// The experiments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -28,6 +30,8 @@ enum Experiment {
     Table1,
     /// Resident memory for N deployed functions on each backend.
     Memory,
+    /// The paper's Figure 2: SHA-512 throughput under preemption quanta.
+    Preemption,
 }
 
 /// Head-to-head experiments: vm vs language vs process isolation.
@@ -86,6 +90,16 @@ fn run(cli: &Cli) -> Result<(), String> {
         println!("memory: host memory of N deployed functions, each invoked once\n{}", report::memory_text(&rows));
         report.memory = Some(rows);
     }
+    if all || cli.experiment == Experiment::Preemption {
+        let time = Duration::from_millis(if cli.quick { 200 } else { 1500 });
+        let rows = preemption::run(time, &config);
+        println!(
+            "preemption: sha512 ({} rounds per invocation), one worker, relative to no preemption\n{}",
+            preemption::ROUNDS,
+            report::preemption_text(&rows)
+        );
+        report.preemption = Some(rows);
+    }
     let json = serde_json::to_string_pretty(&report).map_err(|e| format!("serialising the report: {e}"))?;
     if let Some(path) = &cli.json {
         std::fs::write(path, &json).map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -96,6 +110,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         if let Some(rows) = &report.rows {
             plot::latency_cdf(rows, &dir.join("latency-cdf.svg")).map_err(|e| e.to_string())?;
             plots.push(("Start latency CDF".to_owned(), "latency-cdf.svg".to_owned()));
+        }
+        if let Some(rows) = &report.preemption {
+            plot::preemption_curve(rows, &dir.join("preemption.svg")).map_err(|e| e.to_string())?;
+            plots.push(("Throughput under preemption (Figure 2)".to_owned(), "preemption.svg".to_owned()));
         }
         std::fs::write(dir.join("report.json"), &json).map_err(|e| format!("writing report.json: {e}"))?;
         std::fs::write(dir.join("report.md"), report::markdown(&report, &plots))

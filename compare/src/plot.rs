@@ -1,5 +1,6 @@
 //! SVG plots (plotters): latency CDFs per backend and start path.
 
+use crate::preemption;
 use crate::table1::Row;
 use plotters::prelude::*;
 use std::path::Path;
@@ -73,6 +74,68 @@ pub fn latency_cdf(rows: &[Row], path: &Path) -> Result<(), PlotError> {
             .map_err(|e| err(path, e))?
             .label(label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    root.present().map_err(|e| err(path, e))?;
+    Ok(())
+}
+
+/// The Figure 2 curve: relative throughput against the timer quantum (log
+/// x axis), with the watchdog mode as a dashed reference line.
+pub fn preemption_curve(rows: &[preemption::Row], path: &Path) -> Result<(), PlotError> {
+    #[allow(clippy::cast_precision_loss)]
+    let periodic: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.quantum_us? as f64, r.relative_pct?)))
+        .collect();
+    let watchdog = rows
+        .iter()
+        .find(|r| r.mode == "watchdog")
+        .and_then(|r| r.relative_pct);
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("SHA-512 throughput under preemption (language backend)", ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d((2.0f64..2000.0).log_scale(), 0.0f64..110.0)
+        .map_err(|e| err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("timer quantum (µs, log scale)")
+        .y_desc("throughput relative to no preemption (%)")
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    let blue = PALETTE[0];
+    chart
+        .draw_series(LineSeries::new(periodic.iter().copied(), blue.stroke_width(2)))
+        .map_err(|e| err(path, e))?
+        .label("periodic SIGALRM (the paper's mode)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+    chart
+        .draw_series(periodic.iter().map(|&p| Circle::new(p, 4, blue.filled())))
+        .map_err(|e| err(path, e))?;
+    if let Some(w) = watchdog {
+        let orange = PALETTE[1];
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(2.0, w), (2000.0, w)],
+                8,
+                6,
+                orange.stroke_width(2),
+            ))
+            .map_err(|e| err(path, e))?
+            .label("deadline watchdog, 100 µs budget (default mode)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange.stroke_width(2)));
     }
     chart
         .configure_series_labels()

@@ -7,7 +7,8 @@
 //!   "schema": "microfaas-compare", "schema_version": 1,
 //!   "environment": { cpu_model, cores, kernel, virtualised, kvm_usable, memory_mib, git_revision, date },
 //!   "rows":   [ table1 row ... ],            // present when table1 ran
-//!   "memory": [ memory row ... ]            // present when memory ran
+//!   "memory": [ memory row ... ],           // present when memory ran
+//!   "preemption": [ preemption row ... ]    // present when preemption ran
 //! }
 //! table1 row: { backend: "process"|"language"|"vm",
 //!               start: "warm"|"cold"|"hot"|"argument"|"function"|"base",
@@ -17,10 +18,12 @@
 //!               throughput_per_s,                // warm/hot rows only, else null
 //!               samples, errors, skipped: null | "reason" }
 //! memory row: { backend, functions, memory_mib, per_function_kib, instances, skipped }
+//! preemption row: { backend, mode: "none"|"watchdog"|"periodic", quantum_us, budget_us,
+//!                   blocks_per_s, relative_pct, invocations, errors, skipped }
 //! ```
 
 use crate::env::Environment;
-use crate::{memory, table1};
+use crate::{memory, preemption, table1};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -42,6 +45,9 @@ pub struct Report {
     /// `memory` rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<Vec<memory::Row>>,
+    /// `preemption` rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preemption: Option<Vec<preemption::Row>>,
 }
 
 impl Report {
@@ -53,6 +59,7 @@ impl Report {
             environment,
             rows: None,
             memory: None,
+            preemption: None,
         }
     }
 }
@@ -115,6 +122,35 @@ pub fn memory_text(rows: &[memory::Row]) -> String {
     s
 }
 
+/// The preemption rows as a text table.
+pub fn preemption_text(rows: &[preemption::Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<9} {:<9} {:>10} {:>10} {:>14} {:>9} {:>8}",
+        "backend", "mode", "quantum us", "budget us", "blocks/s", "relative", "errors"
+    );
+    for r in rows {
+        let quantum = r.quantum_us.map_or_else(|| "-".to_owned(), |q| q.to_string());
+        if let Some(reason) = &r.skipped {
+            let _ = writeln!(s, "{:<9} {:<9} {:>10} skipped: {}", r.backend, r.mode, quantum, reason);
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "{:<9} {:<9} {:>10} {:>10} {:>14} {:>8}% {:>8}",
+            r.backend,
+            r.mode,
+            quantum,
+            r.budget_us,
+            opt(r.blocks_per_s, 0),
+            opt(r.relative_pct, 1),
+            r.errors
+        );
+    }
+    s
+}
+
 /// report.md: the header, the tables, the plots.
 pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
     let mut s = String::new();
@@ -128,6 +164,13 @@ pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
     }
     if let Some(rows) = &report.memory {
         let _ = writeln!(s, "## memory: resident memory for N deployed functions\n\n```text\n{}```\n", memory_text(rows));
+    }
+    if let Some(rows) = &report.preemption {
+        let _ = writeln!(
+            s,
+            "## preemption: SHA-512 throughput relative to no preemption (the paper's Figure 2)\n\n```text\n{}```\n",
+            preemption_text(rows)
+        );
     }
     for (title, file) in plots {
         let _ = writeln!(s, "## {title}\n\n![{title}]({file})\n");

@@ -1,0 +1,208 @@
+//! The host<->guest channel ABI of the `vm` backend, shared by `vmm` (host)
+//! and `guest` (the unikernel): the guest-physical layout constants, the
+//! [`BootInfo`] page, the [`Mailbox`] page, the MMIO doorbell registers and
+//! the request/reply codes. `#[repr(C)]`, `no_std`, versioned by
+//! [`CHANNEL_ABI_VERSION`]; nothing here has behaviour beyond constants.
+//!
+//! # Protocol
+//!
+//! Guest memory is identity mapped (guest virtual = guest physical). The
+//! guest runs at CPL3 and talks to the host through one mailbox page and one
+//! MMIO doorbell: a page its page tables map but no KVM memory slot backs,
+//! so each write to it is one exit. (Port I/O would be the classic doorbell,
+//! but this host's nested KVM (PVM) raises #GP for `out` at CPL3 whatever
+//! IOPL or the TSS I/O bitmap say.) One request costs one exit:
+//!
+//! 1. The guest is blocked in a 4-byte write of `seq` to [`REG_DOORBELL`]
+//!    (seq = the last request it answered, 0 after boot).
+//! 2. The host fills the I/O window and the request half of the [`Mailbox`],
+//!    bumps `req_seq`, and resumes the vCPU.
+//! 3. The guest handles the request, writes the reply half, sets
+//!    `resp_seq = req_seq` and rings the doorbell again (back to 1).
+//!
+//! Hot instances may spin instead ([`BootInfo::idle_spin_us`]): after a
+//! reply the guest polls `req_seq` for a while before ringing, and the host
+//! polls `resp_seq`, so a request to a spinning guest costs no exit at all
+//! (protocol in [`Mailbox::guest_spinning`]).
+//!
+//! A CPL0 exception handler writes the vector to [`REG_FAULT`], and the host
+//! reads the hardware exception frame from the top of the fault stack
+//! ([`FaultFrame`]). Guest logs (the serial console) are copied to the log
+//! area of the mailbox page ([`LOG_OFFSET`]) and flushed with a write of
+//! their length to [`REG_LOG`].
+#![no_std]
+
+/// Version of this channel ABI; [`BootInfo::abi_version`] carries it.
+pub const CHANNEL_ABI_VERSION: u32 = 1;
+/// [`BootInfo::magic`].
+pub const BOOT_MAGIC: u64 = 0x6d66_6161_735f_766d; // "mfaas_vm"
+
+/// Size of a small page.
+pub const PAGE_BYTES: u64 = 0x1000;
+/// Size of a large (2 MiB) page.
+pub const HUGE_PAGE_BYTES: u64 = 0x20_0000;
+
+/// Guest-physical address of the [`BootInfo`] page (user read-only).
+pub const BOOT_INFO_ADDR: u64 = 0x1000;
+/// Guest-physical address of the [`Mailbox`] page (user read-write).
+pub const MAILBOX_ADDR: u64 = 0x2000;
+/// Where the guest kernel ELF is linked (its first 2 MiB page, user RWX).
+/// The fault stubs come first, one per vector, [`FAULT_STUB_STRIDE`] apart.
+pub const KERNEL_BASE: u64 = 0x20_0000;
+/// End (exclusive) of the region the guest kernel may occupy.
+pub const KERNEL_LIMIT: u64 = 0x40_0000;
+/// Distance between two fault stubs (vector `v` at `KERNEL_BASE + v * stride`).
+pub const FAULT_STUB_STRIDE: u64 = 16;
+/// Number of exception vectors with a stub (0..32).
+pub const FAULT_VECTORS: u64 = 32;
+
+/// The doorbell page: guest-physical, mapped user-writable by the guest's
+/// page tables but backed by no memory slot, so every write exits to the VMM.
+pub const MMIO_ADDR: u64 = 0x1f_f000;
+/// Doorbell register (u32 write): the guest is idle after answering `seq`.
+pub const REG_DOORBELL: u64 = MMIO_ADDR;
+/// Fault register (u32 write, from the CPL0 stubs): exception vector.
+pub const REG_FAULT: u64 = MMIO_ADDR + 8;
+/// Log register (u32 write): that many bytes at the log area are guest log.
+pub const REG_LOG: u64 = MMIO_ADDR + 16;
+/// Offset of the log area in the mailbox page.
+pub const LOG_OFFSET: u64 = 0x800;
+/// Size of the log area.
+pub const LOG_BYTES: u64 = 0x800;
+
+/// What a CPL0 fault stub leaves at the top of the fault stack: the vector
+/// and error code it pushed (0 when the CPU pushes none), then the frame the
+/// CPU pushed. The host reads it at `fault_stack_top - size_of::<FaultFrame>()`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultFrame {
+    /// Exception vector.
+    pub vector: u64,
+    /// Error code (0 for vectors without one).
+    pub error_code: u64,
+    /// Faulting instruction.
+    pub rip: u64,
+    /// Code segment at the fault.
+    pub cs: u64,
+    /// RFLAGS at the fault.
+    pub rflags: u64,
+    /// Stack pointer at the fault.
+    pub rsp: u64,
+    /// Stack segment at the fault.
+    pub ss: u64,
+}
+
+/// Written by the host at [`BOOT_INFO_ADDR`] before the guest starts; the
+/// guest's entry gets its address in `rdi`. All addresses are guest-physical
+/// (= guest-virtual), all sizes in bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`CHANNEL_ABI_VERSION`].
+    pub abi_version: u32,
+    /// Microseconds the idle guest spins on [`Mailbox::req_seq`] before
+    /// ringing the doorbell (0 = ring at once). See [`Mailbox::guest_spinning`].
+    pub idle_spin_us: u32,
+    /// The [`Mailbox`] page.
+    pub mailbox_addr: u64,
+    /// The I/O window: request payloads (artifact on `LOAD`, input on `INVOKE`).
+    pub io_addr: u64,
+    /// Size of the I/O window.
+    pub io_bytes: u64,
+    /// Where the function's segments are loaded.
+    pub image_addr: u64,
+    /// Size of the image region.
+    pub image_bytes: u64,
+    /// The function heap.
+    pub heap_addr: u64,
+    /// Size of the function heap (the heap limit).
+    pub heap_bytes: u64,
+    /// Lowest address of the runtime/function stack (a guard lies below).
+    pub stack_bottom: u64,
+    /// Initial stack pointer.
+    pub stack_top: u64,
+    /// Clock calibration: a guest TSC reading...
+    pub tsc_base: u64,
+    /// ...and the host `CLOCK_MONOTONIC` ns taken at the same moment.
+    pub mono_base_ns: u64,
+    /// ns per TSC tick as a 32.32 fixed-point multiplier.
+    pub ns_per_tsc_q32: u64,
+}
+
+/// The mailbox page at [`BootInfo::mailbox_addr`]: the request half is
+/// written by the host, the reply half by the guest. The host treats every
+/// reply field as untrusted.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mailbox {
+    /// Host: sequence number of the current request (1, 2, ...).
+    pub req_seq: u32,
+    /// Host: one of [`op`].
+    pub op: u32,
+    /// Host: payload length in the I/O window.
+    pub arg_len: u64,
+    /// Guest: `req_seq` of the request this reply answers.
+    pub resp_seq: u32,
+    /// Guest: one of [`reply`].
+    pub status: u32,
+    /// Guest: address of the output (or message) bytes.
+    pub out_addr: u64,
+    /// Guest: length of the output (or message) bytes.
+    pub out_len: u64,
+    /// Guest: the function's entry timestamp (host `CLOCK_MONOTONIC` ns).
+    pub entered_ns: u64,
+    /// Guest: the function's return timestamp (host `CLOCK_MONOTONIC` ns).
+    pub returned_ns: u64,
+    /// Guest: heap bytes in use after the request.
+    pub heap_used: u64,
+    /// Host: its `CLOCK_MONOTONIC` ns when it sent the request...
+    pub host_ns: u64,
+    /// Host: ...and the guest's TSC at that moment (host TSC + the vCPU's
+    /// TSC offset). The guest re-bases its clock on this pair, so its
+    /// timestamps stay within about a microsecond of the host's clock
+    /// however long the instance lives.
+    pub host_tsc: u64,
+    /// Guest: 1 while it spins on `req_seq` (a request published now is
+    /// seen without an exit), 0 otherwise. The guest clears it, fences, and
+    /// re-reads `req_seq` before ringing; the host stores `req_seq`, fences,
+    /// and reads this: at least one side sees the other, so a request is
+    /// never missed and needs a wake-up only when this read 0.
+    pub guest_spinning: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Request operations ([`Mailbox::op`]).
+pub mod op {
+    /// Load the function artifact held in the I/O window and run its `init()`.
+    pub const LOAD: u32 = 1;
+    /// Call the loaded function's `handle()` on the input in the I/O window.
+    pub const INVOKE: u32 = 2;
+}
+
+/// Reply codes ([`Mailbox::status`]). For every code but `OK`,
+/// `out_addr/out_len` hold a UTF-8 message.
+pub mod reply {
+    /// Success; for `INVOKE`, `out_addr/out_len` is the output.
+    pub const OK: u32 = 1;
+    /// `handle()` (or `init()`) returned an error.
+    pub const FUNCTION_ERROR: u32 = 2;
+    /// The function panicked; the instance cannot be reused.
+    pub const PANICKED: u32 = 3;
+    /// The function's heap refused an allocation and it gave up; the
+    /// instance cannot be reused.
+    pub const OUT_OF_MEMORY: u32 = 4;
+    /// The artifact could not be loaded (bad ELF, relocation, import, ABI).
+    pub const LOAD_FAILED: u32 = 5;
+    /// The request was malformed (unknown op, length out of bounds, no
+    /// function loaded).
+    pub const BAD_REQUEST: u32 = 6;
+    /// `init()` failed.
+    pub const INIT_FAILED: u32 = 7;
+}
+
+const _: () = assert!(core::mem::size_of::<Mailbox>() as u64 <= LOG_OFFSET);
+const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= PAGE_BYTES);
+const _: () = assert!(core::mem::size_of::<FaultFrame>() == 56);

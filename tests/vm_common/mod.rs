@@ -1,0 +1,46 @@
+// Shared by the `vm_*` test files (`mod vm_common;`): opening the `vm`
+// backend or a raw VMM, skipping only when /dev/kvm is unusable and KVM is
+// not required (`MICROFAAS_REQUIRE_KVM=1`, as CI sets it).
+#![allow(dead_code)]
+
+use microfaas::{Backend, BackendKind, Config, ErrorKind};
+use std::time::Duration;
+
+/// Whether KVM tests must run (CI).
+pub fn kvm_required() -> bool {
+    std::env::var("MICROFAAS_REQUIRE_KVM").as_deref() == Ok("1")
+}
+
+/// The test configuration: a smaller heap keeps `alloc-hog` quick.
+pub fn config() -> Config {
+    Config {
+        default_budget: Duration::from_secs(5),
+        heap_limit_bytes: 32 << 20,
+        ..Config::default()
+    }
+}
+
+/// Opens the `vm` backend, or `None` (printing why) if KVM is unusable
+/// here and not required.
+pub fn open_vm(config: Config) -> Option<Box<dyn Backend>> {
+    match microfaas::open(BackendKind::Vm, config) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == ErrorKind::KvmUnavailable && !kvm_required() => {
+            eprintln!("SKIPPED: vm backend: {e} (set MICROFAAS_REQUIRE_KVM=1 to make this a failure)");
+            None
+        }
+        Err(e) => panic!("opening the vm backend failed: {e}"),
+    }
+}
+
+/// Opens `/dev/kvm` for the raw VMM tests, with the same skip rule.
+pub fn open_vmm() -> Option<vmm::Vmm> {
+    match vmm::Vmm::new() {
+        Ok(v) => Some(v),
+        Err(e @ vmm::VmmError::KvmUnavailable(_)) if !kvm_required() => {
+            eprintln!("SKIPPED: {e} (set MICROFAAS_REQUIRE_KVM=1 to make this a failure)");
+            None
+        }
+        Err(e) => panic!("opening KVM failed: {e}"),
+    }
+}

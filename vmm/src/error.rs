@@ -1,0 +1,91 @@
+//! The VMM's errors: [`VmmError`] for creating and booting instances,
+//! [`RunError`] for what one request to a guest can end in.
+
+use crate::channel::ReplyError;
+use crate::exit::Crash;
+use crate::fault::GuestFault;
+
+/// Opening KVM or creating/booting an instance failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `/dev/kvm` cannot be opened or is unusable.
+    #[error("/dev/kvm is unusable")]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The configured sizes give no valid layout.
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The page tables do not fit their area.
+    #[error(transparent)]
+    PageTables(#[from] crate::paging::TooManyTables),
+    /// The embedded guest kernel could not be loaded.
+    #[error("loading the guest kernel")]
+    Kernel(#[source] linux_loader::loader::Error),
+    /// The guest kernel is larger than its region.
+    #[error("guest kernel ends at {end:#x}, past its region")]
+    KernelTooLarge {
+        /// Where it ends.
+        end: u64,
+    },
+    /// Writing guest memory failed.
+    #[error("writing guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// The vCPU thread could not be spawned.
+    #[error("spawning the vCPU thread")]
+    Thread(#[source] std::io::Error),
+    /// The guest did not reach its request loop.
+    #[error("the guest did not boot")]
+    Boot(#[source] RunError),
+}
+
+/// How one request to a guest ended, other than with a reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The guest raised an exception (the instance is dead).
+    #[error("{0}")]
+    Fault(GuestFault),
+    /// The guest stopped in a way the protocol does not allow (dead).
+    #[error("guest crashed: {0}")]
+    Crashed(Crash),
+    /// The request ran past its budget; the vCPU was kicked (dead).
+    #[error("request exceeded its budget")]
+    BudgetExceeded,
+    /// The guest's reply broke the protocol (dead).
+    #[error("malformed reply")]
+    Malformed(#[source] ReplyError),
+    /// `KVM_RUN` itself failed (dead).
+    #[error("KVM_RUN failed")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// The payload does not fit the I/O window.
+    #[error("payload of {len} bytes exceeds the I/O window of {limit} bytes")]
+    PayloadTooLarge {
+        /// Payload length.
+        len: usize,
+        /// Window size.
+        limit: u64,
+    },
+    /// Writing the request or reading the reply from guest memory failed.
+    #[error("accessing guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// The instance died earlier and cannot serve requests.
+    #[error("instance is dead")]
+    Dead,
+}
+
+impl RunError {
+    /// Whether the instance must be discarded after this error.
+    pub fn kills_instance(&self) -> bool {
+        !matches!(self, RunError::PayloadTooLarge { .. })
+    }
+}

@@ -1,0 +1,512 @@
+//! One micro-VM instance: a KVM VM with one vCPU running our guest, its
+//! memory, and the vCPU thread that runs it. The caller's thread writes
+//! requests into the mailbox, wakes the vCPU thread (unless the guest is
+//! spinning on the mailbox), and waits for the reply with the request's
+//! deadline (the watchdog: on expiry the vCPU is kicked and the instance
+//! discarded). Dropping an instance leaves its teardown to the vCPU thread
+//! (or the caller's reaper), off the request path.
+
+use crate::Vmm;
+use crate::channel::{self, CheckedReply, MAILBOX_BYTES, Status};
+use crate::cpu;
+use crate::error::{RunError, VmmError};
+use crate::kick;
+use crate::layout::{Layout, LayoutConfig};
+use crate::memory::GuestRam;
+use crate::setup::{host_rdtsc, memory_slots, write_boot_info, write_system_state};
+use crate::stats::StatsFd;
+use crate::vcpu::{Event, vcpu_thread};
+use guest_abi::{MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::VmFd;
+use std::mem::offset_of;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Guest addresses of the mailbox fields accessed atomically.
+pub(crate) const REQ_SEQ_ADDR: u64 = MAILBOX_ADDR + offset_of!(Mailbox, req_seq) as u64;
+const RESP_SEQ_ADDR: u64 = MAILBOX_ADDR + offset_of!(Mailbox, resp_seq) as u64;
+const SPINNING_ADDR: u64 = MAILBOX_ADDR + offset_of!(Mailbox, guest_spinning) as u64;
+/// How often a host waiting on a spinning guest re-reads the mailbox once
+/// its own spin is over.
+const SPIN_POLL: Duration = Duration::from_micros(50);
+
+/// Sizes and limits of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceConfig {
+    /// Memory layout sizes.
+    pub layout: LayoutConfig,
+    /// Largest output accepted from the guest, in bytes.
+    pub output_limit_bytes: u64,
+    /// Guest log bytes kept (the most recent).
+    pub serial_cap_bytes: usize,
+    /// Back the large guest regions (the I/O window and heap past their
+    /// first 2 MiB) with transparent huge pages (`MADV_HUGEPAGE`).
+    pub huge_pages: bool,
+    /// Hot spinning: after a reply the idle guest polls the mailbox this
+    /// many microseconds before blocking in the doorbell, and the host polls
+    /// for replies as long, so back-to-back requests cost no exit. 0 = every
+    /// request is one exit (no CPU burnt while idle).
+    pub idle_spin_us: u32,
+    /// Log the pages the guest dirties (`KVM_MEM_LOG_DIRTY_PAGES`), read
+    /// with [`Instance::take_dirty_pages`] (for snapshot deltas).
+    pub dirty_log: bool,
+}
+
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        Self {
+            layout: LayoutConfig {
+                stack_bytes: 1 << 20,
+                io_bytes: 4 << 20,
+                image_bytes: 8 << 20,
+                heap_bytes: 64 << 20,
+            },
+            output_limit_bytes: 4 << 20,
+            serial_cap_bytes: 16 << 10,
+            huge_pages: true,
+            idle_spin_us: 0,
+            dirty_log: false,
+        }
+    }
+}
+
+/// Where a cold boot's time went, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootTimings {
+    /// `KVM_CREATE_VM`.
+    pub create_vm_ns: u64,
+    /// Guest memory mapping + memory slot.
+    pub memory_ns: u64,
+    /// Kernel ELF, page tables, GDT/IDT/TSS, boot info.
+    pub setup_ns: u64,
+    /// vCPU creation and register state.
+    pub vcpu_ns: u64,
+    /// First `KVM_RUN` to the guest's first doorbell (guest start).
+    pub guest_boot_ns: u64,
+    /// All of the above, end to end.
+    pub total_ns: u64,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// What the runtime reported.
+    pub status: Status,
+    /// The output (on `Ok`) or the message (otherwise).
+    pub data: Vec<u8>,
+    /// Function entry, host `CLOCK_MONOTONIC` ns (0 if it did not run).
+    pub entered_ns: u64,
+    /// Function return, host `CLOCK_MONOTONIC` ns (0 if it did not run).
+    pub returned_ns: u64,
+    /// Heap bytes in use after the request.
+    pub heap_used: u64,
+}
+
+/// State shared by the instance handle and its vCPU thread.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    // Field order is drop order: the VM (and its memory slot) goes before
+    // the memory it maps.
+    #[allow(dead_code, reason = "owns the VM (and its memory slot) for the instance's life")]
+    pub(crate) vm: VmFd,
+    pub(crate) ram: GuestRam,
+    pub(crate) layout: Layout,
+    pub(crate) killed: AtomicBool,
+    pub(crate) serial: Mutex<Vec<u8>>,
+    pub(crate) serial_cap: usize,
+}
+
+/// A running micro-VM serving one function.
+#[derive(Debug)]
+pub struct Instance {
+    shared: Arc<Shared>,
+    wake: Sender<()>,
+    events: Receiver<Event>,
+    /// Held (not detached) so that kicking it is always valid.
+    thread: std::thread::JoinHandle<()>,
+    stats: Option<StatsFd>,
+    seq: u32,
+    dead: bool,
+    output_limit: u64,
+    /// Guest TSC minus host TSC (KVM's TSC offset; no TSC scaling is set).
+    tsc_offset: u64,
+    /// How long to poll for a reply before sleeping (the guest's idle spin).
+    host_spin: Duration,
+}
+
+fn ns_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// The host's `CLOCK_MONOTONIC` in ns (the clock guest timestamps use).
+pub fn now_ns() -> u64 {
+    monotonic_ns()
+}
+
+pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { op, source }
+}
+
+impl Instance {
+    /// Boots a new instance: VM, memory, guest kernel, CPL3 entry, and runs
+    /// the guest until its request loop rings the doorbell.
+    pub fn boot(vmm: &Vmm, config: &InstanceConfig) -> Result<(Self, BootTimings), VmmError> {
+        let t0 = Instant::now();
+        let mut timings = BootTimings::default();
+        let layout = Layout::new(config.layout)?;
+
+        let t = Instant::now();
+        let vm = vmm.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        timings.create_vm_ns = ns_since(t);
+
+        let t = Instant::now();
+        let mem_bytes =
+            usize::try_from(layout.mem_bytes).map_err(|_| crate::layout::LayoutError::DoesNotFit("memory size"))?;
+        let huge: Vec<(usize, usize)> = if config.huge_pages {
+            layout
+                .huge_page_ranges()
+                .iter()
+                .filter_map(|&(a, l)| Some((usize::try_from(a).ok()?, usize::try_from(l).ok()?)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let ram = GuestRam::new(mem_bytes, &huge)?;
+        // Two slots around the doorbell page, which no slot backs.
+        for (slot, start, end) in memory_slots(&layout) {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: if config.dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: start,
+                memory_size: end - start,
+                userspace_addr: ram.host_addr() + start,
+            };
+            // SAFETY: the region lies inside `ram`'s live mapping, which
+            // `Shared` keeps alive (and drops after the VM fd).
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        timings.memory_ns = ns_since(t);
+
+        let t = Instant::now();
+        let entry = write_system_state(&ram, &layout)?;
+        timings.setup_ns = ns_since(t);
+
+        let t = Instant::now();
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&vmm.cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&cpu::cpl3_sregs(sregs, vmm.xsave))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&cpu::entry_regs(entry, layout.stack_top))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_fpu(&cpu::initial_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+        if vmm.xsave {
+            vcpu.set_xcrs(&cpu::xcrs(vmm.xcr0)).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+        let tsc_offset = write_boot_info(&ram, &layout, &vcpu, config.idle_spin_us)?;
+        let stats = StatsFd::open(&vcpu).ok();
+        timings.vcpu_ns = ns_since(t);
+
+        let shared = Arc::new(Shared {
+            vm,
+            ram,
+            layout,
+            killed: AtomicBool::new(false),
+            serial: Mutex::new(Vec::new()),
+            serial_cap: config.serial_cap_bytes,
+        });
+        let (wake_tx, wake_rx) = mpsc::channel();
+        let (event_tx, event_rx) = mpsc::channel();
+        let thread_shared = Arc::clone(&shared);
+        let t = Instant::now();
+        let handle = std::thread::Builder::new()
+            .name("vcpu".into())
+            .spawn(move || vcpu_thread(vcpu, thread_shared, wake_rx, event_tx))
+            .map_err(VmmError::Thread)?;
+        let mut instance = Self {
+            shared,
+            wake: wake_tx,
+            events: event_rx,
+            thread: handle,
+            stats,
+            seq: 0,
+            dead: false,
+            output_limit: config.output_limit_bytes,
+            tsc_offset,
+            host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
+        };
+        // The guest starts running on spawn; it rings with seq 0 when ready.
+        instance
+            .wait(Instant::now() + Duration::from_secs(5))
+            .map_err(VmmError::Boot)?;
+        timings.guest_boot_ns = ns_since(t);
+        timings.total_ns = ns_since(t0);
+        Ok((instance, timings))
+    }
+
+    /// The layout of this instance's memory.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    /// Whether the instance can still serve requests.
+    pub fn is_alive(&self) -> bool {
+        !self.dead
+    }
+
+    /// The guest's log (the most recent bytes).
+    pub fn serial_log(&self) -> String {
+        let log = self.shared.serial.lock().map(|l| l.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&log).into_owned()
+    }
+
+    /// Reads a KVM binary statistic of the vCPU (e.g. `insn_emulation`).
+    pub fn vcpu_stat(&self, name: &str) -> Option<u64> {
+        self.stats.as_ref()?.read(name).ok().flatten()
+    }
+
+    /// Guest-physical addresses of the pages the guest wrote since the last
+    /// call (or boot), when booted with `dirty_log`. Writes the VMM makes
+    /// itself (requests, payloads) are not included: KVM logs guest writes.
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmmError> {
+        let mut pages = Vec::new();
+        for (slot, start, end) in memory_slots(&self.shared.layout) {
+            let size = usize::try_from(end - start).unwrap_or(0);
+            let bitmap = self
+                .shared
+                .vm
+                .get_dirty_log(slot, size)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            for (word_index, word) in (0u64..).zip(bitmap) {
+                for bit in 0..64u64 {
+                    if word & (1 << bit) != 0 {
+                        pages.push(start + (word_index * 64 + bit) * PAGE_BYTES);
+                    }
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    /// CPU time the vCPU thread has used (guest and VMM time), in ns.
+    pub fn vcpu_cpu_time_ns(&self) -> Option<u64> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is alive or joinable (its handle is held), and
+        // `clock` is a valid out-pointer.
+        if unsafe { libc::pthread_getcpuclockid(self.thread.as_pthread_t(), &mut clock) } != 0 {
+            return None;
+        }
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid out-pointer.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return None;
+        }
+        Some(u64::try_from(ts.tv_sec).ok()? * 1_000_000_000 + u64::try_from(ts.tv_nsec).ok()?)
+    }
+
+    /// Host memory resident for this instance's guest RAM.
+    pub fn resident_bytes(&self) -> u64 {
+        self.shared.ram.resident_bytes()
+    }
+
+    /// Loads a function artifact and runs its `init()`.
+    pub fn load(&mut self, artifact: &[u8], deadline: Instant) -> Result<Reply, RunError> {
+        self.request(op::LOAD, artifact, deadline)
+    }
+
+    /// Runs the loaded function's `handle()` on `input`.
+    pub fn invoke(&mut self, input: &[u8], deadline: Instant) -> Result<Reply, RunError> {
+        self.request(op::INVOKE, input, deadline)
+    }
+
+    fn request(&mut self, op: u32, payload: &[u8], deadline: Instant) -> Result<Reply, RunError> {
+        if self.dead {
+            return Err(RunError::Dead);
+        }
+        let layout = self.shared.layout;
+        let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
+        if len > layout.io_bytes {
+            return Err(RunError::PayloadTooLarge {
+                len: payload.len(),
+                limit: layout.io_bytes,
+            });
+        }
+        let shared = Arc::clone(&self.shared);
+        let mem = shared.ram.mem();
+        let result = (|| {
+            self.seq = self.seq.wrapping_add(1).max(1);
+            mem.write_slice(payload, GuestAddress(layout.io_addr))
+                .map_err(RunError::GuestMemory)?;
+            let (host_tsc, host_ns) = (host_rdtsc().wrapping_add(self.tsc_offset), monotonic_ns());
+            // The request half first, with the old sequence number; then
+            // publish the new one (a spinning guest acts on that store).
+            let previous = self.seq.wrapping_sub(1);
+            let mailbox = channel::encode_request(previous, op, len, host_ns, host_tsc);
+            // Only the host's fields: the reply half and the spin flag are
+            // the guest's.
+            for (from, to) in channel::HOST_FIELDS {
+                mem.write_slice(&mailbox[from..to], GuestAddress(MAILBOX_ADDR + from as u64))
+                    .map_err(RunError::GuestMemory)?;
+            }
+            mem.store(self.seq, GuestAddress(REQ_SEQ_ADDR), Ordering::SeqCst)
+                .map_err(RunError::GuestMemory)?;
+            fence(Ordering::SeqCst);
+            let spinning: u32 = mem
+                .load(GuestAddress(SPINNING_ADDR), Ordering::SeqCst)
+                .map_err(RunError::GuestMemory)?;
+            if spinning == 0 {
+                self.wake.send(()).map_err(|_| RunError::Dead)?;
+            }
+            self.wait_reply(deadline)?;
+            let mut bytes = [0u8; MAILBOX_BYTES];
+            mem.read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR))
+                .map_err(RunError::GuestMemory)?;
+            let checked = channel::check_reply(&channel::parse(&bytes), self.seq, &layout, self.output_limit)
+                .map_err(RunError::Malformed)?;
+            self.read_reply(&checked)
+        })();
+        match &result {
+            Err(e) if e.kills_instance() => self.kill(),
+            Ok(r) if matches!(r.status, Status::Panicked | Status::OutOfMemory) => self.kill(),
+            _ => {}
+        }
+        result
+    }
+
+    fn read_reply(&self, r: &CheckedReply) -> Result<Reply, RunError> {
+        let len = usize::try_from(r.len).map_err(|_| {
+            RunError::Malformed(channel::ReplyError::OutOfBounds {
+                addr: r.addr,
+                len: r.len,
+            })
+        })?;
+        let mut data = vec![0u8; len];
+        if len > 0 {
+            self.shared
+                .ram
+                .mem()
+                .read_slice(&mut data, GuestAddress(r.addr))
+                .map_err(RunError::GuestMemory)?;
+        }
+        Ok(Reply {
+            status: r.status,
+            data,
+            entered_ns: r.entered_ns,
+            returned_ns: r.returned_ns,
+            heap_used: r.heap_used,
+        })
+    }
+
+    /// Waits until the guest's reply to `self.seq` is in the mailbox (or the
+    /// vCPU reports a failure), kicking it at `deadline`. Polls the mailbox
+    /// for `host_spin`, then sleeps on the vCPU thread's reports (a guest
+    /// that does not spin rings the doorbell after every reply).
+    fn wait_reply(&mut self, deadline: Instant) -> Result<(), RunError> {
+        let mem = self.shared.ram.mem();
+        let spin_until = Instant::now() + self.host_spin;
+        loop {
+            let resp: u32 = mem
+                .load(GuestAddress(RESP_SEQ_ADDR), Ordering::Acquire)
+                .map_err(RunError::GuestMemory)?;
+            if resp == self.seq {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.kill();
+                return Err(RunError::BudgetExceeded);
+            }
+            let event = if now < spin_until {
+                match self.events.try_recv() {
+                    Ok(ev) => Some(ev),
+                    Err(TryRecvError::Empty) => {
+                        std::hint::spin_loop();
+                        None
+                    }
+                    Err(TryRecvError::Disconnected) => None.ok_or(RunError::Dead).inspect_err(|_| self.dead = true)?,
+                }
+            } else {
+                let wait = deadline - now;
+                let wait = if self.host_spin.is_zero() {
+                    wait
+                } else {
+                    wait.min(SPIN_POLL)
+                };
+                match self.events.recv_timeout(wait) {
+                    Ok(ev) => Some(ev),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.dead = true;
+                        return Err(RunError::Dead);
+                    }
+                }
+            };
+            match event {
+                // A doorbell (this reply's, or a stale one): the mailbox says.
+                None | Some(Event::Doorbell(_)) => {}
+                Some(Event::Fault(f)) => return Err(RunError::Fault(f)),
+                Some(Event::Crash(c)) => return Err(RunError::Crashed(c)),
+                Some(Event::RunFailed(e)) => return Err(RunError::Kvm(e)),
+                Some(Event::Killed) => return Err(RunError::BudgetExceeded),
+            }
+        }
+    }
+
+    /// Waits for the vCPU thread's next report, kicking it at `deadline`.
+    fn wait(&mut self, deadline: Instant) -> Result<u32, RunError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let event = match self.events.recv_timeout(timeout) {
+            Ok(ev) => ev,
+            Err(RecvTimeoutError::Timeout) => {
+                self.kill();
+                return Err(RunError::BudgetExceeded);
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.dead = true;
+                return Err(RunError::Dead);
+            }
+        };
+        match event {
+            Event::Doorbell(seq) => Ok(seq),
+            Event::Fault(f) => Err(RunError::Fault(f)),
+            Event::Crash(c) => Err(RunError::Crashed(c)),
+            Event::RunFailed(e) => Err(RunError::Kvm(e)),
+            Event::Killed => Err(RunError::BudgetExceeded),
+        }
+    }
+
+    /// Stops the vCPU for good (it tears the VM down on its own thread).
+    fn kill(&mut self) {
+        if !self.dead {
+            self.dead = true;
+            self.shared.killed.store(true, Ordering::SeqCst);
+            kick::kick(self.thread.as_pthread_t());
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // Wake or kick the vCPU thread so it exits and tears the VM down.
+        // An idle vCPU thread is parked on `wake`, and ends when that
+        // channel closes (right after this); a running one is kicked. The
+        // handle is dropped (detached) after the kick, so the kick is valid.
+        self.shared.killed.store(true, Ordering::SeqCst);
+        if !self.dead {
+            self.dead = true;
+            kick::kick(self.thread.as_pthread_t());
+        }
+    }
+}

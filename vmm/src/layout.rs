@@ -1,0 +1,274 @@
+//! The guest-physical memory layout of one instance (identity mapped), and
+//! the page-table flags of each region.
+//!
+//! ```text
+//! 0          2 MiB           4 MiB          +stack chunk   +io       +image     +heap
+//! | system   | kernel (RWX)  | guard|stack  | I/O window | image RWX | heap     |
+//! | 4K pages | one 2M page   | 4K pages     | 2M pages   | 2M pages  | 2M pages |
+//! system: 0 null | 1000 boot info (U RO) | 2000 mailbox (U RW) | 3000 GDT/IDT/TSS
+//!         | 4000.. page tables | 10000 guard | 11000-15000 fault stack (S RW)
+//!         | 1ff000 doorbell page (U RW, MMIO: no memory slot)
+//! ```
+
+use guest_abi::{BOOT_INFO_ADDR, HUGE_PAGE_BYTES, KERNEL_BASE, KERNEL_LIMIT, MAILBOX_ADDR, MMIO_ADDR, PAGE_BYTES};
+
+/// GDT (with the TSS descriptor), IDT and TSS share this page.
+pub const GDT_ADDR: u64 = 0x3000;
+/// The IDT (32 gates of 16 bytes).
+pub const IDT_ADDR: u64 = 0x3200;
+/// The 64-bit TSS (104 bytes).
+pub const TSS_ADDR: u64 = 0x3400;
+/// First page-table page (the PML4).
+pub const PAGE_TABLES_ADDR: u64 = 0x4000;
+/// End (exclusive) of the page-table area.
+pub const PAGE_TABLES_END: u64 = 0x10000;
+/// Lowest address of the CPL0 fault stack (an unmapped guard page lies below).
+pub const FAULT_STACK_BOTTOM: u64 = 0x11000;
+/// Top of the CPL0 fault stack (TSS RSP0 and IST1).
+pub const FAULT_STACK_TOP: u64 = 0x15000;
+/// Unmapped bytes under the function stack: a #PF in here is a stack overflow.
+pub const STACK_GUARD_BYTES: u64 = 0x10000;
+
+/// Sizes the layout is computed from, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayoutConfig {
+    /// Runtime + function stack.
+    pub stack_bytes: u64,
+    /// I/O window (largest input or artifact).
+    pub io_bytes: u64,
+    /// Function image region.
+    pub image_bytes: u64,
+    /// Function heap (its limit).
+    pub heap_bytes: u64,
+}
+
+/// Why a layout cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A size is zero or the total overflows.
+    #[error("guest layout does not fit: {0}")]
+    DoesNotFit(&'static str),
+}
+
+/// Access rights of a mapped region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Writable.
+    pub write: bool,
+    /// Reachable from CPL3.
+    pub user: bool,
+    /// Executable.
+    pub exec: bool,
+}
+
+impl Access {
+    /// User read-only data.
+    pub const USER_RO: Access = Access {
+        write: false,
+        user: true,
+        exec: false,
+    };
+    /// User read-write data.
+    pub const USER_RW: Access = Access {
+        write: true,
+        user: true,
+        exec: false,
+    };
+    /// User code and data.
+    pub const USER_RWX: Access = Access {
+        write: true,
+        user: true,
+        exec: true,
+    };
+    /// Supervisor-only data.
+    pub const SUPER_RW: Access = Access {
+        write: true,
+        user: false,
+        exec: false,
+    };
+}
+
+/// One mapped range `[start, start + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// First byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Rights.
+    pub access: Access,
+}
+
+/// Where everything lives in one instance's guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Total guest memory.
+    pub mem_bytes: u64,
+    /// Lowest stack address.
+    pub stack_bottom: u64,
+    /// Initial stack pointer.
+    pub stack_top: u64,
+    /// I/O window start.
+    pub io_addr: u64,
+    /// I/O window size.
+    pub io_bytes: u64,
+    /// Image region start.
+    pub image_addr: u64,
+    /// Image region size.
+    pub image_bytes: u64,
+    /// Heap start.
+    pub heap_addr: u64,
+    /// Heap size.
+    pub heap_bytes: u64,
+}
+
+fn round_up(v: u64, to: u64) -> Option<u64> {
+    v.checked_add(to - 1).map(|x| x & !(to - 1))
+}
+
+impl Layout {
+    /// Computes the layout for `cfg`.
+    pub fn new(cfg: LayoutConfig) -> Result<Self, LayoutError> {
+        let err = LayoutError::DoesNotFit;
+        if cfg.stack_bytes < 4 * PAGE_BYTES || cfg.io_bytes == 0 || cfg.image_bytes == 0 || cfg.heap_bytes == 0 {
+            return Err(err("every region needs a non-zero size (stack >= 16 KiB)"));
+        }
+        let stack_bytes = round_up(cfg.stack_bytes, PAGE_BYTES).ok_or(err("stack"))?;
+        let stack_chunk = KERNEL_LIMIT;
+        let stack_bottom = stack_chunk + STACK_GUARD_BYTES;
+        let stack_top = stack_bottom.checked_add(stack_bytes).ok_or(err("stack"))?;
+        let io_addr = round_up(stack_top, HUGE_PAGE_BYTES).ok_or(err("stack"))?;
+        let io_bytes = round_up(cfg.io_bytes, HUGE_PAGE_BYTES).ok_or(err("io"))?;
+        let image_addr = io_addr.checked_add(io_bytes).ok_or(err("io"))?;
+        let image_bytes = round_up(cfg.image_bytes, HUGE_PAGE_BYTES).ok_or(err("image"))?;
+        let heap_addr = image_addr.checked_add(image_bytes).ok_or(err("image"))?;
+        let heap_bytes = round_up(cfg.heap_bytes, HUGE_PAGE_BYTES).ok_or(err("heap"))?;
+        let mem_bytes = heap_addr.checked_add(heap_bytes).ok_or(err("heap"))?;
+        // One PD maps 1 GiB; the page-table area holds PML4 + PDPT + PDs + 3 PTs.
+        let pds = mem_bytes.div_ceil(1 << 30);
+        if 2 + pds + 3 > (PAGE_TABLES_END - PAGE_TABLES_ADDR) / PAGE_BYTES {
+            return Err(err("more guest memory than the page-table area can map"));
+        }
+        Ok(Self {
+            mem_bytes,
+            stack_bottom,
+            stack_top,
+            io_addr,
+            io_bytes,
+            image_addr,
+            image_bytes,
+            heap_addr,
+            heap_bytes,
+        })
+    }
+
+    /// The mapped regions, in address order (everything else is unmapped).
+    pub fn regions(&self) -> [Region; 11] {
+        let r = |start, end: u64, access| Region {
+            start,
+            len: end - start,
+            access,
+        };
+        [
+            r(BOOT_INFO_ADDR, BOOT_INFO_ADDR + PAGE_BYTES, Access::USER_RO),
+            r(MAILBOX_ADDR, MAILBOX_ADDR + PAGE_BYTES, Access::USER_RW),
+            r(GDT_ADDR, GDT_ADDR + PAGE_BYTES, Access::SUPER_RW),
+            r(PAGE_TABLES_ADDR, PAGE_TABLES_END, Access::SUPER_RW),
+            r(FAULT_STACK_BOTTOM, FAULT_STACK_TOP, Access::SUPER_RW),
+            r(MMIO_ADDR, MMIO_ADDR + PAGE_BYTES, Access::USER_RW),
+            r(KERNEL_BASE, KERNEL_LIMIT, Access::USER_RWX),
+            r(self.stack_bottom, self.stack_top, Access::USER_RW),
+            r(self.io_addr, self.io_addr + self.io_bytes, Access::USER_RW),
+            r(self.image_addr, self.image_addr + self.image_bytes, Access::USER_RWX),
+            r(self.heap_addr, self.heap_addr + self.heap_bytes, Access::USER_RW),
+        ]
+    }
+
+    /// Ranges worth backing with huge pages: the I/O window and the heap,
+    /// past their first 2 MiB (which small requests and functions stay in,
+    /// so a cold start never clears a whole huge page for them).
+    pub fn huge_page_ranges(&self) -> [(u64, u64); 2] {
+        let past_first = |addr: u64, len: u64| (addr + HUGE_PAGE_BYTES, len.saturating_sub(HUGE_PAGE_BYTES));
+        [
+            past_first(self.io_addr, self.io_bytes),
+            past_first(self.heap_addr, self.heap_bytes),
+        ]
+    }
+
+    /// Whether `[addr, addr + len)` lies inside guest memory.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr.checked_add(len).is_some_and(|end| end <= self.mem_bytes)
+    }
+
+    /// Whether a fault address is in the guard under the stack.
+    pub fn in_stack_guard(&self, addr: u64) -> bool {
+        addr < self.stack_bottom && addr >= self.stack_bottom - STACK_GUARD_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LayoutConfig {
+        LayoutConfig {
+            stack_bytes: 1 << 20,
+            io_bytes: 4 << 20,
+            image_bytes: 8 << 20,
+            heap_bytes: 64 << 20,
+        }
+    }
+
+    #[test]
+    fn regions_are_ordered_and_disjoint() {
+        let l = Layout::new(cfg()).unwrap();
+        let regions = l.regions();
+        for w in regions.windows(2) {
+            assert!(w[0].start + w[0].len <= w[1].start, "{w:?}");
+        }
+        assert_eq!(regions.last().map(|r| r.start + r.len), Some(l.mem_bytes));
+        assert_eq!(l.io_addr % HUGE_PAGE_BYTES, 0);
+        assert_eq!(l.heap_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn guard_is_below_the_stack() {
+        let l = Layout::new(cfg()).unwrap();
+        assert!(l.in_stack_guard(l.stack_bottom - 1));
+        assert!(!l.in_stack_guard(l.stack_bottom));
+        assert!(!l.in_stack_guard(0));
+    }
+
+    #[test]
+    fn refuses_absurd_sizes() {
+        assert!(
+            Layout::new(LayoutConfig {
+                heap_bytes: u64::MAX,
+                ..cfg()
+            })
+            .is_err()
+        );
+        assert!(
+            Layout::new(LayoutConfig {
+                heap_bytes: 64 << 30,
+                ..cfg()
+            })
+            .is_err()
+        );
+        assert!(
+            Layout::new(LayoutConfig {
+                stack_bytes: 0,
+                ..cfg()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn contains_checks_overflow() {
+        let l = Layout::new(cfg()).unwrap();
+        assert!(l.contains(0, l.mem_bytes));
+        assert!(!l.contains(1, l.mem_bytes));
+        assert!(!l.contains(u64::MAX, 2));
+    }
+}

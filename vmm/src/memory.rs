@@ -1,0 +1,148 @@
+//! Guest memory: one anonymous private mapping, 2 MiB aligned and advised
+//! for transparent huge pages, never executable in the host. The snapshot
+//! issue adds a private file-backed variant of [`GuestRam::new`].
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, mmap::MmapRegionBuilder};
+
+const ALIGN: usize = 2 << 20;
+
+/// Creating guest memory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// `mmap` failed.
+    #[error("mapping {bytes} bytes of guest memory")]
+    Map {
+        /// Size asked for.
+        bytes: usize,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vm-memory refused the region.
+    #[error("building the guest memory region: {0}")]
+    Region(String),
+}
+
+/// One instance's guest memory.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    host_addr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the raw pointer is only the base of a mapping this value owns and
+// unmaps on drop; all access goes through `GuestMemoryMmap`, which is Send +
+// Sync (accesses are volatile and bounds-checked).
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps `bytes` of zeroed anonymous memory at guest address 0, advised
+    /// for transparent huge pages over `huge` (offset, length) ranges: where
+    /// a guest touches much memory, huge pages make its first touches cheap;
+    /// elsewhere a huge page only costs a 2 MiB clear on every boot.
+    pub fn new(bytes: usize, huge: &[(usize, usize)]) -> Result<Self, MemoryError> {
+        let map_err = |source| MemoryError::Map { bytes, source };
+        let padded = bytes
+            .checked_add(ALIGN)
+            .ok_or_else(|| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                padded,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error()));
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(ALIGN);
+        let head = aligned - start;
+        let tail = padded - head - bytes;
+        // SAFETY: trimming the unaligned head and the tail of the mapping
+        // just made; nothing references them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + bytes) as *mut libc::c_void, tail);
+            }
+            // Advisory only: failure leaves small pages.
+            for &(from, len) in huge {
+                if from.checked_add(len).is_some_and(|end| end <= bytes) {
+                    libc::madvise((aligned + from) as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+        let host_addr = aligned as *mut u8;
+        // SAFETY: `host_addr..+bytes` is a live mapping owned by the value
+        // built here, which unmaps it only after dropping `mem`.
+        let region = unsafe { MmapRegionBuilder::<()>::new(bytes).with_raw_mmap_pointer(host_addr) }
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+            .build()
+            .map_err(|e| MemoryError::Region(e.to_string()));
+        let region: MmapRegion = match region {
+            Ok(r) => r,
+            Err(e) => {
+                // SAFETY: the mapping made above, unused.
+                unsafe { libc::munmap(host_addr.cast(), bytes) };
+                return Err(e);
+            }
+        };
+        let ram = Self {
+            mem: GuestMemoryMmap::from_regions(vec![
+                GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| MemoryError::Region("overflow".into()))?,
+            ])
+            .map_err(|e| MemoryError::Region(e.to_string()))?,
+            host_addr,
+            bytes,
+        };
+        Ok(ram)
+    }
+
+    /// The guest memory (bounds-checked accessors).
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Host address of guest address 0 (for `KVM_SET_USER_MEMORY_REGION`).
+    pub fn host_addr(&self) -> u64 {
+        self.host_addr as u64
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Host-resident bytes of this memory (pages touched so far).
+    pub fn resident_bytes(&self) -> u64 {
+        let pages = self.bytes.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `host_addr..+bytes` is our mapping; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(self.host_addr.cast(), self.bytes, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().filter(|b| *b & 1 != 0).count() as u64 * 4096
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: our mapping; `mem` (dropped after this) never unmaps or touches a
+        // raw-pointer region, and
+        // no KVM memory slot outlives the instance that owns this value (the
+        // VM fd is dropped first, see `Vm`).
+        unsafe { libc::munmap(self.host_addr.cast(), self.bytes) };
+    }
+}

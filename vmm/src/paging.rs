@@ -1,0 +1,204 @@
+//! Builds the guest's 4-level page tables from the layout's regions: 2 MiB
+//! pages where a whole 2 MiB chunk has one access, 4 KiB pages elsewhere,
+//! nothing for unmapped addresses. Pure: the caller writes the pages.
+
+use crate::layout::{Access, Region};
+use guest_abi::{HUGE_PAGE_BYTES, PAGE_BYTES};
+
+const P: u64 = 1;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const PS: u64 = 1 << 7;
+const NX: u64 = 1 << 63;
+const ENTRIES: usize = 512;
+
+/// Page tables ready to be written at `base`: `pages[0]` is the PML4.
+#[derive(Debug, Clone)]
+pub struct PageTables {
+    /// Guest-physical address of `pages[0]`.
+    pub base: u64,
+    /// The table pages, consecutive from `base`.
+    pub pages: Vec<[u64; ENTRIES]>,
+}
+
+/// The page tables need more pages than the area allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("page tables need more than {max_pages} pages")]
+pub struct TooManyTables {
+    /// The area's size in pages.
+    pub max_pages: usize,
+}
+
+fn leaf_flags(a: Access) -> u64 {
+    let mut f = P;
+    if a.write {
+        f |= RW;
+    }
+    if a.user {
+        f |= US;
+    }
+    if !a.exec {
+        f |= NX;
+    }
+    f
+}
+
+fn access_at(regions: &[Region], addr: u64) -> Option<Access> {
+    regions
+        .iter()
+        .find(|r| addr >= r.start && addr - r.start < r.len)
+        .map(|r| r.access)
+}
+
+fn index(addr: u64, shift: u32) -> usize {
+    // Masked to 9 bits: always a valid index.
+    usize::try_from((addr >> shift) & 511).unwrap_or(0)
+}
+
+impl PageTables {
+    /// Identity-maps `regions` (below `mem_bytes`) with tables placed from
+    /// `base`, using at most `max_pages` pages.
+    pub fn build(regions: &[Region], mem_bytes: u64, base: u64, max_pages: usize) -> Result<Self, TooManyTables> {
+        let mut t = Self {
+            base,
+            pages: vec![[0; ENTRIES]],
+        };
+        let mut chunk = 0;
+        while chunk < mem_bytes {
+            let pages: Vec<Option<Access>> = (0..HUGE_PAGE_BYTES / PAGE_BYTES)
+                .map(|i| access_at(regions, chunk + i * PAGE_BYTES))
+                .collect();
+            if pages.iter().all(Option::is_none) {
+                chunk += HUGE_PAGE_BYTES;
+                continue;
+            }
+            let pd = t.table_for(chunk, max_pages)?;
+            let entry = match pages[0] {
+                Some(a) if pages.iter().all(|p| *p == Some(a)) => chunk | leaf_flags(a) | PS,
+                _ => {
+                    let pt = t.alloc(max_pages)?;
+                    for (i, a) in pages.iter().enumerate() {
+                        if let Some(a) = a {
+                            t.pages[pt][i] = (chunk + (i as u64) * PAGE_BYTES) | leaf_flags(*a);
+                        }
+                    }
+                    t.addr(pt) | P | RW | US
+                }
+            };
+            t.pages[pd][index(chunk, 21)] = entry;
+            chunk += HUGE_PAGE_BYTES;
+        }
+        Ok(t)
+    }
+
+    fn addr(&self, page: usize) -> u64 {
+        self.base + (page as u64) * PAGE_BYTES
+    }
+
+    fn alloc(&mut self, max_pages: usize) -> Result<usize, TooManyTables> {
+        if self.pages.len() >= max_pages {
+            return Err(TooManyTables { max_pages });
+        }
+        self.pages.push([0; ENTRIES]);
+        Ok(self.pages.len() - 1)
+    }
+
+    /// The page directory covering `addr`, creating the path to it.
+    fn table_for(&mut self, addr: u64, max_pages: usize) -> Result<usize, TooManyTables> {
+        let mut table = 0;
+        for shift in [39, 30] {
+            let i = index(addr, shift);
+            let entry = self.pages[table][i];
+            table = if entry & P == 0 {
+                let next = self.alloc(max_pages)?;
+                self.pages[table][i] = self.addr(next) | P | RW | US;
+                next
+            } else {
+                usize::try_from(((entry & 0x000f_ffff_ffff_f000) - self.base) / PAGE_BYTES).unwrap_or(0)
+            };
+        }
+        Ok(table)
+    }
+
+    /// The tables as bytes, for writing at `base`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.pages
+            .iter()
+            .flat_map(|p| p.iter().flat_map(|e| e.to_le_bytes()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{Layout, LayoutConfig, PAGE_TABLES_ADDR};
+
+    /// Walks the tables like the MMU: (physical address, writable, user, exec).
+    fn walk(t: &PageTables, va: u64) -> Option<(u64, bool, bool, bool)> {
+        let mut table = 0usize;
+        let (mut w, mut u, mut x) = (true, true, true);
+        for shift in [39u32, 30, 21, 12] {
+            let e = t.pages[table][index(va, shift)];
+            if e & P == 0 {
+                return None;
+            }
+            w &= e & RW != 0;
+            u &= e & US != 0;
+            x &= e & NX == 0;
+            if shift == 21 && e & PS != 0 {
+                return Some(((e & 0x000f_ffff_ffe0_0000) | (va & 0x1f_ffff), w, u, x));
+            }
+            if shift == 12 {
+                return Some(((e & 0x000f_ffff_ffff_f000) | (va & 0xfff), w, u, x));
+            }
+            table = usize::try_from(((e & 0x000f_ffff_ffff_f000) - t.base) / PAGE_BYTES).unwrap();
+        }
+        None
+    }
+
+    #[test]
+    fn maps_the_layout_exactly() {
+        let l = Layout::new(LayoutConfig {
+            stack_bytes: 1 << 20,
+            io_bytes: 4 << 20,
+            image_bytes: 8 << 20,
+            heap_bytes: 64 << 20,
+        })
+        .unwrap();
+        let regions = l.regions();
+        let t = PageTables::build(&regions, l.mem_bytes, PAGE_TABLES_ADDR, 12).unwrap();
+        // 2 MiB pages everywhere but the system and stack chunks.
+        assert!(t.pages.len() <= 5, "{}", t.pages.len());
+        let mut va = 0;
+        while va < l.mem_bytes {
+            let expect = access_at(&regions, va);
+            match (walk(&t, va), expect) {
+                (None, None) => {}
+                (Some((pa, w, u, x)), Some(a)) => {
+                    assert_eq!(pa, va);
+                    assert_eq!((w, u, x), (a.write, a.user, a.exec), "{va:#x}");
+                }
+                (got, want) => panic!("{va:#x}: {got:?} vs {want:?}"),
+            }
+            va += PAGE_BYTES;
+        }
+        assert!(walk(&t, 0).is_none(), "null page must be unmapped");
+        assert!(walk(&t, l.stack_bottom - 8).is_none(), "stack guard must be unmapped");
+        assert!(walk(&t, l.mem_bytes).is_none());
+    }
+
+    #[test]
+    fn refuses_too_few_pages() {
+        let r = [Region {
+            start: 0x1000,
+            len: 0x1000,
+            access: Access::USER_RW,
+        }];
+        assert_eq!(
+            PageTables::build(&r, 1 << 21, 0, 3).unwrap_err(),
+            TooManyTables { max_pages: 3 }
+        );
+        assert!(PageTables::build(&r, 1 << 21, 0, 4).is_ok());
+    }
+}

@@ -1,0 +1,189 @@
+//! Building a fresh instance's guest memory contents and calibration from
+//! the host: memory slots, GDT/IDT/TSS, page tables, the guest kernel ELF,
+//! and the boot info with the guest clock's TSC calibration.
+
+use crate::cpu;
+use crate::error::VmmError;
+use crate::layout::{GDT_ADDR, IDT_ADDR, Layout, PAGE_TABLES_ADDR, PAGE_TABLES_END, TSS_ADDR};
+use crate::memory::GuestRam;
+use crate::paging::PageTables;
+use crate::{GUEST_KERNEL, instance::kvm_err, instance::monotonic_ns};
+use guest_abi::{
+    BOOT_INFO_ADDR, BOOT_MAGIC, BootInfo, CHANNEL_ABI_VERSION, KERNEL_BASE, KERNEL_LIMIT, MAILBOX_ADDR, MMIO_ADDR,
+    PAGE_BYTES,
+};
+use kvm_bindings::{Msrs, kvm_msr_entry};
+use kvm_ioctls::VcpuFd;
+use linux_loader::loader::{KernelLoader, elf::Elf};
+use std::io::Cursor;
+use vm_memory::{Bytes, GuestAddress};
+
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// The KVM memory slots (slot, start, end): all of guest memory but the
+/// doorbell page, which no slot backs so that writes to it exit.
+pub(crate) fn memory_slots(layout: &Layout) -> [(u32, u64, u64); 2] {
+    [(0, 0, MMIO_ADDR), (1, MMIO_ADDR + PAGE_BYTES, layout.mem_bytes)]
+}
+
+/// Writes the GDT, IDT, TSS, page tables and the guest kernel; returns the
+/// kernel's entry point.
+pub(crate) fn write_system_state(ram: &GuestRam, layout: &Layout) -> Result<u64, VmmError> {
+    let mem = ram.mem();
+    let w = |bytes: &[u8], addr: u64| {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(VmmError::GuestMemory)
+    };
+    let gdt: Vec<u8> = cpu::gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
+    w(&gdt, GDT_ADDR)?;
+    w(&cpu::idt(), IDT_ADDR)?;
+    w(&cpu::tss(), TSS_ADDR)?;
+    let max_pages = usize::try_from((PAGE_TABLES_END - PAGE_TABLES_ADDR) / PAGE_BYTES).unwrap_or(0);
+    let tables = PageTables::build(&layout.regions(), layout.mem_bytes, PAGE_TABLES_ADDR, max_pages)?;
+    w(&tables.to_bytes(), PAGE_TABLES_ADDR)?;
+    let loaded = Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(GUEST_KERNEL),
+        Some(GuestAddress(KERNEL_BASE)),
+    )
+    .map_err(VmmError::Kernel)?;
+    if loaded.kernel_end > KERNEL_LIMIT {
+        return Err(VmmError::KernelTooLarge { end: loaded.kernel_end });
+    }
+    Ok(loaded.kernel_load.0)
+}
+
+/// The guest's TSC offset from (host TSC before, guest TSC, host TSC after)
+/// samples: 0 when every sample allows it (KVM applies no offset, as under
+/// PVM, where CPL3 `rdtsc` is the host's), else the midpoint of the
+/// narrowest sample.
+pub(crate) fn tsc_offset(samples: &[(u64, u64, u64)]) -> u64 {
+    if samples
+        .iter()
+        .all(|&(before, guest, after)| before <= guest && guest <= after)
+    {
+        return 0;
+    }
+    samples
+        .iter()
+        .min_by_key(|&&(before, _, after)| after.wrapping_sub(before))
+        .map_or(0, |&(before, guest, after)| {
+            guest.wrapping_sub(before.wrapping_add(after.wrapping_sub(before) / 2))
+        })
+}
+
+pub(crate) fn host_rdtsc() -> u64 {
+    // SAFETY: `rdtsc` only reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Writes the boot info, with a TSC calibration read from the vCPU; returns
+/// the guest's TSC offset from the host's (read between two host TSC reads,
+/// the best of a few tries).
+pub(crate) fn write_boot_info(
+    ram: &GuestRam,
+    layout: &Layout,
+    vcpu: &VcpuFd,
+    idle_spin_us: u32,
+) -> Result<u64, VmmError> {
+    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|_| VmmError::Kvm {
+        op: "building the MSR list",
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    let mut samples = [(0u64, 0u64, 0u64); 3];
+    for sample in &mut samples {
+        let before = host_rdtsc();
+        vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let after = host_rdtsc();
+        *sample = (before, msrs.as_slice()[0].data, after);
+    }
+    let tsc_offset = tsc_offset(&samples);
+    let tsc_base = host_rdtsc().wrapping_add(tsc_offset);
+    let mono_base_ns = monotonic_ns();
+    let info = BootInfo {
+        magic: BOOT_MAGIC,
+        abi_version: CHANNEL_ABI_VERSION,
+        idle_spin_us,
+        mailbox_addr: MAILBOX_ADDR,
+        io_addr: layout.io_addr,
+        io_bytes: layout.io_bytes,
+        image_addr: layout.image_addr,
+        image_bytes: layout.image_bytes,
+        heap_addr: layout.heap_addr,
+        heap_bytes: layout.heap_bytes,
+        stack_bottom: layout.stack_bottom,
+        stack_top: layout.stack_top,
+        tsc_base,
+        mono_base_ns,
+        ns_per_tsc_q32: ns_per_tsc_q32(tsc_khz),
+    };
+    ram.mem()
+        .write_slice(&boot_info_bytes(&info), GuestAddress(BOOT_INFO_ADDR))
+        .map_err(VmmError::GuestMemory)?;
+    Ok(tsc_offset)
+}
+
+/// The 32.32 ns-per-tick multiplier for a TSC of `tsc_khz` kHz.
+pub(crate) fn ns_per_tsc_q32(tsc_khz: u32) -> u64 {
+    if tsc_khz == 0 {
+        0
+    } else {
+        (1_000_000u64 << 32) / u64::from(tsc_khz)
+    }
+}
+
+pub(crate) fn boot_info_bytes(info: &BootInfo) -> Vec<u8> {
+    let mut b = Vec::with_capacity(std::mem::size_of::<BootInfo>());
+    b.extend_from_slice(&info.magic.to_le_bytes());
+    b.extend_from_slice(&info.abi_version.to_le_bytes());
+    b.extend_from_slice(&info.idle_spin_us.to_le_bytes());
+    for v in [
+        info.mailbox_addr,
+        info.io_addr,
+        info.io_bytes,
+        info.image_addr,
+        info.image_bytes,
+        info.heap_addr,
+        info.heap_bytes,
+        info.stack_bottom,
+        info.stack_top,
+        info.tsc_base,
+        info.mono_base_ns,
+        info.ns_per_tsc_q32,
+    ] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_offset_is_zero_when_consistent() {
+        assert_eq!(tsc_offset(&[(100, 150, 200), (300, 300, 310)]), 0);
+    }
+
+    #[test]
+    fn tsc_offset_uses_the_narrowest_sample() {
+        // Guest TSC runs 1000 ahead; the second sample is the tightest.
+        assert_eq!(tsc_offset(&[(100, 1150, 200), (300, 1305, 310)]), 1000);
+        // ...or behind (wrapping arithmetic).
+        assert_eq!(tsc_offset(&[(5000, 4005, 5010)]), 0u64.wrapping_sub(1000));
+    }
+
+    #[test]
+    fn boot_info_bytes_match_the_struct() {
+        assert_eq!(
+            boot_info_bytes(&BootInfo::default()).len(),
+            std::mem::size_of::<BootInfo>()
+        );
+    }
+}
