@@ -65,6 +65,12 @@ fn build_worker_binaries(manifest_dir: &Path, target_root: &Path) {
         .expect("running cargo for the lang-isolation binaries");
     assert!(status.success(), "building the lang-isolation binaries failed");
     let release = bin_target.join("release");
-    println!("cargo:rustc-env=MICROFAAS_RUNNER_BIN={}", release.join("microfaas-runner").display());
-    println!("cargo:rustc-env=MICROFAAS_WORKER_BIN={}", release.join("microfaas-worker").display());
+    println!(
+        "cargo:rustc-env=MICROFAAS_RUNNER_BIN={}",
+        release.join("microfaas-runner").display()
+    );
+    println!(
+        "cargo:rustc-env=MICROFAAS_WORKER_BIN={}",
+        release.join("microfaas-worker").display()
+    );
 }

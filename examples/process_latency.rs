@@ -14,10 +14,7 @@ fn percentile_us(sorted: &[u64], percent: usize) -> String {
 }
 
 fn main() -> Result<(), microfaas::Error> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(10_000);
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let backend = microfaas::open(BackendKind::Process, Config::default())?;
     let noop = backend.deploy(&FunctionSpec::new("noop", microfaas::builtin("noop")?))?;
     println!("noop on process, {n} invocations per path (us)");

@@ -18,8 +18,7 @@ impl Artifact {
     /// Reads and verifies the artifact at `path` (ELF `ET_DYN`, only relative
     /// relocations, allowlisted imports, entry and ABI symbols present).
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::io(format!("reading artifact {}", path.display()), e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading artifact {}", path.display()), e))?;
         microfaas_builder::verify(&bytes).map_err(|e| Error::InvalidArtifact {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -70,9 +69,7 @@ pub fn builtin_names() -> Vec<String> {
 /// The example function `name` from `functions/`, verified.
 pub fn builtin(name: &str) -> Result<Arc<Artifact>, Error> {
     if !builtin_names().iter().any(|n| n == name) {
-        return Err(Error::UnknownFunction {
-            name: name.to_owned(),
-        });
+        return Err(Error::UnknownFunction { name: name.to_owned() });
     }
     Artifact::load(&builtin_dir().join(format!("{name}.so"))).map(Arc::new)
 }

@@ -133,8 +133,9 @@ fn run(command: Command) -> Result<(), Failure> {
             })?;
             let input = match (input, input_file) {
                 (Some(text), _) => text.into_bytes(),
-                (None, Some(path)) => std::fs::read(&path)
-                    .map_err(|e| Error::io(format!("reading input file {}", path.display()), e))?,
+                (None, Some(path)) => {
+                    std::fs::read(&path).map_err(|e| Error::io(format!("reading input file {}", path.display()), e))?
+                }
                 (None, None) => Vec::new(),
             };
             let (name, artifact) = resolve_function(&function)?;

@@ -96,8 +96,8 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             }
             println!("store {}", report.store.display());
             println!(
-                "{:<20} {:<9} {:<34} {:>9} {:>10} {:<20} {}",
-                "ID", "LEVEL", "LABEL", "OWN PAGES", "ON DISK", "CREATED", "LAST USED"
+                "{:<20} {:<9} {:<34} {:>9} {:>10} {:<20} LAST USED",
+                "ID", "LEVEL", "LABEL", "OWN PAGES", "ON DISK", "CREATED"
             );
             fn print(n: &TreeNode, depth: usize) {
                 let indent = if depth == 0 {

@@ -24,13 +24,21 @@ fn build_refuses_unsafe_code_with_the_compiler_message() {
     let cache = tempfile::tempdir().unwrap();
     let out_file = cache.path().join("x.so");
     let out = microfaas(
-        &["build", fixture("uses-unsafe").to_str().unwrap(), "--out", out_file.to_str().unwrap()],
+        &[
+            "build",
+            fixture("uses-unsafe").to_str().unwrap(),
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
         cache.path(),
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("uses unsafe code"), "{err}");
-    assert!(err.contains("usage of an `unsafe` block"), "compiler message missing: {err}");
+    assert!(
+        err.contains("usage of an `unsafe` block"),
+        "compiler message missing: {err}"
+    );
     assert!(!out_file.exists());
 }
 
@@ -72,10 +80,30 @@ fn verify_refuses_malformed_elf_files_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let echo = std::fs::read(microfaas::builtin_dir().join("echo.so")).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("garbage.so", b"this is not an ELF file at all".to_vec(), "not a valid ELF file"),
+        (
+            "garbage.so",
+            b"this is not an ELF file at all".to_vec(),
+            "not a valid ELF file",
+        ),
         ("truncated.so", echo[..200].to_vec(), "invalid artifact"),
-        ("exec.so", { let mut b = echo.clone(); b[16] = 2; b }, "is not ET_DYN"),
-        ("arm.so", { let mut b = echo.clone(); b[18] = 183; b }, "is not x86-64"),
+        (
+            "exec.so",
+            {
+                let mut b = echo.clone();
+                b[16] = 2;
+                b
+            },
+            "is not ET_DYN",
+        ),
+        (
+            "arm.so",
+            {
+                let mut b = echo.clone();
+                b[18] = 183;
+                b
+            },
+            "is not x86-64",
+        ),
     ];
     for (name, bytes, expect) in cases {
         let path = dir.path().join(name);
@@ -93,7 +121,11 @@ fn unknown_function_and_bad_flags_exit_with_2() {
     let dir = tempfile::tempdir().unwrap();
     let out = microfaas(&["invoke", "--backend", "process", "no-such-function"], dir.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("unknown function `no-such-function`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown function `no-such-function`"),
+        "{}",
+        stderr(&out)
+    );
     let out = microfaas(&["invoke", "--backend", "warp", "echo"], dir.path());
     assert_eq!(out.status.code(), Some(2));
     let out = microfaas(&["invoke", "--backend", "process", "echo", "--frobnicate"], dir.path());

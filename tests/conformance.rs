@@ -28,7 +28,10 @@ fn config() -> Config {
 fn open(kind: BackendKind) -> Option<Box<dyn Backend>> {
     match microfaas::open(kind, config()) {
         Ok(b) => Some(b),
-        Err(e) if e.kind() == ErrorKind::KvmUnavailable && std::env::var("MICROFAAS_REQUIRE_KVM").as_deref() != Ok("1") => {
+        Err(e)
+            if e.kind() == ErrorKind::KvmUnavailable
+                && std::env::var("MICROFAAS_REQUIRE_KVM").as_deref() != Ok("1") =>
+        {
             eprintln!("SKIPPED: {kind} backend: {e} (set MICROFAAS_REQUIRE_KVM=1 to make this a failure)");
             None
         }
@@ -38,12 +41,14 @@ fn open(kind: BackendKind) -> Option<Box<dyn Backend>> {
 
 fn deploy(b: &dyn Backend, name: &str) -> FunctionId {
     let spec = FunctionSpec::new(name, microfaas::builtin(name).expect("example function"));
-    b.deploy(&spec).unwrap_or_else(|e| panic!("deploying {name} on {}: {e}", b.kind()))
+    b.deploy(&spec)
+        .unwrap_or_else(|e| panic!("deploying {name} on {}: {e}", b.kind()))
 }
 
 fn deploy_with_budget(b: &dyn Backend, name: &str, budget: Duration) -> FunctionId {
     let spec = FunctionSpec::new(name, microfaas::builtin(name).expect("example function")).with_budget(budget);
-    b.deploy(&spec).unwrap_or_else(|e| panic!("deploying {name} on {}: {e}", b.kind()))
+    b.deploy(&spec)
+        .unwrap_or_else(|e| panic!("deploying {name} on {}: {e}", b.kind()))
 }
 
 fn sha512_rounds(rounds: u64) -> Vec<u8> {
@@ -100,7 +105,11 @@ fn assert_serves(b: &dyn Backend) {
 
 fn expect_error(b: &dyn Backend, id: &FunctionId, input: &[u8], kind: ErrorKind) -> microfaas::Error {
     match b.invoke(id, input, StartRequest::Auto) {
-        Ok(inv) => panic!("{}: `{id}` should fail with {kind:?}, returned {} bytes", b.kind(), inv.output.len()),
+        Ok(inv) => panic!(
+            "{}: `{id}` should fail with {kind:?}, returned {} bytes",
+            b.kind(),
+            inv.output.len()
+        ),
         Err(e) => {
             assert_eq!(e.kind(), kind, "{}: `{id}` gave `{e}`", b.kind());
             e
@@ -110,11 +119,15 @@ fn expect_error(b: &dyn Backend, id: &FunctionId, input: &[u8], kind: ErrorKind)
 
 pub fn same_output(b: &dyn Backend) {
     let echo = deploy(b, "echo");
-    let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let big: Vec<u8> = (0..(1usize << 20))
+        .map(|i| u8::try_from(i * 7 % 251).unwrap())
+        .collect();
     let inputs: [&[u8]; 4] = [b"", b"hello", &[0xff, 0xfe, 0x00, 0x80], &big];
     for input in inputs {
         for start in [StartRequest::Auto, StartRequest::Force(StartPath::Cold)] {
-            let out = b.invoke(&echo, input, start).unwrap_or_else(|e| panic!("{}: echo {start:?}: {e}", b.kind()));
+            let out = b
+                .invoke(&echo, input, start)
+                .unwrap_or_else(|e| panic!("{}: echo {start:?}: {e}", b.kind()));
             assert_eq!(out.output, input, "{}: echo {start:?}", b.kind());
             assert!(out.timings.total_ns >= out.timings.exec_ns);
             assert!(out.timings.total_ns >= out.timings.dispatch_ns);
@@ -123,7 +136,12 @@ pub fn same_output(b: &dyn Backend) {
     let cold = b.invoke(&echo, b"x", StartRequest::Force(StartPath::Cold)).unwrap();
     assert_eq!(cold.start, StartPath::Cold);
     let warm = b.invoke(&echo, b"x", StartRequest::Auto).unwrap();
-    assert_ne!(warm.start, StartPath::Cold, "{}: a deployed, used function should start warm/hot", b.kind());
+    assert_ne!(
+        warm.start,
+        StartPath::Cold,
+        "{}: a deployed, used function should start warm/hot",
+        b.kind()
+    );
 
     let sha = deploy(b, "sha512");
     let out = b.invoke(&sha, b"1000", StartRequest::Auto).unwrap();
@@ -136,14 +154,24 @@ pub fn same_output(b: &dyn Backend) {
     let out = b.invoke(&noop, b"", StartRequest::Auto).unwrap();
     let after = now_ns();
     let stamp = u64::from_le_bytes(out.output.as_slice().try_into().expect("8-byte timestamp"));
-    assert!(before <= stamp && stamp <= after, "{}: noop's timestamp {stamp} not within [{before}, {after}]", b.kind());
+    assert!(
+        before <= stamp && stamp <= after,
+        "{}: noop's timestamp {stamp} not within [{before}, {after}]",
+        b.kind()
+    );
 
     let heavy = deploy(b, "init-heavy");
     for input in [&b"abc"[..], b"", b"init-heavy"] {
-        assert_eq!(b.invoke(&heavy, input, StartRequest::Auto).unwrap().output, init_heavy_reference(input));
+        assert_eq!(
+            b.invoke(&heavy, input, StartRequest::Auto).unwrap().output,
+            init_heavy_reference(input)
+        );
     }
     let cp = deploy(b, "checkpointed");
-    assert_eq!(b.invoke(&cp, b"seed", StartRequest::Auto).unwrap().output, checkpointed_reference(b"seed"));
+    assert_eq!(
+        b.invoke(&cp, b"seed", StartRequest::Auto).unwrap().output,
+        checkpointed_reference(b"seed")
+    );
 }
 
 /// CLOCK_MONOTONIC in ns, the clock the runtimes give functions.
@@ -162,12 +190,20 @@ pub fn bad_cases(b: &dyn Backend) {
     let too_big = vec![7u8; microfaas::DEFAULT_IO_LIMIT_BYTES + 1];
     expect_error(b, &echo, &too_big, ErrorKind::InputTooLarge);
     let at_limit = vec![7u8; microfaas::DEFAULT_IO_LIMIT_BYTES];
-    assert_eq!(b.invoke(&echo, &at_limit, StartRequest::Auto).unwrap().output.len(), at_limit.len());
+    assert_eq!(
+        b.invoke(&echo, &at_limit, StartRequest::Auto).unwrap().output.len(),
+        at_limit.len()
+    );
 
     let spin = deploy_with_budget(b, "spin", BUDGET);
     let started = Instant::now();
     let e = expect_error(b, &spin, b"", ErrorKind::BudgetExceeded);
-    assert!(started.elapsed() < BUDGET + Duration::from_secs(2), "{}: spin stopped only after {:?}", b.kind(), started.elapsed());
+    assert!(
+        started.elapsed() < BUDGET + Duration::from_secs(2),
+        "{}: spin stopped only after {:?}",
+        b.kind(),
+        started.elapsed()
+    );
     assert!(e.to_string().contains("budget"), "{e}");
     assert_serves(b);
 

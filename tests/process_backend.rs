@@ -2,9 +2,7 @@
 //! path, budget kills, runners dying mid-request or while idle, eviction,
 //! concurrency, stats, and that dropping the backend leaves no process.
 
-use microfaas::{
-    Backend, BackendKind, Config, ErrorKind, FunctionId, FunctionSpec, StartPath, StartRequest,
-};
+use microfaas::{Backend, BackendKind, Config, ErrorKind, FunctionId, FunctionSpec, StartPath, StartRequest};
 use std::time::{Duration, Instant};
 
 fn open(config: Config) -> Box<dyn Backend> {
@@ -12,10 +10,8 @@ fn open(config: Config) -> Box<dyn Backend> {
 }
 
 fn deploy(b: &dyn Backend, name: &str, budget: Duration) -> FunctionId {
-    let spec = FunctionSpec::new(name, microfaas::builtin(name).expect("example function"))
-        .with_budget(budget);
-    b.deploy(&spec)
-        .unwrap_or_else(|e| panic!("deploying {name}: {e}"))
+    let spec = FunctionSpec::new(name, microfaas::builtin(name).expect("example function")).with_budget(budget);
+    b.deploy(&spec).unwrap_or_else(|e| panic!("deploying {name}: {e}"))
 }
 
 /// Running runner processes of ours whose command line names
@@ -23,22 +19,13 @@ fn deploy(b: &dyn Backend, name: &str, budget: Duration) -> FunctionId {
 fn runners_of(artifact_name: &str) -> Vec<i32> {
     let needle = format!("{artifact_name}.so");
     let mut pids = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task")
-        .expect("/proc")
-        .flatten()
-    {
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc").flatten() {
         let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for pid in children
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
+        for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().next());
+            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
             let dying = matches!(state, None | Some("Z" | "X" | "x"));
             if !dying && cmdline.contains("microfaas-runner") && cmdline.contains(&needle) {
                 pids.push(pid);
@@ -90,20 +77,13 @@ fn cold_path_spawns_a_runner_per_request() {
         assert_eq!(done.start, StartPath::Cold);
         let t = done.timings;
         assert!(t.start_ns > 0, "{t:?}");
-        assert!(
-            t.dispatch_ns >= t.start_ns && t.total_ns >= t.dispatch_ns,
-            "{t:?}"
-        );
+        assert!(t.dispatch_ns >= t.start_ns && t.total_ns >= t.dispatch_ns, "{t:?}");
     }
-    let warm = b
-        .invoke(&echo, b"x", StartRequest::Auto)
-        .expect("warm echo");
+    let warm = b.invoke(&echo, b"x", StartRequest::Auto).expect("warm echo");
     assert_eq!(warm.start, StartPath::Warm);
     assert_eq!(warm.timings.start_ns, 0);
     assert!(warm.timings.dispatch_ns > 0 && warm.timings.dispatch_ns <= warm.timings.total_ns);
-    let hot = b
-        .invoke(&echo, b"x", StartRequest::Force(StartPath::Hot))
-        .unwrap_err();
+    let hot = b.invoke(&echo, b"x", StartRequest::Force(StartPath::Hot)).unwrap_err();
     assert_eq!(hot.kind(), ErrorKind::UnsupportedStart);
 }
 
@@ -125,9 +105,7 @@ fn failures_are_typed_and_the_function_stays_warm() {
         b.invoke(&spin, b"", StartRequest::Auto).unwrap_err().kind(),
         ErrorKind::BudgetExceeded
     );
-    let e = b
-        .invoke(&spin, b"", StartRequest::Force(StartPath::Cold))
-        .unwrap_err();
+    let e = b.invoke(&spin, b"", StartRequest::Force(StartPath::Cold)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::BudgetExceeded);
 
     for (name, kind) in [
@@ -188,14 +166,10 @@ fn killed_idle_runners_are_replaced() {
     kill(pids[0], "KILL");
     // Dead (a zombie until the backend reaps it) before the next request.
     settled_runners_of("noop", 0);
-    let done = b
-        .invoke(&noop, b"", StartRequest::Auto)
-        .expect("noop after kill");
+    let done = b.invoke(&noop, b"", StartRequest::Auto).expect("noop after kill");
     assert_eq!(done.start, StartPath::Cold);
     assert_eq!(
-        b.invoke(&noop, b"", StartRequest::Auto)
-            .expect("noop")
-            .start,
+        b.invoke(&noop, b"", StartRequest::Auto).expect("noop").start,
         StartPath::Warm
     );
 }
@@ -236,12 +210,7 @@ fn failures_under_concurrency_answer_every_request_once() {
                 for i in 0..12u8 {
                     let input = [t, i, 0xff];
                     match (usize::from(t) + usize::from(i)) % 4 {
-                        0 => assert_eq!(
-                            b.invoke(echo, &input, StartRequest::Auto)
-                                .expect("echo")
-                                .output,
-                            input
-                        ),
+                        0 => assert_eq!(b.invoke(echo, &input, StartRequest::Auto).expect("echo").output, input),
                         1 => {
                             let e = b.invoke(panics, &input, StartRequest::Auto).unwrap_err();
                             assert_eq!(e.kind(), ErrorKind::Panicked, "{e}");
@@ -254,10 +223,7 @@ fn failures_under_concurrency_answer_every_request_once() {
                             let done = b
                                 .invoke(echo, &input, StartRequest::Force(StartPath::Cold))
                                 .expect("cold");
-                            assert_eq!(
-                                (done.output.as_slice(), done.start),
-                                (&input[..], StartPath::Cold)
-                            );
+                            assert_eq!((done.output.as_slice(), done.start), (&input[..], StartPath::Cold));
                         }
                     }
                 }
@@ -265,9 +231,7 @@ fn failures_under_concurrency_answer_every_request_once() {
         }
     });
     assert_eq!(
-        b.invoke(&echo, b"end", StartRequest::Auto)
-            .expect("echo")
-            .output,
+        b.invoke(&echo, b"end", StartRequest::Auto).expect("echo").output,
         b"end"
     );
 }
@@ -285,27 +249,19 @@ fn limits_evict_and_drop() {
     let e = b.invoke(&echo, &[1; 17], StartRequest::Auto).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::OutputTooLarge, "{e}");
     assert_eq!(
-        b.invoke(&echo, &[1; 16], StartRequest::Auto)
-            .expect("fits")
-            .output,
+        b.invoke(&echo, &[1; 16], StartRequest::Auto).expect("fits").output,
         [1; 16]
     );
-    let unknown = b
-        .invoke(&FunctionId::new("nope"), b"", StartRequest::Auto)
-        .unwrap_err();
+    let unknown = b.invoke(&FunctionId::new("nope"), b"", StartRequest::Auto).unwrap_err();
     assert_eq!(unknown.kind(), ErrorKind::UnknownFunction);
 
     b.evict(&echo).expect("evict");
     assert_eq!(
-        b.invoke(&echo, b"a", StartRequest::Auto)
-            .expect("after evict")
-            .start,
+        b.invoke(&echo, b"a", StartRequest::Auto).expect("after evict").start,
         StartPath::Cold
     );
     assert_eq!(
-        b.invoke(&echo, b"a", StartRequest::Auto)
-            .expect("warm again")
-            .start,
+        b.invoke(&echo, b"a", StartRequest::Auto).expect("warm again").start,
         StartPath::Warm
     );
 

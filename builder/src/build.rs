@@ -166,8 +166,17 @@ pub fn clean_cargo() -> Command {
             || key.starts_with("__CARGO")
             || matches!(
                 key,
-                "RUSTFLAGS" | "OUT_DIR" | "TARGET" | "HOST" | "PROFILE" | "OPT_LEVEL" | "DEBUG" | "NUM_JOBS"
-                    | "MAKEFLAGS" | "MFLAGS" | "CARGO"
+                "RUSTFLAGS"
+                    | "OUT_DIR"
+                    | "TARGET"
+                    | "HOST"
+                    | "PROFILE"
+                    | "OPT_LEVEL"
+                    | "DEBUG"
+                    | "NUM_JOBS"
+                    | "MAKEFLAGS"
+                    | "MFLAGS"
+                    | "CARGO"
             );
         if drop {
             cmd.env_remove(key);
@@ -189,7 +198,14 @@ struct Package {
 fn inspect(dir: &Path) -> Result<Package, BuildError> {
     let manifest = dir.join("Cargo.toml");
     let out = clean_cargo()
-        .args(["metadata", "--format-version", "1", "--filter-platform", TARGET, "--manifest-path"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--filter-platform",
+            TARGET,
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .output()
         .map_err(io_err("running cargo metadata"))?;
@@ -208,18 +224,21 @@ fn inspect(dir: &Path) -> Result<Package, BuildError> {
         reason: reason.to_owned(),
     };
     let packages = meta["packages"].as_array().ok_or_else(|| not_fn("no packages"))?;
-    let by_id: HashMap<&str, &Value> = packages
-        .iter()
-        .filter_map(|p| Some((p["id"].as_str()?, p)))
-        .collect();
+    let by_id: HashMap<&str, &Value> = packages.iter().filter_map(|p| Some((p["id"].as_str()?, p))).collect();
     let root = packages
         .iter()
         .find(|p| p["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path()))
         .ok_or_else(|| not_fn("no package at this manifest"))?;
-    let name = root["name"].as_str().ok_or_else(|| not_fn("package without a name"))?.to_owned();
+    let name = root["name"]
+        .as_str()
+        .ok_or_else(|| not_fn("package without a name"))?
+        .to_owned();
     let lib = root["targets"]
         .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "lib"))))
+        .and_then(|ts| {
+            ts.iter()
+                .find(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "lib")))
+        })
         .ok_or_else(|| not_fn("it has no library target (src/lib.rs)"))?;
     let lib_name = lib["name"].as_str().unwrap_or(&name).replace('-', "_");
     let root_id = root["id"].as_str().unwrap_or_default();
@@ -340,7 +359,9 @@ fn toml_str(path: &Path) -> String {
 
 /// Builds the function crate in `dir` (see the crate docs for the steps).
 pub fn build(dir: &Path, opts: &BuildOptions) -> Result<Built, BuildError> {
-    let dir = dir.canonicalize().map_err(io_err(format!("no crate at {}", dir.display())))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(io_err(format!("no crate at {}", dir.display())))?;
     let pkg = inspect(&dir)?;
     let hash = input_hash(&pkg, opts)?;
     let artifacts = opts.cache_dir.join("artifacts");
@@ -420,9 +441,11 @@ fn compile(pkg: &Package, opts: &BuildOptions) -> Result<Vec<u8>, BuildError> {
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod wrapper script"))?;
     }
     // Separate target dirs per mode: cargo does not see the env var change.
-    let target_dir = opts
-        .cache_dir
-        .join(if opts.allow_unsafe { "target-unsafe-allowed" } else { "target" });
+    let target_dir = opts.cache_dir.join(if opts.allow_unsafe {
+        "target-unsafe-allowed"
+    } else {
+        "target"
+    });
     let mut cmd = clean_cargo();
     cmd.current_dir(&wrapper)
         .args(["rustc", "--release", "--lib", "--target", TARGET, "--manifest-path"])

@@ -77,7 +77,10 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
         return Err(rule(format!("machine {} is not x86-64", elf.header.e_machine)));
     }
     if elf.header.e_type != ET_DYN {
-        return Err(rule(format!("ELF type {} is not ET_DYN (a shared object)", elf.header.e_type)));
+        return Err(rule(format!(
+            "ELF type {} is not ET_DYN (a shared object)",
+            elf.header.e_type
+        )));
     }
     let file_len = u64::try_from(bytes.len()).map_err(|_| rule("file too large"))?;
 
@@ -87,13 +90,20 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
     for ph in &elf.program_headers {
         match ph.p_type {
             PT_INTERP => return Err(rule("has a program interpreter (PT_INTERP)")),
-            PT_TLS => return Err(rule("uses thread-local storage (PT_TLS), which runtimes do not provide")),
+            PT_TLS => {
+                return Err(rule(
+                    "uses thread-local storage (PT_TLS), which runtimes do not provide",
+                ));
+            }
             PT_DYNAMIC => has_dynamic = true,
             PT_LOAD => {
                 let writable = ph.p_flags & PF_W != 0;
                 let executable = ph.p_flags & PF_X != 0;
                 if writable && executable {
-                    return Err(rule(format!("segment at {:#x} is both writable and executable", ph.p_vaddr)));
+                    return Err(rule(format!(
+                        "segment at {:#x} is both writable and executable",
+                        ph.p_vaddr
+                    )));
                 }
                 let file_end = ph
                     .p_offset
@@ -132,7 +142,9 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
         return Err(rule("no dynamic section"));
     }
     if let Some(needed) = elf.libraries.first() {
-        return Err(rule(format!("depends on shared library `{needed}` (DT_NEEDED); artifacts must be self-contained")));
+        return Err(rule(format!(
+            "depends on shared library `{needed}` (DT_NEEDED); artifacts must be self-contained"
+        )));
     }
     if let Some(dynamic) = &elf.dynamic {
         for d in &dynamic.dyns {
@@ -195,7 +207,9 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
             }
         }
         let in_writable = segments.iter().any(|s| {
-            s.writable && reloc.r_offset >= s.vaddr && reloc.r_offset.saturating_add(8) <= s.vaddr.saturating_add(s.mem_size)
+            s.writable
+                && reloc.r_offset >= s.vaddr
+                && reloc.r_offset.saturating_add(8) <= s.vaddr.saturating_add(s.mem_size)
         });
         if reloc.r_type != R_X86_64_NONE && !in_writable {
             return Err(rule(format!(
@@ -206,13 +220,16 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
     }
 
     let find = |wanted: &str| {
-        elf.dynsyms.iter().find(|s| {
-            s.st_shndx != 0 && elf.dynstrtab.get_at(s.st_name) == Some(wanted)
-        })
+        elf.dynsyms
+            .iter()
+            .find(|s| s.st_shndx != 0 && elf.dynstrtab.get_at(s.st_name) == Some(wanted))
     };
     let segment_of = |addr: u64, size: u64| {
         segments.iter().find(|s| {
-            addr >= s.vaddr && addr.checked_add(size).is_some_and(|end| end <= s.vaddr.saturating_add(s.mem_size))
+            addr >= s.vaddr
+                && addr
+                    .checked_add(size)
+                    .is_some_and(|end| end <= s.vaddr.saturating_add(s.mem_size))
         })
     };
     let version = find(ABI_VERSION_SYMBOL)
@@ -227,7 +244,9 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .ok_or_else(|| rule(format!("`{ABI_VERSION_SYMBOL}` has no initialised value")))?;
     if found != ABI_VERSION {
-        return Err(rule(format!("built against ABI version {found}, this runtime speaks {ABI_VERSION}")));
+        return Err(rule(format!(
+            "built against ABI version {found}, this runtime speaks {ABI_VERSION}"
+        )));
     }
     let entry = |name: &str| -> Result<u64, VerifyError> {
         let sym = find(name).ok_or_else(|| rule(format!("entry symbol `{name}` is missing")))?;

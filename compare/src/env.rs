@@ -52,7 +52,11 @@ impl Environment {
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_else(|_| "unknown".to_owned()),
             virtualised,
-            kvm_usable: std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+            kvm_usable: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
             memory_mib,
             git_revision: command_output("git", &["rev-parse", "--short=12", "HEAD"])
                 .map(|rev| {
@@ -73,7 +77,11 @@ impl Environment {
             self.cores,
             self.memory_mib,
             self.kernel,
-            if self.virtualised { "itself virtualised" } else { "bare metal" },
+            if self.virtualised {
+                "itself virtualised"
+            } else {
+                "bare metal"
+            },
             if self.kvm_usable { "usable" } else { "unusable" },
             self.git_revision,
             self.date

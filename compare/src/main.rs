@@ -87,7 +87,10 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     if all || cli.experiment == Experiment::Memory {
         let rows = memory::run(&memory::default_steps(cli.quick), &config);
-        println!("memory: host memory of N deployed functions, each invoked once\n{}", report::memory_text(&rows));
+        println!(
+            "memory: host memory of N deployed functions, each invoked once\n{}",
+            report::memory_text(&rows)
+        );
         report.memory = Some(rows);
     }
     if all || cli.experiment == Experiment::Preemption {
@@ -113,7 +116,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
         if let Some(rows) = &report.preemption {
             plot::preemption_curve(rows, &dir.join("preemption.svg")).map_err(|e| e.to_string())?;
-            plots.push(("Throughput under preemption (Figure 2)".to_owned(), "preemption.svg".to_owned()));
+            plots.push((
+                "Throughput under preemption (Figure 2)".to_owned(),
+                "preemption.svg".to_owned(),
+            ));
         }
         std::fs::write(dir.join("report.json"), &json).map_err(|e| format!("writing report.json: {e}"))?;
         std::fs::write(dir.join("report.md"), report::markdown(&report, &plots))

@@ -54,7 +54,10 @@ pub fn latency_cdf(rows: &[Row], path: &Path) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(path, e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Start latency: dispatch to the function's first timestamp", ("sans-serif", 22))
+        .caption(
+            "Start latency: dispatch to the function's first timestamp",
+            ("sans-serif", 22),
+        )
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
@@ -95,14 +98,14 @@ pub fn preemption_curve(rows: &[preemption::Row], path: &Path) -> Result<(), Plo
         .iter()
         .filter_map(|r| Some((r.quantum_us? as f64, r.relative_pct?)))
         .collect();
-    let watchdog = rows
-        .iter()
-        .find(|r| r.mode == "watchdog")
-        .and_then(|r| r.relative_pct);
+    let watchdog = rows.iter().find(|r| r.mode == "watchdog").and_then(|r| r.relative_pct);
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(path, e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("SHA-512 throughput under preemption (language backend)", ("sans-serif", 22))
+        .caption(
+            "SHA-512 throughput under preemption (language backend)",
+            ("sans-serif", 22),
+        )
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)

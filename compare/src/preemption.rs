@@ -44,7 +44,14 @@ pub struct Row {
 pub fn run(time: Duration, base: &Config) -> Vec<Row> {
     let mut rows = Vec::new();
     let generous = Duration::from_secs(1);
-    rows.push(measure("none", None, generous, LanguagePreemption::Watchdog, time, base));
+    rows.push(measure(
+        "none",
+        None,
+        generous,
+        LanguagePreemption::Watchdog,
+        time,
+        base,
+    ));
     rows.push(measure(
         "watchdog",
         None,
@@ -103,8 +110,8 @@ fn measure(
             return row;
         }
     };
-    let deployed = microfaas::builtin("sha512")
-        .and_then(|a| backend.deploy(&FunctionSpec::new("sha512", a).with_budget(budget)));
+    let deployed =
+        microfaas::builtin("sha512").and_then(|a| backend.deploy(&FunctionSpec::new("sha512", a).with_budget(budget)));
     let id = match deployed {
         Ok(id) => id,
         Err(e) => {

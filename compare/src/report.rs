@@ -94,7 +94,11 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
             opt(e2e.map(|e| e.p99_us), 1),
             opt(r.throughput_per_s, 0),
             r.functions_deployed,
-            if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
+            if r.errors > 0 {
+                format!("  ({} errors)", r.errors)
+            } else {
+                String::new()
+            }
         );
     }
     s
@@ -103,7 +107,11 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
 /// The memory rows as a text table.
 pub fn memory_text(rows: &[memory::Row]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<9} {:>9} {:>12} {:>14} {:>10}", "backend", "functions", "memory MiB", "per fn KiB", "instances");
+    let _ = writeln!(
+        s,
+        "{:<9} {:>9} {:>12} {:>14} {:>10}",
+        "backend", "functions", "memory MiB", "per fn KiB", "instances"
+    );
     for r in rows {
         if let Some(reason) = &r.skipped {
             let _ = writeln!(s, "{:<9} {:>9} skipped: {}", r.backend, r.functions, reason);
@@ -163,7 +171,11 @@ pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
         );
     }
     if let Some(rows) = &report.memory {
-        let _ = writeln!(s, "## memory: resident memory for N deployed functions\n\n```text\n{}```\n", memory_text(rows));
+        let _ = writeln!(
+            s,
+            "## memory: resident memory for N deployed functions\n\n```text\n{}```\n",
+            memory_text(rows)
+        );
     }
     if let Some(rows) = &report.preemption {
         let _ = writeln!(

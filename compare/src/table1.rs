@@ -27,7 +27,11 @@ pub struct Options {
 impl Options {
     /// Defaults, or the `--quick` defaults.
     pub fn new(quick: bool, iterations: Option<u64>, functions: Option<usize>) -> Self {
-        let (warm, cold, fns, tput) = if quick { (300, 40, 8, 300) } else { (10_000, 1_000, 100, 2_000) };
+        let (warm, cold, fns, tput) = if quick {
+            (300, 40, 8, 300)
+        } else {
+            (10_000, 1_000, 100, 2_000)
+        };
         Self {
             warm_iterations: iterations.unwrap_or(warm),
             cold_iterations: iterations.unwrap_or(cold),
@@ -135,7 +139,10 @@ fn run_backend(kind: BackendKind, opts: &Options, config: &Config) -> Vec<Row> {
                 .collect();
         }
     };
-    let deploy = bar(u64::try_from(opts.functions).unwrap_or(0), &format!("{kind}: deploying noop"));
+    let deploy = bar(
+        u64::try_from(opts.functions).unwrap_or(0),
+        &format!("{kind}: deploying noop"),
+    );
     let mut ids = Vec::with_capacity(opts.functions);
     for i in 0..opts.functions {
         match backend.deploy(&FunctionSpec::new(format!("noop-{i}"), artifact.clone())) {
@@ -170,7 +177,11 @@ impl XorShift {
 }
 
 fn measure(backend: &dyn Backend, kind: BackendKind, start: StartPath, ids: &[FunctionId], opts: &Options) -> Row {
-    let iterations = if is_warm(start) { opts.warm_iterations } else { opts.cold_iterations };
+    let iterations = if is_warm(start) {
+        opts.warm_iterations
+    } else {
+        opts.cold_iterations
+    };
     let warmup = (iterations / 10).clamp(1, 500);
     let request = StartRequest::Force(start);
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);

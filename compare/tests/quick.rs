@@ -6,7 +6,10 @@ use std::process::Command;
 
 fn number_or_null(row: &Value, key: &str) -> Option<f64> {
     let v = &row[key];
-    assert!(v.is_number() || v.is_null(), "`{key}` must be a number or null in {row}");
+    assert!(
+        v.is_number() || v.is_null(),
+        "`{key}` must be a number or null in {row}"
+    );
     v.as_f64()
 }
 
@@ -22,7 +25,11 @@ fn quick_suite_writes_a_valid_report() {
         .output()
         .expect("running compare");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "compare failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "compare failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("table1"), "{stdout}");
 
     let doc: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
@@ -70,12 +77,19 @@ fn quick_suite_writes_a_valid_report() {
     }
     // The process baseline always runs on Linux.
     for start in ["warm", "cold"] {
-        let row = rows.iter().find(|r| r["backend"] == "process" && r["start"] == start).unwrap();
+        let row = rows
+            .iter()
+            .find(|r| r["backend"] == "process" && r["start"] == start)
+            .unwrap();
         assert!(row["skipped"].is_null(), "process {start} was skipped: {row}");
     }
 
     let memory = doc["memory"].as_array().expect("memory rows");
-    assert!(memory.iter().any(|r| r["backend"] == "process" && r["memory_mib"].as_f64().is_some_and(|m| m > 0.0)));
+    assert!(
+        memory
+            .iter()
+            .any(|r| r["backend"] == "process" && r["memory_mib"].as_f64().is_some_and(|m| m > 0.0))
+    );
 
     let report = dir.path().join("report");
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();

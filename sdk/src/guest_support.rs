@@ -126,10 +126,7 @@ pub mod __private {
     ///
     /// # Safety
     /// `host` must point to a valid `HostServices` for the whole call.
-    pub unsafe fn run_init(
-        host: *const HostServices,
-        init: fn() -> Result<(), crate::Error>,
-    ) -> u32 {
+    pub unsafe fn run_init(host: *const HostServices, init: fn() -> Result<(), crate::Error>) -> u32 {
         // SAFETY: caller contract.
         let Some(table) = (unsafe { host.as_ref() }) else {
             return status::BAD_ABI;

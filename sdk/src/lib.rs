@@ -40,13 +40,13 @@ use core::fmt;
 
 mod guest_support;
 
+#[doc(hidden)]
+pub use guest_support::__private;
 /// A cell set once (typically in `init`) and read by every later call:
 /// how a function keeps state such as a precomputed table, in safe code.
 /// Set it in `init`, not in `handle`: memory a `handle` call allocates may be
 /// discarded with that call (runtimes reclaim per-invocation heaps).
 pub use once_cell::race::OnceBox;
-#[doc(hidden)]
-pub use guest_support::__private;
 
 /// Version of this ABI. Bumped on any change to a type or symbol below.
 pub const ABI_VERSION: u32 = 1;
@@ -66,25 +66,16 @@ pub const ALLOWED_IMPORTS: &[&str] = &["memcpy", "memmove", "memset", "memcmp", 
 /// Signature of [`INIT_SYMBOL`].
 pub type InitFn = unsafe extern "C" fn(host: *const HostServices) -> u32;
 /// Signature of [`HANDLE_SYMBOL`].
-pub type HandleFn = unsafe extern "C" fn(
-    host: *const HostServices,
-    input: *const u8,
-    input_len: usize,
-    result: *mut HandleResult,
-);
+pub type HandleFn =
+    unsafe extern "C" fn(host: *const HostServices, input: *const u8, input_len: usize, result: *mut HandleResult);
 
 /// Allocate `size` bytes aligned to `align`; null means refused.
 pub type AllocFn = unsafe extern "C" fn(ctx: *mut c_void, size: usize, align: usize) -> *mut u8;
 /// Free a block previously returned by `alloc`/`realloc` with the same layout.
 pub type DeallocFn = unsafe extern "C" fn(ctx: *mut c_void, ptr: *mut u8, size: usize, align: usize);
 /// Grow or shrink a block; null means refused (the old block stays valid).
-pub type ReallocFn = unsafe extern "C" fn(
-    ctx: *mut c_void,
-    ptr: *mut u8,
-    old_size: usize,
-    align: usize,
-    new_size: usize,
-) -> *mut u8;
+pub type ReallocFn =
+    unsafe extern "C" fn(ctx: *mut c_void, ptr: *mut u8, old_size: usize, align: usize, new_size: usize) -> *mut u8;
 /// Monotonic clock in nanoseconds, comparable with the host's `CLOCK_MONOTONIC`.
 pub type ClockFn = unsafe extern "C" fn(ctx: *mut c_void) -> u64;
 /// Mark the checkpoint: the work before it depends only on the input. Returns
@@ -299,9 +290,7 @@ macro_rules! artifact_entry {
             result: *mut $crate::HandleResult,
         ) {
             // SAFETY: forwarded caller contract.
-            unsafe {
-                $crate::__private::run_handle(host, input, input_len, result, $krate::__microfaas_handle)
-            }
+            unsafe { $crate::__private::run_handle(host, input, input_len, result, $krate::__microfaas_handle) }
         }
     };
 }

@@ -3,8 +3,7 @@
 //! [`Backend`] trait, its errors mapped onto [`Error`].
 
 use crate::{
-    Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, StartPath,
-    StartRequest, Stats, Timings,
+    Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, StartPath, StartRequest, Stats, Timings,
 };
 use lang_isolation::process::{ProcessConfig, ProcessError, ProcessHost, Served, StartMode};
 use std::path::Path;
@@ -48,12 +47,7 @@ impl Backend for ProcessBackend {
         Ok(FunctionId::new(&spec.name))
     }
 
-    fn invoke(
-        &self,
-        id: &FunctionId,
-        input: &[u8],
-        start: StartRequest,
-    ) -> Result<Invocation, Error> {
+    fn invoke(&self, id: &FunctionId, input: &[u8], start: StartRequest) -> Result<Invocation, Error> {
         let mode = match start {
             StartRequest::Auto | StartRequest::Force(StartPath::Warm) => StartMode::Warm,
             StartRequest::Force(StartPath::Cold) => StartMode::Cold,
@@ -64,10 +58,7 @@ impl Backend for ProcessBackend {
                 });
             }
         };
-        let done = self
-            .host
-            .invoke(id.name(), input, mode)
-            .map_err(map_error)?;
+        let done = self.host.invoke(id.name(), input, mode).map_err(map_error)?;
         Ok(Invocation {
             output: done.output,
             start: match done.served {
@@ -101,28 +92,20 @@ impl Backend for ProcessBackend {
 /// The process backend's errors as the shared [`Error`].
 fn map_error(e: ProcessError) -> Error {
     match e {
-        ProcessError::RunnerMissing { .. } | ProcessError::BadConfig { .. } => {
-            Error::BackendUnavailable {
-                backend: BackendKind::Process,
-                reason: e.to_string(),
-            }
-        }
+        ProcessError::RunnerMissing { .. } | ProcessError::BadConfig { .. } => Error::BackendUnavailable {
+            backend: BackendKind::Process,
+            reason: e.to_string(),
+        },
         ProcessError::UnknownFunction { name } => Error::UnknownFunction { name },
         ProcessError::InputTooLarge { len, limit } => Error::InputTooLarge { len, limit },
         ProcessError::OutputTooLarge { len, limit } => Error::OutputTooLarge { len, limit },
         ProcessError::BudgetExceeded { name, budget } => Error::BudgetExceeded { name, budget },
         ProcessError::Panicked { name, message } => Error::Panicked { name, message },
-        ProcessError::OutOfMemory {
-            name, limit_bytes, ..
-        } => Error::OutOfMemory { name, limit_bytes },
-        ProcessError::StackOverflow { name, stack_bytes } => {
-            Error::StackOverflow { name, stack_bytes }
-        }
+        ProcessError::OutOfMemory { name, limit_bytes, .. } => Error::OutOfMemory { name, limit_bytes },
+        ProcessError::StackOverflow { name, stack_bytes } => Error::StackOverflow { name, stack_bytes },
         ProcessError::FunctionFailed { name, message } => Error::FunctionFailed { name, message },
         ProcessError::InitFailed { name, message } => Error::InitFailed { name, message },
-        ProcessError::LoadFailed {
-            artifact, message, ..
-        } => Error::InvalidArtifact {
+        ProcessError::LoadFailed { artifact, message, .. } => Error::InvalidArtifact {
             path: artifact,
             reason: message,
         },

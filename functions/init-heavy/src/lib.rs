@@ -26,9 +26,7 @@ fn init() -> Result<(), Error> {
         }
         table.push(x);
     }
-    TABLE
-        .set(Box::new(table))
-        .map_err(|_| Error::new("init ran twice"))
+    TABLE.set(Box::new(table)).map_err(|_| Error::new("init ran twice"))
 }
 
 fn handle(input: &[u8]) -> Result<Vec<u8>, Error> {

@@ -13,9 +13,6 @@
 // runtime defines none, and the C runtime calls this with the usual
 // arguments, which are unused (std reads them itself).
 #[unsafe(no_mangle)]
-extern "C" fn main(
-    _argc: std::ffi::c_int,
-    _argv: *const *const std::ffi::c_char,
-) -> std::ffi::c_int {
+extern "C" fn main(_argc: std::ffi::c_int, _argv: *const *const std::ffi::c_char) -> std::ffi::c_int {
     std::ffi::c_int::from(lang_isolation::process::runner::main())
 }

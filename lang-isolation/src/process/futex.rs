@@ -18,23 +18,11 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> Woken
         tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_nsec: libc::c_long::from(t.subsec_nanos()),
     });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a live, aligned u32 in shared memory; `ts_ptr` is
     // null or a valid timespec. FUTEX_WAIT without the private flag works
     // across processes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            ts_ptr,
-            0,
-            0,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr, 0, 0) };
     if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT) {
         Woken::TimedOut
     } else {
@@ -63,13 +51,7 @@ const FUTEX2_SIZE_U32: u32 = 0x02;
 
 /// Blocks while `a == a_expected` and `b == b_expected`, until the absolute
 /// `CLOCK_MONOTONIC` deadline `deadline_ns`.
-pub fn wait_either(
-    a: &AtomicU32,
-    a_expected: u32,
-    b: &AtomicU32,
-    b_expected: u32,
-    deadline_ns: u64,
-) -> Woken {
+pub fn wait_either(a: &AtomicU32, a_expected: u32, b: &AtomicU32, b_expected: u32, deadline_ns: u64) -> Woken {
     let addr = |w: &AtomicU32| u64::try_from(w.as_ptr().addr()).unwrap_or(0);
     let waiters = [
         FutexWaitv {

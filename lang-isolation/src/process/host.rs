@@ -51,18 +51,16 @@ impl ProcessHost {
                 path: config.runner_bin.clone(),
             });
         }
-        let layout = Layout::new(config.input_limit_bytes, config.output_limit_bytes).ok_or(
-            ProcessError::BadConfig {
+        let layout =
+            Layout::new(config.input_limit_bytes, config.output_limit_bytes).ok_or(ProcessError::BadConfig {
                 detail: "input and output limits overflow the address space".to_owned(),
-            },
-        )?;
+            })?;
         let limits = RunnerLimits {
             layout,
             heap_limit_bytes: config.heap_limit_bytes,
             stack_bytes: config.stack_bytes,
         };
-        let tracker =
-            Tracker::new().map_err(|e| ProcessError::io("starting the reaper thread", e))?;
+        let tracker = Tracker::new().map_err(|e| ProcessError::io("starting the reaper thread", e))?;
         Ok(Self {
             config,
             limits,
@@ -78,12 +76,7 @@ impl ProcessHost {
 
     /// Deploys (or replaces) `name`: spawns its warm runners and waits for
     /// their `init()`.
-    pub fn deploy(
-        &self,
-        name: &str,
-        artifact: &Path,
-        budget: Duration,
-    ) -> Result<(), ProcessError> {
+    pub fn deploy(&self, name: &str, artifact: &Path, budget: Duration) -> Result<(), ProcessError> {
         let slot = Arc::new(Slot {
             name: name.to_owned(),
             artifact: artifact.to_owned(),
@@ -118,9 +111,7 @@ impl ProcessHost {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(name)
             .cloned()
-            .ok_or_else(|| ProcessError::UnknownFunction {
-                name: name.to_owned(),
-            })
+            .ok_or_else(|| ProcessError::UnknownFunction { name: name.to_owned() })
     }
 
     /// Kills `name`'s warm runners, so its next invocation starts a new one.
@@ -151,12 +142,7 @@ impl ProcessHost {
 
     /// Runs `name` once on `input`, warm (a pooled runner) or cold (a new
     /// runner just for this request).
-    pub fn invoke(
-        &self,
-        name: &str,
-        input: &[u8],
-        mode: StartMode,
-    ) -> Result<Completed, ProcessError> {
+    pub fn invoke(&self, name: &str, input: &[u8], mode: StartMode) -> Result<Completed, ProcessError> {
         let t0 = monotonic_ns();
         if input.len() > self.config.input_limit_bytes {
             return Err(ProcessError::InputTooLarge {
@@ -230,13 +216,7 @@ impl ProcessHost {
     }
 
     /// Waits for the reply to the request in flight and decodes it.
-    fn finish(
-        &self,
-        slot: &Slot,
-        runner: &mut Runner,
-        deadline: u64,
-        t0: u64,
-    ) -> Result<Completed, ProcessError> {
+    fn finish(&self, slot: &Slot, runner: &mut Runner, deadline: u64, t0: u64) -> Result<Completed, ProcessError> {
         match runner.wait_until(|s| s == state::REPLY, deadline) {
             WaitEnd::Reached(_) => {}
             WaitEnd::Died => return Err(crashed(slot, runner.reap_dead())),
@@ -305,10 +285,7 @@ impl ProcessHost {
                 kind::STACK_OVERFLOW => "init() overflowed its stack".to_owned(),
                 _ => message,
             };
-            return ProcessError::InitFailed {
-                name,
-                message: what,
-            };
+            return ProcessError::InitFailed { name, message: what };
         }
         match k {
             kind::FUNCTION_ERROR => ProcessError::FunctionFailed { name, message },
@@ -322,18 +299,12 @@ impl ProcessHost {
                 name,
                 stack_bytes: self.config.stack_bytes,
             },
-            kind::FAULT => ProcessError::Crashed {
-                name,
-                detail: message,
-            },
+            kind::FAULT => ProcessError::Crashed { name, detail: message },
             kind::OUTPUT_TOO_LARGE => ProcessError::OutputTooLarge {
                 len: usize::try_from(value).unwrap_or(usize::MAX),
                 limit: self.config.output_limit_bytes,
             },
-            _ => ProcessError::MalformedReply {
-                name,
-                detail: message,
-            },
+            _ => ProcessError::MalformedReply { name, detail: message },
         }
     }
 
@@ -357,8 +328,7 @@ impl ProcessHost {
                         message_len,
                         value,
                     }) => {
-                        let message =
-                            String::from_utf8_lossy(&runner.output(message_len)).into_owned();
+                        let message = String::from_utf8_lossy(&runner.output(message_len)).into_owned();
                         self.failure(slot, k, p, message, value)
                     }
                     Ok(Reply::Output { .. }) => ProcessError::MalformedReply {

@@ -230,11 +230,7 @@ pub struct RawReply {
 
 /// Checks a reply against the request it should answer and the output
 /// buffer's capacity.
-pub fn decode_reply(
-    raw: RawReply,
-    expected_sequence: u64,
-    output_capacity: usize,
-) -> Result<Reply, ProtocolError> {
+pub fn decode_reply(raw: RawReply, expected_sequence: u64, output_capacity: usize) -> Result<Reply, ProtocolError> {
     if raw.sequence != expected_sequence {
         return Err(ProtocolError::WrongSequence {
             expected: expected_sequence,
@@ -286,24 +282,15 @@ mod tests {
 
     #[test]
     fn ok_reply_within_capacity() {
-        assert_eq!(
-            decode_reply(raw(kind::OK, 0), 7, 10),
-            Ok(Reply::Output { len: 0 })
-        );
-        assert_eq!(
-            decode_reply(raw(kind::OK, 10), 7, 10),
-            Ok(Reply::Output { len: 10 })
-        );
+        assert_eq!(decode_reply(raw(kind::OK, 0), 7, 10), Ok(Reply::Output { len: 0 }));
+        assert_eq!(decode_reply(raw(kind::OK, 10), 7, 10), Ok(Reply::Output { len: 10 }));
     }
 
     #[test]
     fn lengths_from_the_child_are_not_trusted() {
         assert_eq!(
             decode_reply(raw(kind::OK, 11), 7, 10),
-            Err(ProtocolError::TooLong {
-                len: 11,
-                capacity: 10
-            })
+            Err(ProtocolError::TooLong { len: 11, capacity: 10 })
         );
         assert!(decode_reply(raw(kind::OK, u64::MAX), 7, 1 << 30).is_err());
         assert!(decode_reply(raw(kind::PANICKED, 1 << 40), 7, 4096).is_err());
@@ -329,14 +316,8 @@ mod tests {
             decode_reply(raw(kind::OK, 0), 8, 10),
             Err(ProtocolError::WrongSequence { .. })
         ));
-        assert_eq!(
-            decode_reply(raw(0, 0), 7, 10),
-            Err(ProtocolError::UnknownKind(0))
-        );
-        assert_eq!(
-            decode_reply(raw(99, 0), 7, 10),
-            Err(ProtocolError::UnknownKind(99))
-        );
+        assert_eq!(decode_reply(raw(0, 0), 7, 10), Err(ProtocolError::UnknownKind(0)));
+        assert_eq!(decode_reply(raw(99, 0), 7, 10), Err(ProtocolError::UnknownKind(99)));
         let mut r = raw(kind::OK, 0);
         r.phase = 5;
         assert_eq!(decode_reply(r, 7, 10), Err(ProtocolError::UnknownPhase(5)));

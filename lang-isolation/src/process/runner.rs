@@ -55,9 +55,7 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
 pub fn main() -> u8 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some(args) = parse_args(&args) else {
-        eprintln!(
-            "usage: microfaas-runner --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})"
-        );
+        eprintln!("usage: microfaas-runner --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})");
         return EXIT_USAGE;
     };
     // SAFETY: F_GETFD only inspects the descriptor table.
@@ -82,8 +80,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
     let h = region.header();
     let parent = std::os::unix::process::parent_id();
     let config = InstanceConfig {
-        heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed))
-            .unwrap_or(usize::MAX),
+        heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
         stack_bytes: usize::try_from(h.stack_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
     };
     let function = match LoadedFunction::load(&args.artifact) {
@@ -100,12 +97,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
     }
     h.ready_ns.store(monotonic_ns(), Ordering::Relaxed);
     if h.state
-        .compare_exchange(
-            state::BOOTING,
-            state::READY,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
+        .compare_exchange(state::BOOTING, state::READY, Ordering::AcqRel, Ordering::Acquire)
         .is_ok()
     {
         futex::wake(&h.state);
@@ -146,15 +138,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
                 h.entered_ns.store(output.entered_ns, Ordering::Relaxed);
                 h.returned_ns.store(output.returned_ns, Ordering::Relaxed);
                 if region.write_output(bytes).is_ok() {
-                    post(
-                        region,
-                        sequence,
-                        kind::OK,
-                        phase::HANDLE,
-                        &[],
-                        bytes.len(),
-                        false,
-                    );
+                    post(region, sequence, kind::OK, phase::HANDLE, &[], bytes.len(), false);
                 } else {
                     post_value(region, sequence, kind::OUTPUT_TOO_LARGE, bytes.len());
                 }
@@ -164,15 +148,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
                 let (k, message, value) = describe(&failure);
                 // Only a returned error leaves the instance trustworthy.
                 let fatal = !matches!(failure, Failure::FunctionError { .. });
-                post(
-                    region,
-                    sequence,
-                    k,
-                    phase::HANDLE,
-                    message.as_bytes(),
-                    value,
-                    fatal,
-                );
+                post(region, sequence, k, phase::HANDLE, message.as_bytes(), value, fatal);
                 fatal
             }
         };
@@ -202,13 +178,8 @@ fn describe(failure: &Failure) -> (u32, String, u64) {
     match failure {
         Failure::FunctionError { message } => (kind::FUNCTION_ERROR, message.clone(), 0),
         Failure::Panicked { message } => (kind::PANICKED, message.clone(), 0),
-        Failure::OutOfMemory {
-            message,
-            limit_bytes,
-        } => (kind::OUT_OF_MEMORY, message.clone(), as_u64(*limit_bytes)),
-        Failure::StackOverflow { stack_bytes } => {
-            (kind::STACK_OVERFLOW, String::new(), as_u64(*stack_bytes))
-        }
+        Failure::OutOfMemory { message, limit_bytes } => (kind::OUT_OF_MEMORY, message.clone(), as_u64(*limit_bytes)),
+        Failure::StackOverflow { stack_bytes } => (kind::STACK_OVERFLOW, String::new(), as_u64(*stack_bytes)),
         Failure::Fault { .. } => (kind::FAULT, failure.to_string(), 0),
         Failure::Preempted | Failure::BadAbi | Failure::Malformed { .. } | Failure::Poisoned => {
             (kind::MALFORMED, failure.to_string(), 0)
@@ -321,10 +292,7 @@ mod tests {
                 artifact: "/x.so".into()
             })
         );
-        assert_eq!(
-            parse_args(&a(&["--warm", "/x.so"])).map(|r| r.once),
-            Some(false)
-        );
+        assert_eq!(parse_args(&a(&["--warm", "/x.so"])).map(|r| r.once), Some(false));
         assert_eq!(parse_args(&a(&["--cold", "/x.so"])), None);
         assert_eq!(parse_args(&a(&["--warm"])), None);
     }

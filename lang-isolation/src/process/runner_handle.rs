@@ -54,9 +54,7 @@ impl Tracker {
 
     /// Reaps `pid` in the background (or now, if the reaper is gone).
     fn reap_later(&self, pid: libc::pid_t) {
-        let sent = lock(&self.reaper)
-            .as_ref()
-            .is_some_and(|tx| tx.send(pid).is_ok());
+        let sent = lock(&self.reaper).as_ref().is_some_and(|tx| tx.send(pid).is_ok());
         if !sent {
             wait_blocking(pid);
             self.forget(pid);
@@ -159,9 +157,8 @@ impl Runner {
         request: Option<&[u8]>,
         generation: u64,
     ) -> Result<Self, ProcessError> {
-        let region =
-            SharedRegion::create(limits.layout, limits.heap_limit_bytes, limits.stack_bytes)
-                .map_err(|e| ProcessError::io("creating the runner's shared region", e))?;
+        let region = SharedRegion::create(limits.layout, limits.heap_limit_bytes, limits.stack_bytes)
+            .map_err(|e| ProcessError::io("creating the runner's shared region", e))?;
         let mut sequence = 0;
         let mode = match request {
             Some(input) => {
@@ -191,8 +188,7 @@ impl Runner {
 
     /// Whether the runner is known to be dead.
     pub fn is_dead(&self) -> bool {
-        self.reaped.is_some()
-            || self.header().alive.load(Ordering::Acquire) & robust::FUTEX_OWNER_DIED != 0
+        self.reaped.is_some() || self.header().alive.load(Ordering::Acquire) & robust::FUTEX_OWNER_DIED != 0
     }
 
     /// Waits until the state satisfies `done`, the runner dies, or
@@ -201,10 +197,7 @@ impl Runner {
         loop {
             let (s, alive) = {
                 let h = self.region.header();
-                (
-                    h.state.load(Ordering::Acquire),
-                    h.alive.load(Ordering::Acquire),
-                )
+                (h.state.load(Ordering::Acquire), h.alive.load(Ordering::Acquire))
             };
             if done(s) {
                 return WaitEnd::Reached(s);
@@ -212,11 +205,7 @@ impl Runner {
             let state_now = |r: &Self| r.region.header().state.load(Ordering::Acquire);
             if alive & robust::FUTEX_OWNER_DIED != 0 {
                 let s = state_now(self);
-                return if done(s) {
-                    WaitEnd::Reached(s)
-                } else {
-                    WaitEnd::Died
-                };
+                return if done(s) { WaitEnd::Reached(s) } else { WaitEnd::Died };
             }
             let now = monotonic_ns();
             if now >= deadline_ns {
@@ -227,11 +216,7 @@ impl Runner {
             let slice_end = if alive == 0 {
                 if self.try_reap() {
                     let s = state_now(self);
-                    return if done(s) {
-                        WaitEnd::Reached(s)
-                    } else {
-                        WaitEnd::Died
-                    };
+                    return if done(s) { WaitEnd::Reached(s) } else { WaitEnd::Died };
                 }
                 deadline_ns.min(now.saturating_add(2_000_000))
             } else {
@@ -324,17 +309,13 @@ impl Drop for Runner {
 }
 
 fn post_request(region: &SharedRegion, sequence: u64, input: &[u8]) -> Result<(), ProcessError> {
-    region
-        .write_input(input)
-        .map_err(|limit| ProcessError::InputTooLarge {
-            len: input.len(),
-            limit,
-        })?;
+    region.write_input(input).map_err(|limit| ProcessError::InputTooLarge {
+        len: input.len(),
+        limit,
+    })?;
     let h = region.header();
-    h.input_len.store(
-        u64::try_from(input.len()).unwrap_or(u64::MAX),
-        Ordering::Relaxed,
-    );
+    h.input_len
+        .store(u64::try_from(input.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
     h.sequence.store(sequence, Ordering::Relaxed);
     h.state.store(state::REQUEST, Ordering::Release);
     futex::wake(&h.state);

@@ -42,12 +42,10 @@ impl SharedRegion {
         let region = Self::map(fd, layout)?;
         let h = region.header();
         let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        h.input_capacity
-            .store(as_u64(layout.input_capacity), Ordering::Relaxed);
+        h.input_capacity.store(as_u64(layout.input_capacity), Ordering::Relaxed);
         h.output_capacity
             .store(as_u64(layout.output_capacity), Ordering::Relaxed);
-        h.heap_limit_bytes
-            .store(as_u64(heap_limit_bytes), Ordering::Relaxed);
+        h.heap_limit_bytes.store(as_u64(heap_limit_bytes), Ordering::Relaxed);
         h.stack_bytes.store(as_u64(stack_bytes), Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Relaxed);
         h.version.store(PROTOCOL_VERSION, Ordering::Release);
@@ -64,16 +62,13 @@ impl SharedRegion {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: filled by fstat.
-        let file_size = usize::try_from(unsafe { st.assume_init() }.st_size)
-            .map_err(|_| bad("bad region size"))?;
+        let file_size = usize::try_from(unsafe { st.assume_init() }.st_size).map_err(|_| bad("bad region size"))?;
         if file_size < HEADER_BYTES {
             return Err(bad("region smaller than its header"));
         }
         let header_only = Self::map(fd, Layout::new(0, 0).ok_or_else(|| bad("layout"))?)?;
         let h = header_only.header();
-        if h.magic.load(Ordering::Acquire) != MAGIC
-            || h.version.load(Ordering::Acquire) != PROTOCOL_VERSION
-        {
+        if h.magic.load(Ordering::Acquire) != MAGIC || h.version.load(Ordering::Acquire) != PROTOCOL_VERSION {
             return Err(bad("region magic or version mismatch"));
         }
         let cap = |v: u64| usize::try_from(v).map_err(|_| bad("capacity"));
@@ -105,8 +100,7 @@ impl SharedRegion {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Self { fd, base, layout })
     }
 
@@ -164,9 +158,7 @@ impl SharedRegion {
         // SAFETY: in bounds (checked); the host does not write the input
         // buffer while a request is in flight (protocol), and u8 has no
         // invalid values.
-        Some(unsafe {
-            std::slice::from_raw_parts(self.base.as_ptr().add(self.layout.input_offset), len)
-        })
+        Some(unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(self.layout.input_offset), len) })
     }
 
     /// Copies the first `len` bytes of the output buffer out (host side;
@@ -180,11 +172,7 @@ impl SharedRegion {
         // child could still scribble on the buffer: we copy raw bytes, so a
         // torn copy is only wrong data, never undefined values.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.base.as_ptr().add(self.layout.output_offset),
-                out.as_mut_ptr(),
-                len,
-            );
+            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(self.layout.output_offset), out.as_mut_ptr(), len);
             out.set_len(len);
         }
         Some(out)

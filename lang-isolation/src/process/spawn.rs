@@ -34,18 +34,12 @@ pub enum RunnerMode {
 }
 
 fn cstring(s: &OsStr) -> io::Result<CString> {
-    CString::new(s.as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument"))
+    CString::new(s.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument"))
 }
 
 /// Spawns `runner_bin` for `artifact` with `shm_fd` as its fd 3. Returns its
 /// pid; the caller must reap it.
-pub fn spawn_runner(
-    runner_bin: &Path,
-    artifact: &Path,
-    shm_fd: RawFd,
-    mode: RunnerMode,
-) -> io::Result<libc::pid_t> {
+pub fn spawn_runner(runner_bin: &Path, artifact: &Path, shm_fd: RawFd, mode: RunnerMode) -> io::Result<libc::pid_t> {
     let mode_arg = match mode {
         RunnerMode::Warm => "--warm",
         RunnerMode::Once => "--once",
@@ -97,9 +91,7 @@ pub fn spawn_runner(
             ))?;
             check(libc::posix_spawnattr_setsigdefault(attr, &defaults))?;
             check(libc::posix_spawnattr_setsigmask(attr, &empty))?;
-            check(libc::posix_spawn_file_actions_adddup2(
-                actions, shm_fd, SHM_FD,
-            ))?;
+            check(libc::posix_spawn_file_actions_adddup2(actions, shm_fd, SHM_FD))?;
             check(libc::posix_spawn_file_actions_addopen(
                 actions,
                 0,
