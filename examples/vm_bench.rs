@@ -1,8 +1,9 @@
-//! Benchmarks of the `vm` backend (not timed tests: `#[ignore]`d, run with
-//! `cargo test --release -p microfaas --test vm_bench -- --ignored --nocapture`):
+//! Benchmarks of the `vm` backend (a benchmark, not a timed test; run with
+//! `cargo run --release --example vm_bench`):
 //! hot `noop` latency, cold boot to first reply with where the time goes,
 //! and `sha512` throughput in the guest against native code.
 
+#[path = "../tests/vm_common/mod.rs"]
 mod vm_common;
 
 use microfaas::{BackendKind, FunctionSpec, StartPath, StartRequest};
@@ -28,8 +29,6 @@ fn summary(name: &str, mut ns: Vec<u64>) -> u64 {
     p50
 }
 
-#[test]
-#[ignore = "benchmark"]
 fn bench_hot_noop() {
     let Some(b) = vm_common::open_vm(vm_common::config()) else {
         return;
@@ -73,8 +72,6 @@ fn bench_hot_noop() {
     summary("hot noop total, hot_spin_us = 1000", total);
 }
 
-#[test]
-#[ignore = "benchmark"]
 fn bench_cold_boot() {
     let Some(vmm) = vm_common::open_vmm() else {
         return;
@@ -147,8 +144,6 @@ fn bench_cold_boot() {
     summary("cold noop via the trait (Force(Cold), total)", cold);
 }
 
-#[test]
-#[ignore = "benchmark"]
 fn bench_sha512_throughput() {
     let Some(b) = vm_common::open_vm(vm_common::config()) else {
         return;
@@ -237,8 +232,6 @@ fn thread_cpu_ns() -> u64 {
 /// The same comparison in CPU time rather than wall time, which the load of
 /// a shared machine disturbs far less: the vCPU thread's CPU time for one
 /// guest invocation against this thread's for the same work natively.
-#[test]
-#[ignore = "benchmark"]
 fn bench_sha512_cpu_time() {
     let Some(vmm) = vm_common::open_vmm() else { return };
     let sha = microfaas::builtin("sha512").unwrap();
@@ -265,4 +258,11 @@ fn bench_sha512_cpu_time() {
     let g = summary("sha512 x100000 in the guest (vCPU thread CPU time)", guest);
     let n = summary("sha512 x100000 native (thread CPU time)", native);
     eprintln!("guest / native CPU time: {:.3}", g as f64 / n as f64);
+}
+
+fn main() {
+    bench_hot_noop();
+    bench_cold_boot();
+    bench_sha512_throughput();
+    bench_sha512_cpu_time();
 }
