@@ -101,6 +101,11 @@ fn throughput(
 }
 
 fn main() -> Result<(), microfaas::Error> {
+    // The caller plays the dispatcher: core 0, as the paper's dispatcher
+    // core (the backend pins its worker to core 1 and its watchdog to 0).
+    let mut core0 = nix::sched::CpuSet::new();
+    core0.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &core0).expect("pinning the caller");
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
 
     println!("== noop latency, 1 worker, {n} invocations (us) ==");
@@ -134,8 +139,8 @@ fn main() -> Result<(), microfaas::Error> {
     // Throughput: each configuration runs REPS times, interleaved with the
     // others, and the best run counts (the least disturbed by other load on
     // this shared host).
-    const REPS: usize = 3;
-    let secs = 1.0;
+    const REPS: usize = 5;
+    let secs = 0.6;
     let long = Duration::from_secs(1);
     println!();
     println!("== SHA-512 throughput relative to no preemption (1 worker, best of {REPS} x {secs} s) ==");

@@ -79,7 +79,7 @@ fn no_leaks_after_100k_invocations_and_10k_preemptions() {
     let b = open(one_worker());
     let noop = deploy(b.as_ref(), "noop", Duration::from_secs(1));
     let echo = deploy(b.as_ref(), "echo", Duration::from_secs(1));
-    let spin = deploy(b.as_ref(), "spin", Duration::from_micros(100));
+    let spin = deploy(b.as_ref(), "spin", Duration::from_micros(20));
     let round = |invocations: u32, preemptions: u32| {
         let every = invocations / preemptions.max(1);
         for i in 0..invocations {

@@ -32,3 +32,34 @@ fn two_thousand_functions_deployed_at_once_all_answer() {
         }
     }
 }
+
+/// Functions deployed from one artifact share its loaded image in a worker;
+/// evicting one leaves the others warm, and the image goes only with the last.
+#[test]
+fn evicting_one_of_two_functions_sharing_an_image() {
+    let config = Config {
+        language: microfaas::LanguageConfig {
+            workers: Some(1),
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let b: Box<dyn Backend> = microfaas::open(BackendKind::Language, config).unwrap();
+    let echo = microfaas::builtin("echo").unwrap();
+    let a = b.deploy(&FunctionSpec::new("a", echo.clone())).unwrap();
+    let c = b.deploy(&FunctionSpec::new("c", echo)).unwrap();
+    let start = |id| b.invoke(id, b"x", StartRequest::Auto).unwrap().start;
+    b.evict(&a).unwrap();
+    assert_eq!(start(&c), microfaas::StartPath::Warm);
+    assert_eq!(start(&a), microfaas::StartPath::Cold);
+    assert_eq!(
+        start(&a),
+        microfaas::StartPath::Warm,
+        "made resident again after the cold start"
+    );
+    b.evict(&a).unwrap();
+    b.evict(&c).unwrap();
+    assert_eq!(start(&c), microfaas::StartPath::Cold);
+    assert_eq!(start(&c), microfaas::StartPath::Warm);
+    assert_eq!(start(&a), microfaas::StartPath::Cold);
+}

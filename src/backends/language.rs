@@ -140,13 +140,17 @@ impl Backend for LanguageBackend {
                 "blacklisted".to_owned(),
                 u64::try_from(s.blacklisted).unwrap_or(u64::MAX),
             ),
+            (
+                "resident_functions".to_owned(),
+                u64::try_from(s.resident).unwrap_or(u64::MAX),
+            ),
         ];
         for (i, pid) in s.worker_pids.iter().enumerate() {
             extra.push((format!("worker{i}_pid"), u64::from(*pid)));
         }
         Stats {
             functions: s.functions,
-            instances: s.resident.saturating_mul(workers),
+            instances: s.images.saturating_mul(workers),
             memory_bytes: s.worker_rss_bytes,
             extra,
         }

@@ -128,6 +128,9 @@ pub struct DispatcherStats {
     pub functions: usize,
     /// Of them, resident (preloaded).
     pub resident: usize,
+    /// Distinct artifacts loaded per worker (resident functions deployed
+    /// from the same file share one loaded image in a worker).
+    pub images: usize,
     /// Worker pids (0 = none right now).
     pub worker_pids: Vec<u32>,
     /// Sum of the workers' resident sets, bytes.
@@ -181,7 +184,7 @@ fn nanos(d: Duration) -> u64 {
 impl Dispatcher {
     /// Starts the workers and the watchdog.
     pub fn start(config: DispatcherConfig) -> Result<Self, LanguageError> {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let cores = online_cpus();
         let workers = config.workers.unwrap_or(cores.saturating_sub(1)).max(1);
         if !super::ring::valid_capacity(config.queue_depth) {
             return Err(LanguageError::Config("queue_depth must be a power of two".into()));
@@ -402,6 +405,12 @@ impl Dispatcher {
                 .values()
                 .filter(|f| f.resident.load(Ordering::Relaxed))
                 .count(),
+            images: functions
+                .values()
+                .filter(|f| f.resident.load(Ordering::Relaxed))
+                .map(|f| &f.warm_path)
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
             worker_rss_bytes: pids.iter().filter(|&&p| p != 0).filter_map(|&p| rss_of(p)).sum(),
             worker_pids: pids,
             preemptions: inner
@@ -646,7 +655,7 @@ impl Inner {
     }
 
     fn spawn(&self, w: &WorkerHandle) -> std::io::Result<()> {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let cores = online_cpus();
         let args = WorkerArgs {
             shm_path: w.region.proc_path(),
             index: w.index,
@@ -679,6 +688,10 @@ impl Inner {
     fn watch(&self) {
         if self.config.watchdog_realtime {
             raise_priority();
+        }
+        if self.config.pin {
+            // Core 0 is the dispatcher's; workers are pinned to the others.
+            pin_current_thread(0);
         }
         let signals = self.config.preemption == Preemption::Watchdog;
         let enforce = self.config.preemption != Preemption::Disabled;
@@ -769,6 +782,25 @@ fn raise_priority() {
     unsafe {
         libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param);
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+/// CPUs online on the host (not the caller's affinity mask: a dispatcher
+/// thread pinned to core 0 must still place workers on the other cores).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// Pins the calling thread to `cpu` (best effort).
+fn pin_current_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and
+    // sched_setaffinity (pid 0 = the calling thread) only access that set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

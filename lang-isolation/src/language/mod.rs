@@ -12,19 +12,23 @@
 //!
 //! # Queues
 //! Per worker one shared `memfd` region holds a single-producer /
-//! single-consumer request ring and reply ring of small descriptors (counters
-//! on separate cache lines) plus per-slot input and output areas. Callers
-//! take a slot, write the input, push a descriptor and spin on the reply
-//! ring; the worker spins on the request ring. Neither makes a system call
-//! while busy: an idle worker parks on a futex after `idle_spin` (the
-//! producer wakes it only if it announced so), as does a caller.
+//! single-consumer request ring and reply ring of descriptors, one cache
+//! line each, stamped with their position so that the consumer polls the
+//! entry itself (one line transfer per message; counters on their own lines,
+//! the producer's view of `head` cached), plus per-slot input and output
+//! areas. Callers take a slot, write the input, push a descriptor and spin on
+//! the reply ring; the worker spins on the request ring. Neither makes a
+//! system call while busy: an idle worker parks on a futex after
+//! `idle_spin` (the producer wakes it only if it announced so), as does a
+//! caller.
 //!
 //! # Preemption, and why abandoning a call is sound
 //! Every invocation has a budget; the worker publishes the deadline in
-//! shared memory. In the default **watchdog** mode nothing ticks: the
-//! dispatcher's watchdog thread (which runs only while work is outstanding)
-//! sends SIGUSR1 only to a worker whose current invocation is past its
-//! deadline, so a function within budget pays nothing. The **periodic**
+//! shared memory. In the default **watchdog** mode nothing ticks in the
+//! worker: the dispatcher's watchdog thread (on core 0, `SCHED_FIFO` when
+//! permitted, checking every `watchdog_interval` only while work is
+//! outstanding) sends SIGUSR1 only to a worker whose current invocation is
+//! past its deadline, so a function within budget pays nothing. The **periodic**
 //! mode is the paper's per-worker POSIX timer (SIGALRM every quantum, with
 //! `SA_RESTART`), kept for the Figure 2 experiment. In both, the handler
 //! checks the deadline itself (stray signals are ignored) and redirects the
@@ -42,8 +46,8 @@
 //! owns host resources — the runtime's frames there hold only raw pointers,
 //! and the function's allocations all live in the arena that is reset; (3)
 //! the function's own statics may be torn by any non-returning exit, so the
-//! worker replaces such an instance with a freshly loaded copy before its
-//! next use. The function cannot mask, catch or delay the signal: it has no
+//! worker replaces such an instance with a freshly loaded copy (dlclose,
+//! dlopen, init; the memory mappings are reused) before its next use. The function cannot mask, catch or delay the signal: it has no
 //! `unsafe`, and the handlers run in the worker, not in the function.
 //!
 //! # Faults and recovery

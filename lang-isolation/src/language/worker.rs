@@ -48,16 +48,48 @@ pub enum WorkerError {
 const PARK_TIMEOUT_NS: u64 = 100_000_000;
 
 struct Registered {
-    warm_path: PathBuf,
     cold_path: PathBuf,
+    /// The image (warm artifact path) it runs from.
+    image: u64,
+    /// Whether it wants its image resident (preloaded, not evicted).
+    loaded: bool,
 }
 
-/// Resident instances, one per warm artifact path (functions deployed from
-/// the same file share one loaded image and its init state).
+/// A resident instance: one per warm artifact path (functions deployed from
+/// the same file share one loaded image and its init state). Resident while
+/// any registered function with `loaded` uses it.
 struct Resident {
+    path: PathBuf,
     instance: Instance,
-    users: usize,
 }
+
+/// A cheap hasher for the worker's integer keys (function indices and image
+/// ids, chosen by the trusted dispatcher and the worker itself): the warm
+/// path's lookups cost a multiply, not SipHash over a path's components.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 struct Worker {
     region: Region,
@@ -65,11 +97,13 @@ struct Worker {
     output_limit: usize,
     config: InstanceConfig,
     init_budget_ns: u64,
-    functions: HashMap<u32, Registered>,
-    resident: HashMap<PathBuf, Resident>,
-    /// Paths whose instance must be reloaded before its next use (a failure
+    functions: IdMap<u32, Registered>,
+    /// Image ids by warm artifact path.
+    images: HashMap<PathBuf, u64>,
+    resident: IdMap<u64, Resident>,
+    /// Images whose instance must be reloaded before its next use (a failure
     /// other than a returned error may have torn the function's statics).
-    stale: Vec<PathBuf>,
+    stale: Vec<u64>,
     /// Cold instances to close (dlclose) once the reply is out.
     retired: Vec<Instance>,
     /// Memory of the last closed cold instance, reused by the next one.
@@ -118,8 +152,9 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
             stack_bytes: args.stack_bytes,
         },
         init_budget_ns: u64::try_from(args.init_budget.as_nanos()).unwrap_or(u64::MAX),
-        functions: HashMap::new(),
-        resident: HashMap::new(),
+        functions: IdMap::default(),
+        images: HashMap::new(),
+        resident: IdMap::default(),
         stale: Vec::new(),
         retired: Vec::new(),
         cold_shell: None,
@@ -305,22 +340,18 @@ impl Worker {
     }
 
     fn invoke_warm(&mut self, request: &Request, input: &[u8]) -> Ran {
-        let Some(registered) = self.functions.get(&request.func) else {
+        let Some(image) = self.functions.get(&request.func).map(|f| f.image) else {
             return Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0);
         };
-        if !self.stale.is_empty() && self.stale.contains(&registered.warm_path) {
-            let path = registered.warm_path.clone();
-            self.reload(&path);
+        if !self.stale.is_empty() && self.stale.contains(&image) {
+            self.reload(image);
         }
-        let Some(registered) = self.functions.get(&request.func) else {
-            return Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0);
-        };
-        let Some(resident) = self.resident.get_mut(&registered.warm_path) else {
+        let Some(resident) = self.resident.get_mut(&image) else {
             return Ran::fail(Outcome::NotLoaded, "function not resident".into(), 0);
         };
         let ran = run_handle(&mut resident.instance, input, request.budget_ns, self.region.header());
-        if needs_reload(ran.outcome) && !self.stale.contains(&registered.warm_path) {
-            self.stale.push(registered.warm_path.clone());
+        if needs_reload(ran.outcome) && !self.stale.contains(&image) {
+            self.stale.push(image);
         }
         ran
     }
@@ -369,40 +400,53 @@ impl Worker {
 
     /// Registers a function and, if asked, makes it resident.
     fn register(&mut self, entry: CatalogEntry) -> Result<(), String> {
-        let preload = entry.preload;
-        let warm = entry.warm_path.clone();
-        let previous = self.functions.insert(
+        let next = u64::try_from(self.images.len()).unwrap_or(u64::MAX);
+        let image = *self.images.entry(entry.warm_path.clone()).or_insert(next);
+        if self.functions.get(&entry.func).is_some_and(|f| f.image != image) {
+            // The index now names another artifact: drop the old one first.
+            self.unload(entry.func, true);
+        }
+        let was_loaded = self.functions.get(&entry.func).is_some_and(|f| f.loaded);
+        self.functions.insert(
             entry.func,
             Registered {
-                warm_path: entry.warm_path,
                 cold_path: entry.cold_path,
+                image,
+                loaded: was_loaded || entry.preload,
             },
         );
-        let already_user = previous.is_some_and(|p| p.warm_path == warm) && self.resident.contains_key(&warm);
-        if !preload || already_user {
+        if !entry.preload || self.resident.contains_key(&image) {
             return Ok(());
         }
-        if let Some(r) = self.resident.get_mut(&warm) {
-            r.users += 1;
-            return Ok(());
+        match self.instantiate(&entry.warm_path) {
+            Ok(instance) => {
+                let path = entry.warm_path;
+                self.resident.insert(image, Resident { path, instance });
+                Ok(())
+            }
+            Err(message) => {
+                if let Some(f) = self.functions.get_mut(&entry.func) {
+                    f.loaded = was_loaded;
+                }
+                Err(message)
+            }
         }
-        let instance = self.instantiate(&warm)?;
-        self.resident.insert(warm, Resident { instance, users: 1 });
-        Ok(())
     }
 
+    /// Evicts a function (its image stays resident while other functions
+    /// use it); `forget` also drops its registration.
     fn unload(&mut self, func: u32, forget: bool) {
-        let Some(path) = self.functions.get(&func).map(|f| f.warm_path.clone()) else {
+        let Some(f) = self.functions.get_mut(&func) else {
             return;
         };
+        let image = f.image;
+        f.loaded = false;
         if forget {
             self.functions.remove(&func);
         }
-        if let Some(r) = self.resident.get_mut(&path) {
-            r.users = r.users.saturating_sub(1);
-            if r.users == 0 {
-                self.resident.remove(&path);
-            }
+        if !self.functions.values().any(|f| f.loaded && f.image == image) {
+            self.resident.remove(&image);
+            self.stale.retain(|&i| i != image);
         }
     }
 
@@ -416,17 +460,17 @@ impl Worker {
     /// Replaces an instance a failure may have left torn with a fresh copy
     /// (done lazily, at the function's next warm request, so that other
     /// functions do not pay for it).
-    fn reload(&mut self, path: &std::path::Path) {
-        self.stale.retain(|p| p != path);
-        let Some(old) = self.resident.remove(path) else {
+    fn reload(&mut self, image: u64) {
+        self.stale.retain(|&i| i != image);
+        let Some(old) = self.resident.remove(&image) else {
             return;
         };
-        let users = old.users;
         // Close the old copy first (so that dlopen maps a fresh image), but
         // keep its memory for the new one.
+        let path = old.path;
         let shell = old.instance.into_shell();
-        if let Ok(instance) = self.instantiate_in(path, Some(shell)) {
-            self.resident.insert(path.to_owned(), Resident { instance, users });
+        if let Ok(instance) = self.instantiate_in(&path, Some(shell)) {
+            self.resident.insert(image, Resident { path, instance });
         }
     }
 }
