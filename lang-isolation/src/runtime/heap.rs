@@ -37,12 +37,7 @@ pub enum Arena {
 }
 
 /// Which arena, if any, holds `[addr, addr + len)`. Pure routing logic.
-pub fn route(
-    addr: usize,
-    len: usize,
-    persistent: &Range<usize>,
-    invocation: &Range<usize>,
-) -> Option<Arena> {
+pub fn route(addr: usize, len: usize, persistent: &Range<usize>, invocation: &Range<usize>) -> Option<Arena> {
     let end = addr.checked_add(len)?;
     let inside = |r: &Range<usize>| addr >= r.start && end <= r.end && (len > 0 || addr < r.end);
     if inside(persistent) {
@@ -123,10 +118,7 @@ impl InstanceHeap {
 
     /// Bytes currently allocated in both arenas.
     pub fn used_bytes(&self) -> usize {
-        self.persistent
-            .0
-            .used()
-            .saturating_add(self.invocation.0.used())
+        self.persistent.0.used().saturating_add(self.invocation.0.used())
     }
 
     /// Frees of pointers that lie in neither arena (a misbehaving artifact).
@@ -146,12 +138,7 @@ impl InstanceHeap {
 
     /// Which arena holds `[addr, addr + len)`, if any.
     pub fn arena_of(&self, addr: usize, len: usize) -> Option<Arena> {
-        route(
-            addr,
-            len,
-            &self.persistent_range(),
-            &self.invocation_range(),
-        )
+        route(addr, len, &self.persistent_range(), &self.invocation_range())
     }
 
     fn persistent_range(&self) -> Range<usize> {
@@ -196,10 +183,7 @@ impl InstanceHeap {
     /// A `ptr` inside an arena must be a live block this heap returned with
     /// the same `size` and `align`.
     pub unsafe fn dealloc(&mut self, ptr: *mut u8, size: usize, align: usize) {
-        let (Some(nn), Ok(layout)) = (
-            NonNull::new(ptr),
-            Layout::from_size_align(size.max(1), align),
-        ) else {
+        let (Some(nn), Ok(layout)) = (NonNull::new(ptr), Layout::from_size_align(size.max(1), align)) else {
             self.stray_frees += 1;
             return;
         };
@@ -220,13 +204,7 @@ impl InstanceHeap {
     ///
     /// # Safety
     /// As [`InstanceHeap::dealloc`] for `ptr`, `old_size`, `align`.
-    pub unsafe fn realloc(
-        &mut self,
-        ptr: *mut u8,
-        old_size: usize,
-        align: usize,
-        new_size: usize,
-    ) -> *mut u8 {
+    pub unsafe fn realloc(&mut self, ptr: *mut u8, old_size: usize, align: usize, new_size: usize) -> *mut u8 {
         if self.arena_of(ptr.addr(), old_size.max(1)).is_none() {
             return std::ptr::null_mut();
         }

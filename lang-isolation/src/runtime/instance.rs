@@ -182,8 +182,7 @@ impl Instance {
                 } else {
                     // SAFETY: `located` checked the range lies in the heap,
                     // which is mapped and which the function wrote.
-                    let bytes =
-                        unsafe { std::slice::from_raw_parts(ptr, len.min(MAX_MESSAGE_BYTES)) };
+                    let bytes = unsafe { std::slice::from_raw_parts(ptr, len.min(MAX_MESSAGE_BYTES)) };
                     String::from_utf8_lossy(bytes).into_owned()
                 };
                 Err(Failure::FunctionError { message })
@@ -249,12 +248,8 @@ impl Instance {
         // own captures, which the caller keeps alive until `call` returns;
         // the coroutine is finished (returned or force-reset) and dropped
         // before `call` returns.
-        let mut coroutine = unsafe {
-            Coroutine::<(), Exit, Exit, &mut GuardedStack>::with_stack_unchecked(
-                &mut self.stack,
-                body,
-            )
-        };
+        let mut coroutine =
+            unsafe { Coroutine::<(), Exit, Exit, &mut GuardedStack>::with_stack_unchecked(&mut self.stack, body) };
         let active = ActiveCall {
             trap: coroutine.trap_handler(),
             guard,
@@ -301,10 +296,7 @@ impl Instance {
     /// [`Instance::from_shell`].
     pub fn into_shell(self) -> InstanceShell {
         let Instance {
-            ctx,
-            stack,
-            function,
-            ..
+            ctx, stack, function, ..
         } = self;
         drop(function);
         InstanceShell { ctx, stack }

@@ -1,9 +1,7 @@
 //! Loading a function artifact with `dlopen` (libloading): the ABI version
 //! check and the two entry symbols.
 
-use microfaas_sdk::{
-    ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, HandleFn, INIT_SYMBOL, InitFn,
-};
+use microfaas_sdk::{ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, HandleFn, INIT_SYMBOL, InitFn};
 use std::path::{Path, PathBuf};
 
 /// Why an artifact could not be loaded.
@@ -61,11 +59,10 @@ impl LoadedFunction {
         // and verified by `microfaas build` (no constructors beyond relative
         // relocations, no imports but the mem* allowlist), which is the trust
         // base of every runtime.
-        let library =
-            unsafe { libloading::Library::new(path) }.map_err(|source| LoadError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        let library = unsafe { libloading::Library::new(path) }.map_err(|source| LoadError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         let missing = |symbol: &'static str| {
             move |source| LoadError::MissingSymbol {
                 path: path.to_owned(),
@@ -74,8 +71,8 @@ impl LoadedFunction {
             }
         };
         // SAFETY: the ABI declares this symbol a `u32` static.
-        let version = unsafe { library.get::<*const u32>(ABI_VERSION_SYMBOL.as_bytes()) }
-            .map_err(missing(ABI_VERSION_SYMBOL))?;
+        let version =
+            unsafe { library.get::<*const u32>(ABI_VERSION_SYMBOL.as_bytes()) }.map_err(missing(ABI_VERSION_SYMBOL))?;
         // SAFETY: the symbol's address points at a live, aligned `u32` for as
         // long as the library is loaded.
         let found = unsafe { version.cast::<u32>().read() };
@@ -86,11 +83,9 @@ impl LoadedFunction {
             });
         }
         // SAFETY: the ABI (version checked above) gives the symbol this type.
-        let init = *unsafe { library.get::<InitFn>(INIT_SYMBOL.as_bytes()) }
-            .map_err(missing(INIT_SYMBOL))?;
+        let init = *unsafe { library.get::<InitFn>(INIT_SYMBOL.as_bytes()) }.map_err(missing(INIT_SYMBOL))?;
         // SAFETY: as above.
-        let handle = *unsafe { library.get::<HandleFn>(HANDLE_SYMBOL.as_bytes()) }
-            .map_err(missing(HANDLE_SYMBOL))?;
+        let handle = *unsafe { library.get::<HandleFn>(HANDLE_SYMBOL.as_bytes()) }.map_err(missing(HANDLE_SYMBOL))?;
         Ok(Self {
             path: path.to_owned(),
             init,

@@ -49,8 +49,7 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Self { ptr, len })
     }
 
@@ -93,8 +92,7 @@ impl Mapping {
         self.check_range(offset, len)?;
         // SAFETY: the range lies inside this private anonymous mapping; the
         // caller guarantees nothing live is stored there (the heap was reset).
-        let rc =
-            unsafe { libc::madvise(self.start().add(offset).cast(), len, libc::MADV_DONTNEED) };
+        let rc = unsafe { libc::madvise(self.start().add(offset).cast(), len, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -104,14 +102,8 @@ impl Mapping {
     fn check_range(&self, offset: usize, len: usize) -> io::Result<()> {
         let page = page_size();
         let end = offset.checked_add(len);
-        if !offset.is_multiple_of(page)
-            || !len.is_multiple_of(page)
-            || end.is_none_or(|e| e > self.len)
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range outside the mapping",
-            ));
+        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) || end.is_none_or(|e| e > self.len) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside the mapping"));
         }
         Ok(())
     }

@@ -74,10 +74,7 @@ impl Context {
 /// `CLOCK_MONOTONIC` in nanoseconds (the clock every microfaas timestamp
 /// uses, comparable across processes).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     timespec_to_ns(ts.tv_sec, ts.tv_nsec)

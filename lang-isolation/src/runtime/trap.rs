@@ -78,11 +78,7 @@ const REG_RBP: usize = 10;
 const REG_RDI: usize = 8;
 const REG_RSI: usize = 9;
 const _: () = assert!(
-    libc::REG_RSP == 15
-        && libc::REG_RIP == 16
-        && libc::REG_RBP == 10
-        && libc::REG_RDI == 8
-        && libc::REG_RSI == 9
+    libc::REG_RSP == 15 && libc::REG_RIP == 16 && libc::REG_RBP == 10 && libc::REG_RDI == 8 && libc::REG_RSI == 9
 );
 
 static PREV_SEGV: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
@@ -118,8 +114,7 @@ pub(crate) fn prepare_thread() -> std::io::Result<()> {
     if old.ss_flags & libc::SS_DISABLE != 0 || old.ss_size < ALT_STACK_BYTES / 2 {
         // Leaked on purpose: a thread's signal stack must outlive every
         // signal it may take, i.e. the thread.
-        let mapping =
-            super::mmap::Mapping::anonymous(ALT_STACK_BYTES, libc::PROT_READ | libc::PROT_WRITE)?;
+        let mapping = super::mmap::Mapping::anonymous(ALT_STACK_BYTES, libc::PROT_READ | libc::PROT_WRITE)?;
         let stack = libc::stack_t {
             ss_sp: mapping.start().cast(),
             ss_flags: 0,
@@ -250,11 +245,7 @@ unsafe fn redirect(context: *mut c_void, exit: impl FnOnce(&ActiveCall) -> Exit)
 /// # Safety
 /// Only from `on_fault`, with its arguments.
 unsafe fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
-    let slot = if signal == libc::SIGBUS {
-        &PREV_BUS
-    } else {
-        &PREV_SEGV
-    };
+    let slot = if signal == libc::SIGBUS { &PREV_BUS } else { &PREV_SEGV };
     let prev = slot.load(Ordering::Acquire);
     // SAFETY: `prev` is null or the leaked sigaction saved by `install`.
     let Some(prev) = (unsafe { prev.as_ref() }) else {
