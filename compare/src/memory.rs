@@ -1,10 +1,15 @@
 //! `memory`: resident host memory for N deployed (and once invoked)
 //! functions on each backend (the paper: 2 GiB for processes vs 1.3 GiB for
 //! the language backend at 5,000 functions).
+//!
+//! Each function is its own copy of the `noop` artifact (a distinct file),
+//! so no backend can share one loaded image between them.
 
 use crate::progress::bar;
-use microfaas::{BackendKind, Config, FunctionSpec, StartRequest};
+use microfaas::{Artifact, BackendKind, Config, FunctionSpec, StartRequest};
 use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]
@@ -53,14 +58,14 @@ fn measure(kind: BackendKind, n: usize, config: &Config) -> Row {
         Ok(b) => b,
         Err(e) => return skipped(e.to_string()),
     };
-    let artifact = match microfaas::builtin("noop") {
-        Ok(a) => a,
-        Err(e) => return skipped(e.to_string()),
+    let copies = match distinct_copies(n) {
+        Ok(c) => c,
+        Err(e) => return skipped(e),
     };
     let pb = bar(u64::try_from(n).unwrap_or(0), &format!("{kind}: {n} functions"));
     for i in 0..n {
         let deployed = backend
-            .deploy(&FunctionSpec::new(format!("noop-{i}"), artifact.clone()))
+            .deploy(&FunctionSpec::new(format!("noop-{i}"), copies.artifacts[i].clone()))
             .and_then(|id| backend.invoke(&id, b"", StartRequest::Auto));
         if let Err(e) = deployed {
             pb.finish_and_clear();
@@ -79,4 +84,35 @@ fn measure(kind: BackendKind, n: usize, config: &Config) -> Row {
         instances: Some(stats.instances),
         skipped: None,
     }
+}
+
+/// `n` copies of the `noop` artifact in a temporary directory (removed on
+/// drop), loaded and verified.
+struct Copies {
+    dir: PathBuf,
+    artifacts: Vec<Arc<Artifact>>,
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn distinct_copies(n: usize) -> Result<Copies, String> {
+    let noop = microfaas::builtin("noop").map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("microfaas-compare-memory-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mut copies = Copies {
+        dir,
+        artifacts: Vec::with_capacity(n),
+    };
+    for i in 0..n {
+        let path = copies.dir.join(format!("noop-{i}.so"));
+        std::fs::write(&path, noop.bytes().as_ref()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        copies
+            .artifacts
+            .push(Arc::new(Artifact::load(&path).map_err(|e| e.to_string())?));
+    }
+    Ok(copies)
 }
