@@ -214,8 +214,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Runs the function once on `input` (any bytes, up to the input limit).
     fn invoke(&self, id: &FunctionId, input: &[u8], start: StartRequest) -> Result<Invocation, Error>;
 
-    /// Drops the function's resident state, so its next start is cold. The
-    /// function stays deployed.
+    /// Drops the function's resident instances (warm processes, preloaded
+    /// copies, idle VMs), so its next start is not warm or hot: it is cold,
+    /// or on `vm` a restore from the function's snapshot, which persists.
+    /// The function stays deployed.
     fn evict(&self, id: &FunctionId) -> Result<(), Error>;
 
     /// The backend's resident state.

@@ -126,4 +126,10 @@ pub struct VmConfig {
     /// Snapshot store directory; `None` = `$MICROFAAS_STORE` or the user's
     /// cache directory.
     pub store_dir: Option<PathBuf>,
+    /// Argument snapshots kept per function (least recently used are
+    /// removed); `None` = 8. 0 = no argument snapshots.
+    pub arguments_per_function: Option<usize>,
+    /// VM shells (VM + vCPU) created in advance for snapshot restores, off
+    /// the start path; `None` = 4. 0 = create one per restore.
+    pub shell_pool: Option<usize>,
 }

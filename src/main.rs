@@ -43,6 +43,10 @@ enum Command {
         /// Print one JSON object on stdout instead.
         #[arg(long)]
         json: bool,
+        /// The vm backend's snapshot store (default: $MICROFAAS_STORE, else
+        /// the user's cache directory).
+        #[arg(long)]
+        store: Option<PathBuf>,
     },
     /// Compile a function crate into one verified shared object.
     Build {
@@ -125,6 +129,7 @@ fn run(command: Command) -> Result<(), Failure> {
             cold,
             budget_ms,
             json,
+            store,
         } => {
             let kind: BackendKind = backend.parse().map_err(|m| Failure {
                 code: 2,
@@ -139,7 +144,9 @@ fn run(command: Command) -> Result<(), Failure> {
                 (None, None) => Vec::new(),
             };
             let (name, artifact) = resolve_function(&function)?;
-            let backend = microfaas::open(kind, Config::default())?;
+            let mut config = Config::default();
+            config.vm.store_dir = store;
+            let backend = microfaas::open(kind, config)?;
             let mut spec = FunctionSpec::new(name.clone(), artifact);
             if let Some(ms) = budget_ms {
                 spec = spec.with_budget(Duration::from_millis(ms));

@@ -1,7 +1,8 @@
-//! The `vm` backend's start paths: deploy boots, loads and initialises one
-//! instance so the first invocation is `hot`; `Force(Cold)` boots a new
-//! one; `evict` tears the idle instances down so the next start is cold;
-//! timings are consistent and in host `CLOCK_MONOTONIC` ns.
+//! The `vm` backend's start paths: deploy makes the function snapshot and
+//! restores one instance from it so the first invocation is `hot`;
+//! `Force(Cold)` boots a new one; `evict` tears the idle instances down so
+//! the next start restores the function snapshot; timings are consistent and
+//! in host `CLOCK_MONOTONIC` ns.
 
 mod vm_common;
 
@@ -32,7 +33,10 @@ fn hot_cold_and_evict() {
     b.evict(&echo).unwrap();
     assert_eq!(b.stats().instances, 0);
     let after = b.invoke(&echo, b"three", StartRequest::Auto).unwrap();
-    assert_eq!((after.output.as_slice(), after.start), (&b"three"[..], StartPath::Cold));
+    assert_eq!(
+        (after.output.as_slice(), after.start),
+        (&b"three"[..], StartPath::Function)
+    );
     let again = b.invoke(&echo, b"four", StartRequest::Auto).unwrap();
     assert_eq!(again.start, StartPath::Hot);
     let stats = b.stats();

@@ -2,7 +2,7 @@
 //! doorbell and log, the TSC, and the `mem*` functions the kernel and the
 //! function artifacts link to.
 
-use guest_abi::{LOG_BYTES, LOG_OFFSET, MAILBOX_ADDR, REG_DOORBELL, REG_FAULT, REG_LOG};
+use guest_abi::{LOG_BYTES, LOG_OFFSET, MAILBOX_ADDR, REG_CHECKPOINT, REG_DOORBELL, REG_FAULT, REG_LOG};
 
 // Entry (CPL3): the VMM sets rsp = stack top (16-byte aligned) and rdi =
 // boot info, so the call leaves the ABI's alignment for kernel_main.
@@ -53,6 +53,13 @@ pub fn doorbell(seq: u32) {
     // SAFETY: the doorbell register is an MMIO page the page tables map
     // user-writable; the write only exits to the VMM.
     unsafe { (REG_DOORBELL as *mut u32).write_volatile(seq) }
+}
+
+/// Stops at a checkpoint of request `seq`: the host snapshots the guest
+/// here and resumes it.
+pub fn checkpoint(seq: u32) {
+    // SAFETY: as in `doorbell`: an MMIO register, the write only exits.
+    unsafe { (REG_CHECKPOINT as *mut u32).write_volatile(seq) }
 }
 
 /// Writes `bytes` to the guest log (the serial console): copies them to the

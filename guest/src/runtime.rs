@@ -338,8 +338,16 @@ unsafe extern "C" fn svc_clock_ns(ctx: *mut c_void) -> u64 {
     runtime(ctx).clock.ns_at(arch::rdtsc())
 }
 
-unsafe extern "C" fn svc_checkpoint(_ctx: *mut c_void) {
-    // A marker for now: the snapshot issue records the instance here.
+unsafe extern "C" fn svc_checkpoint(ctx: *mut c_void) {
+    let rt = runtime(ctx);
+    // SAFETY: the mailbox page is ours; `checkpoint_seq` is written by the
+    // host (a single aligned store) only while the vCPU is stopped.
+    let wanted = unsafe { (&raw const (*rt.mailbox).checkpoint_seq).read_volatile() };
+    if wanted != 0 && wanted == rt.seq {
+        // The host snapshots the guest stopped here, clears the field, and
+        // resumes it (or an instance restored from the snapshot) right after.
+        arch::checkpoint(rt.seq);
+    }
 }
 
 unsafe extern "C" fn svc_fail(ctx: *mut c_void, kind: u32, msg: *const u8, msg_len: usize) -> ! {

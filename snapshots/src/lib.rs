@@ -57,6 +57,8 @@
 //!   one is left to [`gc`]), [`Store::find_argument`] (input hash).
 //! - LRU: [`Store::touch`] when an argument node is used without calling
 //!   [`Store::image`] again; [`Store::trim_arguments`] after creating one.
+//! - Pre-made VM shells: [`MergedImage::map_at`] maps an image over an
+//!   address range the VMM reserved (and pointed a memory slot at) earlier.
 //! - Pooled instances: [`GuestMapping::reset`] drops an instance's private
 //!   pages (back to the image) without remapping;
 //!   [`GuestMapping::private_bytes_of`] measures private memory for `stats()`.

@@ -135,6 +135,52 @@ impl MergedImage {
     }
 }
 
+impl MergedImage {
+    /// Maps the image copy-on-write over an address range the caller has
+    /// reserved (e.g. a `PROT_NONE` anonymous mapping that a VM's memory
+    /// slot already points at), so that a pre-made VM needs no new memory
+    /// slot. The returned mapping owns the range from then on (it unmaps
+    /// it on drop); on error the reservation is left as it was.
+    ///
+    /// # Safety
+    /// `addr..addr + guest_mem_bytes()` must be one mapping owned by the
+    /// caller, referenced by nothing in Rust, and handed over here: the
+    /// caller must never use or unmap it again.
+    pub unsafe fn map_at(self: &Arc<Self>, addr: NonNull<u8>, opts: MapOptions) -> Result<GuestMapping, MapError> {
+        let bytes = self.guest_mem_bytes();
+        let len = usize::try_from(bytes).map_err(|_| MapError::TooLarge(bytes))?;
+        // SAFETY: the caller hands over exactly this range (see above);
+        // MAP_FIXED replaces it. The file is open read-only and the mapping
+        // is private, so writes through it never reach the image.
+        let mapped = unsafe {
+            libc::mmap(
+                addr.as_ptr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                self.file.as_raw_fd(),
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(MapError::Mmap {
+                path: self.path.clone(),
+                bytes,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let mapping = GuestMapping {
+            addr,
+            len,
+            image: Arc::clone(self),
+        };
+        if opts.huge_page_advice {
+            let _ = mapping.advise(libc::MADV_HUGEPAGE);
+        }
+        Ok(mapping)
+    }
+}
+
 impl GuestMapping {
     /// Host address of guest-physical 0, for `set_user_memory_region`.
     pub fn host_addr(&self) -> *mut u8 {

@@ -4,6 +4,7 @@
 mod language;
 mod process;
 mod vm;
+mod vm_snapshots;
 
 use crate::{Backend, BackendKind, Config, Error};
 

@@ -1,25 +1,37 @@
 //! The `vm` backend adapter: maps the `vmm` crate's micro-VM instances onto
 //! the [`Backend`] trait. Each deployed function keeps a pool of idle,
-//! initialised instances (one function per instance); an invocation takes
-//! one (`hot`) or boots, loads and initialises a new one (`cold`), and gives
-//! it back afterwards unless it died. Torn-down instances are dropped on a
+//! initialised instances (one function per instance). `deploy` makes (or
+//! finds) the function's snapshot node; an invocation resumes an argument
+//! snapshot (`argument`), takes an idle instance (`hot`), or restores the
+//! function snapshot (`function`); `base` (restore the booted guest, load,
+//! init) and `cold` (boot, load, init) are there to be forced. Instances go
+//! back to the pool unless they died; torn-down instances are dropped on a
 //! reaper thread, off the request path (teardown is slow on this host).
 
+use super::vm_snapshots::{ArgumentCache, Restorable, Snapshots, input_hash, mapping_of, private_bytes};
 use crate::{
     Artifact, Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, StartPath, StartRequest,
     Stats, Timings,
 };
+use snapshots::{Label, Level, NodeId};
+
+mod arguments;
+mod errors;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use vmm::{Instance, InstanceConfig, LayoutConfig, RunError, Status, Vmm, VmmError};
+use vmm::{Instance, InstanceConfig, LayoutConfig, RunError, Shell, Status, Vmm, VmmError};
 
 /// Default size of the function image region.
 const DEFAULT_IMAGE_MIB: usize = 8;
 /// Default idle instances kept per function.
 const DEFAULT_IDLE_PER_FUNCTION: usize = 16;
+/// Default number of pre-created VM shells.
+const DEFAULT_SHELL_POOL: usize = 4;
+/// Default argument snapshots kept per function.
+const DEFAULT_ARGUMENTS_PER_FUNCTION: usize = 8;
 /// Guest memory the layout needs besides heap, stack, I/O window and image
 /// (system pages and kernel: the first 4 MiB, plus the stack guard chunk).
 const FIXED_GUEST_BYTES: usize = 4 << 20;
@@ -35,17 +47,51 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         },
     })?;
     let instance = instance_config(&config)?;
-    let (reaper, reap) = mpsc::channel::<Vec<Instance>>();
+    let vmm = Arc::new(vmm);
+    let shells = Arc::new(Mutex::new(Vec::new()));
+    let shell_target = config.vm.shell_pool.unwrap_or(DEFAULT_SHELL_POOL);
+    let (reaper, chores) = mpsc::channel::<Chore>();
+    let (pool_vmm, pool, shell_config) = (Arc::clone(&vmm), Arc::clone(&shells), instance);
     std::thread::Builder::new()
         .name("vm-reaper".into())
         .spawn(move || {
-            for instances in reap {
-                drop(instances);
+            // Teardown and shell creation, both off the start path.
+            let refill = || loop {
+                let short = pool
+                    .lock()
+                    .map(|p: std::sync::MutexGuard<'_, Vec<Shell>>| p.len() < shell_target)
+                    .unwrap_or(false);
+                if !short {
+                    break;
+                }
+                let Ok(shell) = Shell::with_memory(&pool_vmm, &shell_config) else {
+                    break;
+                };
+                if let Ok(mut p) = pool.lock() {
+                    p.push(shell);
+                }
+            };
+            refill();
+            for chore in chores {
+                match chore {
+                    Chore::Reap(instances) => drop(instances),
+                    Chore::Refill => refill(),
+                }
             }
         })
         .map_err(|e| Error::io("spawning the vm reaper thread", e))?;
+    let snapshots = Snapshots::open(
+        config.vm.store_dir.clone(),
+        &instance,
+        config
+            .vm
+            .arguments_per_function
+            .unwrap_or(DEFAULT_ARGUMENTS_PER_FUNCTION),
+    )?;
     Ok(Box::new(VmBackend {
         vmm,
+        shells,
+        snapshots,
         instance,
         idle_cap: config.vm.idle_per_function.unwrap_or(DEFAULT_IDLE_PER_FUNCTION),
         config,
@@ -103,9 +149,21 @@ fn instance_config(config: &Config) -> Result<InstanceConfig, Error> {
 #[derive(Debug, Default)]
 struct Counters {
     cold: AtomicU64,
+    base: AtomicU64,
+    function: AtomicU64,
+    argument: AtomicU64,
     hot: AtomicU64,
+    argument_nodes: AtomicU64,
+    snapshot_failures: AtomicU64,
     discarded: AtomicU64,
     busy: AtomicU64,
+}
+
+/// An idle instance and the node its memory maps (`None`: booted).
+#[derive(Debug)]
+struct Pooled {
+    instance: Instance,
+    origin: Option<NodeId>,
 }
 
 #[derive(Debug)]
@@ -113,22 +171,41 @@ struct Function {
     name: String,
     artifact: Arc<Artifact>,
     budget: Duration,
-    idle: Mutex<Vec<Instance>>,
+    /// The function snapshot.
+    node: Arc<Restorable>,
+    /// Its argument snapshots in use, by input hash.
+    arguments: ArgumentCache,
+    /// Whether it has (or had) argument snapshots: until it does, inputs
+    /// are not hashed to look them up.
+    has_arguments: AtomicBool,
+    idle: Mutex<Vec<Pooled>>,
+}
+
+/// Work for the reaper thread.
+#[derive(Debug)]
+enum Chore {
+    /// Tear these instances down.
+    Reap(Vec<Instance>),
+    /// Top the shell pool up.
+    Refill,
 }
 
 #[derive(Debug)]
 struct VmBackend {
-    vmm: Vmm,
+    vmm: Arc<Vmm>,
+    /// Pre-created VM shells for restores (refilled by the reaper thread).
+    shells: Arc<Mutex<Vec<Shell>>>,
+    snapshots: Snapshots,
     config: Config,
     instance: InstanceConfig,
     idle_cap: usize,
     functions: RwLock<HashMap<String, Arc<Function>>>,
-    reaper: Mutex<Sender<Vec<Instance>>>,
+    reaper: Mutex<Sender<Chore>>,
     counters: Counters,
 }
 
 /// An error and its causes, each once.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -159,45 +236,79 @@ impl VmBackend {
         if instances.is_empty() {
             return;
         }
-        let sent = self.reaper.lock().map(|r| r.send(instances));
+        let sent = self.reaper.lock().map(|r| r.send(Chore::Reap(instances)));
         // If the reaper is gone, the instances were dropped right here.
         drop(sent);
     }
 
-    /// Boots an instance and loads `f` into it (a cold start's work).
-    fn start_cold(&self, f: &Function) -> Result<Instance, Error> {
-        let (mut instance, _timings) = Instance::boot(&self.vmm, &self.instance).map_err(|e| match e {
+    /// A pre-created VM shell, if one is ready. The pool is refilled after
+    /// the invocation ([`VmBackend::refill_shells`]), so that making shells
+    /// does not compete with the start for this host's few cores.
+    fn take_shell(&self) -> Option<Shell> {
+        self.shells.lock().ok()?.pop()
+    }
+
+    /// Asks the reaper thread to top the shell pool up.
+    fn refill_shells(&self) {
+        if let Ok(r) = self.reaper.lock() {
+            let _ = r.send(Chore::Refill);
+        }
+    }
+
+    /// Boots a fresh instance (no function loaded).
+    fn boot_instance(&self) -> Result<Instance, Error> {
+        let (instance, _timings) = Instance::boot(&self.vmm, &self.instance).map_err(|e| match e {
             VmmError::KvmUnavailable(_) => Error::KvmUnavailable {
                 detail: error_chain(&e),
             },
             other => Error::Crashed {
-                name: f.name.clone(),
+                name: String::new(),
                 detail: format!("booting the micro-VM: {}", error_chain(&other)),
             },
         })?;
+        Ok(instance)
+    }
+
+    /// Boots an instance and loads `f` into it (a cold start's work).
+    fn start_cold(&self, f: &Function) -> Result<Instance, Error> {
+        let instance = self.boot_instance()?;
+        self.load_into(&f.name, &f.artifact, instance)
+    }
+
+    /// Restores the base snapshot and loads `f` into it (`base`).
+    fn start_base(&self, name: &str, artifact: &Artifact) -> Result<Instance, Error> {
+        let base = self.snapshots.base(|| self.boot_instance())?;
+        let instance = self
+            .snapshots
+            .restore(&self.vmm, self.take_shell(), &self.instance, &base)?;
+        self.load_into(name, artifact, instance)
+    }
+
+    /// Loads `artifact` into an idle instance and runs its `init()`.
+    fn load_into(&self, name: &str, artifact: &Artifact, mut instance: Instance) -> Result<Instance, Error> {
         let deadline = Instant::now() + self.config.init_budget;
-        let loaded = instance.load(f.artifact.bytes(), deadline);
+        let loaded = instance.load(artifact.bytes(), deadline);
         let result = match loaded {
             Ok(reply) => match reply.status {
                 Status::Ok => Ok(()),
                 Status::LoadFailed => Err(Error::InvalidArtifact {
-                    path: f.artifact.path().to_owned(),
+                    path: artifact.path().to_owned(),
                     reason: format!("the guest loader refused it: {}", String::from_utf8_lossy(&reply.data)),
                 }),
-                _ => Err(self.reply_error(f, &instance, reply.status, &reply.data, true)),
+                _ => Err(self.reply_error(name, &instance, reply.status, &reply.data, true)),
             },
             Err(RunError::PayloadTooLarge { len, limit }) => Err(Error::InvalidArtifact {
-                path: f.artifact.path().to_owned(),
+                path: artifact.path().to_owned(),
                 reason: format!("{len} bytes do not fit the guest's I/O window of {limit} bytes"),
             }),
             Err(RunError::BudgetExceeded) => Err(Error::InitFailed {
-                name: f.name.clone(),
+                name: name.to_owned(),
                 message: format!(
                     "init() exceeded its budget of {} ms",
                     self.config.init_budget.as_millis()
                 ),
             }),
-            Err(e) => Err(match self.run_error(f, &instance, e, self.config.init_budget) {
+            Err(e) => Err(match self.run_error(name, &instance, e, self.config.init_budget) {
                 Error::Crashed { name, detail } => Error::InitFailed {
                     name,
                     message: format!("crashed: {detail}"),
@@ -215,68 +326,19 @@ impl VmBackend {
         }
     }
 
-    /// The trait error for a non-`Ok` reply.
-    fn reply_error(&self, f: &Function, instance: &Instance, status: Status, data: &[u8], init: bool) -> Error {
-        let message = String::from_utf8_lossy(data).into_owned();
-        let name = f.name.clone();
-        match status {
-            Status::FunctionError if init => Error::InitFailed { name, message },
-            Status::InitFailed => Error::InitFailed { name, message },
-            Status::FunctionError => Error::FunctionFailed { name, message },
-            Status::Panicked => Error::Panicked { name, message },
-            Status::OutOfMemory => Error::OutOfMemory {
-                name,
-                limit_bytes: usize::try_from(instance.layout().heap_bytes).unwrap_or(usize::MAX),
-            },
-            Status::LoadFailed | Status::BadRequest | Status::Ok => Error::Crashed {
-                name,
-                detail: format!("the guest runtime refused the request: {message}"),
-            },
-        }
-    }
-
-    /// The trait error for a failed request.
-    fn run_error(&self, f: &Function, instance: &Instance, e: RunError, budget: Duration) -> Error {
-        let name = f.name.clone();
-        let with_log = |detail: String| {
-            let log = instance.serial_log();
-            if log.is_empty() {
-                detail
-            } else {
-                format!("{detail}; guest log: {}", log.trim_end())
-            }
-        };
-        match e {
-            RunError::Fault(fault) if fault.stack_overflow => Error::StackOverflow {
-                name,
-                stack_bytes: self.config.stack_bytes,
-            },
-            RunError::Fault(fault) => Error::Crashed {
-                name,
-                detail: with_log(fault.to_string()),
-            },
-            RunError::BudgetExceeded => Error::BudgetExceeded { name, budget },
-            RunError::Malformed(vmm::channel::ReplyError::TooLarge { len, limit }) => Error::OutputTooLarge {
-                len: usize::try_from(len).unwrap_or(usize::MAX),
-                limit: usize::try_from(limit).unwrap_or(usize::MAX),
-            },
-            RunError::Malformed(reason) => Error::MalformedReply {
-                name,
-                detail: reason.to_string(),
-            },
-            RunError::PayloadTooLarge { len, limit } => Error::InputTooLarge {
-                len,
-                limit: usize::try_from(limit).unwrap_or(usize::MAX),
-            },
-            other => Error::Crashed {
-                name,
-                detail: with_log(error_chain(&other)),
-            },
-        }
+    /// Restores `node` as an instance of `f`.
+    fn restore(&self, node: &Restorable) -> Result<Pooled, Error> {
+        let instance = self
+            .snapshots
+            .restore(&self.vmm, self.take_shell(), &self.instance, node)?;
+        Ok(Pooled {
+            instance,
+            origin: Some(node.id),
+        })
     }
 }
 
-fn poisoned() -> Error {
+pub(crate) fn poisoned() -> Error {
     Error::io(
         "vm backend state",
         std::io::Error::other("a lock was poisoned by a panicking thread"),
@@ -299,16 +361,39 @@ impl Backend for VmBackend {
         {
             return Ok(id);
         }
+        // The function snapshot: found by name + artifact digest, or made
+        // now from the base (a bad artifact or a failing init() surfaces
+        // here). A changed artifact gets a new node; the old one is left
+        // to `snapshots gc`.
+        let base = self.snapshots.base(|| self.boot_instance())?;
+        let digest = spec.artifact.digest();
+        let node_id = match self.snapshots.find_function(base.id, &spec.name, digest) {
+            Some(node) => node,
+            None => {
+                let mut instance = self.start_base(&spec.name, &spec.artifact)?;
+                let made = self.snapshots.create_child(
+                    &mut instance,
+                    base.id,
+                    Level::Function,
+                    Label::function(&spec.name, digest),
+                );
+                self.reap(vec![instance]);
+                made?
+            }
+        };
+        let node = self.snapshots.restorable(node_id)?;
+        let has_arguments = AtomicBool::new(self.snapshots.has_arguments(node_id));
+        // One idle instance now, so that the first invocation is hot.
+        let first = self.restore(&node)?;
         let f = Arc::new(Function {
             name: spec.name.clone(),
             artifact: Arc::clone(&spec.artifact),
             budget,
-            idle: Mutex::new(Vec::new()),
+            node,
+            arguments: Mutex::new(HashMap::new()),
+            has_arguments,
+            idle: Mutex::new(vec![first]),
         });
-        // Boot, load and init one instance now: a bad artifact or a failing
-        // init() surfaces at deploy, and the first invocation is hot.
-        let first = self.start_cold(&f)?;
-        f.idle.lock().map_err(|_| poisoned())?.push(first);
         let old = self
             .functions
             .write()
@@ -316,8 +401,9 @@ impl Backend for VmBackend {
             .insert(spec.name.clone(), f);
         if let Some(old) = old {
             let idle = std::mem::take(&mut *old.idle.lock().map_err(|_| poisoned())?);
-            self.reap(idle);
+            self.reap(idle.into_iter().map(|p| p.instance).collect());
         }
+        self.refill_shells();
         Ok(id)
     }
 
@@ -331,23 +417,68 @@ impl Backend for VmBackend {
                 limit: self.config.input_limit_bytes,
             });
         }
-        let take_idle = || f.idle.lock().map(|mut idle| idle.pop()).map_err(|_| poisoned());
-        let (mut instance, path, start_ns, invoked, invoked_ns) = match start {
-            StartRequest::Auto => match take_idle()? {
-                Some(i) => (i, StartPath::Hot, 0, invoked, invoked_ns),
-                None => {
-                    let i = self.start_cold(&f)?;
-                    (i, StartPath::Cold, ns(invoked.elapsed()), invoked, invoked_ns)
+        // Inputs are hashed only for functions with argument snapshots.
+        let hash = |f: &Function| input_hash(f.artifact.digest(), input);
+        let known = if f.has_arguments.load(Ordering::Relaxed) {
+            self.argument_node(&f, &hash(&f))?
+        } else {
+            None
+        };
+        // Prefer an idle instance on the function snapshot: only those can
+        // write an argument snapshot of a new input at its checkpoint.
+        let take_idle = || {
+            f.idle
+                .lock()
+                .map(|mut idle| {
+                    let at = idle.iter().rposition(|p| p.origin == Some(f.node.id));
+                    match at {
+                        Some(i) => Some(idle.swap_remove(i)),
+                        None => idle.pop(),
+                    }
+                })
+                .map_err(|_| poisoned())
+        };
+        let booted = |instance| Pooled { instance, origin: None };
+        let measured = |p: Pooled, path| (p, path, ns(invoked.elapsed()), invoked, invoked_ns);
+        let unmeasured = |p: Pooled, path| (p, path, 0, Instant::now(), vmm::now_ns());
+        let (mut pooled, path, start_ns, invoked, invoked_ns) = match start {
+            StartRequest::Auto => {
+                if let Some(arg) = &known {
+                    self.snapshots.touch(arg.id);
+                    measured(self.restore(arg)?, StartPath::Argument)
+                } else if let Some(p) = take_idle()? {
+                    (p, StartPath::Hot, 0, invoked, invoked_ns)
+                } else {
+                    measured(self.restore(&f.node)?, StartPath::Function)
                 }
-            },
-            StartRequest::Force(StartPath::Cold) => {
-                let i = self.start_cold(&f)?;
-                (i, StartPath::Cold, ns(invoked.elapsed()), invoked, invoked_ns)
+            }
+            StartRequest::Force(StartPath::Cold) => measured(booted(self.start_cold(&f)?), StartPath::Cold),
+            StartRequest::Force(StartPath::Base) => {
+                measured(booted(self.start_base(&f.name, &f.artifact)?), StartPath::Base)
+            }
+            StartRequest::Force(StartPath::Function) => measured(self.restore(&f.node)?, StartPath::Function),
+            StartRequest::Force(StartPath::Argument) => {
+                let arg = match &known {
+                    Some(arg) => Some(Arc::clone(arg)),
+                    // Make it first, outside the measured time: a run from
+                    // the function snapshot that stops at checkpoint().
+                    None => self.make_argument(&f, input)?,
+                };
+                let Some(arg) = arg else {
+                    return Err(Error::UnsupportedStart {
+                        backend: BackendKind::Vm,
+                        start: StartPath::Argument,
+                    });
+                };
+                self.snapshots.touch(arg.id);
+                let (t, t_ns) = (Instant::now(), vmm::now_ns());
+                let p = self.restore(&arg)?;
+                (p, StartPath::Argument, ns(t.elapsed()), t, t_ns)
             }
             StartRequest::Force(StartPath::Hot) => match take_idle()? {
-                Some(i) => (i, StartPath::Hot, 0, invoked, invoked_ns),
+                Some(p) => (p, StartPath::Hot, 0, invoked, invoked_ns),
                 // Make an instance to be hot, outside the measured time.
-                None => (self.start_cold(&f)?, StartPath::Hot, 0, Instant::now(), vmm::now_ns()),
+                None => unmeasured(self.restore(&f.node)?, StartPath::Hot),
             },
             StartRequest::Force(other) => {
                 return Err(Error::UnsupportedStart {
@@ -356,19 +487,37 @@ impl Backend for VmBackend {
                 });
             }
         };
-        match path {
-            StartPath::Cold => self.counters.cold.fetch_add(1, Ordering::Relaxed),
-            _ => self.counters.hot.fetch_add(1, Ordering::Relaxed),
+        let counter = match path {
+            StartPath::Cold => &self.counters.cold,
+            StartPath::Base => &self.counters.base,
+            StartPath::Function => &self.counters.function,
+            StartPath::Argument => &self.counters.argument,
+            _ => &self.counters.hot,
         };
+        counter.fetch_add(1, Ordering::Relaxed);
+        // Only an instance whose memory maps the function snapshot can
+        // write a child of it; argument starts already have theirs.
+        let capture = pooled.origin == Some(f.node.id)
+            && known.is_none()
+            && path != StartPath::Argument
+            && self.snapshots.arguments_per_function > 0;
         self.counters.busy.fetch_add(1, Ordering::Relaxed);
-        let result = instance.invoke(input, Instant::now() + f.budget);
+        let result = self.run(&f, &mut pooled, input, capture);
         self.counters.busy.fetch_sub(1, Ordering::Relaxed);
+        let instance = &pooled.instance;
         let outcome = match result {
             Ok(reply) if reply.status == Status::Ok => {
+                // A resumed argument snapshot entered the function before it
+                // was saved: count its run from this invocation.
+                let entered_ns = if path == StartPath::Argument {
+                    reply.entered_ns.max(invoked_ns)
+                } else {
+                    reply.entered_ns
+                };
                 let timings = Timings {
                     start_ns,
-                    dispatch_ns: reply.entered_ns.saturating_sub(invoked_ns),
-                    exec_ns: reply.returned_ns.saturating_sub(reply.entered_ns),
+                    dispatch_ns: entered_ns.saturating_sub(invoked_ns),
+                    exec_ns: reply.returned_ns.saturating_sub(entered_ns),
                     total_ns: ns(invoked.elapsed()),
                 };
                 Ok(Invocation {
@@ -377,20 +526,12 @@ impl Backend for VmBackend {
                     timings,
                 })
             }
-            Ok(reply) => Err(self.reply_error(&f, &instance, reply.status, &reply.data, false)),
-            Err(e) => Err(self.run_error(&f, &instance, e, f.budget)),
+            Ok(reply) => Err(self.reply_error(&f.name, instance, reply.status, &reply.data, false)),
+            Err(e) => Err(self.run_error(&f.name, instance, e, f.budget)),
         };
-        if instance.is_alive() {
-            let mut idle = f.idle.lock().map_err(|_| poisoned())?;
-            if idle.len() < self.idle_cap {
-                idle.push(instance);
-            } else {
-                drop(idle);
-                self.reap(vec![instance]);
-            }
-        } else {
-            self.counters.discarded.fetch_add(1, Ordering::Relaxed);
-            self.reap(vec![instance]);
+        self.give_back(&f, pooled)?;
+        if path != StartPath::Hot {
+            self.refill_shells();
         }
         outcome
     }
@@ -398,7 +539,7 @@ impl Backend for VmBackend {
     fn evict(&self, id: &FunctionId) -> Result<(), Error> {
         let f = self.function(id)?;
         let idle = std::mem::take(&mut *f.idle.lock().map_err(|_| poisoned())?);
-        self.reap(idle);
+        self.reap(idle.into_iter().map(|p| p.instance).collect());
         Ok(())
     }
 
@@ -410,26 +551,62 @@ impl Backend for VmBackend {
             .unwrap_or_default();
         let mut instances = 0usize;
         let mut memory_bytes = 0u64;
+        let mut restored = 0u64;
+        let mut restored_private = 0u64;
         for f in &functions {
             if let Ok(idle) = f.idle.lock() {
                 instances += idle.len();
-                memory_bytes += idle.iter().map(Instance::resident_bytes).sum::<u64>();
+                let mappings: Vec<_> = idle.iter().filter_map(|p| mapping_of(&p.instance)).collect();
+                let private: u64 = private_bytes(&mappings).iter().sum();
+                restored += u64::try_from(mappings.len()).unwrap_or(u64::MAX);
+                restored_private += private;
+                memory_bytes += private;
+                memory_bytes += idle
+                    .iter()
+                    .filter(|p| mapping_of(&p.instance).is_none())
+                    .map(|p| p.instance.resident_bytes())
+                    .sum::<u64>();
             }
         }
         let busy = self.counters.busy.load(Ordering::Relaxed);
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
             functions: functions.len(),
             instances: instances + usize::try_from(busy).unwrap_or(0),
             memory_bytes,
             extra: vec![
-                ("cold_starts".to_owned(), self.counters.cold.load(Ordering::Relaxed)),
-                ("hot_starts".to_owned(), self.counters.hot.load(Ordering::Relaxed)),
-                (
-                    "instances_discarded".to_owned(),
-                    self.counters.discarded.load(Ordering::Relaxed),
-                ),
+                ("cold_starts".to_owned(), load(&c.cold)),
+                ("base_starts".to_owned(), load(&c.base)),
+                ("function_starts".to_owned(), load(&c.function)),
+                ("argument_starts".to_owned(), load(&c.argument)),
+                ("hot_starts".to_owned(), load(&c.hot)),
+                ("argument_snapshots_made".to_owned(), load(&c.argument_nodes)),
+                ("snapshot_failures".to_owned(), load(&c.snapshot_failures)),
+                ("instances_discarded".to_owned(), load(&c.discarded)),
                 ("instances_busy".to_owned(), busy),
+                ("restored_idle_instances".to_owned(), restored),
+                ("restored_idle_private_bytes".to_owned(), restored_private),
             ],
         }
+    }
+}
+
+impl VmBackend {
+    /// Returns an instance to the idle pool (or to the reaper).
+    fn give_back(&self, f: &Function, pooled: Pooled) -> Result<(), Error> {
+        if pooled.instance.is_alive() && !pooled.instance.at_checkpoint() {
+            let mut idle = f.idle.lock().map_err(|_| poisoned())?;
+            if idle.len() < self.idle_cap {
+                idle.push(pooled);
+            } else {
+                drop(idle);
+                self.reap(vec![pooled.instance]);
+            }
+        } else {
+            self.counters.discarded.fetch_add(1, Ordering::Relaxed);
+            self.reap(vec![pooled.instance]);
+        }
+        Ok(())
     }
 }

@@ -3,8 +3,33 @@
 // not required (`MICROFAAS_REQUIRE_KVM=1`, as CI sets it).
 #![allow(dead_code)]
 
-use microfaas::{Backend, BackendKind, Config, ErrorKind};
+use microfaas::{Backend, BackendKind, Config, ErrorKind, VmConfig};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// A snapshot store private to this test process (never the user's cache),
+/// in the temp dir.
+pub fn test_store() -> PathBuf {
+    static STORE: OnceLock<tempfile::TempDir> = OnceLock::new();
+    STORE
+        .get_or_init(|| {
+            tempfile::Builder::new()
+                .prefix("microfaas-test-store")
+                .tempdir()
+                .unwrap()
+        })
+        .path()
+        .to_owned()
+}
+
+/// A fresh, empty snapshot store (for tests that inspect or damage it).
+pub fn fresh_store() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("microfaas-test-store")
+        .tempdir()
+        .unwrap()
+}
 
 /// Whether KVM tests must run (CI).
 pub fn kvm_required() -> bool {
@@ -16,6 +41,10 @@ pub fn config() -> Config {
     Config {
         default_budget: Duration::from_secs(5),
         heap_limit_bytes: 32 << 20,
+        vm: VmConfig {
+            store_dir: Some(test_store()),
+            ..VmConfig::default()
+        },
         ..Config::default()
     }
 }

@@ -122,7 +122,7 @@ pub fn parse(b: &[u8; MAILBOX_BYTES]) -> Mailbox {
         host_ns: u64_at(b, offset_of!(Mailbox, host_ns)),
         host_tsc: u64_at(b, offset_of!(Mailbox, host_tsc)),
         guest_spinning: u32_at(b, offset_of!(Mailbox, guest_spinning)),
-        reserved: u32_at(b, offset_of!(Mailbox, reserved)),
+        checkpoint_seq: u32_at(b, offset_of!(Mailbox, checkpoint_seq)),
     }
 }
 

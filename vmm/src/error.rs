@@ -44,6 +44,23 @@ pub enum VmmError {
     /// The vCPU thread could not be spawned.
     #[error("spawning the vCPU thread")]
     Thread(#[source] std::io::Error),
+    /// The snapshot memory does not match the configured layout.
+    #[error("snapshot memory is {got} bytes, the layout needs {expected}")]
+    SnapshotSize {
+        /// Layout size.
+        expected: u64,
+        /// Memory given.
+        got: u64,
+    },
+    /// The caller could not map guest memory over a shell's reservation.
+    #[error("mapping the guest memory")]
+    MapMemory(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A shell cannot be used this way.
+    #[error("VM shell: {0}")]
+    Shell(&'static str),
+    /// Saving the instance's state failed.
+    #[error("saving the instance state: {0}")]
+    Save(&'static str),
     /// The guest did not reach its request loop.
     #[error("the guest did not boot")]
     Boot(#[source] RunError),
@@ -78,6 +95,12 @@ pub enum RunError {
     /// Writing the request or reading the reply from guest memory failed.
     #[error("accessing guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// `resume` of a guest that is not stopped at a checkpoint.
+    #[error("the instance is not stopped at a checkpoint")]
+    NotAtCheckpoint,
+    /// A request to a guest stopped at a checkpoint (resume it first).
+    #[error("the instance is stopped at a checkpoint")]
+    AtCheckpoint,
     /// The instance died earlier and cannot serve requests.
     #[error("instance is dead")]
     Dead,
@@ -86,6 +109,9 @@ pub enum RunError {
 impl RunError {
     /// Whether the instance must be discarded after this error.
     pub fn kills_instance(&self) -> bool {
-        !matches!(self, RunError::PayloadTooLarge { .. })
+        !matches!(
+            self,
+            RunError::PayloadTooLarge { .. } | RunError::NotAtCheckpoint | RunError::AtCheckpoint
+        )
     }
 }

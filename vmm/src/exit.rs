@@ -1,7 +1,7 @@
 //! VM-exit handling as a pure function: what a vCPU exit means for the run
 //! loop, decided without KVM so it can be tested with made-up exits.
 
-use guest_abi::{LOG_BYTES, REG_DOORBELL, REG_FAULT, REG_LOG};
+use guest_abi::{LOG_BYTES, REG_CHECKPOINT, REG_DOORBELL, REG_FAULT, REG_LOG};
 
 /// The parts of a vCPU exit the run loop looks at (a copy of
 /// `kvm_ioctls::VcpuExit` without the borrow of `kvm_run`).
@@ -43,6 +43,9 @@ pub enum Action {
     Log(u32),
     /// The guest is idle after answering request `seq`: stop and report.
     Doorbell(u32),
+    /// The function reached `checkpoint()` during request `seq` (which asked
+    /// for it): stop so the host can snapshot, then resume.
+    Checkpoint(u32),
     /// A CPL0 stub reported exception `vector`: stop; the instance is dead.
     Fault(u32),
     /// The guest did something the protocol does not allow: stop; dead.
@@ -92,6 +95,10 @@ pub fn handle(exit: Exit<'_>) -> Action {
             data,
         } => u32_of(data).map_or(bad, Action::Doorbell),
         Exit::MmioWrite { addr: REG_FAULT, data } => u32_of(data).map_or(bad, Action::Fault),
+        Exit::MmioWrite {
+            addr: REG_CHECKPOINT,
+            data,
+        } => u32_of(data).map_or(bad, Action::Checkpoint),
         Exit::MmioWrite { addr: REG_LOG, data } => match u32_of(data) {
             Some(len) if u64::from(len) <= LOG_BYTES => Action::Log(len),
             _ => bad,
@@ -140,6 +147,24 @@ mod tests {
                 data: &[0; 8]
             }),
             bad
+        );
+    }
+
+    #[test]
+    fn checkpoint_carries_the_request_seq() {
+        assert_eq!(
+            handle(Exit::MmioWrite {
+                addr: REG_CHECKPOINT,
+                data: &9u32.to_le_bytes()
+            }),
+            Action::Checkpoint(9)
+        );
+        assert_eq!(
+            handle(Exit::MmioWrite {
+                addr: REG_CHECKPOINT,
+                data: &[0; 2]
+            }),
+            Action::Crash(Crash::BadRegisterWrite)
         );
     }
 

@@ -15,10 +15,13 @@ use crate::layout::{Layout, LayoutConfig};
 use crate::memory::GuestRam;
 use crate::setup::{host_rdtsc, memory_slots, write_boot_info, write_system_state};
 use crate::stats::StatsFd;
-use crate::vcpu::{Event, vcpu_thread};
+use crate::vcpu::{Event, IdleThread, StartAt, ThreadStart, Wake, spawn_thread};
+
+mod snapshot;
 use guest_abi::{MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
+pub use snapshot::{MapMemoryError, Shell};
 use std::mem::offset_of;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering, fence};
@@ -31,6 +34,7 @@ use vm_memory::{Bytes, GuestAddress};
 pub(crate) const REQ_SEQ_ADDR: u64 = MAILBOX_ADDR + offset_of!(Mailbox, req_seq) as u64;
 const RESP_SEQ_ADDR: u64 = MAILBOX_ADDR + offset_of!(Mailbox, resp_seq) as u64;
 const SPINNING_ADDR: u64 = MAILBOX_ADDR + offset_of!(Mailbox, guest_spinning) as u64;
+const CHECKPOINT_SEQ_ADDR: u64 = MAILBOX_ADDR + offset_of!(Mailbox, checkpoint_seq) as u64;
 /// How often a host waiting on a spinning guest re-reads the mailbox once
 /// its own spin is over.
 const SPIN_POLL: Duration = Duration::from_micros(50);
@@ -107,6 +111,17 @@ pub struct Reply {
     pub heap_used: u64,
 }
 
+/// How far a request got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The guest answered.
+    Replied(Reply),
+    /// The function stopped in `checkpoint()` (the request asked for it):
+    /// the guest is stopped; snapshot it ([`Instance::save`], its memory),
+    /// then [`Instance::resume`] it.
+    Checkpoint,
+}
+
 /// State shared by the instance handle and its vCPU thread.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -125,7 +140,7 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct Instance {
     shared: Arc<Shared>,
-    wake: Sender<()>,
+    wake: Sender<Wake>,
     events: Receiver<Event>,
     /// Held (not detached) so that kicking it is always valid.
     thread: std::thread::JoinHandle<()>,
@@ -137,6 +152,8 @@ pub struct Instance {
     tsc_offset: u64,
     /// How long to poll for a reply before sleeping (the guest's idle spin).
     host_spin: Duration,
+    /// Stopped inside `checkpoint()` of request `seq`: resume before use.
+    at_checkpoint: bool,
 }
 
 fn ns_since(t: Instant) -> u64 {
@@ -184,19 +201,8 @@ impl Instance {
             Vec::new()
         };
         let ram = GuestRam::new(mem_bytes, &huge)?;
-        // Two slots around the doorbell page, which no slot backs.
-        for (slot, start, end) in memory_slots(&layout) {
-            let region = kvm_userspace_memory_region {
-                slot,
-                flags: if config.dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-                guest_phys_addr: start,
-                memory_size: end - start,
-                userspace_addr: ram.host_addr() + start,
-            };
-            // SAFETY: the region lies inside `ram`'s live mapping, which
-            // `Shared` keeps alive (and drops after the VM fd).
-            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        // SAFETY: `ram` is moved into `Shared`, which drops it after the VM.
+        unsafe { add_memory_slots(&vm, ram.host_addr(), &layout, config.dirty_log) }?;
         timings.memory_ns = ns_since(t);
 
         let t = Instant::now();
@@ -219,6 +225,30 @@ impl Instance {
         let stats = StatsFd::open(&vcpu).ok();
         timings.vcpu_ns = ns_since(t);
 
+        let t = Instant::now();
+        let mut instance = Self::spawn(vm, ram, layout, vcpu, config, stats, tsc_offset, StartAt::Run, 0, None)?;
+        // The guest starts running on spawn; it rings with seq 0 when ready.
+        instance
+            .wait(Instant::now() + Duration::from_secs(5))
+            .map_err(VmmError::Boot)?;
+        timings.guest_boot_ns = ns_since(t);
+        timings.total_ns = ns_since(t0);
+        Ok((instance, timings))
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "one private constructor's parts")]
+    fn spawn(
+        vm: VmFd,
+        ram: GuestRam,
+        layout: Layout,
+        vcpu: VcpuFd,
+        config: &InstanceConfig,
+        stats: Option<StatsFd>,
+        tsc_offset: u64,
+        start: StartAt,
+        seq: u32,
+        thread: Option<IdleThread>,
+    ) -> Result<Self, VmmError> {
         let shared = Arc::new(Shared {
             vm,
             ram,
@@ -229,31 +259,34 @@ impl Instance {
         });
         let (wake_tx, wake_rx) = mpsc::channel();
         let (event_tx, event_rx) = mpsc::channel();
-        let thread_shared = Arc::clone(&shared);
-        let t = Instant::now();
-        let handle = std::thread::Builder::new()
-            .name("vcpu".into())
-            .spawn(move || vcpu_thread(vcpu, thread_shared, wake_rx, event_tx))
-            .map_err(VmmError::Thread)?;
-        let mut instance = Self {
+        let thread_start = ThreadStart {
+            vcpu,
+            shared: Arc::clone(&shared),
+            wake: wake_rx,
+            events: event_tx,
+            start,
+        };
+        // A thread spawned in advance if there is one (and it is alive).
+        let handle = match thread {
+            Some(t) => match t.start(thread_start) {
+                Ok(handle) => handle,
+                Err(thread_start) => spawn_thread(thread_start).map_err(VmmError::Thread)?,
+            },
+            None => spawn_thread(thread_start).map_err(VmmError::Thread)?,
+        };
+        Ok(Self {
             shared,
             wake: wake_tx,
             events: event_rx,
             thread: handle,
             stats,
-            seq: 0,
+            seq,
             dead: false,
             output_limit: config.output_limit_bytes,
             tsc_offset,
             host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
-        };
-        // The guest starts running on spawn; it rings with seq 0 when ready.
-        instance
-            .wait(Instant::now() + Duration::from_secs(5))
-            .map_err(VmmError::Boot)?;
-        timings.guest_boot_ns = ns_since(t);
-        timings.total_ns = ns_since(t0);
-        Ok((instance, timings))
+            at_checkpoint: false,
+        })
     }
 
     /// The layout of this instance's memory.
@@ -323,17 +356,86 @@ impl Instance {
 
     /// Loads a function artifact and runs its `init()`.
     pub fn load(&mut self, artifact: &[u8], deadline: Instant) -> Result<Reply, RunError> {
-        self.request(op::LOAD, artifact, deadline)
+        match self.request(op::LOAD, artifact, deadline, false)? {
+            Progress::Replied(r) => Ok(r),
+            // `init()` cannot ask for a checkpoint (the request did not).
+            Progress::Checkpoint => {
+                self.kill();
+                Err(RunError::Dead)
+            }
+        }
     }
 
-    /// Runs the loaded function's `handle()` on `input`.
+    /// Runs the loaded function's `handle()` on `input` (through any
+    /// `checkpoint()` it calls).
     pub fn invoke(&mut self, input: &[u8], deadline: Instant) -> Result<Reply, RunError> {
-        self.request(op::INVOKE, input, deadline)
+        let mut progress = self.invoke_with(input, deadline, false)?;
+        loop {
+            match progress {
+                Progress::Replied(r) => return Ok(r),
+                Progress::Checkpoint => progress = self.resume(deadline)?,
+            }
+        }
     }
 
-    fn request(&mut self, op: u32, payload: &[u8], deadline: Instant) -> Result<Reply, RunError> {
+    /// Runs `handle()` on `input`; with `checkpoint`, the guest stops at the
+    /// function's `checkpoint()` (if it calls it) and this returns
+    /// [`Progress::Checkpoint`].
+    pub fn invoke_with(&mut self, input: &[u8], deadline: Instant, checkpoint: bool) -> Result<Progress, RunError> {
+        self.request(op::INVOKE, input, deadline, checkpoint)
+    }
+
+    /// Resumes a guest stopped at a checkpoint (after an
+    /// [`Progress::Checkpoint`], or restored from an argument snapshot) and
+    /// waits for its reply.
+    pub fn resume(&mut self, deadline: Instant) -> Result<Progress, RunError> {
         if self.dead {
             return Err(RunError::Dead);
+        }
+        if !self.at_checkpoint {
+            return Err(RunError::NotAtCheckpoint);
+        }
+        self.at_checkpoint = false;
+        let result = (|| {
+            self.wake.send(Wake::Resume).map_err(|_| RunError::Dead)?;
+            self.finish(deadline)
+        })();
+        self.after(&result);
+        result
+    }
+
+    fn after(&mut self, result: &Result<Progress, RunError>) {
+        match result {
+            Err(e) if e.kills_instance() => self.kill(),
+            Ok(Progress::Replied(r)) if matches!(r.status, Status::Panicked | Status::OutOfMemory) => self.kill(),
+            _ => {}
+        }
+    }
+
+    /// Waits for the reply to `self.seq` (or a checkpoint) and reads it.
+    fn finish(&mut self, deadline: Instant) -> Result<Progress, RunError> {
+        if self.wait_reply(deadline)? {
+            self.at_checkpoint = true;
+            return Ok(Progress::Checkpoint);
+        }
+        let layout = self.shared.layout;
+        let mut bytes = [0u8; MAILBOX_BYTES];
+        self.shared
+            .ram
+            .mem()
+            .read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR))
+            .map_err(RunError::GuestMemory)?;
+        let checked = channel::check_reply(&channel::parse(&bytes), self.seq, &layout, self.output_limit)
+            .map_err(RunError::Malformed)?;
+        self.read_reply(&checked).map(Progress::Replied)
+    }
+
+    fn request(&mut self, op: u32, payload: &[u8], deadline: Instant, checkpoint: bool) -> Result<Progress, RunError> {
+        if self.dead {
+            return Err(RunError::Dead);
+        }
+        if self.at_checkpoint {
+            return Err(RunError::AtCheckpoint);
         }
         let layout = self.shared.layout;
         let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
@@ -360,6 +462,9 @@ impl Instance {
                 mem.write_slice(&mailbox[from..to], GuestAddress(MAILBOX_ADDR + from as u64))
                     .map_err(RunError::GuestMemory)?;
             }
+            let checkpoint_seq = if checkpoint { self.seq } else { 0 };
+            mem.store(checkpoint_seq, GuestAddress(CHECKPOINT_SEQ_ADDR), Ordering::SeqCst)
+                .map_err(RunError::GuestMemory)?;
             mem.store(self.seq, GuestAddress(REQ_SEQ_ADDR), Ordering::SeqCst)
                 .map_err(RunError::GuestMemory)?;
             fence(Ordering::SeqCst);
@@ -367,21 +472,11 @@ impl Instance {
                 .load(GuestAddress(SPINNING_ADDR), Ordering::SeqCst)
                 .map_err(RunError::GuestMemory)?;
             if spinning == 0 {
-                self.wake.send(()).map_err(|_| RunError::Dead)?;
+                self.wake.send(Wake::Run).map_err(|_| RunError::Dead)?;
             }
-            self.wait_reply(deadline)?;
-            let mut bytes = [0u8; MAILBOX_BYTES];
-            mem.read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR))
-                .map_err(RunError::GuestMemory)?;
-            let checked = channel::check_reply(&channel::parse(&bytes), self.seq, &layout, self.output_limit)
-                .map_err(RunError::Malformed)?;
-            self.read_reply(&checked)
+            self.finish(deadline)
         })();
-        match &result {
-            Err(e) if e.kills_instance() => self.kill(),
-            Ok(r) if matches!(r.status, Status::Panicked | Status::OutOfMemory) => self.kill(),
-            _ => {}
-        }
+        self.after(&result);
         result
     }
 
@@ -413,7 +508,9 @@ impl Instance {
     /// vCPU reports a failure), kicking it at `deadline`. Polls the mailbox
     /// for `host_spin`, then sleeps on the vCPU thread's reports (a guest
     /// that does not spin rings the doorbell after every reply).
-    fn wait_reply(&mut self, deadline: Instant) -> Result<(), RunError> {
+    /// Returns true when the guest stopped at a checkpoint instead (its
+    /// request's `checkpoint_seq` is cleared then, before any snapshot).
+    fn wait_reply(&mut self, deadline: Instant) -> Result<bool, RunError> {
         let mem = self.shared.ram.mem();
         let spin_until = Instant::now() + self.host_spin;
         loop {
@@ -421,7 +518,7 @@ impl Instance {
                 .load(GuestAddress(RESP_SEQ_ADDR), Ordering::Acquire)
                 .map_err(RunError::GuestMemory)?;
             if resp == self.seq {
-                return Ok(());
+                return Ok(false);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -456,6 +553,12 @@ impl Instance {
             match event {
                 // A doorbell (this reply's, or a stale one): the mailbox says.
                 None | Some(Event::Doorbell(_)) => {}
+                Some(Event::Checkpoint(seq)) if seq == self.seq => {
+                    mem.store(0u32, GuestAddress(CHECKPOINT_SEQ_ADDR), Ordering::SeqCst)
+                        .map_err(RunError::GuestMemory)?;
+                    return Ok(true);
+                }
+                Some(Event::Checkpoint(_)) => return Err(RunError::Crashed(crate::exit::Crash::BadRegisterWrite)),
                 Some(Event::Fault(f)) => return Err(RunError::Fault(f)),
                 Some(Event::Crash(c)) => return Err(RunError::Crashed(c)),
                 Some(Event::RunFailed(e)) => return Err(RunError::Kvm(e)),
@@ -480,6 +583,7 @@ impl Instance {
         };
         match event {
             Event::Doorbell(seq) => Ok(seq),
+            Event::Checkpoint(_) => Err(RunError::Crashed(crate::exit::Crash::BadRegisterWrite)),
             Event::Fault(f) => Err(RunError::Fault(f)),
             Event::Crash(c) => Err(RunError::Crashed(c)),
             Event::RunFailed(e) => Err(RunError::Kvm(e)),
@@ -495,6 +599,28 @@ impl Instance {
             kick::kick(self.thread.as_pthread_t());
         }
     }
+}
+
+/// Adds the two memory slots around the doorbell page.
+///
+/// # Safety
+/// `host_addr..host_addr + layout.mem_bytes` must be a mapping that stays
+/// mapped (or is replaced, in place, by the guest memory) for as long as
+/// the VM exists.
+unsafe fn add_memory_slots(vm: &VmFd, host_addr: u64, layout: &Layout, dirty_log: bool) -> Result<(), VmmError> {
+    for (slot, start, end) in memory_slots(layout) {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: start,
+            memory_size: end - start,
+            userspace_addr: host_addr + start,
+        };
+        // SAFETY: the region lies inside the mapping the caller keeps
+        // alive for the VM's life (this function's contract).
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
 }
 
 impl Drop for Instance {

@@ -19,11 +19,14 @@
 //!   copy output (bounds-checked)      watchdog: kick = SIGRTMIN+5 + immediate_exit
 //! ```
 //!
-//! For the snapshot work: guest memory is one private anonymous mapping
-//! ([`memory::GuestRam`]; a private file mapping slots in there), the
-//! dirty-page log is a knob ([`InstanceConfig::dirty_log`],
-//! [`Instance::take_dirty_pages`]), and the vCPU's boot state is built by
-//! pure functions in [`cpu`] (a restored state is applied the same way).
+//! Snapshots: [`Instance::save`] reads a stopped guest's vCPU and channel
+//! state ([`state::SavedState`], a versioned blob), [`Instance::guest_memory`]
+//! its memory; [`Instance::restore`] starts a guest from a saved state on
+//! memory the caller mapped ([`ExternalMemory`], e.g. a snapshot image mapped
+//! copy-on-write). A request may ask the guest to stop at the function's
+//! `checkpoint()` ([`Instance::invoke_with`] -> [`Progress::Checkpoint`]) so
+//! that it can be saved there, then [`Instance::resume`]d. The dirty-page log
+//! is a knob ([`InstanceConfig::dirty_log`], [`Instance::take_dirty_pages`]).
 
 pub mod channel;
 pub mod cpu;
@@ -36,14 +39,17 @@ pub mod layout;
 pub mod memory;
 pub mod paging;
 mod setup;
+pub mod state;
 pub mod stats;
 mod vcpu;
 
 pub use channel::Status;
 pub use error::{RunError, VmmError};
 pub use fault::GuestFault;
-pub use instance::{BootTimings, Instance, InstanceConfig, Reply, now_ns};
+pub use instance::{BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Reply, Shell, now_ns};
 pub use layout::LayoutConfig;
+pub use memory::ExternalMemory;
+pub use state::{SavedState, StateError, VcpuState};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;

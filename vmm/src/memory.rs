@@ -1,6 +1,8 @@
-//! Guest memory: one anonymous private mapping, 2 MiB aligned and advised
-//! for transparent huge pages, never executable in the host. The snapshot
-//! issue adds a private file-backed variant of [`GuestRam::new`].
+//! Guest memory: one private mapping at guest-physical 0, never executable
+//! in the host: either anonymous (a boot; 2 MiB aligned and advised for
+//! transparent huge pages) or supplied by the caller ([`ExternalMemory`]: a
+//! snapshot image mapped copy-on-write), which the instance owns and drops
+//! after its VM.
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, mmap::MmapRegionBuilder};
 
@@ -23,12 +25,36 @@ pub enum MemoryError {
     Region(String),
 }
 
+/// Guest memory mapped by someone else (e.g. a snapshot image mapped
+/// `MAP_PRIVATE`), handed to an instance, which keeps it until its VM is
+/// gone and then drops it.
+///
+/// # Safety
+/// `host_addr()..host_addr() + len()` must be one readable and writable
+/// mapping, not shared with any other instance for writing (a private
+/// mapping), that stays mapped at that address until the value is dropped;
+/// both methods must always return the same values.
+pub unsafe trait ExternalMemory: std::any::Any + Send + Sync + std::fmt::Debug {
+    /// Host address of guest-physical 0.
+    fn host_addr(&self) -> *mut u8;
+    /// Size in bytes.
+    fn len(&self) -> usize;
+    /// Whether it is empty (never, for a usable guest).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// For downcasting to the caller's type.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// One instance's guest memory.
 #[derive(Debug)]
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     host_addr: *mut u8,
     bytes: usize,
+    /// Set when the memory is the caller's (not unmapped here).
+    external: Option<Box<dyn ExternalMemory>>,
 }
 
 // SAFETY: the raw pointer is only the base of a mapping this value owns and
@@ -105,8 +131,47 @@ impl GuestRam {
             .map_err(|e| MemoryError::Region(e.to_string()))?,
             host_addr,
             bytes,
+            external: None,
         };
         Ok(ram)
+    }
+
+    /// Wraps memory mapped by the caller (a snapshot image).
+    pub fn from_external(external: Box<dyn ExternalMemory>) -> Result<Self, MemoryError> {
+        let bytes = external.len();
+        let host_addr = external.host_addr();
+        // SAFETY: `ExternalMemory`'s contract: the range is a live private
+        // read/write mapping until `external` drops, which happens after
+        // `mem` (field order in `Drop`: `mem` is never used to unmap).
+        let region = unsafe { MmapRegionBuilder::<()>::new(bytes).with_raw_mmap_pointer(host_addr) }
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        Ok(Self {
+            mem: GuestMemoryMmap::from_regions(vec![
+                GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| MemoryError::Region("overflow".into()))?,
+            ])
+            .map_err(|e| MemoryError::Region(e.to_string()))?,
+            host_addr,
+            bytes,
+            external: Some(external),
+        })
+    }
+
+    /// The caller's memory, when the instance was given it.
+    pub fn external(&self) -> Option<&dyn ExternalMemory> {
+        self.external.as_deref()
+    }
+
+    /// The whole guest memory as bytes.
+    ///
+    /// # Safety
+    /// The guest must not run (its vCPU stopped) while the slice lives.
+    pub unsafe fn as_bytes(&self) -> &[u8] {
+        // SAFETY: our live mapping of `bytes`; the caller keeps the guest
+        // (the only other writer) stopped.
+        unsafe { std::slice::from_raw_parts(self.host_addr, self.bytes) }
     }
 
     /// The guest memory (bounds-checked accessors).
@@ -139,6 +204,9 @@ impl GuestRam {
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
+        if self.external.is_some() {
+            return; // the caller's mapping, unmapped when `external` drops
+        }
         // SAFETY: our mapping; `mem` (dropped after this) never unmaps or touches a
         // raw-pointer region, and
         // no KVM memory slot outlives the instance that owns this value (the

@@ -88,22 +88,7 @@ pub(crate) fn write_boot_info(
     idle_spin_us: u32,
 ) -> Result<u64, VmmError> {
     let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .map_err(|_| VmmError::Kvm {
-        op: "building the MSR list",
-        source: kvm_ioctls::Error::new(libc::EINVAL),
-    })?;
-    let mut samples = [(0u64, 0u64, 0u64); 3];
-    for sample in &mut samples {
-        let before = host_rdtsc();
-        vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
-        let after = host_rdtsc();
-        *sample = (before, msrs.as_slice()[0].data, after);
-    }
-    let tsc_offset = tsc_offset(&samples);
+    let tsc_offset = measure_tsc_offset(vcpu)?;
     let tsc_base = host_rdtsc().wrapping_add(tsc_offset);
     let mono_base_ns = monotonic_ns();
     let info = BootInfo {
@@ -127,6 +112,27 @@ pub(crate) fn write_boot_info(
         .write_slice(&boot_info_bytes(&info), GuestAddress(BOOT_INFO_ADDR))
         .map_err(VmmError::GuestMemory)?;
     Ok(tsc_offset)
+}
+
+/// The guest's TSC offset from the host's, read from the vCPU between two
+/// host TSC reads (the best of a few tries).
+pub(crate) fn measure_tsc_offset(vcpu: &VcpuFd) -> Result<u64, VmmError> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|_| VmmError::Kvm {
+        op: "building the MSR list",
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    let mut samples = [(0u64, 0u64, 0u64); 3];
+    for sample in &mut samples {
+        let before = host_rdtsc();
+        vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let after = host_rdtsc();
+        *sample = (before, msrs.as_slice()[0].data, after);
+    }
+    Ok(tsc_offset(&samples))
 }
 
 /// The 32.32 ns-per-tick multiplier for a TSC of `tsc_khz` kHz.

@@ -30,6 +30,12 @@
 //! ([`FaultFrame`]). Guest logs (the serial console) are copied to the log
 //! area of the mailbox page ([`LOG_OFFSET`]) and flushed with a write of
 //! their length to [`REG_LOG`].
+//!
+//! Argument snapshots: when the host sets [`Mailbox::checkpoint_seq`] to the
+//! request's `req_seq`, the function's `checkpoint()` writes `req_seq` to
+//! [`REG_CHECKPOINT`] (one exit); the host snapshots the stopped guest,
+//! clears the field and resumes it, and a guest restored from that snapshot
+//! resumes right there.
 #![no_std]
 
 /// Version of this channel ABI; [`BootInfo::abi_version`] carries it.
@@ -65,6 +71,10 @@ pub const REG_DOORBELL: u64 = MMIO_ADDR;
 pub const REG_FAULT: u64 = MMIO_ADDR + 8;
 /// Log register (u32 write): that many bytes at the log area are guest log.
 pub const REG_LOG: u64 = MMIO_ADDR + 16;
+/// Checkpoint register (u32 write of the request's `seq`): the function
+/// called `checkpoint()` during a request whose [`Mailbox::checkpoint_seq`]
+/// asked for it; the guest blocks until the host has snapshotted it.
+pub const REG_CHECKPOINT: u64 = MMIO_ADDR + 24;
 /// Offset of the log area in the mailbox page.
 pub const LOG_OFFSET: u64 = 0x800;
 /// Size of the log area.
@@ -170,8 +180,11 @@ pub struct Mailbox {
     /// and reads this: at least one side sees the other, so a request is
     /// never missed and needs a wake-up only when this read 0.
     pub guest_spinning: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// Host: when equal to `req_seq`, the guest exits at the function's
+    /// `checkpoint()` (a write of `req_seq` to [`REG_CHECKPOINT`]) so the
+    /// host can snapshot it there; the host clears it before resuming.
+    /// 0 = do not exit.
+    pub checkpoint_seq: u32,
 }
 
 /// Request operations ([`Mailbox::op`]).

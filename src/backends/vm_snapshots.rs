@@ -1,0 +1,323 @@
+//! The `vm` backend's use of the snapshot store (SEUSS): the base node
+//! (booted guest, keyed by the guest build and memory layout), function
+//! nodes (artifact loaded and `init()` done, keyed by name + artifact
+//! digest) and argument nodes (stopped at `checkpoint()`, keyed by a hash of
+//! artifact digest + input, LRU-bounded per function). Instances start from
+//! a node by mapping its merged image copy-on-write and restoring the saved
+//! vCPU state; children are written from the pages a restored instance
+//! made private (guest and VMM writes alike).
+
+use crate::Error;
+use sha2::{Digest, Sha256};
+use snapshots::{
+    GuestMapping, ImageError, Label, Level, LineageError, MapOptions, MergedImage, NodeFileError, NodeId, NodeSpec,
+    Store,
+};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use vmm::{ExternalMemory, Instance, InstanceConfig, SavedState, Shell, Vmm};
+
+/// A node ready to start instances from: its merged image (mapped per
+/// instance) and its decoded state, both loaded once.
+#[derive(Debug)]
+pub(crate) struct Restorable {
+    pub(crate) id: NodeId,
+    image: Arc<MergedImage>,
+    state: SavedState,
+}
+
+/// Guest memory of a restored instance: a private mapping of a merged image.
+#[derive(Debug)]
+pub(crate) struct SnapshotMemory(pub(crate) GuestMapping);
+
+// SAFETY: `GuestMapping` is one private read/write mapping of `len()` bytes
+// at `host_addr()`, owned by the value and unmapped only when it drops.
+unsafe impl ExternalMemory for SnapshotMemory {
+    fn host_addr(&self) -> *mut u8 {
+        self.0.host_addr()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The mapping an instance was restored onto, if it was.
+pub(crate) fn mapping_of(instance: &Instance) -> Option<&GuestMapping> {
+    instance
+        .external_memory()?
+        .as_any()
+        .downcast_ref::<SnapshotMemory>()
+        .map(|m| &m.0)
+}
+
+/// The snapshot side of the backend.
+#[derive(Debug)]
+pub(crate) struct Snapshots {
+    store: Store,
+    base_key: String,
+    mem_bytes: u64,
+    base: Mutex<Option<Arc<Restorable>>>,
+    /// Argument nodes kept per function (LRU).
+    pub(crate) arguments_per_function: usize,
+}
+
+/// The hex SHA-256 of `parts`, each length-prefixed.
+fn digest_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(u64::try_from(p.len()).unwrap_or(u64::MAX).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key of the argument node of `input` to the artifact `digest`.
+pub(crate) fn input_hash(digest: &str, input: &[u8]) -> String {
+    digest_hex(&[digest.as_bytes(), input])
+}
+
+/// The trait error for a store failure, naming the file where there is one.
+pub(crate) fn store_error(context: &str, e: &(dyn std::error::Error + 'static)) -> Error {
+    let mut path: Option<PathBuf> = None;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(n) = c.downcast_ref::<NodeFileError>() {
+            path = Some(n.path().to_owned());
+            break;
+        }
+        if let Some(LineageError::ParentMissing { path: p, .. } | LineageError::ParentMismatch { path: p, .. }) =
+            c.downcast_ref::<LineageError>()
+        {
+            path = Some(p.clone());
+            break;
+        }
+        cause = c.source();
+    }
+    let detail = format!("{context}: {}", super::vm::error_chain(e));
+    match path {
+        Some(path) => Error::SnapshotCorrupt { path, detail },
+        None => Error::io(detail, std::io::Error::other("snapshot store")),
+    }
+}
+
+impl Snapshots {
+    /// Opens the store at `dir` (or the default) for instances of `config`.
+    pub(crate) fn open(
+        dir: Option<PathBuf>,
+        config: &InstanceConfig,
+        arguments_per_function: usize,
+    ) -> Result<Self, Error> {
+        let store = match dir {
+            Some(d) => Store::open(d),
+            None => Store::open_default(),
+        }
+        .map_err(|e| store_error("opening the snapshot store", &e))?;
+        let layout = vmm::layout::Layout::new(config.layout)
+            .map_err(|e| Error::io("vm layout", std::io::Error::other(e.to_string())))?;
+        // The base depends on the guest build, the layout, the boot info and
+        // the state format: any change makes (and keys) a new base.
+        let base_key = digest_hex(&[
+            vmm::GUEST_KERNEL,
+            format!("{:?}/{}", config.layout, config.idle_spin_us).as_bytes(),
+            &vmm::state::STATE_VERSION.to_le_bytes(),
+        ]);
+        Ok(Self {
+            store,
+            base_key,
+            mem_bytes: layout.mem_bytes,
+            base: Mutex::new(None),
+            arguments_per_function,
+        })
+    }
+
+    /// Loads node `id` for restoring.
+    pub(crate) fn restorable(&self, id: NodeId) -> Result<Arc<Restorable>, Error> {
+        let node = self
+            .store
+            .node(id)
+            .map_err(|e| store_error("opening a snapshot node", &e))?;
+        let image = self
+            .store
+            .image(id)
+            .map_err(|e: ImageError| store_error("building the snapshot image", &e))?;
+        let blob = node
+            .read_state()
+            .map_err(|e| store_error("reading the snapshot state", &e))?;
+        let state = SavedState::decode(&blob).map_err(|e| Error::SnapshotCorrupt {
+            path: node.path().to_owned(),
+            detail: format!("the vCPU state is unusable: {e}"),
+        })?;
+        Ok(Arc::new(Restorable { id, image, state }))
+    }
+
+    /// The base node, made once per store (booting with `boot`) and cached.
+    pub(crate) fn base(&self, boot: impl FnOnce() -> Result<Instance, Error>) -> Result<Arc<Restorable>, Error> {
+        let mut cached = self.base.lock().map_err(|_| super::vm::poisoned())?;
+        if let Some(b) = cached.as_ref() {
+            return Ok(Arc::clone(b));
+        }
+        let id = match self.store.find_base(Some(&self.base_key), Some(self.mem_bytes)) {
+            Some(node) => node.id(),
+            None => {
+                let mut instance = boot()?;
+                let state = instance
+                    .save()
+                    .map_err(|e| store_error("saving the booted guest", &e))?;
+                let mut w = self
+                    .store
+                    .create_node(NodeSpec {
+                        level: Level::Base,
+                        parent: None,
+                        label: Label::base(Some(&self.base_key)),
+                        guest_mem_bytes: self.mem_bytes,
+                    })
+                    .map_err(|e| store_error("creating the base node", &e))?;
+                // SAFETY: the instance is idle (it answered its boot
+                // doorbell and no request is in flight) for this call.
+                let memory = unsafe { instance.guest_memory() };
+                w.write_nonzero(memory)
+                    .map_err(|e| store_error("writing the base node", &e))?;
+                let node = w
+                    .commit(&state.encode(), state.summary())
+                    .map_err(|e| store_error("committing the base node", &e))?;
+                node.id()
+            }
+        };
+        let r = self.restorable(id)?;
+        *cached = Some(Arc::clone(&r));
+        Ok(r)
+    }
+
+    /// Starts an instance from `node`.
+    pub(crate) fn restore(
+        &self,
+        vmm: &Vmm,
+        shell: Option<Shell>,
+        config: &InstanceConfig,
+        node: &Restorable,
+    ) -> Result<Instance, Error> {
+        let restored = match shell {
+            // A shell with its memory slots ready: map the image over them.
+            Some(shell) => Instance::restore_into(
+                vmm,
+                shell,
+                config,
+                |addr, len| {
+                    let want = node.image.guest_mem_bytes();
+                    if u64::try_from(len).ok() != Some(want) {
+                        return Err(format!("the image has {want} bytes, the shell {len}").into());
+                    }
+                    // SAFETY: `restore_into` hands over its reservation of
+                    // exactly `len` bytes (checked equal to the image) at
+                    // `addr`; the mapping made here owns it from now on.
+                    let mapping = unsafe { node.image.map_at(addr, MapOptions::default()) }?;
+                    Ok(Box::new(SnapshotMemory(mapping)) as Box<dyn ExternalMemory>)
+                },
+                &node.state,
+            ),
+            None => {
+                let mapping = node
+                    .image
+                    .map(MapOptions::default())
+                    .map_err(|e| store_error("mapping the snapshot image", &e))?;
+                Instance::restore(vmm, None, config, Box::new(SnapshotMemory(mapping)), &node.state)
+            }
+        };
+        restored.map_err(|e| match e {
+            vmm::VmmError::KvmUnavailable(_) => Error::KvmUnavailable {
+                detail: super::vm::error_chain(&e),
+            },
+            other => store_error("restoring an instance from a snapshot", &other),
+        })
+    }
+
+    /// The function node of `name` at artifact `digest` under `base`.
+    pub(crate) fn find_function(&self, base: NodeId, name: &str, digest: &str) -> Option<NodeId> {
+        self.store.find_function(base, name, digest).map(|n| n.id())
+    }
+
+    /// The argument node of `input_hash` under function node `function`.
+    pub(crate) fn find_argument(&self, function: NodeId, input_hash: &str) -> Option<NodeId> {
+        self.store.find_argument(function, input_hash).map(|n| n.id())
+    }
+
+    /// Whether function node `function` has argument nodes.
+    pub(crate) fn has_arguments(&self, function: NodeId) -> bool {
+        self.store
+            .children(function)
+            .iter()
+            .any(|n| n.level() == Level::Argument)
+    }
+
+    /// Marks node `id` used (argument LRU).
+    pub(crate) fn touch(&self, id: NodeId) {
+        let _ = self.store.touch(id);
+    }
+
+    /// Writes a child of `parent` from a stopped instance restored from it:
+    /// the pages it made private plus its saved state.
+    pub(crate) fn create_child(
+        &self,
+        instance: &mut Instance,
+        parent: NodeId,
+        level: Level,
+        label: Label,
+    ) -> Result<NodeId, Error> {
+        let state = instance
+            .save()
+            .map_err(|e| store_error("saving the instance state", &e))?;
+        let mapping = mapping_of(instance).ok_or_else(|| {
+            Error::io(
+                "creating a snapshot node",
+                std::io::Error::other("the instance was not restored from a snapshot"),
+            )
+        })?;
+        let mut w = self
+            .store
+            .create_node(NodeSpec {
+                level,
+                parent: Some(parent),
+                label,
+                guest_mem_bytes: self.mem_bytes,
+            })
+            .map_err(|e| store_error("creating a snapshot node", &e))?;
+        w.write_written_from(mapping)
+            .map_err(|e| store_error("writing a snapshot node", &e))?;
+        let node = w
+            .commit(&state.encode(), state.summary())
+            .map_err(|e| store_error("committing a snapshot node", &e))?;
+        Ok(node.id())
+    }
+
+    /// Keeps the most recently used argument nodes of `function`; returns
+    /// the removed ones.
+    pub(crate) fn trim_arguments(&self, function: NodeId) -> Vec<NodeId> {
+        self.store
+            .trim_arguments(function, self.arguments_per_function)
+            .unwrap_or_default()
+    }
+}
+
+/// Private memory of `mappings` (from smaps), one figure each.
+pub(crate) fn private_bytes(mappings: &[&GuestMapping]) -> Vec<u64> {
+    GuestMapping::private_bytes_of(mappings).unwrap_or_else(|_| vec![0; mappings.len()])
+}
+
+/// The cache of argument nodes of one function node, by input hash.
+pub(crate) type ArgumentCache = Mutex<HashMap<String, Arc<Restorable>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_hashes_separate_digest_and_input() {
+        assert_ne!(input_hash("ab", b"c"), input_hash("a", b"bc"));
+        assert_eq!(input_hash("d", b"x"), input_hash("d", b"x"));
+        assert_eq!(input_hash("d", b"").len(), 64);
+    }
+}

@@ -1,0 +1,292 @@
+//! Snapshots of an instance: pre-created VM shells, restoring an instance
+//! from a saved state onto memory the caller mapped, and saving a stopped
+//! instance's state.
+
+use super::{Instance, InstanceConfig, add_memory_slots, kvm_err};
+use crate::Vmm;
+use crate::error::VmmError;
+use crate::layout::Layout;
+use crate::memory::{ExternalMemory, GuestRam};
+use crate::setup::measure_tsc_offset;
+use crate::state::{SavedState, VcpuState};
+use crate::stats::StatsFd;
+use crate::vcpu::{IdleThread, StartAt, Wake};
+
+const ALIGN: usize = 2 << 20;
+use kvm_ioctls::{VcpuFd, VmFd};
+use std::ptr::NonNull;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// An empty VM with its vCPU (CPUID set), ready to be given memory and a
+/// saved state: creating one is most of a restore's fixed cost on this
+/// host (~0.3 ms, ~0.1 ms more for the memory slots, ~50 us for the vCPU
+/// thread, spawned in advance too), so callers keep a few
+/// made in advance ([`Shell::with_memory`] also registers the memory slots
+/// over a reserved address range that the guest memory is later mapped
+/// over, see [`Instance::restore_into`]).
+#[derive(Debug)]
+pub struct Shell {
+    // Field order is drop order: the VM goes before the reservation its
+    // memory slots point at.
+    vm: VmFd,
+    vcpu: VcpuFd,
+    stats: Option<StatsFd>,
+    reserved: Option<Reservation>,
+    thread: Option<IdleThread>,
+}
+
+/// An inaccessible anonymous address range owned by a shell.
+#[derive(Debug)]
+struct Reservation {
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the pointer is the base of a range this value owns exclusively
+// and unmaps only on drop; it is never dereferenced.
+unsafe impl Send for Reservation {}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the range this value owns (see `Shell::with_memory`).
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
+    }
+}
+
+impl Shell {
+    /// Creates a VM and its vCPU.
+    pub fn new(vmm: &Vmm) -> Result<Self, VmmError> {
+        let vm = vmm.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&vmm.cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let stats = StatsFd::open(&vcpu).ok();
+        Ok(Self {
+            vm,
+            vcpu,
+            stats,
+            reserved: None,
+            thread: IdleThread::spawn().ok(),
+        })
+    }
+
+    /// Creates a VM and its vCPU plus the memory slots of `config`'s layout
+    /// over a reserved (inaccessible, 2 MiB aligned) address range.
+    pub fn with_memory(vmm: &Vmm, config: &InstanceConfig) -> Result<Self, VmmError> {
+        let layout = Layout::new(config.layout)?;
+        let len =
+            usize::try_from(layout.mem_bytes).map_err(|_| crate::layout::LayoutError::DoesNotFit("memory size"))?;
+        let mut shell = Self::new(vmm)?;
+        let map_err = |source| crate::memory::MemoryError::Map { bytes: len, source };
+        let padded = len
+            .checked_add(ALIGN)
+            .ok_or_else(|| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        // SAFETY: a fresh inaccessible anonymous mapping; nothing else is
+        // affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                padded,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error()).into());
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(ALIGN);
+        let (head, tail) = (aligned - start, padded - (aligned - start) - len);
+        // SAFETY: trimming the unaligned head and the tail of the range
+        // just reserved; nothing references them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        let addr = NonNull::new(aligned as *mut u8).ok_or_else(|| map_err(std::io::Error::other("null")))?;
+        let reservation = Reservation { addr, len };
+        // SAFETY: the slots point into the reservation, which the shell
+        // keeps until the VM is gone or hands over to the guest memory
+        // mapped in its place (`Instance::restore_into`).
+        unsafe { add_memory_slots(&shell.vm, aligned as u64, &layout, config.dirty_log) }?;
+        shell.reserved = Some(reservation);
+        Ok(shell)
+    }
+}
+
+/// A caller's failure to map guest memory over a shell's reservation.
+pub type MapMemoryError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Instance {
+    /// Starts an instance from a snapshot: `memory` (the snapshot's guest
+    /// memory, mapped privately by the caller) and the saved state. The
+    /// guest resumes where it was saved: idle (the next request is served
+    /// at once) or at a checkpoint ([`Instance::resume`] it).
+    ///
+    /// `shell` is a pre-created VM + vCPU ([`Shell::new`], off the start
+    /// path); `None` creates one now.
+    pub fn restore(
+        vmm: &Vmm,
+        shell: Option<Shell>,
+        config: &InstanceConfig,
+        memory: Box<dyn ExternalMemory>,
+        saved: &SavedState,
+    ) -> Result<Self, VmmError> {
+        // A shell with its own memory slots cannot take other memory.
+        let shell = shell.filter(|s| s.reserved.is_none());
+        Self::restore_on(vmm, shell, config, memory, saved, false)
+    }
+
+    /// Like [`Instance::restore`] on a shell made by [`Shell::with_memory`]:
+    /// `map` maps the guest memory over the shell's reserved range (whose
+    /// base and length it is given, and which it must fill exactly; it owns
+    /// the range from then on) so that the
+    /// shell's memory slots need no change. If `map` fails the range stays
+    /// the shell's.
+    pub fn restore_into(
+        vmm: &Vmm,
+        mut shell: Shell,
+        config: &InstanceConfig,
+        map: impl FnOnce(NonNull<u8>, usize) -> Result<Box<dyn ExternalMemory>, MapMemoryError>,
+        saved: &SavedState,
+    ) -> Result<Self, VmmError> {
+        let Some(reservation) = shell.reserved.take() else {
+            return Err(VmmError::Shell("the shell has no memory reservation"));
+        };
+        let layout = Layout::new(config.layout)?;
+        if u64::try_from(reservation.len).ok() != Some(layout.mem_bytes) {
+            return Err(VmmError::SnapshotSize {
+                expected: layout.mem_bytes,
+                got: u64::try_from(reservation.len).unwrap_or(u64::MAX),
+            });
+        }
+        let memory = match map(reservation.addr, reservation.len) {
+            Ok(m) => m,
+            // The reservation is still intact: it drops (unmaps) here.
+            Err(source) => return Err(VmmError::MapMemory(source)),
+        };
+        if memory.host_addr() != reservation.addr.as_ptr() || memory.len() != reservation.len {
+            return Err(VmmError::Shell(
+                "the memory was not mapped over the shell's reservation",
+            ));
+        }
+        // Handed over: the memory now owns the range.
+        std::mem::forget(reservation);
+        Self::restore_on(vmm, Some(shell), config, memory, saved, true)
+    }
+
+    fn restore_on(
+        vmm: &Vmm,
+        shell: Option<Shell>,
+        config: &InstanceConfig,
+        memory: Box<dyn ExternalMemory>,
+        saved: &SavedState,
+        slots_ready: bool,
+    ) -> Result<Self, VmmError> {
+        let layout = Layout::new(config.layout)?;
+        let got = u64::try_from(memory.len()).unwrap_or(u64::MAX);
+        if got != layout.mem_bytes {
+            return Err(VmmError::SnapshotSize {
+                expected: layout.mem_bytes,
+                got,
+            });
+        }
+        let Shell {
+            vm,
+            vcpu,
+            stats,
+            thread,
+            ..
+        } = match shell {
+            Some(shell) => shell,
+            None => Shell::new(vmm)?,
+        };
+        let ram = GuestRam::from_external(memory)?;
+        if !slots_ready {
+            // SAFETY: `ram` is moved into the instance's `Shared`, which
+            // drops it after the VM.
+            unsafe { add_memory_slots(&vm, ram.host_addr(), &layout, config.dirty_log) }?;
+        }
+        apply_vcpu_state(&vcpu, &saved.vcpu)?;
+        let tsc_offset = measure_tsc_offset(&vcpu)?;
+        let start = if saved.at_checkpoint {
+            StartAt::Checkpoint
+        } else {
+            StartAt::Idle(saved.seq)
+        };
+        let mut instance = Self::spawn(
+            vm, ram, layout, vcpu, config, stats, tsc_offset, start, saved.seq, thread,
+        )?;
+        instance.at_checkpoint = saved.at_checkpoint;
+        Ok(instance)
+    }
+
+    /// Saves the stopped guest's state (idle, or at a checkpoint). Its
+    /// memory is read separately ([`Instance::guest_memory`],
+    /// [`Instance::external_memory`]) while it stays stopped.
+    pub fn save(&mut self) -> Result<SavedState, VmmError> {
+        if self.dead {
+            return Err(VmmError::Save("the instance is dead"));
+        }
+        let (tx, rx) = mpsc::channel();
+        self.wake
+            .send(Wake::Save(tx))
+            .map_err(|_| VmmError::Save("the vCPU thread is gone"))?;
+        let vcpu = rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| VmmError::Save("the vCPU thread did not answer"))?
+            .map_err(kvm_err("saving the vCPU state"))?;
+        Ok(SavedState {
+            seq: self.seq,
+            at_checkpoint: self.at_checkpoint,
+            vcpu,
+        })
+    }
+
+    /// The whole guest memory.
+    ///
+    /// # Safety
+    /// The guest must be stopped (idle without a request in flight, or at a
+    /// checkpoint) while the slice lives.
+    pub unsafe fn guest_memory(&self) -> &[u8] {
+        // SAFETY: forwarded: the caller keeps the guest stopped.
+        unsafe { self.shared.ram.as_bytes() }
+    }
+
+    /// The memory this instance was restored onto, if any.
+    pub fn external_memory(&self) -> Option<&dyn ExternalMemory> {
+        self.shared.ram.external()
+    }
+
+    /// Whether the guest is stopped at a checkpoint (resume it first).
+    pub fn at_checkpoint(&self) -> bool {
+        self.at_checkpoint
+    }
+}
+
+/// Loads a saved vCPU state into a fresh vCPU.
+fn apply_vcpu_state(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VmmError> {
+    vcpu.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    if let Some(xcrs) = &state.xcrs {
+        vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+    }
+    vcpu.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    if let Some(words) = &state.xsave {
+        let mut xsave = kvm_bindings::kvm_xsave::default();
+        if words.len() != xsave.region.len() {
+            return Err(VmmError::Save("XSAVE area of the wrong size"));
+        }
+        xsave.region.copy_from_slice(words);
+        // SAFETY: a 4 KiB legacy `kvm_xsave` read by KVM_GET_XSAVE on this
+        // host (its size is what that ioctl uses; no XSAVE2 extension area).
+        unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! The savable state of a stopped instance besides its memory: the vCPU's
+//! registers (general, segment/control, FPU/SSE, XCR0, XSAVE area) and the
+//! channel's host side (the request sequence number, and whether the guest
+//! is stopped at a `checkpoint()` rather than idle). Encoded as a small
+//! versioned blob (the snapshot store checksums and caps it); decoding
+//! checks the magic, version and every section length.
+//!
+//! ```text
+//! "MFVCPU01"  u32 version  u32 seq  u8 at_checkpoint  u8 flags (1 xcrs, 2 xsave)
+//! then sections, each u32 length + bytes: regs, sregs, fpu[, xcrs][, xsave]
+//! ```
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_xcrs};
+use std::collections::BTreeMap;
+
+const MAGIC: &[u8; 8] = b"MFVCPU01";
+/// Version of the state blob.
+pub const STATE_VERSION: u32 = 1;
+const HAS_XCRS: u8 = 1;
+const HAS_XSAVE: u8 = 2;
+
+/// Plain-old-data KVM structures that may be copied to and from bytes.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]` aggregates of integers (and arrays of
+/// them) with no implicit padding, so that every byte is initialised and
+/// every bit pattern is a valid value.
+unsafe trait Pod: Copy + Default {}
+// SAFETY: kvm-bindings' generated `#[repr(C)]` integer structs; their
+// padding is explicit (`padding`/`pad*` fields).
+unsafe impl Pod for kvm_regs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_sregs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_fpu {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_xcrs {}
+
+/// Words in the legacy XSAVE area (`kvm_xsave::region`).
+pub const XSAVE_WORDS: usize = 1024;
+
+fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: `T: Pod` has no uninitialised bytes; the slice borrows `v`.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+fn pod_from<T: Pod>(b: &[u8]) -> Option<T> {
+    if b.len() != size_of::<T>() {
+        return None;
+    }
+    let mut v = T::default();
+    // SAFETY: `b` holds exactly `size_of::<T>()` bytes, and any bytes are a
+    // valid `T` (`Pod`); `v` is a distinct local.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&raw mut v).cast::<u8>(), b.len()) };
+    Some(v)
+}
+
+/// The vCPU registers of a stopped guest.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuState {
+    /// General-purpose registers, RIP, RFLAGS.
+    pub regs: kvm_regs,
+    /// Segment, descriptor-table and control registers, EFER.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state.
+    pub fpu: kvm_fpu,
+    /// XCR0 (when the host has XSAVE).
+    pub xcrs: Option<kvm_xcrs>,
+    /// The XSAVE area, [`XSAVE_WORDS`] words (AVX upper halves and the
+    /// rest; when the host has it).
+    pub xsave: Option<Vec<u32>>,
+}
+
+/// A stopped instance's state besides its memory.
+#[derive(Debug, Clone, Default)]
+pub struct SavedState {
+    /// Sequence number of the last request the host published.
+    pub seq: u32,
+    /// Whether the guest is stopped inside `checkpoint()` of request `seq`
+    /// (resume it to get the reply) rather than idle after answering it.
+    pub at_checkpoint: bool,
+    /// The vCPU.
+    pub vcpu: VcpuState,
+}
+
+/// Why a state blob was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// Not a state blob.
+    #[error("not a vCPU state blob (bad magic)")]
+    Magic,
+    /// Written by another format version.
+    #[error("vCPU state version {0}, expected {STATE_VERSION}")]
+    Version(u32),
+    /// A section is missing, short, or of the wrong size.
+    #[error("vCPU state section `{0}` is truncated or of the wrong size")]
+    Section(&'static str),
+    /// Bytes after the last section.
+    #[error("{0} trailing bytes after the vCPU state")]
+    Trailing(usize),
+}
+
+impl SavedState {
+    /// Encodes the state as a blob for the snapshot store.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8192);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        b.extend_from_slice(&self.seq.to_le_bytes());
+        b.push(u8::from(self.at_checkpoint));
+        let flags =
+            if self.vcpu.xcrs.is_some() { HAS_XCRS } else { 0 } | if self.vcpu.xsave.is_some() { HAS_XSAVE } else { 0 };
+        b.push(flags);
+        let mut section = |bytes: &[u8]| {
+            b.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+            b.extend_from_slice(bytes);
+        };
+        section(pod_bytes(&self.vcpu.regs));
+        section(pod_bytes(&self.vcpu.sregs));
+        section(pod_bytes(&self.vcpu.fpu));
+        if let Some(x) = &self.vcpu.xcrs {
+            section(pod_bytes(x));
+        }
+        if let Some(x) = &self.vcpu.xsave {
+            let bytes: Vec<u8> = x.iter().flat_map(|w| w.to_le_bytes()).collect();
+            section(&bytes);
+        }
+        b
+    }
+
+    /// Decodes a blob made by [`SavedState::encode`], checking every length.
+    pub fn decode(b: &[u8]) -> Result<SavedState, StateError> {
+        let mut r = Reader { b, at: 0 };
+        if r.take(8, "magic")? != MAGIC {
+            return Err(StateError::Magic);
+        }
+        let version = r.u32("version")?;
+        if version != STATE_VERSION {
+            return Err(StateError::Version(version));
+        }
+        let seq = r.u32("seq")?;
+        let at_checkpoint = match r.take(1, "flags")?[0] {
+            0 => false,
+            1 => true,
+            _ => return Err(StateError::Section("flags")),
+        };
+        let flags = r.take(1, "flags")?[0];
+        if flags & !(HAS_XCRS | HAS_XSAVE) != 0 {
+            return Err(StateError::Section("flags"));
+        }
+        let regs = r.pod("regs")?;
+        let sregs = r.pod("sregs")?;
+        let fpu = r.pod("fpu")?;
+        let xcrs = if flags & HAS_XCRS != 0 {
+            Some(r.pod("xcrs")?)
+        } else {
+            None
+        };
+        let xsave = if flags & HAS_XSAVE != 0 {
+            let len = usize::try_from(r.u32("xsave")?).map_err(|_| StateError::Section("xsave"))?;
+            if len != XSAVE_WORDS * 4 {
+                return Err(StateError::Section("xsave"));
+            }
+            let bytes = r.take(len, "xsave")?;
+            Some(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        if r.at != b.len() {
+            return Err(StateError::Trailing(b.len() - r.at));
+        }
+        Ok(SavedState {
+            seq,
+            at_checkpoint,
+            vcpu: VcpuState {
+                regs,
+                sregs,
+                fpu,
+                xcrs,
+                xsave,
+            },
+        })
+    }
+
+    /// A human-readable summary (for `snapshots show`).
+    pub fn summary(&self) -> BTreeMap<String, String> {
+        let r = &self.vcpu.regs;
+        let s = &self.vcpu.sregs;
+        [
+            ("rip", format!("{:#x}", r.rip)),
+            ("rsp", format!("{:#x}", r.rsp)),
+            ("rflags", format!("{:#x}", r.rflags)),
+            ("cr3", format!("{:#x}", s.cr3)),
+            ("cs", format!("{:#x} (CPL{})", s.cs.selector, s.cs.selector & 3)),
+            ("seq", self.seq.to_string()),
+            (
+                "stopped_at",
+                if self.at_checkpoint { "checkpoint" } else { "idle" }.to_owned(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], StateError> {
+        let end = self.at.checked_add(n).ok_or(StateError::Section(what))?;
+        let s = self.b.get(self.at..end).ok_or(StateError::Section(what))?;
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, StateError> {
+        let s = self.take(4, what)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    fn pod<T: Pod>(&mut self, what: &'static str) -> Result<T, StateError> {
+        let len = usize::try_from(self.u32(what)?).map_err(|_| StateError::Section(what))?;
+        pod_from(self.take(len, what)?).ok_or(StateError::Section(what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SavedState {
+        let mut s = SavedState {
+            seq: 7,
+            at_checkpoint: true,
+            ..SavedState::default()
+        };
+        s.vcpu.regs.rip = 0x40_1234;
+        s.vcpu.regs.rsp = 0x7f_0000;
+        s.vcpu.sregs.cr3 = 0x10_0000;
+        s.vcpu.fpu.mxcsr = 0x1f80;
+        let mut x = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        x.xcrs[0].value = 7;
+        s.vcpu.xcrs = Some(x);
+        let mut xs = vec![0u32; XSAVE_WORDS];
+        xs[3] = 0xdead_beef;
+        s.vcpu.xsave = Some(xs);
+        s
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = sample();
+        let d = SavedState::decode(&s.encode()).unwrap();
+        assert_eq!((d.seq, d.at_checkpoint), (7, true));
+        assert_eq!(d.vcpu.regs, s.vcpu.regs);
+        assert_eq!(d.vcpu.sregs, s.vcpu.sregs);
+        assert_eq!(d.vcpu.fpu.mxcsr, 0x1f80);
+        assert_eq!(d.vcpu.xcrs.unwrap().xcrs[0].value, 7);
+        assert_eq!(d.vcpu.xsave.unwrap()[3], 0xdead_beef);
+        let mut plain = s;
+        plain.vcpu.xcrs = None;
+        plain.vcpu.xsave = None;
+        let d = SavedState::decode(&plain.encode()).unwrap();
+        assert!(d.vcpu.xcrs.is_none() && d.vcpu.xsave.is_none());
+    }
+
+    #[test]
+    fn refuses_damaged_blobs() {
+        let b = sample().encode();
+        let mut bad = b.clone();
+        bad[0] ^= 1;
+        assert_eq!(SavedState::decode(&bad).unwrap_err(), StateError::Magic);
+        let mut bad = b.clone();
+        bad[8] = 9;
+        assert_eq!(SavedState::decode(&bad).unwrap_err(), StateError::Version(9));
+        for cut in [0, 10, 17, 30, b.len() - 1] {
+            assert!(SavedState::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(SavedState::decode(&long).unwrap_err(), StateError::Trailing(1));
+        // A section length that lies.
+        let mut bad = b;
+        bad[18] = bad[18].wrapping_add(1);
+        assert!(SavedState::decode(&bad).is_err());
+    }
+}
