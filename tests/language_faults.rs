@@ -41,6 +41,27 @@ fn worker_pid(b: &dyn Backend) -> u64 {
         .unwrap()
 }
 
+/// CPU time (user + system, in clock ticks) the process `pid` has used.
+fn cpu_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state is the 1st, utime the 12th, stime the 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+/// Waits until the worker `pid` has burnt `ticks` more clock ticks of CPU
+/// than `before`, i.e. it is running `spin` (an idle worker parks within
+/// 200 us), so killing it now kills the request in flight.
+fn wait_until_spinning(pid: u64, before: u64, ticks: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cpu_ticks(pid) < before + ticks {
+        assert!(Instant::now() < deadline, "worker {pid} never started running `spin`");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn stat(b: &dyn Backend, key: &str) -> u64 {
     b.stats().extra.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
 }
@@ -71,9 +92,10 @@ fn sigkilled_worker_is_replaced_and_its_request_gets_worker_lost() {
         let pid = worker_pid(b.as_ref());
         assert!(pid > 1, "no worker pid");
         let killed = std::thread::scope(|s| {
+            let before = cpu_ticks(pid);
             let call = s.spawn(|| b.invoke(&spin, b"", StartRequest::Auto));
-            // Let the request reach the worker, then kill it.
-            std::thread::sleep(Duration::from_millis(100));
+            // Let the request reach the worker (it burns CPU), then kill it.
+            wait_until_spinning(pid, before, 5);
             let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
             call.join().unwrap()
