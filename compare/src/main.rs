@@ -79,7 +79,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         let opts = table1::Options::new(cli.quick, cli.iterations, cli.functions);
         let rows = table1::run(&opts, &config);
         println!(
-            "table1: noop, {} functions deployed; latency from dispatch to the function's first timestamp (median/p99/p99.9) and end to end (e2e)\n{}",
+            "table1: noop (the vm argument row: checkpointed resuming after its checkpoint), {} functions deployed; latency from dispatch to the function's first timestamp (median/p99/p99.9) and end to end (e2e)\n{}",
             opts.functions,
             report::table1_text(&rows)
         );

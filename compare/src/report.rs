@@ -13,7 +13,8 @@
 //! table1 row: { backend: "process"|"language"|"vm",
 //!               start: "warm"|"cold"|"hot"|"argument"|"function"|"base",
 //!               function, functions_deployed,
-//!               median_us, p99_us, p999_us,      // dispatch -> function's first timestamp; null if skipped
+//!               median_us, p99_us, p999_us,      // see latency_basis; null if skipped
+//!               latency_basis: "dispatch" (invoke -> function's first timestamp) | "end_to_end" (argument starts),
 //!               end_to_end: { count, median_us, p99_us, p999_us, max_us } | null,
 //!               throughput_per_s,                // warm/hot rows only, else null
 //!               samples, errors, skipped: null | "reason" }
@@ -84,7 +85,7 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
         let e2e = r.end_to_end.as_ref();
         let _ = writeln!(
             s,
-            "{:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>6}{}",
+            "{:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>6}{}{}",
             r.backend,
             r.start,
             opt(r.median_us, 1),
@@ -94,6 +95,11 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
             opt(e2e.map(|e| e.p99_us), 1),
             opt(r.throughput_per_s, 0),
             r.functions_deployed,
+            if r.latency_basis == "dispatch" {
+                ""
+            } else {
+                "  (latency: end to end)"
+            },
             if r.errors > 0 {
                 format!("  ({} errors)", r.errors)
             } else {
