@@ -11,6 +11,7 @@ mod plot;
 mod preemption;
 mod progress;
 mod report;
+mod snapshots;
 mod stats;
 mod table1;
 
@@ -32,6 +33,8 @@ enum Experiment {
     Memory,
     /// The paper's Figure 2: SHA-512 throughput under preemption quanta.
     Preemption,
+    /// SEUSS's view: vm start latency by snapshot level, deploy time, node sizes, idle memory.
+    Snapshots,
 }
 
 /// Head-to-head experiments: vm vs language vs process isolation.
@@ -102,6 +105,14 @@ fn run(cli: &Cli) -> Result<(), String> {
             report::preemption_text(&rows)
         );
         report.preemption = Some(rows);
+    }
+    if all || cli.experiment == Experiment::Snapshots {
+        let r = snapshots::run(cli.quick, &config);
+        println!(
+            "snapshots: vm start latency to the first reply by snapshot level (fresh store)\n{}",
+            report::snapshots_text(&r)
+        );
+        report.snapshots = Some(r);
     }
     let json = serde_json::to_string_pretty(&report).map_err(|e| format!("serialising the report: {e}"))?;
     if let Some(path) = &cli.json {

@@ -8,7 +8,10 @@
 //!   "environment": { cpu_model, cores, kernel, virtualised, kvm_usable, memory_mib, git_revision, date },
 //!   "rows":   [ table1 row ... ],            // present when table1 ran
 //!   "memory": [ memory row ... ],           // present when memory ran
-//!   "preemption": [ preemption row ... ]    // present when preemption ran
+//!   "preemption": [ preemption row ... ],   // present when preemption ran
+//!   "snapshots": { levels: [ { function, start, end_to_end: {..} | null, skipped } ],
+//!                  deploy_ms: [ [function, ms] ], nodes: [ { level, label, own_pages, bytes_on_disk } ],
+//!                  idle_private_kib, skipped }       // present when snapshots ran
 //! }
 //! table1 row: { backend: "process"|"language"|"vm",
 //!               start: "warm"|"cold"|"hot"|"argument"|"function"|"base",
@@ -24,7 +27,7 @@
 //! ```
 
 use crate::env::Environment;
-use crate::{memory, preemption, table1};
+use crate::{memory, preemption, snapshots, table1};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -49,6 +52,9 @@ pub struct Report {
     /// `preemption` rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preemption: Option<Vec<preemption::Row>>,
+    /// `snapshots` results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<snapshots::Report>,
 }
 
 impl Report {
@@ -61,6 +67,7 @@ impl Report {
             rows: None,
             memory: None,
             preemption: None,
+            snapshots: None,
         }
     }
 }
@@ -165,6 +172,57 @@ pub fn preemption_text(rows: &[preemption::Row]) -> String {
     s
 }
 
+/// The snapshots results as text.
+pub fn snapshots_text(r: &snapshots::Report) -> String {
+    let mut s = String::new();
+    if let Some(reason) = &r.skipped {
+        let _ = writeln!(s, "skipped: {reason}");
+    }
+    let _ = writeln!(
+        s,
+        "{:<13} {:<9} {:>12} {:>10} {:>10}",
+        "function", "start", "median us", "p99 us", "samples"
+    );
+    for l in &r.levels {
+        match (&l.end_to_end, &l.skipped) {
+            (Some(e), _) => {
+                let _ = writeln!(
+                    s,
+                    "{:<13} {:<9} {:>12.1} {:>10.1} {:>10}",
+                    l.function, l.start, e.median_us, e.p99_us, e.count
+                );
+            }
+            (None, reason) => {
+                let _ = writeln!(
+                    s,
+                    "{:<13} {:<9} skipped: {}",
+                    l.function,
+                    l.start,
+                    reason.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "\ndeploy (creates the function node):");
+    for (f, ms) in &r.deploy_ms {
+        let _ = writeln!(s, "  {f:<13} {ms:>9.1} ms");
+    }
+    let _ = writeln!(s, "\nnodes:\n{:<9} {:>10} {:>12}  label", "level", "own pages", "bytes");
+    for n in &r.nodes {
+        let _ = writeln!(
+            s,
+            "{:<9} {:>10} {:>12}  {}",
+            n.level, n.own_pages, n.bytes_on_disk, n.label
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nprivate memory per idle restored noop instance: {} KiB (guest pages it wrote; KVM's own memory not included)",
+        opt(r.idle_private_kib, 0)
+    );
+    s
+}
+
 /// report.md: the header, the tables, the plots.
 pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
     let mut s = String::new();
@@ -188,6 +246,13 @@ pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
             s,
             "## preemption: SHA-512 throughput relative to no preemption (the paper's Figure 2)\n\n```text\n{}```\n",
             preemption_text(rows)
+        );
+    }
+    if let Some(r) = &report.snapshots {
+        let _ = writeln!(
+            s,
+            "## snapshots: vm start latency by snapshot level, deploy time, node sizes\n\n```text\n{}```\n",
+            snapshots_text(r)
         );
     }
     for (title, file) in plots {

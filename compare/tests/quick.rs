@@ -91,6 +91,28 @@ fn quick_suite_writes_a_valid_report() {
             .any(|r| r["backend"] == "process" && r["memory_mib"].as_f64().is_some_and(|m| m > 0.0))
     );
 
+    let snaps = &doc["snapshots"];
+    assert!(
+        snaps["levels"].is_array() && snaps["nodes"].is_array(),
+        "snapshots in {doc}"
+    );
+    if doc["environment"]["kvm_usable"] == true {
+        assert!(snaps["skipped"].is_null(), "snapshots skipped: {snaps}");
+        for level in snaps["levels"].as_array().unwrap() {
+            assert!(level["skipped"].is_null(), "{level}");
+            assert!(level["end_to_end"]["median_us"].as_f64().unwrap() > 0.0, "{level}");
+        }
+        let levels: Vec<&str> = snaps["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["level"].as_str())
+            .collect();
+        for wanted in ["base", "function", "argument"] {
+            assert!(levels.contains(&wanted), "no {wanted} node in {snaps}");
+        }
+    }
+
     let report = dir.path().join("report");
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("latency-cdf.svg"));

@@ -1,0 +1,189 @@
+//! `snapshots`: SEUSS's view of the `vm` backend. Start latency to the
+//! first reply by snapshot level (cold, base, function, argument, hot),
+//! deploy time (which creates the function node), node sizes in pages and
+//! bytes, and private host memory per idle restored instance. Runs on a
+//! fresh temporary store, removed afterwards.
+
+use crate::stats::{Latencies, Summary};
+use microfaas::{Backend, BackendKind, Config, FunctionSpec, StartPath, StartRequest};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Functions deployed (each gets a function node).
+const FUNCTIONS: [&str; 5] = ["noop", "echo", "sha512", "init-heavy", "checkpointed"];
+
+/// Start latency of one function from one level.
+#[derive(Debug, Clone, Serialize)]
+pub struct LevelRow {
+    /// Function started.
+    pub function: String,
+    /// Level it started from.
+    pub start: StartPath,
+    /// End-to-end latency (invoke to reply), µs.
+    pub end_to_end: Option<Summary>,
+    /// Why there are no numbers, if there are none.
+    pub skipped: Option<String>,
+}
+
+/// One node of the store after the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRow {
+    /// `base`, `function` or `argument`.
+    pub level: String,
+    /// Function name, digest and input hash, as the store labels it.
+    pub label: String,
+    /// Pages the node stores itself (its delta).
+    pub own_pages: u64,
+    /// Size of its node file, bytes.
+    pub bytes_on_disk: u64,
+}
+
+/// Everything the experiment measured.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    /// Start latency by level.
+    pub levels: Vec<LevelRow>,
+    /// `(function, deploy time in ms)`: deploying creates the function node.
+    pub deploy_ms: Vec<(String, f64)>,
+    /// The store's nodes.
+    pub nodes: Vec<NodeRow>,
+    /// Private host memory per idle restored `noop` instance, KiB (guest
+    /// pages the instance wrote; KVM's own kernel memory is not included).
+    pub idle_private_kib: Option<f64>,
+    /// Why the experiment did not run, if it did not.
+    pub skipped: Option<String>,
+}
+
+/// Temporary store directory, removed on drop.
+struct TempStore(PathBuf);
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the experiment (`quick`: fewer starts per level).
+pub fn run(quick: bool, base: &Config) -> Report {
+    let store = TempStore(std::env::temp_dir().join(format!("microfaas-compare-store-{}", std::process::id())));
+    let mut config = base.clone();
+    config.vm.store_dir = Some(store.0.clone());
+    let backend = match microfaas::open(BackendKind::Vm, config) {
+        Ok(b) => b,
+        Err(e) => {
+            return Report {
+                skipped: Some(e.to_string()),
+                ..Report::default()
+            };
+        }
+    };
+    let mut report = Report::default();
+    let mut ids = Vec::new();
+    for name in FUNCTIONS {
+        let started = Instant::now();
+        match microfaas::builtin(name).and_then(|a| backend.deploy(&FunctionSpec::new(name, a))) {
+            Ok(id) => {
+                report
+                    .deploy_ms
+                    .push((name.to_owned(), started.elapsed().as_secs_f64() * 1e3));
+                ids.push((name, id));
+            }
+            Err(e) => {
+                report.skipped = Some(format!("deploying {name}: {e}"));
+                return report;
+            }
+        }
+    }
+    let n = |start: StartPath| -> u32 {
+        match (start, quick) {
+            (StartPath::Hot, false) => 1000,
+            (StartPath::Hot, true) => 50,
+            (_, false) => 40,
+            (_, true) => 4,
+        }
+    };
+    for (name, id) in &ids {
+        let (starts, input): (&[StartPath], &[u8]) = match *name {
+            "noop" | "init-heavy" => (
+                &[StartPath::Cold, StartPath::Base, StartPath::Function, StartPath::Hot],
+                b"",
+            ),
+            "checkpointed" => (&[StartPath::Function, StartPath::Argument], b"snapshots"),
+            _ => continue,
+        };
+        for &start in starts {
+            report
+                .levels
+                .push(measure(backend.as_ref(), name, id, start, input, n(start)));
+        }
+    }
+    // Idle memory of `noop` instances alone: drop every other function's.
+    for (name, id) in &ids {
+        if *name != "noop" {
+            let _ = backend.evict(id);
+        }
+    }
+    let stats = backend.stats();
+    let counter = |key: &str| stats.extra.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+    if let (Some(idle), Some(private)) = (
+        counter("restored_idle_instances").filter(|&i| i > 0),
+        counter("restored_idle_private_bytes"),
+    ) {
+        #[allow(clippy::cast_precision_loss)]
+        let kib = private as f64 / 1024.0 / idle as f64;
+        report.idle_private_kib = Some(kib);
+    }
+    drop(backend);
+    match snapshots::Store::open(&store.0).map(|s| snapshots::tree(&s)) {
+        Ok(Ok(tree)) => {
+            let mut stack: Vec<&snapshots::TreeNode> = tree.roots.iter().collect();
+            while let Some(node) = stack.pop() {
+                report.nodes.push(NodeRow {
+                    level: node.level.to_string(),
+                    label: node.label.to_string(),
+                    own_pages: node.own_pages,
+                    bytes_on_disk: node.bytes_on_disk,
+                });
+                stack.extend(node.children.iter());
+            }
+        }
+        Ok(Err(e)) => report.skipped = Some(format!("reading the store: {e}")),
+        Err(e) => report.skipped = Some(format!("opening the store: {e}")),
+    }
+    report
+}
+
+fn measure(
+    backend: &dyn Backend,
+    name: &str,
+    id: &microfaas::FunctionId,
+    start: StartPath,
+    input: &[u8],
+    n: u32,
+) -> LevelRow {
+    let request = StartRequest::Force(start);
+    let mut row = LevelRow {
+        function: name.to_owned(),
+        start,
+        end_to_end: None,
+        skipped: None,
+    };
+    // One unmeasured start: creates what the path needs (e.g. the argument node).
+    if let Err(e) = backend.invoke(id, input, request) {
+        row.skipped = Some(e.to_string());
+        return row;
+    }
+    let mut lat = Latencies::new();
+    for _ in 0..n {
+        match backend.invoke(id, input, request) {
+            Ok(inv) => lat.record_ns(inv.timings.total_ns),
+            Err(e) => {
+                row.skipped = Some(e.to_string());
+                return row;
+            }
+        }
+    }
+    row.end_to_end = Some(lat.summary());
+    row
+}
