@@ -1,23 +1,36 @@
 //! Tests of the language dispatcher on its own (no `Backend` trait), with
-//! the example functions the root build compiled: set
-//! `MICROFAAS_FUNCTIONS_DIR` to their directory (the tests skip without it).
-//! The full suite lives in the root crate's `tests/language_*.rs`.
+//! example functions built here through `microfaas-builder` (cached in the
+//! test target directory). The full suite lives in the root crate's
+//! `tests/language_*.rs`.
 
 use lang_isolation::language::{Dispatcher, DispatcherConfig, Start};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn functions_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(std::env::var_os("MICROFAAS_FUNCTIONS_DIR")?);
-    dir.join("echo.so").exists().then_some(dir)
+/// Builds the example functions these tests use into one directory (once
+/// per test process).
+fn functions_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(build_functions).clone()
+}
+
+fn build_functions() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("language-smoke");
+    let out = root.join("functions");
+    let functions = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions");
+    for name in ["echo", "spin", "panics", "alloc-hog", "stack-overflow"] {
+        let mut opts = microfaas_builder::BuildOptions::new(root.join("cache"));
+        opts.out = Some(out.join(format!("{name}.so")));
+        if let Err(e) = microfaas_builder::build(&functions.join(name), &opts) {
+            panic!("building {name}: {e}");
+        }
+    }
+    out
 }
 
 #[test]
 fn echo_warm_and_cold() {
-    let Some(dir) = functions_dir() else {
-        eprintln!("skipping: MICROFAAS_FUNCTIONS_DIR not set");
-        return;
-    };
+    let dir = functions_dir();
     let echo = dir.join("echo.so");
     let mut config = DispatcherConfig::new(env!("CARGO_BIN_EXE_microfaas-worker"));
     config.workers = Some(1);
@@ -54,15 +67,10 @@ fn echo_warm_and_cold() {
     assert!(!d.invoke(f, b"e", Start::Auto).unwrap().cold);
 }
 
-/// Every failure kind through the dispatcher directly, with the example
-/// functions the root build compiled (`MICROFAAS_FUNCTIONS_DIR`; skipped
-/// when unset).
+/// Every failure kind through the dispatcher directly.
 #[test]
 fn faults_are_typed_and_the_worker_survives() {
-    let Some(dir) = functions_dir() else {
-        eprintln!("skipping: MICROFAAS_FUNCTIONS_DIR not set");
-        return;
-    };
+    let dir = functions_dir();
     let mut config = DispatcherConfig::new(env!("CARGO_BIN_EXE_microfaas-worker"));
     config.workers = Some(1);
     config.heap_limit_bytes = 32 << 20;
