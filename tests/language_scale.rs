@@ -2,8 +2,8 @@
 
 use microfaas::{Backend, BackendKind, Config, FunctionSpec, StartRequest};
 
-#[test]
-fn two_thousand_functions_deployed_at_once_all_answer() {
+/// The `language` backend with one worker.
+fn one_worker() -> Box<dyn Backend> {
     let config = Config {
         language: microfaas::LanguageConfig {
             workers: Some(1),
@@ -11,7 +11,12 @@ fn two_thousand_functions_deployed_at_once_all_answer() {
         },
         ..Config::default()
     };
-    let b: Box<dyn Backend> = microfaas::open(BackendKind::Language, config).unwrap();
+    microfaas::open(BackendKind::Language, config).unwrap()
+}
+
+#[test]
+fn two_thousand_functions_deployed_at_once_all_answer() {
+    let b = one_worker();
     let echo = microfaas::builtin("echo").unwrap();
     let noop = microfaas::builtin("noop").unwrap();
     let ids: Vec<_> = (0..2000)
@@ -37,14 +42,7 @@ fn two_thousand_functions_deployed_at_once_all_answer() {
 /// evicting one leaves the others warm, and the image goes only with the last.
 #[test]
 fn evicting_one_of_two_functions_sharing_an_image() {
-    let config = Config {
-        language: microfaas::LanguageConfig {
-            workers: Some(1),
-            ..Default::default()
-        },
-        ..Config::default()
-    };
-    let b: Box<dyn Backend> = microfaas::open(BackendKind::Language, config).unwrap();
+    let b = one_worker();
     let echo = microfaas::builtin("echo").unwrap();
     let a = b.deploy(&FunctionSpec::new("a", echo.clone())).unwrap();
     let c = b.deploy(&FunctionSpec::new("c", echo)).unwrap();

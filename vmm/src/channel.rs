@@ -197,16 +197,9 @@ pub fn check_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::LayoutConfig;
 
     fn layout() -> Layout {
-        Layout::new(LayoutConfig {
-            stack_bytes: 1 << 20,
-            io_bytes: 1 << 20,
-            image_bytes: 1 << 20,
-            heap_bytes: 1 << 20,
-        })
-        .unwrap()
+        crate::layout::small_test_layout()
     }
 
     fn ok(addr: u64, len: u64) -> Mailbox {

@@ -84,16 +84,9 @@ pub fn decode(reported_vector: u32, frame: &FaultFrame, cr2: u64, layout: &Layou
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::LayoutConfig;
 
     fn layout() -> Layout {
-        Layout::new(LayoutConfig {
-            stack_bytes: 1 << 20,
-            io_bytes: 1 << 20,
-            image_bytes: 1 << 20,
-            heap_bytes: 1 << 20,
-        })
-        .unwrap()
+        crate::layout::small_test_layout()
     }
 
     #[test]

@@ -206,6 +206,18 @@ impl Layout {
     }
 }
 
+/// A layout with 1 MiB of stack, I/O window, image and heap, for unit tests.
+#[cfg(test)]
+pub(crate) fn small_test_layout() -> Layout {
+    Layout::new(LayoutConfig {
+        stack_bytes: 1 << 20,
+        io_bytes: 1 << 20,
+        image_bytes: 1 << 20,
+        heap_bytes: 1 << 20,
+    })
+    .expect("a small layout fits")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
