@@ -220,6 +220,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The function stays deployed.
     fn evict(&self, id: &FunctionId) -> Result<(), Error>;
 
+    /// Starts `count` more idle instances of the function, each ready to
+    /// serve a hot invocation, and returns how long each start took, in
+    /// order. The function's idle pool then keeps that many instances,
+    /// beyond the backend's usual idle cap (the caller asked for them), until
+    /// [`Backend::evict`]: this is how density is measured. Instances
+    /// started before an error stay idle.
+    ///
+    /// Only `vm` has per-function idle instances to start (restores of the
+    /// function snapshot); the default returns [`Error::Unsupported`].
+    fn prestart(&self, id: &FunctionId, count: usize) -> Result<Vec<Duration>, Error> {
+        let _ = (id, count);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            operation: "starting idle instances (prestart)",
+        })
+    }
+
     /// The backend's resident state.
     fn stats(&self) -> Stats;
 }

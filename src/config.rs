@@ -68,6 +68,8 @@ pub struct LanguageConfig {
     pub blacklist_after: u32,
     /// Install the seccomp allowlist in every worker after start-up.
     pub seccomp: bool,
+    /// How long a new (or respawned) worker may take to become ready.
+    pub start_timeout: Duration,
 }
 
 impl Default for LanguageConfig {
@@ -82,6 +84,7 @@ impl Default for LanguageConfig {
             queue_depth: 8,
             blacklist_after: 3,
             seccomp: true,
+            start_timeout: Duration::from_secs(20),
         }
     }
 }

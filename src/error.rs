@@ -152,6 +152,14 @@ pub enum Error {
         /// The path asked for.
         start: StartPath,
     },
+    /// The backend does not offer this operation.
+    #[error("backend `{backend}` does not support {operation}")]
+    Unsupported {
+        /// Which backend.
+        backend: BackendKind,
+        /// What was asked for.
+        operation: &'static str,
+    },
     /// The artifact is not a valid microfaas function artifact.
     #[error("invalid artifact `{}`: {reason}", path.display())]
     InvalidArtifact {
@@ -195,6 +203,7 @@ pub enum ErrorKind {
     KvmUnavailable,
     BackendUnavailable,
     UnsupportedStart,
+    Unsupported,
     InvalidArtifact,
     Io,
 }
@@ -221,6 +230,7 @@ impl Error {
             Error::KvmUnavailable { .. } => ErrorKind::KvmUnavailable,
             Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
             Error::UnsupportedStart { .. } => ErrorKind::UnsupportedStart,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::InvalidArtifact { .. } => ErrorKind::InvalidArtifact,
             Error::Io { .. } => ErrorKind::Io,
         }

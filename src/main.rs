@@ -88,7 +88,10 @@ fn chain(err: &dyn std::error::Error) -> String {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match e.kind() {
-            ErrorKind::BackendUnavailable | ErrorKind::UnknownFunction | ErrorKind::UnsupportedStart => 2,
+            ErrorKind::BackendUnavailable
+            | ErrorKind::UnknownFunction
+            | ErrorKind::UnsupportedStart
+            | ErrorKind::Unsupported => 2,
             ErrorKind::InvalidArtifact | ErrorKind::KvmUnavailable => 2,
             _ => 1,
         };

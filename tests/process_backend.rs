@@ -85,6 +85,10 @@ fn cold_path_spawns_a_runner_per_request() {
     assert!(warm.timings.dispatch_ns > 0 && warm.timings.dispatch_ns <= warm.timings.total_ns);
     let hot = b.invoke(&echo, b"x", StartRequest::Force(StartPath::Hot)).unwrap_err();
     assert_eq!(hot.kind(), ErrorKind::UnsupportedStart);
+    // Only vm has idle instances to start on request.
+    let prestart = b.prestart(&echo, 3).unwrap_err();
+    assert_eq!(prestart.kind(), ErrorKind::Unsupported, "{prestart}");
+    assert!(prestart.to_string().contains("process"), "{prestart}");
 }
 
 #[test]

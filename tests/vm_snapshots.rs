@@ -262,6 +262,39 @@ fn stats_show_restored_instances_private_memory() {
     assert_eq!(stats.memory_bytes, private);
 }
 
+/// `prestart` restores idle instances beyond the idle cap (4 here), each
+/// then serves a hot invocation and stays idle until `evict`; an unknown
+/// function is a clear error.
+#[test]
+fn prestart_makes_idle_instances_beyond_the_cap_that_serve_hot() {
+    let store = vm_common::fresh_store();
+    let Some(b) = vm_common::open_vm(small_config(store.path())) else {
+        return;
+    };
+    let echo = deploy(b.as_ref(), "echo");
+    let before = b.stats().instances;
+    let took = b.prestart(&echo, 40).unwrap();
+    assert_eq!(took.len(), 40);
+    assert!(took.iter().all(|d| !d.is_zero()), "{took:?}");
+    let stats = b.stats();
+    assert_eq!(stats.instances, before + 40, "{stats:?}");
+    let get = |k: &str| stats.extra.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap();
+    assert_eq!(get("instances_prestarted"), 40, "{stats:?}");
+    assert_eq!(get("restored_idle_instances"), u64::try_from(before + 40).unwrap());
+    for i in 0..(before + 40) {
+        let input = format!("instance {i}");
+        let r = b.invoke(&echo, input.as_bytes(), StartRequest::Auto).unwrap();
+        assert_eq!(r.start, StartPath::Hot, "invocation {i}");
+        assert_eq!(r.output, input.as_bytes());
+    }
+    // Used instances go back to the pool: the prestarted count is kept.
+    assert_eq!(b.stats().instances, before + 40);
+    let unknown = b.prestart(&FunctionId::new("nope"), 1).unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::UnknownFunction, "{unknown}");
+    b.evict(&echo).unwrap();
+    assert_eq!(b.stats().instances, 0);
+}
+
 fn function_nodes(dir: &Path, name: &str) -> usize {
     snapshots::Store::open(dir)
         .unwrap()

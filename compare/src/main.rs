@@ -5,6 +5,7 @@
 //! EXPERIMENT [--quick] [--iterations N] [--json FILE] [--out DIR]` one
 //! experiment. See `report.rs` for the JSON schema.
 
+mod density;
 mod env;
 mod memory;
 mod plot;
@@ -53,6 +54,10 @@ struct Cli {
     /// Functions deployed for table1.
     #[arg(long)]
     functions: Option<usize>,
+    /// Largest number of idle vm instances the snapshots density curve steps up to
+    /// (default 2,000; 50 with --quick); stepping stops earlier if memory or the fd limit would not allow it.
+    #[arg(long)]
+    max_instances: Option<usize>,
     /// Write the JSON document here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -100,14 +105,15 @@ fn run(cli: &Cli) -> Result<(), String> {
         let time = Duration::from_millis(if cli.quick { 200 } else { 1500 });
         let rows = preemption::run(time, &config);
         println!(
-            "preemption: sha512 ({} rounds per invocation), one worker, relative to no preemption\n{}",
+            "preemption: sha512 ({} rounds per invocation), one language worker or one hot vm instance, relative to the same backend without preemption (none)\n{}",
             preemption::ROUNDS,
             report::preemption_text(&rows)
         );
         report.preemption = Some(rows);
     }
     if all || cli.experiment == Experiment::Snapshots {
-        let r = snapshots::run(cli.quick, &config);
+        let max = cli.max_instances.unwrap_or(if cli.quick { 50 } else { 2000 }).max(1);
+        let r = snapshots::run(cli.quick, max, &config);
         println!(
             "snapshots: vm start latency to the first reply by snapshot level (fresh store)\n{}",
             report::snapshots_text(&r)
@@ -131,6 +137,12 @@ fn run(cli: &Cli) -> Result<(), String> {
                 "Throughput under preemption (Figure 2)".to_owned(),
                 "preemption.svg".to_owned(),
             ));
+        }
+        if let Some(d) = report.snapshots.as_ref().and_then(|r| r.density.as_ref())
+            && !d.steps.is_empty()
+        {
+            plot::density_curve(d, &dir.join("density.svg")).map_err(|e| e.to_string())?;
+            plots.push(("Density of idle vm instances".to_owned(), "density.svg".to_owned()));
         }
         std::fs::write(dir.join("report.json"), &json).map_err(|e| format!("writing report.json: {e}"))?;
         std::fs::write(dir.join("report.md"), report::markdown(&report, &plots))

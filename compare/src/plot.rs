@@ -1,7 +1,9 @@
-//! SVG plots (plotters): latency CDFs per backend and start path.
+//! SVG plots (plotters): latency CDFs per backend and start path, the
+//! Figure-2 curve, the density curve.
 
-use crate::preemption;
 use crate::table1::Row;
+use crate::{density, preemption};
+use microfaas::BackendKind;
 use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
@@ -65,20 +67,106 @@ fn log_chart<'a, 'b>(
     Ok(chart)
 }
 
+/// Draws the legend at `position`.
+fn legend<'a, 'b: 'a>(
+    chart: &mut LogChart<'a, 'b>,
+    position: SeriesLabelPosition,
+    path: &Path,
+) -> Result<(), PlotError> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(path, e))
+}
+
 /// Draws the legend and writes the file.
 fn finish<'a, 'b: 'a>(
     chart: &mut LogChart<'a, 'b>,
     root: &DrawingArea<SVGBackend<'b>, Shift>,
     path: &Path,
 ) -> Result<(), PlotError> {
+    legend(chart, SeriesLabelPosition::LowerRight, path)?;
+    root.present().map_err(|e| err(path, e))
+}
+
+/// One labelled line with point markers.
+fn line<'a, 'b: 'a>(
+    chart: &mut LogChart<'a, 'b>,
+    points: &[(f64, f64)],
+    color: RGBColor,
+    label: &str,
+    path: &Path,
+) -> Result<(), PlotError> {
     chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
+        .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+        .map_err(|e| err(path, e))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
         .map_err(|e| err(path, e))?;
+    Ok(())
+}
+
+/// The density curve: host memory per idle instance (top) and start
+/// latency (bottom) against the number of idle instances (log x axis).
+pub fn density_curve(d: &density::Density, path: &Path) -> Result<(), PlotError> {
+    #[allow(clippy::cast_precision_loss)]
+    let series = |f: fn(&density::Row) -> f64| -> Vec<(f64, f64)> {
+        d.steps.iter().map(|r| (r.instances as f64, f(r))).collect()
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let max_n = d.steps.iter().map(|r| r.instances).max().unwrap_or(1).max(10) as f64 * 1.5;
+    let memory = [
+        ("host (process private + kernel)", series(|r| r.per_instance.host_kib)),
+        ("process private", series(|r| r.per_instance.process_private_kib)),
+        (
+            "kernel (Slab, stacks, page tables)",
+            series(|r| r.per_instance.kernel_kib),
+        ),
+        ("guest pages written", series(|r| r.per_instance.guest_private_kib)),
+    ];
+    let latency = [
+        ("median", series(|r| r.start_us.median_us / 1000.0)),
+        ("p99", series(|r| r.start_us.p99_us / 1000.0)),
+    ];
+    let top = |s: &[(&str, Vec<(f64, f64)>)]| {
+        s.iter()
+            .flat_map(|(_, p)| p.iter().map(|&(_, y)| y))
+            .fold(1.0f64, f64::max)
+            * 1.15
+    };
+    let root = SVGBackend::new(path, (960, 900)).into_drawing_area();
+    let (upper, lower) = root.split_vertically(450);
+    let mut chart = log_chart(
+        &upper,
+        path,
+        &format!(
+            "Density: idle vm instances of {} from one function snapshot",
+            d.function
+        ),
+        (0.8..max_n, 0.0..top(&memory)),
+        ("idle instances (log scale)", "host memory per instance (KiB)"),
+    )?;
+    for (i, (label, points)) in memory.iter().enumerate() {
+        line(&mut chart, points, PALETTE[i], label, path)?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperRight, path)?;
+    let mut chart = log_chart(
+        &lower,
+        path,
+        "Start latency of each step's instances (restore to idle)",
+        (0.8..max_n, 0.0..top(&latency)),
+        ("idle instances (log scale)", "start latency (ms)"),
+    )?;
+    for (i, (label, points)) in latency.iter().enumerate() {
+        line(&mut chart, points, PALETTE[i + 4], label, path)?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, path)?;
     root.present().map_err(|e| err(path, e))
 }
 
@@ -119,19 +207,26 @@ pub fn preemption_curve(rows: &[preemption::Row], path: &Path) -> Result<(), Plo
     #[allow(clippy::cast_precision_loss)]
     let periodic: Vec<(f64, f64)> = rows
         .iter()
+        .filter(|r| r.backend == BackendKind::Language)
         .filter_map(|r| Some((r.quantum_us? as f64, r.relative_pct?)))
         .collect();
-    let watchdog = rows.iter().find(|r| r.mode == "watchdog").and_then(|r| r.relative_pct);
+    let watchdog = |backend| {
+        rows.iter()
+            .find(|r| r.backend == backend && r.mode == "watchdog")
+            .and_then(|r| r.relative_pct)
+    };
+    let (watchdog, vm_watchdog) = (watchdog(BackendKind::Language), watchdog(BackendKind::Vm));
     let top = periodic
         .iter()
         .map(|&(_, y)| y)
         .chain(watchdog)
+        .chain(vm_watchdog)
         .fold(110.0f64, |a, y| a.max(y * 1.1));
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     let mut chart = log_chart(
         &root,
         path,
-        "SHA-512 throughput under preemption (language backend)",
+        "SHA-512 throughput under preemption",
         (2.0..2000.0, 0.0..top),
         (
             "timer quantum (µs, log scale)",
@@ -147,18 +242,30 @@ pub fn preemption_curve(rows: &[preemption::Row], path: &Path) -> Result<(), Plo
     chart
         .draw_series(periodic.iter().map(|&p| Circle::new(p, 4, blue.filled())))
         .map_err(|e| err(path, e))?;
-    if let Some(w) = watchdog {
-        let orange = PALETTE[1];
+    let references = [
+        (
+            watchdog,
+            PALETTE[1],
+            "language: deadline watchdog, 100 µs budget (default mode)",
+        ),
+        (
+            vm_watchdog,
+            PALETTE[2],
+            "vm: host deadline watchdog, 100 µs budget (vs a 1 s budget)",
+        ),
+    ];
+    for (value, color, label) in references {
+        let Some(w) = value else { continue };
         chart
             .draw_series(DashedLineSeries::new(
                 vec![(2.0, w), (2000.0, w)],
                 8,
                 6,
-                orange.stroke_width(2),
+                color.stroke_width(2),
             ))
             .map_err(|e| err(path, e))?
-            .label("deadline watchdog, 100 µs budget (default mode)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange.stroke_width(2)));
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     finish(&mut chart, &root, path)
 }

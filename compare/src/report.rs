@@ -11,7 +11,7 @@
 //!   "preemption": [ preemption row ... ],   // present when preemption ran
 //!   "snapshots": { levels: [ { function, start, end_to_end: {..} | null, skipped } ],
 //!                  deploy_ms: [ [function, ms] ], nodes: [ { level, label, own_pages, bytes_on_disk } ],
-//!                  idle_private_kib, skipped }       // present when snapshots ran
+//!                  idle_private_kib, density: density | null, skipped }  // present when snapshots ran
 //! }
 //! table1 row: { backend: "process"|"language"|"vm",
 //!               start: "warm"|"cold"|"hot"|"argument"|"function"|"base",
@@ -22,12 +22,16 @@
 //!               throughput_per_s,                // warm/hot rows only, else null
 //!               samples, errors, skipped: null | "reason" }
 //! memory row: { backend, functions, memory_mib, per_function_kib, instances, skipped }
+//! density: { function, steps: [ { instances, start_us: {..}, per_instance, mem_available_mib } ],
+//!            instances_reported, hot_invocations, hot_us: {..} | null, teardown_ms,
+//!            stopped: null | "reason", skipped: null | "reason" }
+//! per_instance: { guest_private_kib, process_private_kib, kernel_kib, host_kib, fds, threads }
 //! preemption row: { backend, mode: "none"|"watchdog"|"periodic", quantum_us, budget_us,
 //!                   blocks_per_s, relative_pct, invocations, errors, skipped }
 //! ```
 
 use crate::env::Environment;
-use crate::{memory, preemption, snapshots, table1};
+use crate::{density, memory, preemption, snapshots, table1};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -220,6 +224,69 @@ pub fn snapshots_text(r: &snapshots::Report) -> String {
         "\nprivate memory per idle restored noop instance: {} KiB (guest pages it wrote; KVM's own memory not included)",
         opt(r.idle_private_kib, 0)
     );
+    if let Some(d) = &r.density {
+        let _ = writeln!(s, "\n{}", density_text(d));
+    }
+    s
+}
+
+/// The density curve as text.
+pub fn density_text(d: &density::Density) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "density: idle {} instances started from its function node (per instance: KiB of host memory; start latency us)",
+        d.function
+    );
+    if let Some(reason) = &d.skipped {
+        let _ = writeln!(s, "skipped: {reason}");
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>7} {:>10}",
+        "instances", "start p50", "p99", "guest", "process", "kernel", "host", "fds", "threads", "avail MiB"
+    );
+    let line = |s: &mut String, label: &str, p50: f64, p99: f64, m: &density::PerInstance, avail: &str| {
+        let _ = writeln!(
+            s,
+            "{label:>9} {p50:>11.0} {p99:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>5.1} {:>7.1} {avail:>10}",
+            m.guest_private_kib, m.process_private_kib, m.kernel_kib, m.host_kib, m.fds, m.threads
+        );
+    };
+    for r in &d.steps {
+        let avail = r.mem_available_mib.to_string();
+        line(
+            &mut s,
+            &r.instances.to_string(),
+            r.start_us.median_us,
+            r.start_us.p99_us,
+            &r.per_instance,
+            &avail,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "guest = pages the instance wrote; process = this process's private memory; kernel = Slab+KernelStack+PageTables (system-wide); host = process + kernel"
+    );
+    let _ = writeln!(
+        s,
+        "the instances never ran an invocation (one that has also holds the guest pages it wrote, above); the backend reported {} instances",
+        d.instances_reported
+    );
+    if let Some(hot) = &d.hot_us {
+        let _ = writeln!(
+            s,
+            "with all of them idle: {} hot invocations, median {:.0} us, p99 {:.0} us end to end; teardown of all: {} ms",
+            d.hot_invocations,
+            hot.median_us,
+            hot.p99_us,
+            opt(d.teardown_ms, 0)
+        );
+    }
+    if let Some(reason) = &d.stopped {
+        let _ = writeln!(s, "{reason}");
+    }
     s
 }
 
@@ -251,7 +318,7 @@ pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
     if let Some(r) = &report.snapshots {
         let _ = writeln!(
             s,
-            "## snapshots: vm start latency by snapshot level, deploy time, node sizes\n\n```text\n{}```\n",
+            "## snapshots: vm start latency by snapshot level, deploy time, node sizes, density\n\n```text\n{}```\n",
             snapshots_text(r)
         );
     }

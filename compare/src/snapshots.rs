@@ -1,9 +1,11 @@
 //! `snapshots`: SEUSS's view of the `vm` backend. Start latency to the
 //! first reply by snapshot level (cold, base, function, argument, hot),
 //! deploy time (which creates the function node), node sizes in pages and
-//! bytes, and private host memory per idle restored instance. Runs on a
-//! fresh temporary store, removed afterwards.
+//! bytes, private host memory per idle restored instance, and the density
+//! curve (see [`crate::density`]). Runs on a fresh temporary store, removed
+//! afterwards.
 
+use crate::density::{self, Density};
 use crate::stats::{Latencies, Summary};
 use microfaas::{Backend, BackendKind, Config, FunctionSpec, StartPath, StartRequest};
 use serde::Serialize;
@@ -51,6 +53,8 @@ pub struct Report {
     /// Private host memory per idle restored `noop` instance, KiB (guest
     /// pages the instance wrote; KVM's own kernel memory is not included).
     pub idle_private_kib: Option<f64>,
+    /// Idle `noop` instances started from its function node, in steps.
+    pub density: Option<Density>,
     /// Why the experiment did not run, if it did not.
     pub skipped: Option<String>,
 }
@@ -64,8 +68,9 @@ impl Drop for TempStore {
     }
 }
 
-/// Runs the experiment (`quick`: fewer starts per level).
-pub fn run(quick: bool, base: &Config) -> Report {
+/// Runs the experiment (`quick`: fewer starts per level); the density
+/// curve steps up to `max_instances`.
+pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
     let store = TempStore(std::env::temp_dir().join(format!("microfaas-compare-store-{}", std::process::id())));
     let mut config = base.clone();
     config.vm.store_dir = Some(store.0.clone());
@@ -133,6 +138,9 @@ pub fn run(quick: bool, base: &Config) -> Report {
         #[allow(clippy::cast_precision_loss)]
         let kib = private as f64 / 1024.0 / idle as f64;
         report.idle_private_kib = Some(kib);
+    }
+    if let Some((name, id)) = ids.iter().find(|(name, _)| *name == "noop") {
+        report.density = Some(density::run(backend.as_ref(), name, id, max_instances));
     }
     drop(backend);
     match snapshots::Store::open(&store.0).map(|s| snapshots::tree(&s)) {

@@ -91,6 +91,35 @@ fn quick_suite_writes_a_valid_report() {
             .any(|r| r["backend"] == "process" && r["memory_mib"].as_f64().is_some_and(|m| m > 0.0))
     );
 
+    // Figure 2: the language modes, and the vm watchdog for comparison.
+    let preemption = doc["preemption"].as_array().expect("preemption rows");
+    let find = |backend: &str, mode: &str, quantum: Option<u64>| {
+        preemption
+            .iter()
+            .find(|r| r["backend"] == backend && r["mode"] == mode && r["quantum_us"].as_u64() == quantum)
+            .unwrap_or_else(|| panic!("no preemption row {backend} {mode} {quantum:?}"))
+    };
+    let none = find("language", "none", None);
+    assert_eq!(none["relative_pct"].as_f64(), Some(100.0), "{none}");
+    find("language", "watchdog", None);
+    for q in [100, 50, 20, 10, 5, 3] {
+        let row = find("language", "periodic", Some(q));
+        assert!(
+            row["skipped"].is_string() || row["blocks_per_s"].as_f64().is_some(),
+            "{row}"
+        );
+    }
+    if doc["environment"]["kvm_usable"] == true {
+        for mode in ["none", "watchdog"] {
+            let row = find("vm", mode, None);
+            assert!(row["skipped"].is_null(), "{row}");
+            assert!(row["blocks_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        }
+        assert_eq!(find("vm", "none", None)["relative_pct"].as_f64(), Some(100.0));
+    }
+
+    let report = dir.path().join("report");
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     let snaps = &doc["snapshots"];
     assert!(
         snaps["levels"].is_array() && snaps["nodes"].is_array(),
@@ -111,10 +140,42 @@ fn quick_suite_writes_a_valid_report() {
         for wanted in ["base", "function", "argument"] {
             assert!(levels.contains(&wanted), "no {wanted} node in {snaps}");
         }
+        // Density: steps 1, 10, 50 (--quick), each with its start latency
+        // and memory per instance; then hot invocations with all of them idle.
+        let density = &snaps["density"];
+        assert!(
+            density["skipped"].is_null() && density["stopped"].is_null(),
+            "{density}"
+        );
+        let steps = density["steps"].as_array().unwrap();
+        let counts: Vec<u64> = steps.iter().map(|s| s["instances"].as_u64().unwrap()).collect();
+        assert_eq!(counts, [1, 10, 50], "{density}");
+        for step in steps {
+            assert!(step["start_us"]["median_us"].as_f64().unwrap() > 0.0, "{step}");
+            let per = &step["per_instance"];
+            for key in [
+                "guest_private_kib",
+                "process_private_kib",
+                "kernel_kib",
+                "host_kib",
+                "fds",
+                "threads",
+            ] {
+                assert!(per[key].as_f64().unwrap() >= 0.0, "{key} in {step}");
+            }
+            assert!(step["mem_available_mib"].as_u64().unwrap() > 0, "{step}");
+        }
+        assert_eq!(density["instances_reported"], 50, "{density}");
+        assert_eq!(density["hot_invocations"], 50, "{density}");
+        assert!(density["hot_us"]["median_us"].as_f64().unwrap() > 0.0, "{density}");
+        assert!(md.contains("density.svg"), "{md}");
+        let svg = std::fs::read_to_string(report.join("density.svg")).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("idle instances"),
+            "not the density plot"
+        );
     }
 
-    let report = dir.path().join("report");
-    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("latency-cdf.svg"));
     let svg = std::fs::read_to_string(report.join("latency-cdf.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("latency"), "not an SVG plot");

@@ -30,6 +30,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     dc.queue_depth = lang.queue_depth;
     dc.blacklist_after = lang.blacklist_after;
     dc.seccomp = lang.seccomp;
+    dc.start_timeout = lang.start_timeout;
     dc.input_limit_bytes = config.input_limit_bytes;
     dc.output_limit_bytes = config.output_limit_bytes;
     dc.heap_limit_bytes = config.heap_limit_bytes;

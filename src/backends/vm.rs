@@ -18,7 +18,7 @@ use snapshots::{Label, Level, NodeId};
 mod arguments;
 mod errors;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -153,6 +153,7 @@ struct Counters {
     function: AtomicU64,
     argument: AtomicU64,
     hot: AtomicU64,
+    prestarted: AtomicU64,
     argument_nodes: AtomicU64,
     snapshot_failures: AtomicU64,
     discarded: AtomicU64,
@@ -179,6 +180,9 @@ struct Function {
     /// are not hashed to look them up.
     has_arguments: AtomicBool,
     idle: Mutex<Vec<Pooled>>,
+    /// Idle instances kept for this function beyond the backend's idle cap:
+    /// the pool size the last `prestart` reached (0 after `evict`).
+    reserved: AtomicUsize,
 }
 
 /// Work for the reaper thread.
@@ -393,6 +397,7 @@ impl Backend for VmBackend {
             arguments: Mutex::new(HashMap::new()),
             has_arguments,
             idle: Mutex::new(vec![first]),
+            reserved: AtomicUsize::new(0),
         });
         let old = self
             .functions
@@ -538,9 +543,29 @@ impl Backend for VmBackend {
 
     fn evict(&self, id: &FunctionId) -> Result<(), Error> {
         let f = self.function(id)?;
-        let idle = std::mem::take(&mut *f.idle.lock().map_err(|_| poisoned())?);
+        let mut pool = f.idle.lock().map_err(|_| poisoned())?;
+        f.reserved.store(0, Ordering::Relaxed);
+        let idle = std::mem::take(&mut *pool);
+        drop(pool);
         self.reap(idle.into_iter().map(|p| p.instance).collect());
         Ok(())
+    }
+
+    fn prestart(&self, id: &FunctionId, count: usize) -> Result<Vec<Duration>, Error> {
+        let f = self.function(id)?;
+        let mut took = Vec::with_capacity(count);
+        for _ in 0..count {
+            let started = Instant::now();
+            let pooled = self.restore(&f.node)?;
+            took.push(started.elapsed());
+            let mut idle = f.idle.lock().map_err(|_| poisoned())?;
+            idle.push(pooled);
+            f.reserved.fetch_max(idle.len(), Ordering::Relaxed);
+            drop(idle);
+            self.counters.prestarted.fetch_add(1, Ordering::Relaxed);
+            self.refill_shells();
+        }
+        Ok(took)
     }
 
     fn stats(&self) -> Stats {
@@ -581,6 +606,7 @@ impl Backend for VmBackend {
                 ("function_starts".to_owned(), load(&c.function)),
                 ("argument_starts".to_owned(), load(&c.argument)),
                 ("hot_starts".to_owned(), load(&c.hot)),
+                ("instances_prestarted".to_owned(), load(&c.prestarted)),
                 ("argument_snapshots_made".to_owned(), load(&c.argument_nodes)),
                 ("snapshot_failures".to_owned(), load(&c.snapshot_failures)),
                 ("instances_discarded".to_owned(), load(&c.discarded)),
@@ -597,7 +623,7 @@ impl VmBackend {
     fn give_back(&self, f: &Function, pooled: Pooled) -> Result<(), Error> {
         if pooled.instance.is_alive() && !pooled.instance.at_checkpoint() {
             let mut idle = f.idle.lock().map_err(|_| poisoned())?;
-            if idle.len() < self.idle_cap {
+            if idle.len() < self.idle_cap.max(f.reserved.load(Ordering::Relaxed)) {
                 idle.push(pooled);
             } else {
                 drop(idle);

@@ -56,6 +56,8 @@ pub struct DispatcherConfig {
     pub blacklist_after: u32,
     /// Install the seccomp allowlist in workers.
     pub seccomp: bool,
+    /// How long a new worker may take to become ready.
+    pub start_timeout: Duration,
     /// Where cold copies of artifacts go; `None` = a fresh temp directory.
     pub scratch_dir: Option<PathBuf>,
     /// Run the watchdog thread under `SCHED_FIFO` when permitted (it sleeps
@@ -83,6 +85,7 @@ impl DispatcherConfig {
             init_budget: Duration::from_secs(10),
             blacklist_after: 3,
             seccomp: true,
+            start_timeout: Duration::from_secs(20),
             scratch_dir: None,
             watchdog_realtime: true,
         }
@@ -669,7 +672,7 @@ impl Inner {
             .iter()
             .map(|(&i, f)| self.catalog_entry(i, f, f.resident.load(Ordering::Relaxed)))
             .collect();
-        w.spawn(&self.config.worker_bin, &args, &catalog)
+        w.spawn(&self.config.worker_bin, &args, &catalog, self.config.start_timeout)
     }
 
     /// Tells the watchdog work is outstanding (wakes it if it parked).

@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-/// How long a new worker may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a caller sleeps on the reply futex before re-checking (bounds
 /// the delay when another thread drained its reply, or the worker died).
 const WAIT_SLICE_NS: u64 = 200_000;
@@ -187,8 +185,15 @@ impl WorkerHandle {
         }
     }
 
-    /// Starts a worker process for this region and waits until it serves.
-    pub fn spawn(&self, bin: &std::path::Path, args: &WorkerArgs, catalog: &[CatalogEntry]) -> std::io::Result<()> {
+    /// Starts a worker process for this region and waits (up to
+    /// `ready_timeout`) until it serves.
+    pub fn spawn(
+        &self,
+        bin: &std::path::Path,
+        args: &WorkerArgs,
+        catalog: &[CatalogEntry],
+        ready_timeout: Duration,
+    ) -> std::io::Result<()> {
         let header = self.region.header();
         header.worker.ready.store(0, Ordering::SeqCst);
         let mut child = Command::new(bin)
@@ -212,7 +217,7 @@ impl WorkerHandle {
             // A worker that dies while reading is noticed below.
             let _ = stdin.write_all(text.as_bytes());
         }
-        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        let deadline = std::time::Instant::now() + ready_timeout;
         let failed = loop {
             if header.worker.ready.load(Ordering::Acquire) == 1 {
                 break None;
