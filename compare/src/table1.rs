@@ -126,7 +126,14 @@ pub fn run(opts: &Options, config: &Config) -> Vec<Row> {
 }
 
 fn run_backend(kind: BackendKind, opts: &Options, config: &Config) -> Vec<Row> {
-    let backend: Arc<dyn Backend> = match microfaas::open(kind, config.clone()) {
+    let mut config = config.clone();
+    // One idle vm instance per function is all a hot start needs. With the
+    // default pool of 16, the forced restores of the snapshot rows would
+    // leave up to 16 VMs per function alive, and making a VM on this host
+    // gets slower with every VM alive (`vmm` example `create_vm_scaling`):
+    // the later rows would measure that growth rather than their start.
+    config.vm.idle_per_function.get_or_insert(1);
+    let backend: Arc<dyn Backend> = match microfaas::open(kind, config) {
         Ok(b) => Arc::from(b),
         Err(e) => {
             return start_paths(kind)
