@@ -24,7 +24,8 @@ fn err(path: &Path, e: impl std::fmt::Display) -> PlotError {
     }
 }
 
-const PALETTE: [RGBColor; 8] = [
+/// Ten distinct colours: one per table1 row (nine) without repeats.
+const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -33,6 +34,8 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(64, 64, 64),
 ];
 
 /// The chart both plots use: log-scaled x, linear y.
@@ -155,7 +158,7 @@ pub fn density_curve(d: &density::Density, path: &Path) -> Result<(), PlotError>
     for (i, (label, points)) in memory.iter().enumerate() {
         line(&mut chart, points, PALETTE[i], label, path)?;
     }
-    legend(&mut chart, SeriesLabelPosition::UpperRight, path)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, path)?;
     let mut chart = log_chart(
         &lower,
         path,

@@ -139,10 +139,8 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
         let kib = private as f64 / 1024.0 / idle as f64;
         report.idle_private_kib = Some(kib);
     }
-    if let Some((name, id)) = ids.iter().find(|(name, _)| *name == "noop") {
-        report.density = Some(density::run(backend.as_ref(), name, id, max_instances));
-    }
     drop(backend);
+    report.density = Some(run_density(&store.0, max_instances, base));
     match snapshots::Store::open(&store.0).map(|s| snapshots::tree(&s)) {
         Ok(Ok(tree)) => {
             let mut stack: Vec<&snapshots::TreeNode> = tree.roots.iter().collect();
@@ -160,6 +158,28 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
         Err(e) => report.skipped = Some(format!("opening the store: {e}")),
     }
     report
+}
+
+/// The density curve on a backend of its own over the same store (the
+/// `noop` function node exists), without pre-created VM shells: a pool of
+/// a few shells cannot serve thousands of starts anyway, and shells made
+/// before the baseline would hide their memory from the first instances.
+fn run_density(store: &std::path::Path, max_instances: usize, base: &Config) -> Density {
+    let mut config = base.clone();
+    config.vm.store_dir = Some(store.to_owned());
+    config.vm.shell_pool = Some(0);
+    let skipped = |reason: String| Density {
+        skipped: Some(reason),
+        ..Density::default()
+    };
+    let backend = match microfaas::open(BackendKind::Vm, config) {
+        Ok(b) => b,
+        Err(e) => return skipped(e.to_string()),
+    };
+    match microfaas::builtin("noop").and_then(|a| backend.deploy(&FunctionSpec::new("noop", a))) {
+        Ok(id) => density::run(backend.as_ref(), "noop", &id, max_instances),
+        Err(e) => skipped(format!("deploying noop: {e}")),
+    }
 }
 
 fn measure(
