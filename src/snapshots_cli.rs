@@ -99,13 +99,10 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 "{:<20} {:<9} {:<34} {:>9} {:>10} {:<20} LAST USED",
                 "ID", "LEVEL", "LABEL", "OWN PAGES", "ON DISK", "CREATED"
             );
-            fn print(n: &TreeNode, depth: usize) {
-                let indent = if depth == 0 {
-                    String::new()
-                } else {
-                    format!("{}└ ", "  ".repeat(depth - 1))
-                };
-                let id = format!("{indent}{}", n.id.short());
+            /// `branch`: this node's connector; `below`: what its
+            /// children's lines start with.
+            fn print(n: &TreeNode, branch: &str, below: &str) {
+                let id = format!("{branch}{}", n.id.short());
                 println!(
                     "{id:<20} {:<9} {:<34} {:>9} {:>10} {:<20} {}",
                     n.level.to_string(),
@@ -116,14 +113,16 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                     utc(n.last_used_unix_ms)
                 );
                 if let Some(p) = &n.problem {
-                    println!("{}  ! {p}", "  ".repeat(depth));
+                    println!("{below}  ! {p}");
                 }
-                for c in &n.children {
-                    print(c, depth + 1);
+                for (i, c) in n.children.iter().enumerate() {
+                    let last = i + 1 == n.children.len();
+                    let (connector, continuation) = if last { ("└ ", "  ") } else { ("├ ", "│ ") };
+                    print(c, &format!("{below}{connector}"), &format!("{below}{continuation}"));
                 }
             }
             for r in &report.roots {
-                print(r, 0);
+                print(r, "", "");
             }
             if report.roots.is_empty() {
                 println!("(no snapshot nodes)");

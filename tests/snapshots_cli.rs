@@ -120,6 +120,12 @@ fn tree_shows_the_lineage_in_text_and_json() {
         assert!(text.contains(&n.id().short()), "{text}");
         assert!(text.contains(label), "{text}");
     }
+    // The base's two children: one branches on, the last closes; the
+    // argument node hangs under the function node.
+    let starts = |p: &str| text.lines().filter(|l| l.starts_with(p)).count();
+    assert_eq!((starts("├ "), starts("└ ")), (1, 1), "{text}");
+    let arg_line = text.lines().find(|l| l.contains("input=in1")).unwrap();
+    assert!(arg_line.starts_with("│ └ ") || arg_line.starts_with("  └ "), "{text}");
     let v = json(f.dir.path(), &["tree"]);
     let roots = v["roots"].as_array().unwrap();
     assert_eq!(roots.len(), 1);

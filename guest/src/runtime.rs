@@ -238,7 +238,9 @@ impl Runtime {
         match code {
             status::OK => Reply::message(reply::OK, b""),
             status::BAD_ABI => Reply::message(reply::LOAD_FAILED, b"artifact refused the host table (ABI)"),
-            _ => Reply::message(reply::INIT_FAILED, b"init returned an error"),
+            // The SDK reports init errors through `fail` (with the
+            // message); this is an artifact that returned ERROR bare.
+            _ => Reply::message(reply::INIT_FAILED, b"(no message)"),
         }
     }
 
@@ -352,12 +354,13 @@ unsafe extern "C" fn svc_checkpoint(ctx: *mut c_void) {
 
 unsafe extern "C" fn svc_fail(ctx: *mut c_void, kind: u32, msg: *const u8, msg_len: usize) -> ! {
     let rt = runtime(ctx);
-    let status = if kind == fail_kind::OUT_OF_MEMORY {
-        reply::OUT_OF_MEMORY
-    } else {
-        reply::PANICKED
+    let status = match kind {
+        fail_kind::OUT_OF_MEMORY => reply::OUT_OF_MEMORY,
+        fail_kind::INIT_ERROR => reply::INIT_FAILED,
+        _ => reply::PANICKED,
     };
-    // The message stays where the function put it (its stack); the host
+    // The message stays where the function put it (its stack, or its heap
+    // for an init error); the host
     // copies it (bounds-checked) before this instance is discarded.
     rt.write_reply(&Reply {
         status,

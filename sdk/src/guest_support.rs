@@ -122,6 +122,19 @@ pub mod __private {
         loop {}
     }
 
+    /// Body of the artifact's `_Unwind_Resume`: never called under
+    /// `panic = "abort"`; if it ever is, the call fails as a panic.
+    pub fn unwind_resumed() -> ! {
+        let message = "unwinding is not supported (artifacts are built with panic = abort)";
+        if let Some(h) = host() {
+            // SAFETY: the table is valid during the entry call; the message
+            // is static.
+            unsafe { (h.fail)(h.ctx, fail_kind::PANIC, message.as_ptr(), message.len()) }
+        }
+        #[allow(clippy::empty_loop)]
+        loop {}
+    }
+
     /// Body of the exported init symbol.
     ///
     /// # Safety
@@ -137,7 +150,12 @@ pub mod __private {
         HOST.store(host.cast_mut(), Ordering::Relaxed);
         match init() {
             Ok(()) => status::OK,
-            Err(_) => status::ERROR,
+            Err(e) => {
+                let message = e.message();
+                // SAFETY: the table is valid during the entry call (checked
+                // above); `message` outlives the call, which never returns.
+                unsafe { (table.fail)(table.ctx, fail_kind::INIT_ERROR, message.as_ptr(), message.len()) }
+            }
         }
     }
 

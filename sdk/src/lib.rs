@@ -115,6 +115,10 @@ pub mod fail_kind {
     /// An allocation was refused (the heap limit was reached) and the function
     /// could not go on.
     pub const OUT_OF_MEMORY: u32 = 2;
+    /// `init` returned an error; the message is the error's. (Reported
+    /// through `fail` so that the message reaches the runtime; an `init` that
+    /// returns [`crate::status::ERROR`] instead carries none.)
+    pub const INIT_ERROR: u32 = 3;
 }
 
 /// What [`HANDLE_SYMBOL`] writes into its `result` argument.
@@ -261,6 +265,27 @@ macro_rules! artifact_entry {
         #[panic_handler]
         fn microfaas_panic(info: &::core::panic::PanicInfo<'_>) -> ! {
             $crate::__private::report_panic(info)
+        }
+
+        /// The precompiled `alloc` library (built to unwind) refers to the
+        /// unwinder and the personality routine from its cleanup pads, e.g.
+        /// in `format!`. The artifact is built with `panic = "abort"`: no
+        /// unwind ever starts, so neither is ever called. Defined here so
+        /// the artifact imports no unwinder.
+        // SAFETY: the unwinder's entry point name; no unwinder is linked into
+        // the artifact, so nothing else defines it.
+        #[unsafe(no_mangle)]
+        #[allow(non_snake_case)]
+        pub extern "C" fn _Unwind_Resume(_exception: *mut ::core::ffi::c_void) -> ! {
+            $crate::__private::unwind_resumed()
+        }
+
+        /// See `_Unwind_Resume`: only an unwinder would call it.
+        // SAFETY: the personality routine's name; with `panic = "abort"`
+        // nothing else in the artifact defines it.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn rust_eh_personality() -> ! {
+            $crate::__private::unwind_resumed()
         }
 
         /// The ABI version this artifact was built against.

@@ -229,6 +229,26 @@ pub fn bad_cases(b: &dyn Backend) {
     let deep = deploy(b, "stack-overflow");
     expect_error(b, &deep, b"x", ErrorKind::StackOverflow);
     assert_serves(b);
+    // init() returning an error: the deploy (or, where init runs at the
+    // first start, that invocation) fails as InitFailed with init's message.
+    let spec = FunctionSpec::new(
+        "init-fails",
+        microfaas::builtin("init-fails").expect("example function"),
+    );
+    let e = match b.deploy(&spec) {
+        Err(e) => e,
+        Ok(id) => b
+            .invoke(&id, b"", StartRequest::Auto)
+            .expect_err("init-fails answered although its init failed"),
+    };
+    assert_eq!(e.kind(), ErrorKind::InitFailed, "{}: {e}", b.kind());
+    assert!(
+        e.to_string().contains("init-fails: configuration [1, 2, 3] not found"),
+        "{}: {e}",
+        b.kind()
+    );
+    assert_serves(b);
+
     // The failing functions keep failing the same way; nothing was left broken.
     expect_error(b, &panics, b"abc", ErrorKind::Panicked);
     assert_serves(b);

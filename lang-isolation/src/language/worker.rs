@@ -394,6 +394,7 @@ impl Worker {
                 "init() exceeded its budget of {} us",
                 self.init_budget_ns / 1000
             )),
+            Err(Failure::FunctionError { message }) => Err(format!("init() returned an error: {message}")),
             Err(failure) => Err(failure.to_string()),
         }
     }

@@ -279,7 +279,7 @@ impl ProcessHost {
         }
         if p == phase::INIT {
             let what = match k {
-                kind::FUNCTION_ERROR => "init() returned an error".to_owned(),
+                kind::FUNCTION_ERROR => format!("init() returned an error: {message}"),
                 kind::PANICKED => format!("init() panicked: {message}"),
                 kind::OUT_OF_MEMORY => format!("init() ran out of memory: {message}"),
                 kind::STACK_OVERFLOW => "init() overflowed its stack".to_owned(),

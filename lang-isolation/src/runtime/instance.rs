@@ -102,8 +102,10 @@ impl Instance {
         let result = match exit {
             Exit::Returned => match code {
                 status::OK => Ok(()),
+                // An SDK that reports init errors through `fail` never
+                // gets here; this is an artifact that returned ERROR bare.
                 status::ERROR => Err(Failure::FunctionError {
-                    message: "init() returned an error".to_owned(),
+                    message: "(no message)".to_owned(),
                 }),
                 status::BAD_ABI => Err(Failure::BadAbi),
                 other => Err(Failure::Malformed {
@@ -214,6 +216,11 @@ impl Instance {
                     kind: fail_kind::PANIC,
                     message,
                 }) => Failure::Panicked { message },
+                // `init` returned an error (only the SDK's init shim reports it).
+                Some(Reported {
+                    kind: fail_kind::INIT_ERROR,
+                    message,
+                }) => Failure::FunctionError { message },
                 Some(Reported { kind, message }) => Failure::Malformed {
                     detail: format!("fail() with unknown kind {kind}: {message}"),
                 },

@@ -18,9 +18,17 @@ impl VmBackend {
     ) -> Error {
         let message = String::from_utf8_lossy(data).into_owned();
         let name = name.to_owned();
+        // Whatever stopped `init()` fails the deploy or start as InitFailed,
+        // as on the other backends.
+        let init_failed = |what: &str| Error::InitFailed {
+            name: name.clone(),
+            message: format!("init() {what}: {message}"),
+        };
         match status {
-            Status::FunctionError if init => Error::InitFailed { name, message },
-            Status::InitFailed => Error::InitFailed { name, message },
+            Status::FunctionError | Status::InitFailed if init => init_failed("returned an error"),
+            Status::Panicked if init => init_failed("panicked"),
+            Status::OutOfMemory if init => init_failed("ran out of memory"),
+            Status::InitFailed => init_failed("returned an error"),
             Status::FunctionError => Error::FunctionFailed { name, message },
             Status::Panicked => Error::Panicked { name, message },
             Status::OutOfMemory => Error::OutOfMemory {
