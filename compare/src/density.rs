@@ -134,10 +134,10 @@ fn sample() -> Sample {
     }
 }
 
-/// Raises the soft open-file limit to the hard one (each instance holds a
-/// few fds; a soft limit of 1,024 would stop the curve at ~300 instances)
-/// and returns it.
-fn raise_open_files_limit() -> u64 {
+/// Raises the soft open-file limit to the hard one (each vm instance holds
+/// a few fds; a soft limit of 1,024 would stop the curve at a few hundred
+/// instances) and returns it. `main` calls it once for every experiment.
+pub fn raise_open_files_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {

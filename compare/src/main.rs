@@ -54,6 +54,9 @@ struct Cli {
     /// Functions deployed for table1.
     #[arg(long)]
     functions: Option<usize>,
+    /// Function counts the memory experiment deploys, comma-separated (default 100,1000; 10,50 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    memory_functions: Option<Vec<usize>>,
     /// Largest number of idle vm instances the snapshots density curve steps up to
     /// (default 2,000; 50 with --quick); stepping stops earlier if memory or the fd limit would not allow it.
     #[arg(long)]
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), String> {
+    density::raise_open_files_limit();
     let environment = env::Environment::detect();
     println!("{}\n", environment.header());
     let mut report = Report::new(environment);
@@ -94,7 +98,11 @@ fn run(cli: &Cli) -> Result<(), String> {
         report.rows = Some(rows);
     }
     if all || cli.experiment == Experiment::Memory {
-        let rows = memory::run(&memory::default_steps(cli.quick), &config);
+        let steps = cli
+            .memory_functions
+            .clone()
+            .unwrap_or_else(|| memory::default_steps(cli.quick));
+        let rows = memory::run(&steps, &config);
         println!(
             "memory: host memory of N deployed functions, each invoked once\n{}",
             report::memory_text(&rows)

@@ -142,6 +142,8 @@ fn instance_config(config: &Config) -> Result<InstanceConfig, Error> {
         },
         output_limit_bytes: to_u64(config.output_limit_bytes)?,
         idle_spin_us: config.vm.hot_spin_us.unwrap_or(0),
+        // Nothing here reads vCPU statistics: save the fd per instance.
+        vcpu_stats: false,
         ..InstanceConfig::default()
     })
 }

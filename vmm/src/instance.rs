@@ -59,6 +59,10 @@ pub struct InstanceConfig {
     /// Log the pages the guest dirties (`KVM_MEM_LOG_DIRTY_PAGES`), read
     /// with [`Instance::take_dirty_pages`] (for snapshot deltas).
     pub dirty_log: bool,
+    /// Open the vCPU's binary statistics (`KVM_GET_STATS_FD`) for
+    /// [`Instance::vcpu_stat`]: one more fd per instance, so off where
+    /// thousands of instances run and nobody reads them.
+    pub vcpu_stats: bool,
 }
 
 impl Default for InstanceConfig {
@@ -75,6 +79,7 @@ impl Default for InstanceConfig {
             huge_pages: true,
             idle_spin_us: 0,
             dirty_log: false,
+            vcpu_stats: true,
         }
     }
 }
@@ -222,7 +227,11 @@ impl Instance {
             vcpu.set_xcrs(&cpu::xcrs(vmm.xcr0)).map_err(kvm_err("KVM_SET_XCRS"))?;
         }
         let tsc_offset = write_boot_info(&ram, &layout, &vcpu, config.idle_spin_us)?;
-        let stats = StatsFd::open(&vcpu).ok();
+        let stats = if config.vcpu_stats {
+            StatsFd::open(&vcpu).ok()
+        } else {
+            None
+        };
         timings.vcpu_ns = ns_since(t);
 
         let t = Instant::now();

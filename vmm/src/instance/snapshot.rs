@@ -55,12 +55,12 @@ impl Drop for Reservation {
 }
 
 impl Shell {
-    /// Creates a VM and its vCPU.
-    pub fn new(vmm: &Vmm) -> Result<Self, VmmError> {
+    /// Creates a VM and its vCPU (with its statistics fd if `vcpu_stats`).
+    pub fn new(vmm: &Vmm, vcpu_stats: bool) -> Result<Self, VmmError> {
         let vm = vmm.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(&vmm.cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let stats = StatsFd::open(&vcpu).ok();
+        let stats = if vcpu_stats { StatsFd::open(&vcpu).ok() } else { None };
         Ok(Self {
             vm,
             vcpu,
@@ -76,7 +76,7 @@ impl Shell {
         let layout = Layout::new(config.layout)?;
         let len =
             usize::try_from(layout.mem_bytes).map_err(|_| crate::layout::LayoutError::DoesNotFit("memory size"))?;
-        let mut shell = Self::new(vmm)?;
+        let mut shell = Self::new(vmm, config.vcpu_stats)?;
         let map_err = |source| crate::memory::MemoryError::Map { bytes: len, source };
         let padded = len
             .checked_add(ALIGN)
@@ -205,7 +205,7 @@ impl Instance {
             ..
         } = match shell {
             Some(shell) => shell,
-            None => Shell::new(vmm)?,
+            None => Shell::new(vmm, config.vcpu_stats)?,
         };
         let ram = GuestRam::from_external(memory)?;
         if !slots_ready {
