@@ -185,7 +185,7 @@ fn main() {
     let made = t.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let stats = b.stats();
-    let extra = |k: &str| stats.extra.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+    let extra = |k: &str| stats.counter(k).unwrap_or(0);
     let restored = extra("restored_idle_instances").max(1);
     let private = extra("restored_idle_private_bytes");
     let (kernel_after, rss_after) = (kernel_kib(), self_rss_kib());

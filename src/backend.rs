@@ -190,6 +190,13 @@ pub struct Stats {
     pub extra: Vec<(String, u64)>,
 }
 
+impl Stats {
+    /// The backend-specific counter `name`, if the backend has it.
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        self.extra.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
 /// One isolation mechanism. Every method takes `&self` and may be called
 /// from many threads at once.
 ///

@@ -33,12 +33,7 @@ fn fixture(name: &str) -> Arc<Artifact> {
 }
 
 fn worker_pid(b: &dyn Backend) -> u64 {
-    b.stats()
-        .extra
-        .iter()
-        .find(|(k, _)| k == "worker0_pid")
-        .map(|(_, v)| *v)
-        .unwrap()
+    b.stats().counter("worker0_pid").unwrap()
 }
 
 /// CPU time (user + system, in clock ticks) the process `pid` has used.
@@ -63,7 +58,7 @@ fn wait_until_spinning(pid: u64, before: u64, ticks: u64) {
 }
 
 fn stat(b: &dyn Backend, key: &str) -> u64 {
-    b.stats().extra.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
+    b.stats().counter(key).unwrap_or(0)
 }
 
 fn assert_serves(b: &dyn Backend, echo: &FunctionId) {

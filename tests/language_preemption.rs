@@ -60,13 +60,7 @@ fn spin_is_stopped_by_the_periodic_timer() {
 }
 
 fn worker_rss(b: &dyn Backend) -> u64 {
-    let pid = b
-        .stats()
-        .extra
-        .iter()
-        .find(|(k, _)| k == "worker0_pid")
-        .map(|(_, v)| *v)
-        .expect("worker pid");
+    let pid = b.stats().counter("worker0_pid").expect("worker pid");
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * 4096
@@ -111,9 +105,5 @@ fn no_leaks_after_100k_invocations_and_10k_preemptions() {
 }
 
 fn preemptions(b: &dyn Backend) -> u64 {
-    b.stats()
-        .extra
-        .iter()
-        .find(|(k, _)| k == "preemptions")
-        .map_or(0, |(_, v)| *v)
+    b.stats().counter("preemptions").unwrap_or(0)
 }

@@ -20,11 +20,7 @@ fn serves(b: &dyn Backend) {
 }
 
 fn discarded(b: &dyn Backend) -> u64 {
-    b.stats()
-        .extra
-        .iter()
-        .find(|(k, _)| k == "instances_discarded")
-        .map_or(0, |(_, v)| *v)
+    b.stats().counter("instances_discarded").unwrap_or(0)
 }
 
 #[test]

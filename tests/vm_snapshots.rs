@@ -255,7 +255,7 @@ fn stats_show_restored_instances_private_memory() {
     let noop = deploy(b.as_ref(), "noop");
     b.invoke(&noop, b"", StartRequest::Auto).unwrap();
     let stats = b.stats();
-    let get = |k: &str| stats.extra.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap();
+    let get = |k: &str| stats.counter(k).unwrap();
     assert_eq!(get("restored_idle_instances"), 1, "{stats:?}");
     let private = get("restored_idle_private_bytes");
     assert!(private > 0 && private < (4 << 20), "{stats:?}");
@@ -278,7 +278,7 @@ fn prestart_makes_idle_instances_beyond_the_cap_that_serve_hot() {
     assert!(took.iter().all(|d| !d.is_zero()), "{took:?}");
     let stats = b.stats();
     assert_eq!(stats.instances, before + 40, "{stats:?}");
-    let get = |k: &str| stats.extra.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap();
+    let get = |k: &str| stats.counter(k).unwrap();
     assert_eq!(get("instances_prestarted"), 40, "{stats:?}");
     assert_eq!(get("restored_idle_instances"), u64::try_from(before + 40).unwrap());
     for i in 0..(before + 40) {

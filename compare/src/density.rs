@@ -96,7 +96,7 @@ pub fn steps(max: usize) -> Vec<usize> {
 }
 
 /// Host memory counters at one moment, KiB.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Sample {
     process_private_kib: u64,
     kernel_kib: u64,
@@ -136,29 +136,20 @@ fn sample() -> Sample {
 
 /// Raises the soft open-file limit to the hard one (each vm instance holds
 /// a few fds; a soft limit of 1,024 would stop the curve at a few hundred
-/// instances) and returns it. `main` calls it once for every experiment.
-pub fn raise_open_files_limit() -> u64 {
+/// instances). `main` calls it once, before any experiment.
+pub fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-                hard
-            } else {
-                soft
-            }
-        }
-        Ok((soft, _)) => soft,
-        Err(_) => 1024,
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        // Best effort: the curve then stops at the lower limit, and says so.
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
-fn extra(backend: &dyn Backend, key: &str) -> u64 {
-    backend
-        .stats()
-        .extra
-        .iter()
-        .find(|(k, _)| k == key)
-        .map_or(0, |(_, v)| *v)
+/// The soft open-file limit.
+fn open_files_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
 /// What each of `alive` instances holds, relative to `before`, and the
@@ -170,7 +161,10 @@ fn measure(backend: &dyn Backend, before: &Sample, alive: usize) -> (PerInstance
     let process_private = per(now.process_private_kib, before.process_private_kib);
     let kernel = per(now.kernel_kib, before.kernel_kib);
     let per_instance = PerInstance {
-        guest_private_kib: ratio(extra(backend, "restored_idle_private_bytes"), n * 1024),
+        guest_private_kib: ratio(
+            backend.stats().counter("restored_idle_private_bytes").unwrap_or(0),
+            n * 1024,
+        ),
         process_private_kib: process_private,
         kernel_kib: kernel,
         host_kib: process_private + kernel,
@@ -181,17 +175,18 @@ fn measure(backend: &dyn Backend, before: &Sample, alive: usize) -> (PerInstance
 }
 
 /// Waits (up to `limit`) until the process has at most `threads` threads
-/// and `fds` open files (the instances' vCPU threads and VM fds are gone).
-fn wait_for_teardown(threads: u64, fds: u64, limit: Duration) -> Option<Duration> {
+/// and `fds` open files (the instances' vCPU threads and VM fds are gone);
+/// false if it never does.
+fn wait_for_teardown(threads: u64, fds: u64, limit: Duration) -> bool {
     let started = Instant::now();
     while started.elapsed() < limit {
         let now = sample();
         if now.threads <= threads && now.fds <= fds {
-            return Some(started.elapsed());
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    None
+    false
 }
 
 /// Waits (up to `limit`) until the thread count has not changed for 300 ms
@@ -223,7 +218,7 @@ pub fn run(backend: &dyn Backend, name: &str, id: &FunctionId, max: usize) -> De
     // Let the reaper finish earlier teardowns before the baseline.
     let quiet = settle(Duration::from_secs(10));
     let before = sample();
-    let fd_limit = raise_open_files_limit();
+    let fd_limit = open_files_limit();
     let mem_budget_kib = before.mem_available_kib / 2;
     let fd_budget = (fd_limit - fd_limit / 10).saturating_sub(before.fds);
     let plan = steps(max);
@@ -314,7 +309,7 @@ pub fn run(backend: &dyn Backend, name: &str, id: &FunctionId, max: usize) -> De
     let evicted = Instant::now();
     if backend.evict(id).is_ok() {
         density.teardown_ms = wait_for_teardown(quiet, before.fds, Duration::from_secs(120))
-            .map(|_| evicted.elapsed().as_secs_f64() * 1e3);
+            .then(|| evicted.elapsed().as_secs_f64() * 1e3);
     }
     density
 }

@@ -236,15 +236,13 @@ pub fn preemption_curve(rows: &[preemption::Row], path: &Path) -> Result<(), Plo
             "throughput relative to no preemption (%)",
         ),
     )?;
-    let blue = PALETTE[0];
-    chart
-        .draw_series(LineSeries::new(periodic.iter().copied(), blue.stroke_width(2)))
-        .map_err(|e| err(path, e))?
-        .label("periodic SIGALRM (the paper's mode)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
-    chart
-        .draw_series(periodic.iter().map(|&p| Circle::new(p, 4, blue.filled())))
-        .map_err(|e| err(path, e))?;
+    line(
+        &mut chart,
+        &periodic,
+        PALETTE[0],
+        "periodic SIGALRM (the paper's mode)",
+        path,
+    )?;
     let references = [
         (
             watchdog,

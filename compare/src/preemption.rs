@@ -121,12 +121,11 @@ pub fn run(time: Duration, base: &Config) -> Vec<Row> {
             };
         }
     }
-    let baseline = |backend| {
-        rows.iter()
-            .find(|r| r.backend == backend && r.mode == "none")
-            .and_then(|r| r.blocks_per_s)
-    };
-    let baselines = [BackendKind::Language, BackendKind::Vm].map(|b| (b, baseline(b)));
+    let baselines: Vec<(BackendKind, Option<f64>)> = rows
+        .iter()
+        .filter(|r| r.mode == "none")
+        .map(|r| (r.backend, r.blocks_per_s))
+        .collect();
     for r in &mut rows {
         let baseline = baselines.iter().find(|(b, _)| *b == r.backend).and_then(|(_, v)| *v);
         r.relative_pct = match (r.blocks_per_s, baseline) {

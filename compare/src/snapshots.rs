@@ -130,10 +130,9 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
         }
     }
     let stats = backend.stats();
-    let counter = |key: &str| stats.extra.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
     if let (Some(idle), Some(private)) = (
-        counter("restored_idle_instances").filter(|&i| i > 0),
-        counter("restored_idle_private_bytes"),
+        stats.counter("restored_idle_instances").filter(|&i| i > 0),
+        stats.counter("restored_idle_private_bytes"),
     ) {
         #[allow(clippy::cast_precision_loss)]
         let kib = private as f64 / 1024.0 / idle as f64;

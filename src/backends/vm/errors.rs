@@ -25,10 +25,10 @@ impl VmBackend {
             message: format!("init() {what}: {message}"),
         };
         match status {
-            Status::FunctionError | Status::InitFailed if init => init_failed("returned an error"),
+            Status::InitFailed => init_failed("returned an error"),
+            Status::FunctionError if init => init_failed("returned an error"),
             Status::Panicked if init => init_failed("panicked"),
             Status::OutOfMemory if init => init_failed("ran out of memory"),
-            Status::InitFailed => init_failed("returned an error"),
             Status::FunctionError => Error::FunctionFailed { name, message },
             Status::Panicked => Error::Panicked { name, message },
             Status::OutOfMemory => Error::OutOfMemory {
