@@ -17,9 +17,14 @@
 //! 4. verifies the result ([`verify`]) and stores it in the cache.
 
 mod build;
+mod policy;
+pub mod sandbox;
+mod toolchain;
 mod verify;
 
-pub use build::{ALLOWED_CRATES, BuildError, BuildOptions, Built, build, clean_cargo, default_cache_dir};
+pub use build::{BuildError, BuildOptions, Built, build, clean_cargo, default_cache_dir};
+pub use policy::{ALLOWED_CRATES, AllowedCrate, CRATES_IO_SOURCES, DependencyReason, Refusal};
+pub use toolchain::{Toolchain, sdk_dir};
 pub use verify::{ArtifactInfo, LoadSegment, VerifyError, verify};
 
 /// Hex SHA-256 of `bytes`.
