@@ -479,11 +479,10 @@ fn compile(
     write_snapshot(dir, files, &snapshot)?;
     // The only directory the compile may write.
     let out = work.join("out");
-    let (home, cargo_home, tmp) = (out.join("home"), out.join("cargo-home"), out.join("tmp"));
-    for d in [&out, &home, &cargo_home, &tmp] {
-        fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+    for d in ["", "home", "cargo-home", "tmp"].map(|d| out.join(d)) {
+        fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         if is_root() {
-            std::os::unix::fs::lchown(d, Some(UNPRIVILEGED_ID), Some(UNPRIVILEGED_ID))
+            std::os::unix::fs::lchown(&d, Some(UNPRIVILEGED_ID), Some(UNPRIVILEGED_ID))
                 .map_err(io_err(format!("chown {}", d.display())))?;
         }
     }
@@ -493,20 +492,6 @@ fn compile(
     } else {
         "target"
     });
-    let mut env: Vec<(String, OsString)> = vec![
-        ("PATH".into(), "/usr/bin:/bin".into()),
-        // There is no /proc in the sandbox, so the loader cannot expand
-        // rustc's `$ORIGIN/../lib` run path: name the directory.
-        ("LD_LIBRARY_PATH".into(), toolchain.sysroot.join("lib").into()),
-        ("HOME".into(), home.into()),
-        ("CARGO_HOME".into(), cargo_home.into()),
-        ("TMPDIR".into(), tmp.into()),
-        ("RUSTC".into(), toolchain.rustc.clone().into()),
-        ("RUSTC_WRAPPER".into(), wrapper.join(RUSTC_WRAPPER_SCRIPT).into()),
-    ];
-    if !opts.allow_unsafe {
-        env.push(("MICROFAAS_FORBID_UNSAFE_DIR".into(), dir.as_os_str().to_owned()));
-    }
     let paths = CompilePaths {
         toolchain: toolchain.sysroot.clone(),
         function_dir: dir.to_owned(),
@@ -516,9 +501,11 @@ fn compile(
         wrapper_dir: wrapper.clone(),
         vendor_dir: vendor.clone(),
         out_dir: out,
+        rustc_wrapper: wrapper.join(RUSTC_WRAPPER_SCRIPT),
+        forbid_unsafe_dir: (!opts.allow_unsafe).then(|| dir.to_owned()),
         root: work.join("root"),
     };
-    let policy = sandbox::compile_policy(&paths, &HostLayout::detect(), is_root(), env);
+    let policy = sandbox::compile_policy(&paths, &HostLayout::detect(), is_root());
     let args: Vec<OsString> = [
         "rustc",
         "--frozen",

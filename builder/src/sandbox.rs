@@ -117,6 +117,11 @@ pub struct CompilePaths {
     pub vendor_dir: PathBuf,
     /// The only writable directory: target dir, cargo home, temp files.
     pub out_dir: PathBuf,
+    /// The rustc wrapper script (in the wrapper dir).
+    pub rustc_wrapper: PathBuf,
+    /// The crate directory to compile with `-F unsafe-code` (`None`: the
+    /// test-only allow-unsafe mode).
+    pub forbid_unsafe_dir: Option<PathBuf>,
     /// The skeleton root.
     pub root: PathBuf,
 }
@@ -151,7 +156,22 @@ impl HostLayout {
 }
 
 /// The policy for one compile (pure: a test prints it).
-pub fn compile_policy(paths: &CompilePaths, layout: &HostLayout, is_root: bool, env: Vec<(String, OsString)>) -> SandboxPolicy {
+pub fn compile_policy(paths: &CompilePaths, layout: &HostLayout, is_root: bool) -> SandboxPolicy {
+    let out = &paths.out_dir;
+    let mut env: Vec<(String, OsString)> = vec![
+        ("PATH".into(), "/usr/bin:/bin".into()),
+        // The loader cannot expand rustc's `$ORIGIN/../lib` run path from
+        // the sandbox's /proc: name the directory.
+        ("LD_LIBRARY_PATH".into(), paths.toolchain.join("lib").into()),
+        ("HOME".into(), out.join("home").into()),
+        ("CARGO_HOME".into(), out.join("cargo-home").into()),
+        ("TMPDIR".into(), out.join("tmp").into()),
+        ("RUSTC".into(), paths.toolchain.join("bin/rustc").into()),
+        ("RUSTC_WRAPPER".into(), paths.rustc_wrapper.clone().into()),
+    ];
+    if let Some(dir) = &paths.forbid_unsafe_dir {
+        env.push(("MICROFAAS_FORBID_UNSAFE_DIR".into(), dir.clone().into()));
+    }
     let same = |p: &Path, access| Bind {
         path: p.to_owned(),
         source: p.to_owned(),
@@ -664,5 +684,127 @@ pub fn run(policy: &SandboxPolicy, program: &Path, args: &[OsString]) -> Result<
                 _ => Err(SandboxError::Spawn(source)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> CompilePaths {
+        CompilePaths {
+            toolchain: "/root/.rustup/toolchains/stable-x86_64-unknown-linux-gnu".into(),
+            function_dir: "/home/u/fns/echo".into(),
+            function_snapshot: "/cache/work/echo-1/snapshot".into(),
+            sdk_dir: "/src/microfaas/sdk".into(),
+            workspace_manifests: vec!["/home/u/fns/Cargo.toml".into(), "/src/microfaas/Cargo.toml".into()],
+            wrapper_dir: "/cache/work/echo-1/wrapper".into(),
+            vendor_dir: "/cache/work/echo-1/vendor".into(),
+            out_dir: "/cache/work/echo-1/out".into(),
+            rustc_wrapper: "/cache/work/echo-1/wrapper/rustc-forbid-unsafe.sh".into(),
+            forbid_unsafe_dir: Some("/home/u/fns/echo".into()),
+            root: "/cache/work/echo-1/root".into(),
+        }
+    }
+
+    fn layout() -> HostLayout {
+        HostLayout {
+            links: vec![("/lib64".into(), "usr/lib64".into())],
+            dirs: vec![],
+        }
+    }
+
+    #[test]
+    fn the_compile_policy_prints_at_a_glance() {
+        let policy = compile_policy(&paths(), &layout(), true);
+        let text = policy.to_string();
+        println!("{text}");
+        assert!(text.contains("uid/gid: 65534/65534"), "{text}");
+        assert!(text.contains("/home/u/fns/echo (from /cache/work/echo-1/snapshot)"), "{text}");
+        let unprivileged = compile_policy(&paths(), &layout(), false);
+        assert!(unprivileged.user_namespace && unprivileged.run_as.is_none());
+        assert!(unprivileged.to_string().contains("user (own uid mapped)"));
+    }
+
+    #[test]
+    fn only_the_out_dir_is_writable_and_etc_is_not_mounted() {
+        let policy = compile_policy(&paths(), &layout(), true);
+        let writable: Vec<&Path> = policy
+            .binds
+            .iter()
+            .filter(|b| !b.access.read_only() && b.access != MountAccess::Device)
+            .map(|b| b.path.as_path())
+            .collect();
+        assert_eq!(writable, [Path::new("/cache/work/echo-1/out")]);
+        let devices: Vec<&Path> = policy
+            .binds
+            .iter()
+            .filter(|b| b.access == MountAccess::Device)
+            .map(|b| b.path.as_path())
+            .collect();
+        assert_eq!(devices, [Path::new("/dev/null")]);
+        for b in &policy.binds {
+            if b.path.starts_with("/etc") {
+                assert!(
+                    b.path == Path::new("/etc/ld.so.cache") || b.path == Path::new("/etc/alternatives"),
+                    "{}",
+                    b.path.display()
+                );
+            }
+            assert!(!b.path.starts_with("/root/.cargo"), "the host's cargo home is not visible");
+            assert!(b.path != Path::new("/"), "the host root is never mounted");
+        }
+        // Executable: system, toolchain, the trusted wrapper (its rustc
+        // wrapper script), the out dir (allowlisted build scripts); the
+        // function's files and the sources are read-only data.
+        let exec: Vec<&Path> = policy
+            .binds
+            .iter()
+            .filter(|b| matches!(b.access, MountAccess::ReadExec | MountAccess::ReadWrite))
+            .map(|b| b.path.as_path())
+            .collect();
+        assert!(!exec.contains(&Path::new("/home/u/fns/echo")));
+        assert!(!exec.contains(&Path::new("/cache/work/echo-1/vendor")));
+    }
+
+    #[test]
+    fn the_environment_is_a_fixed_set() {
+        let policy = compile_policy(&paths(), &layout(), true);
+        let keys: Vec<&str> = policy.env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "PATH",
+                "LD_LIBRARY_PATH",
+                "HOME",
+                "CARGO_HOME",
+                "TMPDIR",
+                "RUSTC",
+                "RUSTC_WRAPPER",
+                "MICROFAAS_FORBID_UNSAFE_DIR"
+            ]
+        );
+        for (k, v) in &policy.env {
+            let v = Path::new(v);
+            if matches!(k.as_str(), "HOME" | "CARGO_HOME" | "TMPDIR") {
+                assert!(v.starts_with("/cache/work/echo-1/out"), "{k} must be inside the out dir");
+            }
+        }
+        let mut p = paths();
+        p.forbid_unsafe_dir = None;
+        assert_eq!(compile_policy(&p, &layout(), true).env.len(), 7);
+    }
+
+    #[test]
+    fn placeholders_mirror_only_a_workspace_roots_target_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        fs::create_dir_all(ws.join("src")).unwrap();
+        fs::write(ws.join("Cargo.toml"), "[workspace]\n").unwrap();
+        fs::write(ws.join("src/main.rs"), "secret").unwrap();
+        let mut p = paths();
+        p.workspace_manifests = vec![ws.join("Cargo.toml")];
+        let policy = compile_policy(&p, &layout(), true);
+        assert_eq!(policy.placeholders, [ws.join("src/main.rs")]);
     }
 }
