@@ -21,6 +21,10 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Bumped whenever the build recipe changes, so old cache entries miss.
 const RECIPE_VERSION: &str = "microfaas-builder/2";
 
+/// `MICROFAAS_BUILD_SANDBOX=off` turns the build sandbox off (see
+/// [`BuildOptions::sandboxed`]); any other value, or none, keeps it.
+pub const SANDBOX_OPT_OUT_ENV: &str = "MICROFAAS_BUILD_SANDBOX";
+
 /// How to build.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -31,6 +35,12 @@ pub struct BuildOptions {
     /// Test-only: do not forbid unsafe code in the function's crate (used
     /// for fixture functions that must misbehave, e.g. raw syscalls).
     pub allow_unsafe: bool,
+    /// Compile in the build sandbox (the default). `false` only where the
+    /// kernel refuses the sandbox (no namespaces or Landlock) and the sources
+    /// are trusted: set by `MICROFAAS_BUILD_SANDBOX=off` in the environment
+    /// of [`BuildOptions::new`]. The checks before compiling and the
+    /// cleared environment still apply; artifacts are cached apart.
+    pub sandboxed: bool,
 }
 
 impl BuildOptions {
@@ -40,6 +50,7 @@ impl BuildOptions {
             cache_dir: cache_dir.into(),
             out: None,
             allow_unsafe: false,
+            sandboxed: std::env::var_os(SANDBOX_OPT_OUT_ENV).is_none_or(|v| v != "off"),
         }
     }
 }
@@ -385,7 +396,7 @@ fn input_hash(
     let mut h = Sha256::new();
     h.update(RECIPE_VERSION.as_bytes());
     h.update(SANDBOX_VERSION.as_bytes());
-    h.update([u8::from(opts.allow_unsafe)]);
+    h.update([u8::from(opts.allow_unsafe), u8::from(opts.sandboxed)]);
     h.update(&toolchain.version);
     let lock = wrapper.join("Cargo.lock");
     h.update(fs::read(&lock).map_err(io_err(format!("reading {}", lock.display())))?);
@@ -403,6 +414,7 @@ fn input_hash(
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
@@ -410,10 +422,19 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<
         if name == "target" || name.to_string_lossy().starts_with('.') {
             continue;
         }
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
+        let meta = entry.metadata()?; // of the entry itself, not a link's target
+        if meta.is_dir() {
             collect_files(root, &path, out)?;
-        } else if kind.is_file() {
+        } else if meta.is_file() {
+            // A hard link could be a second name of a host file the builder
+            // (possibly root) may read and the sandbox may not.
+            if meta.nlink() > 1 {
+                return Err(io::Error::other(format!(
+                    "{} has {} hard links; files with more than one name are refused",
+                    path.display(),
+                    meta.nlink()
+                )));
+            }
             out.push(path.strip_prefix(root).unwrap_or(&path).to_owned());
         }
     }
@@ -446,7 +467,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
-    fs::write(&tmp, bytes).map_err(io_err(format!("writing {}", tmp.display())))?;
+    // Never through a link planted at the temporary name (`out` may be in
+    // a directory the function's author controls): remove whatever is
+    // there, then create exclusively.
+    let _ = fs::remove_file(&tmp);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| io::Write::write_all(&mut f, bytes))
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
     fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))
 }
 
@@ -487,10 +517,11 @@ fn compile(
         }
     }
     // Separate target dirs per mode: cargo does not see the env var change.
-    let target_dir = out.join(if opts.allow_unsafe {
-        "target-unsafe-allowed"
-    } else {
-        "target"
+    let target_dir = out.join(match (opts.allow_unsafe, opts.sandboxed) {
+        (false, true) => "target",
+        (true, true) => "target-unsafe-allowed",
+        (false, false) => "target-unsandboxed",
+        (true, false) => "target-unsafe-allowed-unsandboxed",
     });
     let paths = CompilePaths {
         toolchain: toolchain.sysroot.clone(),
@@ -542,7 +573,12 @@ fn compile(
         .map(OsString::from),
     )
     .collect();
-    let output = sandbox::run(&policy, &toolchain.cargo, &args).map_err(|source| BuildError::Sandbox {
+    let output = if opts.sandboxed {
+        sandbox::run(&policy, &toolchain.cargo, &args)
+    } else {
+        sandbox::run_unsandboxed(&policy, &toolchain.cargo, &args)
+    }
+    .map_err(|source| BuildError::Sandbox {
         name: func.name.clone(),
         source,
     })?;

@@ -22,7 +22,7 @@ pub mod sandbox;
 mod toolchain;
 mod verify;
 
-pub use build::{BuildError, BuildOptions, Built, build, clean_cargo, default_cache_dir};
+pub use build::{BuildError, BuildOptions, Built, SANDBOX_OPT_OUT_ENV, build, clean_cargo, default_cache_dir};
 pub use policy::{ALLOWED_CRATES, AllowedCrate, CRATES_IO_SOURCES, DependencyReason, Refusal};
 pub use toolchain::{Toolchain, sdk_dir};
 pub use verify::{ArtifactInfo, LoadSegment, VerifyError, verify};

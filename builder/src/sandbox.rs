@@ -283,11 +283,13 @@ pub enum SandboxError {
         source: io::Error,
     },
     /// Landlock is unavailable or refused the ruleset.
-    #[error("the build sandbox needs Landlock (Linux 5.13+, enabled at boot); builds never run unsandboxed")]
+    #[error(
+        "the build sandbox needs Landlock (Linux 5.13+, enabled at boot); builds do not run unsandboxed unless MICROFAAS_BUILD_SANDBOX=off is set (trusted sources only)"
+    )]
     Landlock(#[source] landlock::RulesetError),
     /// A step in the child failed (the kernel refused it).
     #[error(
-        "the build sandbox could not be applied: {step} failed (this kernel or container may forbid it); builds never run unsandboxed"
+        "the build sandbox could not be applied: {step} failed (this kernel or container may forbid it); builds do not run unsandboxed unless MICROFAAS_BUILD_SANDBOX=off is set (trusted sources only)"
     )]
     Apply {
         /// The step.
@@ -653,6 +655,20 @@ impl Prepared {
             io::Error::from_raw_os_error(e)
         })
     }
+}
+
+/// Runs `program` with only the policy's environment and working directory,
+/// without isolation: the explicit opt-out for kernels that refuse the
+/// sandbox, for trusted sources.
+pub fn run_unsandboxed(policy: &SandboxPolicy, program: &Path, args: &[OsString]) -> Result<std::process::Output, SandboxError> {
+    Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(policy.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&policy.cwd)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(SandboxError::Spawn)
 }
 
 /// Runs `program` with `args` in the sandbox of `policy`, collecting its

@@ -211,6 +211,16 @@ fn include_bytes_of_etc_passwd_fails_with_the_compiler_message() {
     assert!(out.contains("couldn't read `/etc/passwd`"), "{out}");
     let err = cli_refuses(&dir, &[], &["compiling `build-include-bytes` failed", "couldn't read `/etc/passwd`"]);
     assert!(!err.contains("root:x:0:0"), "{err}");
+
+    // Control, with the sandbox explicitly off: the same crate builds and
+    // hands out the host's file, so the failure above is the sandbox's.
+    let mut opts = BuildOptions::new(cache_dir());
+    opts.sandboxed = false;
+    let built = microfaas_builder::build(&dir, &opts).unwrap_or_else(|e| panic!("control build: {e}"));
+    assert_eq!(invoke_process(&built.path, b""), std::fs::read("/etc/passwd").unwrap());
+    // Sandboxed and unsandboxed artifacts never share a cache entry.
+    let again = compile_error(build(&dir));
+    assert!(again.contains("couldn't read `/etc/passwd`"), "{again}");
 }
 
 #[test]
@@ -276,4 +286,32 @@ fn a_normal_function_with_an_allowlisted_crates_io_dependency_builds_and_runs() 
     let echo = Path::new(env!("CARGO_MANIFEST_DIR")).join("functions/echo");
     let out = cli_build(&echo, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn the_default_output_is_never_written_through_a_link_in_the_crate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("build-include-str-inside", tmp.path());
+    std::fs::write(dir.join("microfaas-canary.txt"), "x").unwrap();
+    // The author plants `target` -> a directory of the host's.
+    let elsewhere = tmp.path().join("host-dir");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("target")).unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_microfaas"))
+            .arg("build")
+            .arg(&dir)
+            .env("MICROFAAS_BUILD_CACHE", cache_dir())
+            .output()
+            .expect("running microfaas build")
+    };
+    let out = run();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not a directory (a symbolic link?)"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "written through the link");
+    // Control: without the link the default output lands in the crate.
+    std::fs::remove_file(dir.join("target")).unwrap();
+    let out = run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(dir.join("target/microfaas/build-include-str-inside.so").is_file());
 }
