@@ -156,7 +156,11 @@ pub fn check_allowed(name: &str, version: &str) -> Result<(), DependencyReason> 
     };
     let req = semver::VersionReq::parse(allowed.versions).map_err(|_| out_of_range.clone())?;
     let version = semver::Version::parse(version).map_err(|_| out_of_range.clone())?;
-    if req.matches(&version) { Ok(()) } else { Err(out_of_range) }
+    if req.matches(&version) {
+        Ok(())
+    } else {
+        Err(out_of_range)
+    }
 }
 
 /// The function crate as `cargo metadata --no-deps` describes it, checked.
@@ -261,7 +265,12 @@ pub struct CheckedGraph {
 /// must be the function or the SDK; everything else must be an allowlisted
 /// crates.io crate in its version range. The function crate must carry no
 /// build script or proc-macro.
-pub fn check_graph(meta: &Value, wrapper_manifest: &Path, function_dir: &Path, sdk_dir: &Path) -> Result<CheckedGraph, Refusal> {
+pub fn check_graph(
+    meta: &Value,
+    wrapper_manifest: &Path,
+    function_dir: &Path,
+    sdk_dir: &Path,
+) -> Result<CheckedGraph, Refusal> {
     let packages = meta["packages"].as_array().map(Vec::as_slice).unwrap_or_default();
     let by_id: HashMap<&str, &Value> = packages.iter().filter_map(|p| Some((p["id"].as_str()?, p))).collect();
     let nodes: HashMap<&str, &Value> = meta["resolve"]["nodes"]
@@ -291,10 +300,16 @@ pub fn check_graph(meta: &Value, wrapper_manifest: &Path, function_dir: &Path, s
             if dev_only || seen.contains(dep_id) {
                 continue;
             }
-            let Some(pkg) = by_id.get(dep_id).copied() else { continue };
+            let Some(pkg) = by_id.get(dep_id).copied() else {
+                continue;
+            };
             let name = pkg["name"].as_str().unwrap_or_default();
             let version = pkg["version"].as_str().unwrap_or_default();
-            let via = if via.is_empty() { name.to_owned() } else { format!("{via} -> {name}") };
+            let via = if via.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{via} -> {name}")
+            };
             let refuse = |source_desc: String, reason: DependencyReason| Refusal::Dependency {
                 krate: name.to_owned(),
                 source_desc,
@@ -375,10 +390,18 @@ mod tests {
                 allowed: ">=0.10, <0.11"
             })
         );
-        assert!(check_allowed("sha2", "0.10.9-rc.1").is_err(), "pre-releases are outside");
+        assert!(
+            check_allowed("sha2", "0.10.9-rc.1").is_err(),
+            "pre-releases are outside"
+        );
         assert_eq!(check_allowed("libc", "0.2.1"), Err(DependencyReason::NotAllowlisted));
         for c in ALLOWED_CRATES {
-            assert!(semver::VersionReq::parse(c.versions).is_ok(), "{}: {}", c.name, c.versions);
+            assert!(
+                semver::VersionReq::parse(c.versions).is_ok(),
+                "{}: {}",
+                c.name,
+                c.versions
+            );
         }
     }
 
@@ -489,16 +512,17 @@ mod tests {
     #[test]
     fn the_resolved_graph_is_checked_by_source_name_and_version() {
         let edge = json!([{"pkg": "x", "dep_kinds": [{"kind": null}]}]);
-        let pkg = |source: Value, name: &str, version: &str, kind: &str| {
-            json!([{"name": name, "id": "x", "version": version, "source": source, "manifest_path": "/elsewhere/x/Cargo.toml", "targets": [{"kind": [kind]}]}])
-        };
+        let pkg = |source: Value, name: &str, version: &str, kind: &str| json!([{"name": name, "id": "x", "version": version, "source": source, "manifest_path": "/elsewhere/x/Cargo.toml", "targets": [{"kind": [kind]}]}]);
         let ok = check_g(&graph(pkg(json!(CRATES_IO), "sha2", "0.10.9", "lib"), edge.clone())).unwrap();
         assert!(ok.registry_packages.contains("sha2 0.10.9"));
         assert!(ok.local_dirs.contains(Path::new("/fn")) && ok.local_dirs.contains(Path::new(SDK)));
 
         let refused = |meta: Value| match check_g(&meta) {
             Err(Refusal::Dependency {
-                reason, runs_at_build, via, ..
+                reason,
+                runs_at_build,
+                via,
+                ..
             }) => (reason, runs_at_build, via),
             other => panic!("{other:?}"),
         };
@@ -506,11 +530,17 @@ mod tests {
         assert_eq!(reason, DependencyReason::NotCratesIo);
         assert!(code.unwrap().contains("proc-macro"));
         assert_eq!(via, "f -> cfg-if");
-        let (reason, ..) = refused(graph(pkg(json!("git+file:///r#abc"), "cfg-if", "1.0.0", "lib"), edge.clone()));
+        let (reason, ..) = refused(graph(
+            pkg(json!("git+file:///r#abc"), "cfg-if", "1.0.0", "lib"),
+            edge.clone(),
+        ));
         assert_eq!(reason, DependencyReason::NotCratesIo);
         let (reason, ..) = refused(graph(pkg(json!(CRATES_IO), "sha2", "0.9.0", "lib"), edge.clone()));
         assert!(matches!(reason, DependencyReason::VersionOutOfRange { .. }));
-        let (reason, code, _) = refused(graph(pkg(json!(CRATES_IO), "serde_derive", "1.0.0", "proc-macro"), edge.clone()));
+        let (reason, code, _) = refused(graph(
+            pkg(json!(CRATES_IO), "serde_derive", "1.0.0", "proc-macro"),
+            edge.clone(),
+        ));
         assert_eq!(reason, DependencyReason::NotAllowlisted);
         assert!(code.is_some());
         // Dev-only edges are not compiled.
@@ -535,7 +565,10 @@ mod tests {
             runs_at_build: Some("a proc-macro, which would run inside the compiler"),
         };
         let text = r.to_string();
-        assert!(text.starts_with("dependency `cfg-if` (path /fn/cfg-if, via f -> cfg-if) is refused"), "{text}");
+        assert!(
+            text.starts_with("dependency `cfg-if` (path /fn/cfg-if, via f -> cfg-if) is refused"),
+            "{text}"
+        );
         assert!(text.contains("proc-macro"), "{text}");
     }
 }

@@ -12,8 +12,8 @@
 //! capabilities; otherwise a user namespace mapping the caller's own uid.
 
 use landlock::{
-    ABI, Access as _, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope,
+    ABI, Access as _, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use std::ffi::{CString, OsString};
 use std::fmt;
@@ -231,7 +231,11 @@ impl fmt::Display for SandboxPolicy {
                 ""
             }
         )?;
-        writeln!(f, "2. mounts: read-only root {} pivoted into, with", self.root.display())?;
+        writeln!(
+            f,
+            "2. mounts: read-only root {} pivoted into, with",
+            self.root.display()
+        )?;
         for b in &self.binds {
             let from = if b.source == b.path {
                 String::new()
@@ -530,6 +534,12 @@ fn check(step: u8, ret: libc::c_long) -> Result<(), StepError> {
     if ret < 0 { Err((step, errno())) } else { Ok(()) }
 }
 
+/// `prctl(option, arg, 0, 0, 0)` as step `step`.
+fn prctl(step: u8, option: libc::c_int, arg: libc::c_int) -> Result<(), StepError> {
+    // SAFETY: prctl with integer arguments only.
+    check(step, unsafe { libc::prctl(option, arg, 0, 0, 0) }.into())
+}
+
 /// Writes `data` to the file at `path` (the user-namespace maps).
 fn write_file(step: u8, path: &std::ffi::CStr, data: &std::ffi::CStr) -> Result<(), StepError> {
     // SAFETY: `path` is NUL-terminated; open is async-signal-safe.
@@ -566,15 +576,48 @@ impl Prepared {
         }
         // 2. Mounts: nothing propagates back; the skeleton becomes a mount,
         // every bind lands on its mount point, then the skeleton is `/`.
-        // SAFETY (this block's mount/chdir/pivot calls): NUL-terminated
-        // paths prepared before fork; they change only this process's
-        // private mount namespace.
+        // SAFETY: every mount/chdir/pivot_root call below takes
+        // NUL-terminated paths prepared before fork and changes only this
+        // process's private mount namespace.
         unsafe {
-            check(3, libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()).into())?;
-            check(4, libc::mount(self.root.as_ptr(), self.root.as_ptr(), null, libc::MS_BIND, std::ptr::null()).into())?;
+            check(
+                3,
+                libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+                .into(),
+            )?;
+            check(
+                4,
+                libc::mount(
+                    self.root.as_ptr(),
+                    self.root.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+                .into(),
+            )?;
             for b in &self.binds {
-                check(5, libc::mount(b.source.as_ptr(), b.target.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()).into())?;
-                check(6, libc::mount(null, b.target.as_ptr(), null, b.remount_flags, std::ptr::null()).into())?;
+                check(
+                    5,
+                    libc::mount(
+                        b.source.as_ptr(),
+                        b.target.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    )
+                    .into(),
+                )?;
+                check(
+                    6,
+                    libc::mount(null, b.target.as_ptr(), null, b.remount_flags, std::ptr::null()).into(),
+                )?;
             }
             // /proc: the loader and rust-lld read /proc/self/exe. A fresh
             // instance showing only the sandbox uid's processes; in a user
@@ -588,12 +631,25 @@ impl Prepared {
                 c"hidepid=invisible,subset=pid".as_ptr().cast(),
             );
             if fresh != 0 {
-                check(14, libc::mount(c"/proc".as_ptr(), self.proc_dir.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()).into())?;
+                check(
+                    14,
+                    libc::mount(
+                        c"/proc".as_ptr(),
+                        self.proc_dir.as_ptr(),
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    )
+                    .into(),
+                )?;
             }
             check(7, libc::chdir(self.root.as_ptr()).into())?;
             check(7, libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()))?;
             check(7, libc::umount2(c".".as_ptr(), libc::MNT_DETACH).into())?;
-            check(6, libc::mount(null, c"/".as_ptr(), null, self.root_remount_flags, std::ptr::null()).into())?;
+            check(
+                6,
+                libc::mount(null, c"/".as_ptr(), null, self.root_remount_flags, std::ptr::null()).into(),
+            )?;
             check(8, libc::chdir(self.cwd.as_ptr()).into())?;
         }
         // 3. Landlock.
@@ -633,15 +689,14 @@ impl Prepared {
             inheritable: 0,
         }; 2];
         // SAFETY: capset reads the header and two data structs, both valid.
-        check(12, unsafe { libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) })?;
-        // SAFETY: prctl with integer arguments.
-        check(12, unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) }.into())?;
+        check(12, unsafe {
+            libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr())
+        })?;
+        prctl(12, libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL)?;
         // 6. no_new_privs, and die with the builder (after the uid change,
         // which clears the parent-death signal).
-        // SAFETY: prctl with integer arguments.
-        check(13, unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into())?;
-        // SAFETY: prctl with integer arguments.
-        check(0, unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) }.into())?;
+        prctl(13, libc::PR_SET_NO_NEW_PRIVS, 1)?;
+        prctl(0, libc::PR_SET_PDEATHSIG, libc::SIGKILL)?;
         Ok(())
     }
 
@@ -660,7 +715,11 @@ impl Prepared {
 /// Runs `program` with only the policy's environment and working directory,
 /// without isolation: the explicit opt-out for kernels that refuse the
 /// sandbox, for trusted sources.
-pub fn run_unsandboxed(policy: &SandboxPolicy, program: &Path, args: &[OsString]) -> Result<std::process::Output, SandboxError> {
+pub fn run_unsandboxed(
+    policy: &SandboxPolicy,
+    program: &Path,
+    args: &[OsString],
+) -> Result<std::process::Output, SandboxError> {
     Command::new(program)
         .args(args)
         .env_clear()
@@ -736,7 +795,10 @@ mod tests {
         let text = policy.to_string();
         println!("{text}");
         assert!(text.contains("uid/gid: 65534/65534"), "{text}");
-        assert!(text.contains("/home/u/fns/echo (from /cache/work/echo-1/snapshot)"), "{text}");
+        assert!(
+            text.contains("/home/u/fns/echo (from /cache/work/echo-1/snapshot)"),
+            "{text}"
+        );
         let unprivileged = compile_policy(&paths(), &layout(), false);
         assert!(unprivileged.user_namespace && unprivileged.run_as.is_none());
         assert!(unprivileged.to_string().contains("user (own uid mapped)"));
@@ -767,7 +829,10 @@ mod tests {
                     b.path.display()
                 );
             }
-            assert!(!b.path.starts_with("/root/.cargo"), "the host's cargo home is not visible");
+            assert!(
+                !b.path.starts_with("/root/.cargo"),
+                "the host's cargo home is not visible"
+            );
             assert!(b.path != Path::new("/"), "the host root is never mounted");
         }
         // Executable: system, toolchain, the trusted wrapper (its rustc
@@ -803,7 +868,10 @@ mod tests {
         for (k, v) in &policy.env {
             let v = Path::new(v);
             if matches!(k.as_str(), "HOME" | "CARGO_HOME" | "TMPDIR") {
-                assert!(v.starts_with("/cache/work/echo-1/out"), "{k} must be inside the out dir");
+                assert!(
+                    v.starts_with("/cache/work/echo-1/out"),
+                    "{k} must be inside the out dir"
+                );
             }
         }
         let mut p = paths();

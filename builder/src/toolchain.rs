@@ -134,4 +134,3 @@ pub fn sdk_dir() -> Result<PathBuf, BuildError> {
     dir.canonicalize()
         .map_err(|e| toolchain_err(format!("the builder's SDK is not at {}: {e}", dir.display())))
 }
-

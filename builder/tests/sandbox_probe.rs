@@ -96,7 +96,10 @@ fn run_case(label: &str) {
         );
     }
     assert!(!stdout.contains(CANARY), "{label}: the canary leaked");
-    assert!(out.join("written-inside").is_file(), "{label}: the out dir was not writable");
+    assert!(
+        out.join("written-inside").is_file(),
+        "{label}: the out dir was not writable"
+    );
 }
 
 /// The probe without the sandbox: its checks must fail (so they can).
@@ -112,8 +115,16 @@ fn control_case() {
         .output()
         .expect("running the probe unsandboxed");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "unsandboxed, the probe must report failures:\n{stdout}");
-    for check in ["canary outside the binds hidden", "fixed environment", "only loopback", "no_new_privs"] {
+    assert!(
+        !out.status.success(),
+        "unsandboxed, the probe must report failures:\n{stdout}"
+    );
+    for check in [
+        "canary outside the binds hidden",
+        "fixed environment",
+        "only loopback",
+        "no_new_privs",
+    ] {
         assert!(
             stdout.contains(&format!("{check}: FAILED")),
             "control: `{check}` should fail unsandboxed:\n{stdout}"
@@ -213,7 +224,9 @@ fn probe() -> i32 {
             Err("not set".into())
         },
     );
-    let mut keys: Vec<String> = std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()).collect();
+    let mut keys: Vec<String> = std::env::vars_os()
+        .map(|(k, _)| k.to_string_lossy().into_owned())
+        .collect();
     keys.sort();
     report(
         "fixed environment",
@@ -234,7 +247,10 @@ fn probe() -> i32 {
             Err(_) => Ok(()),
         },
     );
-    report("/root hidden", must_fail("listing /root", fs::read_dir("/root").map(drop)));
+    report(
+        "/root hidden",
+        must_fail("listing /root", fs::read_dir("/root").map(drop)),
+    );
     let ro = env_path("PROBE_RO");
     report(
         "read-only bind readable",
@@ -246,29 +262,39 @@ fn probe() -> i32 {
         "read-only bind not writable",
         must_fail("writing the read-only bind", fs::write(ro.join("new"), "x")),
     );
-    report("/usr not writable", must_fail("writing /usr", fs::write("/usr/probe", "x")));
+    report(
+        "/usr not writable",
+        must_fail("writing /usr", fs::write("/usr/probe", "x")),
+    );
     report("root not writable", must_fail("writing /", fs::write("/probe", "x")));
     report(
         "out dir writable",
         fs::write(env_path("PROBE_OUT").join("written-inside"), "x").map_err(|e| e.to_string()),
     );
-    report("only loopback", interfaces().and_then(|names| {
-        if names == ["lo"] {
-            Ok(())
-        } else {
-            Err(format!("{names:?}"))
-        }
-    }));
+    report(
+        "only loopback",
+        interfaces().and_then(|names| {
+            if names == ["lo"] {
+                Ok(())
+            } else {
+                Err(format!("{names:?}"))
+            }
+        }),
+    );
     report(
         "no TCP connect",
         must_fail(
             "connecting to 1.1.1.1:443",
-            std::net::TcpStream::connect_timeout(&([1, 1, 1, 1], 443).into(), std::time::Duration::from_secs(2)).map(drop),
+            std::net::TcpStream::connect_timeout(&([1, 1, 1, 1], 443).into(), std::time::Duration::from_secs(2))
+                .map(drop),
         ),
     );
     report(
         "no TCP bind",
-        must_fail("binding 127.0.0.1:0", std::net::TcpListener::bind("127.0.0.1:0").map(drop)),
+        must_fail(
+            "binding 127.0.0.1:0",
+            std::net::TcpListener::bind("127.0.0.1:0").map(drop),
+        ),
     );
     report(
         "/proc files unreadable (Landlock)",
@@ -308,7 +334,10 @@ fn caps_clear() -> Result<(), String> {
     if ret != 0 {
         return Err(format!("capget: {}", std::io::Error::last_os_error()));
     }
-    if data.iter().all(|d| d.effective == 0 && d.permitted == 0 && d.inheritable == 0) {
+    if data
+        .iter()
+        .all(|d| d.effective == 0 && d.permitted == 0 && d.inheritable == 0)
+    {
         Ok(())
     } else {
         Err(format!("{data:?}"))

@@ -46,10 +46,9 @@ fn copy_fixture(name: &str, into: &Path) -> PathBuf {
     let to = into.join(name);
     copy(&fixture_dir(name), &to);
     let manifest = to.join("Cargo.toml");
-    let text = std::fs::read_to_string(&manifest).unwrap().replace(
-        "\"../../../../sdk\"",
-        &format!("\"{}\"", sdk_dir().display()),
-    );
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("\"../../../../sdk\"", &format!("\"{}\"", sdk_dir().display()));
     std::fs::write(&manifest, text).unwrap();
     to
 }
@@ -122,7 +121,11 @@ fn a_build_script_of_the_function_is_refused_before_it_runs() {
         }
         other => panic!("expected the build script refused, got {other:?}"),
     }
-    cli_refuses(&dir, &[], &["function crate `build-build-script` has a build script", "build.rs"]);
+    cli_refuses(
+        &dir,
+        &[],
+        &["function crate `build-build-script` has a build script", "build.rs"],
+    );
     assert!(!marker.exists(), "the build script ran");
 }
 
@@ -131,13 +134,20 @@ fn a_proc_macro_path_dependency_named_like_an_allowlisted_crate_is_refused() {
     let dir = fixture_dir("build-proc-macro-dep");
     let (krate, source, reason, code) = refused_dependency(build(&dir));
     assert_eq!(krate, "cfg-if");
-    assert!(source.starts_with("path ") && source.ends_with("build-proc-macro-dep/cfg-if"), "{source}");
+    assert!(
+        source.starts_with("path ") && source.ends_with("build-proc-macro-dep/cfg-if"),
+        "{source}"
+    );
     assert_eq!(reason, DependencyReason::NotCratesIo);
     assert!(code.is_some_and(|c| c.contains("proc-macro")), "{code:?}");
     cli_refuses(
         &dir,
         &[],
-        &["dependency `cfg-if`", "via build-proc-macro-dep -> cfg-if", "proc-macro"],
+        &[
+            "dependency `cfg-if`",
+            "via build-proc-macro-dep -> cfg-if",
+            "proc-macro",
+        ],
     );
     assert!(!Path::new("/tmp/microfaas-hostile-proc-macro-passwd").exists());
 }
@@ -152,7 +162,10 @@ fn a_path_dependency_named_once_cell_carrying_unsafe_code_is_refused() {
     cli_refuses(
         &dir,
         &[],
-        &["dependency `once_cell` (path ", "only crates.io crates on the allowlist"],
+        &[
+            "dependency `once_cell` (path ",
+            "only crates.io crates on the allowlist",
+        ],
     );
 }
 
@@ -190,7 +203,11 @@ fn a_git_dependency_named_cfg_if_is_refused_before_anything_is_fetched() {
     assert_eq!(krate, "cfg-if");
     assert_eq!(source, format!("git+{url}"));
     assert_eq!(reason, DependencyReason::NotCratesIo);
-    cli_refuses(&dir, &[], &["dependency `cfg-if` (git+file://", "via build-git-dep -> cfg-if"]);
+    cli_refuses(
+        &dir,
+        &[],
+        &["dependency `cfg-if` (git+file://", "via build-git-dep -> cfg-if"],
+    );
     // Refused from the declaration: cargo never cloned the repository.
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
@@ -209,7 +226,11 @@ fn include_bytes_of_etc_passwd_fails_with_the_compiler_message() {
     let dir = fixture_dir("build-include-bytes");
     let out = compile_error(build(&dir));
     assert!(out.contains("couldn't read `/etc/passwd`"), "{out}");
-    let err = cli_refuses(&dir, &[], &["compiling `build-include-bytes` failed", "couldn't read `/etc/passwd`"]);
+    let err = cli_refuses(
+        &dir,
+        &[],
+        &["compiling `build-include-bytes` failed", "couldn't read `/etc/passwd`"],
+    );
     assert!(!err.contains("root:x:0:0"), "{err}");
 
     // Control, with the sandbox explicitly off: the same crate builds and
@@ -225,13 +246,20 @@ fn include_bytes_of_etc_passwd_fails_with_the_compiler_message() {
 
 #[test]
 fn include_str_of_a_canary_outside_the_crate_fails_but_inside_it_is_embedded() {
-    let token = format!("microfaas-canary-{}-{:?}", std::process::id(), std::time::SystemTime::now());
+    let token = format!(
+        "microfaas-canary-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
     // Outside: the canary sits next to the crate's directory.
     let tmp = tempfile::tempdir().unwrap();
     let outside = copy_fixture("build-include-str-outside", tmp.path());
     std::fs::write(tmp.path().join("microfaas-canary.txt"), &token).unwrap();
     let out = compile_error(build(&outside));
-    assert!(out.contains("couldn't read") && out.contains("microfaas-canary.txt"), "{out}");
+    assert!(
+        out.contains("couldn't read") && out.contains("microfaas-canary.txt"),
+        "{out}"
+    );
     assert!(!out.contains(&token));
     let err = cli_refuses(&outside, &[], &["couldn't read", "microfaas-canary.txt"]);
     assert!(!err.contains(&token));
@@ -307,8 +335,16 @@ fn the_default_output_is_never_written_through_a_link_in_the_crate() {
     };
     let out = run();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("is not a directory (a symbolic link?)"), "{}", stderr(&out));
-    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "written through the link");
+    assert!(
+        stderr(&out).contains("is not a directory (a symbolic link?)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "written through the link"
+    );
     // Control: without the link the default output lands in the crate.
     std::fs::remove_file(dir.join("target")).unwrap();
     let out = run();
