@@ -503,12 +503,25 @@ fn compile(
     opts: &BuildOptions,
 ) -> Result<Vec<u8>, BuildError> {
     let wrapper = work.join("wrapper");
+    // Vendored once per lock file content (the stamp is written last).
     let vendor = work.join("vendor");
-    toolchain.vendor(&wrapper, &vendor)?;
+    let stamp = work.join("vendor.lock-sha256");
+    let lock_hash =
+        crate::digest_hex(&fs::read(wrapper.join("Cargo.lock")).map_err(io_err("reading the wrapper's Cargo.lock"))?);
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(lock_hash.as_str()) || !vendor.is_dir() {
+        let _ = fs::remove_file(&stamp);
+        toolchain.vendor(&wrapper, &vendor)?;
+        write_atomic(&stamp, lock_hash.as_bytes())?;
+    }
     let snapshot = work.join("snapshot");
     write_snapshot(dir, files, &snapshot)?;
-    // The only directory the compile may write.
-    let out = work.join("out");
+    // The only directory the compile may write: one per workspace, so the
+    // crates of one source tree share compiled dependencies while unrelated
+    // crates (each its own workspace) never see each other's outputs.
+    let out = work.parent().unwrap_or(work).join(format!(
+        "out-{}",
+        &crate::digest_hex(func.workspace_root.as_os_str().as_bytes())[..12]
+    ));
     for d in ["", "home", "cargo-home", "tmp"].map(|d| out.join(d)) {
         fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         if is_root() {
