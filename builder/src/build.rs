@@ -522,7 +522,16 @@ fn compile(
         "out-{}",
         &crate::digest_hex(func.workspace_root.as_os_str().as_bytes())[..12]
     ));
-    for d in ["", "home", "cargo-home", "tmp"].map(|d| out.join(d)) {
+    // Fresh per compile: nothing a previous compile left in its cargo home
+    // (a config file) or temp dir carries over.
+    let scratch = out.join(work.file_name().unwrap_or_default());
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch).map_err(io_err(format!("removing {}", scratch.display())))?;
+    }
+    for d in [out.clone(), scratch.clone()]
+        .into_iter()
+        .chain(["home", "cargo-home", "tmp"].map(|d| scratch.join(d)))
+    {
         fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         if is_root() {
             std::os::unix::fs::lchown(&d, Some(UNPRIVILEGED_ID), Some(UNPRIVILEGED_ID))
@@ -545,6 +554,7 @@ fn compile(
         wrapper_dir: wrapper.clone(),
         vendor_dir: vendor.clone(),
         out_dir: out,
+        scratch_dir: scratch,
         rustc_wrapper: wrapper.join(RUSTC_WRAPPER_SCRIPT),
         forbid_unsafe_dir: (!opts.allow_unsafe).then(|| dir.to_owned()),
         root: work.join("root"),

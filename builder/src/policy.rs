@@ -462,6 +462,12 @@ mod tests {
                 DependencyReason::NotAllowlisted,
             ),
             (
+                // A rename does not change what is checked: the package.
+                json!({"name": "libc", "rename": "cfg-if", "source": CRATES_IO, "kind": null, "registry": null}),
+                "crates.io",
+                DependencyReason::NotAllowlisted,
+            ),
+            (
                 // A second SDK copy elsewhere is not the SDK.
                 json!({"name": "microfaas-sdk", "source": null, "path": "/elsewhere/sdk", "kind": null, "registry": null}),
                 "path /elsewhere/sdk",

@@ -117,6 +117,9 @@ pub struct CompilePaths {
     pub vendor_dir: PathBuf,
     /// The only writable directory: target dir, cargo home, temp files.
     pub out_dir: PathBuf,
+    /// This compile's own directory in `out_dir` (HOME, CARGO_HOME and
+    /// TMPDIR below it), fresh for every compile.
+    pub scratch_dir: PathBuf,
     /// The rustc wrapper script (in the wrapper dir).
     pub rustc_wrapper: PathBuf,
     /// The crate directory to compile with `-F unsafe-code` (`None`: the
@@ -157,15 +160,15 @@ impl HostLayout {
 
 /// The policy for one compile (pure: a test prints it).
 pub fn compile_policy(paths: &CompilePaths, layout: &HostLayout, is_root: bool) -> SandboxPolicy {
-    let out = &paths.out_dir;
+    let scratch = &paths.scratch_dir;
     let mut env: Vec<(String, OsString)> = vec![
         ("PATH".into(), "/usr/bin:/bin".into()),
         // The loader cannot expand rustc's `$ORIGIN/../lib` run path from
         // the sandbox's /proc: name the directory.
         ("LD_LIBRARY_PATH".into(), paths.toolchain.join("lib").into()),
-        ("HOME".into(), out.join("home").into()),
-        ("CARGO_HOME".into(), out.join("cargo-home").into()),
-        ("TMPDIR".into(), out.join("tmp").into()),
+        ("HOME".into(), scratch.join("home").into()),
+        ("CARGO_HOME".into(), scratch.join("cargo-home").into()),
+        ("TMPDIR".into(), scratch.join("tmp").into()),
         ("RUSTC".into(), paths.toolchain.join("bin/rustc").into()),
         ("RUSTC_WRAPPER".into(), paths.rustc_wrapper.clone().into()),
     ];
@@ -776,6 +779,7 @@ mod tests {
             wrapper_dir: "/cache/work/echo-1/wrapper".into(),
             vendor_dir: "/cache/work/echo-1/vendor".into(),
             out_dir: "/cache/work/echo-1/out".into(),
+            scratch_dir: "/cache/work/echo-1/out/echo-1".into(),
             rustc_wrapper: "/cache/work/echo-1/wrapper/rustc-forbid-unsafe.sh".into(),
             forbid_unsafe_dir: Some("/home/u/fns/echo".into()),
             root: "/cache/work/echo-1/root".into(),
