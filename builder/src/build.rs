@@ -15,6 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 /// The target every artifact is built for (installed with the toolchain).
 const TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -24,6 +25,9 @@ const RECIPE_VERSION: &str = "microfaas-builder/2";
 /// `MICROFAAS_BUILD_SANDBOX=off` turns the build sandbox off (see
 /// [`BuildOptions::sandboxed`]); any other value, or none, keeps it.
 pub const SANDBOX_OPT_OUT_ENV: &str = "MICROFAAS_BUILD_SANDBOX";
+
+/// How long a compile may take by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How to build.
 #[derive(Debug, Clone)]
@@ -41,6 +45,8 @@ pub struct BuildOptions {
     /// of [`BuildOptions::new`]. The checks before compiling and the
     /// cleared environment still apply; artifacts are cached apart.
     pub sandboxed: bool,
+    /// The compile is killed (with everything it started) after this long.
+    pub timeout: Duration,
 }
 
 impl BuildOptions {
@@ -51,6 +57,7 @@ impl BuildOptions {
             out: None,
             allow_unsafe: false,
             sandboxed: std::env::var_os(SANDBOX_OPT_OUT_ENV).is_none_or(|v| v != "off"),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -597,9 +604,9 @@ fn compile(
     )
     .collect();
     let output = if opts.sandboxed {
-        sandbox::run(&policy, &toolchain.cargo, &args)
+        sandbox::run(&policy, &toolchain.cargo, &args, opts.timeout)
     } else {
-        sandbox::run_unsandboxed(&policy, &toolchain.cargo, &args)
+        sandbox::run_unsandboxed(&policy, &toolchain.cargo, &args, opts.timeout)
     }
     .map_err(|source| BuildError::Sandbox {
         name: func.name.clone(),

@@ -24,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Bumped whenever the policy or its application changes (part of the
 /// artifact cache key).
@@ -308,6 +309,13 @@ pub enum SandboxError {
     /// Spawning failed for another reason.
     #[error("starting the sandboxed build")]
     Spawn(#[source] io::Error),
+    /// The compile ran past its time limit; it and everything it started
+    /// were killed.
+    #[error("the compile did not finish within {seconds} s and was killed")]
+    TimedOut {
+        /// The limit.
+        seconds: u64,
+    },
 }
 
 fn prep(context: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
@@ -715,6 +723,58 @@ impl Prepared {
     }
 }
 
+/// Spawns `cmd` in its own process group, collects its output, and kills
+/// the whole group (cargo and every compiler it started) when `timeout`
+/// passes first.
+fn output_within(cmd: &mut Command, timeout: Duration) -> Result<std::process::Output, SandboxError> {
+    use std::io::Read as _;
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
+    let drain = |pipe: Option<Box<dyn io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn io::Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn io::Read + Send>));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(SandboxError::Spawn)? {
+            break Some(status);
+        }
+        if start.elapsed() >= timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = match status {
+        Some(status) => status,
+        None => {
+            // The child is not reaped yet, so its pid still names the group.
+            if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: signals the process group we created for it.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            }
+            let _ = child.wait();
+            let _ = (stdout.join(), stderr.join());
+            return Err(SandboxError::TimedOut {
+                seconds: timeout.as_secs(),
+            });
+        }
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// Runs `program` with only the policy's environment and working directory,
 /// without isolation: the explicit opt-out for kernels that refuse the
 /// sandbox, for trusted sources.
@@ -722,20 +782,26 @@ pub fn run_unsandboxed(
     policy: &SandboxPolicy,
     program: &Path,
     args: &[OsString],
+    timeout: Duration,
 ) -> Result<std::process::Output, SandboxError> {
-    Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .env_clear()
         .envs(policy.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&policy.cwd)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(SandboxError::Spawn)
+        .stdin(std::process::Stdio::null());
+    output_within(&mut cmd, timeout)
 }
 
 /// Runs `program` with `args` in the sandbox of `policy`, collecting its
-/// output. Never runs it unsandboxed: if any step fails, nothing is run.
-pub fn run(policy: &SandboxPolicy, program: &Path, args: &[OsString]) -> Result<std::process::Output, SandboxError> {
+/// output; kills it and everything it started after `timeout`. Never runs
+/// it unsandboxed: if any step fails, nothing is run.
+pub fn run(
+    policy: &SandboxPolicy,
+    program: &Path,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<std::process::Output, SandboxError> {
     let (mut prepared, read_end) = Prepared::new(policy)?;
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -744,15 +810,14 @@ pub fn run(policy: &SandboxPolicy, program: &Path, args: &[OsString]) -> Result<
         .stdin(std::process::Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and only
     // makes system calls on data prepared above (paths as CStrings, the
-    // Landlock ruleset fd, the error pipe); it allocates nothing.
+    // Landlock ruleset fd, the error pipe).
     unsafe {
         cmd.pre_exec(move || prepared.apply_in_child());
     }
-    let result = cmd.output();
+    let result = output_within(&mut cmd, timeout);
     drop(cmd); // closes our copy of the error pipe's write end
     match result {
-        Ok(out) => Ok(out),
-        Err(source) => {
+        Err(SandboxError::Spawn(source)) => {
             let mut byte = [u8::MAX];
             // SAFETY: reads at most one byte into a valid buffer; the write
             // end is closed everywhere, so this does not block.
@@ -762,137 +827,6 @@ pub fn run(policy: &SandboxPolicy, program: &Path, args: &[OsString]) -> Result<
                 _ => Err(SandboxError::Spawn(source)),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn paths() -> CompilePaths {
-        CompilePaths {
-            toolchain: "/root/.rustup/toolchains/stable-x86_64-unknown-linux-gnu".into(),
-            function_dir: "/home/u/fns/echo".into(),
-            function_snapshot: "/cache/work/echo-1/snapshot".into(),
-            sdk_dir: "/src/microfaas/sdk".into(),
-            workspace_manifests: vec!["/home/u/fns/Cargo.toml".into(), "/src/microfaas/Cargo.toml".into()],
-            wrapper_dir: "/cache/work/echo-1/wrapper".into(),
-            vendor_dir: "/cache/work/echo-1/vendor".into(),
-            out_dir: "/cache/work/echo-1/out".into(),
-            scratch_dir: "/cache/work/echo-1/out/echo-1".into(),
-            rustc_wrapper: "/cache/work/echo-1/wrapper/rustc-forbid-unsafe.sh".into(),
-            forbid_unsafe_dir: Some("/home/u/fns/echo".into()),
-            root: "/cache/work/echo-1/root".into(),
-        }
-    }
-
-    fn layout() -> HostLayout {
-        HostLayout {
-            links: vec![("/lib64".into(), "usr/lib64".into())],
-            dirs: vec![],
-        }
-    }
-
-    #[test]
-    fn the_compile_policy_prints_at_a_glance() {
-        let policy = compile_policy(&paths(), &layout(), true);
-        let text = policy.to_string();
-        println!("{text}");
-        assert!(text.contains("uid/gid: 65534/65534"), "{text}");
-        assert!(
-            text.contains("/home/u/fns/echo (from /cache/work/echo-1/snapshot)"),
-            "{text}"
-        );
-        let unprivileged = compile_policy(&paths(), &layout(), false);
-        assert!(unprivileged.user_namespace && unprivileged.run_as.is_none());
-        assert!(unprivileged.to_string().contains("user (own uid mapped)"));
-    }
-
-    #[test]
-    fn only_the_out_dir_is_writable_and_etc_is_not_mounted() {
-        let policy = compile_policy(&paths(), &layout(), true);
-        let writable: Vec<&Path> = policy
-            .binds
-            .iter()
-            .filter(|b| !b.access.read_only() && b.access != MountAccess::Device)
-            .map(|b| b.path.as_path())
-            .collect();
-        assert_eq!(writable, [Path::new("/cache/work/echo-1/out")]);
-        let devices: Vec<&Path> = policy
-            .binds
-            .iter()
-            .filter(|b| b.access == MountAccess::Device)
-            .map(|b| b.path.as_path())
-            .collect();
-        assert_eq!(devices, [Path::new("/dev/null")]);
-        for b in &policy.binds {
-            if b.path.starts_with("/etc") {
-                assert!(
-                    b.path == Path::new("/etc/ld.so.cache") || b.path == Path::new("/etc/alternatives"),
-                    "{}",
-                    b.path.display()
-                );
-            }
-            assert!(
-                !b.path.starts_with("/root/.cargo"),
-                "the host's cargo home is not visible"
-            );
-            assert!(b.path != Path::new("/"), "the host root is never mounted");
-        }
-        // Executable: system, toolchain, the trusted wrapper (its rustc
-        // wrapper script), the out dir (allowlisted build scripts); the
-        // function's files and the sources are read-only data.
-        let exec: Vec<&Path> = policy
-            .binds
-            .iter()
-            .filter(|b| matches!(b.access, MountAccess::ReadExec | MountAccess::ReadWrite))
-            .map(|b| b.path.as_path())
-            .collect();
-        assert!(!exec.contains(&Path::new("/home/u/fns/echo")));
-        assert!(!exec.contains(&Path::new("/cache/work/echo-1/vendor")));
-    }
-
-    #[test]
-    fn the_environment_is_a_fixed_set() {
-        let policy = compile_policy(&paths(), &layout(), true);
-        let keys: Vec<&str> = policy.env.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(
-            keys,
-            [
-                "PATH",
-                "LD_LIBRARY_PATH",
-                "HOME",
-                "CARGO_HOME",
-                "TMPDIR",
-                "RUSTC",
-                "RUSTC_WRAPPER",
-                "MICROFAAS_FORBID_UNSAFE_DIR"
-            ]
-        );
-        for (k, v) in &policy.env {
-            let v = Path::new(v);
-            if matches!(k.as_str(), "HOME" | "CARGO_HOME" | "TMPDIR") {
-                assert!(
-                    v.starts_with("/cache/work/echo-1/out"),
-                    "{k} must be inside the out dir"
-                );
-            }
-        }
-        let mut p = paths();
-        p.forbid_unsafe_dir = None;
-        assert_eq!(compile_policy(&p, &layout(), true).env.len(), 7);
-    }
-
-    #[test]
-    fn placeholders_mirror_only_a_workspace_roots_target_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let ws = dir.path().join("ws");
-        fs::create_dir_all(ws.join("src")).unwrap();
-        fs::write(ws.join("Cargo.toml"), "[workspace]\n").unwrap();
-        fs::write(ws.join("src/main.rs"), "secret").unwrap();
-        let mut p = paths();
-        p.workspace_manifests = vec![ws.join("Cargo.toml")];
-        let policy = compile_policy(&p, &layout(), true);
-        assert_eq!(policy.placeholders, [ws.join("src/main.rs")]);
+        other => other,
     }
 }

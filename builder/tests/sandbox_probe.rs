@@ -84,7 +84,8 @@ fn run_case(label: &str) {
         env,
     };
     println!("{label}: {policy}");
-    let output = sandbox::run(&policy, &exe, &[PROBE.into()]).unwrap_or_else(|e| panic!("{label}: sandbox: {e:?}"));
+    let output = sandbox::run(&policy, &exe, &[PROBE.into()], std::time::Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{label}: sandbox: {e:?}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     print!("{stdout}");
     eprint!("{}", String::from_utf8_lossy(&output.stderr));

@@ -351,3 +351,29 @@ fn the_default_output_is_never_written_through_a_link_in_the_crate() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(dir.join("target/microfaas/build-include-str-inside.so").is_file());
 }
+
+#[test]
+fn a_compile_that_never_ends_is_killed_at_the_time_limit() {
+    let dir = fixture_dir("build-hangs");
+    let mut opts = BuildOptions::new(cache_dir());
+    opts.timeout = std::time::Duration::from_secs(15);
+    let start = std::time::Instant::now();
+    match microfaas_builder::build(&dir, &opts) {
+        Err(BuildError::Sandbox { name, source }) => {
+            assert_eq!(name, "build-hangs");
+            assert!(source.to_string().contains("did not finish within 15 s"), "{source}");
+        }
+        other => panic!("expected the time limit, got {other:?}"),
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(120));
+    // Nothing of that compile is left running.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("build_hangs") && c.contains("rustc"))
+        .collect();
+    assert!(survivors.is_empty(), "left running: {survivors:?}");
+}
