@@ -35,6 +35,7 @@
 //! opt-out for trusted sources on such machines.
 
 mod build;
+mod inputs;
 mod policy;
 pub mod sandbox;
 mod toolchain;
