@@ -377,3 +377,48 @@ fn a_compile_that_never_ends_is_killed_at_the_time_limit() {
         .collect();
     assert!(survivors.is_empty(), "left running: {survivors:?}");
 }
+
+#[test]
+fn a_rust_toolchain_file_in_the_crate_never_picks_the_compiler() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("build-toolchain-file", tmp.path());
+    let marker = dir.join("evil-toolchain/ran");
+    let marker = marker.as_path();
+    let toolchain_file = dir.join("rust-toolchain.toml");
+    let text = std::fs::read_to_string(&toolchain_file).unwrap().replace(
+        "/nonexistent/microfaas-evil-toolchain",
+        &dir.join("evil-toolchain").display().to_string(),
+    );
+    std::fs::write(&toolchain_file, text).unwrap();
+    // As from a shell inside the crate: no CARGO/RUSTC naming a toolchain.
+    let shell = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .current_dir(&dir)
+            .env_remove("CARGO")
+            .env_remove("RUSTC")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env("MICROFAAS_BUILD_CACHE", cache_dir())
+            .output()
+            .expect("running from the crate's directory")
+    };
+    let out = shell(env!("CARGO_BIN_EXE_microfaas"), &["build", ".", "--out", "x.so"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!marker.exists(), "the crate's toolchain ran");
+    // Control: the rustup proxy itself, started there, runs the crate's
+    // "cargo"; so the builder must not start it there.
+    if Command::new("rustup")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let proxy = shell("cargo", &["--version"]);
+        assert!(
+            marker.exists(),
+            "control: the proxy did not pick the crate's toolchain: {}",
+            stderr(&proxy)
+        );
+    } else {
+        println!("control not run: no rustup proxy on PATH");
+    }
+}
