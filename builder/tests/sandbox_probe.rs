@@ -60,13 +60,13 @@ fn run_case(label: &str) {
     };
     let mut binds = vec![
         bind(Path::new("/usr"), MountAccess::ReadExec),
-        bind(Path::new("/etc/ld.so.cache"), MountAccess::Read),
         bind(Path::new("/dev/null"), MountAccess::Device),
         bind(&exe, MountAccess::ReadExec),
         bind(&ro, MountAccess::Read),
         bind(&out, MountAccess::ReadWrite),
     ];
     binds.extend(layout.dirs.iter().map(|d| bind(d, MountAccess::ReadExec)));
+    binds.extend(layout.etc.iter().map(|p| bind(p, MountAccess::Read)));
     let env: Vec<(String, OsString)> = vec![
         ("PATH".into(), "/usr/bin:/bin".into()),
         ("PROBE_OUT".into(), out.clone().into()),

@@ -133,7 +133,13 @@ pub struct HostLayout {
     pub links: Vec<(PathBuf, PathBuf)>,
     /// Top-level system directories that are real directories.
     pub dirs: Vec<PathBuf>,
+    /// Of [`SYSTEM_ETC`], the paths this host has.
+    pub etc: Vec<PathBuf>,
 }
+
+/// All of `/etc` the compile may see: the dynamic loader's cache and the
+/// alternatives links (`cc` is one on Debian); each only if present.
+pub const SYSTEM_ETC: &[&str] = &["/etc/ld.so.cache", "/etc/alternatives"];
 
 impl HostLayout {
     /// Reads the host's layout.
@@ -141,6 +147,7 @@ impl HostLayout {
         let mut layout = Self {
             links: Vec::new(),
             dirs: Vec::new(),
+            etc: SYSTEM_ETC.iter().map(PathBuf::from).filter(|p| p.exists()).collect(),
         };
         for top in ["/bin", "/sbin", "/lib", "/lib64"] {
             let top = PathBuf::from(top);
@@ -180,10 +187,9 @@ pub fn compile_policy(paths: &CompilePaths, layout: &HostLayout, is_root: bool) 
         // The system: compilers' linker (cc, ld), the dynamic loader's
         // files; of /etc only the loader cache and the alternatives links.
         same(Path::new("/usr"), MountAccess::ReadExec),
-        same(Path::new("/etc/ld.so.cache"), MountAccess::Read),
-        same(Path::new("/etc/alternatives"), MountAccess::Read),
         same(Path::new("/dev/null"), MountAccess::Device),
     ];
+    binds.extend(layout.etc.iter().map(|p| same(p, MountAccess::Read)));
     binds.extend(layout.dirs.iter().map(|d| same(d, MountAccess::ReadExec)));
     binds.push(same(&paths.toolchain, MountAccess::ReadExec));
     binds.push(Bind {
@@ -298,6 +304,7 @@ mod tests {
         HostLayout {
             links: vec![("/lib64".into(), "usr/lib64".into())],
             dirs: vec![],
+            etc: SYSTEM_ETC.iter().map(PathBuf::from).collect(),
         }
     }
 
