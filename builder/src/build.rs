@@ -78,14 +78,6 @@ pub struct Built {
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// `cargo metadata` could not read the crate.
-    #[error("cannot read the crate at {}: {message}", dir.display())]
-    Metadata {
-        /// The crate directory.
-        dir: PathBuf,
-        /// Cargo's message.
-        message: String,
-    },
     /// The crate is not a function crate.
     #[error("{} is not a function crate: {reason}", dir.display())]
     NotAFunction {
