@@ -84,6 +84,15 @@ fn run_case(label: &str) {
         env,
     };
     println!("{label}: {policy}");
+    // Fail closed: a step that fails in the child (here: a working
+    // directory that is not in the sandbox) is named, and nothing runs.
+    let mut broken = policy.clone();
+    broken.cwd = PathBuf::from("/not-in-the-sandbox");
+    match sandbox::run(&broken, &exe, &[PROBE.into()], std::time::Duration::from_secs(60)) {
+        Err(sandbox::SandboxError::Apply { step, .. }) => assert_eq!(step, "entering the working directory"),
+        other => panic!("{label}: expected the failed step named, got {other:?}"),
+    }
+    assert!(!out.join("written-inside").exists(), "{label}: the probe ran anyway");
     let output = sandbox::run(&policy, &exe, &[PROBE.into()], std::time::Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{label}: sandbox: {e:?}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
