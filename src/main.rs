@@ -160,14 +160,7 @@ fn run(command: Command) -> Result<(), Failure> {
             let mut opts = microfaas_builder::BuildOptions::new(microfaas_builder::default_cache_dir());
             let out = match out {
                 Some(out) => out,
-                None => {
-                    let name = dir
-                        .canonicalize()
-                        .ok()
-                        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-                        .unwrap_or_else(|| "function".to_owned());
-                    dir.join("target").join("microfaas").join(format!("{name}.so"))
-                }
+                None => default_build_out(&dir)?,
             };
             opts.out = Some(out);
             let built = microfaas_builder::build(&dir, &opts).map_err(|e| Failure {
@@ -256,4 +249,39 @@ fn invoke(backend: &dyn Backend, spec: &FunctionSpec, input: &[u8], cold: bool, 
 #[allow(clippy::cast_precision_loss)]
 fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
+}
+
+/// `DIR/target/microfaas/NAME.so`, creating the directories; refuses a
+/// symbolic link (or anything but a directory) on the way, since the
+/// crate's author controls `DIR` and the builder may run as root.
+fn default_build_out(dir: &Path) -> Result<PathBuf, Failure> {
+    let fail = |message: String| Failure {
+        code: 1,
+        message,
+        kind: None,
+    };
+    let mut at = dir
+        .canonicalize()
+        .map_err(|e| fail(format!("no crate at {}: {e}", dir.display())))?;
+    let name = at
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "function".to_owned());
+    for part in ["target", "microfaas"] {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(fail(format!(
+                    "{} is not a directory (a symbolic link?): refusing to write the artifact through it; pass --out",
+                    at.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&at).map_err(|e| fail(format!("creating {}: {e}", at.display())))?;
+            }
+            Err(e) => return Err(fail(format!("{}: {e}", at.display()))),
+        }
+    }
+    Ok(at.join(format!("{name}.so")))
 }

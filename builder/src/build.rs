@@ -1,39 +1,33 @@
-//! The build pipeline: dependency allowlist, content-hash cache, wrapper
-//! crate, compilation with unsafe code forbidden in the function's crate.
+//! The build pipeline: trusted steps (metadata and allowlist checks, the
+//! content-hash cache, the wrapper crate, vendoring the allowlisted
+//! sources) around one untrusted step, the compile, run in the build
+//! sandbox with unsafe code forbidden in the function's crate.
 
+use crate::inputs::{input_hash, snapshot_files, write_snapshot};
+use crate::policy::{self, FunctionCrate, NotAFunction, Refusal};
+use crate::sandbox::{self, CompilePaths, HostLayout, SandboxError, UNPRIVILEGED_ID};
+use crate::toolchain::{Toolchain, sdk_dir};
 use crate::verify::{VerifyError, verify};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
-use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Crates a function may depend on (transitively, build dependencies
-/// included): the SDK and well-kept `no_std` crates vetted as the trusted
-/// base, as in Boucher et al. Anything else is refused by name.
-pub const ALLOWED_CRATES: &[&str] = &[
-    "microfaas-sdk",
-    "once_cell",
-    // RustCrypto SHA-2 and its dependencies.
-    "sha2",
-    "digest",
-    "block-buffer",
-    "crypto-common",
-    "generic-array",
-    "typenum",
-    "version_check",
-    "cpufeatures",
-    "cfg-if",
-    "hybrid-array",
-];
+use std::time::Duration;
 
 /// The target every artifact is built for (installed with the toolchain).
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Bumped whenever the build recipe changes, so old cache entries miss.
-const RECIPE_VERSION: &str = "microfaas-builder/1";
+pub(crate) const RECIPE_VERSION: &str = "microfaas-builder/2";
+
+/// `MICROFAAS_BUILD_SANDBOX=off` turns the build sandbox off (see
+/// [`BuildOptions::sandboxed`]); any other value, or none, keeps it.
+pub const SANDBOX_OPT_OUT_ENV: &str = "MICROFAAS_BUILD_SANDBOX";
+
+/// How long a compile may take by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How to build.
 #[derive(Debug, Clone)]
@@ -45,6 +39,14 @@ pub struct BuildOptions {
     /// Test-only: do not forbid unsafe code in the function's crate (used
     /// for fixture functions that must misbehave, e.g. raw syscalls).
     pub allow_unsafe: bool,
+    /// Compile in the build sandbox (the default). `false` only where the
+    /// kernel refuses the sandbox (no namespaces or Landlock) and the sources
+    /// are trusted: set by `MICROFAAS_BUILD_SANDBOX=off` in the environment
+    /// of [`BuildOptions::new`]. The checks before compiling and the
+    /// cleared environment still apply; artifacts are cached apart.
+    pub sandboxed: bool,
+    /// The compile is killed (with everything it started) after this long.
+    pub timeout: Duration,
 }
 
 impl BuildOptions {
@@ -54,6 +56,8 @@ impl BuildOptions {
             cache_dir: cache_dir.into(),
             out: None,
             allow_unsafe: false,
+            sandboxed: std::env::var_os(SANDBOX_OPT_OUT_ENV).is_none_or(|v| v != "off"),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -74,14 +78,6 @@ pub struct Built {
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// `cargo metadata` could not read the crate.
-    #[error("cannot read the crate at {}: {message}", dir.display())]
-    Metadata {
-        /// The crate directory.
-        dir: PathBuf,
-        /// Cargo's message.
-        message: String,
-    },
     /// The crate is not a function crate.
     #[error("{} is not a function crate: {reason}", dir.display())]
     NotAFunction {
@@ -90,13 +86,31 @@ pub enum BuildError {
         /// Why.
         reason: String,
     },
-    /// A dependency outside the allowlist.
-    #[error("dependency `{krate}` (via {via}) is not on the allowlist of function dependencies ({})", ALLOWED_CRATES.join(", "))]
-    RefusedDependency {
-        /// The refused crate.
-        krate: String,
-        /// The dependency path that pulls it in.
-        via: String,
+    /// Refused before compiling (a build script, a proc-macro, a dependency
+    /// outside the allowlist), naming what was refused.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The toolchain could not be found or run.
+    #[error("cannot use the Rust toolchain: {0}")]
+    Toolchain(String),
+    /// A trusted cargo step (metadata, vendor) failed.
+    #[error("`cargo {step}` failed for {}:\n{message}", dir.display())]
+    Cargo {
+        /// The step.
+        step: &'static str,
+        /// The crate or wrapper directory.
+        dir: PathBuf,
+        /// Cargo's message.
+        message: String,
+    },
+    /// The build sandbox could not be set up (the build did not run).
+    #[error("compiling `{name}` in the build sandbox")]
+    Sandbox {
+        /// The crate.
+        name: String,
+        /// Why.
+        #[source]
+        source: SandboxError,
     },
     /// The function's own crate uses unsafe code.
     #[error("function crate `{name}` uses unsafe code, which is forbidden (-F unsafe-code):\n{compiler_output}")]
@@ -134,7 +148,7 @@ pub enum BuildError {
     },
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BuildError {
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BuildError {
     let context = context.into();
     move |source| BuildError::Io { context, source }
 }
@@ -158,6 +172,12 @@ pub fn default_cache_dir() -> PathBuf {
 pub fn clean_cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut cmd = Command::new(cargo);
+    strip_outer_build_env(&mut cmd);
+    cmd
+}
+
+/// Removes from `cmd` the environment of an enclosing cargo build.
+pub(crate) fn strip_outer_build_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
         let drop = (key.starts_with("CARGO_") && key != "CARGO_HOME")
@@ -182,182 +202,6 @@ pub fn clean_cargo() -> Command {
             cmd.env_remove(key);
         }
     }
-    cmd
-}
-
-struct Package {
-    name: String,
-    lib_name: String,
-    dir: PathBuf,
-    workspace_root: PathBuf,
-    local_dirs: BTreeSet<PathBuf>,
-}
-
-/// Reads the crate's metadata and checks every dependency against the
-/// allowlist.
-fn inspect(dir: &Path) -> Result<Package, BuildError> {
-    let manifest = dir.join("Cargo.toml");
-    let out = clean_cargo()
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--filter-platform",
-            TARGET,
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .output()
-        .map_err(io_err("running cargo metadata"))?;
-    if !out.status.success() {
-        return Err(BuildError::Metadata {
-            dir: dir.to_owned(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    let meta: Value = serde_json::from_slice(&out.stdout).map_err(|e| BuildError::Metadata {
-        dir: dir.to_owned(),
-        message: format!("unreadable cargo metadata output: {e}"),
-    })?;
-    let not_fn = |reason: &str| BuildError::NotAFunction {
-        dir: dir.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let packages = meta["packages"].as_array().ok_or_else(|| not_fn("no packages"))?;
-    let by_id: HashMap<&str, &Value> = packages.iter().filter_map(|p| Some((p["id"].as_str()?, p))).collect();
-    let root = packages
-        .iter()
-        .find(|p| p["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path()))
-        .ok_or_else(|| not_fn("no package at this manifest"))?;
-    let name = root["name"]
-        .as_str()
-        .ok_or_else(|| not_fn("package without a name"))?
-        .to_owned();
-    let lib = root["targets"]
-        .as_array()
-        .and_then(|ts| {
-            ts.iter()
-                .find(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "lib")))
-        })
-        .ok_or_else(|| not_fn("it has no library target (src/lib.rs)"))?;
-    let lib_name = lib["name"].as_str().unwrap_or(&name).replace('-', "_");
-    let root_id = root["id"].as_str().unwrap_or_default();
-
-    // Walk the resolved graph from the function: normal and build deps.
-    let nodes: HashMap<&str, &Value> = meta["resolve"]["nodes"]
-        .as_array()
-        .map(|ns| ns.iter().filter_map(|n| Some((n["id"].as_str()?, n))).collect())
-        .unwrap_or_default();
-    let mut local_dirs = BTreeSet::new();
-    let mut seen = BTreeSet::new();
-    let mut uses_sdk = false;
-    let mut stack: Vec<(&str, String)> = vec![(root_id, name.clone())];
-    while let Some((id, via)) = stack.pop() {
-        if !seen.insert(id.to_owned()) {
-            continue;
-        }
-        if let Some(pkg) = by_id.get(id).copied()
-            && pkg["source"].is_null()
-            && let Some(m) = pkg["manifest_path"].as_str().and_then(|m| Path::new(m).parent())
-        {
-            local_dirs.insert(m.to_owned());
-        }
-        let Some(node) = nodes.get(id) else { continue };
-        for dep in node["deps"].as_array().into_iter().flatten() {
-            let is_dev_only = dep["dep_kinds"]
-                .as_array()
-                .is_some_and(|ks| !ks.is_empty() && ks.iter().all(|k| k["kind"] == "dev"));
-            if is_dev_only {
-                continue;
-            }
-            let Some(dep_id) = dep["pkg"].as_str() else { continue };
-            let dep_name = by_id
-                .get(dep_id)
-                .and_then(|p| p["name"].as_str())
-                .unwrap_or_default()
-                .to_owned();
-            let via = format!("{via} -> {dep_name}");
-            if dep_name == "microfaas-sdk" {
-                uses_sdk = true;
-            }
-            if !ALLOWED_CRATES.contains(&dep_name.as_str()) {
-                return Err(BuildError::RefusedDependency { krate: dep_name, via });
-            }
-            stack.push((dep_id, via));
-        }
-    }
-    if !uses_sdk {
-        return Err(not_fn("it does not depend on microfaas-sdk"));
-    }
-    let workspace_root = PathBuf::from(meta["workspace_root"].as_str().unwrap_or_default());
-    Ok(Package {
-        name,
-        lib_name,
-        dir: dir.to_owned(),
-        workspace_root,
-        local_dirs,
-    })
-}
-
-/// Hashes every input that determines the artifact.
-fn input_hash(pkg: &Package, opts: &BuildOptions) -> Result<String, BuildError> {
-    let mut h = Sha256::new();
-    h.update(RECIPE_VERSION.as_bytes());
-    h.update([u8::from(opts.allow_unsafe)]);
-    let rustc = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
-        .arg("-vV")
-        .output()
-        .map_err(io_err("running rustc -vV"))?;
-    h.update(&rustc.stdout);
-    let lock = pkg.workspace_root.join("Cargo.lock");
-    if let Ok(bytes) = fs::read(&lock) {
-        h.update(&bytes);
-    }
-    for dir in &pkg.local_dirs {
-        let mut files = Vec::new();
-        collect_files(dir, dir, &mut files).map_err(io_err(format!("reading {}", dir.display())))?;
-        files.sort();
-        for rel in files {
-            h.update(rel.to_string_lossy().as_bytes());
-            h.update([0]);
-            let bytes = fs::read(dir.join(&rel)).map_err(io_err(format!("reading {}", rel.display())))?;
-            h.update(u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_le_bytes());
-            h.update(&bytes);
-        }
-    }
-    Ok(crate::hex(&h.finalize()))
-}
-
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let name = entry.file_name();
-        if name == "target" || name.to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            collect_files(root, &path, out)?;
-        } else if kind.is_file() {
-            out.push(path.strip_prefix(root).unwrap_or(&path).to_owned());
-        }
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to `path` atomically (temp file + rename).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
-    // Unique per process and call: concurrent builds may write one path.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
-    fs::write(&tmp, bytes).map_err(io_err(format!("writing {}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))
-}
-
-fn toml_str(path: &Path) -> String {
-    path.to_string_lossy().replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// Builds the function crate in `dir` (see the crate docs for the steps).
@@ -365,21 +209,63 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> Result<Built, BuildError> {
     let dir = dir
         .canonicalize()
         .map_err(io_err(format!("no crate at {}", dir.display())))?;
-    let pkg = inspect(&dir)?;
-    let hash = input_hash(&pkg, opts)?;
-    let artifacts = opts.cache_dir.join("artifacts");
-    fs::create_dir_all(&artifacts).map_err(io_err(format!("creating {}", artifacts.display())))?;
-    let cached_path = artifacts.join(format!("{}-{}.so", pkg.name, &hash[..16]));
+    fs::create_dir_all(&opts.cache_dir).map_err(io_err(format!("creating {}", opts.cache_dir.display())))?;
+    let cache_dir = opts
+        .cache_dir
+        .canonicalize()
+        .map_err(io_err(format!("no cache dir at {}", opts.cache_dir.display())))?;
+    let toolchain = Toolchain::locate(&cache_dir)?;
+    let sdk = sdk_dir()?;
 
+    // 1. The function crate as declared, before anything is resolved or
+    //    fetched: no build script, no proc-macro, only the SDK and
+    //    allowlisted crates.io names.
+    let manifest = dir.join("Cargo.toml");
+    let declared = toolchain.metadata(&cache_dir, &["--no-deps", "--offline"], &manifest)?;
+    let func = match policy::check_function(&declared, &manifest, &sdk, &|p| p.canonicalize().ok()) {
+        Err(NotAFunction(reason)) => return Err(BuildError::NotAFunction { dir, reason }),
+        Ok(Err(refusal)) => return Err(describe(&toolchain, &cache_dir, refusal).into()),
+        Ok(Ok(func)) => func,
+    };
+    let mut workspace_manifests = vec![];
+    if func.workspace_root != dir {
+        workspace_manifests.push(func.workspace_root.join("Cargo.toml"));
+    }
+    if let Some(sdk_root) = sdk.parent().map(|p| p.join("Cargo.toml")).filter(|m| m.is_file())
+        && !workspace_manifests.contains(&sdk_root)
+    {
+        workspace_manifests.push(sdk_root);
+    }
+
+    // 2. The wrapper crate and its resolved graph, checked by source, name
+    //    and version. Everything lives in a work dir of this crate, locked.
+    let key = format!("{}-{}", func.name, &crate::digest_hex(dir.as_os_str().as_bytes())[..12]);
+    let work = cache_dir.join("work").join(key);
+    fs::create_dir_all(&work).map_err(io_err(format!("creating {}", work.display())))?;
+    let lock = fs::File::create(work.join(".lock")).map_err(io_err("creating the work dir lock"))?;
+    lock.lock().map_err(io_err("locking the work dir"))?;
+    let wrapper = work.join("wrapper");
+    write_wrapper(&wrapper, &func, &dir, &sdk)?;
+    let wrapper_manifest = wrapper.join("Cargo.toml");
+    let resolved = toolchain.metadata(&wrapper, &["--filter-platform", TARGET], &wrapper_manifest)?;
+    let graph = policy::check_graph(&resolved, &wrapper_manifest, &dir, &sdk)?;
+
+    // 3. The cache key; a hit returns at once.
+    let files = snapshot_files(&dir)?;
+    let hash = input_hash(&toolchain, &wrapper, &dir, &files, &graph, &workspace_manifests, opts)?;
+    let artifacts = cache_dir.join("artifacts");
+    fs::create_dir_all(&artifacts).map_err(io_err(format!("creating {}", artifacts.display())))?;
+    let cached_path = artifacts.join(format!("{}-{}.so", func.name, &hash[..16]));
     let cached = cached_path.is_file();
     if !cached {
-        let bytes = compile(&pkg, opts)?;
+        let bytes = compile(&toolchain, &func, &dir, &files, &sdk, &workspace_manifests, &work, opts)?;
         verify(&bytes).map_err(|source| BuildError::Verify {
-            name: pkg.name.clone(),
+            name: func.name.clone(),
             source,
         })?;
         write_atomic(&cached_path, &bytes)?;
     }
+    drop(lock);
     let path = match &opts.out {
         Some(out) => {
             if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -392,70 +278,211 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> Result<Built, BuildError> {
         None => cached_path,
     };
     Ok(Built {
-        name: pkg.name,
+        name: func.name,
         path,
         input_hash: hash,
         cached,
     })
 }
 
-/// Generates the wrapper crate and compiles it; returns the artifact bytes.
-fn compile(pkg: &Package, opts: &BuildOptions) -> Result<Vec<u8>, BuildError> {
-    let wrapper = opts.cache_dir.join("wrappers").join(&pkg.name);
+/// Adds to a refused path dependency what build-time code it carries (its
+/// own manifest, read without resolving anything).
+fn describe(toolchain: &Toolchain, cwd: &Path, refusal: Refusal) -> Refusal {
+    let Refusal::Dependency {
+        krate,
+        source_desc,
+        via,
+        reason,
+        runs_at_build: None,
+    } = refusal
+    else {
+        return refusal;
+    };
+    let runs_at_build = source_desc.strip_prefix("path ").and_then(|path| {
+        let manifest = Path::new(path).join("Cargo.toml").canonicalize().ok()?;
+        let meta = toolchain.metadata(cwd, &["--no-deps", "--offline"], &manifest).ok()?;
+        let pkg = meta["packages"]
+            .as_array()?
+            .iter()
+            .find(|p| p["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path()))?;
+        policy::build_time_code(pkg)
+    });
+    Refusal::Dependency {
+        krate,
+        source_desc,
+        via,
+        reason,
+        runs_at_build,
+    }
+}
+
+/// Writes the trusted wrapper crate (manifest, source, the rustc wrapper
+/// script) and seeds its lock file from the function's workspace.
+fn write_wrapper(wrapper: &Path, func: &FunctionCrate, dir: &Path, sdk: &Path) -> Result<(), BuildError> {
     let src = wrapper.join("src");
     fs::create_dir_all(&src).map_err(io_err(format!("creating {}", src.display())))?;
-    let sdk_dir = pkg
-        .local_dirs
-        .iter()
-        .find(|d| d.file_name().is_some_and(|n| n == "sdk") && d.join("src/guest_support.rs").is_file());
-    let sdk_dep = match sdk_dir {
-        Some(d) => format!("{{ path = \"{}\" }}", toml_str(d)),
-        None => "\"*\"".to_owned(),
-    };
     let manifest = format!(
         "# Generated by microfaas-builder: the trusted cdylib wrapper of `{name}`.\n\
          [package]\nname = \"microfaas-artifact-{name}\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n\n\
          [lib]\ncrate-type = [\"cdylib\"]\npath = \"src/lib.rs\"\n\n\
-         [dependencies]\nfunction = {{ package = \"{name}\", path = \"{dir}\" }}\nmicrofaas-sdk = {sdk_dep}\n\n\
+         [dependencies]\nfunction = {{ package = \"{name}\", path = \"{dir}\" }}\nmicrofaas-sdk = {{ path = \"{sdk}\" }}\n\n\
          [workspace]\n\n\
          [profile.release]\npanic = \"abort\"\nopt-level = 3\nlto = true\ncodegen-units = 1\ndebug = false\n",
-        name = pkg.name,
-        dir = toml_str(&pkg.dir),
+        name = func.name,
+        dir = toml_str(dir),
+        sdk = toml_str(sdk),
     );
-    fs::write(wrapper.join("Cargo.toml"), manifest).map_err(io_err("writing the wrapper manifest"))?;
-    fs::write(
-        src.join("lib.rs"),
-        "//! Generated by microfaas-builder.\n#![no_std]\nmicrofaas_sdk::artifact_entry!(function);\n",
-    )
-    .map_err(io_err("writing the wrapper source"))?;
-    let lock = pkg.workspace_root.join("Cargo.lock");
-    if lock.is_file() && !wrapper.join("Cargo.lock").is_file() {
-        fs::copy(&lock, wrapper.join("Cargo.lock")).map_err(io_err("copying Cargo.lock"))?;
-    }
-    // The wrapper script adds `-F unsafe-code` to the function's crate only,
-    // recognised by the manifest directory cargo exports to rustc.
-    let script = opts.cache_dir.join("rustc-forbid-unsafe.sh");
+    write_if_changed(&wrapper.join("Cargo.toml"), manifest.as_bytes())?;
+    write_if_changed(
+        &src.join("lib.rs"),
+        b"//! Generated by microfaas-builder.\n#![no_std]\nmicrofaas_sdk::artifact_entry!(function);\n",
+    )?;
+    // Adds `-F unsafe-code` to the function's crate only, recognised by the
+    // manifest directory cargo exports to rustc.
+    let script = wrapper.join(RUSTC_WRAPPER_SCRIPT);
     let body = "#!/bin/sh\n# Generated by microfaas-builder.\n\
                 if [ -n \"$MICROFAAS_FORBID_UNSAFE_DIR\" ] && [ \"$CARGO_MANIFEST_DIR\" = \"$MICROFAAS_FORBID_UNSAFE_DIR\" ]; then\n\
                 \texec \"$@\" -F unsafe-code\nfi\nexec \"$@\"\n";
-    if fs::read_to_string(&script).ok().as_deref() != Some(body) {
-        write_atomic(&script, body.as_bytes())?;
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod wrapper script"))?;
+    write_if_changed(&script, body.as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod wrapper script"))?;
+    let lock = func.workspace_root.join("Cargo.lock");
+    if lock.is_file() {
+        fs::copy(&lock, wrapper.join("Cargo.lock")).map_err(io_err("copying Cargo.lock"))?;
+    }
+    Ok(())
+}
+
+const RUSTC_WRAPPER_SCRIPT: &str = "rustc-forbid-unsafe.sh";
+
+fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    if fs::read(path).ok().as_deref() == Some(bytes) {
+        return Ok(());
+    }
+    write_atomic(path, bytes)
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    // Unique per process and call: concurrent builds may write one path.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    // Never through a link planted at the temporary name (`out` may be in
+    // a directory the function's author controls): remove whatever is
+    // there, then create exclusively.
+    let _ = fs::remove_file(&tmp);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| io::Write::write_all(&mut f, bytes))
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))
+}
+
+fn toml_str(path: &Path) -> String {
+    path.to_string_lossy().replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Vendors the allowlisted sources, snapshots the crate, and runs the
+/// compile in the build sandbox; returns the artifact bytes.
+#[allow(clippy::too_many_arguments)]
+fn compile(
+    toolchain: &Toolchain,
+    func: &FunctionCrate,
+    dir: &Path,
+    files: &[PathBuf],
+    sdk: &Path,
+    workspace_manifests: &[PathBuf],
+    work: &Path,
+    opts: &BuildOptions,
+) -> Result<Vec<u8>, BuildError> {
+    let wrapper = work.join("wrapper");
+    // Vendored once per lock file content (the stamp is written last).
+    let vendor = work.join("vendor");
+    let stamp = work.join("vendor.lock-sha256");
+    let lock_hash =
+        crate::digest_hex(&fs::read(wrapper.join("Cargo.lock")).map_err(io_err("reading the wrapper's Cargo.lock"))?);
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(lock_hash.as_str()) || !vendor.is_dir() {
+        let _ = fs::remove_file(&stamp);
+        toolchain.vendor(&wrapper, &vendor)?;
+        write_atomic(&stamp, lock_hash.as_bytes())?;
+    }
+    let snapshot = work.join("snapshot");
+    write_snapshot(dir, files, &snapshot)?;
+    // The only directory the compile may write: one per workspace, so the
+    // crates of one source tree share compiled dependencies while unrelated
+    // crates (each its own workspace) never see each other's outputs.
+    let out = work.parent().unwrap_or(work).join(format!(
+        "out-{}",
+        &crate::digest_hex(func.workspace_root.as_os_str().as_bytes())[..12]
+    ));
+    // Fresh per compile: nothing a previous compile left in its cargo home
+    // (a config file) or temp dir carries over.
+    let scratch = out.join(work.file_name().unwrap_or_default());
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch).map_err(io_err(format!("removing {}", scratch.display())))?;
+    }
+    for d in [out.clone(), scratch.clone()]
+        .into_iter()
+        .chain(["home", "cargo-home", "tmp"].map(|d| scratch.join(d)))
+    {
+        fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+        if is_root() {
+            std::os::unix::fs::lchown(&d, Some(UNPRIVILEGED_ID), Some(UNPRIVILEGED_ID))
+                .map_err(io_err(format!("chown {}", d.display())))?;
+        }
     }
     // Separate target dirs per mode: cargo does not see the env var change.
-    let target_dir = opts.cache_dir.join(if opts.allow_unsafe {
-        "target-unsafe-allowed"
-    } else {
-        "target"
+    let target_dir = out.join(match (opts.allow_unsafe, opts.sandboxed) {
+        (false, true) => "target",
+        (true, true) => "target-unsafe-allowed",
+        (false, false) => "target-unsandboxed",
+        (true, false) => "target-unsafe-allowed-unsandboxed",
     });
-    let mut cmd = clean_cargo();
-    cmd.current_dir(&wrapper)
-        .args(["rustc", "--release", "--lib", "--target", TARGET, "--manifest-path"])
-        .arg(wrapper.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .args([
+    let paths = CompilePaths {
+        toolchain: toolchain.sysroot.clone(),
+        function_dir: dir.to_owned(),
+        function_snapshot: snapshot,
+        sdk_dir: sdk.to_owned(),
+        workspace_manifests: workspace_manifests.to_vec(),
+        wrapper_dir: wrapper.clone(),
+        vendor_dir: vendor.clone(),
+        out_dir: out,
+        scratch_dir: scratch,
+        rustc_wrapper: wrapper.join(RUSTC_WRAPPER_SCRIPT),
+        forbid_unsafe_dir: (!opts.allow_unsafe).then(|| dir.to_owned()),
+        root: work.join("root"),
+    };
+    let policy = sandbox::compile_policy(&paths, &HostLayout::detect(), is_root());
+    let args: Vec<OsString> = [
+        "rustc",
+        "--frozen",
+        "--release",
+        "--lib",
+        "--target",
+        TARGET,
+        "--config",
+        "source.crates-io.replace-with=\"microfaas-vendored\"",
+        "--config",
+    ]
+    .iter()
+    .map(OsString::from)
+    .chain([
+        OsString::from(format!("source.microfaas-vendored.directory=\"{}\"", toml_str(&vendor))),
+        "--manifest-path".into(),
+        wrapper.join("Cargo.toml").into(),
+        "--target-dir".into(),
+        target_dir.clone().into(),
+    ])
+    .chain(
+        [
             "--",
             "-C",
             "link-arg=-nostartfiles",
@@ -465,29 +492,44 @@ fn compile(pkg: &Package, opts: &BuildOptions) -> Result<Vec<u8>, BuildError> {
             "link-arg=-Wl,-z,now",
             "-C",
             "link-arg=-Wl,--gc-sections",
-        ])
-        .env("RUSTC_WRAPPER", &script);
-    if !opts.allow_unsafe {
-        cmd.env("MICROFAAS_FORBID_UNSAFE_DIR", &pkg.dir);
+        ]
+        .iter()
+        .map(OsString::from),
+    )
+    .collect();
+    let output = if opts.sandboxed {
+        sandbox::run(&policy, &toolchain.cargo, &args, opts.timeout)
+    } else {
+        sandbox::run_unsandboxed(&policy, &toolchain.cargo, &args, opts.timeout)
     }
-    let out = cmd.output().map_err(io_err("running cargo"))?;
-    if !out.status.success() {
-        let compiler_output = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    .map_err(|source| BuildError::Sandbox {
+        name: func.name.clone(),
+        source,
+    })?;
+    if !output.status.success() {
+        let compiler_output = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         if compiler_output.contains("unsafe-code") || compiler_output.contains("unsafe_code") {
             return Err(BuildError::UnsafeCode {
-                name: pkg.name.clone(),
+                name: func.name.clone(),
                 compiler_output,
             });
         }
         return Err(BuildError::Compile {
-            name: pkg.name.clone(),
+            name: func.name.clone(),
             compiler_output,
         });
     }
     let so = target_dir
         .join(TARGET)
         .join("release")
-        .join(format!("libmicrofaas_artifact_{}.so", pkg.name.replace('-', "_")));
-    let _ = &pkg.lib_name;
-    fs::read(&so).map_err(io_err(format!("reading {}", so.display())))
+        .join(format!("libmicrofaas_artifact_{}.so", func.name.replace('-', "_")));
+    // The sandbox wrote this directory: do not follow a link it planted.
+    let mut bytes = Vec::new();
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&so)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io_err(format!("reading {}", so.display())))?;
+    Ok(bytes)
 }
