@@ -29,7 +29,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     dc.idle_spin = lang.idle_spin;
     dc.queue_depth = lang.queue_depth;
     dc.blacklist_after = lang.blacklist_after;
-    dc.seccomp = lang.seccomp;
+    dc.sandbox = config.sandbox.settings();
     dc.start_timeout = lang.start_timeout;
     dc.input_limit_bytes = config.input_limit_bytes;
     dc.output_limit_bytes = config.output_limit_bytes;

@@ -20,6 +20,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     process.heap_limit_bytes = config.heap_limit_bytes;
     process.stack_bytes = config.stack_bytes;
     process.init_budget = config.init_budget;
+    process.sandbox = config.sandbox.settings();
     let host = ProcessHost::new(process).map_err(map_error)?;
     Ok(Box::new(ProcessBackend {
         host,
@@ -110,6 +111,7 @@ fn map_error(e: ProcessError) -> Error {
             reason: message,
         },
         ProcessError::Crashed { name, detail } => Error::Crashed { name, detail },
+        ProcessError::PolicyViolation { name, detail } => Error::PolicyViolation { name, detail },
         ProcessError::MalformedReply { name, detail } => Error::MalformedReply { name, detail },
         ProcessError::Io { context, source } => Error::Io { context, source },
     }

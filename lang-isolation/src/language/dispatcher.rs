@@ -54,8 +54,8 @@ pub struct DispatcherConfig {
     pub init_budget: Duration,
     /// Strikes (workers killed or hung) after which a function is refused.
     pub blacklist_after: u32,
-    /// Install the seccomp allowlist in workers.
-    pub seccomp: bool,
+    /// The sandbox every worker enters before it loads any function.
+    pub sandbox: crate::sandbox::SandboxSettings,
     /// How long a new worker may take to become ready.
     pub start_timeout: Duration,
     /// Where cold copies of artifacts go; `None` = a fresh temp directory.
@@ -84,7 +84,7 @@ impl DispatcherConfig {
             stack_bytes: 1 << 20,
             init_budget: Duration::from_secs(10),
             blacklist_after: 3,
-            seccomp: true,
+            sandbox: crate::sandbox::SandboxSettings::default(),
             start_timeout: Duration::from_secs(20),
             scratch_dir: None,
             watchdog_realtime: true,
@@ -218,7 +218,7 @@ impl Dispatcher {
             idle_spin: config.idle_spin,
             init_budget: config.init_budget,
             preemption: config.preemption,
-            seccomp: config.seccomp,
+            sandbox: config.sandbox.to_arg(),
         };
         let inner = Arc::new(Inner {
             config,

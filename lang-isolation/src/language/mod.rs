@@ -67,7 +67,6 @@ mod error;
 mod pool;
 pub mod protocol;
 pub mod ring;
-mod seccomp;
 pub mod shm;
 mod signals;
 pub mod watchdog;

@@ -177,8 +177,9 @@ pub struct WorkerArgs {
     pub init_budget: Duration,
     /// Preemption mode.
     pub preemption: Preemption,
-    /// Install the seccomp filter.
-    pub seccomp: bool,
+    /// The sandbox to enter (a [`crate::sandbox::SandboxSettings::to_arg`]
+    /// value) before any function is loaded.
+    pub sandbox: String,
 }
 
 /// A malformed worker command line.
@@ -231,8 +232,8 @@ impl WorkerArgs {
             nanos(self.init_budget).to_string(),
             "--preemption".into(),
             self.preemption.to_arg(),
-            "--seccomp".into(),
-            u8::from(self.seccomp).to_string(),
+            "--sandbox".into(),
+            self.sandbox.clone(),
         ];
         if let Some(cpu) = self.cpu {
             v.push("--cpu".into());
@@ -262,7 +263,7 @@ impl WorkerArgs {
             idle_spin: Duration::ZERO,
             init_budget: Duration::ZERO,
             preemption: Preemption::Watchdog,
-            seccomp: false,
+            sandbox: String::new(),
         };
         let mut it = args.into_iter();
         while let Some(flag) = it.next() {
@@ -285,7 +286,7 @@ impl WorkerArgs {
                         value: value.clone(),
                     })?;
                 }
-                "--seccomp" => a.seccomp = num::<u8>(f, &value)? != 0,
+                "--sandbox" => a.sandbox = value,
                 _ => return Err(ArgsError::Unknown(flag)),
             }
         }
@@ -319,7 +320,7 @@ mod tests {
             preemption: Preemption::Periodic {
                 quantum: Duration::from_micros(20),
             },
-            seccomp: true,
+            sandbox: "uid=1,gid=1,layers=inls".into(),
         }
     }
 
@@ -331,7 +332,7 @@ mod tests {
             let b = WorkerArgs {
                 cpu: None,
                 preemption,
-                seccomp: false,
+                sandbox: "uid=1,gid=1,layers=----".into(),
                 ..sample()
             };
             assert_eq!(WorkerArgs::parse(b.to_args()).unwrap(), b);

@@ -161,7 +161,9 @@ impl Layout {
 pub struct Region {
     base: *mut u8,
     layout: Layout,
-    file: File,
+    /// The memfd; `None` in a worker once mapped (nothing there may map it
+    /// again, e.g. executable).
+    file: Option<File>,
     requests: Ring<Request>,
     replies: Ring<Reply>,
 }
@@ -249,7 +251,7 @@ impl Region {
         Ok(Self {
             base,
             layout,
-            file,
+            file: Some(file),
             requests,
             replies,
         })
@@ -280,7 +282,13 @@ impl Region {
 
     /// Path under which a child of this process can open the region.
     pub fn proc_path(&self) -> String {
-        format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd())
+        let fd = self.file.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        format!("/proc/{}/fd/{fd}", std::process::id())
+    }
+
+    /// Closes the memfd, keeping the mapping (a worker, before its sandbox).
+    pub fn close_fd(&mut self) {
+        self.file = None;
     }
 
     /// Start of slot `slot`'s input area (`input_area` bytes).

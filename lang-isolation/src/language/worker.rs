@@ -7,7 +7,8 @@
 use super::catalog::CatalogEntry;
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
-use super::{seccomp, signals};
+use super::signals;
+use crate::sandbox::{self, SandboxError, SandboxSpec};
 use crate::runtime::{Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction};
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -39,9 +40,12 @@ pub enum WorkerError {
     /// Installing signal handlers or the timer failed.
     #[error("cannot set up preemption signals")]
     Signals(#[source] std::io::Error),
-    /// Installing the seccomp filter failed.
-    #[error("cannot install the seccomp filter")]
-    Seccomp(#[from] seccomp::SeccompError),
+    /// The sandbox specification was malformed.
+    #[error("bad sandbox specification")]
+    SandboxSpec(#[from] sandbox::SpecError),
+    /// Entering the sandbox failed.
+    #[error("cannot enter the sandbox")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// Park timeout: also how often a parked worker checks its parent is alive.
@@ -136,14 +140,18 @@ impl Ran {
 pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     let args = WorkerArgs::parse(args)?;
     let layout = Layout::new(args.depth, args.input_limit, args.output_limit)?;
-    let region = Region::open(&args.shm_path, layout).map_err(|source| WorkerError::Map {
+    let mut region = Region::open(&args.shm_path, layout).map_err(|source| WorkerError::Map {
         path: args.shm_path.clone(),
         source,
     })?;
+    region.close_fd();
     if let Some(cpu) = args.cpu {
         pin_to(cpu);
     }
     signals::install(args.preemption).map_err(WorkerError::Signals)?;
+    if let Preemption::Periodic { quantum } = args.preemption {
+        signals::start_timer(quantum).map_err(WorkerError::Signals)?;
+    }
     let mut worker = Worker {
         region,
         output_limit: args.output_limit,
@@ -159,20 +167,21 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
         retired: Vec::new(),
         cold_shell: None,
     };
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        let line = line.map_err(WorkerError::Catalog)?;
+    let mut catalog = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        catalog.push(line.map_err(WorkerError::Catalog)?);
+    }
+    // The sandbox is in place before any function is loaded or initialised
+    // (after the worker's own set-up: its maps took their random keys).
+    let spec = SandboxSpec::parse(&args.sandbox)?;
+    let policy = sandbox::worker::policy(&spec, std::process::id()).map_err(SandboxError::from)?;
+    sandbox::apply(&policy)?;
+    for line in catalog {
         if let Some(entry) = CatalogEntry::parse(&line) {
             // A function whose init fails now is simply not resident; its
             // next warm request reports `NotLoaded`.
             let _ = worker.register(entry);
         }
-    }
-    if let Preemption::Periodic { quantum } = args.preemption {
-        signals::start_timer(quantum).map_err(WorkerError::Signals)?;
-    }
-    if args.seccomp {
-        seccomp::install()?;
     }
     let header = worker.region.header();
     header.worker.pid.store(std::process::id(), Ordering::Relaxed);

@@ -59,6 +59,7 @@ impl ProcessHost {
             layout,
             heap_limit_bytes: config.heap_limit_bytes,
             stack_bytes: config.stack_bytes,
+            sandbox: config.sandbox.to_arg(),
         };
         let tracker = Tracker::new().map_err(|e| ProcessError::io("starting the reaper thread", e))?;
         Ok(Self {
@@ -161,7 +162,7 @@ impl ProcessHost {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
             &slot.artifact,
-            self.limits,
+            &self.limits,
             &self.tracker,
             Some(input),
             0,
@@ -169,7 +170,7 @@ impl ProcessHost {
         let init_deadline = t0.saturating_add(duration_ns(self.config.init_budget));
         match runner.wait_until(|s| s != state::REQUEST, init_deadline) {
             WaitEnd::Reached(_) => {}
-            WaitEnd::Died => return Err(crashed(slot, runner.reap_dead())),
+            WaitEnd::Died => return Err(died(slot, &mut runner)),
             WaitEnd::TimedOut => {
                 runner.kill_and_reap();
                 return Err(ProcessError::InitFailed {
@@ -219,7 +220,7 @@ impl ProcessHost {
     fn finish(&self, slot: &Slot, runner: &mut Runner, deadline: u64, t0: u64) -> Result<Completed, ProcessError> {
         match runner.wait_until(|s| s == state::REPLY, deadline) {
             WaitEnd::Reached(_) => {}
-            WaitEnd::Died => return Err(crashed(slot, runner.reap_dead())),
+            WaitEnd::Died => return Err(died(slot, runner)),
             WaitEnd::TimedOut => {
                 runner.kill_and_reap();
                 return Err(ProcessError::BudgetExceeded {
@@ -312,7 +313,7 @@ impl ProcessHost {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
             &slot.artifact,
-            self.limits,
+            &self.limits,
             &self.tracker,
             None,
             generation,
@@ -343,9 +344,9 @@ impl ProcessHost {
                 runner.kill_and_reap();
                 Err(err)
             }
-            WaitEnd::Died => Err(ProcessError::InitFailed {
-                name: slot.name.clone(),
-                message: runner.reap_dead(),
+            WaitEnd::Died => Err(match died(slot, &mut runner) {
+                ProcessError::Crashed { name, detail } => ProcessError::InitFailed { name, message: detail },
+                violation => violation,
             }),
             WaitEnd::TimedOut => {
                 runner.kill_and_reap();
@@ -431,10 +432,21 @@ impl ProcessHost {
     }
 }
 
-fn crashed(slot: &Slot, detail: String) -> ProcessError {
-    ProcessError::Crashed {
-        name: slot.name.clone(),
-        detail,
+/// The error for a runner that died by itself: killed by its seccomp
+/// filter (`SECCOMP_RET_KILL_PROCESS`, a death by SIGSYS) is a policy
+/// violation, anything else a crash.
+fn died(slot: &Slot, runner: &mut Runner) -> ProcessError {
+    let detail = runner.reap_dead();
+    if runner.killed_by(libc::SIGSYS) {
+        ProcessError::PolicyViolation {
+            name: slot.name.clone(),
+            detail: format!("forbidden system call ({detail}: the sandbox's seccomp filter)"),
+        }
+    } else {
+        ProcessError::Crashed {
+            name: slot.name.clone(),
+            detail,
+        }
     }
 }
 

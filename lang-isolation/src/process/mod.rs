@@ -83,6 +83,8 @@ pub struct ProcessConfig {
     pub init_budget: Duration,
     /// Warm runners per function.
     pub warm_per_function: usize,
+    /// The sandbox every runner enters before its function's `init()`.
+    pub sandbox: crate::sandbox::SandboxSettings,
 }
 
 impl ProcessConfig {
@@ -97,6 +99,7 @@ impl ProcessConfig {
             stack_bytes: crate::runtime::DEFAULT_STACK_BYTES,
             init_budget: Duration::from_secs(10),
             warm_per_function: 1,
+            sandbox: crate::sandbox::SandboxSettings::default(),
         }
     }
 }
@@ -254,6 +257,15 @@ pub enum ProcessError {
         /// Signal, exit status or fault.
         detail: String,
     },
+    /// The function made a system call its sandbox forbids (the kernel
+    /// killed its runner).
+    #[error("function `{name}` broke its sandbox policy: {detail}")]
+    PolicyViolation {
+        /// Function.
+        name: String,
+        /// What happened.
+        detail: String,
+    },
     /// The runner broke the protocol.
     #[error("malformed reply from the runner of `{name}`: {detail}")]
     MalformedReply {
@@ -290,6 +302,7 @@ impl ProcessError {
                 | Self::OutOfMemory { .. }
                 | Self::StackOverflow { .. }
                 | Self::Crashed { .. }
+                | Self::PolicyViolation { .. }
                 | Self::MalformedReply { .. }
                 | Self::LoadFailed { .. }
                 | Self::InitFailed { .. }

@@ -7,6 +7,7 @@ use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, robust, state};
 use super::shm::SharedRegion;
 use super::spawn::SHM_FD;
 use crate::runtime::{Failure, Instance, InstanceConfig, LoadedFunction, monotonic_ns};
+use crate::sandbox::{self, SandboxError, SandboxSettings, SandboxSpec};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -30,10 +31,24 @@ pub struct RunnerArgs {
     pub once: bool,
     /// The artifact to load.
     pub artifact: PathBuf,
+    /// The sandbox to enter before `init()`; without `--sandbox`, every
+    /// layer with the default uid/gid (fail closed).
+    pub sandbox: SandboxSpec,
 }
 
-/// Parses `--warm|--once ARTIFACT`.
+/// Parses `[--sandbox SPEC] --warm|--once ARTIFACT`.
 pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
+    let (sandbox, args) = match args {
+        [flag, spec, rest @ ..] if flag == "--sandbox" => (SandboxSpec::parse(spec.to_str()?).ok()?, rest),
+        _ => (
+            SandboxSpec {
+                settings: SandboxSettings::default(),
+                netns: None,
+                ipcns: None,
+            },
+            args,
+        ),
+    };
     match args {
         [mode, artifact] => {
             let once = match mode.to_str()? {
@@ -44,6 +59,7 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
             Some(RunnerArgs {
                 once,
                 artifact: PathBuf::from(artifact),
+                sandbox,
             })
         }
         _ => None,
@@ -55,7 +71,7 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
 pub fn main() -> u8 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some(args) = parse_args(&args) else {
-        eprintln!("usage: microfaas-runner --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})");
+        eprintln!("usage: microfaas-runner [--sandbox SPEC] --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})");
         return EXIT_USAGE;
     };
     // SAFETY: F_GETFD only inspects the descriptor table.
@@ -65,13 +81,14 @@ pub fn main() -> u8 {
     }
     // SAFETY: the host hands this process fd 3 for it to own; checked open.
     let fd = unsafe { OwnedFd::from_raw_fd(SHM_FD) };
-    let region = match SharedRegion::open(fd) {
+    let mut region = match SharedRegion::open(fd) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("microfaas-runner: bad shared region: {e}");
             return EXIT_USAGE;
         }
     };
+    region.close_fd();
     register_death_notice(&region.header().alive);
     serve(&region, &args)
 }
@@ -91,6 +108,14 @@ fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
         Ok(i) => i,
         Err(e) => return fatal(region, kind::LOAD_FAILED, phase::LOAD, &error_chain(&e), 0),
     };
+    // The sandbox is in place before the function's first code, its init().
+    let entered = sandbox::runner::policy(&args.sandbox, std::process::id())
+        .map_err(SandboxError::from)
+        .and_then(|policy| sandbox::apply(&policy));
+    if let Err(e) = entered {
+        let message = format!("cannot enter the sandbox: {}", error_chain(&e));
+        return fatal(region, kind::LOAD_FAILED, phase::LOAD, &message, 0);
+    }
     if let Err(failure) = instance.init() {
         let (k, message, value) = describe(&failure);
         return fatal(region, k, phase::INIT, &message, value);
@@ -289,11 +314,20 @@ mod tests {
             parse_args(&a(&["--once", "/x.so"])),
             Some(RunnerArgs {
                 once: true,
-                artifact: "/x.so".into()
+                artifact: "/x.so".into(),
+                sandbox: SandboxSpec {
+                    settings: SandboxSettings::default(),
+                    netns: None,
+                    ipcns: None,
+                },
             })
         );
         assert_eq!(parse_args(&a(&["--warm", "/x.so"])).map(|r| r.once), Some(false));
         assert_eq!(parse_args(&a(&["--cold", "/x.so"])), None);
         assert_eq!(parse_args(&a(&["--warm"])), None);
+        let sandboxed = parse_args(&a(&["--sandbox", "uid=7,gid=8,layers=-n-s", "--warm", "/x.so"])).unwrap();
+        assert_eq!(sandboxed.sandbox.settings.uid, 7);
+        assert!(!sandboxed.sandbox.settings.layers.identity);
+        assert_eq!(parse_args(&a(&["--sandbox", "bogus", "--warm", "/x.so"])), None);
     }
 }

@@ -126,11 +126,13 @@ pub(crate) enum WaitEnd {
 }
 
 /// Limits a runner is created with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct RunnerLimits {
     pub layout: Layout,
     pub heap_limit_bytes: usize,
     pub stack_bytes: usize,
+    /// The runner's `--sandbox` value.
+    pub sandbox: String,
 }
 
 /// One runner process and its region. Dropping it kills and reaps it.
@@ -152,7 +154,7 @@ impl Runner {
     pub fn spawn(
         runner_bin: &Path,
         artifact: &Path,
-        limits: RunnerLimits,
+        limits: &RunnerLimits,
         tracker: &Arc<Tracker>,
         request: Option<&[u8]>,
         generation: u64,
@@ -168,7 +170,7 @@ impl Runner {
             }
             None => RunnerMode::Warm,
         };
-        let pid = spawn_runner(runner_bin, artifact, region.raw_fd(), mode)
+        let pid = spawn_runner(runner_bin, artifact, region.raw_fd(), mode, &limits.sandbox)
             .map_err(|e| ProcessError::io(format!("spawning {}", runner_bin.display()), e))?;
         tracker.add(pid);
         Ok(Self {
@@ -286,6 +288,11 @@ impl Runner {
             self.tracker.forget(self.pid);
         }
         describe_status(self.reaped.flatten())
+    }
+
+    /// Whether the reaped runner was killed by `signal`.
+    pub fn killed_by(&self, signal: libc::c_int) -> bool {
+        matches!(self.reaped, Some(Some(s)) if libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == signal)
     }
 
     /// Reaps a runner that died by itself; returns how it ended.

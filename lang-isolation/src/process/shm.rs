@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 /// accessed through the header's atomics and raw byte copies.
 #[derive(Debug)]
 pub struct SharedRegion {
-    fd: OwnedFd,
+    /// The memfd; `None` in a runner once mapped (nothing there may map it
+    /// again, e.g. executable).
+    fd: Option<OwnedFd>,
     base: NonNull<u8>,
     layout: Layout,
 }
@@ -101,12 +103,21 @@ impl SharedRegion {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { fd, base, layout })
+        Ok(Self {
+            fd: Some(fd),
+            base,
+            layout,
+        })
     }
 
     fn into_fd(self) -> io::Result<OwnedFd> {
-        let dup = self.fd.try_clone()?;
-        Ok(dup)
+        let fd = self.fd.as_ref().ok_or_else(|| io::Error::other("region fd already closed"))?;
+        fd.try_clone()
+    }
+
+    /// Closes the memfd, keeping the mapping (a runner, before its sandbox).
+    pub fn close_fd(&mut self) {
+        self.fd = None;
     }
 
     /// The layout.
@@ -116,7 +127,7 @@ impl SharedRegion {
 
     /// The memfd (to hand to a runner).
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
     }
 
     /// The header.

@@ -37,15 +37,24 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument"))
 }
 
-/// Spawns `runner_bin` for `artifact` with `shm_fd` as its fd 3. Returns its
-/// pid; the caller must reap it.
-pub fn spawn_runner(runner_bin: &Path, artifact: &Path, shm_fd: RawFd, mode: RunnerMode) -> io::Result<libc::pid_t> {
+/// Spawns `runner_bin` for `artifact` with `shm_fd` as its fd 3, to enter
+/// the sandbox `sandbox` (a `--sandbox` value). Returns its pid; the caller
+/// must reap it.
+pub fn spawn_runner(
+    runner_bin: &Path,
+    artifact: &Path,
+    shm_fd: RawFd,
+    mode: RunnerMode,
+    sandbox: &str,
+) -> io::Result<libc::pid_t> {
     let mode_arg = match mode {
         RunnerMode::Warm => "--warm",
         RunnerMode::Once => "--once",
     };
     let args = [
         cstring(runner_bin.as_os_str())?,
+        cstring(OsStr::new("--sandbox"))?,
+        cstring(OsStr::new(sandbox))?,
         cstring(OsStr::new(mode_arg))?,
         cstring(artifact.as_os_str())?,
     ];

@@ -1,0 +1,166 @@
+//! The process sandbox of every process that runs function code: what each
+//! kind of sandboxed process may do is data (a [`Policy`], one file per
+//! kind: [`worker`], [`runner`]), and [`apply`] enters it in one fixed order.
+//!
+//! ```text
+//!  1 namespaces   join the host's empty net + ipc namespaces (setns), own mount namespace
+//!  2 landlock     every filesystem right handled (no rule = no filesystem), TCP bind/connect
+//!                 handled, scoped: no signals or abstract unix sockets outside the domain
+//!  3 identity     bounding + ambient capabilities cleared, groups dropped, setresgid/setresuid
+//!                 to the sandbox uid/gid (a non-root host: a user namespace instead)
+//!  4 capabilities none left: effective, permitted and inheritable checked empty
+//!  5 no_new_privs PR_SET_NO_NEW_PRIVS, and PR_SET_DUMPABLE 0 (no /proc/PID/mem, no ptrace)
+//!  6 seccomp      the allowlist with argument filters, last
+//! ```
+//!
+//! Each layer can be switched off for measurements and the hostile tests'
+//! control runs ([`Layers`]); serving untrusted functions needs all of them.
+
+mod apply;
+mod common;
+mod host;
+pub mod runner;
+mod seccomp;
+mod settings;
+pub mod worker;
+
+pub use apply::{Applied, SandboxError, apply};
+pub use host::shared_namespaces;
+pub use seccomp::{Allowed, SeccompPolicy, Violation};
+pub use settings::{DEFAULT_SANDBOX_GID, DEFAULT_SANDBOX_UID, Layers, SandboxSettings, SandboxSpec, SpecError};
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Who the sandboxed process runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// User id to drop to.
+    pub uid: u32,
+    /// Group id to drop to (the only group).
+    pub gid: u32,
+}
+
+/// The namespaces a sandboxed process ends up in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Namespaces {
+    /// A network namespace to join (the host's shared, empty one: no
+    /// interface but a down loopback).
+    pub join_net: Option<PathBuf>,
+    /// An IPC namespace to join (no SysV objects or POSIX queues of the host).
+    pub join_ipc: Option<PathBuf>,
+    /// Unshare a private mount namespace.
+    pub own_mount: bool,
+}
+
+/// What Landlock allows on the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsAccess {
+    /// Nothing at all: every right is handled and no rule grants one.
+    Nothing,
+    /// Reading regular files anywhere (and nothing else): only while the
+    /// language worker still `dlopen`s artifacts after start.
+    ReadFilesOnly,
+}
+
+/// Landlock part of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LandlockPolicy {
+    /// Filesystem rights.
+    pub fs: FsAccess,
+    /// TCP bind and connect handled with no rule (denied).
+    pub deny_tcp: bool,
+    /// Signals and abstract unix sockets only within the process's own domain.
+    pub scoped: bool,
+}
+
+/// Everything one kind of sandboxed process is confined to.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The kind of process ("language worker", "process runner").
+    pub kind: &'static str,
+    /// Namespaces, if that layer is on.
+    pub namespaces: Option<Namespaces>,
+    /// Landlock, if on.
+    pub landlock: Option<LandlockPolicy>,
+    /// Uid/gid to drop to, if the identity layer is on. Capabilities are
+    /// cleared with it.
+    pub identity: Option<Identity>,
+    /// `PR_SET_NO_NEW_PRIVS` and `PR_SET_DUMPABLE 0` (always on: they cost
+    /// nothing and take nothing the process needs).
+    pub no_new_privs: bool,
+    /// The seccomp allowlist, if on.
+    pub seccomp: Option<SeccompPolicy>,
+}
+
+impl fmt::Display for Policy {
+    /// The policy as a reviewer reads it: one line per rule, in the order
+    /// [`apply`] enters them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "sandbox policy of a {}", self.kind)?;
+        match &self.namespaces {
+            Some(ns) => {
+                let show = |p: &Option<PathBuf>| p.as_ref().map_or("(stay)".to_owned(), |p| p.display().to_string());
+                writeln!(f, "  1 namespaces   net: join {}", show(&ns.join_net))?;
+                writeln!(f, "                 ipc: join {}", show(&ns.join_ipc))?;
+                writeln!(
+                    f,
+                    "                 mount: {}",
+                    if ns.own_mount { "own (unshare)" } else { "(stay)" }
+                )?;
+                writeln!(
+                    f,
+                    "                 pid: (stay: a process cannot change its own, and it may not fork)"
+                )?;
+            }
+            None => writeln!(f, "  1 namespaces   OFF")?,
+        }
+        match &self.landlock {
+            Some(l) => {
+                let fs = match l.fs {
+                    FsAccess::Nothing => "every right handled, no rule: no filesystem access",
+                    FsAccess::ReadFilesOnly => "every right handled, one rule: read regular files beneath /",
+                };
+                writeln!(f, "  2 landlock     fs: {fs}")?;
+                writeln!(
+                    f,
+                    "                 net: {}",
+                    if l.deny_tcp { "TCP bind and connect denied" } else { "not handled" }
+                )?;
+                writeln!(
+                    f,
+                    "                 scope: {}",
+                    if l.scoped {
+                        "signals and abstract unix sockets only inside the domain"
+                    } else {
+                        "none"
+                    }
+                )?;
+            }
+            None => writeln!(f, "  2 landlock     OFF")?,
+        }
+        match &self.identity {
+            Some(id) => {
+                writeln!(
+                    f,
+                    "  3 identity     uid {} gid {}, no supplementary groups",
+                    id.uid, id.gid
+                )?;
+                writeln!(
+                    f,
+                    "  4 capabilities none (bounding, ambient, effective, permitted, inheritable)"
+                )?;
+            }
+            None => writeln!(f, "  3 identity     OFF (stays the host's)\n  4 capabilities kept")?,
+        }
+        writeln!(
+            f,
+            "  5 no_new_privs {}",
+            if self.no_new_privs { "on, not dumpable" } else { "OFF" }
+        )?;
+        match &self.seccomp {
+            Some(s) => write!(f, "{s}"),
+            None => writeln!(f, "  6 seccomp      OFF"),
+        }
+    }
+}
