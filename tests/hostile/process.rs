@@ -16,7 +16,9 @@ fn runners(what: &str) -> Vec<u64> {
             continue;
         };
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
         if ppid == Some(me.as_str()) && cmdline.contains("microfaas-runner") && cmdline.contains(what) {
@@ -122,7 +124,10 @@ fn process_a_violation_kills_only_the_attacker() {
     let victim_pid = victim(&t);
     let e = t.attack("socket", StartRequest::Auto).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PolicyViolation, "{e}");
-    assert!(e.to_string().contains("SIGSYS") || e.to_string().contains("signal 31"), "{e}");
+    assert!(
+        e.to_string().contains("SIGSYS") || e.to_string().contains("signal 31"),
+        "{e}"
+    );
     t.serves();
     assert_eq!(victim(&t), victim_pid);
 }

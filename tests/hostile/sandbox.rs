@@ -90,7 +90,11 @@ impl Target {
             .invoke(&self.echo, b"still here", StartRequest::Auto)
             .expect("echo after an attack");
         assert_eq!(done.output, b"still here");
-        assert_eq!(self.attack("ok", StartRequest::Auto).expect("the attacker's harmless input"), "harmless");
+        assert_eq!(
+            self.attack("ok", StartRequest::Auto)
+                .expect("the attacker's harmless input"),
+            "harmless"
+        );
     }
 
     /// Attack `input` must end in a policy violation, warm and cold, and the
@@ -210,14 +214,22 @@ pub fn control_attacks_succeed_without_the_sandbox(kind: BackendKind) {
     let canary = Canary::new();
     let t = target(kind, SandboxConfig::off());
     let pid = host_pid();
-    let read = t.attack(&format!("read {}", canary.path.display()), StartRequest::Auto).unwrap();
-    assert!(read.ends_with(&canary.secret), "the canary read works unsandboxed: {read}");
+    let read = t
+        .attack(&format!("read {}", canary.path.display()), StartRequest::Auto)
+        .unwrap();
+    assert!(
+        read.ends_with(&canary.secret),
+        "the canary read works unsandboxed: {read}"
+    );
     let written = canary.new_file("written");
-    t.attack(&format!("write {}", written.display()), StartRequest::Auto).unwrap();
+    t.attack(&format!("write {}", written.display()), StartRequest::Auto)
+        .unwrap();
     assert_eq!(std::fs::read_to_string(&written).unwrap(), "pwned");
     let secret = String::from_utf8_lossy(&HOST_SECRET).into_owned();
     for attack in ["vm-read", "proc-mem"] {
-        let out = t.attack(&format!("{attack} {pid} {}", secret_at()), StartRequest::Auto).unwrap();
+        let out = t
+            .attack(&format!("{attack} {pid} {}", secret_at()), StartRequest::Auto)
+            .unwrap();
         assert!(out.ends_with(&secret), "{attack} reads the host unsandboxed: {out}");
     }
     assert_eq!(t.attack(&format!("kill {pid}"), StartRequest::Auto).unwrap(), "ret=0");

@@ -71,7 +71,9 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
 pub fn main() -> u8 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some(args) = parse_args(&args) else {
-        eprintln!("usage: microfaas-runner [--sandbox SPEC] --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})");
+        eprintln!(
+            "usage: microfaas-runner [--sandbox SPEC] --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})"
+        );
         return EXIT_USAGE;
     };
     // SAFETY: F_GETFD only inspects the descriptor table.

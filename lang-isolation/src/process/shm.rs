@@ -111,7 +111,10 @@ impl SharedRegion {
     }
 
     fn into_fd(self) -> io::Result<OwnedFd> {
-        let fd = self.fd.as_ref().ok_or_else(|| io::Error::other("region fd already closed"))?;
+        let fd = self
+            .fd
+            .as_ref()
+            .ok_or_else(|| io::Error::other("region fd already closed"))?;
         fd.try_clone()
     }
 

@@ -70,7 +70,11 @@ pub struct Applied {
 }
 
 fn os_err(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Enters `policy`: namespaces, Landlock, identity, capabilities,
@@ -126,10 +130,8 @@ fn enter_namespaces(ns: &Namespaces) -> Result<(), SandboxError> {
     }
     if ns.own_mount {
         // SAFETY: unshare has no memory preconditions (single thread).
-        os_err(unsafe { libc::unshare(libc::CLONE_NEWNS) }).map_err(|source| SandboxError::Namespace {
-            what: "mount",
-            source,
-        })?;
+        os_err(unsafe { libc::unshare(libc::CLONE_NEWNS) })
+            .map_err(|source| SandboxError::Namespace { what: "mount", source })?;
     }
     Ok(())
 }
@@ -155,8 +157,8 @@ fn enter_user_namespace(with_others: bool) -> Result<(), SandboxError> {
 /// Returns whether every requested right is enforced.
 fn enter_landlock(l: &LandlockPolicy) -> Result<bool, SandboxError> {
     use landlock::{
-        ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus, Scope,
+        ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+        Scope,
     };
     // ABI 6: every filesystem right, TCP bind/connect, both scopes.
     let abi = ABI::V6;
@@ -249,18 +251,18 @@ fn clear_capabilities() -> Result<(), SandboxError> {
         pid: 0,
     };
     let mut data = [CapData::default(); 2];
-    // SAFETY: version-3 header and two data structs, as capset expects.
-    os_err(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) }.try_into().unwrap_or(-1))
-        .map_err(|source| SandboxError::Identity {
-            what: "clear the capabilities",
-            source,
-        })?;
+    // SAFETY: a version-3 header and the two data structs capset reads.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    os_err(rc.try_into().unwrap_or(-1)).map_err(|source| SandboxError::Identity {
+        what: "clear the capabilities",
+        source,
+    })?;
     // SAFETY: as above; capget writes the two data structs.
-    os_err(unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) }.try_into().unwrap_or(-1))
-        .map_err(|source| SandboxError::Identity {
-            what: "read back the capabilities",
-            source,
-        })?;
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    os_err(rc.try_into().unwrap_or(-1)).map_err(|source| SandboxError::Identity {
+        what: "read back the capabilities",
+        source,
+    })?;
     let wide = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
     let effective = wide(data[0].effective, data[1].effective);
     let permitted = wide(data[0].permitted, data[1].permitted);

@@ -125,7 +125,11 @@ impl fmt::Display for Policy {
                 writeln!(
                     f,
                     "                 net: {}",
-                    if l.deny_tcp { "TCP bind and connect denied" } else { "not handled" }
+                    if l.deny_tcp {
+                        "TCP bind and connect denied"
+                    } else {
+                        "not handled"
+                    }
                 )?;
                 writeln!(
                     f,
@@ -162,5 +166,104 @@ impl fmt::Display for Policy {
             Some(s) => write!(f, "{s}"),
             None => writeln!(f, "  6 seccomp      OFF"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> SandboxSpec {
+        SandboxSpec {
+            settings: SandboxSettings::default(),
+            netns: Some("/proc/1/fd/7".into()),
+            ipcns: Some("/proc/1/fd/8".into()),
+        }
+    }
+
+    /// Never allowed in any sandboxed process, with any arguments.
+    const FORBIDDEN: &[(&str, i64)] = &[
+        ("open", libc::SYS_open),
+        ("openat2", libc::SYS_openat2),
+        ("creat", libc::SYS_creat),
+        ("socket", libc::SYS_socket),
+        ("socketpair", libc::SYS_socketpair),
+        ("connect", libc::SYS_connect),
+        ("bind", libc::SYS_bind),
+        ("kill", libc::SYS_kill),
+        ("tkill", libc::SYS_tkill),
+        ("ptrace", libc::SYS_ptrace),
+        ("process_vm_readv", libc::SYS_process_vm_readv),
+        ("process_vm_writev", libc::SYS_process_vm_writev),
+        ("execve", libc::SYS_execve),
+        ("execveat", libc::SYS_execveat),
+        ("fork", libc::SYS_fork),
+        ("vfork", libc::SYS_vfork),
+        ("clone", libc::SYS_clone),
+        ("clone3", libc::SYS_clone3),
+        ("memfd_create", libc::SYS_memfd_create),
+        ("userfaultfd", libc::SYS_userfaultfd),
+        ("pidfd_open", libc::SYS_pidfd_open),
+        ("pidfd_getfd", libc::SYS_pidfd_getfd),
+        ("pidfd_send_signal", libc::SYS_pidfd_send_signal),
+        ("bpf", libc::SYS_bpf),
+        ("io_uring_setup", libc::SYS_io_uring_setup),
+        ("io_uring_enter", libc::SYS_io_uring_enter),
+        ("keyctl", libc::SYS_keyctl),
+        ("mount", libc::SYS_mount),
+        ("unshare", libc::SYS_unshare),
+        ("setns", libc::SYS_setns),
+        ("prctl", libc::SYS_prctl),
+        ("pkey_mprotect", libc::SYS_pkey_mprotect),
+        ("getrandom", libc::SYS_getrandom),
+        ("seccomp", libc::SYS_seccomp),
+    ];
+
+    /// Prints each policy (`cargo test -p lang-isolation policies -- --nocapture`)
+    /// and checks the lines a hostile test attacks.
+    #[test]
+    fn policies_print_and_forbid_the_dangerous_calls() {
+        let pid = 4242;
+        for policy in [
+            worker::policy(&full(), pid).unwrap(),
+            runner::policy(&full(), pid).unwrap(),
+        ] {
+            let text = policy.to_string();
+            println!("{text}");
+            let seccomp = policy.seccomp.as_ref().expect("seccomp on");
+            for (name, nr) in FORBIDDEN {
+                assert!(!seccomp.mentions(*nr), "{}: {name} is allowed", policy.kind);
+            }
+            assert!(text.contains("tgid == 4242"), "{text}");
+            assert!(!seccomp.compile().unwrap().is_empty());
+            assert!(policy.identity.is_some() && policy.no_new_privs);
+            assert_eq!(policy.landlock.map(|l| l.deny_tcp && l.scoped), Some(true));
+        }
+        // The runner has no file access at all; the worker (stage one) only
+        // opens read-only.
+        let runner = runner::policy(&full(), pid).unwrap();
+        let runner_seccomp = runner.seccomp.unwrap();
+        for nr in [libc::SYS_openat, libc::SYS_read] {
+            assert!(!runner_seccomp.mentions(nr));
+        }
+        assert_eq!(runner.landlock.map(|l| l.fs), Some(FsAccess::Nothing));
+        assert_eq!(runner_seccomp.violation, Violation::KillProcess);
+        assert_eq!(
+            worker::policy(&full(), pid).unwrap().seccomp.unwrap().violation,
+            Violation::Trap
+        );
+    }
+
+    #[test]
+    fn layers_off_leave_only_no_new_privs() {
+        let spec = SandboxSpec {
+            settings: SandboxSettings::off(),
+            netns: None,
+            ipcns: None,
+        };
+        let p = runner::policy(&spec, 1).unwrap();
+        assert!(p.namespaces.is_none() && p.landlock.is_none() && p.identity.is_none() && p.seccomp.is_none());
+        assert!(p.no_new_privs);
+        assert!(p.to_string().contains("6 seccomp      OFF"));
     }
 }

@@ -4,8 +4,7 @@
 //! to oneself, writes only to stderr).
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -122,7 +121,10 @@ impl fmt::Display for SeccompPolicy {
 }
 
 fn cond(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, FilterError> {
-    SeccompCondition::new(arg, len, op, value).map_err(|source| FilterError::Rule { name: "condition", source })
+    SeccompCondition::new(arg, len, op, value).map_err(|source| FilterError::Rule {
+        name: "condition",
+        source,
+    })
 }
 
 fn rule(name: &'static str, conditions: Vec<SeccompCondition>) -> Result<SeccompRule, FilterError> {
