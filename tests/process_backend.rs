@@ -283,11 +283,12 @@ fn limits_evict_and_drop() {
 /// panics, runs out of memory or overflows its stack returns an error and
 /// the same instance keeps serving (what the language worker relies on).
 mod runtime_in_process {
-    use lang_isolation::runtime::{Failure, Instance, InstanceConfig, LoadedFunction};
+    use lang_isolation::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, LoadedFunction, SealedArtifact};
 
     fn instance(name: &str) -> Instance {
         let artifact = microfaas::builtin(name).expect("example function");
-        let function = LoadedFunction::load(artifact.path()).expect("load");
+        let sealed = SealedArtifact::create(name, artifact.bytes()).expect("memfd");
+        let function = LoadedFunction::load(&ArtifactImage::parse(sealed).expect("parse")).expect("load");
         let config = InstanceConfig {
             heap_limit_bytes: 16 << 20,
             stack_bytes: 256 << 10,

@@ -45,7 +45,13 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_madvise,
     libc::SYS_mremap,
     libc::SYS_brk,
-    // dlopen / dlclose of artifacts (cold path, reloads, new deploys)
+    // artifacts deployed after start: sealed memfds over the catalog socket
+    // (recvmsg), their seals checked (fcntl F_GET_SEALS), read (lseek,
+    // pread64) and mapped by the runtime's loader (mmap/mprotect above)
+    libc::SYS_recvmsg,
+    libc::SYS_fcntl,
+    // (left for the sandbox's allowlist to drop: no longer used since the
+    // loader replaced dlopen)
     libc::SYS_openat,
     libc::SYS_read,
     libc::SYS_pread64,

@@ -1,15 +1,17 @@
 //! The runner process's side of the protocol: map the region the host
-//! passed at fd 3, load and `init()` the artifact with [`crate::runtime`],
-//! then serve requests (warm) or the one posted request (once).
+//! passed at fd 3 (and close that fd), load the sealed artifact memfd at
+//! fd 4 with [`crate::runtime`]'s loader and `init()` it, then serve
+//! requests (warm) or the one posted request (once).
 
 use super::futex::{self, Woken};
 use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, robust, state};
 use super::shm::SharedRegion;
-use super::spawn::SHM_FD;
-use crate::runtime::{Failure, Instance, InstanceConfig, LoadedFunction, monotonic_ns};
+use super::spawn::{RUNNER_ARTIFACT_FD, SHM_FD};
+use crate::runtime::{
+    ArtifactImage, Failure, Instance, InstanceConfig, LoadError, LoadedFunction, SealedArtifact, monotonic_ns,
+};
 use std::ffi::OsString;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -28,26 +30,34 @@ const EXIT_USAGE: u8 = 2;
 pub struct RunnerArgs {
     /// Exit after the first reply.
     pub once: bool,
-    /// The artifact to load.
-    pub artifact: PathBuf,
 }
 
-/// Parses `--warm|--once ARTIFACT`.
+/// Parses `--warm|--once`.
 pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
     match args {
-        [mode, artifact] => {
-            let once = match mode.to_str()? {
-                "--once" => true,
-                "--warm" => false,
-                _ => return None,
-            };
-            Some(RunnerArgs {
-                once,
-                artifact: PathBuf::from(artifact),
-            })
-        }
+        [mode] => match mode.to_str()? {
+            "--once" => Some(RunnerArgs { once: true }),
+            "--warm" => Some(RunnerArgs { once: false }),
+            _ => None,
+        },
         _ => None,
     }
+}
+
+/// Takes an inherited fd, if it is open.
+fn inherited(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the host hands this process `fd` for it to own; checked open.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Checks, parses and maps the artifact memfd.
+fn load(fd: OwnedFd) -> Result<LoadedFunction, LoadError> {
+    let image = ArtifactImage::parse(SealedArtifact::from_fd(fd)?)?;
+    LoadedFunction::load(&image)
 }
 
 /// The runner's `main`: returns the process exit code (and never returns
@@ -55,17 +65,17 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
 pub fn main() -> u8 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some(args) = parse_args(&args) else {
-        eprintln!("usage: microfaas-runner --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})");
+        eprintln!(
+            "usage: microfaas-runner --warm|--once (with the shared region at fd {SHM_FD} and the artifact memfd at fd {RUNNER_ARTIFACT_FD})"
+        );
         return EXIT_USAGE;
     };
-    // SAFETY: F_GETFD only inspects the descriptor table.
-    if unsafe { libc::fcntl(SHM_FD, libc::F_GETFD) } < 0 {
-        eprintln!("microfaas-runner: no shared region at fd {SHM_FD}");
+    let (Some(shm), Some(artifact)) = (inherited(SHM_FD), inherited(RUNNER_ARTIFACT_FD)) else {
+        eprintln!("microfaas-runner: no shared region at fd {SHM_FD} or no artifact at fd {RUNNER_ARTIFACT_FD}");
         return EXIT_USAGE;
-    }
-    // SAFETY: the host hands this process fd 3 for it to own; checked open.
-    let fd = unsafe { OwnedFd::from_raw_fd(SHM_FD) };
-    let region = match SharedRegion::open(fd) {
+    };
+    // Maps the region and closes its fd.
+    let region = match SharedRegion::open(shm) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("microfaas-runner: bad shared region: {e}");
@@ -73,17 +83,17 @@ pub fn main() -> u8 {
         }
     };
     register_death_notice(&region.header().alive);
-    serve(&region, &args)
+    serve(&region, &args, artifact)
 }
 
-fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
+fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
     let h = region.header();
     let parent = std::os::unix::process::parent_id();
     let config = InstanceConfig {
         heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
         stack_bytes: usize::try_from(h.stack_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
     };
-    let function = match LoadedFunction::load(&args.artifact) {
+    let function = match load(artifact) {
         Ok(f) => f,
         Err(e) => return fatal(region, kind::LOAD_FAILED, phase::LOAD, &error_chain(&e), 0),
     };
@@ -285,15 +295,10 @@ mod tests {
     #[test]
     fn args() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            parse_args(&a(&["--once", "/x.so"])),
-            Some(RunnerArgs {
-                once: true,
-                artifact: "/x.so".into()
-            })
-        );
-        assert_eq!(parse_args(&a(&["--warm", "/x.so"])).map(|r| r.once), Some(false));
-        assert_eq!(parse_args(&a(&["--cold", "/x.so"])), None);
-        assert_eq!(parse_args(&a(&["--warm"])), None);
+        assert_eq!(parse_args(&a(&["--once"])), Some(RunnerArgs { once: true }));
+        assert_eq!(parse_args(&a(&["--warm"])).map(|r| r.once), Some(false));
+        assert_eq!(parse_args(&a(&["--cold"])), None);
+        assert_eq!(parse_args(&a(&["--warm", "/x.so"])), None);
+        assert_eq!(parse_args(&a(&[])), None);
     }
 }
