@@ -14,8 +14,8 @@ fn deploy(b: &dyn Backend, name: &str, budget: Duration) -> FunctionId {
     b.deploy(&spec).unwrap_or_else(|e| panic!("deploying {name}: {e}"))
 }
 
-/// Running runner processes of ours whose command line names
-/// `artifact_name` (zombies and dying ones excluded).
+/// Running runner processes of ours that mapped the artifact memfd named
+/// after `artifact_name`'s path (zombies and dying ones excluded).
 fn runners_of(artifact_name: &str) -> Vec<i32> {
     let needle = format!("{artifact_name}.so");
     let mut pids = Vec::new();
@@ -27,7 +27,9 @@ fn runners_of(artifact_name: &str) -> Vec<i32> {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
             let dying = matches!(state, None | Some("Z" | "X" | "x"));
-            if !dying && cmdline.contains("microfaas-runner") && cmdline.contains(&needle) {
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            let mapped = maps.lines().any(|l| l.contains("memfd:microfaas-artifact:") && l.contains(&needle));
+            if !dying && cmdline.contains("microfaas-runner") && mapped {
                 pids.push(pid);
             }
         }

@@ -1,6 +1,6 @@
 //! The runner process's side of the protocol: map the region the host
 //! passed at fd 3 (and close that fd), load the sealed artifact memfd at
-//! fd 4 with [`crate::runtime`]'s loader and `init()` it, then serve
+//! fd 4 with [`crate::runtime`]'s loader (and close it), `init()` it, serve
 //! requests (warm) or the one posted request (once).
 
 use super::futex::{self, Woken};
@@ -54,7 +54,8 @@ fn inherited(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Checks, parses and maps the artifact memfd.
+/// Checks, parses and maps the artifact memfd, and closes it: a runner
+/// loads once, so it keeps no mappable fd at all.
 fn load(fd: OwnedFd) -> Result<LoadedFunction, LoadError> {
     let image = ArtifactImage::parse(SealedArtifact::from_fd(fd)?)?;
     LoadedFunction::load(&image)

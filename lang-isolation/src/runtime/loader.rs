@@ -99,7 +99,9 @@ impl SealedArtifact {
                 len: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
             });
         }
-        let cname: String = label.chars().filter(|&c| c != '\0').take(200).collect();
+        // The memfd name keeps the label's end (a path's file name).
+        let chars: Vec<char> = label.chars().filter(|&c| c != '\0').collect();
+        let cname: String = chars[chars.len().saturating_sub(200)..].iter().collect();
         let cname = CString::new(format!("microfaas-artifact:{cname}")).map_err(|e| LoadError::Create(io::Error::other(e)))?;
         let fd = memfd_exec(&cname).map_err(LoadError::Create)?;
         let mut file = File::from(fd);
