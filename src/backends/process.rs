@@ -43,7 +43,7 @@ impl Backend for ProcessBackend {
     fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error> {
         let budget = spec.budget.unwrap_or(self.default_budget);
         self.host
-            .deploy(&spec.name, spec.artifact.path(), budget)
+            .deploy(&spec.name, spec.artifact.sealed()?, budget)
             .map_err(map_error)?;
         Ok(FunctionId::new(&spec.name))
     }
@@ -107,7 +107,7 @@ fn map_error(e: ProcessError) -> Error {
         ProcessError::FunctionFailed { name, message } => Error::FunctionFailed { name, message },
         ProcessError::InitFailed { name, message } => Error::InitFailed { name, message },
         ProcessError::LoadFailed { artifact, message, .. } => Error::InvalidArtifact {
-            path: artifact,
+            path: artifact.into(),
             reason: message,
         },
         ProcessError::Crashed { name, detail } => Error::Crashed { name, detail },

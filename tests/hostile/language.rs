@@ -12,8 +12,7 @@ fn worker_pid(t: &sandbox::Target) -> u64 {
 
 #[test]
 fn language_every_attack_is_a_policy_violation() {
-    // Stage one: the worker still dlopens artifacts after start.
-    sandbox::every_attack_is_a_policy_violation(BackendKind::Language, true);
+    sandbox::every_attack_is_a_policy_violation(BackendKind::Language);
 }
 
 #[test]

@@ -3,16 +3,21 @@
 //! its reply ring. Preemption and seccomp signals are handled here (see
 //! [`super::signals`]); everything the loop does on the warm path is plain
 //! memory access — no system call unless it parks or a function fails.
+//!
+//! It needs no filesystem: its shared region is inherited at fd 3 (mapped,
+//! then closed) and its artifacts arrive as sealed memfds on the catalog
+//! socket at fd 4 ([`crate::runtime::fds`]), mapped by the runtime's own
+//! loader — a cold start maps a fresh private image of the same memfd.
 
-use super::catalog::CatalogEntry;
+use super::catalog::{self, CatalogEntry, Message};
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
 use super::signals;
-use crate::runtime::{Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction};
+use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
+use crate::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
 use crate::sandbox::{self, SandboxError, SandboxSpec};
 use std::collections::HashMap;
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{Ordering, fence};
 use std::time::Duration;
 
@@ -25,16 +30,13 @@ pub enum WorkerError {
     /// The shared-region layout is impossible.
     #[error("bad shared-region layout")]
     Layout(#[from] super::shm::LayoutError),
+    /// An fd the dispatcher must pass is not open.
+    #[error("no inherited fd {0} (shared region at {SHM_FD}, catalog socket at {WORKER_SOCKET_FD})")]
+    MissingFd(RawFd),
     /// Mapping the shared region failed.
-    #[error("cannot map the shared region `{path}`")]
-    Map {
-        /// Its path.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Reading the initial catalog from stdin failed.
+    #[error("cannot map the shared region")]
+    Map(#[source] std::io::Error),
+    /// Reading the initial catalog from the socket failed.
     #[error("cannot read the function catalog")]
     Catalog(#[source] std::io::Error),
     /// Installing signal handlers or the timer failed.
@@ -52,19 +54,10 @@ pub enum WorkerError {
 const PARK_TIMEOUT_NS: u64 = 100_000_000;
 
 struct Registered {
-    cold_path: PathBuf,
-    /// The image (warm artifact path) it runs from.
+    /// The image (the dispatcher's artifact id) it runs from.
     image: u64,
     /// Whether it wants its image resident (preloaded, not evicted).
     loaded: bool,
-}
-
-/// A resident instance: one per warm artifact path (functions deployed from
-/// the same file share one loaded image and its init state). Resident while
-/// any registered function with `loaded` uses it.
-struct Resident {
-    path: PathBuf,
-    instance: Instance,
 }
 
 /// A cheap hasher for the worker's integer keys (function indices and image
@@ -97,18 +90,25 @@ type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 struct Worker {
     region: Region,
+    /// The catalog socket (artifact memfds arrive on it).
+    socket: OwnedFd,
     /// Largest output in bytes (the output area may be larger: page rounded).
     output_limit: usize,
     config: InstanceConfig,
     init_budget_ns: u64,
     functions: IdMap<u32, Registered>,
-    /// Image ids by warm artifact path.
-    images: HashMap<PathBuf, u64>,
-    resident: IdMap<u64, Resident>,
+    /// Parsed artifacts by image id, while any registered function uses one.
+    images: IdMap<u64, ArtifactImage>,
+    /// Resident instances by image id: one per image (functions deployed
+    /// from the same artifact share its loaded copy and init state),
+    /// resident while any registered function with `loaded` uses it.
+    resident: IdMap<u64, Instance>,
+    /// Catalog messages received ahead of their `LOAD` request.
+    pending: IdMap<u32, (CatalogEntry, Option<OwnedFd>)>,
     /// Images whose instance must be reloaded before its next use (a failure
     /// other than a returned error may have torn the function's statics).
     stale: Vec<u64>,
-    /// Cold instances to close (dlclose) once the reply is out.
+    /// Cold instances to unmap once the reply is out.
     retired: Vec<Instance>,
     /// Memory of the last closed cold instance, reused by the next one.
     cold_shell: Option<InstanceShell>,
@@ -135,16 +135,26 @@ impl Ran {
     }
 }
 
+/// Takes an inherited fd, if it is open.
+fn inherited(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the dispatcher hands this process `fd` for it to own; checked open.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Runs a worker until its parent dies. Called by the `microfaas-worker`
-/// binary with its arguments.
+/// binary with its arguments; the shared region must be at fd 3 and the
+/// catalog socket at fd 4.
 pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     let args = WorkerArgs::parse(args)?;
     let layout = Layout::new(args.depth, args.input_limit, args.output_limit)?;
-    let mut region = Region::open(&args.shm_path, layout).map_err(|source| WorkerError::Map {
-        path: args.shm_path.clone(),
-        source,
-    })?;
-    region.close_fd();
+    let shm = inherited(SHM_FD).ok_or(WorkerError::MissingFd(SHM_FD))?;
+    let socket = inherited(WORKER_SOCKET_FD).ok_or(WorkerError::MissingFd(WORKER_SOCKET_FD))?;
+    // Maps the region and closes its fd.
+    let region = Region::open_fd(shm, layout).map_err(WorkerError::Map)?;
     if let Some(cpu) = args.cpu {
         pin_to(cpu);
     }
@@ -154,6 +164,7 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     }
     let mut worker = Worker {
         region,
+        socket,
         output_limit: args.output_limit,
         config: InstanceConfig {
             heap_limit_bytes: args.heap_limit,
@@ -161,26 +172,27 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
         },
         init_budget_ns: u64::try_from(args.init_budget.as_nanos()).unwrap_or(u64::MAX),
         functions: IdMap::default(),
-        images: HashMap::new(),
+        images: IdMap::default(),
         resident: IdMap::default(),
+        pending: IdMap::default(),
         stale: Vec::new(),
         retired: Vec::new(),
         cold_shell: None,
     };
-    let mut catalog = Vec::new();
-    for line in std::io::stdin().lock().lines() {
-        catalog.push(line.map_err(WorkerError::Catalog)?);
-    }
     // The sandbox is in place before any function is loaded or initialised
     // (after the worker's own set-up: its maps took their random keys).
     let spec = SandboxSpec::parse(&args.sandbox)?;
-    let policy = sandbox::worker::policy(&spec, std::process::id()).map_err(SandboxError::from)?;
+    let policy =
+        sandbox::worker::policy(&spec, std::process::id(), worker.socket.as_raw_fd()).map_err(SandboxError::from)?;
     sandbox::apply(&policy)?;
-    for line in catalog {
-        if let Some(entry) = CatalogEntry::parse(&line) {
-            // A function whose init fails now is simply not resident; its
-            // next warm request reports `NotLoaded`.
-            let _ = worker.register(entry);
+    loop {
+        match catalog::recv(worker.socket.as_fd(), false).map_err(WorkerError::Catalog)? {
+            // A function whose artifact or init fails now is simply not
+            // resident; its next warm request reports `NotLoaded`.
+            Some(Message::Function(entry, fd)) => {
+                let _ = worker.register(entry, fd);
+            }
+            Some(Message::End) | None => break,
         }
     }
     let header = worker.region.header();
@@ -294,16 +306,10 @@ impl Worker {
                 reply.start_ns = start_ns;
                 ran
             }
-            op::LOAD => {
-                let line = String::from_utf8_lossy(input).into_owned();
-                match CatalogEntry::parse(&line) {
-                    Some(entry) => match self.register(entry) {
-                        Ok(()) => Ran::fail(Outcome::Ok, String::new(), 0),
-                        Err(message) => Ran::fail(Outcome::InitFailed, message, 0),
-                    },
-                    None => Ran::fail(Outcome::InitFailed, "malformed catalog line".into(), 0),
-                }
-            }
+            op::LOAD => match self.load(request.func) {
+                Ok(()) => Ran::fail(Outcome::Ok, String::new(), 0),
+                Err(message) => Ran::fail(Outcome::InitFailed, message, 0),
+            },
             op::UNLOAD => {
                 self.unload(request.func, request.reserved != 0);
                 Ran::fail(Outcome::Ok, String::new(), 0)
@@ -355,25 +361,25 @@ impl Worker {
         if !self.stale.is_empty() && self.stale.contains(&image) {
             self.reload(image);
         }
-        let Some(resident) = self.resident.get_mut(&image) else {
+        let Some(instance) = self.resident.get_mut(&image) else {
             return Ran::fail(Outcome::NotLoaded, "function not resident".into(), 0);
         };
-        let ran = run_handle(&mut resident.instance, input, request.budget_ns, self.region.header());
+        let ran = run_handle(instance, input, request.budget_ns, self.region.header());
         if needs_reload(ran.outcome) && !self.stale.contains(&image) {
             self.stale.push(image);
         }
         ran
     }
 
-    /// dlopen a fresh copy, init, handle, dlclose. Returns the run and the
-    /// start time (load + init) in nanoseconds.
+    /// Maps a fresh private copy, init, handle, unmap. Returns the run and
+    /// the start time (map + relocate + init) in nanoseconds.
     fn invoke_cold(&mut self, request: &Request, input: &[u8]) -> (Ran, u64) {
         let t0 = now_ns();
-        let Some(path) = self.functions.get(&request.func).map(|f| f.cold_path.clone()) else {
+        let Some(image) = self.functions.get(&request.func).map(|f| f.image) else {
             return (Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0), 0);
         };
         let shell = self.cold_shell.take();
-        let mut instance = match self.instantiate_in(&path, shell) {
+        let mut instance = match self.instantiate(image, shell) {
             Ok(instance) => instance,
             Err(message) => return (Ran::fail(Outcome::InitFailed, message, 0), 0),
         };
@@ -383,14 +389,11 @@ impl Worker {
         (ran, start_ns)
     }
 
-    /// Loads `path` and runs its init under the init budget.
-    fn instantiate(&self, path: &std::path::Path) -> Result<Instance, String> {
-        self.instantiate_in(path, None)
-    }
-
-    /// As `instantiate`, reusing `shell`'s memory if given.
-    fn instantiate_in(&self, path: &std::path::Path, shell: Option<InstanceShell>) -> Result<Instance, String> {
-        let function = LoadedFunction::load(path).map_err(|e| error_chain(&e))?;
+    /// Maps a fresh copy of `image` (reusing `shell`'s memory if given) and
+    /// runs its init under the init budget.
+    fn instantiate(&self, image: u64, shell: Option<InstanceShell>) -> Result<Instance, String> {
+        let artifact = self.images.get(&image).ok_or("artifact not delivered")?;
+        let function = LoadedFunction::load(artifact).map_err(|e| error_chain(&e))?;
         let mut instance = match shell {
             Some(shell) => Instance::from_shell(function, shell),
             None => Instance::new(function, &self.config).map_err(|e| error_chain(&e))?,
@@ -408,10 +411,48 @@ impl Worker {
         }
     }
 
-    /// Registers a function and, if asked, makes it resident.
-    fn register(&mut self, entry: CatalogEntry) -> Result<(), String> {
-        let next = u64::try_from(self.images.len()).unwrap_or(u64::MAX);
-        let image = *self.images.entry(entry.warm_path.clone()).or_insert(next);
+    /// A `LOAD` request: registers `func` from its catalog message (sent on
+    /// the socket before the request) and makes it resident. A function
+    /// already registered (e.g. from this worker's initial catalog) needs no
+    /// message.
+    fn load(&mut self, func: u32) -> Result<(), String> {
+        loop {
+            match catalog::recv(self.socket.as_fd(), true) {
+                Ok(Some(Message::Function(entry, fd))) => {
+                    self.pending.insert(entry.func, (entry, fd));
+                }
+                Ok(Some(Message::End)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(format!("reading the catalog socket: {e}")),
+            }
+        }
+        match self.pending.remove(&func) {
+            Some((entry, fd)) => self.register(CatalogEntry { preload: true, ..entry }, fd),
+            None => match self.functions.get(&func).map(|f| f.image) {
+                Some(image) => self.register(
+                    CatalogEntry {
+                        func,
+                        image,
+                        preload: true,
+                    },
+                    None,
+                ),
+                None => Err("no catalog message for the function".into()),
+            },
+        }
+    }
+
+    /// Registers a function (its artifact memfd `fd` is parsed unless the
+    /// image is known already) and, if asked, makes it resident.
+    fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>) -> Result<(), String> {
+        let image = entry.image;
+        if !self.images.contains_key(&image) {
+            let fd = fd.ok_or("catalog message without an artifact fd")?;
+            let artifact = SealedArtifact::from_fd(fd)
+                .and_then(ArtifactImage::parse)
+                .map_err(|e| error_chain(&e))?;
+            self.images.insert(image, artifact);
+        }
         if self.functions.get(&entry.func).is_some_and(|f| f.image != image) {
             // The index now names another artifact: drop the old one first.
             self.unload(entry.func, true);
@@ -420,7 +461,6 @@ impl Worker {
         self.functions.insert(
             entry.func,
             Registered {
-                cold_path: entry.cold_path,
                 image,
                 loaded: was_loaded || entry.preload,
             },
@@ -428,10 +468,9 @@ impl Worker {
         if !entry.preload || self.resident.contains_key(&image) {
             return Ok(());
         }
-        match self.instantiate(&entry.warm_path) {
+        match self.instantiate(image, None) {
             Ok(instance) => {
-                let path = entry.warm_path;
-                self.resident.insert(image, Resident { path, instance });
+                self.resident.insert(image, instance);
                 Ok(())
             }
             Err(message) => {
@@ -458,6 +497,10 @@ impl Worker {
             self.resident.remove(&image);
             self.stale.retain(|&i| i != image);
         }
+        if !self.functions.values().any(|f| f.image == image) {
+            // Nobody can start it any more: close its memfd.
+            self.images.remove(&image);
+        }
     }
 
     /// Closes retired cold instances (off the reply's critical path).
@@ -475,12 +518,10 @@ impl Worker {
         let Some(old) = self.resident.remove(&image) else {
             return;
         };
-        // Close the old copy first (so that dlopen maps a fresh image), but
-        // keep its memory for the new one.
-        let path = old.path;
-        let shell = old.instance.into_shell();
-        if let Ok(instance) = self.instantiate_in(&path, Some(shell)) {
-            self.resident.insert(image, Resident { path, instance });
+        // Unmap the old copy first, but keep its memory for the new one.
+        let shell = old.into_shell();
+        if let Ok(instance) = self.instantiate(image, Some(shell)) {
+            self.resident.insert(image, instance);
         }
     }
 }

@@ -4,9 +4,8 @@
 use super::protocol::{Layout, Reply, kind, phase, state};
 use super::runner_handle::{Runner, RunnerLimits, Tracker, WaitEnd, lock};
 use super::{Completed, ProcessConfig, ProcessError, ProcessStats, Served, StartMode};
-use crate::runtime::monotonic_ns;
+use crate::runtime::{SealedArtifact, monotonic_ns};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -14,7 +13,8 @@ use std::time::Duration;
 #[derive(Debug)]
 struct Slot {
     name: String,
-    artifact: PathBuf,
+    /// The artifact's sealed memfd, inherited by every runner at fd 4.
+    artifact: Arc<SealedArtifact>,
     budget: Duration,
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -75,12 +75,12 @@ impl ProcessHost {
         &self.config
     }
 
-    /// Deploys (or replaces) `name`: spawns its warm runners and waits for
-    /// their `init()`.
-    pub fn deploy(&self, name: &str, artifact: &Path, budget: Duration) -> Result<(), ProcessError> {
+    /// Deploys (or replaces) `name` from `artifact` (kept while deployed):
+    /// spawns its warm runners and waits for their `init()`.
+    pub fn deploy(&self, name: &str, artifact: Arc<SealedArtifact>, budget: Duration) -> Result<(), ProcessError> {
         let slot = Arc::new(Slot {
             name: name.to_owned(),
-            artifact: artifact.to_owned(),
+            artifact,
             budget,
             pool: Mutex::new(Pool::default()),
             returned: Condvar::new(),
@@ -274,7 +274,7 @@ impl ProcessHost {
         if p == phase::LOAD {
             return ProcessError::LoadFailed {
                 name,
-                artifact: slot.artifact.clone(),
+                artifact: slot.artifact.label().to_owned(),
                 message,
             };
         }

@@ -10,6 +10,10 @@
 //! * **Cold**: a new runner per request, spawned with the request already in
 //!   its shared region; it loads, inits, handles, replies and exits.
 //!
+//! The artifact reaches a runner as the deployed function's sealed memfd,
+//! inherited at fd 4 ([`crate::runtime::fds`]); the runner maps it with the
+//! runtime's own loader, so it needs no filesystem after exec.
+//!
 //! # IPC: shared memory + futex
 //!
 //! Each runner has a memfd region (header + input buffer + output buffer
@@ -62,6 +66,7 @@ mod shm;
 mod spawn;
 
 pub use host::ProcessHost;
+pub(crate) use spawn::child_fds;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -240,12 +245,12 @@ pub enum ProcessError {
         message: String,
     },
     /// The artifact could not be loaded.
-    #[error("runner could not load `{}` for `{name}`: {message}", artifact.display())]
+    #[error("runner could not load `{artifact}` for `{name}`: {message}")]
     LoadFailed {
         /// Function.
         name: String,
-        /// The artifact.
-        artifact: PathBuf,
+        /// The artifact (its label, see [`crate::runtime::SealedArtifact::label`]).
+        artifact: String,
         /// The loader's message.
         message: String,
     },

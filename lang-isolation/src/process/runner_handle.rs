@@ -6,8 +6,9 @@ use super::futex::{self, Woken};
 use super::protocol::{Layout, RawReply, Reply, decode_reply, robust, state};
 use super::shm::SharedRegion;
 use super::spawn::{RunnerMode, spawn_runner};
-use crate::runtime::monotonic_ns;
+use crate::runtime::{SealedArtifact, monotonic_ns};
 use std::collections::BTreeSet;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
@@ -153,7 +154,7 @@ impl Runner {
     /// boots and waits (warm: wait for it with [`Runner::wait_ready`]).
     pub fn spawn(
         runner_bin: &Path,
-        artifact: &Path,
+        artifact: &SealedArtifact,
         limits: &RunnerLimits,
         tracker: &Arc<Tracker>,
         request: Option<&[u8]>,
@@ -170,7 +171,10 @@ impl Runner {
             }
             None => RunnerMode::Warm,
         };
-        let pid = spawn_runner(runner_bin, artifact, region.raw_fd(), mode, &limits.sandbox)
+        let shm = region
+            .fd()
+            .ok_or_else(|| ProcessError::io("the runner's shared region", std::io::Error::other("no fd")))?;
+        let pid = spawn_runner(runner_bin, shm, artifact.as_fd(), mode, &limits.sandbox)
             .map_err(|e| ProcessError::io(format!("spawning {}", runner_bin.display()), e))?;
         tracker.add(pid);
         Ok(Self {

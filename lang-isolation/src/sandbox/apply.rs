@@ -4,7 +4,7 @@
 //! all apply to the calling thread).
 
 use super::seccomp::FilterError;
-use super::{FsAccess, Identity, LandlockPolicy, Namespaces, Policy};
+use super::{Identity, LandlockPolicy, Namespaces, Policy};
 use std::io;
 use std::os::fd::AsRawFd;
 
@@ -23,9 +23,6 @@ pub enum SandboxError {
     /// The Landlock ruleset was refused.
     #[error("cannot enforce the Landlock ruleset")]
     Landlock(#[source] landlock::RulesetError),
-    /// The root directory could not be opened for a Landlock rule.
-    #[error("cannot open `/` for a Landlock rule")]
-    LandlockPath(#[source] landlock::PathFdError),
     /// The kernel enforces no Landlock at all.
     #[error("the kernel does not enforce Landlock")]
     LandlockUnsupported,
@@ -156,16 +153,9 @@ fn enter_user_namespace(with_others: bool) -> Result<(), SandboxError> {
 
 /// Returns whether every requested right is enforced.
 fn enter_landlock(l: &LandlockPolicy) -> Result<bool, SandboxError> {
-    use landlock::{
-        ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
-        Scope,
-    };
+    use landlock::{ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, Scope};
     // ABI 6: every filesystem right, TCP bind/connect, both scopes.
     let abi = ABI::V6;
-    let root = match l.fs {
-        FsAccess::ReadFilesOnly => Some(PathFd::new("/").map_err(SandboxError::LandlockPath)?),
-        FsAccess::Nothing => None,
-    };
     let build = || -> Result<_, landlock::RulesetError> {
         let mut ruleset = Ruleset::default().handle_access(AccessFs::from_all(abi))?;
         if l.deny_tcp {
@@ -174,11 +164,7 @@ fn enter_landlock(l: &LandlockPolicy) -> Result<bool, SandboxError> {
         if l.scoped {
             ruleset = ruleset.scope(Scope::from_all(abi))?;
         }
-        let mut created = ruleset.create()?;
-        if let Some(root) = root {
-            created = created.add_rule(PathBeneath::new(root, AccessFs::ReadFile))?;
-        }
-        created.restrict_self()
+        ruleset.create()?.restrict_self()
     };
     let status = build().map_err(SandboxError::Landlock)?;
     match status.ruleset {

@@ -3,7 +3,7 @@
 //! kind: [`worker`], [`runner`]), and [`apply`] enters it in one fixed order.
 //!
 //! ```text
-//!  1 namespaces   join the host's empty net + ipc namespaces (setns), own mount namespace
+//!  1 namespaces   join the host's empty net + ipc namespaces (setns)
 //!  2 landlock     every filesystem right handled (no rule = no filesystem), TCP bind/connect
 //!                 handled, scoped: no signals or abstract unix sockets outside the domain
 //!  3 identity     bounding + ambient capabilities cleared, groups dropped, setresgid/setresuid
@@ -53,21 +53,10 @@ pub struct Namespaces {
     pub own_mount: bool,
 }
 
-/// What Landlock allows on the filesystem.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsAccess {
-    /// Nothing at all: every right is handled and no rule grants one.
-    Nothing,
-    /// Reading regular files anywhere (and nothing else): only while the
-    /// language worker still `dlopen`s artifacts after start.
-    ReadFilesOnly,
-}
-
-/// Landlock part of a policy.
+/// Landlock part of a policy. Every filesystem right is handled and no
+/// rule grants one: no filesystem access at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LandlockPolicy {
-    /// Filesystem rights.
-    pub fs: FsAccess,
     /// TCP bind and connect handled with no rule (denied).
     pub deny_tcp: bool,
     /// Signals and abstract unix sockets only within the process's own domain.
@@ -117,11 +106,10 @@ impl fmt::Display for Policy {
         }
         match &self.landlock {
             Some(l) => {
-                let fs = match l.fs {
-                    FsAccess::Nothing => "every right handled, no rule: no filesystem access",
-                    FsAccess::ReadFilesOnly => "every right handled, one rule: read regular files beneath /",
-                };
-                writeln!(f, "  2 landlock     fs: {fs}")?;
+                writeln!(
+                    f,
+                    "  2 landlock     fs: every right handled, no rule: no filesystem access"
+                )?;
                 writeln!(
                     f,
                     "                 net: {}",
@@ -225,7 +213,7 @@ mod tests {
     fn policies_print_and_forbid_the_dangerous_calls() {
         let pid = 4242;
         for policy in [
-            worker::policy(&full(), pid).unwrap(),
+            worker::policy(&full(), pid, 4).unwrap(),
             runner::policy(&full(), pid).unwrap(),
         ] {
             let text = policy.to_string();
@@ -239,19 +227,20 @@ mod tests {
             assert!(policy.identity.is_some() && policy.no_new_privs);
             assert_eq!(policy.landlock.map(|l| l.deny_tcp && l.scoped), Some(true));
         }
-        // The runner has no file access at all; the worker (stage one) only
-        // opens read-only.
+        // Neither opens or reads files; the worker receives only on its
+        // catalog socket.
+        let worker = worker::policy(&full(), pid, 4).unwrap();
+        assert!(worker.to_string().contains("recvmsg          fd == 4"), "{worker}");
+        for nr in [libc::SYS_openat, libc::SYS_read] {
+            assert!(!worker.seccomp.as_ref().unwrap().mentions(nr));
+        }
         let runner = runner::policy(&full(), pid).unwrap();
         let runner_seccomp = runner.seccomp.unwrap();
         for nr in [libc::SYS_openat, libc::SYS_read] {
             assert!(!runner_seccomp.mentions(nr));
         }
-        assert_eq!(runner.landlock.map(|l| l.fs), Some(FsAccess::Nothing));
         assert_eq!(runner_seccomp.violation, Violation::KillProcess);
-        assert_eq!(
-            worker::policy(&full(), pid).unwrap().seccomp.unwrap().violation,
-            Violation::Trap
-        );
+        assert_eq!(worker.seccomp.unwrap().violation, Violation::Trap);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use super::common::base_allowlist;
 use super::seccomp::{FilterError, SeccompPolicy, Violation};
-use super::{FsAccess, Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
+use super::{Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
 
 /// The runner's policy for `spec`, for the process `pid` (itself).
 pub fn policy(spec: &SandboxSpec, pid: u32) -> Result<Policy, FilterError> {
@@ -18,7 +18,6 @@ pub fn policy(spec: &SandboxSpec, pid: u32) -> Result<Policy, FilterError> {
             own_mount: false,
         }),
         landlock: layers.landlock.then_some(LandlockPolicy {
-            fs: FsAccess::Nothing,
             deny_tcp: true,
             scoped: true,
         }),

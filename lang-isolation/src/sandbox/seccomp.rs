@@ -204,24 +204,21 @@ pub fn on_fd(name: &'static str, nr: i64, fd: i32, what: &str) -> Result<Allowed
     })
 }
 
-/// `openat` for reading only (no write access, no creation, truncation or
-/// `O_PATH`/`O_TMPFILE` tricks): stage one of the worker, while it still
-/// `dlopen`s artifacts. Landlock and the uid decide which files.
-pub fn openat_read_only() -> Result<Allowed, FilterError> {
-    let forbidden = libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND | libc::O_TMPFILE | libc::O_PATH;
+/// `fcntl(fd, F_GET_SEALS)` only.
+pub fn fcntl_get_seals() -> Result<Allowed, FilterError> {
     Ok(Allowed {
-        name: "openat",
-        nr: libc::SYS_openat,
+        name: "fcntl",
+        nr: libc::SYS_fcntl,
         rules: vec![rule(
-            "openat",
+            "fcntl",
             vec![cond(
-                2,
+                1,
                 SeccompCmpArgLen::Dword,
-                SeccompCmpOp::MaskedEq(bits(forbidden)),
-                0,
+                SeccompCmpOp::Eq,
+                bits(libc::F_GET_SEALS),
             )?],
         )?],
-        note: "O_RDONLY only: no O_CREAT, O_TRUNC, O_APPEND, O_TMPFILE, O_PATH".to_owned(),
+        note: "F_GET_SEALS only".to_owned(),
     })
 }
 
@@ -237,7 +234,7 @@ mod tests {
                 mprotect_no_exec("mprotect", libc::SYS_mprotect).unwrap(),
                 tgkill_self(42).unwrap(),
                 on_fd("write", libc::SYS_write, 2, "stderr").unwrap(),
-                openat_read_only().unwrap(),
+                fcntl_get_seals().unwrap(),
                 Allowed::any("exit_group", libc::SYS_exit_group),
             ],
             violation: Violation::KillProcess,

@@ -1,30 +1,25 @@
 //! The policy of a language-backend worker (`microfaas-worker`): one
 //! process per core running preloaded functions of one host as native calls.
 //! Entered at the start of the worker, before any function is loaded or
-//! initialised.
-//!
-//! Stage one (until artifacts arrive as sealed memfds): the worker still
-//! `dlopen`s artifacts on cold starts and deploys, so it may open files
-//! read-only, where Landlock allows reading regular files and the sandbox
-//! uid decides which (not the host's private files).
+//! initialised. The worker needs no filesystem at all: artifacts arrive as
+//! sealed memfds over its catalog socket (`recvmsg` on that one fd), whose
+//! seals it checks (`fcntl(F_GET_SEALS)`) before reading (`lseek`,
+//! `pread64`) and mapping them with the runtime's loader.
 
 use super::common::base_allowlist;
-use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, openat_read_only};
-use super::{FsAccess, Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
+use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, on_fd};
+use super::{Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
 
-/// The worker's policy for `spec`, for the process `pid` (itself).
-pub fn policy(spec: &SandboxSpec, pid: u32) -> Result<Policy, FilterError> {
+/// The worker's policy for `spec`, for the process `pid` (itself), whose
+/// catalog socket is `catalog_fd`.
+pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, FilterError> {
     let layers = spec.settings.layers;
     let mut allowed = base_allowlist(pid)?;
-    // dlopen / dlclose of artifacts after start (stage one).
     allowed.extend([
-        openat_read_only()?,
-        Allowed::any("read", libc::SYS_read),
-        Allowed::any("pread64", libc::SYS_pread64),
+        on_fd("recvmsg", libc::SYS_recvmsg, catalog_fd, "the catalog socket")?,
+        fcntl_get_seals()?,
         Allowed::any("lseek", libc::SYS_lseek),
-        Allowed::any("fstat", libc::SYS_fstat),
-        Allowed::any("newfstatat", libc::SYS_newfstatat),
-        Allowed::any("statx", libc::SYS_statx),
+        Allowed::any("pread64", libc::SYS_pread64),
         Allowed::any("close", libc::SYS_close),
     ]);
     Ok(Policy {
@@ -32,10 +27,10 @@ pub fn policy(spec: &SandboxSpec, pid: u32) -> Result<Policy, FilterError> {
         namespaces: layers.namespaces.then(|| Namespaces {
             join_net: spec.netns.clone(),
             join_ipc: spec.ipcns.clone(),
+            // once per worker, off every request's path
             own_mount: true,
         }),
         landlock: layers.landlock.then_some(LandlockPolicy {
-            fs: FsAccess::ReadFilesOnly,
             deny_tcp: true,
             scoped: true,
         }),
