@@ -38,3 +38,8 @@ fn language_worker_runs_sandboxed_and_survives_violations() {
     assert_eq!(worker_pid(&t), pid, "the worker survived");
     assert_eq!(t.backend.stats().counter("respawns"), Some(0));
 }
+
+#[test]
+fn language_an_attack_from_init_is_a_policy_violation() {
+    sandbox::an_attack_from_init_is_a_policy_violation(BackendKind::Language);
+}

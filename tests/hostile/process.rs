@@ -136,3 +136,8 @@ fn process_a_violation_kills_only_the_attacker() {
     t.serves();
     assert_eq!(victim(&t), victim_pid);
 }
+
+#[test]
+fn process_an_attack_from_init_is_a_policy_violation() {
+    sandbox::an_attack_from_init_is_a_policy_violation(BackendKind::Process);
+}

@@ -298,3 +298,19 @@ pub fn assert_sandboxed(pid: u64) {
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
     assert_eq!(field("Seccomp:"), "2", "{status}");
 }
+
+/// `init()` runs inside the sandbox: an attack from init fails the deploy
+/// with a policy violation, and the backend serves on. With the sandbox off
+/// (control), init's `socket()` works (the deploy fails with init's own
+/// error, saying so).
+pub fn an_attack_from_init_is_a_policy_violation(kind: BackendKind) {
+    let t = target(kind, SandboxConfig::default());
+    let spec = FunctionSpec::new("init-attack", attacker("sandbox-init-attack"));
+    let e = t.backend.deploy(&spec).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PolicyViolation, "{e}");
+    t.serves();
+    let control = target(kind, SandboxConfig::off());
+    let e = control.backend.deploy(&spec).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InitFailed, "{e}");
+    assert!(e.to_string().contains("socket() worked in init"), "{e}");
+}

@@ -270,8 +270,10 @@ impl Dispatcher {
                 }
             }
             let reply = self.inner.control(w, op::LOAD, id.0, &[])?;
-            if let (Outcome::InitFailed, msg) = reply {
-                return Err(LanguageError::InitFailed { message: msg });
+            match reply {
+                (Outcome::InitFailed, msg) => return Err(LanguageError::InitFailed { message: msg }),
+                (Outcome::PolicyViolation, detail) => return Err(LanguageError::PolicyViolation { detail }),
+                _ => {}
             }
         }
         function.resident.store(true, Ordering::SeqCst);

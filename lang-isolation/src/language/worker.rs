@@ -114,6 +114,31 @@ struct Worker {
     cold_shell: Option<InstanceShell>,
 }
 
+/// Why a function could not be made ready (loaded and initialised).
+struct NotReady {
+    /// `InitFailed`, or `PolicyViolation` when init() broke the sandbox.
+    outcome: Outcome,
+    message: String,
+    /// The forbidden system call, for a violation.
+    detail: u64,
+}
+
+impl From<String> for NotReady {
+    fn from(message: String) -> Self {
+        Self {
+            outcome: Outcome::InitFailed,
+            message,
+            detail: 0,
+        }
+    }
+}
+
+impl From<&str> for NotReady {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
+}
+
 /// What one run produced before it is written to the reply.
 struct Ran {
     outcome: Outcome,
@@ -308,7 +333,7 @@ impl Worker {
             }
             op::LOAD => match self.load(request.func) {
                 Ok(()) => Ran::fail(Outcome::Ok, String::new(), 0),
-                Err(message) => Ran::fail(Outcome::InitFailed, message, 0),
+                Err(e) => Ran::fail(e.outcome, e.message, e.detail),
             },
             op::UNLOAD => {
                 self.unload(request.func, request.reserved != 0);
@@ -381,7 +406,7 @@ impl Worker {
         let shell = self.cold_shell.take();
         let mut instance = match self.instantiate(image, shell) {
             Ok(instance) => instance,
-            Err(message) => return (Ran::fail(Outcome::InitFailed, message, 0), 0),
+            Err(e) => return (Ran::fail(e.outcome, e.message, e.detail), 0),
         };
         let start_ns = now_ns().saturating_sub(t0);
         let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header());
@@ -391,7 +416,7 @@ impl Worker {
 
     /// Maps a fresh copy of `image` (reusing `shell`'s memory if given) and
     /// runs its init under the init budget.
-    fn instantiate(&self, image: u64, shell: Option<InstanceShell>) -> Result<Instance, String> {
+    fn instantiate(&self, image: u64, shell: Option<InstanceShell>) -> Result<Instance, NotReady> {
         let artifact = self.images.get(&image).ok_or("artifact not delivered")?;
         let function = LoadedFunction::load(artifact).map_err(|e| error_chain(&e))?;
         let mut instance = match shell {
@@ -402,12 +427,17 @@ impl Worker {
         let result = with_deadline(header, self.init_budget_ns, || instance.init());
         match result {
             Ok(()) => Ok(instance),
-            Err(Failure::Preempted) if signals::take_policy_violation().is_none() => Err(format!(
-                "init() exceeded its budget of {} us",
-                self.init_budget_ns / 1000
-            )),
-            Err(Failure::FunctionError { message }) => Err(format!("init() returned an error: {message}")),
-            Err(failure) => Err(failure.to_string()),
+            Err(Failure::Preempted) => Err(match signals::take_policy_violation() {
+                // The sandbox was in place before init() ran.
+                Some(nr) => NotReady {
+                    outcome: Outcome::PolicyViolation,
+                    message: format!("init() made the forbidden system call {nr}"),
+                    detail: nr,
+                },
+                None => format!("init() exceeded its budget of {} us", self.init_budget_ns / 1000).into(),
+            }),
+            Err(Failure::FunctionError { message }) => Err(format!("init() returned an error: {message}").into()),
+            Err(failure) => Err(failure.to_string().into()),
         }
     }
 
@@ -415,7 +445,7 @@ impl Worker {
     /// the socket before the request) and makes it resident. A function
     /// already registered (e.g. from this worker's initial catalog) needs no
     /// message.
-    fn load(&mut self, func: u32) -> Result<(), String> {
+    fn load(&mut self, func: u32) -> Result<(), NotReady> {
         loop {
             match catalog::recv(self.socket.as_fd(), true) {
                 Ok(Some(Message::Function(entry, fd))) => {
@@ -423,7 +453,7 @@ impl Worker {
                 }
                 Ok(Some(Message::End)) => {}
                 Ok(None) => break,
-                Err(e) => return Err(format!("reading the catalog socket: {e}")),
+                Err(e) => return Err(format!("reading the catalog socket: {e}").into()),
             }
         }
         match self.pending.remove(&func) {
@@ -444,7 +474,7 @@ impl Worker {
 
     /// Registers a function (its artifact memfd `fd` is parsed unless the
     /// image is known already) and, if asked, makes it resident.
-    fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>) -> Result<(), String> {
+    fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>) -> Result<(), NotReady> {
         let image = entry.image;
         if !self.images.contains_key(&image) {
             let fd = fd.ok_or("catalog message without an artifact fd")?;
