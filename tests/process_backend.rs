@@ -28,7 +28,9 @@ fn runners_of(artifact_name: &str) -> Vec<i32> {
             let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
             let dying = matches!(state, None | Some("Z" | "X" | "x"));
             let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-            let mapped = maps.lines().any(|l| l.contains("memfd:microfaas-artifact:") && l.contains(&needle));
+            let mapped = maps
+                .lines()
+                .any(|l| l.contains("memfd:microfaas-artifact:") && l.contains(&needle));
             if !dying && cmdline.contains("microfaas-runner") && mapped {
                 pids.push(pid);
             }

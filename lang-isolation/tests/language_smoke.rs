@@ -84,8 +84,11 @@ fn faults_are_typed_and_the_worker_survives() {
     config.heap_limit_bytes = 32 << 20;
     let d = Dispatcher::start(config).unwrap();
     let f = |name: &str, budget_ms: u64| {
-        d.deploy(sealed(&dir.join(format!("{name}.so"))), Duration::from_millis(budget_ms))
-            .unwrap()
+        d.deploy(
+            sealed(&dir.join(format!("{name}.so"))),
+            Duration::from_millis(budget_ms),
+        )
+        .unwrap()
     };
     let echo = f("echo", 100);
     let spin = f("spin", 5);

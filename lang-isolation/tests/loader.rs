@@ -94,7 +94,10 @@ fn every_example_function_loads_runs_and_is_never_writable_and_executable() {
             let perms = line.split_whitespace().nth(1).unwrap();
             assert!(!(perms.contains('w') && perms.contains('x')), "{name}: W+X {line}");
             if perms.contains('x') {
-                assert!(line.contains("/memfd:microfaas-artifact:"), "{name}: code not from the memfd: {line}");
+                assert!(
+                    line.contains("/memfd:microfaas-artifact:"),
+                    "{name}: code not from the memfd: {line}"
+                );
             }
         }
         let mut instance = instance(function);
@@ -144,7 +147,10 @@ fn accepted_plans_keep_their_invariants_and_truncations_are_refused() {
         for len in (0..file.len()).step_by(53) {
             let cut = plan(&file[..len]);
             if u64::try_from(len).unwrap() < needed {
-                assert!(cut.is_err(), "{name}: accepted a cut at {len} of {needed} segment bytes");
+                assert!(
+                    cut.is_err(),
+                    "{name}: accepted a cut at {len} of {needed} segment bytes"
+                );
             }
         }
     }
@@ -216,9 +222,7 @@ fn file_offset(elf: &Elf<'_>, vaddr: u64) -> usize {
         .program_headers
         .iter()
         .find(|ph| {
-            ph.p_type == goblin::elf::program_header::PT_LOAD
-                && vaddr >= ph.p_vaddr
-                && vaddr < ph.p_vaddr + ph.p_filesz
+            ph.p_type == goblin::elf::program_header::PT_LOAD && vaddr >= ph.p_vaddr && vaddr < ph.p_vaddr + ph.p_filesz
         })
         .unwrap();
     usize::try_from(vaddr - ph.p_vaddr + ph.p_offset).unwrap()
@@ -251,7 +255,10 @@ fn writable_text() -> Vec<u8> {
 fn hand_crafted_artifacts_are_refused_naming_what() {
     let echo = bytes("echo");
     let elf = Elf::parse(&echo).unwrap();
-    assert!(matches!(elf_error(&writable_text()), ElfError::WritableAndExecutable { .. }));
+    assert!(matches!(
+        elf_error(&writable_text()),
+        ElfError::WritableAndExecutable { .. }
+    ));
 
     let rela = section_offset(&elf, ".rela.dyn");
     let mut f = echo.clone();
@@ -269,7 +276,9 @@ fn hand_crafted_artifacts_are_refused_naming_what() {
     assert_eq!(elf_error(&f), ElfError::RelocationOutsideWritable { offset: handle });
 
     let dynstr = section_offset(&elf, ".dynstr");
-    let memcpy = (dynstr..echo.len()).find(|&i| echo[i..].starts_with(b"memcpy\0")).unwrap();
+    let memcpy = (dynstr..echo.len())
+        .find(|&i| echo[i..].starts_with(b"memcpy\0"))
+        .unwrap();
     let mut f = echo.clone();
     f[memcpy..memcpy + 6].copy_from_slice(b"system");
     assert_eq!(elf_error(&f), ElfError::ForbiddenImport { name: "system".into() });
@@ -304,9 +313,15 @@ fn only_sealed_memfds_are_accepted() {
     assert!(raw >= 0);
     // SAFETY: a fresh fd nothing else owns.
     let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
-    assert!(matches!(SealedArtifact::from_fd(unsealed), Err(LoadError::NotSealed { seals: 0 })));
+    assert!(matches!(
+        SealedArtifact::from_fd(unsealed),
+        Err(LoadError::NotSealed { seals: 0 })
+    ));
     let file = std::fs::File::open("/dev/null").unwrap();
-    assert!(matches!(SealedArtifact::from_fd(file.into()), Err(LoadError::NotMemfd(_))));
+    assert!(matches!(
+        SealedArtifact::from_fd(file.into()),
+        Err(LoadError::NotMemfd(_))
+    ));
     let sealed = SealedArtifact::create("x", b"abc").unwrap();
     assert_eq!(sealed.read_all().unwrap(), b"abc");
 }
@@ -341,7 +356,8 @@ fn language_cold_starts_see_fresh_statics() {
 #[test]
 fn process_cold_starts_see_fresh_statics() {
     let host = process_host();
-    host.deploy("stateful", sealed("stateful"), Duration::from_millis(500)).unwrap();
+    host.deploy("stateful", sealed("stateful"), Duration::from_millis(500))
+        .unwrap();
     let call = |mode| stateful_reply(&host.invoke("stateful", b"", mode).unwrap().output);
     assert_eq!(call(StartMode::Warm), (0, 0x5a));
     assert_eq!(call(StartMode::Warm), (1, 0xa5));
@@ -380,4 +396,95 @@ fn a_runner_refuses_a_hand_crafted_artifact_and_the_host_serves_on() {
     host.deploy("echo", sealed("echo"), Duration::from_millis(100)).unwrap();
     assert_eq!(host.invoke("echo", b"warm", StartMode::Warm).unwrap().output, b"warm");
     assert_eq!(host.invoke("echo", b"cold", StartMode::Cold).unwrap().output, b"cold");
+}
+
+/// What `/proc/PID/fd` holds: (fd number, link target, seals if a memfd).
+fn fds_of(pid: u32) -> Vec<(i32, String, Option<i32>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let target = std::fs::read_link(entry.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        let seals = target.starts_with("/memfd:").then(|| {
+            let file = std::fs::File::open(entry.path()).unwrap();
+            // SAFETY: F_GET_SEALS on an fd we own reads only its state.
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GET_SEALS) }
+        });
+        out.push((fd, target, seals));
+    }
+    out
+}
+
+/// Pids of our `microfaas-runner` children.
+fn runner_pids() -> Vec<u32> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("microfaas-runner") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// Once started, a worker holds stdio, its catalog socket and sealed
+/// artifact memfds only (its shared region's fd is closed once mapped), and
+/// a runner that loaded its function holds stdio only: no fd they keep is
+/// writable and mappable.
+#[test]
+fn started_workers_and_runners_keep_no_mappable_writable_fd() {
+    let d = dispatcher();
+    let echo = d.deploy(sealed("echo"), Duration::from_millis(100)).unwrap();
+    let _stateful = d.deploy(sealed("stateful"), Duration::from_millis(100)).unwrap();
+    assert_eq!(d.invoke(echo, b"x", Start::Cold).unwrap().output, b"x");
+    let pid = d.stats().worker_pids[0];
+    let fds = fds_of(pid);
+    eprintln!("worker fds: {fds:?}");
+    let mut artifacts = 0;
+    for (fd, target, seals) in &fds {
+        match fd {
+            0..=2 => {}
+            4 => assert!(target.starts_with("socket:"), "fd 4: {target}"),
+            _ => {
+                assert!(target.starts_with("/memfd:microfaas-artifact:"), "fd {fd}: {target}");
+                assert_eq!(
+                    seals.unwrap() & lang_isolation::runtime::REQUIRED_SEALS,
+                    lang_isolation::runtime::REQUIRED_SEALS
+                );
+                artifacts += 1;
+            }
+        }
+    }
+    assert_eq!(artifacts, 2, "one memfd per deployed artifact: {fds:?}");
+
+    let host = process_host();
+    host.deploy("stateful-fds", sealed("stateful"), Duration::from_millis(100))
+        .unwrap();
+    assert!(host.invoke("stateful-fds", b"", StartMode::Warm).is_ok());
+    let pids = runner_pids();
+    assert!(!pids.is_empty());
+    for pid in pids {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue; // exited meanwhile (another test's cold runner)
+        };
+        if entries.count() == 0 {
+            continue;
+        }
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if state.is_empty() || !maps.contains("memfd:microfaas-artifact:") {
+            continue; // not yet loaded (another test's runner starting)
+        }
+        let fds = fds_of(pid);
+        assert!(
+            fds.iter().all(|(fd, _, _)| (0..=2).contains(fd)),
+            "runner {pid}: {fds:?}"
+        );
+    }
 }

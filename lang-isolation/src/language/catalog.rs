@@ -49,8 +49,8 @@ pub struct MessageError(&'static str);
 
 impl CatalogEntry {
     /// The message bytes.
-    pub fn to_bytes(&self) -> [u8; MESSAGE_BYTES] {
-        encode(KIND_FUNCTION, self)
+    pub fn to_bytes(self) -> [u8; MESSAGE_BYTES] {
+        encode(KIND_FUNCTION, &self)
     }
 }
 
@@ -152,7 +152,10 @@ pub fn recv(socket: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option<Mess
         }
     };
     if bytes == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the dispatcher closed the catalog socket"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the dispatcher closed the catalog socket",
+        ));
     }
     if truncated {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated catalog message"));
@@ -216,9 +219,6 @@ mod tests {
         }
         assert!(matches!(recv(b.as_fd(), false).unwrap(), Some(Message::End)));
         drop(a);
-        assert_eq!(
-            recv(b.as_fd(), false).unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof
-        );
+        assert_eq!(recv(b.as_fd(), false).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -10,8 +10,8 @@ use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
 use super::signals::PREEMPT_SIGNAL;
 use super::watchdog::{Overdue, WatchAction, decide};
-use std::collections::HashMap;
 use crate::runtime::SealedArtifact;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -264,10 +264,10 @@ impl Dispatcher {
         for w in self.inner.live_workers() {
             // A worker being replaced meanwhile gets the function in its
             // initial catalog instead (the LOAD then finds it registered).
-            if let Err(e) = w.deliver(&entry, &function.artifact) {
-                if w.alive.load(Ordering::SeqCst) {
-                    return Err(LanguageError::io("sending an artifact to a worker", e));
-                }
+            if let Err(e) = w.deliver(&entry, &function.artifact)
+                && w.alive.load(Ordering::SeqCst)
+            {
+                return Err(LanguageError::io("sending an artifact to a worker", e));
             }
             let reply = self.inner.control(w, op::LOAD, id.0, &[])?;
             if let (Outcome::InitFailed, msg) = reply {
@@ -529,7 +529,9 @@ impl Inner {
         reserved: u32,
     ) -> Result<(Outcome, String), LanguageError> {
         if payload.len() > self.config.input_limit_bytes {
-            return Err(LanguageError::Config("control payload longer than the input limit".into()));
+            return Err(LanguageError::Config(
+                "control payload longer than the input limit".into(),
+            ));
         }
         let slot = self.acquire_on(w);
         if let Some(area) = w.region.input_area(slot)

@@ -215,12 +215,7 @@ impl WorkerHandle {
     ) -> std::io::Result<()> {
         let header = self.region.header();
         header.worker.ready.store(0, Ordering::SeqCst);
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         // The worker never speaks on it; a send stalls at most this long.
         shutdown(ours.as_raw_fd(), Shutdown::Read)?;
         let timeout = nix::sys::time::TimeVal::new(
@@ -232,17 +227,17 @@ impl WorkerHandle {
             .region
             .fd()
             .ok_or_else(|| std::io::Error::other("the shared region has no fd"))?;
-        let (fds, _temporaries) =
-            crate::process::child_fds(&[(shm, SHM_FD), (theirs.as_fd(), WORKER_SOCKET_FD)])?;
+        let (fds, _temporaries) = crate::process::child_fds(&[(shm, SHM_FD), (theirs.as_fd(), WORKER_SOCKET_FD)])?;
         let mut command = Command::new(bin);
         command
             .args(args.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        let first_unused = libc::c_uint::try_from(WORKER_SOCKET_FD.max(SHM_FD) + 1).unwrap_or(libc::c_uint::MAX);
         // SAFETY: the closure runs in the forked child before exec and makes
-        // only async-signal-safe system calls (dup2, getrlimit, setrlimit) on
-        // fds and a local struct; it allocates nothing.
+        // only async-signal-safe system calls (dup2, close_range, getrlimit,
+        // setrlimit) on fds and a local struct; it allocates nothing.
         unsafe {
             command.pre_exec(move || {
                 for &(src, dst) in &fds {
@@ -250,9 +245,16 @@ impl WorkerHandle {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                // Nothing else of the host's (fds it left inheritable).
+                if libc::close_range(first_unused, libc::c_uint::MAX, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // A worker holds one fd per artifact: allow as many as the
                 // hard limit does.
-                let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
                 if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
                     lim.rlim_cur = lim.rlim_max;
                     libc::setrlimit(libc::RLIMIT_NOFILE, &lim);

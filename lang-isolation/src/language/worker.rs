@@ -14,9 +14,7 @@ use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
 use super::{seccomp, signals};
 use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
-use crate::runtime::{
-    ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact,
-};
+use crate::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{Ordering, fence};
@@ -174,15 +172,13 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
         retired: Vec::new(),
         cold_shell: None,
     };
-    loop {
-        match catalog::recv(worker.socket.as_fd(), false).map_err(WorkerError::Catalog)? {
-            // A function whose artifact or init fails now is simply not
-            // resident; its next warm request reports `NotLoaded`.
-            Some(Message::Function(entry, fd)) => {
-                let _ = worker.register(entry, fd);
-            }
-            Some(Message::End) | None => break,
-        }
+    // A function whose artifact or init fails now is simply not resident;
+    // its next warm request reports `NotLoaded`. The end marker (or a
+    // closed socket) ends the initial catalog.
+    while let Some(Message::Function(entry, fd)) =
+        catalog::recv(worker.socket.as_fd(), false).map_err(WorkerError::Catalog)?
+    {
+        let _ = worker.register(entry, fd);
     }
     if let Preemption::Periodic { quantum } = args.preemption {
         signals::start_timer(quantum).map_err(WorkerError::Signals)?;
@@ -441,12 +437,12 @@ impl Worker {
     /// image is known already) and, if asked, makes it resident.
     fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>) -> Result<(), String> {
         let image = entry.image;
-        if !self.images.contains_key(&image) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.images.entry(image) {
             let fd = fd.ok_or("catalog message without an artifact fd")?;
             let artifact = SealedArtifact::from_fd(fd)
                 .and_then(ArtifactImage::parse)
                 .map_err(|e| error_chain(&e))?;
-            self.images.insert(image, artifact);
+            slot.insert(artifact);
         }
         if self.functions.get(&entry.func).is_some_and(|f| f.image != image) {
             // The index now names another artifact: drop the old one first.

@@ -464,7 +464,11 @@ fn gnu_symbol_count(image: &Loaded<'_>, at: u64) -> Result<u64, ElfError> {
     let nbuckets = u64::from(u32_at(head, 0, "DT_GNU_HASH")?);
     let symoffset = u64::from(u32_at(head, 4, "DT_GNU_HASH")?);
     let bloom_size = u64::from(u32_at(head, 8, "DT_GNU_HASH")?);
-    let buckets_at = add(add(at, 16, "DT_GNU_HASH")?, mul(bloom_size, 8, "DT_GNU_HASH")?, "DT_GNU_HASH")?;
+    let buckets_at = add(
+        add(at, 16, "DT_GNU_HASH")?,
+        mul(bloom_size, 8, "DT_GNU_HASH")?,
+        "DT_GNU_HASH",
+    )?;
     let buckets = image.bytes(buckets_at, mul(nbuckets, 4, "DT_GNU_HASH")?, "GNU hash buckets")?;
     let chains_at = add(buckets_at, mul(nbuckets, 4, "DT_GNU_HASH")?, "DT_GNU_HASH")?;
     let mut count = symoffset;
@@ -492,7 +496,15 @@ fn gnu_symbol_count(image: &Loaded<'_>, at: u64) -> Result<u64, ElfError> {
     Ok(count)
 }
 
-fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Option<(u64, u64)>), ElfError> {
+/// What the program headers say: the loadable segments, and the
+/// `(vaddr, size)` of `PT_DYNAMIC` and `PT_GNU_RELRO`.
+struct Headers {
+    segments: Vec<Segment>,
+    dynamic: Option<(u64, u64)>,
+    relro: Option<(u64, u64)>,
+}
+
+fn read_segments(file: &[u8]) -> Result<Headers, ElfError> {
     let ident = range(file, 0, EHDR_BYTES, "ELF header")?;
     if ident[0..4] != *b"\x7fELF" || ident[4] != 2 || ident[5] != 1 {
         return Err(ElfError::NotSharedObject);
@@ -506,7 +518,12 @@ fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Optio
     if u64::from(phentsize) != PHDR_BYTES {
         return Err(ElfError::Malformed("program header entry size"));
     }
-    let headers = range(file, phoff, mul(u64::from(phnum), PHDR_BYTES, "program headers")?, "program headers")?;
+    let headers = range(
+        file,
+        phoff,
+        mul(u64::from(phnum), PHDR_BYTES, "program headers")?,
+        "program headers",
+    )?;
     let file_len = u64::try_from(file.len()).map_err(|_| ElfError::Malformed("file size"))?;
     let mut segments = Vec::new();
     let mut dynamic = None;
@@ -522,16 +539,12 @@ fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Optio
         match p_type {
             PT_INTERP => return Err(ElfError::Unsupported("a program interpreter (PT_INTERP)")),
             PT_TLS => return Err(ElfError::Unsupported("thread-local storage (PT_TLS)")),
-            PT_DYNAMIC => {
-                if dynamic.replace((vaddr, filesz)).is_some() {
-                    return Err(ElfError::Malformed("program headers (two PT_DYNAMIC)"));
-                }
+            PT_DYNAMIC if dynamic.is_some() => return Err(ElfError::Malformed("program headers (two PT_DYNAMIC)")),
+            PT_DYNAMIC => dynamic = Some((vaddr, filesz)),
+            PT_GNU_RELRO if relro.is_some() => {
+                return Err(ElfError::Malformed("program headers (two PT_GNU_RELRO)"));
             }
-            PT_GNU_RELRO => {
-                if relro.replace((vaddr, memsz)).is_some() {
-                    return Err(ElfError::Malformed("program headers (two PT_GNU_RELRO)"));
-                }
-            }
+            PT_GNU_RELRO => relro = Some((vaddr, memsz)),
             PT_LOAD => {
                 let seg = Segment {
                     flags,
@@ -550,10 +563,14 @@ fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Optio
                     return Err(ElfError::Truncated("segment data"));
                 }
                 if offset % PAGE != vaddr % PAGE {
-                    return Err(ElfError::Malformed("segment alignment (offset and address not congruent)"));
+                    return Err(ElfError::Malformed(
+                        "segment alignment (offset and address not congruent)",
+                    ));
                 }
                 if memsz > filesz && !seg.writable() {
-                    return Err(ElfError::Malformed("segment (zero-filled bytes in a read-only segment)"));
+                    return Err(ElfError::Malformed(
+                        "segment (zero-filled bytes in a read-only segment)",
+                    ));
                 }
                 if memsz == 0 {
                     continue;
@@ -572,14 +589,22 @@ fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Optio
     if segments.is_empty() {
         return Err(ElfError::Malformed("program headers (no PT_LOAD)"));
     }
-    Ok((segments, dynamic, relro))
+    Ok(Headers {
+        segments,
+        dynamic,
+        relro,
+    })
 }
 
 fn plan_segment(seg: &Segment, lo: u64) -> Result<SegmentPlan, ElfError> {
     let start = page_down(seg.vaddr);
     let mem_end = page_up(add(seg.vaddr, seg.memsz, "segment")?, "segment")?;
     let file_end = add(seg.vaddr, seg.filesz, "segment")?;
-    let file_pages_end = if seg.filesz == 0 { start } else { page_up(file_end, "segment")? };
+    let file_pages_end = if seg.filesz == 0 {
+        start
+    } else {
+        page_up(file_end, "segment")?
+    };
     let zero_from = (seg.writable() && seg.memsz > seg.filesz && seg.filesz > 0 && file_end < file_pages_end)
         .then(|| to_usize(file_end - lo, "segment"))
         .transpose()?;
@@ -602,7 +627,11 @@ fn plan_segment(seg: &Segment, lo: u64) -> Result<SegmentPlan, ElfError> {
 
 /// Parses and checks `file`, the whole artifact, into a [`LoadPlan`].
 pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
-    let (segments, dynamic, relro) = read_segments(file)?;
+    let Headers {
+        segments,
+        dynamic,
+        relro,
+    } = read_segments(file)?;
     let lo = page_down(segments[0].vaddr);
     let last = segments[segments.len() - 1];
     let hi = page_up(add(last.vaddr, last.memsz, "segment")?, "segment")?;

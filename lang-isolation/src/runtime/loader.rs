@@ -39,7 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The seals a delivered artifact memfd must carry: its contents and size
 /// can never change, and no seal can be removed.
-pub const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+pub const REQUIRED_SEALS: libc::c_int =
+    libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
 /// Largest artifact accepted: 64 MiB.
 pub const MAX_ARTIFACT_BYTES: usize = 64 << 20;
 
@@ -102,7 +103,8 @@ impl SealedArtifact {
         // The memfd name keeps the label's end (a path's file name).
         let chars: Vec<char> = label.chars().filter(|&c| c != '\0').collect();
         let cname: String = chars[chars.len().saturating_sub(200)..].iter().collect();
-        let cname = CString::new(format!("microfaas-artifact:{cname}")).map_err(|e| LoadError::Create(io::Error::other(e)))?;
+        let cname =
+            CString::new(format!("microfaas-artifact:{cname}")).map_err(|e| LoadError::Create(io::Error::other(e)))?;
         let fd = memfd_exec(&cname).map_err(LoadError::Create)?;
         let mut file = File::from(fd);
         file.write_all(bytes).map_err(LoadError::Create)?;

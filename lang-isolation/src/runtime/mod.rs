@@ -52,9 +52,9 @@ mod services;
 mod stack;
 mod trap;
 
+pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
 pub use heap::{Arena, InstanceHeap};
 pub use instance::{Instance, InstanceShell, Output};
-pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
 pub use loader::{ArtifactImage, LoadError, LoadedFunction, MAX_ARTIFACT_BYTES, REQUIRED_SEALS, SealedArtifact};
 pub use services::monotonic_ns;
 pub use stack::{GUARD_BYTES, GuardedStack};
