@@ -1,6 +1,6 @@
 //! The worker's seccomp allowlist: exactly what its warm and cold paths
-//! need after start-up (polling shared memory, parking on a futex, dlopen /
-//! dlclose of artifacts, the heap's mmap/madvise). Anything else traps
+//! need after start-up (polling shared memory, parking on a futex, receiving
+//! and mapping artifact memfds, the heap's mmap/madvise). Anything else traps
 //! (`SECCOMP_RET_TRAP`) into the SIGSYS handler in [`super::signals`].
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
