@@ -476,6 +476,10 @@ impl Worker {
     /// Evicts a function (its image stays resident while other functions
     /// use it); `forget` also drops its registration.
     fn unload(&mut self, func: u32, forget: bool) {
+        if forget {
+            // A message whose LOAD never came (the deploy failed elsewhere).
+            self.pending.remove(&func);
+        }
         let Some(f) = self.functions.get_mut(&func) else {
             return;
         };
