@@ -47,18 +47,12 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_brk,
     // artifacts deployed after start: sealed memfds over the catalog socket
     // (recvmsg), their seals checked (fcntl F_GET_SEALS), read (lseek,
-    // pread64) and mapped by the runtime's loader (mmap/mprotect above)
+    // pread64), mapped by the runtime's loader (mmap/mprotect above) and
+    // closed. No open, stat or read: the worker needs no filesystem.
     libc::SYS_recvmsg,
     libc::SYS_fcntl,
-    // (left for the sandbox's allowlist to drop: no longer used since the
-    // loader replaced dlopen)
-    libc::SYS_openat,
-    libc::SYS_read,
-    libc::SYS_pread64,
     libc::SYS_lseek,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
+    libc::SYS_pread64,
     libc::SYS_close,
     // diagnostics on stderr, exit
     libc::SYS_write,
@@ -88,6 +82,8 @@ mod tests {
     fn compiles_and_excludes_dangerous_calls() {
         assert!(!program().unwrap().is_empty());
         for nr in [
+            libc::SYS_openat,
+            libc::SYS_open,
             libc::SYS_execve,
             libc::SYS_socket,
             libc::SYS_fork,
