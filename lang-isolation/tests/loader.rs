@@ -488,3 +488,31 @@ fn started_workers_and_runners_keep_no_mappable_writable_fd() {
         );
     }
 }
+
+/// Kernel mappings (VMAs) of process `pid`.
+fn mapping_count(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// vm.max_map_count (65,530 by default) bounds how many functions a worker
+/// can hold resident: each costs its image's mappings plus its instance's.
+#[test]
+fn mappings_per_resident_function_are_bounded() {
+    let d = dispatcher();
+    let warm_up = d.deploy(sealed("echo"), Duration::from_millis(100)).unwrap();
+    assert_eq!(d.invoke(warm_up, b"x", Start::Cold).unwrap().output, b"x");
+    let pid = d.stats().worker_pids[0];
+    let before = mapping_count(pid);
+    const N: usize = 50;
+    for _ in 0..N {
+        // Distinct memfds of the same bytes: distinct images.
+        let f = d.deploy(sealed("echo"), Duration::from_millis(100)).unwrap();
+        assert_eq!(d.invoke(f, b"y", Start::Warm).unwrap().output, b"y");
+    }
+    let per_function = (mapping_count(pid) - before) as f64 / N as f64;
+    eprintln!("{per_function:.2} mappings per resident function ({before} before)");
+    assert!(per_function <= 7.0, "{per_function}");
+}
