@@ -49,8 +49,8 @@ pub struct MessageError(&'static str);
 
 impl CatalogEntry {
     /// The message bytes.
-    pub fn to_bytes(&self) -> [u8; MESSAGE_BYTES] {
-        encode(KIND_FUNCTION, self)
+    pub fn to_bytes(self) -> [u8; MESSAGE_BYTES] {
+        encode(KIND_FUNCTION, &self)
     }
 }
 

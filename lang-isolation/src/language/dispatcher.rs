@@ -264,10 +264,10 @@ impl Dispatcher {
         for w in self.inner.live_workers() {
             // A worker being replaced meanwhile gets the function in its
             // initial catalog instead (the LOAD then finds it registered).
-            if let Err(e) = w.deliver(&entry, &function.artifact) {
-                if w.alive.load(Ordering::SeqCst) {
-                    return Err(LanguageError::io("sending an artifact to a worker", e));
-                }
+            if let Err(e) = w.deliver(&entry, &function.artifact)
+                && w.alive.load(Ordering::SeqCst)
+            {
+                return Err(LanguageError::io("sending an artifact to a worker", e));
             }
             let reply = self.inner.control(w, op::LOAD, id.0, &[])?;
             match reply {

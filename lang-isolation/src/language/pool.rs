@@ -234,15 +234,20 @@ impl WorkerHandle {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        let first_unused = libc::c_uint::try_from(WORKER_SOCKET_FD.max(SHM_FD) + 1).unwrap_or(libc::c_uint::MAX);
         // SAFETY: the closure runs in the forked child before exec and makes
-        // only async-signal-safe system calls (dup2, getrlimit, setrlimit) on
-        // fds and a local struct; it allocates nothing.
+        // only async-signal-safe system calls (dup2, close_range, getrlimit,
+        // setrlimit) on fds and a local struct; it allocates nothing.
         unsafe {
             command.pre_exec(move || {
                 for &(src, dst) in &fds {
                     if libc::dup2(src, dst) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                // Nothing else of the host's (fds it left inheritable).
+                if libc::close_range(first_unused, libc::c_uint::MAX, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 // A worker holds one fd per artifact: allow as many as the
                 // hard limit does.

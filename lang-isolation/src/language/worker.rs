@@ -210,15 +210,13 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     let policy =
         sandbox::worker::policy(&spec, std::process::id(), worker.socket.as_raw_fd()).map_err(SandboxError::from)?;
     sandbox::apply(&policy)?;
-    loop {
-        match catalog::recv(worker.socket.as_fd(), false).map_err(WorkerError::Catalog)? {
-            // A function whose artifact or init fails now is simply not
-            // resident; its next warm request reports `NotLoaded`.
-            Some(Message::Function(entry, fd)) => {
-                let _ = worker.register(entry, fd);
-            }
-            Some(Message::End) | None => break,
-        }
+    // A function whose artifact or init fails now is simply not resident;
+    // its next warm request reports `NotLoaded`. The end marker (or a
+    // closed socket) ends the initial catalog.
+    while let Some(Message::Function(entry, fd)) =
+        catalog::recv(worker.socket.as_fd(), false).map_err(WorkerError::Catalog)?
+    {
+        let _ = worker.register(entry, fd);
     }
     let header = worker.region.header();
     header.worker.pid.store(std::process::id(), Ordering::Relaxed);
@@ -476,12 +474,12 @@ impl Worker {
     /// image is known already) and, if asked, makes it resident.
     fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>) -> Result<(), NotReady> {
         let image = entry.image;
-        if !self.images.contains_key(&image) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.images.entry(image) {
             let fd = fd.ok_or("catalog message without an artifact fd")?;
             let artifact = SealedArtifact::from_fd(fd)
                 .and_then(ArtifactImage::parse)
                 .map_err(|e| error_chain(&e))?;
-            self.images.insert(image, artifact);
+            slot.insert(artifact);
         }
         if self.functions.get(&entry.func).is_some_and(|f| f.image != image) {
             // The index now names another artifact: drop the old one first.
@@ -515,6 +513,10 @@ impl Worker {
     /// Evicts a function (its image stays resident while other functions
     /// use it); `forget` also drops its registration.
     fn unload(&mut self, func: u32, forget: bool) {
+        if forget {
+            // A message whose LOAD never came (the deploy failed elsewhere).
+            self.pending.remove(&func);
+        }
         let Some(f) = self.functions.get_mut(&func) else {
             return;
         };

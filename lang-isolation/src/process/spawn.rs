@@ -1,7 +1,8 @@
 //! Starting a runner process with `posix_spawn` (vfork + exec, safe in a
 //! multithreaded host), its shared region at fd 3 and its artifact memfd at
 //! fd 4 (see [`crate::runtime::fds`]), stdin and stdout on `/dev/null`, no
-//! inherited ignored signals and an empty signal mask.
+//! other fd above 2 (even ones the host left inheritable), no inherited
+//! ignored signals and an empty signal mask.
 
 pub use crate::runtime::fds::{RUNNER_ARTIFACT_FD, SHM_FD};
 use std::ffi::{CString, OsStr};
@@ -36,11 +37,15 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument"))
 }
 
+/// `dup2` actions `(source, target)` for a child, and the temporary
+/// duplicates they use (close them after the spawn).
+pub(crate) type ChildFds = (Vec<(RawFd, RawFd)>, Vec<OwnedFd>);
+
 /// The fds a child gets: `(source in this process, number in the child)`.
 /// A source whose number is one of the targets is first duplicated above
 /// them (close-on-exec), so that no `dup2` clobbers a later source; the
 /// duplicates are closed when the returned value drops.
-pub(crate) fn child_fds(pairs: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<(Vec<(RawFd, RawFd)>, Vec<OwnedFd>)> {
+pub(crate) fn child_fds(pairs: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<ChildFds> {
     let highest = pairs.iter().map(|&(_, dst)| dst).max().unwrap_or(0);
     let mut actions = Vec::with_capacity(pairs.len());
     let mut temporaries = Vec::new();
@@ -129,6 +134,11 @@ pub fn spawn_runner(
             for &(src, dst) in &fds {
                 check(libc::posix_spawn_file_actions_adddup2(actions, src, dst))?;
             }
+            // Nothing else of the host's (fds it left inheritable).
+            check(libc::posix_spawn_file_actions_addclosefrom_np(
+                actions,
+                RUNNER_ARTIFACT_FD.max(SHM_FD) + 1,
+            ))?;
             check(libc::posix_spawn_file_actions_addopen(
                 actions,
                 0,

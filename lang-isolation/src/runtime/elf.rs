@@ -496,7 +496,15 @@ fn gnu_symbol_count(image: &Loaded<'_>, at: u64) -> Result<u64, ElfError> {
     Ok(count)
 }
 
-fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Option<(u64, u64)>), ElfError> {
+/// What the program headers say: the loadable segments, and the
+/// `(vaddr, size)` of `PT_DYNAMIC` and `PT_GNU_RELRO`.
+struct Headers {
+    segments: Vec<Segment>,
+    dynamic: Option<(u64, u64)>,
+    relro: Option<(u64, u64)>,
+}
+
+fn read_segments(file: &[u8]) -> Result<Headers, ElfError> {
     let ident = range(file, 0, EHDR_BYTES, "ELF header")?;
     if ident[0..4] != *b"\x7fELF" || ident[4] != 2 || ident[5] != 1 {
         return Err(ElfError::NotSharedObject);
@@ -531,16 +539,12 @@ fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Optio
         match p_type {
             PT_INTERP => return Err(ElfError::Unsupported("a program interpreter (PT_INTERP)")),
             PT_TLS => return Err(ElfError::Unsupported("thread-local storage (PT_TLS)")),
-            PT_DYNAMIC => {
-                if dynamic.replace((vaddr, filesz)).is_some() {
-                    return Err(ElfError::Malformed("program headers (two PT_DYNAMIC)"));
-                }
+            PT_DYNAMIC if dynamic.is_some() => return Err(ElfError::Malformed("program headers (two PT_DYNAMIC)")),
+            PT_DYNAMIC => dynamic = Some((vaddr, filesz)),
+            PT_GNU_RELRO if relro.is_some() => {
+                return Err(ElfError::Malformed("program headers (two PT_GNU_RELRO)"));
             }
-            PT_GNU_RELRO => {
-                if relro.replace((vaddr, memsz)).is_some() {
-                    return Err(ElfError::Malformed("program headers (two PT_GNU_RELRO)"));
-                }
-            }
+            PT_GNU_RELRO => relro = Some((vaddr, memsz)),
             PT_LOAD => {
                 let seg = Segment {
                     flags,
@@ -585,7 +589,11 @@ fn read_segments(file: &[u8]) -> Result<(Vec<Segment>, Option<(u64, u64)>, Optio
     if segments.is_empty() {
         return Err(ElfError::Malformed("program headers (no PT_LOAD)"));
     }
-    Ok((segments, dynamic, relro))
+    Ok(Headers {
+        segments,
+        dynamic,
+        relro,
+    })
 }
 
 fn plan_segment(seg: &Segment, lo: u64) -> Result<SegmentPlan, ElfError> {
@@ -619,7 +627,11 @@ fn plan_segment(seg: &Segment, lo: u64) -> Result<SegmentPlan, ElfError> {
 
 /// Parses and checks `file`, the whole artifact, into a [`LoadPlan`].
 pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
-    let (segments, dynamic, relro) = read_segments(file)?;
+    let Headers {
+        segments,
+        dynamic,
+        relro,
+    } = read_segments(file)?;
     let lo = page_down(segments[0].vaddr);
     let last = segments[segments.len() - 1];
     let hi = page_up(add(last.vaddr, last.memsz, "segment")?, "segment")?;
@@ -736,4 +748,80 @@ pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
         init,
         handle,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(flags: u32, offset: u64, vaddr: u64, filesz: u64, memsz: u64) -> Segment {
+        Segment {
+            flags,
+            offset,
+            vaddr,
+            filesz,
+            memsz,
+        }
+    }
+
+    #[test]
+    fn segments_become_pages_with_their_final_protection() {
+        // The layout lld gives `echo`: R, R+X, RW (RELRO) with bss to the
+        // page end, and a bss-only RW segment.
+        let text = plan_segment(&seg(PF_X | 4, 0xad0, 0x1ad0, 0x145b, 0x145b), 0).unwrap();
+        assert_eq!(
+            text,
+            SegmentPlan {
+                start: 0x1000,
+                file_offset: 0,
+                file_bytes: 0x2000,
+                zero_from: None,
+                anon_bytes: 0,
+                protection: Protection::ReadExec,
+            }
+        );
+        let relro = plan_segment(&seg(PF_W | 4, 0x1f30, 0x3f30, 0x130, 0x10d0), 0).unwrap();
+        assert_eq!(
+            relro,
+            SegmentPlan {
+                start: 0x3000,
+                file_offset: 0x1000,
+                file_bytes: 0x2000,
+                zero_from: Some(0x4060),
+                anon_bytes: 0,
+                protection: Protection::ReadWrite,
+            }
+        );
+        let bss = plan_segment(&seg(PF_W | 4, 0x2060, 0x5060, 0, 0x10), 0).unwrap();
+        assert_eq!((bss.start, bss.file_bytes, bss.anon_bytes), (0x5000, 0, 0x1000));
+        // File data ending mid-page with bss beyond it: zero the tail, then
+        // anonymous pages.
+        let data = plan_segment(&seg(PF_W | 4, 0x7218, 0xa218, 0x1, 0x3000), 0).unwrap();
+        assert_eq!(
+            (data.file_bytes, data.zero_from, data.anon_bytes),
+            (0x1000, Some(0xa219), 0x3000)
+        );
+        // A read-only segment is never zeroed (nothing may write it).
+        let ro = plan_segment(&seg(4, 0, 0, 0xacc, 0xacc), 0).unwrap();
+        assert_eq!((ro.zero_from, ro.protection), (None, Protection::Read));
+    }
+
+    #[test]
+    fn headers_are_refused_before_anything_is_read_from_them() {
+        assert_eq!(plan(b""), Err(ElfError::Truncated("ELF header")));
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 1; // ELF32
+        h[5] = 1;
+        assert_eq!(plan(&h), Err(ElfError::NotSharedObject));
+        h[4] = 2;
+        h[16] = 3;
+        h[18] = 62;
+        h[54] = 32; // wrong program header size
+        assert_eq!(plan(&h), Err(ElfError::Malformed("program header entry size")));
+        h[54] = 56;
+        h[32] = 64; // phoff
+        h[56] = 1; // one header, past the end
+        assert_eq!(plan(&h), Err(ElfError::Truncated("program headers")));
+    }
 }
