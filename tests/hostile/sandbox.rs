@@ -177,6 +177,7 @@ pub fn all_attacks(canary: &Canary) -> Vec<String> {
         "pkey-mprotect-exec".to_owned(),
         "mmap-rwx".to_owned(),
         "mmap-anon-exec".to_owned(),
+        "futex-pi".to_owned(),
     ]
 }
 
@@ -229,7 +230,7 @@ pub fn control_attacks_succeed_without_the_sandbox(kind: BackendKind) {
         let fd: i64 = out.trim_start_matches("ret=").parse().unwrap();
         assert!(fd >= 0, "{attack} works unsandboxed: {out}");
     }
-    for attack in ["mprotect-exec", "mmap-rwx", "mmap-anon-exec"] {
+    for attack in ["mprotect-exec", "mmap-rwx", "mmap-anon-exec", "futex-pi"] {
         assert_eq!(t.attack(attack, StartRequest::Auto).unwrap(), "ret=0", "{attack}");
     }
     t.serves();

@@ -2,13 +2,13 @@
 //! and clocks, its own signal handling, its own memory under W^X, stderr,
 //! exit.
 
-use super::seccomp::{Allowed, FilterError, mmap_w_xor_x, mprotect_no_exec, on_fd, tgkill_self};
+use super::seccomp::{Allowed, FilterError, futex_wait_wake, mmap_w_xor_x, mprotect_no_exec, on_fd, tgkill_self};
 
 /// The calls both kinds of sandboxed process make after start-up.
 pub(super) fn base_allowlist(pid: u32) -> Result<Vec<Allowed>, FilterError> {
     Ok(vec![
         // parking on shared memory, clocks
-        Allowed::any("futex", libc::SYS_futex),
+        futex_wait_wake()?,
         Allowed::any("clock_gettime", libc::SYS_clock_gettime),
         Allowed::any("clock_nanosleep", libc::SYS_clock_nanosleep),
         Allowed::any("nanosleep", libc::SYS_nanosleep),

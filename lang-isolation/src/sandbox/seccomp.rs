@@ -178,6 +178,34 @@ pub fn mprotect_no_exec(name: &'static str, nr: i64) -> Result<Allowed, FilterEr
     })
 }
 
+/// `futex` for waiting and waking only (plain or bitset, private or
+/// shared): no PI, requeue or wake-op operations on words another process
+/// (the host) may hold.
+pub fn futex_wait_wake() -> Result<Allowed, FilterError> {
+    // FUTEX_CMD_MASK: the operation without FUTEX_PRIVATE_FLAG and
+    // FUTEX_CLOCK_REALTIME.
+    let cmd = !u64::from((libc::FUTEX_PRIVATE_FLAG | libc::FUTEX_CLOCK_REALTIME).unsigned_abs()) & 0xffff_ffff;
+    let ops = [
+        libc::FUTEX_WAIT,
+        libc::FUTEX_WAKE,
+        libc::FUTEX_WAIT_BITSET,
+        libc::FUTEX_WAKE_BITSET,
+    ];
+    let mut rules = Vec::new();
+    for op in ops {
+        rules.push(rule(
+            "futex",
+            vec![cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(cmd), bits(op))?],
+        )?);
+    }
+    Ok(Allowed {
+        name: "futex",
+        nr: libc::SYS_futex,
+        rules,
+        note: "FUTEX_WAIT, FUTEX_WAKE and their _BITSET forms only".to_owned(),
+    })
+}
+
 /// `tgkill(tgid, ..)` only with `tgid == pid` (this process's own threads).
 pub fn tgkill_self(pid: u32) -> Result<Allowed, FilterError> {
     Ok(Allowed {
@@ -231,6 +259,7 @@ mod tests {
         let p = SeccompPolicy {
             allowed: vec![
                 mmap_w_xor_x().unwrap(),
+                futex_wait_wake().unwrap(),
                 mprotect_no_exec("mprotect", libc::SYS_mprotect).unwrap(),
                 tgkill_self(42).unwrap(),
                 on_fd("write", libc::SYS_write, 2, "stderr").unwrap(),
