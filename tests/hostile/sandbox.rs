@@ -298,6 +298,15 @@ pub fn assert_sandboxed(pid: u64) {
     }
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
     assert_eq!(field("Seccomp:"), "2", "{status}");
+    if host_is_root() {
+        // Not the host's network or IPC namespace (the host's shared empty
+        // ones).
+        for ns in ["net", "ipc"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "{ns} namespace of {pid}");
+        }
+    }
 }
 
 /// `init()` runs inside the sandbox: an attack from init fails the deploy
