@@ -15,6 +15,14 @@
 //!
 //! Each layer can be switched off for measurements and the hostile tests'
 //! control runs ([`Layers`]); serving untrusted functions needs all of them.
+//!
+//! Cost (`cargo run --release -p lang-isolation --example sandbox_steps`, in
+//! a fresh child each, on this nested-virtualisation host): about 150 us in
+//! all, of which namespaces ~8 us, Landlock ~3 us, uid/caps ~25 us (one
+//! `prctl` per capability of the bounding set) and the seccomp filter
+//! ~110 us (the kernel's preparation of the filter grows with its length:
+//! ~4 us per allowed call here). It is paid once per process: on the
+//! process backend's cold path, not on any warm path.
 
 mod apply;
 mod common;

@@ -40,7 +40,15 @@ pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, F
         }),
         no_new_privs: true,
         // A trap: the worker's SIGSYS handler ends the running function with
-        // a policy violation and the worker serves on.
+        // a policy violation and the worker serves on (the instance is
+        // reloaded). The forbidden call never runs whatever the function
+        // does with the signal (it may even install its own handler: that
+        // only spoils its own request). The worker is not discarded: the
+        // attacker had native code in it before the violation and could do
+        // anything a violation would show without making one, so killing
+        // the worker would stop only careless attackers; what holds is that
+        // the worker serves one host and its sandbox, not its integrity, is
+        // the boundary.
         seccomp: layers.seccomp.then_some(SeccompPolicy {
             allowed,
             violation: Violation::Trap,
