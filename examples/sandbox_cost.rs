@@ -1,11 +1,14 @@
 //! What the process sandbox costs: `noop` warm and cold on the `language`
 //! and `process` backends, with the sandbox off, with each layer added in
 //! the order it is entered, and with all of it.
-//! `cargo run --release --example sandbox_cost [-- ROUNDS [BATCH]]` (default
+//! `cargo run --release --example sandbox_cost [-- ROUNDS [BATCH [language|process]]]` (default
 //! 10 rounds of 200 invocations per configuration and path; rounds
 //! interleave the configurations, so that drift on this shared host hits all
 //! of them alike, and only one backend is alive at a time). Prints median and p99 of the end-to-end time in
 //! microseconds, and the change of the median against the sandbox off.
+//! On a loaded two-core host the process backend's warm path depends on
+//! where the scheduler puts the runner; `taskset -c 1 ... process` measures
+//! it with host and runner on one core.
 
 use hdrhistogram::Histogram;
 use microfaas::{Backend, BackendKind, Config, FunctionId, FunctionSpec, SandboxConfig, StartPath, StartRequest};
@@ -70,7 +73,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
-    for kind in [BackendKind::Language, BackendKind::Process] {
+    let kinds = match args.next().as_deref() {
+        Some("language") => vec![BackendKind::Language],
+        Some("process") => vec![BackendKind::Process],
+        _ => vec![BackendKind::Language, BackendKind::Process],
+    };
+    for kind in kinds {
         let mut hists = Vec::new();
         for _ in setups() {
             hists.push([Histogram::<u64>::new(3)?, Histogram::<u64>::new(3)?]);
