@@ -6,7 +6,7 @@
 //! seals it checks (`fcntl(F_GET_SEALS)`) before reading (`lseek`,
 //! `pread64`) and mapping them with the runtime's loader.
 
-use super::common::base_allowlist;
+use super::common::{base_allowlist, worker_extras};
 use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, on_fd};
 use super::{Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
 
@@ -15,6 +15,7 @@ use super::{Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
 pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, FilterError> {
     let layers = spec.settings.layers;
     let mut allowed = base_allowlist(pid)?;
+    allowed.extend(worker_extras());
     allowed.extend([
         on_fd("recvmsg", libc::SYS_recvmsg, catalog_fd, "the catalog socket")?,
         fcntl_get_seals()?,
