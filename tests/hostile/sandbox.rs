@@ -75,6 +75,12 @@ pub fn target(kind: BackendKind, sandbox: SandboxConfig) -> Target {
     }
 }
 
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.echo_path);
+    }
+}
+
 impl Target {
     /// Runs attack `input`.
     pub fn attack(&self, input: &str, start: StartRequest) -> Result<String, microfaas::Error> {
