@@ -43,3 +43,8 @@ fn language_worker_runs_sandboxed_and_survives_violations() {
 fn language_an_attack_from_init_is_a_policy_violation() {
     sandbox::an_attack_from_init_is_a_policy_violation(BackendKind::Language);
 }
+
+#[test]
+fn language_each_network_layer_alone_refuses_the_host() {
+    sandbox::each_network_layer_alone_refuses_the_host(BackendKind::Language);
+}

@@ -141,3 +141,8 @@ fn process_a_violation_kills_only_the_attacker() {
 fn process_an_attack_from_init_is_a_policy_violation() {
     sandbox::an_attack_from_init_is_a_policy_violation(BackendKind::Process);
 }
+
+#[test]
+fn process_each_network_layer_alone_refuses_the_host() {
+    sandbox::each_network_layer_alone_refuses_the_host(BackendKind::Process);
+}

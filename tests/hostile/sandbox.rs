@@ -159,11 +159,19 @@ pub fn host_is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
+/// A TCP listener of the host on 127.0.0.1, and its port.
+pub fn host_listener() -> (std::net::TcpListener, u16) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
 /// Every attack the full sandbox must stop with a policy violation.
 pub fn all_attacks(canary: &Canary) -> Vec<String> {
     let pid = host_pid();
     let written = canary.new_file("written");
     vec![
+        "connect 9".to_owned(),
         format!("read {}", canary.path.display()),
         format!("write {}", written.display()),
         format!("kill {pid}"),
@@ -231,6 +239,11 @@ pub fn control_attacks_succeed_without_the_sandbox(kind: BackendKind) {
     }
     assert_eq!(t.attack(&format!("kill {pid}"), StartRequest::Auto).unwrap(), "ret=0");
     assert_eq!(t.attack(&format!("tgkill {pid}"), StartRequest::Auto).unwrap(), "ret=0");
+    let (_listener, port) = host_listener();
+    assert_eq!(
+        t.attack(&format!("connect {port}"), StartRequest::Auto).unwrap(),
+        "ret=0"
+    );
     for attack in ["socket", "memfd"] {
         let out = t.attack(attack, StartRequest::Auto).unwrap();
         let fd: i64 = out.trim_start_matches("ret=").parse().unwrap();
@@ -276,6 +289,9 @@ pub fn without_seccomp_the_other_layers_still_hold(kind: BackendKind) {
     refused(&format!("kill {pid}"));
     refused(&format!("tgkill {pid}"));
     refused(&format!("ptrace {pid}"));
+    // The host's network: an empty namespace (and Landlock's TCP rule).
+    let (_listener, port) = host_listener();
+    refused(&format!("connect {port}"));
     t.serves();
 }
 
@@ -329,4 +345,23 @@ pub fn an_attack_from_init_is_a_policy_violation(kind: BackendKind) {
     let e = control.backend.deploy(&spec).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InitFailed, "{e}");
     assert!(e.to_string().contains("socket() worked in init"), "{e}");
+}
+
+/// Each network line on its own (seccomp off, which would stop `socket`
+/// first): the empty network namespace alone, and Landlock's TCP rule
+/// alone, each refuse a connection to the host's listener.
+pub fn each_network_layer_alone_refuses_the_host(kind: BackendKind) {
+    let (_listener, port) = host_listener();
+    let only = |namespaces: bool, landlock: bool| SandboxConfig {
+        namespaces,
+        landlock,
+        ..SandboxConfig::off()
+    };
+    let connect = format!("connect {port}");
+    let t = target(kind, only(true, false));
+    let out = t.attack(&connect, StartRequest::Auto).unwrap();
+    assert_eq!(out, format!("ret=-{}", 101), "network namespace alone (ENETUNREACH)");
+    let t = target(kind, only(false, true));
+    let out = t.attack(&connect, StartRequest::Auto).unwrap();
+    assert_eq!(out, format!("ret=-{}", 13), "Landlock alone (EACCES)");
 }
