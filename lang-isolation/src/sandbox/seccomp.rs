@@ -232,21 +232,21 @@ pub fn on_fd(name: &'static str, nr: i64, fd: i32, what: &str) -> Result<Allowed
     })
 }
 
-/// `fcntl(fd, F_GET_SEALS)` only.
+/// `fcntl(fd, F_GET_SEALS)` (checking a delivered artifact) and
+/// `fcntl(fd, F_GETFD)` (std's check, in builds with debug assertions, that
+/// an `OwnedFd` it closes is open) only: both just read.
 pub fn fcntl_get_seals() -> Result<Allowed, FilterError> {
+    let only = |cmd: libc::c_int| -> Result<SeccompRule, FilterError> {
+        rule(
+            "fcntl",
+            vec![cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, bits(cmd))?],
+        )
+    };
     Ok(Allowed {
         name: "fcntl",
         nr: libc::SYS_fcntl,
-        rules: vec![rule(
-            "fcntl",
-            vec![cond(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                bits(libc::F_GET_SEALS),
-            )?],
-        )?],
-        note: "F_GET_SEALS only".to_owned(),
+        rules: vec![only(libc::F_GET_SEALS)?, only(libc::F_GETFD)?],
+        note: "F_GET_SEALS and F_GETFD only".to_owned(),
     })
 }
 
