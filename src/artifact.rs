@@ -2,8 +2,9 @@
 //! build compiled.
 
 use crate::Error;
+use lang_isolation::runtime::SealedArtifact;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A verified function artifact: one self-contained shared object built by
 /// `microfaas build`. The same bytes run in every backend.
@@ -12,6 +13,8 @@ pub struct Artifact {
     path: PathBuf,
     bytes: Arc<[u8]>,
     digest: String,
+    /// The bytes in a sealed memfd, made on first use (see [`Artifact::sealed`]).
+    sealed: OnceLock<Arc<SealedArtifact>>,
 }
 
 impl Artifact {
@@ -31,6 +34,7 @@ impl Artifact {
             path,
             bytes: bytes.into(),
             digest,
+            sealed: OnceLock::new(),
         })
     }
 
@@ -47,6 +51,25 @@ impl Artifact {
     /// Hex SHA-256 of its bytes.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// Its bytes in a memfd sealed against writes, growth, shrinking and
+    /// unsealing: what the `language` and `process` backends hand their
+    /// worker and runner processes (which map it with their own loader, no
+    /// filesystem). Made once per `Artifact` and shared by every deployment
+    /// of it (functions deployed from one `Artifact` share one loaded image
+    /// in a language worker); it lives while any of them does.
+    pub fn sealed(&self) -> Result<Arc<SealedArtifact>, Error> {
+        if let Some(sealed) = self.sealed.get() {
+            return Ok(Arc::clone(sealed));
+        }
+        let made = SealedArtifact::create(&self.path.display().to_string(), &self.bytes).map_err(|e| {
+            Error::io(
+                format!("sealing artifact {} into a memfd", self.path.display()),
+                std::io::Error::other(e),
+            )
+        })?;
+        Ok(Arc::clone(self.sealed.get_or_init(|| Arc::new(made))))
     }
 }
 

@@ -23,6 +23,9 @@ pub struct Config {
     pub heap_limit_bytes: usize,
     /// Stack size a function runs on, in bytes.
     pub stack_bytes: usize,
+    /// The process sandbox of every process that runs function code
+    /// (`language` workers, `process` runners).
+    pub sandbox: SandboxConfig,
     /// Knobs of the `language` backend.
     pub language: LanguageConfig,
     /// Knobs of the `vm` backend.
@@ -38,6 +41,7 @@ impl Default for Config {
             init_budget: Duration::from_secs(10),
             heap_limit_bytes: 64 << 20,
             stack_bytes: 1 << 20,
+            sandbox: SandboxConfig::default(),
             language: LanguageConfig::default(),
             vm: VmConfig::default(),
         }
@@ -66,8 +70,6 @@ pub struct LanguageConfig {
     pub queue_depth: u32,
     /// Workers a function may kill or hang before it is blacklisted.
     pub blacklist_after: u32,
-    /// Install the seccomp allowlist in every worker after start-up.
-    pub seccomp: bool,
     /// How long a new (or respawned) worker may take to become ready.
     pub start_timeout: Duration,
 }
@@ -83,8 +85,73 @@ impl Default for LanguageConfig {
             idle_spin: Duration::from_micros(200),
             queue_depth: 8,
             blacklist_after: 3,
-            seccomp: true,
             start_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The process sandbox of `language` workers and `process` runners: a
+/// dedicated unprivileged uid/gid (from a root host; a non-root host uses a
+/// user namespace instead), no capabilities, `no_new_privs`, not dumpable,
+/// Landlock without filesystem access, the host's empty net and ipc
+/// namespaces, and a seccomp allowlist with argument filters. Entered before
+/// any function code runs. Every layer is on by default; the switches exist
+/// for measurements and the hostile tests' control runs only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// Uid sandboxed processes run as (default 64901, a uid no account uses).
+    pub uid: u32,
+    /// Gid sandboxed processes run as (default 64901).
+    pub gid: u32,
+    /// Drop to `uid`/`gid` and clear every capability.
+    pub identity: bool,
+    /// Join the host's empty network and IPC namespaces (and, for workers,
+    /// a private mount namespace).
+    pub namespaces: bool,
+    /// Landlock: no filesystem access, no TCP, signals only inside.
+    pub landlock: bool,
+    /// The seccomp allowlist.
+    pub seccomp: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            uid: lang_isolation::sandbox::DEFAULT_SANDBOX_UID,
+            gid: lang_isolation::sandbox::DEFAULT_SANDBOX_GID,
+            identity: true,
+            namespaces: true,
+            landlock: true,
+            seccomp: true,
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// Every layer off: for measuring what the sandbox costs and for
+    /// control runs that show an attack would otherwise succeed. Never for
+    /// serving untrusted functions.
+    pub fn off() -> Self {
+        Self {
+            identity: false,
+            namespaces: false,
+            landlock: false,
+            seccomp: false,
+            ..Self::default()
+        }
+    }
+
+    /// As lang-isolation's settings.
+    pub fn settings(&self) -> lang_isolation::sandbox::SandboxSettings {
+        lang_isolation::sandbox::SandboxSettings {
+            uid: self.uid,
+            gid: self.gid,
+            layers: lang_isolation::sandbox::Layers {
+                identity: self.identity,
+                namespaces: self.namespaces,
+                landlock: self.landlock,
+                seccomp: self.seccomp,
+            },
         }
     }
 }

@@ -22,5 +22,5 @@ pub use backend::{
     Backend, BackendKind, FunctionId, FunctionSpec, Invocation, StartPath, StartRequest, Stats, Timings,
 };
 pub use backends::open;
-pub use config::{Config, DEFAULT_IO_LIMIT_BYTES, LanguageConfig, LanguagePreemption, VmConfig};
+pub use config::{Config, DEFAULT_IO_LIMIT_BYTES, LanguageConfig, LanguagePreemption, SandboxConfig, VmConfig};
 pub use error::{Error, ErrorKind};

@@ -14,8 +14,8 @@ fn deploy(b: &dyn Backend, name: &str, budget: Duration) -> FunctionId {
     b.deploy(&spec).unwrap_or_else(|e| panic!("deploying {name}: {e}"))
 }
 
-/// Running runner processes of ours whose command line names
-/// `artifact_name` (zombies and dying ones excluded).
+/// Running runner processes of ours that mapped the artifact memfd named
+/// after `artifact_name`'s path (zombies and dying ones excluded).
 fn runners_of(artifact_name: &str) -> Vec<i32> {
     let needle = format!("{artifact_name}.so");
     let mut pids = Vec::new();
@@ -27,7 +27,11 @@ fn runners_of(artifact_name: &str) -> Vec<i32> {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
             let dying = matches!(state, None | Some("Z" | "X" | "x"));
-            if !dying && cmdline.contains("microfaas-runner") && cmdline.contains(&needle) {
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            let mapped = maps
+                .lines()
+                .any(|l| l.contains("memfd:microfaas-artifact:") && l.contains(&needle));
+            if !dying && cmdline.contains("microfaas-runner") && mapped {
                 pids.push(pid);
             }
         }
@@ -283,11 +287,12 @@ fn limits_evict_and_drop() {
 /// panics, runs out of memory or overflows its stack returns an error and
 /// the same instance keeps serving (what the language worker relies on).
 mod runtime_in_process {
-    use lang_isolation::runtime::{Failure, Instance, InstanceConfig, LoadedFunction};
+    use lang_isolation::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, LoadedFunction, SealedArtifact};
 
     fn instance(name: &str) -> Instance {
         let artifact = microfaas::builtin(name).expect("example function");
-        let function = LoadedFunction::load(artifact.path()).expect("load");
+        let sealed = SealedArtifact::create(name, artifact.bytes()).expect("memfd");
+        let function = LoadedFunction::load(&ArtifactImage::parse(sealed).expect("parse")).expect("load");
         let config = InstanceConfig {
             heap_limit_bytes: 16 << 20,
             stack_bytes: 256 << 10,

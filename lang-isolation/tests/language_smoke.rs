@@ -4,8 +4,16 @@
 //! `tests/language_*.rs`.
 
 use lang_isolation::language::{Dispatcher, DispatcherConfig, Start};
+use lang_isolation::runtime::SealedArtifact;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The artifact at `path` in a sealed memfd, as the host hands it over.
+fn sealed(path: &Path) -> Arc<SealedArtifact> {
+    let bytes = std::fs::read(path).unwrap();
+    Arc::new(SealedArtifact::create(&path.display().to_string(), &bytes).unwrap())
+}
 
 /// Builds the example functions these tests use into one directory (once
 /// per test process).
@@ -35,7 +43,7 @@ fn echo_warm_and_cold() {
     let mut config = DispatcherConfig::new(env!("CARGO_BIN_EXE_microfaas-worker"));
     config.workers = Some(1);
     let d = Dispatcher::start(config).unwrap();
-    let f = d.deploy(&echo, Duration::from_millis(100)).unwrap();
+    let f = d.deploy(sealed(&echo), Duration::from_millis(100)).unwrap();
     let warm = d.invoke(f, b"hello", Start::Auto).unwrap();
     assert_eq!(warm.output, b"hello");
     assert!(!warm.cold);
@@ -76,8 +84,11 @@ fn faults_are_typed_and_the_worker_survives() {
     config.heap_limit_bytes = 32 << 20;
     let d = Dispatcher::start(config).unwrap();
     let f = |name: &str, budget_ms: u64| {
-        d.deploy(&dir.join(format!("{name}.so")), Duration::from_millis(budget_ms))
-            .unwrap()
+        d.deploy(
+            sealed(&dir.join(format!("{name}.so"))),
+            Duration::from_millis(budget_ms),
+        )
+        .unwrap()
     };
     let echo = f("echo", 100);
     let spin = f("spin", 5);

@@ -1,7 +1,8 @@
 //! The `language` backend adapter: maps `lang_isolation::language`'s
 //! dispatcher (per-core worker processes running preloaded shared objects)
-//! onto the [`Backend`] trait. Warm = the preloaded copy; cold = dlopen,
-//! init, call, dlclose of a fresh copy per request.
+//! onto the [`Backend`] trait. Warm = the preloaded copy; cold = a fresh
+//! private image of the artifact's sealed memfd mapped, initialised, called
+//! and unmapped per request.
 
 use crate::{
     Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, LanguagePreemption, StartPath,
@@ -29,7 +30,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     dc.idle_spin = lang.idle_spin;
     dc.queue_depth = lang.queue_depth;
     dc.blacklist_after = lang.blacklist_after;
-    dc.seccomp = lang.seccomp;
+    dc.sandbox = config.sandbox.settings();
     dc.start_timeout = lang.start_timeout;
     dc.input_limit_bytes = config.input_limit_bytes;
     dc.output_limit_bytes = config.output_limit_bytes;
@@ -80,7 +81,7 @@ impl Backend for LanguageBackend {
         let budget = spec.budget.unwrap_or(self.config.default_budget);
         let index = self
             .dispatcher
-            .deploy(spec.artifact.path(), budget)
+            .deploy(spec.artifact.sealed()?, budget)
             .map_err(|e| map_error(e, &spec.name, budget, &self.config))?;
         let previous = self
             .functions

@@ -20,6 +20,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     process.heap_limit_bytes = config.heap_limit_bytes;
     process.stack_bytes = config.stack_bytes;
     process.init_budget = config.init_budget;
+    process.sandbox = config.sandbox.settings();
     let host = ProcessHost::new(process).map_err(map_error)?;
     Ok(Box::new(ProcessBackend {
         host,
@@ -42,7 +43,7 @@ impl Backend for ProcessBackend {
     fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error> {
         let budget = spec.budget.unwrap_or(self.default_budget);
         self.host
-            .deploy(&spec.name, spec.artifact.path(), budget)
+            .deploy(&spec.name, spec.artifact.sealed()?, budget)
             .map_err(map_error)?;
         Ok(FunctionId::new(&spec.name))
     }
@@ -106,10 +107,11 @@ fn map_error(e: ProcessError) -> Error {
         ProcessError::FunctionFailed { name, message } => Error::FunctionFailed { name, message },
         ProcessError::InitFailed { name, message } => Error::InitFailed { name, message },
         ProcessError::LoadFailed { artifact, message, .. } => Error::InvalidArtifact {
-            path: artifact,
+            path: artifact.into(),
             reason: message,
         },
         ProcessError::Crashed { name, detail } => Error::Crashed { name, detail },
+        ProcessError::PolicyViolation { name, detail } => Error::PolicyViolation { name, detail },
         ProcessError::MalformedReply { name, detail } => Error::MalformedReply { name, detail },
         ProcessError::Io { context, source } => Error::Io { context, source },
     }

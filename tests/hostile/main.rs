@@ -13,4 +13,5 @@ mod build;
 mod common;
 mod language;
 mod process;
+mod sandbox;
 mod vm;

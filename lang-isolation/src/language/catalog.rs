@@ -1,89 +1,224 @@
-//! The function catalog line: how the dispatcher tells a worker about one
-//! function (in a `LOAD` request's input and on a new worker's stdin).
-//! `func <TAB> preload(0|1) <TAB> warm path <TAB> cold path`.
+//! How the dispatcher tells a worker about its functions: catalog messages
+//! on the worker's `AF_UNIX` `SOCK_SEQPACKET` socket (inherited at
+//! [`crate::runtime::fds::WORKER_SOCKET_FD`]), each a fixed 24-byte record carrying the
+//! function's artifact as a sealed memfd (`SCM_RIGHTS`, exactly one fd).
+//! A new worker reads the initial catalog up to an end marker before it
+//! serves; later deploys send one message and then a `LOAD` request through
+//! the ring. The dispatcher never reads from the socket (its read side is
+//! shut down) and the worker checks every fd's seals before using it.
+//!
+//! ```text
+//!  kind u32 (1 = function, 2 = end) | func u32 | image u64 | preload u32 | 0 u32   [+ 1 fd]
+//! ```
 
-use std::path::PathBuf;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Bytes of one message.
+pub const MESSAGE_BYTES: usize = 24;
+const KIND_FUNCTION: u32 = 1;
+const KIND_END: u32 = 2;
 
 /// One function as a worker knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CatalogEntry {
     /// Function index.
     pub func: u32,
+    /// The artifact's id in the dispatcher: functions with the same image
+    /// share one loaded copy (and one init state) in a worker.
+    pub image: u64,
     /// Load and init it now (warm) rather than only registering it.
     pub preload: bool,
-    /// Artifact path for the resident copy.
-    pub warm_path: PathBuf,
-    /// A private copy of the artifact (another inode), so that a cold start
-    /// really loads a fresh image even while the warm copy is resident.
-    pub cold_path: PathBuf,
 }
 
+/// A message as read from the socket.
+#[derive(Debug)]
+pub enum Message {
+    /// A function and its artifact memfd (`None` if the message carried no
+    /// fd, which the worker then refuses unless it holds the image already).
+    Function(CatalogEntry, Option<OwnedFd>),
+    /// The initial catalog is complete.
+    End,
+}
+
+/// A message that does not decode.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed catalog message ({0})")]
+pub struct MessageError(&'static str);
+
 impl CatalogEntry {
-    /// The line (without a newline). Paths must not contain tabs or newlines
-    /// (the dispatcher checks).
-    pub fn to_line(&self) -> String {
-        format!(
-            "{}\t{}\t{}\t{}",
-            self.func,
-            u8::from(self.preload),
-            self.warm_path.display(),
-            self.cold_path.display()
-        )
+    /// The message bytes.
+    pub fn to_bytes(self) -> [u8; MESSAGE_BYTES] {
+        encode(KIND_FUNCTION, &self)
     }
+}
 
-    /// Parses a line written by [`CatalogEntry::to_line`].
-    pub fn parse(line: &str) -> Option<Self> {
-        let mut it = line.split('\t');
-        let func = it.next()?.parse().ok()?;
-        let preload = match it.next()? {
-            "0" => false,
-            "1" => true,
-            _ => return None,
-        };
-        let warm_path = PathBuf::from(it.next().filter(|s| !s.is_empty())?);
-        let cold_path = PathBuf::from(it.next().filter(|s| !s.is_empty())?);
-        if it.next().is_some() {
-            return None;
+fn encode(kind: u32, e: &CatalogEntry) -> [u8; MESSAGE_BYTES] {
+    let mut b = [0u8; MESSAGE_BYTES];
+    b[0..4].copy_from_slice(&kind.to_le_bytes());
+    b[4..8].copy_from_slice(&e.func.to_le_bytes());
+    b[8..16].copy_from_slice(&e.image.to_le_bytes());
+    b[16..20].copy_from_slice(&u32::from(e.preload).to_le_bytes());
+    b
+}
+
+/// Decodes a message's bytes: `Ok(None)` is the end marker.
+pub fn decode(bytes: &[u8]) -> Result<Option<CatalogEntry>, MessageError> {
+    let b: &[u8; MESSAGE_BYTES] = bytes.try_into().map_err(|_| MessageError("length"))?;
+    let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    if word(20) != 0 {
+        return Err(MessageError("reserved word"));
+    }
+    match word(0) {
+        KIND_END => Ok(None),
+        KIND_FUNCTION => {
+            let mut image = [0u8; 8];
+            image.copy_from_slice(&b[8..16]);
+            let preload = match word(16) {
+                0 => false,
+                1 => true,
+                _ => return Err(MessageError("preload flag")),
+            };
+            Ok(Some(CatalogEntry {
+                func: word(4),
+                image: u64::from_le_bytes(image),
+                preload,
+            }))
         }
-        Some(Self {
-            func,
-            preload,
-            warm_path,
-            cold_path,
-        })
+        _ => Err(MessageError("kind")),
     }
+}
 
-    /// Whether `path` can travel in a line.
-    pub fn path_ok(path: &std::path::Path) -> bool {
-        path.to_str()
-            .is_some_and(|s| !s.is_empty() && !s.contains(['\t', '\n']))
+fn send(socket: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let iov = [IoSlice::new(bytes)];
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage<'_>> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
+    loop {
+        match sendmsg::<()>(socket.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) if n == bytes.len() => return Ok(()),
+            Ok(_) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short catalog message")),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+}
+
+/// Sends `entry` with its artifact memfd `artifact` (dispatcher side).
+pub fn send_entry(socket: BorrowedFd<'_>, entry: &CatalogEntry, artifact: BorrowedFd<'_>) -> io::Result<()> {
+    send(socket, &entry.to_bytes(), Some(artifact))
+}
+
+/// Sends the end-of-catalog marker (dispatcher side).
+pub fn send_end(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let none = CatalogEntry {
+        func: 0,
+        image: 0,
+        preload: false,
+    };
+    send(socket, &encode(KIND_END, &none), None)
+}
+
+/// Receives one message (worker side); `Ok(None)` if `nonblocking` and none
+/// is queued. Received fds are close-on-exec; fds beyond the first, or
+/// other control messages, are closed.
+pub fn recv(socket: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option<Message>> {
+    let mut buf = [0u8; MESSAGE_BYTES + 1];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let (bytes, mut fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            // SAFETY: the kernel just installed these fds in
+                            // this process for us; nothing else owns them.
+                            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+                        }
+                    }
+                }
+                let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                break (msg.bytes, fds, truncated);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) if nonblocking => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if bytes == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the dispatcher closed the catalog socket",
+        ));
+    }
+    if truncated {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated catalog message"));
+    }
+    let entry = decode(&buf[..bytes]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some(match entry {
+        None => Message::End,
+        Some(entry) => {
+            fds.truncate(1);
+            Message::Function(entry, fds.pop())
+        }
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::os::fd::AsFd;
 
     #[test]
     fn round_trip_and_rejects() {
         let e = CatalogEntry {
             func: 42,
+            image: 0x1234_5678_9abc,
             preload: true,
-            warm_path: "/a/b c.so".into(),
-            cold_path: "/tmp/x/42.so".into(),
         };
-        assert_eq!(CatalogEntry::parse(&e.to_line()), Some(e));
-        for bad in [
-            "",
-            "1\t1\t/a",
-            "x\t1\t/a\t/b",
-            "1\t2\t/a\t/b",
-            "1\t1\t\t/b",
-            "1\t1\t/a\t/b\t/c",
-        ] {
-            assert_eq!(CatalogEntry::parse(bad), None, "{bad:?}");
+        assert_eq!(decode(&e.to_bytes()), Ok(Some(e)));
+        assert_eq!(decode(&encode(KIND_END, &e)), Ok(None));
+        assert!(decode(&e.to_bytes()[..23]).is_err());
+        let mut bad = e.to_bytes();
+        bad[0] = 9;
+        assert_eq!(decode(&bad), Err(MessageError("kind")));
+        let mut bad = e.to_bytes();
+        bad[16] = 2;
+        assert_eq!(decode(&bad), Err(MessageError("preload flag")));
+        let mut bad = e.to_bytes();
+        bad[23] = 1;
+        assert_eq!(decode(&bad), Err(MessageError("reserved word")));
+    }
+
+    #[test]
+    fn an_fd_travels_with_its_entry() {
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        assert!(recv(b.as_fd(), true).unwrap().is_none(), "nothing queued");
+        let artifact = crate::runtime::SealedArtifact::create("test", b"bytes").unwrap();
+        let e = CatalogEntry {
+            func: 7,
+            image: artifact.id(),
+            preload: false,
+        };
+        send_entry(a.as_fd(), &e, artifact.as_fd()).unwrap();
+        send_end(a.as_fd()).unwrap();
+        match recv(b.as_fd(), false).unwrap() {
+            Some(Message::Function(got, Some(fd))) => {
+                assert_eq!(got, e);
+                let received = crate::runtime::SealedArtifact::from_fd(fd).unwrap();
+                assert_eq!(received.read_all().unwrap(), b"bytes");
+            }
+            other => panic!("{other:?}"),
         }
-        assert!(CatalogEntry::path_ok(std::path::Path::new("/x/y.so")));
-        assert!(!CatalogEntry::path_ok(std::path::Path::new("/x\ty.so")));
+        assert!(matches!(recv(b.as_fd(), false).unwrap(), Some(Message::End)));
+        drop(a);
+        assert_eq!(recv(b.as_fd(), false).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 }

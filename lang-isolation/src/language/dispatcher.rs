@@ -10,8 +10,9 @@ use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
 use super::signals::PREEMPT_SIGNAL;
 use super::watchdog::{Overdue, WatchAction, decide};
+use crate::runtime::SealedArtifact;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -54,12 +55,10 @@ pub struct DispatcherConfig {
     pub init_budget: Duration,
     /// Strikes (workers killed or hung) after which a function is refused.
     pub blacklist_after: u32,
-    /// Install the seccomp allowlist in workers.
-    pub seccomp: bool,
+    /// The sandbox every worker enters before it loads any function.
+    pub sandbox: crate::sandbox::SandboxSettings,
     /// How long a new worker may take to become ready.
     pub start_timeout: Duration,
-    /// Where cold copies of artifacts go; `None` = a fresh temp directory.
-    pub scratch_dir: Option<PathBuf>,
     /// Run the watchdog thread under `SCHED_FIFO` when permitted (it sleeps
     /// between short checks), so that a loaded host does not delay
     /// preemption by whole scheduler slices. Falls back silently.
@@ -84,9 +83,8 @@ impl DispatcherConfig {
             stack_bytes: 1 << 20,
             init_budget: Duration::from_secs(10),
             blacklist_after: 3,
-            seccomp: true,
+            sandbox: crate::sandbox::SandboxSettings::default(),
             start_timeout: Duration::from_secs(20),
-            scratch_dir: None,
             watchdog_realtime: true,
         }
     }
@@ -103,7 +101,7 @@ pub enum Start {
     Auto,
     /// The preloaded copy (loading it first if it was evicted).
     Warm,
-    /// dlopen + init + call + dlclose of a fresh copy.
+    /// Map a fresh private copy, init, call, unmap.
     Cold,
 }
 
@@ -132,7 +130,7 @@ pub struct DispatcherStats {
     /// Of them, resident (preloaded).
     pub resident: usize,
     /// Distinct artifacts loaded per worker (resident functions deployed
-    /// from the same file share one loaded image in a worker).
+    /// from the same [`SealedArtifact`] share one loaded image in a worker).
     pub images: usize,
     /// Worker pids (0 = none right now).
     pub worker_pids: Vec<u32>,
@@ -148,8 +146,8 @@ pub struct DispatcherStats {
 
 #[derive(Debug)]
 struct Function {
-    warm_path: PathBuf,
-    cold_path: PathBuf,
+    /// Its sealed memfd, kept while deployed (sent to every new worker).
+    artifact: Arc<SealedArtifact>,
     budget: Duration,
     resident: AtomicBool,
     strikes: AtomicU32,
@@ -164,8 +162,6 @@ struct Inner {
     next_func: AtomicU32,
     next_seq: AtomicU64,
     next_worker: AtomicUsize,
-    scratch: PathBuf,
-    own_scratch: bool,
     shutdown: AtomicBool,
     respawns: AtomicU64,
     watchdog_parked: AtomicBool,
@@ -194,20 +190,11 @@ impl Dispatcher {
         }
         let layout = Layout::new(config.queue_depth, config.input_limit_bytes, config.output_limit_bytes)
             .map_err(|e| LanguageError::Config(e.to_string()))?;
-        let (scratch, own_scratch) = match &config.scratch_dir {
-            Some(dir) => (dir.clone(), false),
-            None => {
-                let dir = std::env::temp_dir().join(format!("microfaas-lang-{}-{}", std::process::id(), now_ns()));
-                (dir, true)
-            }
-        };
-        std::fs::create_dir_all(&scratch).map_err(|e| LanguageError::io("creating the scratch directory", e))?;
         let mut handles = Vec::with_capacity(workers);
         for i in 0..workers {
             handles.push(WorkerHandle::new(i, layout).map_err(|e| LanguageError::io("creating a shared region", e))?);
         }
         let args = WorkerArgs {
-            shm_path: String::new(),
             index: 0,
             cpu: None,
             depth: config.queue_depth,
@@ -218,7 +205,7 @@ impl Dispatcher {
             idle_spin: config.idle_spin,
             init_budget: config.init_budget,
             preemption: config.preemption,
-            seccomp: config.seccomp,
+            sandbox: config.sandbox.to_arg(),
         };
         let inner = Arc::new(Inner {
             config,
@@ -228,8 +215,6 @@ impl Dispatcher {
             next_func: AtomicU32::new(1),
             next_seq: AtomicU64::new(1),
             next_worker: AtomicUsize::new(0),
-            scratch,
-            own_scratch,
             shutdown: AtomicBool::new(false),
             respawns: AtomicU64::new(0),
             watchdog_parked: AtomicBool::new(false),
@@ -238,9 +223,6 @@ impl Dispatcher {
         for w in &inner.workers {
             if let Err(e) = inner.spawn(w) {
                 inner.workers.iter().for_each(WorkerHandle::stop);
-                if inner.own_scratch {
-                    let _ = std::fs::remove_dir_all(&inner.scratch);
-                }
                 return Err(LanguageError::io("starting a worker", e));
             }
         }
@@ -255,22 +237,15 @@ impl Dispatcher {
         })
     }
 
-    /// Makes the artifact at `path` available with `budget`, preloaded in
-    /// every worker (its `init()` runs there now).
-    pub fn deploy(&self, path: &Path, budget: Duration) -> Result<FunctionIndex, LanguageError> {
+    /// Makes `artifact` (a sealed memfd, kept while the function is
+    /// deployed) available with `budget`, preloaded in every worker (its
+    /// `init()` runs there now). Functions deployed from the same
+    /// `SealedArtifact` share one loaded image per worker.
+    pub fn deploy(&self, artifact: Arc<SealedArtifact>, budget: Duration) -> Result<FunctionIndex, LanguageError> {
         let inner = &self.inner;
-        if !CatalogEntry::path_ok(path) {
-            return Err(LanguageError::Config(format!(
-                "unusable artifact path {}",
-                path.display()
-            )));
-        }
         let index = inner.next_func.fetch_add(1, Ordering::Relaxed);
-        let cold_path = inner.scratch.join(format!("f{index}.so"));
-        std::fs::copy(path, &cold_path).map_err(|e| LanguageError::io("copying the artifact for cold starts", e))?;
         let function = Arc::new(Function {
-            warm_path: path.to_owned(),
-            cold_path,
+            artifact,
             budget,
             resident: AtomicBool::new(true),
             strikes: AtomicU32::new(0),
@@ -286,11 +261,19 @@ impl Dispatcher {
 
     fn preload(&self, id: FunctionIndex, function: &Function) -> Result<(), LanguageError> {
         let entry = self.inner.catalog_entry(id.0, function, true);
-        let line = entry.to_line();
         for w in self.inner.live_workers() {
-            let reply = self.inner.control(w, op::LOAD, id.0, line.as_bytes())?;
-            if let (Outcome::InitFailed, msg) = reply {
-                return Err(LanguageError::InitFailed { message: msg });
+            // A worker being replaced meanwhile gets the function in its
+            // initial catalog instead (the LOAD then finds it registered).
+            if let Err(e) = w.deliver(&entry, &function.artifact)
+                && w.alive.load(Ordering::SeqCst)
+            {
+                return Err(LanguageError::io("sending an artifact to a worker", e));
+            }
+            let reply = self.inner.control(w, op::LOAD, id.0, &[])?;
+            match reply {
+                (Outcome::InitFailed, msg) => return Err(LanguageError::InitFailed { message: msg }),
+                (Outcome::PolicyViolation, detail) => return Err(LanguageError::PolicyViolation { detail }),
+                _ => {}
             }
         }
         function.resident.store(true, Ordering::SeqCst);
@@ -305,7 +288,7 @@ impl Dispatcher {
         for w in self.inner.live_workers() {
             let _ = self.inner.control(w, op::UNLOAD, id.0, &[]);
         }
-        let _ = std::fs::remove_file(&function.cold_path);
+        drop(function);
     }
 
     /// Unloads the function from every worker; its next start is cold.
@@ -411,7 +394,7 @@ impl Dispatcher {
             images: functions
                 .values()
                 .filter(|f| f.resident.load(Ordering::Relaxed))
-                .map(|f| &f.warm_path)
+                .map(|f| f.artifact.id())
                 .collect::<std::collections::HashSet<_>>()
                 .len(),
             worker_rss_bytes: pids.iter().filter(|&&p| p != 0).filter_map(|&p| rss_of(p)).sum(),
@@ -445,9 +428,6 @@ impl Drop for Dispatcher {
         for w in &self.inner.workers {
             w.stop();
         }
-        if self.inner.own_scratch {
-            let _ = std::fs::remove_dir_all(&self.inner.scratch);
-        }
     }
 }
 
@@ -470,9 +450,8 @@ impl Inner {
     fn catalog_entry(&self, index: u32, f: &Function, preload: bool) -> CatalogEntry {
         CatalogEntry {
             func: index,
+            image: f.artifact.id(),
             preload,
-            warm_path: f.warm_path.clone(),
-            cold_path: f.cold_path.clone(),
         }
     }
 
@@ -552,7 +531,9 @@ impl Inner {
         reserved: u32,
     ) -> Result<(Outcome, String), LanguageError> {
         if payload.len() > self.config.input_limit_bytes {
-            return Err(LanguageError::Config("catalog line longer than the input limit".into()));
+            return Err(LanguageError::Config(
+                "control payload longer than the input limit".into(),
+            ));
         }
         let slot = self.acquire_on(w);
         if let Some(area) = w.region.input_area(slot)
@@ -660,17 +641,19 @@ impl Inner {
     fn spawn(&self, w: &WorkerHandle) -> std::io::Result<()> {
         let cores = online_cpus();
         let args = WorkerArgs {
-            shm_path: w.region.proc_path(),
             index: w.index,
             cpu: self.config.pin.then(|| (w.index + 1) % cores),
             ..self.args.clone()
         };
-        let catalog: Vec<CatalogEntry> = self
+        let catalog: Vec<(CatalogEntry, Arc<SealedArtifact>)> = self
             .functions
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .map(|(&i, f)| self.catalog_entry(i, f, f.resident.load(Ordering::Relaxed)))
+            .map(|(&i, f)| {
+                let entry = self.catalog_entry(i, f, f.resident.load(Ordering::Relaxed));
+                (entry, Arc::clone(&f.artifact))
+            })
             .collect();
         w.spawn(&self.config.worker_bin, &args, &catalog, self.config.start_timeout)
     }

@@ -46,9 +46,18 @@
 //! owns host resources — the runtime's frames there hold only raw pointers,
 //! and the function's allocations all live in the arena that is reset; (3)
 //! the function's own statics may be torn by any non-returning exit, so the
-//! worker replaces such an instance with a freshly loaded copy (dlclose,
-//! dlopen, init; the memory mappings are reused) before its next use. The function cannot mask, catch or delay the signal: it has no
+//! worker replaces such an instance with a freshly loaded copy (unmap, map
+//! a fresh private image of the artifact's memfd, init; the heap and stack
+//! mappings are reused) before its next use. The function cannot mask, catch or delay the signal: it has no
 //! `unsafe`, and the handlers run in the worker, not in the function.
+//!
+//! # Artifacts: sealed memfds, our own loader
+//! A worker needs no filesystem once started: every artifact reaches it as
+//! a sealed memfd over its catalog socket (the initial catalog at start,
+//! later deploys before their `LOAD`, see `catalog`), and the runtime's own
+//! ELF loader maps it ([`crate::runtime`]): code only from the memfd,
+//! never writable and executable. A cold start maps a fresh private image
+//! of the same memfd (its statics as built) and unmaps it afterwards.
 //!
 //! # Faults and recovery
 //! Panics and heap exhaustion leave through `fail()`, stack overflow through
@@ -67,7 +76,6 @@ mod error;
 mod pool;
 pub mod protocol;
 pub mod ring;
-mod seccomp;
 pub mod shm;
 mod signals;
 pub mod watchdog;

@@ -1,15 +1,20 @@
-//! The dispatcher's side of each worker: spawning it (by exec), submitting
-//! requests, collecting replies, and recovering when it dies (fail the
-//! in-flight request exactly once, keep the queued ones, respawn with the
-//! resident functions).
+//! The dispatcher's side of each worker: spawning it (by exec, with its
+//! shared region at fd 3 and a fresh catalog socket at fd 4), delivering
+//! artifacts, submitting requests, collecting replies, and recovering when
+//! it dies (fail the in-flight request exactly once, keep the queued ones,
+//! respawn with the resident functions).
 
-use super::catalog::CatalogEntry;
+use super::catalog::{self, CatalogEntry};
 use super::protocol::{Reply, Request, WorkerArgs};
 use super::shm::{Layout, Region, futex_wait, futex_wake_all, now_ns};
-use std::io::Write;
+use crate::runtime::SealedArtifact;
+use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
+use nix::sys::socket::{AddressFamily, Shutdown, SockFlag, SockType, setsockopt, shutdown, socketpair, sockopt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// How long a caller sleeps on the reply futex before re-checking (bounds
@@ -55,6 +60,8 @@ pub(crate) struct WorkerHandle {
     pub outstanding: AtomicUsize,
     /// The child; taken while it is being replaced.
     pub child: Mutex<Option<Child>>,
+    /// Our end of the current worker's catalog socket (write only).
+    socket: Mutex<Option<OwnedFd>>,
     /// Its pid (0 while none).
     pub pid: AtomicU32,
     /// Serving (false while respawning, or for good after a failed respawn).
@@ -76,6 +83,7 @@ impl WorkerHandle {
             slots: (0..depth).map(|_| SlotCell::default()).collect(),
             outstanding: AtomicUsize::new(0),
             child: Mutex::new(None),
+            socket: Mutex::new(None),
             pid: AtomicU32::new(0),
             alive: AtomicBool::new(false),
             gone: AtomicBool::new(false),
@@ -185,37 +193,93 @@ impl WorkerHandle {
         }
     }
 
-    /// Starts a worker process for this region and waits (up to
-    /// `ready_timeout`) until it serves.
+    /// Sends `entry` and its artifact memfd to the worker (before a `LOAD`
+    /// request for it). Blocks at most the socket's send timeout.
+    pub fn deliver(&self, entry: &CatalogEntry, artifact: &SealedArtifact) -> std::io::Result<()> {
+        let socket = lock(&self.socket);
+        let socket = socket
+            .as_ref()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "worker not running"))?;
+        catalog::send_entry(socket.as_fd(), entry, artifact.as_fd())
+    }
+
+    /// Starts a worker process for this region, sends it `catalog` (each
+    /// entry with its artifact memfd) and waits (up to `ready_timeout`)
+    /// until it serves.
     pub fn spawn(
         &self,
         bin: &std::path::Path,
         args: &WorkerArgs,
-        catalog: &[CatalogEntry],
+        catalog: &[(CatalogEntry, Arc<SealedArtifact>)],
         ready_timeout: Duration,
     ) -> std::io::Result<()> {
         let header = self.region.header();
         header.worker.ready.store(0, Ordering::SeqCst);
-        let mut child = Command::new(bin)
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+        // The worker never speaks on it; a send stalls at most this long.
+        shutdown(ours.as_raw_fd(), Shutdown::Read)?;
+        let timeout = nix::sys::time::TimeVal::new(
+            libc::time_t::try_from(ready_timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            libc::suseconds_t::from(ready_timeout.subsec_micros()),
+        );
+        setsockopt(&ours, sockopt::SendTimeout, &timeout)?;
+        let shm = self
+            .region
+            .fd()
+            .ok_or_else(|| std::io::Error::other("the shared region has no fd"))?;
+        let (fds, _temporaries) = crate::process::child_fds(&[(shm, SHM_FD), (theirs.as_fd(), WORKER_SOCKET_FD)])?;
+        let mut command = Command::new(bin);
+        command
             .args(args.to_args())
-            .stdin(Stdio::piped())
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+            .stderr(Stdio::inherit());
+        let first_unused = libc::c_uint::try_from(WORKER_SOCKET_FD.max(SHM_FD) + 1).unwrap_or(libc::c_uint::MAX);
+        // SAFETY: the closure runs in the forked child before exec and makes
+        // only async-signal-safe system calls (dup2, close_range, getrlimit,
+        // setrlimit) on fds and a local struct; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                for &(src, dst) in &fds {
+                    if libc::dup2(src, dst) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // Nothing else of the host's (fds it left inheritable).
+                if libc::close_range(first_unused, libc::c_uint::MAX, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A worker holds one fd per artifact: allow as many as the
+                // hard limit does.
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                    lim.rlim_cur = lim.rlim_max;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        drop(theirs);
         let pid = child.id();
-        let stdin = child.stdin.take();
         // Published before the worker can serve anything, so that anyone who
         // saw it answer also sees its pid.
         self.pid.store(pid, Ordering::SeqCst);
         *lock(&self.child) = Some(child);
-        if let Some(mut stdin) = stdin {
-            let mut text = String::new();
-            for entry in catalog {
-                text.push_str(&entry.to_line());
-                text.push('\n');
-            }
+        {
+            let mut socket = lock(&self.socket);
             // A worker that dies while reading is noticed below.
-            let _ = stdin.write_all(text.as_bytes());
+            let sent = catalog
+                .iter()
+                .try_for_each(|(entry, artifact)| catalog::send_entry(ours.as_fd(), entry, artifact.as_fd()))
+                .and_then(|()| catalog::send_end(ours.as_fd()));
+            if let Err(e) = sent {
+                eprintln!("microfaas language: sending worker {} its catalog: {e}", self.index);
+            }
+            *socket = Some(ours);
         }
         let deadline = std::time::Instant::now() + ready_timeout;
         let failed = loop {
@@ -311,6 +375,7 @@ impl WorkerHandle {
     /// Kills and reaps the worker (shutdown).
     pub fn stop(&self) {
         self.alive.store(false, Ordering::SeqCst);
+        lock(&self.socket).take();
         if let Some(mut child) = lock(&self.child).take() {
             let _ = child.kill();
             let _ = child.wait();

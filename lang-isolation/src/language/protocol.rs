@@ -9,9 +9,10 @@ use std::time::Duration;
 pub mod op {
     /// Run a preloaded function (warm).
     pub const INVOKE_WARM: u32 = 1;
-    /// dlopen, init, run, dlclose (cold).
+    /// Map a fresh private image, init, run, unmap (cold).
     pub const INVOKE_COLD: u32 = 2;
-    /// Load and init a function; the slot's input area holds its path.
+    /// Load and init a function; its catalog message (with the artifact
+    /// memfd) was sent on the worker's socket before the request.
     pub const LOAD: u32 = 3;
     /// Unload a function.
     pub const UNLOAD: u32 = 4;
@@ -45,7 +46,7 @@ pub struct Reply {
     pub seq: u64,
     /// Bytes in the slot's output area (output or message).
     pub out_len: u64,
-    /// Nanoseconds spent making the function ready (cold: dlopen + init).
+    /// Nanoseconds spent making the function ready (cold: map + relocate + init).
     pub start_ns: u64,
     /// The shim's entry timestamp (`CLOCK_MONOTONIC`).
     pub entered_ns: u64,
@@ -152,11 +153,11 @@ impl Preemption {
     }
 }
 
-/// Everything a worker process needs, passed on its command line.
+/// Everything a worker process needs, passed on its command line (its
+/// shared region and catalog socket are inherited fds, see
+/// [`crate::runtime::fds`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerArgs {
-    /// Path the worker opens to map the shared region.
-    pub shm_path: String,
     /// Worker index (for messages).
     pub index: usize,
     /// CPU to pin to, if any.
@@ -177,8 +178,9 @@ pub struct WorkerArgs {
     pub init_budget: Duration,
     /// Preemption mode.
     pub preemption: Preemption,
-    /// Install the seccomp filter.
-    pub seccomp: bool,
+    /// The sandbox to enter (a [`crate::sandbox::SandboxSettings::to_arg`]
+    /// value) before any function is loaded.
+    pub sandbox: String,
 }
 
 /// A malformed worker command line.
@@ -198,9 +200,6 @@ pub enum ArgsError {
         /// Its value.
         value: String,
     },
-    /// A required flag is absent.
-    #[error("`{0}` is required")]
-    Required(&'static str),
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -211,8 +210,6 @@ impl WorkerArgs {
     /// The command line that [`WorkerArgs::parse`] reads back.
     pub fn to_args(&self) -> Vec<String> {
         let mut v = vec![
-            "--shm".into(),
-            self.shm_path.clone(),
             "--index".into(),
             self.index.to_string(),
             "--depth".into(),
@@ -231,8 +228,8 @@ impl WorkerArgs {
             nanos(self.init_budget).to_string(),
             "--preemption".into(),
             self.preemption.to_arg(),
-            "--seccomp".into(),
-            u8::from(self.seccomp).to_string(),
+            "--sandbox".into(),
+            self.sandbox.clone(),
         ];
         if let Some(cpu) = self.cpu {
             v.push("--cpu".into());
@@ -249,9 +246,7 @@ impl WorkerArgs {
                 value: value.to_owned(),
             })
         }
-        let mut shm_path = None;
         let mut a = WorkerArgs {
-            shm_path: String::new(),
             index: 0,
             cpu: None,
             depth: 0,
@@ -262,14 +257,13 @@ impl WorkerArgs {
             idle_spin: Duration::ZERO,
             init_budget: Duration::ZERO,
             preemption: Preemption::Watchdog,
-            seccomp: false,
+            sandbox: String::new(),
         };
         let mut it = args.into_iter();
         while let Some(flag) = it.next() {
             let value = it.next().ok_or_else(|| ArgsError::MissingValue(flag.clone()))?;
             let f = flag.as_str();
             match f {
-                "--shm" => shm_path = Some(value),
                 "--index" => a.index = num(f, &value)?,
                 "--cpu" => a.cpu = Some(num(f, &value)?),
                 "--depth" => a.depth = num(f, &value)?,
@@ -285,11 +279,10 @@ impl WorkerArgs {
                         value: value.clone(),
                     })?;
                 }
-                "--seccomp" => a.seccomp = num::<u8>(f, &value)? != 0,
+                "--sandbox" => a.sandbox = value,
                 _ => return Err(ArgsError::Unknown(flag)),
             }
         }
-        a.shm_path = shm_path.ok_or(ArgsError::Required("--shm"))?;
         if !crate::language::ring::valid_capacity(a.depth) {
             return Err(ArgsError::BadValue {
                 flag: "--depth".into(),
@@ -306,7 +299,6 @@ mod tests {
 
     fn sample() -> WorkerArgs {
         WorkerArgs {
-            shm_path: "/proc/1/fd/7".into(),
             index: 3,
             cpu: Some(1),
             depth: 8,
@@ -319,7 +311,7 @@ mod tests {
             preemption: Preemption::Periodic {
                 quantum: Duration::from_micros(20),
             },
-            seccomp: true,
+            sandbox: "uid=1,gid=1,layers=inls".into(),
         }
     }
 
@@ -331,7 +323,7 @@ mod tests {
             let b = WorkerArgs {
                 cpu: None,
                 preemption,
-                seccomp: false,
+                sandbox: "uid=1,gid=1,layers=----".into(),
                 ..sample()
             };
             assert_eq!(WorkerArgs::parse(b.to_args()).unwrap(), b);
@@ -343,16 +335,12 @@ mod tests {
     #[test]
     fn args_errors() {
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            WorkerArgs::parse(s(&["--depth", "8"])),
-            Err(ArgsError::Required("--shm"))
-        );
         assert!(matches!(
-            WorkerArgs::parse(s(&["--shm", "x", "--depth", "6"])),
+            WorkerArgs::parse(s(&["--depth", "6"])),
             Err(ArgsError::BadValue { .. })
         ));
         assert!(matches!(
-            WorkerArgs::parse(s(&["--shm"])),
+            WorkerArgs::parse(s(&["--depth"])),
             Err(ArgsError::MissingValue(_))
         ));
         assert!(matches!(

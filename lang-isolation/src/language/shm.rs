@@ -16,7 +16,7 @@ use super::ring::{CachePadded, Entry, Ring, RingIndices};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Value of [`Header::magic`].
@@ -161,7 +161,8 @@ impl Layout {
 pub struct Region {
     base: *mut u8,
     layout: Layout,
-    file: File,
+    /// The memfd (dispatcher side; a worker closes its copy once mapped).
+    file: Option<File>,
     requests: Ring<Request>,
     replies: Ring<Reply>,
 }
@@ -185,7 +186,7 @@ impl Region {
         // SAFETY: `fd` is a fresh descriptor nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(u64::try_from(layout.total).map_err(io::Error::other)?)?;
-        let region = Self::map(file, layout)?;
+        let region = Self::map(file.as_raw_fd(), layout, Some(file))?;
         // SAFETY: the header lies at offset 0 of a mapping at least its size;
         // the fresh memfd reads as zero, which is a valid `Header`.
         unsafe {
@@ -196,17 +197,20 @@ impl Region {
         Ok(region)
     }
 
-    /// Maps an existing region (worker side), checking it against `layout`.
-    pub fn open(path: &str, layout: Layout) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-        let len = file.metadata()?.len();
+    /// Maps an inherited region (worker side), checking it against
+    /// `layout`, and closes `fd`.
+    pub fn open_fd(fd: OwnedFd, layout: Layout) -> io::Result<Self> {
+        // SAFETY: lseek on an fd we own only moves its (unused) offset.
+        let end = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
+        let len = u64::try_from(end).map_err(|_| io::Error::last_os_error())?;
         if u64::try_from(layout.total).ok() != Some(len) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("shared region is {len} bytes, expected {}", layout.total),
             ));
         }
-        let region = Self::map(file, layout)?;
+        let region = Self::map(fd.as_raw_fd(), layout, None)?;
+        drop(fd);
         let h = region.header();
         if h.magic != MAGIC || h.depth != layout.depth {
             return Err(io::Error::new(
@@ -217,7 +221,7 @@ impl Region {
         Ok(region)
     }
 
-    fn map(file: File, layout: Layout) -> io::Result<Self> {
+    fn map(fd: RawFd, layout: Layout, file: Option<File>) -> io::Result<Self> {
         // SAFETY: a fresh shared mapping of the whole file at a kernel-chosen
         // address; it aliases no Rust object and is unmapped in `drop`.
         let p = unsafe {
@@ -226,7 +230,7 @@ impl Region {
                 layout.total,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                file.as_raw_fd(),
+                fd,
                 0,
             )
         };
@@ -278,9 +282,9 @@ impl Region {
         &self.layout
     }
 
-    /// Path under which a child of this process can open the region.
-    pub fn proc_path(&self) -> String {
-        format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd())
+    /// The memfd (dispatcher side, to hand to a worker; `None` in a worker).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(AsFd::as_fd)
     }
 
     /// Start of slot `slot`'s input area (`input_area` bytes).
@@ -377,7 +381,8 @@ mod tests {
     fn create_and_reopen() {
         let l = Layout::new(4, 4096, 4096).unwrap();
         let a = Region::create("test", l).unwrap();
-        let b = Region::open(&a.proc_path(), l).unwrap();
+        let dup = || a.fd().unwrap().try_clone_to_owned().unwrap();
+        let b = Region::open_fd(dup(), l).unwrap();
         a.requests()
             .try_push(Request {
                 seq: 7,
@@ -389,6 +394,6 @@ mod tests {
         unsafe { a.input_area(3).unwrap().write(42) };
         // SAFETY: as above.
         assert_eq!(unsafe { b.input_area(3).unwrap().read() }, 42);
-        assert!(Region::open(&a.proc_path(), Layout::new(8, 4096, 4096).unwrap()).is_err());
+        assert!(Region::open_fd(dup(), Layout::new(8, 4096, 4096).unwrap()).is_err());
     }
 }

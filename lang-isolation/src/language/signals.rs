@@ -75,8 +75,9 @@ extern "C" fn on_sigsys(signal: libc::c_int, info: *mut libc::siginfo_t, context
     POLICY_SYSCALL.store(u64::try_from(nr).unwrap_or(0).saturating_add(1), Ordering::Relaxed);
     // SAFETY: as in `on_preempt`.
     if unsafe { preempt_from_signal(context) } == runtime::Preemption::NotRunning {
-        // The worker's own code broke its policy: die, the dispatcher
-        // notices and respawns.
+        // The worker's own code broke its policy: say which call (a bug in
+        // the allowlist), die; the dispatcher notices and respawns.
+        report_own_violation(nr);
         // SAFETY: sigaction with SIG_DFL and raise are async-signal-safe.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
@@ -85,6 +86,35 @@ extern "C" fn on_sigsys(signal: libc::c_int, info: *mut libc::siginfo_t, context
             libc::raise(signal);
         }
     }
+}
+
+/// Writes `microfaas-worker: forbidden system call NR outside a function`
+/// to stderr with one `write` (async-signal-safe: no allocation, no lock).
+fn report_own_violation(nr: i32) {
+    let mut buf = [0u8; 80];
+    let prefix = b"microfaas-worker: forbidden system call ";
+    let suffix = b" outside a function\n";
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len();
+    let mut digits = [0u8; 12];
+    let mut n = nr.unsigned_abs();
+    let mut d = 0;
+    loop {
+        digits[d] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        d += 1;
+        n /= 10;
+        if n == 0 || d == digits.len() {
+            break;
+        }
+    }
+    for &c in digits[..d].iter().rev() {
+        buf[len] = c;
+        len += 1;
+    }
+    buf[len..len + suffix.len()].copy_from_slice(suffix);
+    len += suffix.len();
+    // SAFETY: writing `len` initialised bytes of a local buffer to stderr.
+    unsafe { libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len) };
 }
 
 fn install_handler(

@@ -3,15 +3,21 @@
 //! its reply ring. Preemption and seccomp signals are handled here (see
 //! [`super::signals`]); everything the loop does on the warm path is plain
 //! memory access — no system call unless it parks or a function fails.
+//!
+//! It needs no filesystem: its shared region is inherited at fd 3 (mapped,
+//! then closed) and its artifacts arrive as sealed memfds on the catalog
+//! socket at fd 4 ([`crate::runtime::fds`]), mapped by the runtime's own
+//! loader — a cold start maps a fresh private image of the same memfd.
 
-use super::catalog::CatalogEntry;
+use super::catalog::{self, CatalogEntry, Message};
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
-use super::{seccomp, signals};
-use crate::runtime::{Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction};
+use super::signals;
+use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
+use crate::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
+use crate::sandbox::{self, SandboxError, SandboxSpec};
 use std::collections::HashMap;
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{Ordering, fence};
 use std::time::Duration;
 
@@ -24,43 +30,34 @@ pub enum WorkerError {
     /// The shared-region layout is impossible.
     #[error("bad shared-region layout")]
     Layout(#[from] super::shm::LayoutError),
+    /// An fd the dispatcher must pass is not open.
+    #[error("no inherited fd {0} (shared region at {SHM_FD}, catalog socket at {WORKER_SOCKET_FD})")]
+    MissingFd(RawFd),
     /// Mapping the shared region failed.
-    #[error("cannot map the shared region `{path}`")]
-    Map {
-        /// Its path.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Reading the initial catalog from stdin failed.
+    #[error("cannot map the shared region")]
+    Map(#[source] std::io::Error),
+    /// Reading the initial catalog from the socket failed.
     #[error("cannot read the function catalog")]
     Catalog(#[source] std::io::Error),
     /// Installing signal handlers or the timer failed.
     #[error("cannot set up preemption signals")]
     Signals(#[source] std::io::Error),
-    /// Installing the seccomp filter failed.
-    #[error("cannot install the seccomp filter")]
-    Seccomp(#[from] seccomp::SeccompError),
+    /// The sandbox specification was malformed.
+    #[error("bad sandbox specification")]
+    SandboxSpec(#[from] sandbox::SpecError),
+    /// Entering the sandbox failed.
+    #[error("cannot enter the sandbox")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// Park timeout: also how often a parked worker checks its parent is alive.
 const PARK_TIMEOUT_NS: u64 = 100_000_000;
 
 struct Registered {
-    cold_path: PathBuf,
-    /// The image (warm artifact path) it runs from.
+    /// The image (the dispatcher's artifact id) it runs from.
     image: u64,
     /// Whether it wants its image resident (preloaded, not evicted).
     loaded: bool,
-}
-
-/// A resident instance: one per warm artifact path (functions deployed from
-/// the same file share one loaded image and its init state). Resident while
-/// any registered function with `loaded` uses it.
-struct Resident {
-    path: PathBuf,
-    instance: Instance,
 }
 
 /// A cheap hasher for the worker's integer keys (function indices and image
@@ -93,21 +90,53 @@ type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 struct Worker {
     region: Region,
+    /// The catalog socket (artifact memfds arrive on it).
+    socket: OwnedFd,
     /// Largest output in bytes (the output area may be larger: page rounded).
     output_limit: usize,
     config: InstanceConfig,
     init_budget_ns: u64,
     functions: IdMap<u32, Registered>,
-    /// Image ids by warm artifact path.
-    images: HashMap<PathBuf, u64>,
-    resident: IdMap<u64, Resident>,
+    /// Parsed artifacts by image id, while any registered function uses one.
+    images: IdMap<u64, ArtifactImage>,
+    /// Resident instances by image id: one per image (functions deployed
+    /// from the same artifact share its loaded copy and init state),
+    /// resident while any registered function with `loaded` uses it.
+    resident: IdMap<u64, Instance>,
+    /// Catalog messages received ahead of their `LOAD` request.
+    pending: IdMap<u32, (CatalogEntry, Option<OwnedFd>)>,
     /// Images whose instance must be reloaded before its next use (a failure
     /// other than a returned error may have torn the function's statics).
     stale: Vec<u64>,
-    /// Cold instances to close (dlclose) once the reply is out.
+    /// Cold instances to unmap once the reply is out.
     retired: Vec<Instance>,
     /// Memory of the last closed cold instance, reused by the next one.
     cold_shell: Option<InstanceShell>,
+}
+
+/// Why a function could not be made ready (loaded and initialised).
+struct NotReady {
+    /// `InitFailed`, or `PolicyViolation` when init() broke the sandbox.
+    outcome: Outcome,
+    message: String,
+    /// The forbidden system call, for a violation.
+    detail: u64,
+}
+
+impl From<String> for NotReady {
+    fn from(message: String) -> Self {
+        Self {
+            outcome: Outcome::InitFailed,
+            message,
+            detail: 0,
+        }
+    }
+}
+
+impl From<&str> for NotReady {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
 }
 
 /// What one run produced before it is written to the reply.
@@ -131,21 +160,36 @@ impl Ran {
     }
 }
 
+/// Takes an inherited fd, if it is open.
+fn inherited(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the dispatcher hands this process `fd` for it to own; checked open.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Runs a worker until its parent dies. Called by the `microfaas-worker`
-/// binary with its arguments.
+/// binary with its arguments; the shared region must be at fd 3 and the
+/// catalog socket at fd 4.
 pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     let args = WorkerArgs::parse(args)?;
     let layout = Layout::new(args.depth, args.input_limit, args.output_limit)?;
-    let region = Region::open(&args.shm_path, layout).map_err(|source| WorkerError::Map {
-        path: args.shm_path.clone(),
-        source,
-    })?;
+    let shm = inherited(SHM_FD).ok_or(WorkerError::MissingFd(SHM_FD))?;
+    let socket = inherited(WORKER_SOCKET_FD).ok_or(WorkerError::MissingFd(WORKER_SOCKET_FD))?;
+    // Maps the region and closes its fd.
+    let region = Region::open_fd(shm, layout).map_err(WorkerError::Map)?;
     if let Some(cpu) = args.cpu {
         pin_to(cpu);
     }
     signals::install(args.preemption).map_err(WorkerError::Signals)?;
+    if let Preemption::Periodic { quantum } = args.preemption {
+        signals::start_timer(quantum).map_err(WorkerError::Signals)?;
+    }
     let mut worker = Worker {
         region,
+        socket,
         output_limit: args.output_limit,
         config: InstanceConfig {
             heap_limit_bytes: args.heap_limit,
@@ -153,26 +197,26 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
         },
         init_budget_ns: u64::try_from(args.init_budget.as_nanos()).unwrap_or(u64::MAX),
         functions: IdMap::default(),
-        images: HashMap::new(),
+        images: IdMap::default(),
         resident: IdMap::default(),
+        pending: IdMap::default(),
         stale: Vec::new(),
         retired: Vec::new(),
         cold_shell: None,
     };
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        let line = line.map_err(WorkerError::Catalog)?;
-        if let Some(entry) = CatalogEntry::parse(&line) {
-            // A function whose init fails now is simply not resident; its
-            // next warm request reports `NotLoaded`.
-            let _ = worker.register(entry);
-        }
-    }
-    if let Preemption::Periodic { quantum } = args.preemption {
-        signals::start_timer(quantum).map_err(WorkerError::Signals)?;
-    }
-    if args.seccomp {
-        seccomp::install()?;
+    // The sandbox is in place before any function is loaded or initialised
+    // (after the worker's own set-up: its maps took their random keys).
+    let spec = SandboxSpec::parse(&args.sandbox)?;
+    let policy =
+        sandbox::worker::policy(&spec, std::process::id(), worker.socket.as_raw_fd()).map_err(SandboxError::from)?;
+    sandbox::apply(&policy)?;
+    // A function whose artifact or init fails now is simply not resident;
+    // its next warm request reports `NotLoaded`. The end marker (or a
+    // closed socket) ends the initial catalog.
+    while let Some(Message::Function(entry, fd)) =
+        catalog::recv(worker.socket.as_fd(), false).map_err(WorkerError::Catalog)?
+    {
+        let _ = worker.register(entry, fd);
     }
     let header = worker.region.header();
     header.worker.pid.store(std::process::id(), Ordering::Relaxed);
@@ -285,16 +329,10 @@ impl Worker {
                 reply.start_ns = start_ns;
                 ran
             }
-            op::LOAD => {
-                let line = String::from_utf8_lossy(input).into_owned();
-                match CatalogEntry::parse(&line) {
-                    Some(entry) => match self.register(entry) {
-                        Ok(()) => Ran::fail(Outcome::Ok, String::new(), 0),
-                        Err(message) => Ran::fail(Outcome::InitFailed, message, 0),
-                    },
-                    None => Ran::fail(Outcome::InitFailed, "malformed catalog line".into(), 0),
-                }
-            }
+            op::LOAD => match self.load(request.func) {
+                Ok(()) => Ran::fail(Outcome::Ok, String::new(), 0),
+                Err(e) => Ran::fail(e.outcome, e.message, e.detail),
+            },
             op::UNLOAD => {
                 self.unload(request.func, request.reserved != 0);
                 Ran::fail(Outcome::Ok, String::new(), 0)
@@ -346,27 +384,27 @@ impl Worker {
         if !self.stale.is_empty() && self.stale.contains(&image) {
             self.reload(image);
         }
-        let Some(resident) = self.resident.get_mut(&image) else {
+        let Some(instance) = self.resident.get_mut(&image) else {
             return Ran::fail(Outcome::NotLoaded, "function not resident".into(), 0);
         };
-        let ran = run_handle(&mut resident.instance, input, request.budget_ns, self.region.header());
+        let ran = run_handle(instance, input, request.budget_ns, self.region.header());
         if needs_reload(ran.outcome) && !self.stale.contains(&image) {
             self.stale.push(image);
         }
         ran
     }
 
-    /// dlopen a fresh copy, init, handle, dlclose. Returns the run and the
-    /// start time (load + init) in nanoseconds.
+    /// Maps a fresh private copy, init, handle, unmap. Returns the run and
+    /// the start time (map + relocate + init) in nanoseconds.
     fn invoke_cold(&mut self, request: &Request, input: &[u8]) -> (Ran, u64) {
         let t0 = now_ns();
-        let Some(path) = self.functions.get(&request.func).map(|f| f.cold_path.clone()) else {
+        let Some(image) = self.functions.get(&request.func).map(|f| f.image) else {
             return (Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0), 0);
         };
         let shell = self.cold_shell.take();
-        let mut instance = match self.instantiate_in(&path, shell) {
+        let mut instance = match self.instantiate(image, shell) {
             Ok(instance) => instance,
-            Err(message) => return (Ran::fail(Outcome::InitFailed, message, 0), 0),
+            Err(e) => return (Ran::fail(e.outcome, e.message, e.detail), 0),
         };
         let start_ns = now_ns().saturating_sub(t0);
         let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header());
@@ -374,14 +412,11 @@ impl Worker {
         (ran, start_ns)
     }
 
-    /// Loads `path` and runs its init under the init budget.
-    fn instantiate(&self, path: &std::path::Path) -> Result<Instance, String> {
-        self.instantiate_in(path, None)
-    }
-
-    /// As `instantiate`, reusing `shell`'s memory if given.
-    fn instantiate_in(&self, path: &std::path::Path, shell: Option<InstanceShell>) -> Result<Instance, String> {
-        let function = LoadedFunction::load(path).map_err(|e| error_chain(&e))?;
+    /// Maps a fresh copy of `image` (reusing `shell`'s memory if given) and
+    /// runs its init under the init budget.
+    fn instantiate(&self, image: u64, shell: Option<InstanceShell>) -> Result<Instance, NotReady> {
+        let artifact = self.images.get(&image).ok_or("artifact not delivered")?;
+        let function = LoadedFunction::load(artifact).map_err(|e| error_chain(&e))?;
         let mut instance = match shell {
             Some(shell) => Instance::from_shell(function, shell),
             None => Instance::new(function, &self.config).map_err(|e| error_chain(&e))?,
@@ -390,19 +425,62 @@ impl Worker {
         let result = with_deadline(header, self.init_budget_ns, || instance.init());
         match result {
             Ok(()) => Ok(instance),
-            Err(Failure::Preempted) if signals::take_policy_violation().is_none() => Err(format!(
-                "init() exceeded its budget of {} us",
-                self.init_budget_ns / 1000
-            )),
-            Err(Failure::FunctionError { message }) => Err(format!("init() returned an error: {message}")),
-            Err(failure) => Err(failure.to_string()),
+            Err(Failure::Preempted) => Err(match signals::take_policy_violation() {
+                // The sandbox was in place before init() ran.
+                Some(nr) => NotReady {
+                    outcome: Outcome::PolicyViolation,
+                    message: format!("init() made the forbidden system call {nr}"),
+                    detail: nr,
+                },
+                None => format!("init() exceeded its budget of {} us", self.init_budget_ns / 1000).into(),
+            }),
+            Err(Failure::FunctionError { message }) => Err(format!("init() returned an error: {message}").into()),
+            Err(failure) => Err(failure.to_string().into()),
         }
     }
 
-    /// Registers a function and, if asked, makes it resident.
-    fn register(&mut self, entry: CatalogEntry) -> Result<(), String> {
-        let next = u64::try_from(self.images.len()).unwrap_or(u64::MAX);
-        let image = *self.images.entry(entry.warm_path.clone()).or_insert(next);
+    /// A `LOAD` request: registers `func` from its catalog message (sent on
+    /// the socket before the request) and makes it resident. A function
+    /// already registered (e.g. from this worker's initial catalog) needs no
+    /// message.
+    fn load(&mut self, func: u32) -> Result<(), NotReady> {
+        loop {
+            match catalog::recv(self.socket.as_fd(), true) {
+                Ok(Some(Message::Function(entry, fd))) => {
+                    self.pending.insert(entry.func, (entry, fd));
+                }
+                Ok(Some(Message::End)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(format!("reading the catalog socket: {e}").into()),
+            }
+        }
+        match self.pending.remove(&func) {
+            Some((entry, fd)) => self.register(CatalogEntry { preload: true, ..entry }, fd),
+            None => match self.functions.get(&func).map(|f| f.image) {
+                Some(image) => self.register(
+                    CatalogEntry {
+                        func,
+                        image,
+                        preload: true,
+                    },
+                    None,
+                ),
+                None => Err("no catalog message for the function".into()),
+            },
+        }
+    }
+
+    /// Registers a function (its artifact memfd `fd` is parsed unless the
+    /// image is known already) and, if asked, makes it resident.
+    fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>) -> Result<(), NotReady> {
+        let image = entry.image;
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.images.entry(image) {
+            let fd = fd.ok_or("catalog message without an artifact fd")?;
+            let artifact = SealedArtifact::from_fd(fd)
+                .and_then(ArtifactImage::parse)
+                .map_err(|e| error_chain(&e))?;
+            slot.insert(artifact);
+        }
         if self.functions.get(&entry.func).is_some_and(|f| f.image != image) {
             // The index now names another artifact: drop the old one first.
             self.unload(entry.func, true);
@@ -411,7 +489,6 @@ impl Worker {
         self.functions.insert(
             entry.func,
             Registered {
-                cold_path: entry.cold_path,
                 image,
                 loaded: was_loaded || entry.preload,
             },
@@ -419,10 +496,9 @@ impl Worker {
         if !entry.preload || self.resident.contains_key(&image) {
             return Ok(());
         }
-        match self.instantiate(&entry.warm_path) {
+        match self.instantiate(image, None) {
             Ok(instance) => {
-                let path = entry.warm_path;
-                self.resident.insert(image, Resident { path, instance });
+                self.resident.insert(image, instance);
                 Ok(())
             }
             Err(message) => {
@@ -437,6 +513,10 @@ impl Worker {
     /// Evicts a function (its image stays resident while other functions
     /// use it); `forget` also drops its registration.
     fn unload(&mut self, func: u32, forget: bool) {
+        if forget {
+            // A message whose LOAD never came (the deploy failed elsewhere).
+            self.pending.remove(&func);
+        }
         let Some(f) = self.functions.get_mut(&func) else {
             return;
         };
@@ -448,6 +528,10 @@ impl Worker {
         if !self.functions.values().any(|f| f.loaded && f.image == image) {
             self.resident.remove(&image);
             self.stale.retain(|&i| i != image);
+        }
+        if !self.functions.values().any(|f| f.image == image) {
+            // Nobody can start it any more: close its memfd.
+            self.images.remove(&image);
         }
     }
 
@@ -466,12 +550,10 @@ impl Worker {
         let Some(old) = self.resident.remove(&image) else {
             return;
         };
-        // Close the old copy first (so that dlopen maps a fresh image), but
-        // keep its memory for the new one.
-        let path = old.path;
-        let shell = old.instance.into_shell();
-        if let Ok(instance) = self.instantiate_in(&path, Some(shell)) {
-            self.resident.insert(image, Resident { path, instance });
+        // Unmap the old copy first, but keep its memory for the new one.
+        let shell = old.into_shell();
+        if let Ok(instance) = self.instantiate(image, Some(shell)) {
+            self.resident.insert(image, instance);
         }
     }
 }

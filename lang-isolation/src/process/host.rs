@@ -4,9 +4,8 @@
 use super::protocol::{Layout, Reply, kind, phase, state};
 use super::runner_handle::{Runner, RunnerLimits, Tracker, WaitEnd, lock};
 use super::{Completed, ProcessConfig, ProcessError, ProcessStats, Served, StartMode};
-use crate::runtime::monotonic_ns;
+use crate::runtime::{SealedArtifact, monotonic_ns};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -14,7 +13,8 @@ use std::time::Duration;
 #[derive(Debug)]
 struct Slot {
     name: String,
-    artifact: PathBuf,
+    /// The artifact's sealed memfd, inherited by every runner at fd 4.
+    artifact: Arc<SealedArtifact>,
     budget: Duration,
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -59,6 +59,7 @@ impl ProcessHost {
             layout,
             heap_limit_bytes: config.heap_limit_bytes,
             stack_bytes: config.stack_bytes,
+            sandbox: config.sandbox.to_arg(),
         };
         let tracker = Tracker::new().map_err(|e| ProcessError::io("starting the reaper thread", e))?;
         Ok(Self {
@@ -74,12 +75,12 @@ impl ProcessHost {
         &self.config
     }
 
-    /// Deploys (or replaces) `name`: spawns its warm runners and waits for
-    /// their `init()`.
-    pub fn deploy(&self, name: &str, artifact: &Path, budget: Duration) -> Result<(), ProcessError> {
+    /// Deploys (or replaces) `name` from `artifact` (kept while deployed):
+    /// spawns its warm runners and waits for their `init()`.
+    pub fn deploy(&self, name: &str, artifact: Arc<SealedArtifact>, budget: Duration) -> Result<(), ProcessError> {
         let slot = Arc::new(Slot {
             name: name.to_owned(),
-            artifact: artifact.to_owned(),
+            artifact,
             budget,
             pool: Mutex::new(Pool::default()),
             returned: Condvar::new(),
@@ -161,7 +162,7 @@ impl ProcessHost {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
             &slot.artifact,
-            self.limits,
+            &self.limits,
             &self.tracker,
             Some(input),
             0,
@@ -169,7 +170,7 @@ impl ProcessHost {
         let init_deadline = t0.saturating_add(duration_ns(self.config.init_budget));
         match runner.wait_until(|s| s != state::REQUEST, init_deadline) {
             WaitEnd::Reached(_) => {}
-            WaitEnd::Died => return Err(crashed(slot, runner.reap_dead())),
+            WaitEnd::Died => return Err(died(slot, &mut runner)),
             WaitEnd::TimedOut => {
                 runner.kill_and_reap();
                 return Err(ProcessError::InitFailed {
@@ -219,7 +220,7 @@ impl ProcessHost {
     fn finish(&self, slot: &Slot, runner: &mut Runner, deadline: u64, t0: u64) -> Result<Completed, ProcessError> {
         match runner.wait_until(|s| s == state::REPLY, deadline) {
             WaitEnd::Reached(_) => {}
-            WaitEnd::Died => return Err(crashed(slot, runner.reap_dead())),
+            WaitEnd::Died => return Err(died(slot, runner)),
             WaitEnd::TimedOut => {
                 runner.kill_and_reap();
                 return Err(ProcessError::BudgetExceeded {
@@ -273,7 +274,7 @@ impl ProcessHost {
         if p == phase::LOAD {
             return ProcessError::LoadFailed {
                 name,
-                artifact: slot.artifact.clone(),
+                artifact: slot.artifact.label().to_owned(),
                 message,
             };
         }
@@ -312,7 +313,7 @@ impl ProcessHost {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
             &slot.artifact,
-            self.limits,
+            &self.limits,
             &self.tracker,
             None,
             generation,
@@ -343,9 +344,9 @@ impl ProcessHost {
                 runner.kill_and_reap();
                 Err(err)
             }
-            WaitEnd::Died => Err(ProcessError::InitFailed {
-                name: slot.name.clone(),
-                message: runner.reap_dead(),
+            WaitEnd::Died => Err(match died(slot, &mut runner) {
+                ProcessError::Crashed { name, detail } => ProcessError::InitFailed { name, message: detail },
+                violation => violation,
             }),
             WaitEnd::TimedOut => {
                 runner.kill_and_reap();
@@ -431,10 +432,21 @@ impl ProcessHost {
     }
 }
 
-fn crashed(slot: &Slot, detail: String) -> ProcessError {
-    ProcessError::Crashed {
-        name: slot.name.clone(),
-        detail,
+/// The error for a runner that died by itself: killed by its seccomp
+/// filter (`SECCOMP_RET_KILL_PROCESS`, a death by SIGSYS) is a policy
+/// violation, anything else a crash.
+fn died(slot: &Slot, runner: &mut Runner) -> ProcessError {
+    let detail = runner.reap_dead();
+    if runner.killed_by(libc::SIGSYS) {
+        ProcessError::PolicyViolation {
+            name: slot.name.clone(),
+            detail: format!("forbidden system call ({detail}: the sandbox's seccomp filter)"),
+        }
+    } else {
+        ProcessError::Crashed {
+            name: slot.name.clone(),
+            detail,
+        }
     }
 }
 

@@ -10,6 +10,10 @@
 //! * **Cold**: a new runner per request, spawned with the request already in
 //!   its shared region; it loads, inits, handles, replies and exits.
 //!
+//! The artifact reaches a runner as the deployed function's sealed memfd,
+//! inherited at fd 4 ([`crate::runtime::fds`]); the runner maps it with the
+//! runtime's own loader, so it needs no filesystem after exec.
+//!
 //! # IPC: shared memory + futex
 //!
 //! Each runner has a memfd region (header + input buffer + output buffer
@@ -62,6 +66,7 @@ mod shm;
 mod spawn;
 
 pub use host::ProcessHost;
+pub(crate) use spawn::child_fds;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,6 +88,8 @@ pub struct ProcessConfig {
     pub init_budget: Duration,
     /// Warm runners per function.
     pub warm_per_function: usize,
+    /// The sandbox every runner enters before its function's `init()`.
+    pub sandbox: crate::sandbox::SandboxSettings,
 }
 
 impl ProcessConfig {
@@ -97,6 +104,7 @@ impl ProcessConfig {
             stack_bytes: crate::runtime::DEFAULT_STACK_BYTES,
             init_budget: Duration::from_secs(10),
             warm_per_function: 1,
+            sandbox: crate::sandbox::SandboxSettings::default(),
         }
     }
 }
@@ -237,12 +245,12 @@ pub enum ProcessError {
         message: String,
     },
     /// The artifact could not be loaded.
-    #[error("runner could not load `{}` for `{name}`: {message}", artifact.display())]
+    #[error("runner could not load `{artifact}` for `{name}`: {message}")]
     LoadFailed {
         /// Function.
         name: String,
-        /// The artifact.
-        artifact: PathBuf,
+        /// The artifact (its label, see [`crate::runtime::SealedArtifact::label`]).
+        artifact: String,
         /// The loader's message.
         message: String,
     },
@@ -252,6 +260,15 @@ pub enum ProcessError {
         /// Function.
         name: String,
         /// Signal, exit status or fault.
+        detail: String,
+    },
+    /// The function made a system call its sandbox forbids (the kernel
+    /// killed its runner).
+    #[error("function `{name}` broke its sandbox policy: {detail}")]
+    PolicyViolation {
+        /// Function.
+        name: String,
+        /// What happened.
         detail: String,
     },
     /// The runner broke the protocol.
@@ -290,6 +307,7 @@ impl ProcessError {
                 | Self::OutOfMemory { .. }
                 | Self::StackOverflow { .. }
                 | Self::Crashed { .. }
+                | Self::PolicyViolation { .. }
                 | Self::MalformedReply { .. }
                 | Self::LoadFailed { .. }
                 | Self::InitFailed { .. }

@@ -1,15 +1,18 @@
 //! The runner process's side of the protocol: map the region the host
-//! passed at fd 3, load and `init()` the artifact with [`crate::runtime`],
-//! then serve requests (warm) or the one posted request (once).
+//! passed at fd 3 (and close that fd), load the sealed artifact memfd at
+//! fd 4 with [`crate::runtime`]'s loader (and close it), `init()` it, serve
+//! requests (warm) or the one posted request (once).
 
 use super::futex::{self, Woken};
 use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, robust, state};
 use super::shm::SharedRegion;
-use super::spawn::SHM_FD;
-use crate::runtime::{Failure, Instance, InstanceConfig, LoadedFunction, monotonic_ns};
+use super::spawn::{RUNNER_ARTIFACT_FD, SHM_FD};
+use crate::runtime::{
+    ArtifactImage, Failure, Instance, InstanceConfig, LoadError, LoadedFunction, SealedArtifact, monotonic_ns,
+};
+use crate::sandbox::{self, SandboxError, SandboxSettings, SandboxSpec};
 use std::ffi::OsString;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -28,26 +31,50 @@ const EXIT_USAGE: u8 = 2;
 pub struct RunnerArgs {
     /// Exit after the first reply.
     pub once: bool,
-    /// The artifact to load.
-    pub artifact: PathBuf,
+    /// The sandbox to enter before `init()`; without `--sandbox`, every
+    /// layer with the default uid/gid (fail closed).
+    pub sandbox: SandboxSpec,
 }
 
-/// Parses `--warm|--once ARTIFACT`.
+/// Parses `[--sandbox SPEC] --warm|--once`.
 pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
-    match args {
-        [mode, artifact] => {
-            let once = match mode.to_str()? {
-                "--once" => true,
-                "--warm" => false,
-                _ => return None,
-            };
-            Some(RunnerArgs {
-                once,
-                artifact: PathBuf::from(artifact),
-            })
-        }
-        _ => None,
+    let (sandbox, args) = match args {
+        [flag, spec, rest @ ..] if flag == "--sandbox" => (SandboxSpec::parse(spec.to_str()?).ok()?, rest),
+        _ => (
+            SandboxSpec {
+                settings: SandboxSettings::default(),
+                netns: None,
+                ipcns: None,
+            },
+            args,
+        ),
+    };
+    let once = match args {
+        [mode] => match mode.to_str()? {
+            "--once" => true,
+            "--warm" => false,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(RunnerArgs { once, sandbox })
+}
+
+/// Takes an inherited fd, if it is open.
+fn inherited(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
     }
+    // SAFETY: the host hands this process `fd` for it to own; checked open.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Checks, parses and maps the artifact memfd, and closes it: a runner
+/// loads once, so it keeps no mappable fd at all.
+fn load(fd: OwnedFd) -> Result<LoadedFunction, LoadError> {
+    let image = ArtifactImage::parse(SealedArtifact::from_fd(fd)?)?;
+    LoadedFunction::load(&image)
 }
 
 /// The runner's `main`: returns the process exit code (and never returns
@@ -55,17 +82,17 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
 pub fn main() -> u8 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some(args) = parse_args(&args) else {
-        eprintln!("usage: microfaas-runner --warm|--once ARTIFACT (with the shared region at fd {SHM_FD})");
+        eprintln!(
+            "usage: microfaas-runner [--sandbox SPEC] --warm|--once (with the shared region at fd {SHM_FD} and the artifact memfd at fd {RUNNER_ARTIFACT_FD})"
+        );
         return EXIT_USAGE;
     };
-    // SAFETY: F_GETFD only inspects the descriptor table.
-    if unsafe { libc::fcntl(SHM_FD, libc::F_GETFD) } < 0 {
-        eprintln!("microfaas-runner: no shared region at fd {SHM_FD}");
+    let (Some(shm), Some(artifact)) = (inherited(SHM_FD), inherited(RUNNER_ARTIFACT_FD)) else {
+        eprintln!("microfaas-runner: no shared region at fd {SHM_FD} or no artifact at fd {RUNNER_ARTIFACT_FD}");
         return EXIT_USAGE;
-    }
-    // SAFETY: the host hands this process fd 3 for it to own; checked open.
-    let fd = unsafe { OwnedFd::from_raw_fd(SHM_FD) };
-    let region = match SharedRegion::open(fd) {
+    };
+    // Maps the region and closes its fd.
+    let region = match SharedRegion::open(shm) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("microfaas-runner: bad shared region: {e}");
@@ -73,17 +100,17 @@ pub fn main() -> u8 {
         }
     };
     register_death_notice(&region.header().alive);
-    serve(&region, &args)
+    serve(&region, &args, artifact)
 }
 
-fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
+fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
     let h = region.header();
     let parent = std::os::unix::process::parent_id();
     let config = InstanceConfig {
         heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
         stack_bytes: usize::try_from(h.stack_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
     };
-    let function = match LoadedFunction::load(&args.artifact) {
+    let function = match load(artifact) {
         Ok(f) => f,
         Err(e) => return fatal(region, kind::LOAD_FAILED, phase::LOAD, &error_chain(&e), 0),
     };
@@ -91,6 +118,14 @@ fn serve(region: &SharedRegion, args: &RunnerArgs) -> u8 {
         Ok(i) => i,
         Err(e) => return fatal(region, kind::LOAD_FAILED, phase::LOAD, &error_chain(&e), 0),
     };
+    // The sandbox is in place before the function's first code, its init().
+    let entered = sandbox::runner::policy(&args.sandbox, std::process::id())
+        .map_err(SandboxError::from)
+        .and_then(|policy| sandbox::apply(&policy));
+    if let Err(e) = entered {
+        let message = format!("cannot enter the sandbox: {}", error_chain(&e));
+        return fatal(region, kind::LOAD_FAILED, phase::LOAD, &message, 0);
+    }
     if let Err(failure) = instance.init() {
         let (k, message, value) = describe(&failure);
         return fatal(region, k, phase::INIT, &message, value);
@@ -285,15 +320,25 @@ mod tests {
     #[test]
     fn args() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let default_sandbox = SandboxSpec {
+            settings: SandboxSettings::default(),
+            netns: None,
+            ipcns: None,
+        };
         assert_eq!(
-            parse_args(&a(&["--once", "/x.so"])),
+            parse_args(&a(&["--once"])),
             Some(RunnerArgs {
                 once: true,
-                artifact: "/x.so".into()
+                sandbox: default_sandbox
             })
         );
-        assert_eq!(parse_args(&a(&["--warm", "/x.so"])).map(|r| r.once), Some(false));
-        assert_eq!(parse_args(&a(&["--cold", "/x.so"])), None);
-        assert_eq!(parse_args(&a(&["--warm"])), None);
+        assert_eq!(parse_args(&a(&["--warm"])).map(|r| r.once), Some(false));
+        assert_eq!(parse_args(&a(&["--cold"])), None);
+        assert_eq!(parse_args(&a(&["--warm", "/x.so"])), None);
+        assert_eq!(parse_args(&a(&[])), None);
+        let sandboxed = parse_args(&a(&["--sandbox", "uid=7,gid=8,layers=-n-s", "--warm"])).unwrap();
+        assert_eq!(sandboxed.sandbox.settings.uid, 7);
+        assert!(!sandboxed.sandbox.settings.layers.identity);
+        assert_eq!(parse_args(&a(&["--sandbox", "bogus", "--warm"])), None);
     }
 }

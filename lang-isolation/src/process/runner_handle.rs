@@ -6,8 +6,9 @@ use super::futex::{self, Woken};
 use super::protocol::{Layout, RawReply, Reply, decode_reply, robust, state};
 use super::shm::SharedRegion;
 use super::spawn::{RunnerMode, spawn_runner};
-use crate::runtime::monotonic_ns;
+use crate::runtime::{SealedArtifact, monotonic_ns};
 use std::collections::BTreeSet;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
@@ -126,11 +127,13 @@ pub(crate) enum WaitEnd {
 }
 
 /// Limits a runner is created with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct RunnerLimits {
     pub layout: Layout,
     pub heap_limit_bytes: usize,
     pub stack_bytes: usize,
+    /// The runner's `--sandbox` value.
+    pub sandbox: String,
 }
 
 /// One runner process and its region. Dropping it kills and reaps it.
@@ -151,8 +154,8 @@ impl Runner {
     /// boots and waits (warm: wait for it with [`Runner::wait_ready`]).
     pub fn spawn(
         runner_bin: &Path,
-        artifact: &Path,
-        limits: RunnerLimits,
+        artifact: &SealedArtifact,
+        limits: &RunnerLimits,
         tracker: &Arc<Tracker>,
         request: Option<&[u8]>,
         generation: u64,
@@ -168,7 +171,10 @@ impl Runner {
             }
             None => RunnerMode::Warm,
         };
-        let pid = spawn_runner(runner_bin, artifact, region.raw_fd(), mode)
+        let shm = region
+            .fd()
+            .ok_or_else(|| ProcessError::io("the runner's shared region", std::io::Error::other("no fd")))?;
+        let pid = spawn_runner(runner_bin, shm, artifact.as_fd(), mode, &limits.sandbox)
             .map_err(|e| ProcessError::io(format!("spawning {}", runner_bin.display()), e))?;
         tracker.add(pid);
         Ok(Self {
@@ -286,6 +292,11 @@ impl Runner {
             self.tracker.forget(self.pid);
         }
         describe_status(self.reaped.flatten())
+    }
+
+    /// Whether the reaped runner was killed by `signal`.
+    pub fn killed_by(&self, signal: libc::c_int) -> bool {
+        matches!(self.reaped, Some(Some(s)) if libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == signal)
     }
 
     /// Reaps a runner that died by itself; returns how it ended.

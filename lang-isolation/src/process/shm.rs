@@ -1,9 +1,11 @@
 //! A runner's shared-memory region: a memfd mapped `MAP_SHARED` by the host
-//! and by the runner, laid out as in [`super::protocol`].
+//! and by the runner, laid out as in [`super::protocol`]. The runner closes
+//! its fd as soon as the region is mapped (a writable fd it kept could be
+//! mapped executable).
 
 use super::protocol::{HEADER_BYTES, Header, Layout, MAGIC, PROTOCOL_VERSION};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
@@ -11,7 +13,8 @@ use std::sync::atomic::Ordering;
 /// accessed through the header's atomics and raw byte copies.
 #[derive(Debug)]
 pub struct SharedRegion {
-    fd: OwnedFd,
+    /// The memfd (host side only; the runner closes its copy once mapped).
+    fd: Option<OwnedFd>,
     base: NonNull<u8>,
     layout: Layout,
 }
@@ -39,7 +42,12 @@ impl SharedRegion {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let region = Self::map(fd, layout)?;
+        let base = Self::map(fd.as_fd(), layout.total)?;
+        let region = Self {
+            fd: Some(fd),
+            base,
+            layout,
+        };
         let h = region.header();
         let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         h.input_capacity.store(as_u64(layout.input_capacity), Ordering::Relaxed);
@@ -53,20 +61,21 @@ impl SharedRegion {
     }
 
     /// Maps an inherited region (runner side): checks its size, magic and
-    /// version and derives the layout from the header.
+    /// version, derives the layout from the header, and closes `fd`.
     pub fn open(fd: OwnedFd) -> io::Result<Self> {
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-        let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-        // SAFETY: `st` is writable; fd is valid.
-        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: filled by fstat.
-        let file_size = usize::try_from(unsafe { st.assume_init() }.st_size).map_err(|_| bad("bad region size"))?;
+        // SAFETY: lseek on an fd we own only moves its (unused) offset.
+        let end = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
+        let file_size = usize::try_from(end).map_err(|_| io::Error::last_os_error())?;
         if file_size < HEADER_BYTES {
             return Err(bad("region smaller than its header"));
         }
-        let header_only = Self::map(fd, Layout::new(0, 0).ok_or_else(|| bad("layout"))?)?;
+        let header_layout = Layout::new(0, 0).ok_or_else(|| bad("layout"))?;
+        let header_only = Self {
+            fd: None,
+            base: Self::map(fd.as_fd(), header_layout.total)?,
+            layout: header_layout,
+        };
         let h = header_only.header();
         if h.magic.load(Ordering::Acquire) != MAGIC || h.version.load(Ordering::Acquire) != PROTOCOL_VERSION {
             return Err(bad("region magic or version mismatch"));
@@ -80,17 +89,19 @@ impl SharedRegion {
         if layout.total > file_size {
             return Err(bad("region smaller than its layout"));
         }
-        let fd = header_only.into_fd()?;
-        Self::map(fd, layout)
+        drop(header_only);
+        let base = Self::map(fd.as_fd(), layout.total)?;
+        drop(fd);
+        Ok(Self { fd: None, base, layout })
     }
 
-    fn map(fd: OwnedFd, layout: Layout) -> io::Result<Self> {
-        // SAFETY: mapping `layout.total` bytes of a memfd at least that large
-        // at a kernel-chosen address: no existing object is aliased.
+    fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<NonNull<u8>> {
+        // SAFETY: mapping `len` bytes of a memfd at least that large at a
+        // kernel-chosen address: no existing object is aliased.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                layout.total,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -100,13 +111,7 @@ impl SharedRegion {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { fd, base, layout })
-    }
-
-    fn into_fd(self) -> io::Result<OwnedFd> {
-        let dup = self.fd.try_clone()?;
-        Ok(dup)
+        NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
     }
 
     /// The layout.
@@ -114,9 +119,9 @@ impl SharedRegion {
         self.layout
     }
 
-    /// The memfd (to hand to a runner).
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// The memfd (host side, to hand to a runner; `None` in the runner).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(AsFd::as_fd)
     }
 
     /// The header.

@@ -20,7 +20,7 @@ use std::ptr;
 /// thread-local, so an instance is driven from one thread.
 #[derive(Debug)]
 pub struct Instance {
-    // Field order: the context and stack go before the library is closed.
+    // Field order: the context and stack go before the image is unmapped.
     ctx: Box<ContextCell>,
     stack: GuardedStack,
     initialised: bool,
@@ -299,7 +299,7 @@ pub struct InstanceShell {
 }
 
 impl Instance {
-    /// Closes the function (dlclose) and keeps the memory for
+    /// Unmaps the function's image and keeps the memory for
     /// [`Instance::from_shell`].
     pub fn into_shell(self) -> InstanceShell {
         let Instance {

@@ -1,102 +1,334 @@
-//! Loading a function artifact with `dlopen` (libloading): the ABI version
-//! check and the two entry symbols.
+//! Our own loader for function artifacts (no `dlopen`, no filesystem): an
+//! artifact arrives as a sealed memfd ([`SealedArtifact`]), is parsed and
+//! checked once ([`ArtifactImage`], see [`super::elf`]) and can then be
+//! mapped any number of times, each a fresh private copy ([`LoadedFunction`]).
+//!
+//! ```text
+//!  reservation   one PROT_NONE anonymous mapping of the image span
+//!  PT_LOAD R     MAP_PRIVATE|MAP_FIXED from the memfd, PROT_READ
+//!  PT_LOAD R+X   MAP_PRIVATE|MAP_FIXED from the memfd, PROT_READ|PROT_EXEC
+//!  PT_LOAD RW    MAP_PRIVATE|MAP_FIXED from the memfd, PROT_READ|PROT_WRITE;
+//!                tail of the last file page zeroed; anonymous RW pages for
+//!                the rest of the bss
+//!  relocate      R_X86_64_RELATIVE, and GLOB_DAT/JUMP_SLOT/64 to this
+//!                process's memcpy/memmove/memset/memcmp (bcmp = memcmp)
+//!  PT_GNU_RELRO  mprotect(PROT_READ)
+//! ```
+//!
+//! Every mapping is made with its final protection: nothing is ever both
+//! writable and executable, no anonymous memory is ever executable, and no
+//! `mprotect` adds `PROT_EXEC` — the seccomp rules of the sandboxed workers
+//! and runners allow exactly this. The system calls a load makes:
+//! `fcntl(F_GET_SEALS)`, `lseek`, `pread64` (parsing, once per artifact),
+//! `mmap`, `mprotect(PROT_READ)` and `munmap` (every load / unload).
+//!
+//! A loaded image takes one mapping per segment (4 for the builder's
+//! artifacts: R, R+X, RELRO-then-R, RW), plus one when a writable segment
+//! has both file and bss pages and one when RELRO covers only part of its
+//! segment (see [`super::elf::LoadPlan::max_mappings`]).
 
-use microfaas_sdk::{ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, HandleFn, INIT_SYMBOL, InitFn};
-use std::path::{Path, PathBuf};
+use super::elf::{self, ElfError, Import, LoadPlan, Protection, RelocValue};
+use super::mmap::Mapping;
+use microfaas_sdk::{HandleFn, InitFn};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Why an artifact could not be loaded.
+/// The seals a delivered artifact memfd must carry: its contents and size
+/// can never change, and no seal can be removed.
+pub const REQUIRED_SEALS: libc::c_int =
+    libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+/// Largest artifact accepted: 64 MiB.
+pub const MAX_ARTIFACT_BYTES: usize = 64 << 20;
+
+/// Why an artifact could not be created, parsed or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// `dlopen` refused the file.
-    #[error("cannot load `{}`", path.display())]
-    Open {
-        /// The artifact.
-        path: PathBuf,
-        /// The loader's error.
-        #[source]
-        source: libloading::Error,
+    /// Creating or sealing the memfd failed (host side).
+    #[error("cannot create the sealed artifact memfd")]
+    Create(#[source] io::Error),
+    /// The fd's seals cannot be read (it is not a memfd).
+    #[error("the artifact fd is not a memfd")]
+    NotMemfd(#[source] io::Error),
+    /// The memfd lacks a required seal.
+    #[error(
+        "the artifact memfd is not sealed against writes, growth, shrinking and unsealing (seals {seals:#x}, need {REQUIRED_SEALS:#x})"
+    )]
+    NotSealed {
+        /// The seals it has.
+        seals: libc::c_int,
     },
-    /// A required symbol is missing.
-    #[error("`{}` has no symbol `{symbol}`", path.display())]
-    MissingSymbol {
-        /// The artifact.
-        path: PathBuf,
-        /// The symbol.
-        symbol: &'static str,
-        /// The loader's error.
-        #[source]
-        source: libloading::Error,
+    /// Reading the memfd failed.
+    #[error("cannot read the artifact")]
+    Read(#[source] io::Error),
+    /// Over [`MAX_ARTIFACT_BYTES`].
+    #[error("the artifact is {len} bytes, more than the limit of {MAX_ARTIFACT_BYTES}")]
+    TooLarge {
+        /// Its size.
+        len: u64,
     },
-    /// The artifact was built against another ABI version.
-    #[error("`{}` has ABI version {found}, this runtime speaks {ABI_VERSION}", path.display())]
-    AbiMismatch {
-        /// The artifact.
-        path: PathBuf,
-        /// Its version.
-        found: u32,
-    },
+    /// The bytes are not a loadable artifact.
+    #[error("refused the artifact")]
+    Elf(#[source] ElfError),
+    /// A mapping or protection change failed.
+    #[error("cannot map the artifact image")]
+    Map(#[source] io::Error),
 }
 
-/// A loaded artifact and its resolved entry points. The library stays loaded
-/// (and the entry pointers valid) until this value is dropped.
-///
-/// Note that `dlopen` of a path already loaded in this process returns the
-/// same copy (shared statics); a fresh copy needs the previous one closed.
+static NEXT_ARTIFACT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An artifact's bytes in a memfd sealed with [`REQUIRED_SEALS`]: created by
+/// the host from bytes it verified, or received by a worker or runner, which
+/// checks the seals. Closed on drop.
 #[derive(Debug)]
-pub struct LoadedFunction {
-    path: PathBuf,
-    init: InitFn,
-    handle: HandleFn,
-    // Last: dropped (dlclose) after the pointers above are gone.
-    _library: libloading::Library,
+pub struct SealedArtifact {
+    file: File,
+    len: u64,
+    id: u64,
+    label: String,
 }
 
-impl LoadedFunction {
-    /// Loads the artifact at `path`, checks `MICROFAAS_ABI_VERSION` and
-    /// resolves `microfaas_v1_init` and `microfaas_v1_handle`.
-    pub fn load(path: &Path) -> Result<Self, LoadError> {
-        // SAFETY: loading runs the object's initialisers. Artifacts are built
-        // and verified by `microfaas build` (no constructors beyond relative
-        // relocations, no imports but the mem* allowlist), which is the trust
-        // base of every runtime.
-        let library = unsafe { libloading::Library::new(path) }.map_err(|source| LoadError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let missing = |symbol: &'static str| {
-            move |source| LoadError::MissingSymbol {
-                path: path.to_owned(),
-                symbol,
-                source,
-            }
-        };
-        // SAFETY: the ABI declares this symbol a `u32` static.
-        let version =
-            unsafe { library.get::<*const u32>(ABI_VERSION_SYMBOL.as_bytes()) }.map_err(missing(ABI_VERSION_SYMBOL))?;
-        // SAFETY: the symbol's address points at a live, aligned `u32` for as
-        // long as the library is loaded.
-        let found = unsafe { version.cast::<u32>().read() };
-        if found != ABI_VERSION {
-            return Err(LoadError::AbiMismatch {
-                path: path.to_owned(),
-                found,
+impl SealedArtifact {
+    /// Creates a sealed memfd holding `bytes` (close-on-exec). `label` names
+    /// the artifact in messages (and, shortened, the memfd).
+    pub fn create(label: &str, bytes: &[u8]) -> Result<Self, LoadError> {
+        if bytes.len() > MAX_ARTIFACT_BYTES {
+            return Err(LoadError::TooLarge {
+                len: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
             });
         }
-        // SAFETY: the ABI (version checked above) gives the symbol this type.
-        let init = *unsafe { library.get::<InitFn>(INIT_SYMBOL.as_bytes()) }.map_err(missing(INIT_SYMBOL))?;
-        // SAFETY: as above.
-        let handle = *unsafe { library.get::<HandleFn>(HANDLE_SYMBOL.as_bytes()) }.map_err(missing(HANDLE_SYMBOL))?;
+        // The memfd name keeps the label's end (a path's file name).
+        let chars: Vec<char> = label.chars().filter(|&c| c != '\0').collect();
+        let cname: String = chars[chars.len().saturating_sub(200)..].iter().collect();
+        let cname =
+            CString::new(format!("microfaas-artifact:{cname}")).map_err(|e| LoadError::Create(io::Error::other(e)))?;
+        let fd = memfd_exec(&cname).map_err(LoadError::Create)?;
+        let mut file = File::from(fd);
+        file.write_all(bytes).map_err(LoadError::Create)?;
+        // SAFETY: F_ADD_SEALS on our own memfd takes an integer argument.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS) } != 0 {
+            return Err(LoadError::Create(io::Error::last_os_error()));
+        }
+        let mut sealed = Self::from_fd(OwnedFd::from(file))?;
+        sealed.label = label.to_owned();
+        Ok(sealed)
+    }
+
+    /// Takes ownership of a received fd, checking it is a memfd with
+    /// [`REQUIRED_SEALS`] and not over [`MAX_ARTIFACT_BYTES`].
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, LoadError> {
+        // SAFETY: F_GET_SEALS takes no argument and only reads the fd's state.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(LoadError::NotMemfd(io::Error::last_os_error()));
+        }
+        if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+            return Err(LoadError::NotSealed { seals });
+        }
+        // SAFETY: lseek on an fd we own; it only moves its file offset (which
+        // nothing uses: reads are positioned).
+        let end = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
+        let len = u64::try_from(end).map_err(|_| LoadError::Read(io::Error::last_os_error()))?;
+        if len > u64::try_from(MAX_ARTIFACT_BYTES).unwrap_or(u64::MAX) {
+            return Err(LoadError::TooLarge { len });
+        }
+        let label = format!("artifact memfd (fd {})", fd.as_raw_fd());
         Ok(Self {
-            path: path.to_owned(),
-            init,
-            handle,
-            _library: library,
+            file: File::from(fd),
+            len,
+            id: NEXT_ARTIFACT_ID.fetch_add(1, Ordering::Relaxed),
+            label,
         })
     }
 
-    /// The artifact path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// What it was created from (the host's artifact path), or its fd.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Bytes in the memfd.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// An id unique among the artifacts of this process (functions deployed
+    /// from one `SealedArtifact` share one image in a worker).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// All its bytes (positioned reads: the memfd's offset is not used).
+    pub fn read_all(&self) -> Result<Vec<u8>, LoadError> {
+        let len = usize::try_from(self.len).map_err(|_| LoadError::TooLarge { len: self.len })?;
+        let mut bytes = vec![0u8; len];
+        self.file.read_exact_at(&mut bytes, 0).map_err(LoadError::Read)?;
+        Ok(bytes)
+    }
+}
+
+impl AsFd for SealedArtifact {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// `memfd_create` with `MFD_EXEC` (so that `vm.memfd_noexec` cannot make it
+/// unmappable as code), falling back to no flag on kernels before 6.3.
+fn memfd_exec(name: &CString) -> io::Result<OwnedFd> {
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    for flags in [base | libc::MFD_EXEC, base] {
+        // SAFETY: a NUL-terminated name and valid flags; the fd is owned below.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if raw >= 0 {
+            // SAFETY: `raw` is a fresh fd nothing else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(raw) });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A sealed artifact parsed and checked into a [`LoadPlan`]: ready to be
+/// mapped any number of times without reading or parsing it again.
+#[derive(Debug)]
+pub struct ArtifactImage {
+    sealed: SealedArtifact,
+    plan: LoadPlan,
+}
+
+impl ArtifactImage {
+    /// Reads and checks `sealed` (see [`super::elf`] for what is accepted).
+    pub fn parse(sealed: SealedArtifact) -> Result<Self, LoadError> {
+        let bytes = sealed.read_all()?;
+        let plan = elf::plan(&bytes).map_err(LoadError::Elf)?;
+        Ok(Self { sealed, plan })
+    }
+
+    /// The checked plan.
+    pub fn plan(&self) -> &LoadPlan {
+        &self.plan
+    }
+
+    /// The memfd.
+    pub fn sealed(&self) -> &SealedArtifact {
+        &self.sealed
+    }
+}
+
+fn prot_of(p: Protection) -> libc::c_int {
+    match p {
+        Protection::Read => libc::PROT_READ,
+        Protection::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
+        Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+    }
+}
+
+fn import_addr(import: Import) -> u64 {
+    let f: *const () = match import {
+        Import::Memcpy => libc::memcpy as *const (),
+        Import::Memmove => libc::memmove as *const (),
+        Import::Memset => libc::memset as *const (),
+        Import::Memcmp | Import::Bcmp => libc::memcmp as *const (),
+    };
+    u64::try_from(f.addr()).unwrap_or(0)
+}
+
+/// A mapped, relocated private copy of an artifact and its entry points.
+/// The image is unmapped (and the entry pointers invalid) when this value
+/// is dropped.
+#[derive(Debug)]
+pub struct LoadedFunction {
+    init: InitFn,
+    handle: HandleFn,
+    mappings: usize,
+    // Last: unmapped after the pointers above are gone.
+    image: Mapping,
+}
+
+impl LoadedFunction {
+    /// Maps a fresh private copy of `artifact` and relocates it. Its statics
+    /// are as built, whatever other copies did to theirs.
+    pub fn load(artifact: &ArtifactImage) -> Result<Self, LoadError> {
+        let plan = &artifact.plan;
+        let image = Mapping::anonymous(plan.span, libc::PROT_NONE).map_err(LoadError::Map)?;
+        let fd = artifact.sealed.as_fd();
+        for seg in &plan.segments {
+            let prot = prot_of(seg.protection);
+            if seg.file_bytes > 0 {
+                image
+                    .map_file_fixed(seg.start, seg.file_bytes, prot, fd, seg.file_offset)
+                    .map_err(LoadError::Map)?;
+            }
+            if let Some(from) = seg.zero_from {
+                let end = seg.start + seg.file_bytes;
+                // SAFETY: the plan puts `[from, end)` inside this writable
+                // segment's last file page, just mapped read-write and private
+                // to this process; no Rust reference points into the image.
+                unsafe { std::ptr::write_bytes(image.start().add(from), 0, end - from) };
+            }
+            if seg.anon_bytes > 0 {
+                image
+                    .map_anonymous_fixed(seg.start + seg.file_bytes, seg.anon_bytes, prot)
+                    .map_err(LoadError::Map)?;
+            }
+        }
+        let lo = usize::try_from(plan.lo).map_err(|_| LoadError::Map(io::Error::other("image base")))?;
+        let base0 = u64::try_from(image.addr().wrapping_sub(lo)).unwrap_or(0);
+        for r in &plan.relocations {
+            let value = match r.value {
+                RelocValue::Relative(addend) => base0.wrapping_add(addend),
+                RelocValue::Import(import, addend) => import_addr(import).wrapping_add(addend),
+            };
+            // SAFETY: the plan puts every relocation's 8 bytes inside a
+            // writable segment of the image, mapped read-write above; the
+            // write may be unaligned.
+            unsafe { image.start().add(r.offset).cast::<u64>().write_unaligned(value) };
+        }
+        if let Some((offset, len)) = plan.relro {
+            image.protect(offset, len, libc::PROT_READ).map_err(LoadError::Map)?;
+        }
+        // SAFETY: the plan puts both entry symbols inside an executable
+        // segment, mapped above; the ABI (version checked by the plan) gives
+        // them these types. They stay valid while `image` is mapped, which
+        // `self` guarantees by dropping `image` last.
+        let (init, handle) = unsafe {
+            (
+                std::mem::transmute::<*const u8, InitFn>(image.start().add(plan.init).cast_const()),
+                std::mem::transmute::<*const u8, HandleFn>(image.start().add(plan.handle).cast_const()),
+            )
+        };
+        Ok(Self {
+            init,
+            handle,
+            mappings: plan.max_mappings(),
+            image,
+        })
+    }
+
+    /// Address of the image's first page.
+    pub fn base(&self) -> usize {
+        self.image.addr()
+    }
+
+    /// Bytes of address space the image spans.
+    pub fn span(&self) -> usize {
+        self.image.len()
+    }
+
+    /// Upper bound of the kernel mappings (VMAs) the image takes.
+    pub fn mappings(&self) -> usize {
+        self.mappings
     }
 
     /// The init entry point (valid while `self` lives).

@@ -1,6 +1,8 @@
-//! Anonymous private memory mappings owned by the runtime (heaps, stacks).
+//! Private memory mappings owned by the runtime (heaps, stacks, and the
+//! reservations function images are mapped into).
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 /// The system page size in bytes.
@@ -78,6 +80,60 @@ impl Mapping {
         // memory they have not handed out).
         let rc = unsafe { libc::mprotect(self.start().add(offset).cast(), len, prot) };
         if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes of `fd` from `file_offset` over `[offset, offset +
+    /// len)` of this mapping (`MAP_PRIVATE | MAP_FIXED`, page aligned), with
+    /// `prot`. Writes stay private to this process.
+    pub fn map_file_fixed(
+        &self,
+        offset: usize,
+        len: usize,
+        prot: libc::c_int,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        let file_offset = libc::off_t::try_from(file_offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
+        // SAFETY: the range lies inside this mapping (checked above), which
+        // this value owns; the pages replaced there are not referenced by any
+        // Rust object (callers map into a fresh reservation).
+        let p = unsafe {
+            libc::mmap(
+                self.start().add(offset).cast(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                file_offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Replaces `[offset, offset + len)` (page aligned) with fresh private
+    /// anonymous zero pages with `prot`.
+    pub fn map_anonymous_fixed(&self, offset: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        // SAFETY: as in `map_file_fixed`.
+        let p = unsafe {
+            libc::mmap(
+                self.start().add(offset).cast(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -3,7 +3,9 @@
 //! entry points, and turn every way a call can end into a value.
 //!
 //! ```text
-//!  LoadedFunction::load(path)          dlopen, ABI version check, entry symbols
+//!  SealedArtifact::from_fd(fd)         a sealed memfd from the host (seals checked)
+//!  ArtifactImage::parse(sealed)        read + check once: the LoadPlan (elf.rs)
+//!  LoadedFunction::load(&image)        map a fresh private copy, relocate (loader.rs)
 //!        |
 //!  Instance::new(function, &config)    heap (persistent + invocation arenas,
 //!        |                             one byte limit) + guarded stack +
@@ -40,6 +42,8 @@
 //! `ucontext`; a preemption that lands inside a host service (the heap) is
 //! deferred to the service's return, so the heap is never left torn.
 
+mod elf;
+pub mod fds;
 mod heap;
 mod instance;
 mod loader;
@@ -48,9 +52,10 @@ mod services;
 mod stack;
 mod trap;
 
+pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
 pub use heap::{Arena, InstanceHeap};
 pub use instance::{Instance, InstanceShell, Output};
-pub use loader::{LoadError, LoadedFunction};
+pub use loader::{ArtifactImage, LoadError, LoadedFunction, MAX_ARTIFACT_BYTES, REQUIRED_SEALS, SealedArtifact};
 pub use services::monotonic_ns;
 pub use stack::{GUARD_BYTES, GuardedStack};
 pub use trap::{Preemption, preempt_from_signal};

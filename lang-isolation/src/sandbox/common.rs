@@ -1,0 +1,49 @@
+//! The part of the seccomp allowlist every sandboxed process needs: parking
+//! and clocks, its own signal handling, its own memory under W^X, stderr,
+//! exit. Each allowed call costs every sandboxed start some microseconds
+//! (the kernel prepares the filter per call it allows), so a process gets
+//! only what it makes after entering the sandbox.
+
+use super::seccomp::{Allowed, FilterError, futex_wait_wake, mmap_w_xor_x, mprotect_no_exec, on_fd, tgkill_self};
+
+/// The calls both kinds of sandboxed process make after start-up.
+pub(super) fn base_allowlist(pid: u32) -> Result<Vec<Allowed>, FilterError> {
+    Ok(vec![
+        // parking on shared memory, clocks (the vDSO falls back to the
+        // system call on some clock sources), the parent check
+        futex_wait_wake()?,
+        Allowed::any("clock_gettime", libc::SYS_clock_gettime),
+        Allowed::any("getppid", libc::SYS_getppid),
+        Allowed::any("getpid", libc::SYS_getpid),
+        Allowed::any("gettid", libc::SYS_gettid),
+        // its own signals: handlers, masks, re-raising a fatal one at itself
+        Allowed::any("rt_sigreturn", libc::SYS_rt_sigreturn),
+        Allowed::any("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+        Allowed::any("rt_sigaction", libc::SYS_rt_sigaction),
+        Allowed::any("restart_syscall", libc::SYS_restart_syscall),
+        tgkill_self(pid)?,
+        // memory: heaps, stacks, the loader's mappings, W^X
+        mmap_w_xor_x()?,
+        mprotect_no_exec("mprotect", libc::SYS_mprotect)?,
+        Allowed::any("munmap", libc::SYS_munmap),
+        Allowed::any("madvise", libc::SYS_madvise),
+        Allowed::any("brk", libc::SYS_brk),
+        // diagnostics, exit
+        on_fd("write", libc::SYS_write, libc::STDERR_FILENO, "stderr")?,
+        Allowed::any("exit_group", libc::SYS_exit_group),
+    ])
+}
+
+/// What a language worker adds: it loads artifacts after start (a thread's
+/// signal stack for new instances, realloc of the catalog's maps) and
+/// sleeps or yields while idle.
+pub(super) fn worker_extras() -> Vec<Allowed> {
+    vec![
+        Allowed::any("sigaltstack", libc::SYS_sigaltstack),
+        Allowed::any("mremap", libc::SYS_mremap),
+        Allowed::any("clock_nanosleep", libc::SYS_clock_nanosleep),
+        Allowed::any("nanosleep", libc::SYS_nanosleep),
+        Allowed::any("sched_yield", libc::SYS_sched_yield),
+        Allowed::any("exit", libc::SYS_exit),
+    ]
+}

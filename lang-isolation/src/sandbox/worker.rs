@@ -1,0 +1,58 @@
+//! The policy of a language-backend worker (`microfaas-worker`): one
+//! process per core running preloaded functions of one host as native calls.
+//! Entered at the start of the worker, before any function is loaded or
+//! initialised. The worker needs no filesystem at all: artifacts arrive as
+//! sealed memfds over its catalog socket (`recvmsg` on that one fd), whose
+//! seals it checks (`fcntl(F_GET_SEALS)`) before reading (`lseek`,
+//! `pread64`) and mapping them with the runtime's loader.
+
+use super::common::{base_allowlist, worker_extras};
+use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, on_fd};
+use super::{Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
+
+/// The worker's policy for `spec`, for the process `pid` (itself), whose
+/// catalog socket is `catalog_fd`.
+pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, FilterError> {
+    let layers = spec.settings.layers;
+    let mut allowed = base_allowlist(pid)?;
+    allowed.extend(worker_extras());
+    allowed.extend([
+        on_fd("recvmsg", libc::SYS_recvmsg, catalog_fd, "the catalog socket")?,
+        fcntl_get_seals()?,
+        Allowed::any("lseek", libc::SYS_lseek),
+        Allowed::any("pread64", libc::SYS_pread64),
+        Allowed::any("close", libc::SYS_close),
+    ]);
+    Ok(Policy {
+        kind: "language worker",
+        namespaces: layers.namespaces.then(|| Namespaces {
+            join_net: spec.netns.clone(),
+            join_ipc: spec.ipcns.clone(),
+            // once per worker, off every request's path
+            own_mount: true,
+        }),
+        landlock: layers.landlock.then_some(LandlockPolicy {
+            deny_tcp: true,
+            scoped: true,
+        }),
+        identity: layers.identity.then_some(Identity {
+            uid: spec.settings.uid,
+            gid: spec.settings.gid,
+        }),
+        no_new_privs: true,
+        // A trap: the worker's SIGSYS handler ends the running function with
+        // a policy violation and the worker serves on (the instance is
+        // reloaded). The forbidden call never runs whatever the function
+        // does with the signal (it may even install its own handler: that
+        // only spoils its own request). The worker is not discarded: the
+        // attacker had native code in it before the violation and could do
+        // anything a violation would show without making one, so killing
+        // the worker would stop only careless attackers; what holds is that
+        // the worker serves one host and its sandbox, not its integrity, is
+        // the boundary.
+        seccomp: layers.seccomp.then_some(SeccompPolicy {
+            allowed,
+            violation: Violation::Trap,
+        }),
+    })
+}
