@@ -33,6 +33,7 @@ pub mod cpu;
 pub mod error;
 pub mod exit;
 pub mod fault;
+pub mod image;
 pub mod instance;
 pub mod kick;
 pub mod layout;
@@ -62,7 +63,7 @@ pub static GUEST_KERNEL: &[u8] = include_bytes!(env!("GUEST_KERNEL_PATH"));
 pub struct Vmm {
     kvm: Kvm,
     cpuid: CpuId,
-    xsave: bool,
+    features: cpu::Features,
     xcr0: u64,
 }
 
@@ -88,6 +89,12 @@ impl Vmm {
                 .copied()
         };
         let xsave = leaf(1, 0).is_some_and(|e| e.ecx & (1 << 26) != 0);
+        let leaf7 = leaf(7, 0).map_or(0, |e| e.ebx);
+        let features = cpu::Features {
+            xsave,
+            smep: leaf7 & (1 << 7) != 0,
+            smap: leaf7 & (1 << 20) != 0,
+        };
         let xcr0 = leaf(0xd, 0).map_or(0b11, |e| cpu::xcr0(e.eax));
         kick::install().map_err(|source| VmmError::Kvm {
             op: "installing the vCPU kick handler",
@@ -96,7 +103,7 @@ impl Vmm {
         Ok(Self {
             kvm,
             cpuid,
-            xsave,
+            features,
             xcr0,
         })
     }

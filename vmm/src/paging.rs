@@ -1,6 +1,9 @@
 //! Builds the guest's 4-level page tables from the layout's regions: 2 MiB
 //! pages where a whole 2 MiB chunk has one access, 4 KiB pages elsewhere,
-//! nothing for unmapped addresses. Pure: the caller writes the pages.
+//! nothing for unmapped addresses. The directories cover all of guest
+//! memory, so a region mapped later (the function image) only needs its
+//! page-directory entries and tables ([`ChunkTables`]). Pure: the caller
+//! writes the pages.
 
 use crate::layout::{Access, Region};
 use guest_abi::{HUGE_PAGE_BYTES, PAGE_BYTES};
@@ -55,9 +58,49 @@ fn index(addr: u64, shift: u32) -> usize {
     usize::try_from((addr >> shift) & 511).unwrap_or(0)
 }
 
+/// The page-directory entry for the 2 MiB chunk at `chunk`: a 2 MiB leaf
+/// when the chunk has one access throughout, else a new page table from
+/// `alloc` (filled here), or 0 when nothing in it is mapped.
+fn chunk_entry(
+    regions: &[Region],
+    chunk: u64,
+    pages: &mut Vec<[u64; ENTRIES]>,
+    table_addr: impl FnOnce(&mut Vec<[u64; ENTRIES]>) -> Result<(usize, u64), TooManyTables>,
+) -> Result<u64, TooManyTables> {
+    let end = chunk + HUGE_PAGE_BYTES;
+    let mut overlapping = regions
+        .iter()
+        .filter(|r| r.start < end && r.start.saturating_add(r.len) > chunk);
+    let Some(first) = overlapping.next() else {
+        return Ok(0);
+    };
+    // One region over the whole chunk: a 2 MiB page (the common case, decided
+    // without looking at each 4 KiB page).
+    if first.start <= chunk && first.start.saturating_add(first.len) >= end {
+        return Ok(chunk | leaf_flags(first.access) | PS);
+    }
+    let access: Vec<Option<Access>> = (0..HUGE_PAGE_BYTES / PAGE_BYTES)
+        .map(|i| access_at(regions, chunk + i * PAGE_BYTES))
+        .collect();
+    Ok(match access[0] {
+        Some(a) if access.iter().all(|p| *p == Some(a)) => chunk | leaf_flags(a) | PS,
+        _ => {
+            let (pt, addr) = table_addr(pages)?;
+            for (i, a) in (0u64..).zip(&access) {
+                if let Some(a) = a {
+                    let page = chunk + i * PAGE_BYTES;
+                    pages[pt][index(page, 12)] = page | leaf_flags(*a);
+                }
+            }
+            addr | P | RW | US
+        }
+    })
+}
+
 impl PageTables {
     /// Identity-maps `regions` (below `mem_bytes`) with tables placed from
-    /// `base`, using at most `max_pages` pages.
+    /// `base`, using at most `max_pages` pages. Every 2 MiB chunk below
+    /// `mem_bytes` has a page directory (mapped or not).
     pub fn build(regions: &[Region], mem_bytes: u64, base: u64, max_pages: usize) -> Result<Self, TooManyTables> {
         let mut t = Self {
             base,
@@ -65,30 +108,34 @@ impl PageTables {
         };
         let mut chunk = 0;
         while chunk < mem_bytes {
-            let pages: Vec<Option<Access>> = (0..HUGE_PAGE_BYTES / PAGE_BYTES)
-                .map(|i| access_at(regions, chunk + i * PAGE_BYTES))
-                .collect();
-            if pages.iter().all(Option::is_none) {
-                chunk += HUGE_PAGE_BYTES;
-                continue;
-            }
             let pd = t.table_for(chunk, max_pages)?;
-            let entry = match pages[0] {
-                Some(a) if pages.iter().all(|p| *p == Some(a)) => chunk | leaf_flags(a) | PS,
-                _ => {
-                    let pt = t.alloc(max_pages)?;
-                    for (i, a) in pages.iter().enumerate() {
-                        if let Some(a) = a {
-                            t.pages[pt][i] = (chunk + (i as u64) * PAGE_BYTES) | leaf_flags(*a);
-                        }
-                    }
-                    t.addr(pt) | P | RW | US
+            let entry = chunk_entry(regions, chunk, &mut t.pages, |pages| {
+                if pages.len() >= max_pages {
+                    return Err(TooManyTables { max_pages });
                 }
-            };
+                pages.push([0; ENTRIES]);
+                let pt = pages.len() - 1;
+                Ok((pt, base + (pt as u64) * PAGE_BYTES))
+            })?;
             t.pages[pd][index(chunk, 21)] = entry;
             chunk += HUGE_PAGE_BYTES;
         }
         Ok(t)
+    }
+
+    /// The guest-physical address of the page-directory entry that maps
+    /// `addr` (`None` above what the tables cover).
+    pub fn pde_addr(&self, addr: u64) -> Option<u64> {
+        let mut table = 0usize;
+        for shift in [39, 30] {
+            let entry = self.pages.get(table)?[index(addr, shift)];
+            if entry & P == 0 {
+                return None;
+            }
+            table = usize::try_from(((entry & 0x000f_ffff_ffff_f000) - self.base) / PAGE_BYTES).ok()?;
+        }
+        self.pages.get(table)?;
+        Some(self.base + (table as u64) * PAGE_BYTES + (index(addr, 21) as u64) * 8)
     }
 
     fn addr(&self, page: usize) -> u64 {
@@ -122,10 +169,58 @@ impl PageTables {
 
     /// The tables as bytes, for writing at `base`.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.pages
-            .iter()
-            .flat_map(|p| p.iter().flat_map(|e| e.to_le_bytes()))
-            .collect()
+        pages_bytes(&self.pages)
+    }
+}
+
+fn pages_bytes(pages: &[[u64; ENTRIES]]) -> Vec<u8> {
+    pages
+        .iter()
+        .flat_map(|p| p.iter().flat_map(|e| e.to_le_bytes()))
+        .collect()
+}
+
+/// The page-directory entries and page tables mapping `regions` over the
+/// 2 MiB chunks of `[start, end)` (a region mapped after boot: the function
+/// image), with the tables placed from `base`.
+#[derive(Debug, Clone)]
+pub struct ChunkTables {
+    /// (chunk address, page-directory entry) for every chunk in the range.
+    pub entries: Vec<(u64, u64)>,
+    /// Guest-physical address of `pages[0]`.
+    pub base: u64,
+    /// The page tables, consecutive from `base`.
+    pub pages: Vec<[u64; ENTRIES]>,
+}
+
+impl ChunkTables {
+    /// Maps `regions` over the chunks of `[start, end)` (2 MiB aligned), with
+    /// at most `max_pages` tables from `base`.
+    pub fn build(regions: &[Region], start: u64, end: u64, base: u64, max_pages: usize) -> Result<Self, TooManyTables> {
+        let mut t = Self {
+            entries: Vec::new(),
+            base,
+            pages: Vec::new(),
+        };
+        let mut chunk = start & !(HUGE_PAGE_BYTES - 1);
+        while chunk < end {
+            let entry = chunk_entry(regions, chunk, &mut t.pages, |pages| {
+                if pages.len() >= max_pages {
+                    return Err(TooManyTables { max_pages });
+                }
+                pages.push([0; ENTRIES]);
+                let pt = pages.len() - 1;
+                Ok((pt, base + (pt as u64) * PAGE_BYTES))
+            })?;
+            t.entries.push((chunk, entry));
+            chunk += HUGE_PAGE_BYTES;
+        }
+        Ok(t)
+    }
+
+    /// The tables as bytes, for writing at `base`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        pages_bytes(&self.pages)
     }
 }
 
