@@ -47,6 +47,8 @@ mod vcpu;
 pub use channel::Status;
 pub use error::{RunError, VmmError};
 pub use fault::GuestFault;
+/// The host<->guest ABI (layout constants, mailbox, reply codes).
+pub use guest_abi as abi;
 pub use instance::{BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Reply, Shell, now_ns};
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;
