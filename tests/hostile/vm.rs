@@ -423,3 +423,60 @@ fn forged_replies_outside_the_io_window_are_refused() {
     }
     still_serves(b, &attack, &echo);
 }
+
+#[test]
+fn every_artifact_is_mapped_w_xor_x() {
+    // The mapping the host writes for each example function and for the
+    // attacker (no KVM needed): every loaded page is user, readable, and
+    // writable or executable but never both; code is executable.
+    let l = layout();
+    let mut artifacts: Vec<(String, Vec<u8>)> = [
+        "noop",
+        "echo",
+        "sha512",
+        "init-heavy",
+        "checkpointed",
+        "spin",
+        "panics",
+        "alloc-hog",
+        "stack-overflow",
+        "init-fails",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), microfaas::builtin(n).unwrap().bytes().to_vec()))
+    .collect();
+    artifacts.push(("vm-attacks".into(), artifact().bytes().to_vec()));
+    for (name, bytes) in artifacts {
+        let image = vmm::image::prepare(&bytes, &l).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!image.regions.is_empty(), "{name}");
+        for r in &image.regions {
+            assert!(r.access.user, "{name}: {r:?}");
+            assert!(!(r.access.write && r.access.exec), "{name}: W+X {r:?}");
+            assert!(
+                r.start >= l.image_addr && r.start + r.len <= l.image_addr + l.image_bytes,
+                "{name}: {r:?}"
+            );
+        }
+        let exec = |addr: u64| {
+            image
+                .regions
+                .iter()
+                .any(|r| r.access.exec && (r.start..r.start + r.len).contains(&addr))
+        };
+        assert!(
+            exec(image.entry.init_addr) && exec(image.entry.handle_addr),
+            "{name}: entry points not executable"
+        );
+        assert!(
+            image.regions.iter().any(|r| !r.access.write && !r.access.exec),
+            "{name}: no read-only pages"
+        );
+        let (tables, pdes) = vmm::image::mapping(&image, &l).unwrap();
+        assert_eq!(pdes.len(), usize::try_from(l.image_bytes >> 21).unwrap(), "{name}");
+        assert!(
+            tables.pages.len() <= 2,
+            "{name}: {} image page tables",
+            tables.pages.len()
+        );
+    }
+}

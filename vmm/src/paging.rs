@@ -12,6 +12,12 @@ const P: u64 = 1;
 const RW: u64 = 1 << 1;
 const US: u64 = 1 << 2;
 const PS: u64 = 1 << 7;
+/// Accessed: preset on every entry (and Dirty on writable leaves), so the
+/// MMU never writes the tables, and so that KVM's shadow paging may
+/// prefetch neighbouring entries (it skips entries not yet accessed).
+const A: u64 = 1 << 5;
+/// Dirty.
+const D: u64 = 1 << 6;
 const NX: u64 = 1 << 63;
 const ENTRIES: usize = 512;
 
@@ -33,9 +39,9 @@ pub struct TooManyTables {
 }
 
 fn leaf_flags(a: Access) -> u64 {
-    let mut f = P;
+    let mut f = P | A;
     if a.write {
-        f |= RW;
+        f |= RW | D;
     }
     if a.user {
         f |= US;
@@ -92,7 +98,7 @@ fn chunk_entry(
                     pages[pt][index(page, 12)] = page | leaf_flags(*a);
                 }
             }
-            addr | P | RW | US
+            addr | P | RW | US | A
         }
     })
 }
@@ -158,7 +164,7 @@ impl PageTables {
             let entry = self.pages[table][i];
             table = if entry & P == 0 {
                 let next = self.alloc(max_pages)?;
-                self.pages[table][i] = self.addr(next) | P | RW | US;
+                self.pages[table][i] = self.addr(next) | P | RW | US | A;
                 next
             } else {
                 usize::try_from(((entry & 0x000f_ffff_ffff_f000) - self.base) / PAGE_BYTES).unwrap_or(0)
@@ -281,6 +287,104 @@ mod tests {
         assert!(walk(&t, 0).is_none(), "null page must be unmapped");
         assert!(walk(&t, l.stack_bottom - 8).is_none(), "stack guard must be unmapped");
         assert!(walk(&t, l.mem_bytes).is_none());
+    }
+
+    /// Walks tables spread over several areas (gpa -> page), like the MMU.
+    fn walk_pages(pages: &std::collections::HashMap<u64, [u64; ENTRIES]>, root: u64, va: u64) -> Option<(u64, Access)> {
+        let mut table = root;
+        let (mut w, mut u, mut x) = (true, true, true);
+        for shift in [39u32, 30, 21, 12] {
+            let e = pages.get(&table)?[index(va, shift)];
+            if e & P == 0 {
+                return None;
+            }
+            w &= e & RW != 0;
+            u &= e & US != 0;
+            x &= e & NX == 0;
+            let access = Access {
+                write: w,
+                user: u,
+                exec: x,
+            };
+            if shift == 21 && e & PS != 0 {
+                return Some(((e & 0x000f_ffff_ffe0_0000) | (va & 0x1f_ffff), access));
+            }
+            if shift == 12 {
+                return Some(((e & 0x000f_ffff_ffff_f000) | (va & 0xfff), access));
+            }
+            table = e & 0x000f_ffff_ffff_f000;
+        }
+        None
+    }
+
+    #[test]
+    fn image_chunks_patch_into_the_boot_tables() {
+        use crate::layout::{IMAGE_TABLES_ADDR, LayoutConfig};
+        let l = Layout::new(LayoutConfig {
+            stack_bytes: 1 << 20,
+            io_bytes: 4 << 20,
+            image_bytes: 8 << 20,
+            heap_bytes: 64 << 20,
+        })
+        .unwrap();
+        let boot = PageTables::build(&l.regions(), l.mem_bytes, PAGE_TABLES_ADDR, 12).unwrap();
+        let page = |i: u64, access| Region {
+            start: l.image_addr + i * PAGE_BYTES,
+            len: PAGE_BYTES,
+            access,
+        };
+        // Code, rodata, data pages in the first chunk; a whole RW chunk next.
+        let image = [
+            page(0, Access::USER_RO),
+            page(1, Access::USER_RX),
+            page(2, Access::USER_RW),
+            Region {
+                start: l.image_addr + HUGE_PAGE_BYTES,
+                len: HUGE_PAGE_BYTES,
+                access: Access::USER_RW,
+            },
+        ];
+        let chunks =
+            ChunkTables::build(&image, l.image_addr, l.image_addr + l.image_bytes, IMAGE_TABLES_ADDR, 4).unwrap();
+        assert_eq!(chunks.entries.len(), 4);
+        assert_eq!(
+            chunks.pages.len(),
+            1,
+            "one table for the mixed chunk, a 2 MiB page for the uniform one"
+        );
+        let mut mem: std::collections::HashMap<u64, [u64; ENTRIES]> = (0u64..)
+            .zip(&boot.pages)
+            .map(|(i, p)| (boot.base + i * PAGE_BYTES, *p))
+            .collect();
+        for (i, p) in (0u64..).zip(&chunks.pages) {
+            mem.insert(chunks.base + i * PAGE_BYTES, *p);
+        }
+        // Before: the image region is unmapped.
+        assert_eq!(walk_pages(&mem, PAGE_TABLES_ADDR, l.image_addr), None);
+        for &(chunk, entry) in &chunks.entries {
+            let at = boot.pde_addr(chunk).unwrap();
+            let table = mem.get_mut(&(at & !0xfff)).unwrap();
+            table[usize::try_from((at & 0xfff) / 8).unwrap()] = entry;
+        }
+        let at = |va: u64| walk_pages(&mem, PAGE_TABLES_ADDR, va);
+        assert_eq!(at(l.image_addr), Some((l.image_addr, Access::USER_RO)));
+        assert_eq!(
+            at(l.image_addr + 0x1008),
+            Some((l.image_addr + 0x1008, Access::USER_RX))
+        );
+        assert_eq!(
+            at(l.image_addr + 0x2000),
+            Some((l.image_addr + 0x2000, Access::USER_RW))
+        );
+        assert_eq!(at(l.image_addr + 0x3000), None);
+        assert_eq!(
+            at(l.image_addr + HUGE_PAGE_BYTES + 0x12345),
+            Some((l.image_addr + HUGE_PAGE_BYTES + 0x12345, Access::USER_RW))
+        );
+        assert_eq!(at(l.image_addr + 2 * HUGE_PAGE_BYTES), None);
+        // The rest of the boot mapping is untouched.
+        assert_eq!(at(l.heap_addr), Some((l.heap_addr, Access::USER_RW)));
+        assert_eq!(at(l.io_addr), Some((l.io_addr, Access::USER_RW)));
     }
 
     #[test]
