@@ -52,7 +52,6 @@ struct Runtime {
     services: HostServices,
     /// The sequence number of the request being handled.
     seq: u32,
-    message: MessageBuf,
 }
 
 /// The reply to write for one request.
@@ -96,7 +95,6 @@ pub extern "C" fn kernel_main(info: *const BootInfo) -> ! {
             fail: svc_fail,
         },
         seq: 0,
-        message: MessageBuf::new(),
     };
     // `rt` lives in this frame, which never returns: its address is stable.
     rt.services.ctx = (&raw mut rt).cast::<c_void>();
