@@ -480,3 +480,20 @@ fn every_artifact_is_mapped_w_xor_x() {
         );
     }
 }
+
+#[test]
+fn the_host_maps_an_image_only_into_a_fresh_guest() {
+    // Rewriting the page tables of a guest that already ran code would
+    // leave translations stale: the VMM refuses a second load (before
+    // writing anything), and the guest keeps serving its function.
+    let Some(vmm) = vm_common::open_vmm() else { return };
+    let deadline = || std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let echo = microfaas::builtin("echo").unwrap();
+    let (mut instance, _) = vmm::Instance::boot(&vmm, &vmm::InstanceConfig::default()).unwrap();
+    assert_eq!(instance.load(echo.bytes(), deadline()).unwrap().status, vmm::Status::Ok);
+    assert!(matches!(
+        instance.load(artifact().bytes(), deadline()),
+        Err(vmm::RunError::AlreadyLoaded)
+    ));
+    assert_eq!(instance.invoke(b"same echo", deadline()).unwrap().data, b"same echo");
+}

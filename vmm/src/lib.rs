@@ -4,6 +4,13 @@
 //! page and an MMIO doorbell (`guest-abi`), one exit per request (none for
 //! back-to-back requests to a spinning hot instance).
 //!
+//! Privilege separation: page tables (not mapped), GDT/IDT/TSS, the fault
+//! stubs, the fault stack and the fault register are supervisor-only; the
+//! kernel's code is read-only and its data non-executable to CPL3; the host
+//! loads a function's artifact itself ([`image`], with the guest's own ELF
+//! loader) and maps it W^X per segment before the guest first touches it;
+//! a reply is read only from the I/O window ([`channel`]).
+//!
 //! [`Vmm`] is the opened `/dev/kvm` (shared); [`Instance`] is one running
 //! guest. Exit handling ([`exit`]), reply checking ([`channel`]), fault
 //! decoding ([`fault`]), the layout and page tables are pure and unit tested.

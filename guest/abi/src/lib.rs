@@ -144,11 +144,12 @@ pub struct BootInfo {
     pub idle_spin_us: u32,
     /// The [`Mailbox`] page.
     pub mailbox_addr: u64,
-    /// The I/O window: request payloads (artifact on `LOAD`, input on `INVOKE`).
+    /// The I/O window: request payloads (a [`LoadRequest`] on `LOAD`, the
+    /// input on `INVOKE`) and every reply's output or message.
     pub io_addr: u64,
     /// Size of the I/O window.
     pub io_bytes: u64,
-    /// Where the function's segments are loaded.
+    /// Where the host loads the function's segments (unmapped until then).
     pub image_addr: u64,
     /// Size of the image region.
     pub image_bytes: u64,
