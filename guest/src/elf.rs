@@ -218,16 +218,20 @@ impl<'a> Symbols<'a> {
     }
 }
 
-/// Loads `file` into `image` (which lives at guest address `image_addr`),
-/// relocates it, and returns its entry points. `resolve` maps an allowlisted
-/// import name to the address of the runtime's implementation (`None` =
-/// forbidden). `image` must be zeroed or is zeroed over the span used.
-pub fn load(
-    file: &[u8],
-    image: &mut [u8],
-    image_addr: u64,
-    resolve: &dyn Fn(&[u8]) -> Option<u64>,
-) -> Result<LoadedFunction, LoadError> {
+/// What the ELF header and program headers say about the image.
+struct FileLayout {
+    phoff: u64,
+    shoff: u64,
+    phnum: u16,
+    shnum: u16,
+    /// Lowest (page-aligned) and highest loaded address.
+    lo: u64,
+    hi: u64,
+    dynamic: Option<(u64, u64)>,
+    relro_vaddr: Option<(u64, u64)>,
+}
+
+fn file_layout(file: &[u8]) -> Result<FileLayout, LoadError> {
     let ident = slice(file, 0, 64, "ELF header")?;
     if ident[0..4] != *b"\x7fELF" || ident[4] != 2 || ident[5] != 1 {
         return Err(LoadError::NotSharedObject);
@@ -281,6 +285,44 @@ pub fn load(
     if loads > MAX_SEGMENTS {
         return Err(LoadError::Malformed("program headers (too many PT_LOAD)"));
     }
+    Ok(FileLayout {
+        phoff,
+        shoff,
+        phnum,
+        shnum,
+        lo,
+        hi,
+        dynamic,
+        relro_vaddr,
+    })
+}
+
+/// Bytes of image region `file`'s segments span (what [`load`] needs).
+pub fn span(file: &[u8]) -> Result<u64, LoadError> {
+    let l = file_layout(file)?;
+    Ok(l.hi - l.lo)
+}
+
+/// Loads `file` into `image` (which lives at guest address `image_addr`),
+/// relocates it, and returns its entry points. `resolve` maps an allowlisted
+/// import name to the address of the runtime's implementation (`None` =
+/// forbidden). `image` must be zeroed or is zeroed over the span used.
+pub fn load(
+    file: &[u8],
+    image: &mut [u8],
+    image_addr: u64,
+    resolve: &dyn Fn(&[u8]) -> Option<u64>,
+) -> Result<LoadedFunction, LoadError> {
+    let FileLayout {
+        phoff,
+        shoff,
+        phnum,
+        shnum,
+        lo,
+        hi,
+        dynamic,
+        relro_vaddr,
+    } = file_layout(file)?;
     let span = hi - lo;
     let span_usize = usize::try_from(span).map_err(|_| LoadError::TooLarge)?;
     if span_usize > image.len() {

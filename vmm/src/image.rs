@@ -82,8 +82,13 @@ fn kernel_imports() -> Result<&'static [(&'static str, u64)], ImageError> {
 pub fn prepare(artifact: &[u8], layout: &Layout) -> Result<LoadedImage, ImageError> {
     let imports = kernel_imports()?;
     let resolve = |name: &[u8]| imports.iter().find(|(n, _)| n.as_bytes() == name).map(|&(_, a)| a);
-    let image_len = usize::try_from(layout.image_bytes).map_err(|_| ImageError::Elf(LoadError::TooLarge))?;
-    let mut bytes = vec![0u8; image_len];
+    // Only the span (the region may be far larger: a zeroed buffer of all
+    // of it would cost a memset of megabytes per load).
+    let span = elf::span(artifact).map_err(ImageError::Elf)?;
+    if span > layout.image_bytes {
+        return Err(ImageError::Elf(LoadError::TooLarge));
+    }
+    let mut bytes = vec![0u8; usize::try_from(span).map_err(|_| ImageError::Elf(LoadError::TooLarge))?];
     let f = elf::load(artifact, &mut bytes, layout.image_addr, &resolve).map_err(ImageError::Elf)?;
     if f.abi_version != microfaas_sdk::ABI_VERSION {
         return Err(ImageError::AbiVersion {
@@ -91,7 +96,6 @@ pub fn prepare(artifact: &[u8], layout: &Layout) -> Result<LoadedImage, ImageErr
             expected: microfaas_sdk::ABI_VERSION,
         });
     }
-    bytes.truncate(usize::try_from(f.span).map_err(|_| ImageError::Elf(LoadError::TooLarge))?);
     Ok(LoadedImage {
         bytes,
         regions: page_regions(&f, layout.image_addr)?,
