@@ -50,6 +50,8 @@ struct Runtime {
     /// The loaded function's entry points (the host loaded its image).
     function: Option<LoadRequest>,
     services: HostServices,
+    /// The last output's heap block, freed when the next request arrives.
+    pending_free: Option<(NonNull<u8>, Layout)>,
     /// The sequence number of the request being handled.
     seq: u32,
 }
@@ -94,6 +96,7 @@ pub extern "C" fn kernel_main(info: *const BootInfo) -> ! {
             checkpoint: svc_checkpoint,
             fail: svc_fail,
         },
+        pending_free: None,
         seq: 0,
     };
     // `rt` lives in this frame, which never returns: its address is stable.
@@ -120,6 +123,12 @@ impl Runtime {
             let mailbox = unsafe { self.mailbox.read_volatile() };
             self.seq = mailbox.req_seq;
             self.clock.rebase(mailbox.host_tsc, mailbox.host_ns);
+            if let Some((block, layout)) = self.pending_free.take() {
+                // SAFETY: allocated from this heap by the function with this
+                // layout (the SDK's contract); its bytes were copied into
+                // the I/O window and nothing uses it since.
+                unsafe { self.heap.deallocate(block, layout) };
+            }
             let reply = match request::decode(&mailbox, self.info.io_bytes) {
                 Ok(Request::Load { len }) => self.load(len),
                 Ok(Request::Invoke { len }) => self.invoke(len),
@@ -305,15 +314,16 @@ impl Runtime {
             returned_ns: result.returned_ns,
             ..reply
         };
-        // The block (a `Vec<u8>`, align 1, of `capacity`) is copied out: free it.
+        // The block (a `Vec<u8>`, align 1, of `capacity`) is copied out; it
+        // is freed at the next request, off this one's reply path (the
+        // allocator's free path may lie on a page a restored instance has
+        // not touched yet).
         if let (Some(block), Ok(layout), true) = (
             NonNull::new(result.ptr),
             Layout::from_size_align(result.capacity, 1),
             result.capacity > 0,
         ) {
-            // SAFETY: allocated from this heap by the function with this
-            // layout (the SDK's contract), and no longer used.
-            unsafe { self.heap.deallocate(block, layout) };
+            self.pending_free = Some((block, layout));
         }
         reply
     }
