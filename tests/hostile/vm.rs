@@ -303,10 +303,13 @@ fn privileged_instructions_and_returns_to_cpl0_fault() {
     assert!(matches!(f.vector, 6 | 13), "{}", f.detail);
     // `hlt` at CPL3: a #GP, or (this host's PVM) a shutdown the host reports.
     match run(b, &attack, "priv hlt") {
-        Err(Error::Crashed { detail, .. }) => assert!(
-            detail.contains("exception 13") || detail.contains("triple fault"),
-            "{detail}"
-        ),
+        Err(Error::Crashed { detail, .. }) => {
+            eprintln!("hlt: {detail}");
+            assert!(
+                detail.contains("exception 13") || detail.contains("triple fault"),
+                "{detail}"
+            );
+        }
         other => panic!("priv hlt: expected a crash, got {other:?}"),
     }
     // Returns to the kernel code selector: #GP naming the selector.
@@ -369,6 +372,7 @@ fn software_interrupts_through_every_vector_and_syscall_fault() {
     // `syscall`: #UD (EFER.SCE clear), or on this host's PVM a jump to
     // LSTAR (0: the unmapped null page) still at CPL3.
     let f = fault("syscall", run(b, &attack, "syscall"));
+    eprintln!("syscall: {}", f.detail);
     assert!(
         f.vector == 6 || (f.vector == 14 && f.address == Some(0) && f.error_code == PF_USER | PF_FETCH),
         "{}",
@@ -376,6 +380,7 @@ fn software_interrupts_through_every_vector_and_syscall_fault() {
     );
     // `sysenter`: no SYSENTER_CS, #GP (or #UD).
     let f = fault("sysenter", run(b, &attack, "sysenter"));
+    eprintln!("sysenter: {}", f.detail);
     assert!(matches!(f.vector, 6 | 13), "{}", f.detail);
     still_serves(b, &attack, &echo);
 }
