@@ -16,10 +16,11 @@ core::arch::global_asm!(
 );
 
 // CPL0 fault stubs, one per vector, FAULT_STUB_STRIDE (16) bytes apart from
-// KERNEL_BASE (the linker script puts this section first). Each pushes an
+// FAULT_STUBS_ADDR (the linker script puts this section there, in its own
+// segment, which the VMM maps supervisor-only and read-only). Each pushes an
 // error code when the CPU does not, then the vector, and writes the vector to
-// the MMIO fault register; the host reads the rest of the frame from the
-// fault stack.
+// the MMIO fault register (a supervisor-only page); the host reads the rest
+// of the frame from the fault stack. They read nothing CPL3 can write.
 // Runs emulated on this host's KVM: keep it a handful of instructions.
 core::arch::global_asm!(
     ".section .text.fault_stubs, \"ax\"",
@@ -95,12 +96,15 @@ pub fn abort() -> ! {
 }
 
 // The mem* functions: the kernel's own (no libc here) and the ones function
-// artifacts' imports resolve to. String instructions, so the compiler cannot
-// turn them back into calls to themselves.
+// artifacts' imports resolve to (the host reads their addresses from the
+// kernel's symbol table; `.text.imports` is kept by the linker script, as
+// the kernel itself may not call all of them). String instructions, so the
+// compiler cannot turn them back into calls to themselves.
 
 /// # Safety
 /// `dst` and `src` valid for `n` bytes, not overlapping.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.imports")]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // SAFETY: caller contract; `rep movsb` copies exactly `n` bytes forward.
     unsafe {
@@ -116,6 +120,7 @@ pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut 
 /// # Safety
 /// `dst` and `src` valid for `n` bytes; they may overlap.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.imports")]
 pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dst as usize).wrapping_sub(src as usize) >= n {
         // No harmful overlap for a forward copy.
@@ -140,6 +145,7 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 /// # Safety
 /// `dst` valid for `n` bytes.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.imports")]
 pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
     // SAFETY: caller contract; `rep stosb` writes exactly `n` bytes. Only
     // the low byte of `c` is used, as C specifies.
@@ -156,6 +162,7 @@ pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
 /// # Safety
 /// `a` and `b` valid for `n` bytes.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.imports")]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
@@ -172,20 +179,8 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// # Safety
 /// `a` and `b` valid for `n` bytes.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.imports")]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: caller contract.
     unsafe { memcmp(a, b, n) }
-}
-
-/// The runtime's implementation of an allowlisted import, by name.
-pub fn resolve_import(name: &[u8]) -> Option<u64> {
-    let addr = match name {
-        b"memcpy" => memcpy as *const () as usize,
-        b"memmove" => memmove as *const () as usize,
-        b"memset" => memset as *const () as usize,
-        b"memcmp" => memcmp as *const () as usize,
-        b"bcmp" => bcmp as *const () as usize,
-        _ => return None,
-    };
-    u64::try_from(addr).ok()
 }

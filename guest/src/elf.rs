@@ -2,8 +2,11 @@
 //! image region, applies its relocations (`R_X86_64_RELATIVE`, and
 //! `GLOB_DAT`/`JUMP_SLOT`/`64` against the allowlisted `mem*` imports, which
 //! the caller resolves to its own implementations) and finds the versioned
-//! entry symbols. Every offset and length read from the file is checked; a
-//! file that does not fit is refused, never trusted.
+//! entry symbols, and reports each segment's rights (from `p_flags`) and the
+//! `PT_GNU_RELRO` range so the caller can map the image W^X. Every offset
+//! and length read from the file is checked; a file that does not fit is
+//! refused, never trusted. The vm backend's host runs it on the artifact
+//! bytes and writes the result into the guest's image region.
 
 use core::fmt;
 
@@ -43,6 +46,23 @@ impl fmt::Display for LoadError {
     }
 }
 
+/// Most `PT_LOAD` segments an artifact may have.
+pub const MAX_SEGMENTS: usize = 8;
+
+/// One loaded segment: `[start, end)` as offsets into the image, and its
+/// rights (readable always).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentRange {
+    /// First byte (offset from the image start).
+    pub start: u64,
+    /// End, exclusive.
+    pub end: u64,
+    /// `PF_W`.
+    pub write: bool,
+    /// `PF_X`.
+    pub exec: bool,
+}
+
 /// A loaded, relocated function: guest addresses of its entry points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadedFunction {
@@ -56,10 +76,21 @@ pub struct LoadedFunction {
     pub init_addr: u64,
     /// Address of `microfaas_v1_handle`.
     pub handle_addr: u64,
+    /// The `PT_LOAD` segments, in file order (`segment_count` of them).
+    pub segments: [SegmentRange; MAX_SEGMENTS],
+    /// How many of `segments` are used.
+    pub segment_count: usize,
+    /// The `PT_GNU_RELRO` range (offsets into the image; empty if none):
+    /// read-only once relocated.
+    pub relro: (u64, u64),
 }
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
+const PT_GNU_RELRO: u32 = 0x6474_e552;
+const PF_X: u32 = 1;
+const PF_W: u32 = 2;
+const SHT_SYMTAB: u32 = 2;
 const SHT_DYNSYM: u32 = 11;
 const DT_NULL: u64 = 0;
 const DT_NEEDED: u64 = 1;
@@ -108,6 +139,7 @@ fn add(a: u64, b: u64, what: &'static str) -> Result<u64, LoadError> {
 }
 
 struct Segment {
+    flags: u32,
     vaddr: u64,
     offset: u64,
     filesz: u64,
@@ -126,10 +158,10 @@ struct Sym<'a> {
 }
 
 impl<'a> Symbols<'a> {
-    fn find(file: &'a [u8], shoff: u64, shnum: u16) -> Result<Self, LoadError> {
+    fn find(file: &'a [u8], shoff: u64, shnum: u16, kind: u32) -> Result<Self, LoadError> {
         for i in 0..u64::from(shnum) {
             let sh = add(shoff, i * 64, "section header")?;
-            if u32_at(file, sh + 4, "section header")? != SHT_DYNSYM {
+            if u32_at(file, sh + 4, "section header")? != kind {
                 continue;
             }
             let off = u64_at(file, sh + 24, "section header")?;
@@ -146,7 +178,7 @@ impl<'a> Symbols<'a> {
                 strings: slice(file, str_off, str_size, "dynamic string table")?,
             });
         }
-        Err(LoadError::Malformed("section headers (no .dynsym)"))
+        Err(LoadError::Malformed("section headers (no symbol table)"))
     }
 
     fn count(&self) -> u64 {
@@ -186,16 +218,20 @@ impl<'a> Symbols<'a> {
     }
 }
 
-/// Loads `file` into `image` (which lives at guest address `image_addr`),
-/// relocates it, and returns its entry points. `resolve` maps an allowlisted
-/// import name to the address of the runtime's implementation (`None` =
-/// forbidden). `image` must be zeroed or is zeroed over the span used.
-pub fn load(
-    file: &[u8],
-    image: &mut [u8],
-    image_addr: u64,
-    resolve: &dyn Fn(&[u8]) -> Option<u64>,
-) -> Result<LoadedFunction, LoadError> {
+/// What the ELF header and program headers say about the image.
+struct FileLayout {
+    phoff: u64,
+    shoff: u64,
+    phnum: u16,
+    shnum: u16,
+    /// Lowest (page-aligned) and highest loaded address.
+    lo: u64,
+    hi: u64,
+    dynamic: Option<(u64, u64)>,
+    relro_vaddr: Option<(u64, u64)>,
+}
+
+fn file_layout(file: &[u8]) -> Result<FileLayout, LoadError> {
     let ident = slice(file, 0, 64, "ELF header")?;
     if ident[0..4] != *b"\x7fELF" || ident[4] != 2 || ident[5] != 1 {
         return Err(LoadError::NotSharedObject);
@@ -219,7 +255,8 @@ pub fn load(
     let mut lo = u64::MAX;
     let mut hi = 0u64;
     let mut dynamic: Option<(u64, u64)> = None;
-    let mut loads = 0u32;
+    let mut relro_vaddr: Option<(u64, u64)> = None;
+    let mut loads = 0usize;
     for i in 0..u64::from(phnum) {
         let ph = add(phoff, i * 56, "program header")?;
         let p_type = u32_at(file, ph, "program header")?;
@@ -228,6 +265,11 @@ pub fn load(
                 u64_at(file, ph + 16, "program header")?,
                 u64_at(file, ph + 40, "program header")?,
             ));
+        }
+        if p_type == PT_GNU_RELRO {
+            let vaddr = u64_at(file, ph + 16, "program header")?;
+            let memsz = u64_at(file, ph + 40, "program header")?;
+            relro_vaddr = Some((vaddr, add(vaddr, memsz, "relro")?));
         }
         if p_type != PT_LOAD {
             continue;
@@ -240,6 +282,47 @@ pub fn load(
     if loads == 0 {
         return Err(LoadError::Malformed("program headers (no PT_LOAD)"));
     }
+    if loads > MAX_SEGMENTS {
+        return Err(LoadError::Malformed("program headers (too many PT_LOAD)"));
+    }
+    Ok(FileLayout {
+        phoff,
+        shoff,
+        phnum,
+        shnum,
+        lo,
+        hi,
+        dynamic,
+        relro_vaddr,
+    })
+}
+
+/// Bytes of image region `file`'s segments span (what [`load`] needs).
+pub fn span(file: &[u8]) -> Result<u64, LoadError> {
+    let l = file_layout(file)?;
+    Ok(l.hi - l.lo)
+}
+
+/// Loads `file` into `image` (which lives at guest address `image_addr`),
+/// relocates it, and returns its entry points. `resolve` maps an allowlisted
+/// import name to the address of the runtime's implementation (`None` =
+/// forbidden). `image` must be zeroed or is zeroed over the span used.
+pub fn load(
+    file: &[u8],
+    image: &mut [u8],
+    image_addr: u64,
+    resolve: &dyn Fn(&[u8]) -> Option<u64>,
+) -> Result<LoadedFunction, LoadError> {
+    let FileLayout {
+        phoff,
+        shoff,
+        phnum,
+        shnum,
+        lo,
+        hi,
+        dynamic,
+        relro_vaddr,
+    } = file_layout(file)?;
     let span = hi - lo;
     let span_usize = usize::try_from(span).map_err(|_| LoadError::TooLarge)?;
     if span_usize > image.len() {
@@ -247,6 +330,8 @@ pub fn load(
     }
     let base = image_addr.checked_sub(lo).ok_or(LoadError::TooLarge)?;
     image[..span_usize].fill(0);
+    let mut segments = [SegmentRange::default(); MAX_SEGMENTS];
+    let mut segment_count = 0;
     for i in 0..u64::from(phnum) {
         let ph = add(phoff, i * 56, "program header")?;
         if u32_at(file, ph, "program header")? != PT_LOAD {
@@ -256,9 +341,27 @@ pub fn load(
         let data = slice(file, seg.offset, seg.filesz, "segment data")?;
         let dest = usize::try_from(seg.vaddr - lo).map_err(|_| LoadError::TooLarge)?;
         image[dest..dest + data.len()].copy_from_slice(data);
+        segments[segment_count] = SegmentRange {
+            start: seg.vaddr - lo,
+            end: seg.vaddr - lo + seg.memsz,
+            write: seg.flags & PF_W != 0,
+            exec: seg.flags & PF_X != 0,
+        };
+        segment_count += 1;
     }
+    let relro = match relro_vaddr {
+        Some((start, end)) => {
+            let start = start.checked_sub(lo).ok_or(LoadError::Malformed("relro range"))?;
+            let end = end - lo;
+            if end > span {
+                return Err(LoadError::Malformed("relro range"));
+            }
+            (start, end)
+        }
+        None => (0, 0),
+    };
 
-    let symbols = Symbols::find(file, shoff, shnum)?;
+    let symbols = Symbols::find(file, shoff, shnum, SHT_DYNSYM)?;
 
     // Dynamic section (in the loaded image).
     let (dyn_vaddr, dyn_size) = dynamic.ok_or(LoadError::Malformed("program headers (no PT_DYNAMIC)"))?;
@@ -355,11 +458,28 @@ pub fn load(
         abi_version,
         init_addr: image_addr + init_off,
         handle_addr: image_addr + handle_off,
+        segments,
+        segment_count,
+        relro,
     })
+}
+
+/// The value of the defined symbol `name` in the static symbol table
+/// (`.symtab`) of ELF `file` (the guest kernel: where its `mem*` functions
+/// are, for resolving function imports).
+pub fn static_symbol(file: &[u8], name: &'static str) -> Result<u64, LoadError> {
+    let ident = slice(file, 0, 64, "ELF header")?;
+    if ident[0..4] != *b"\x7fELF" || ident[4] != 2 || ident[5] != 1 {
+        return Err(LoadError::NotSharedObject);
+    }
+    let shoff = u64_at(file, 40, "ELF header")?;
+    let shnum = u16_at(file, 60, "ELF header")?;
+    Symbols::find(file, shoff, shnum, SHT_SYMTAB)?.lookup(name)
 }
 
 fn segment(file: &[u8], ph: u64) -> Result<Segment, LoadError> {
     let seg = Segment {
+        flags: u32_at(file, ph + 4, "program header")?,
         offset: u64_at(file, ph + 8, "program header")?,
         vaddr: u64_at(file, ph + 16, "program header")?,
         filesz: u64_at(file, ph + 32, "program header")?,

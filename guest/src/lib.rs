@@ -1,7 +1,9 @@
 //! Our minimal `no_std` unikernel for the `vm` backend. This library holds
-//! the hardware-free logic (the function ELF loader, the clock arithmetic,
-//! the mailbox request decoding), unit tested on the host; `src/main.rs` is
-//! the freestanding CPL3 kernel that `vmm`'s build script compiles.
+//! the hardware-free logic (the function ELF loader, which `vmm` runs on the
+//! host to load an artifact into the guest's image region with W^X page
+//! rights; the clock arithmetic; the mailbox request decoding), unit tested
+//! on the host; `src/main.rs` is the freestanding CPL3 kernel that `vmm`'s
+//! build script compiles.
 #![no_std]
 
 #[cfg(test)]

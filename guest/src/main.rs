@@ -1,8 +1,12 @@
 //! The freestanding guest kernel: entered by the VMM directly at CPL3 with
-//! the boot info address in `rdi`. It runs the request loop (load a function
-//! artifact, call it per request) and provides the function's host services
-//! (heap, clock, checkpoint, fail). The only CPL0 code is the fault stubs,
-//! which report the vector to the host and stop.
+//! the boot info address in `rdi`. It runs the request loop (run the
+//! `init()` of the function the host loaded into the image region, call it
+//! per request, copy each reply into the I/O window) and provides the
+//! function's host services (heap, clock, checkpoint, fail). The only CPL0
+//! code is the fault stubs (on a supervisor-only page), which report the
+//! vector to the host and stop. Runtime and function share CPL3: the
+//! runtime's data is the function's to corrupt (its own instance); nothing
+//! at CPL3 can reach CPL0 or change what runs there.
 //!
 //! Built only by `vmm/build.rs` (feature `kernel`, `link.ld`, static
 //! relocation model, panic = abort).

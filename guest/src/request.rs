@@ -2,14 +2,15 @@
 //! trusted more than the function, but a request is still checked against
 //! the layout before the runtime acts on it.
 
-use guest_abi::{BOOT_MAGIC, BootInfo, CHANNEL_ABI_VERSION, Mailbox, op};
+use guest_abi::{BOOT_MAGIC, BootInfo, CHANNEL_ABI_VERSION, LoadRequest, Mailbox, op};
 
 /// A decoded request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    /// Load the artifact of `len` bytes at the start of the I/O window.
+    /// Run `init()` of the function the host loaded; a [`LoadRequest`] of
+    /// `len` bytes is at the start of the I/O window.
     Load {
-        /// Artifact length.
+        /// Payload length.
         len: usize,
     },
     /// Invoke on the input of `len` bytes at the start of the I/O window.
@@ -26,6 +27,9 @@ pub enum RequestError {
     UnknownOp(u32),
     /// The payload does not fit the I/O window.
     TooLong,
+    /// A `LOAD` payload that is not a [`LoadRequest`], or whose entry
+    /// points are outside the image region.
+    BadLoad,
 }
 
 impl RequestError {
@@ -34,6 +38,7 @@ impl RequestError {
         match self {
             RequestError::UnknownOp(_) => "unknown request op",
             RequestError::TooLong => "request payload larger than the I/O window",
+            RequestError::BadLoad => "load request malformed or its entry points outside the image region",
         }
     }
 }
@@ -48,6 +53,29 @@ pub fn decode(mailbox: &Mailbox, io_bytes: u64) -> Result<Request, RequestError>
         op::LOAD => Ok(Request::Load { len }),
         op::INVOKE => Ok(Request::Invoke { len }),
         other => Err(RequestError::UnknownOp(other)),
+    }
+}
+
+/// Decodes a `LOAD` payload (`bytes`, from the I/O window) and checks its
+/// entry points lie in the image region `[image_addr, image_addr + image_bytes)`.
+pub fn decode_load(bytes: &[u8], image_addr: u64, image_bytes: u64) -> Result<LoadRequest, RequestError> {
+    if bytes.len() != core::mem::size_of::<LoadRequest>() {
+        return Err(RequestError::BadLoad);
+    }
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let req = LoadRequest {
+        init_addr: word(0),
+        handle_addr: word(8),
+    };
+    let inside = |a: u64| a >= image_addr && a - image_addr < image_bytes;
+    if inside(req.init_addr) && inside(req.handle_addr) {
+        Ok(req)
+    } else {
+        Err(RequestError::BadLoad)
     }
 }
 
@@ -83,6 +111,27 @@ mod tests {
         assert_eq!(decode(&mb(99, 0), 100), Err(RequestError::UnknownOp(99)));
         assert_eq!(decode(&mb(op::INVOKE, 101), 100), Err(RequestError::TooLong));
         assert_eq!(decode(&mb(op::INVOKE, u64::MAX), 100), Err(RequestError::TooLong));
+    }
+
+    #[test]
+    fn load_requests_point_into_the_image() {
+        let bytes = |init: u64, handle: u64| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&init.to_le_bytes());
+            b[8..].copy_from_slice(&handle.to_le_bytes());
+            b
+        };
+        assert_eq!(
+            decode_load(&bytes(0x1000, 0x1fff), 0x1000, 0x1000),
+            Ok(LoadRequest {
+                init_addr: 0x1000,
+                handle_addr: 0x1fff
+            })
+        );
+        for (i, h) in [(0xfff, 0x1000), (0x1000, 0x2000), (u64::MAX, 0x1000), (0, 0)] {
+            assert_eq!(decode_load(&bytes(i, h), 0x1000, 0x1000), Err(RequestError::BadLoad));
+        }
+        assert_eq!(decode_load(&[0; 15], 0, 1 << 20), Err(RequestError::BadLoad));
     }
 
     #[test]

@@ -8,9 +8,8 @@ use core::fmt;
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{Ordering, compiler_fence, fence};
 use guest::clock::Clock;
-use guest::elf::{self, LoadedFunction};
 use guest::request::{self, Request};
-use guest_abi::{BootInfo, Mailbox, reply};
+use guest_abi::{BootInfo, LoadRequest, Mailbox, reply};
 use linked_list_allocator::Heap;
 use microfaas_sdk::{ABI_VERSION, HandleFn, HandleResult, HostServices, InitFn, fail_kind, status};
 
@@ -48,14 +47,13 @@ struct Runtime {
     mailbox: *mut Mailbox,
     clock: Clock,
     heap: Heap,
-    function: Option<LoadedFunction>,
+    /// The loaded function's entry points (the host loaded its image).
+    function: Option<LoadRequest>,
     services: HostServices,
-    /// The last reply's heap block (output or message), freed on the next
-    /// request, when the host has copied it.
+    /// The last output's heap block, freed when the next request arrives.
     pending_free: Option<(NonNull<u8>, Layout)>,
     /// The sequence number of the request being handled.
     seq: u32,
-    message: MessageBuf,
 }
 
 /// The reply to write for one request.
@@ -65,18 +63,6 @@ struct Reply {
     len: u64,
     entered_ns: u64,
     returned_ns: u64,
-}
-
-impl Reply {
-    fn message(status: u32, msg: &[u8]) -> Self {
-        Self {
-            status,
-            addr: msg.as_ptr() as u64,
-            len: msg.len() as u64,
-            entered_ns: 0,
-            returned_ns: 0,
-        }
-    }
 }
 
 /// The kernel's Rust entry (from `_start`, CPL3).
@@ -112,7 +98,6 @@ pub extern "C" fn kernel_main(info: *const BootInfo) -> ! {
         },
         pending_free: None,
         seq: 0,
-        message: MessageBuf::new(),
     };
     // `rt` lives in this frame, which never returns: its address is stable.
     rt.services.ctx = (&raw mut rt).cast::<c_void>();
@@ -139,14 +124,15 @@ impl Runtime {
             self.seq = mailbox.req_seq;
             self.clock.rebase(mailbox.host_tsc, mailbox.host_ns);
             if let Some((block, layout)) = self.pending_free.take() {
-                // SAFETY: allocated from this heap with this layout, and the
-                // host copied it before sending this request.
+                // SAFETY: allocated from this heap by the function with this
+                // layout (the SDK's contract); its bytes were copied into
+                // the I/O window and nothing uses it since.
                 unsafe { self.heap.deallocate(block, layout) };
             }
             let reply = match request::decode(&mailbox, self.info.io_bytes) {
                 Ok(Request::Load { len }) => self.load(len),
                 Ok(Request::Invoke { len }) => self.invoke(len),
-                Err(e) => Reply::message(reply::BAD_REQUEST, e.message().as_bytes()),
+                Err(e) => self.message(reply::BAD_REQUEST, e.message().as_bytes()),
             };
             self.write_reply(&reply);
         }
@@ -204,49 +190,99 @@ impl Runtime {
         }
     }
 
+    /// A reply of `bytes` (an output or a message) copied to the start of
+    /// the I/O window, the only range the host accepts a reply from. A
+    /// message longer than the window is cut; an output longer than the
+    /// window is not copied but reported at its full length, which the host
+    /// refuses as too large (the window is at least the output limit).
+    ///
+    /// # Safety
+    /// `bytes` must be valid for reads of `len` bytes (it may overlap the
+    /// window).
+    unsafe fn reply_in_window(
+        &self,
+        status: u32,
+        bytes: *const u8,
+        len: usize,
+        entered_ns: u64,
+        returned_ns: u64,
+    ) -> Reply {
+        let window = usize::try_from(self.info.io_bytes).unwrap_or(0);
+        let copied = if len <= window {
+            len
+        } else if status == reply::OK {
+            0
+        } else {
+            window
+        };
+        let window = self.info.io_addr as *mut u8;
+        let overlaps = (bytes as usize) < (window as usize).wrapping_add(copied)
+            && (window as usize) < (bytes as usize).wrapping_add(copied);
+        if overlaps {
+            // SAFETY: the caller's contract for `bytes`; the I/O window is
+            // mapped user-writable and `copied <= io_bytes`; `copy` allows
+            // overlap.
+            unsafe { ptr::copy(bytes, window, copied) };
+        } else {
+            // Inline rather than a call to `memcpy`, whose page a restored
+            // instance may not have touched yet (each first touch is a
+            // shadow-paging fault here).
+            // SAFETY: as above, and the ranges are disjoint; `rep movsb`
+            // copies exactly `copied` bytes forward (DF is clear).
+            unsafe {
+                core::arch::asm!(
+                    "rep movsb",
+                    inout("rdi") window => _, inout("rsi") bytes => _, inout("rcx") copied => _,
+                    options(nostack, preserves_flags)
+                );
+            }
+        }
+        let len = if copied == 0 { len } else { copied };
+        Reply {
+            status,
+            addr: self.info.io_addr,
+            len: len as u64,
+            entered_ns,
+            returned_ns,
+        }
+    }
+
+    /// A reply with message `msg` (copied into the I/O window).
+    fn message(&self, status: u32, msg: &[u8]) -> Reply {
+        // SAFETY: a slice is valid for its length.
+        unsafe { self.reply_in_window(status, msg.as_ptr(), msg.len(), 0, 0) }
+    }
+
     fn load(&mut self, len: usize) -> Reply {
         if self.function.is_some() {
-            return Reply::message(reply::BAD_REQUEST, b"a function is already loaded");
+            return self.message(reply::BAD_REQUEST, b"a function is already loaded");
         }
-        let image_bytes = usize::try_from(self.info.image_bytes).unwrap_or(0);
         // SAFETY: the I/O window holds `len <= io_bytes` bytes the host wrote
-        // (checked by `decode`); the image region is ours, mapped RWX, and
-        // disjoint from the window.
-        let (file, image) = unsafe {
-            (
-                core::slice::from_raw_parts(self.info.io_addr as *const u8, len),
-                core::slice::from_raw_parts_mut(self.info.image_addr as *mut u8, image_bytes),
-            )
+        // (checked by `decode`).
+        let payload = unsafe { core::slice::from_raw_parts(self.info.io_addr as *const u8, len) };
+        let entry = match request::decode_load(payload, self.info.image_addr, self.info.image_bytes) {
+            Ok(entry) => entry,
+            Err(e) => return self.message(reply::LOAD_FAILED, e.message().as_bytes()),
         };
-        let loaded = match elf::load(file, image, self.info.image_addr, &arch::resolve_import) {
-            Ok(f) => f,
-            Err(e) => {
-                self.message = MessageBuf::new();
-                let _ = fmt::Write::write_fmt(&mut self.message, format_args!("{e}"));
-                return Reply::message(reply::LOAD_FAILED, self.message.as_bytes());
-            }
-        };
-        if loaded.abi_version != ABI_VERSION {
-            return Reply::message(reply::LOAD_FAILED, b"artifact ABI version mismatch");
-        }
         // SAFETY: `init_addr` is the relocated `microfaas_v1_init` of the
-        // artifact just loaded (the ABI's InitFn).
-        let init: InitFn = unsafe { core::mem::transmute::<u64, InitFn>(loaded.init_addr) };
-        self.function = Some(loaded);
+        // artifact the host loaded and checked (ABI version included) in the
+        // image region (the ABI's InitFn).
+        let init: InitFn = unsafe { core::mem::transmute::<u64, InitFn>(entry.init_addr) };
+        self.function = Some(entry);
         // SAFETY: the services table lives as long as the runtime.
         let code = unsafe { init(&raw const self.services) };
         match code {
-            status::OK => Reply::message(reply::OK, b""),
-            status::BAD_ABI => Reply::message(reply::LOAD_FAILED, b"artifact refused the host table (ABI)"),
+            status::OK => self.message(reply::OK, b""),
+            status::BAD_ABI => self.message(reply::LOAD_FAILED, b"artifact refused the host table (ABI)"),
             // The SDK reports init errors through `fail` (with the
             // message); this is an artifact that returned ERROR bare.
-            _ => Reply::message(reply::INIT_FAILED, b"(no message)"),
+            _ => self.message(reply::INIT_FAILED, b"(no message)"),
         }
     }
 
     fn invoke(&mut self, len: usize) -> Reply {
         let Some(function) = self.function else {
-            return Reply::message(reply::BAD_REQUEST, b"no function loaded");
+            return self.message(reply::BAD_REQUEST, b"no function loaded");
         };
         // SAFETY: `handle_addr` is the relocated `microfaas_v1_handle`.
         let handle: HandleFn = unsafe { core::mem::transmute::<u64, HandleFn>(function.handle_addr) };
@@ -261,7 +297,27 @@ impl Runtime {
                 &raw mut result,
             );
         }
-        // The output (or message) block: a `Vec<u8>` (align 1) of `capacity`.
+        let code = match result.status {
+            status::OK => reply::OK,
+            status::ERROR => reply::FUNCTION_ERROR,
+            _ => return self.message(reply::BAD_REQUEST, b"function refused the call (ABI)"),
+        };
+        let reply = if result.ptr.is_null() || result.len == 0 {
+            self.message(code, b"")
+        } else {
+            // SAFETY: the SDK's contract: the output (or message) is `len`
+            // initialised bytes at `ptr`, in a block of `capacity` bytes.
+            unsafe { self.reply_in_window(code, result.ptr, result.len, result.entered_ns, result.returned_ns) }
+        };
+        let reply = Reply {
+            entered_ns: result.entered_ns,
+            returned_ns: result.returned_ns,
+            ..reply
+        };
+        // The block (a `Vec<u8>`, align 1, of `capacity`) is copied out; it
+        // is freed at the next request, off this one's reply path (the
+        // allocator's free path may lie on a page a restored instance has
+        // not touched yet).
         if let (Some(block), Ok(layout), true) = (
             NonNull::new(result.ptr),
             Layout::from_size_align(result.capacity, 1),
@@ -269,18 +325,7 @@ impl Runtime {
         ) {
             self.pending_free = Some((block, layout));
         }
-        let code = match result.status {
-            status::OK => reply::OK,
-            status::ERROR => reply::FUNCTION_ERROR,
-            _ => return Reply::message(reply::BAD_REQUEST, b"function refused the call (ABI)"),
-        };
-        Reply {
-            status: code,
-            addr: result.ptr as u64,
-            len: result.len as u64,
-            entered_ns: result.entered_ns,
-            returned_ns: result.returned_ns,
-        }
+        reply
     }
 }
 
@@ -359,16 +404,12 @@ unsafe extern "C" fn svc_fail(ctx: *mut c_void, kind: u32, msg: *const u8, msg_l
         fail_kind::INIT_ERROR => reply::INIT_FAILED,
         _ => reply::PANICKED,
     };
-    // The message stays where the function put it (its stack, or its heap
-    // for an init error); the host
-    // copies it (bounds-checked) before this instance is discarded.
-    rt.write_reply(&Reply {
-        status,
-        addr: msg as u64,
-        len: msg_len as u64,
-        entered_ns: 0,
-        returned_ns: 0,
-    });
+    // The message (on the function's stack, or its heap for an init error)
+    // is copied into the I/O window, where the host reads it from.
+    // SAFETY: the services contract: `msg` is valid for `msg_len` bytes (a
+    // function that lies faults here, at CPL3, in its own instance).
+    let reply = unsafe { rt.reply_in_window(status, msg, msg_len, 0, 0) };
+    rt.write_reply(&reply);
     loop {
         arch::doorbell(rt.seq);
     }

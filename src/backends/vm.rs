@@ -32,9 +32,6 @@ const DEFAULT_IDLE_PER_FUNCTION: usize = 16;
 const DEFAULT_SHELL_POOL: usize = 4;
 /// Default argument snapshots kept per function.
 const DEFAULT_ARGUMENTS_PER_FUNCTION: usize = 8;
-/// Guest memory the layout needs besides heap, stack, I/O window and image
-/// (system pages and kernel: the first 4 MiB, plus the stack guard chunk).
-const FIXED_GUEST_BYTES: usize = 4 << 20;
 
 /// Opens the `vm` backend.
 pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
@@ -117,9 +114,12 @@ fn instance_config(config: &Config) -> Result<InstanceConfig, Error> {
     let mut heap_bytes = config.heap_limit_bytes;
     if let Some(mib) = config.vm.guest_mem_mib {
         let round = |v: usize| v.next_multiple_of(2 << 20);
-        let fixed = FIXED_GUEST_BYTES
+        // Besides heap, stack, I/O window and image: the system area and
+        // the kernel, below the stack chunk.
+        let system = usize::try_from(vmm::layout::SYSTEM_AND_KERNEL_BYTES).unwrap_or(usize::MAX);
+        let fixed = system
             + round(config.stack_bytes + (64 << 10))
-            + round(config.input_limit_bytes)
+            + round(config.input_limit_bytes.max(config.output_limit_bytes))
             + round(image_bytes);
         let total = mib
             .checked_mul(1 << 20)
@@ -136,7 +136,9 @@ fn instance_config(config: &Config) -> Result<InstanceConfig, Error> {
     Ok(InstanceConfig {
         layout: LayoutConfig {
             stack_bytes: to_u64(config.stack_bytes)?,
-            io_bytes: to_u64(config.input_limit_bytes.max(1))?,
+            // Inputs arrive and outputs leave through the I/O window (the
+            // host reads a reply only from there): room for the larger.
+            io_bytes: to_u64(config.input_limit_bytes.max(config.output_limit_bytes).max(1))?,
             image_bytes: to_u64(image_bytes)?,
             heap_bytes: to_u64(heap_bytes)?,
         },
@@ -303,9 +305,9 @@ impl VmBackend {
                 }),
                 _ => Err(self.reply_error(name, &instance, reply.status, &reply.data, true)),
             },
-            Err(RunError::PayloadTooLarge { len, limit }) => Err(Error::InvalidArtifact {
+            Err(RunError::Load(e)) => Err(Error::InvalidArtifact {
                 path: artifact.path().to_owned(),
-                reason: format!("{len} bytes do not fit the guest's I/O window of {limit} bytes"),
+                reason: format!("the vm loader refused it: {}", error_chain(&e)),
             }),
             Err(RunError::BudgetExceeded) => Err(Error::InitFailed {
                 name: name.to_owned(),

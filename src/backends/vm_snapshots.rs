@@ -118,12 +118,14 @@ impl Snapshots {
         .map_err(|e| store_error("opening the snapshot store", &e))?;
         let layout = vmm::layout::Layout::new(config.layout)
             .map_err(|e| Error::io("vm layout", std::io::Error::other(e.to_string())))?;
-        // The base depends on the guest build, the layout, the boot info and
-        // the state format: any change makes (and keys) a new base.
+        // The base depends on the guest build, the layout (and the page
+        // tables and descriptor tables the VMM writes for it), the boot info
+        // and the state format: any change makes (and keys) a new base.
         let base_key = digest_hex(&[
             vmm::GUEST_KERNEL,
             format!("{:?}/{}", config.layout, config.idle_spin_us).as_bytes(),
             &vmm::state::STATE_VERSION.to_le_bytes(),
+            &vmm::layout::LAYOUT_VERSION.to_le_bytes(),
         ]);
         Ok(Self {
             store,

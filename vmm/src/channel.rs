@@ -1,7 +1,10 @@
 //! The host side of the mailbox: encoding a request and decoding the
 //! guest's reply. The reply is untrusted: its sequence number, status,
 //! output range and lengths are all checked here, as pure functions over
-//! the mailbox bytes, before anything is read from guest memory.
+//! the mailbox bytes, before anything is read from guest memory. An output
+//! or message is accepted only from inside the I/O window, so a reply
+//! forged by the function cannot make the host copy out anything else
+//! (page tables, descriptor tables, the fault stack, the kernel).
 
 use crate::layout::Layout;
 use guest_abi::{Mailbox, reply};
@@ -67,8 +70,8 @@ pub enum ReplyError {
     /// Unknown status code.
     #[error("unknown status {0}")]
     UnknownStatus(u32),
-    /// The output range is not inside guest memory.
-    #[error("output range {addr:#x}+{len} is outside guest memory")]
+    /// The output range is not inside the I/O window.
+    #[error("output range {addr:#x}+{len} is outside the I/O window")]
     OutOfBounds {
         /// Claimed address.
         addr: u64,
@@ -175,7 +178,7 @@ pub fn check_reply(
     } else {
         mb.out_len.min(MESSAGE_LIMIT)
     };
-    if len > 0 && !layout.contains(mb.out_addr, len) {
+    if len > 0 && !layout.in_io_window(mb.out_addr, len) {
         return Err(ReplyError::OutOfBounds { addr: mb.out_addr, len });
     }
     if mb.returned_ns < mb.entered_ns {
@@ -218,8 +221,10 @@ mod tests {
     #[test]
     fn accepts_a_good_reply() {
         let l = layout();
-        let r = check_reply(&ok(l.heap_addr, 5), 3, &l, 100).unwrap();
-        assert_eq!((r.status, r.addr, r.len), (Status::Ok, l.heap_addr, 5));
+        let r = check_reply(&ok(l.io_addr, 5), 3, &l, 100).unwrap();
+        assert_eq!((r.status, r.addr, r.len), (Status::Ok, l.io_addr, 5));
+        let end = l.io_addr + l.io_bytes;
+        assert!(check_reply(&ok(end - 5, 5), 3, &l, 100).is_ok());
         // An empty output may have any address.
         assert!(check_reply(&ok(u64::MAX, 0), 3, &l, 100).is_ok());
     }
@@ -228,6 +233,19 @@ mod tests {
     fn refuses_out_of_bounds_and_overflowing_ranges() {
         let l = layout();
         for (addr, len) in [
+            (l.io_addr - 1, 1),
+            (l.io_addr + l.io_bytes - 4, 5),
+            (l.heap_addr, 1),
+            (l.image_addr, 16),
+            (l.stack_top - 64, 8),
+            (crate::layout::PAGE_TABLES_ADDR, 4096),
+            (crate::layout::IDT_ADDR, 512),
+            (crate::layout::GDT_ADDR, 56),
+            (crate::layout::FAULT_STACK_TOP - 56, 56),
+            (guest_abi::FAULT_STUBS_ADDR, 512),
+            (guest_abi::KERNEL_TEXT_ADDR, 64),
+            (guest_abi::MAILBOX_ADDR, 64),
+            (0, 1),
             (l.mem_bytes, 1),
             (l.mem_bytes - 1, 2),
             (u64::MAX, 1),
@@ -243,17 +261,17 @@ mod tests {
     fn refuses_stale_unknown_oversized_and_backwards() {
         let l = layout();
         assert_eq!(
-            check_reply(&ok(l.heap_addr, 1), 4, &l, 10),
+            check_reply(&ok(l.io_addr, 1), 4, &l, 10),
             Err(ReplyError::WrongSequence { expected: 4, got: 3 })
         );
-        let mut mb = ok(l.heap_addr, 1);
+        let mut mb = ok(l.io_addr, 1);
         mb.status = 99;
         assert_eq!(check_reply(&mb, 3, &l, 10), Err(ReplyError::UnknownStatus(99)));
         assert!(matches!(
-            check_reply(&ok(l.heap_addr, 11), 3, &l, 10),
+            check_reply(&ok(l.io_addr, 11), 3, &l, 10),
             Err(ReplyError::TooLarge { .. })
         ));
-        let mut mb = ok(l.heap_addr, 1);
+        let mut mb = ok(l.io_addr, 1);
         mb.returned_ns = 1;
         assert!(matches!(
             check_reply(&mb, 3, &l, 10),
@@ -264,7 +282,7 @@ mod tests {
     #[test]
     fn messages_are_capped() {
         let l = layout();
-        let mut mb = ok(l.heap_addr, u64::MAX);
+        let mut mb = ok(l.io_addr, u64::MAX);
         mb.status = reply::PANICKED;
         let r = check_reply(&mb, 3, &l, 0).unwrap();
         assert_eq!((r.status, r.len), (Status::Panicked, MESSAGE_LIMIT));
@@ -290,12 +308,15 @@ mod tests {
             let mut mb = parse(&bytes);
             mb.resp_seq = 7;
             mb.status = u32::try_from(next() % 9).unwrap();
-            if next() % 2 == 0 {
+            if next() % 3 == 0 {
+                mb.out_addr = l.io_addr + next() % (l.io_bytes + 4096);
+                mb.out_len %= 1 << 21;
+            } else if next() % 2 == 0 {
                 mb.out_addr %= l.mem_bytes + 4096;
                 mb.out_len %= 1 << 21;
             }
             if let Ok(r) = check_reply(&mb, 7, &l, 1 << 20) {
-                assert!(r.len == 0 || l.contains(r.addr, r.len));
+                assert!(r.len == 0 || l.in_io_window(r.addr, r.len));
                 assert!(r.status != Status::Ok || r.len <= 1 << 20);
                 assert!(r.len <= 1 << 20 || r.status != Status::Ok);
             }

@@ -3,8 +3,8 @@
 //! CPL3 entry registers. Pure functions over `kvm_bindings` structures.
 
 use crate::layout::{FAULT_STACK_TOP, GDT_ADDR, IDT_ADDR, PAGE_TABLES_ADDR, TSS_ADDR};
-use guest_abi::{BOOT_INFO_ADDR, FAULT_STUB_STRIDE, FAULT_VECTORS, KERNEL_BASE};
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs};
+use guest_abi::{BOOT_INFO_ADDR, FAULT_STUB_STRIDE, FAULT_STUBS_ADDR, FAULT_VECTORS};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs};
 
 /// Kernel 64-bit code selector (fault stubs).
 pub const KERNEL_CS: u16 = 0x08;
@@ -27,6 +27,8 @@ const CR4_PAE: u64 = 1 << 5;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const CR4_OSXSAVE: u64 = 1 << 18;
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
@@ -62,11 +64,12 @@ pub fn tss() -> [u8; 104] {
 }
 
 /// The IDT: vectors 0..32 as DPL0 interrupt gates on IST1 into the kernel's
-/// fault stubs.
+/// fault stubs (so `int n` from CPL3 is a #GP for every vector; 32 and up
+/// lie past the IDT limit, also a #GP).
 pub fn idt() -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * 32);
     for v in 0..FAULT_VECTORS {
-        let handler = KERNEL_BASE + v * FAULT_STUB_STRIDE;
+        let handler = FAULT_STUBS_ADDR + v * FAULT_STUB_STRIDE;
         let low = (handler & 0xffff)
             | (u64::from(KERNEL_CS) << 16)
             | (1 << 32) // IST1
@@ -96,8 +99,21 @@ fn segment(selector: u16, code: bool) -> kvm_segment {
     }
 }
 
+/// CPU features the guest's control registers use when the host has them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// XSAVE (CR4.OSXSAVE, for AVX state).
+    pub xsave: bool,
+    /// SMEP: CPL0 never executes a user page.
+    pub smep: bool,
+    /// SMAP: CPL0 never reads or writes a user page.
+    pub smap: bool,
+}
+
 /// `base` (the vCPU's current sregs) set up for 64-bit CPL3 execution.
-pub fn cpl3_sregs(mut s: kvm_sregs, xsave: bool) -> kvm_sregs {
+/// EFER.SCE is clear (no `syscall`/`sysret`); with `features`, SMEP and
+/// SMAP keep CPL0 (the fault stubs) off every user page.
+pub fn cpl3_sregs(mut s: kvm_sregs, features: Features) -> kvm_sregs {
     s.cs = segment(USER_CS, true);
     let data = segment(USER_DS, false);
     s.ds = data;
@@ -132,7 +148,13 @@ pub fn cpl3_sregs(mut s: kvm_sregs, xsave: bool) -> kvm_sregs {
     s.idt.limit = u16::try_from(FAULT_VECTORS * 16 - 1).unwrap_or(u16::MAX);
     s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     s.cr3 = PAGE_TABLES_ADDR;
-    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | if xsave { CR4_OSXSAVE } else { 0 };
+    let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+    s.cr4 = CR4_PAE
+        | CR4_OSFXSR
+        | CR4_OSXMMEXCPT
+        | flag(features.xsave, CR4_OSXSAVE)
+        | flag(features.smep, CR4_SMEP)
+        | flag(features.smap, CR4_SMAP);
     s.efer = EFER_LME | EFER_LMA | EFER_NXE;
     s
 }
@@ -147,6 +169,35 @@ pub fn entry_regs(entry: u64, stack_top: u64) -> kvm_regs {
         rflags: RFLAGS_FIXED,
         ..kvm_regs::default()
     }
+}
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+
+/// The system-call MSRs, all 0: `syscall` (which this host's PVM runs at
+/// CPL3 by jumping to LSTAR without EFER.SCE) lands on the unmapped null
+/// page, and `sysenter` has no code selector (#GP). A fresh vCPU has these
+/// values too (KVM resets them), so restored instances need no write.
+pub fn syscall_msrs() -> [kvm_msr_entry; 7] {
+    [
+        MSR_IA32_SYSENTER_CS,
+        MSR_IA32_SYSENTER_ESP,
+        MSR_IA32_SYSENTER_EIP,
+        MSR_STAR,
+        MSR_LSTAR,
+        MSR_CSTAR,
+        MSR_SYSCALL_MASK,
+    ]
+    .map(|index| kvm_msr_entry {
+        index,
+        data: 0,
+        ..Default::default()
+    })
 }
 
 /// x87/SSE reset state.
@@ -196,8 +247,13 @@ mod tests {
             let hi = u64::from_le_bytes(idt[v * 16 + 8..v * 16 + 16].try_into().unwrap());
             (lo & 0xffff) | (((lo >> 48) & 0xffff) << 16) | (hi << 32)
         };
-        assert_eq!(gate(0), KERNEL_BASE);
-        assert_eq!(gate(14), KERNEL_BASE + 14 * FAULT_STUB_STRIDE);
+        assert_eq!(gate(0), FAULT_STUBS_ADDR);
+        assert_eq!(gate(14), FAULT_STUBS_ADDR + 14 * FAULT_STUB_STRIDE);
+        for v in 0..32 {
+            let lo = u64::from_le_bytes(idt[v * 16..v * 16 + 8].try_into().unwrap());
+            assert_eq!((lo >> 45) & 3, 0, "vector {v}: DPL0, so `int {v}` at CPL3 is a #GP");
+            assert_eq!((lo >> 16) & 0xffff, u64::from(KERNEL_CS));
+        }
     }
 
     #[test]
@@ -212,7 +268,17 @@ mod tests {
 
     #[test]
     fn user_segments_are_ring3() {
-        let s = cpl3_sregs(kvm_sregs::default(), true);
+        let s = cpl3_sregs(
+            kvm_sregs::default(),
+            Features {
+                xsave: true,
+                smep: true,
+                smap: true,
+            },
+        );
+        assert_ne!(s.cr4 & CR4_SMEP, 0);
+        assert_ne!(s.cr4 & CR4_SMAP, 0);
+        assert_eq!(s.efer & 1, 0, "EFER.SCE clear");
         assert_eq!(s.cs.dpl, 3);
         assert_eq!(s.cs.selector & 3, 3);
         assert_eq!(s.ss.selector & 3, 3);

@@ -104,6 +104,12 @@ pub enum RunError {
     /// The instance died earlier and cannot serve requests.
     #[error("instance is dead")]
     Dead,
+    /// The artifact cannot be loaded (refused before anything was written).
+    #[error("loading the artifact")]
+    Load(#[source] crate::image::ImageError),
+    /// A load into an instance that already served a request.
+    #[error("a function is loaded only into a freshly booted instance")]
+    AlreadyLoaded,
 }
 
 impl RunError {
@@ -111,7 +117,11 @@ impl RunError {
     pub fn kills_instance(&self) -> bool {
         !matches!(
             self,
-            RunError::PayloadTooLarge { .. } | RunError::NotAtCheckpoint | RunError::AtCheckpoint
+            RunError::PayloadTooLarge { .. }
+                | RunError::NotAtCheckpoint
+                | RunError::AtCheckpoint
+                | RunError::Load(_)
+                | RunError::AlreadyLoaded
         )
     }
 }

@@ -20,6 +20,8 @@ pub struct GuestFault {
     pub cr2: u64,
     /// Stack pointer at the fault.
     pub rsp: u64,
+    /// Privilege level of the faulting code (the low bits of its CS).
+    pub cpl: u64,
     /// The fault was a page fault in the guard page under the stack.
     pub stack_overflow: bool,
 }
@@ -60,7 +62,7 @@ impl std::fmt::Display for GuestFault {
         if self.vector == PAGE_FAULT {
             write!(f, ", address {:#x}", self.cr2)?;
         }
-        Ok(())
+        write!(f, ", at CPL{}", self.cpl)
     }
 }
 
@@ -77,6 +79,7 @@ pub fn decode(reported_vector: u32, frame: &FaultFrame, cr2: u64, layout: &Layou
         rip: frame.rip,
         cr2,
         rsp: frame.rsp,
+        cpl: frame.cs & 3,
         stack_overflow,
     }
 }
@@ -117,5 +120,7 @@ mod tests {
         assert!(!decode(13, &frame, l.stack_bottom - 8, &l).stack_overflow);
         let s = decode(6, &frame, 0, &l).to_string();
         assert!(s.contains("invalid opcode") && s.contains("0x201000"), "{s}");
+        let user = FaultFrame { cs: 0x23, ..frame };
+        assert!(decode(13, &user, 0, &l).to_string().ends_with("at CPL3"));
     }
 }

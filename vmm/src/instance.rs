@@ -10,6 +10,7 @@ use crate::Vmm;
 use crate::channel::{self, CheckedReply, MAILBOX_BYTES, Status};
 use crate::cpu;
 use crate::error::{RunError, VmmError};
+use crate::image;
 use crate::kick;
 use crate::layout::{Layout, LayoutConfig};
 use crate::memory::GuestRam;
@@ -18,7 +19,7 @@ use crate::stats::StatsFd;
 use crate::vcpu::{Event, IdleThread, StartAt, ThreadStart, Wake, spawn_thread};
 
 mod snapshot;
-use guest_abi::{MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
+use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 pub use snapshot::{MapMemoryError, Shell};
@@ -218,12 +219,17 @@ impl Instance {
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(&vmm.cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&cpu::cpl3_sregs(sregs, vmm.xsave))
+        vcpu.set_sregs(&cpu::cpl3_sregs(sregs, vmm.features))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
+        let msrs = kvm_bindings::Msrs::from_entries(&cpu::syscall_msrs()).map_err(|_| VmmError::Kvm {
+            op: "building the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         vcpu.set_regs(&cpu::entry_regs(entry, layout.stack_top))
             .map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_fpu(&cpu::initial_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
-        if vmm.xsave {
+        if vmm.features.xsave {
             vcpu.set_xcrs(&cpu::xcrs(vmm.xcr0)).map_err(kvm_err("KVM_SET_XCRS"))?;
         }
         let tsc_offset = write_boot_info(&ram, &layout, &vcpu, config.idle_spin_us)?;
@@ -363,9 +369,39 @@ impl Instance {
         self.shared.ram.resident_bytes()
     }
 
-    /// Loads a function artifact and runs its `init()`.
+    /// Loads a function artifact and runs its `init()`: the host loads and
+    /// relocates it into the image region (unmapped until now, so the guest
+    /// has no translation of it), maps each page with its segment's rights
+    /// (W^X), and asks the guest to run `init()`. Only the first request of
+    /// a booted guest (or of one restored from the base snapshot) may be a
+    /// load.
     pub fn load(&mut self, artifact: &[u8], deadline: Instant) -> Result<Reply, RunError> {
-        match self.request(op::LOAD, artifact, deadline, false)? {
+        if self.dead {
+            return Err(RunError::Dead);
+        }
+        if self.seq != 0 || self.at_checkpoint {
+            return Err(RunError::AlreadyLoaded);
+        }
+        let layout = self.shared.layout;
+        let loaded = image::prepare(artifact, &layout).map_err(RunError::Load)?;
+        let (tables, pdes) = image::mapping(&loaded, &layout).map_err(RunError::Load)?;
+        // The guest is stopped (idle after boot); it sees all of this when
+        // it first touches the image, after the page-directory entries
+        // (written last) make it present.
+        let mem = self.shared.ram.mem();
+        let write = |bytes: &[u8], addr: u64| {
+            mem.write_slice(bytes, GuestAddress(addr))
+                .map_err(RunError::GuestMemory)
+        };
+        write(&loaded.bytes, layout.image_addr)?;
+        write(&tables.to_bytes(), tables.base)?;
+        for (at, entry) in pdes {
+            write(&entry.to_le_bytes(), at)?;
+        }
+        let mut request = [0u8; size_of::<LoadRequest>()];
+        request[..8].copy_from_slice(&loaded.entry.init_addr.to_le_bytes());
+        request[8..].copy_from_slice(&loaded.entry.handle_addr.to_le_bytes());
+        match self.request(op::LOAD, &request, deadline, false)? {
             Progress::Replied(r) => Ok(r),
             // `init()` cannot ask for a checkpoint (the request did not).
             Progress::Checkpoint => {

@@ -1,24 +1,39 @@
 //! The guest-physical memory layout of one instance (identity mapped), and
-//! the page-table flags of each region.
+//! the page-table flags of each region. Everything CPL0 uses is
+//! supervisor-only or unmapped; nothing is both writable and executable.
 //!
 //! ```text
-//! 0          2 MiB           4 MiB          +stack chunk   +io       +image     +heap
-//! | system   | kernel (RWX)  | guard|stack  | I/O window | image RWX | heap     |
-//! | 4K pages | one 2M page   | 4K pages     | 2M pages   | 2M pages  | 2M pages |
-//! system: 0 null | 1000 boot info (U RO) | 2000 mailbox (U RW) | 3000 GDT/IDT/TSS
-//!         | 4000.. page tables | 10000 guard | 11000-15000 fault stack (S RW)
-//!         | 1ff000 doorbell page (U RW, MMIO: no memory slot)
+//! 0          2 MiB   4 MiB   6 MiB   8 MiB       +stack chunk   +io       +image        +heap
+//! | system   | text  | rodata| data  | guard|stack | I/O window | image     | heap     |
+//! | 4K pages | U RX  | U R   | U RW  | 4K pages    | U RW, 2M   | W^X/seg.  | U RW, 2M |
+//! system: 0 null | 1000 boot info (U R) | 2000 mailbox (U RW) | 3000 GDT/IDT/TSS (S RW)
+//!         | 4000..10000 page tables (unmapped) | 10000 guard | 11000-15000 fault stack (S RW)
+//!         | 16000 fault stubs (S RX) | 20000..40000 image page tables (unmapped)
+//!         | 1fe000 fault register (S RW) | 1ff000 doorbell (U RW) (both MMIO: no memory slot)
 //! ```
+//!
+//! The image region is unmapped until the host loads a function into it
+//! (then each page gets its segment's rights: code RX, rodata R, RELRO R
+//! once relocated, data RW; see `image.rs`). Data pages are never
+//! executable (NX).
 
-use guest_abi::{BOOT_INFO_ADDR, HUGE_PAGE_BYTES, KERNEL_BASE, KERNEL_LIMIT, MAILBOX_ADDR, MMIO_ADDR, PAGE_BYTES};
+use guest_abi::{
+    BOOT_INFO_ADDR, FAULT_MMIO_ADDR, FAULT_STUBS_ADDR, HUGE_PAGE_BYTES, KERNEL_DATA_ADDR, KERNEL_LIMIT,
+    KERNEL_RODATA_ADDR, KERNEL_TEXT_ADDR, MAILBOX_ADDR, MMIO_ADDR, PAGE_BYTES,
+};
 
+/// Version of this layout and of the privileged state the VMM writes (page
+/// tables, GDT/IDT/TSS): part of the snapshot store's base key, so a store
+/// made with another layout is never restored with this one.
+pub const LAYOUT_VERSION: u32 = 2;
 /// GDT (with the TSS descriptor), IDT and TSS share this page.
 pub const GDT_ADDR: u64 = 0x3000;
 /// The IDT (32 gates of 16 bytes).
 pub const IDT_ADDR: u64 = 0x3200;
 /// The 64-bit TSS (104 bytes).
 pub const TSS_ADDR: u64 = 0x3400;
-/// First page-table page (the PML4).
+/// First page-table page (the PML4); the page tables are not mapped (the
+/// MMU reads them by physical address).
 pub const PAGE_TABLES_ADDR: u64 = 0x4000;
 /// End (exclusive) of the page-table area.
 pub const PAGE_TABLES_END: u64 = 0x10000;
@@ -26,6 +41,13 @@ pub const PAGE_TABLES_END: u64 = 0x10000;
 pub const FAULT_STACK_BOTTOM: u64 = 0x11000;
 /// Top of the CPL0 fault stack (TSS RSP0 and IST1).
 pub const FAULT_STACK_TOP: u64 = 0x15000;
+/// The page tables of the function image region (written when a function
+/// is loaded; not mapped).
+pub const IMAGE_TABLES_ADDR: u64 = 0x2_0000;
+/// End (exclusive) of the image page-table area.
+pub const IMAGE_TABLES_END: u64 = 0x4_0000;
+/// Guest memory below the stack chunk: the system area and the kernel.
+pub const SYSTEM_AND_KERNEL_BYTES: u64 = KERNEL_LIMIT;
 /// Unmapped bytes under the function stack: a #PF in here is a stack overflow.
 pub const STACK_GUARD_BYTES: u64 = 0x10000;
 
@@ -74,10 +96,16 @@ impl Access {
         user: true,
         exec: false,
     };
-    /// User code and data.
-    pub const USER_RWX: Access = Access {
-        write: true,
+    /// User code.
+    pub const USER_RX: Access = Access {
+        write: false,
         user: true,
+        exec: true,
+    };
+    /// Supervisor-only code.
+    pub const SUPER_RX: Access = Access {
+        write: false,
+        user: false,
         exec: true,
     };
     /// Supervisor-only data.
@@ -162,8 +190,9 @@ impl Layout {
         })
     }
 
-    /// The mapped regions, in address order (everything else is unmapped).
-    pub fn regions(&self) -> [Region; 11] {
+    /// The regions mapped at boot, in address order (everything else is
+    /// unmapped; the image region is mapped when a function is loaded).
+    pub fn regions(&self) -> [Region; 13] {
         let r = |start, end: u64, access| Region {
             start,
             len: end - start,
@@ -173,15 +202,26 @@ impl Layout {
             r(BOOT_INFO_ADDR, BOOT_INFO_ADDR + PAGE_BYTES, Access::USER_RO),
             r(MAILBOX_ADDR, MAILBOX_ADDR + PAGE_BYTES, Access::USER_RW),
             r(GDT_ADDR, GDT_ADDR + PAGE_BYTES, Access::SUPER_RW),
-            r(PAGE_TABLES_ADDR, PAGE_TABLES_END, Access::SUPER_RW),
             r(FAULT_STACK_BOTTOM, FAULT_STACK_TOP, Access::SUPER_RW),
+            r(FAULT_STUBS_ADDR, FAULT_STUBS_ADDR + PAGE_BYTES, Access::SUPER_RX),
+            r(FAULT_MMIO_ADDR, FAULT_MMIO_ADDR + PAGE_BYTES, Access::SUPER_RW),
             r(MMIO_ADDR, MMIO_ADDR + PAGE_BYTES, Access::USER_RW),
-            r(KERNEL_BASE, KERNEL_LIMIT, Access::USER_RWX),
+            r(KERNEL_TEXT_ADDR, KERNEL_RODATA_ADDR, Access::USER_RX),
+            r(KERNEL_RODATA_ADDR, KERNEL_DATA_ADDR, Access::USER_RO),
+            r(KERNEL_DATA_ADDR, KERNEL_LIMIT, Access::USER_RW),
             r(self.stack_bottom, self.stack_top, Access::USER_RW),
             r(self.io_addr, self.io_addr + self.io_bytes, Access::USER_RW),
-            r(self.image_addr, self.image_addr + self.image_bytes, Access::USER_RWX),
             r(self.heap_addr, self.heap_addr + self.heap_bytes, Access::USER_RW),
         ]
+    }
+
+    /// Whether `[addr, addr + len)` lies inside the I/O window (the only
+    /// range a reply's output or message may come from).
+    pub fn in_io_window(&self, addr: u64, len: u64) -> bool {
+        addr >= self.io_addr
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.io_addr + self.io_bytes)
     }
 
     /// Ranges worth backing with huge pages: the I/O window and the heap,
@@ -239,6 +279,12 @@ mod tests {
             assert!(w[0].start + w[0].len <= w[1].start, "{w:?}");
         }
         assert_eq!(regions.last().map(|r| r.start + r.len), Some(l.mem_bytes));
+        // The image region is unmapped at boot.
+        assert!(
+            regions
+                .iter()
+                .all(|r| r.start + r.len <= l.image_addr || r.start >= l.image_addr + l.image_bytes)
+        );
         assert_eq!(l.io_addr % HUGE_PAGE_BYTES, 0);
         assert_eq!(l.heap_bytes, 64 << 20);
     }
@@ -274,6 +320,54 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn nothing_is_writable_and_executable_and_cpl0_state_is_supervisor_only() {
+        let l = Layout::new(cfg()).unwrap();
+        for r in l.regions() {
+            assert!(!(r.access.write && r.access.exec), "{r:?}");
+        }
+        let access = |addr: u64| {
+            l.regions()
+                .into_iter()
+                .find(|r| addr >= r.start && addr < r.start + r.len)
+                .map(|r| r.access)
+        };
+        for sup in [
+            GDT_ADDR,
+            IDT_ADDR,
+            TSS_ADDR,
+            FAULT_STACK_TOP - 8,
+            FAULT_STUBS_ADDR,
+            FAULT_MMIO_ADDR,
+        ] {
+            assert!(access(sup).is_some_and(|a| !a.user), "{sup:#x}");
+        }
+        for unmapped in [
+            0,
+            PAGE_TABLES_ADDR,
+            PAGE_TABLES_END - 8,
+            IMAGE_TABLES_ADDR,
+            l.image_addr,
+        ] {
+            assert_eq!(access(unmapped), None, "{unmapped:#x}");
+        }
+        assert_eq!(access(KERNEL_TEXT_ADDR), Some(Access::USER_RX));
+        assert_eq!(access(KERNEL_RODATA_ADDR), Some(Access::USER_RO));
+        assert_eq!(access(KERNEL_DATA_ADDR), Some(Access::USER_RW));
+    }
+
+    #[test]
+    fn io_window_check() {
+        let l = Layout::new(cfg()).unwrap();
+        assert!(l.in_io_window(l.io_addr, l.io_bytes));
+        assert!(l.in_io_window(l.io_addr + 5, 0));
+        assert!(!l.in_io_window(l.io_addr - 1, 1));
+        assert!(!l.in_io_window(l.io_addr, l.io_bytes + 1));
+        assert!(!l.in_io_window(l.io_addr + 1, u64::MAX));
+        assert!(!l.in_io_window(PAGE_TABLES_ADDR, 8));
+        assert!(!l.in_io_window(l.heap_addr, 1));
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //! page and an MMIO doorbell (`guest-abi`), one exit per request (none for
 //! back-to-back requests to a spinning hot instance).
 //!
+//! Privilege separation: page tables (not mapped), GDT/IDT/TSS, the fault
+//! stubs, the fault stack and the fault register are supervisor-only; the
+//! kernel's code is read-only and its data non-executable to CPL3; the host
+//! loads a function's artifact itself ([`image`], with the guest's own ELF
+//! loader) and maps it W^X per segment before the guest first touches it;
+//! a reply is read only from the I/O window ([`channel`]).
+//!
 //! [`Vmm`] is the opened `/dev/kvm` (shared); [`Instance`] is one running
 //! guest. Exit handling ([`exit`]), reply checking ([`channel`]), fault
 //! decoding ([`fault`]), the layout and page tables are pure and unit tested.
@@ -33,6 +40,7 @@ pub mod cpu;
 pub mod error;
 pub mod exit;
 pub mod fault;
+pub mod image;
 pub mod instance;
 pub mod kick;
 pub mod layout;
@@ -46,6 +54,8 @@ mod vcpu;
 pub use channel::Status;
 pub use error::{RunError, VmmError};
 pub use fault::GuestFault;
+/// The host<->guest ABI (layout constants, mailbox, reply codes).
+pub use guest_abi as abi;
 pub use instance::{BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Reply, Shell, now_ns};
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;
@@ -62,7 +72,7 @@ pub static GUEST_KERNEL: &[u8] = include_bytes!(env!("GUEST_KERNEL_PATH"));
 pub struct Vmm {
     kvm: Kvm,
     cpuid: CpuId,
-    xsave: bool,
+    features: cpu::Features,
     xcr0: u64,
 }
 
@@ -88,6 +98,12 @@ impl Vmm {
                 .copied()
         };
         let xsave = leaf(1, 0).is_some_and(|e| e.ecx & (1 << 26) != 0);
+        let leaf7 = leaf(7, 0).map_or(0, |e| e.ebx);
+        let features = cpu::Features {
+            xsave,
+            smep: leaf7 & (1 << 7) != 0,
+            smap: leaf7 & (1 << 20) != 0,
+        };
         let xcr0 = leaf(0xd, 0).map_or(0b11, |e| cpu::xcr0(e.eax));
         kick::install().map_err(|source| VmmError::Kvm {
             op: "installing the vCPU kick handler",
@@ -96,7 +112,7 @@ impl Vmm {
         Ok(Self {
             kvm,
             cpuid,
-            xsave,
+            features,
             xcr0,
         })
     }

@@ -9,8 +9,8 @@ use crate::memory::GuestRam;
 use crate::paging::PageTables;
 use crate::{GUEST_KERNEL, instance::kvm_err, instance::monotonic_ns};
 use guest_abi::{
-    BOOT_INFO_ADDR, BOOT_MAGIC, BootInfo, CHANNEL_ABI_VERSION, KERNEL_BASE, KERNEL_LIMIT, MAILBOX_ADDR, MMIO_ADDR,
-    PAGE_BYTES,
+    BOOT_INFO_ADDR, BOOT_MAGIC, BootInfo, CHANNEL_ABI_VERSION, FAULT_MMIO_ADDR, KERNEL_LIMIT, KERNEL_TEXT_ADDR,
+    MAILBOX_ADDR, MMIO_ADDR, PAGE_BYTES,
 };
 use kvm_bindings::{Msrs, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
@@ -21,9 +21,11 @@ use vm_memory::{Bytes, GuestAddress};
 const MSR_IA32_TSC: u32 = 0x10;
 
 /// The KVM memory slots (slot, start, end): all of guest memory but the
-/// doorbell page, which no slot backs so that writes to it exit.
+/// fault-register and doorbell pages, which no slot backs so that writes to
+/// them exit.
 pub(crate) fn memory_slots(layout: &Layout) -> [(u32, u64, u64); 2] {
-    [(0, 0, MMIO_ADDR), (1, MMIO_ADDR + PAGE_BYTES, layout.mem_bytes)]
+    const _: () = assert!(FAULT_MMIO_ADDR + PAGE_BYTES == MMIO_ADDR);
+    [(0, 0, FAULT_MMIO_ADDR), (1, MMIO_ADDR + PAGE_BYTES, layout.mem_bytes)]
 }
 
 /// Writes the GDT, IDT, TSS, page tables and the guest kernel; returns the
@@ -45,7 +47,7 @@ pub(crate) fn write_system_state(ram: &GuestRam, layout: &Layout) -> Result<u64,
         mem,
         None,
         &mut Cursor::new(GUEST_KERNEL),
-        Some(GuestAddress(KERNEL_BASE)),
+        Some(GuestAddress(KERNEL_TEXT_ADDR)),
     )
     .map_err(VmmError::Kernel)?;
     if loaded.kernel_end > KERNEL_LIMIT {
@@ -183,6 +185,42 @@ mod tests {
         assert_eq!(tsc_offset(&[(100, 1150, 200), (300, 1305, 310)]), 1000);
         // ...or behind (wrapping arithmetic).
         assert_eq!(tsc_offset(&[(5000, 4005, 5010)]), 0u64.wrapping_sub(1000));
+    }
+
+    #[test]
+    fn kernel_segments_lie_in_regions_with_their_rights() {
+        let k = crate::GUEST_KERNEL;
+        let u16_at = |o: usize| u16::from_le_bytes(k[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(k[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(k[o..o + 8].try_into().unwrap());
+        let (phoff, phnum) = (usize::try_from(u64_at(32)).unwrap(), usize::from(u16_at(56)));
+        let layout = crate::layout::small_test_layout();
+        let regions = layout.regions();
+        let mut loads = 0;
+        for i in 0..phnum {
+            let ph = phoff + i * 56;
+            if u32_at(ph) != 1 {
+                continue;
+            }
+            loads += 1;
+            let (flags, vaddr, memsz) = (u32_at(ph + 4), u64_at(ph + 16), u64_at(ph + 40));
+            let region = regions
+                .iter()
+                .find(|r| vaddr >= r.start && vaddr + memsz <= r.start + r.len)
+                .unwrap_or_else(|| panic!("kernel segment {vaddr:#x}+{memsz:#x} outside every region"));
+            assert_eq!(region.access.exec, flags & 1 != 0, "segment at {vaddr:#x}");
+            assert_eq!(region.access.write, flags & 2 != 0, "segment at {vaddr:#x}");
+            assert_eq!(
+                region.access.user,
+                vaddr != guest_abi::FAULT_STUBS_ADDR,
+                "only the fault stubs are supervisor code: {vaddr:#x}"
+            );
+        }
+        assert_eq!(loads, 4, "stubs, text, rodata, data");
+        assert_eq!(
+            guest::elf::static_symbol(k, "fault_stubs"),
+            Ok(guest_abi::FAULT_STUBS_ADDR)
+        );
     }
 
     #[test]

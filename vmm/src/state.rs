@@ -196,6 +196,7 @@ impl SavedState {
             ("rsp", format!("{:#x}", r.rsp)),
             ("rflags", format!("{:#x}", r.rflags)),
             ("cr3", format!("{:#x}", s.cr3)),
+            ("cr4", format!("{:#x}", s.cr4)),
             ("cs", format!("{:#x} (CPL{})", s.cs.selector, s.cs.selector & 3)),
             ("seq", self.seq.to_string()),
             (

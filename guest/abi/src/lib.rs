@@ -25,11 +25,27 @@
 //! polls `resp_seq`, so a request to a spinning guest costs no exit at all
 //! (protocol in [`Mailbox::guest_spinning`]).
 //!
-//! A CPL0 exception handler writes the vector to [`REG_FAULT`], and the host
-//! reads the hardware exception frame from the top of the fault stack
+//! A CPL0 exception handler writes the vector to [`REG_FAULT`] (on a
+//! supervisor-only MMIO page, so CPL3 cannot forge a fault report), and the
+//! host reads the hardware exception frame from the top of the fault stack
 //! ([`FaultFrame`]). Guest logs (the serial console) are copied to the log
 //! area of the mailbox page ([`LOG_OFFSET`]) and flushed with a write of
 //! their length to [`REG_LOG`].
+//!
+//! `LOAD`: the host loads the function artifact into the image region
+//! itself (from its own parse of the artifact bytes, with per-segment page
+//! permissions the guest cannot change), then sends a [`LoadRequest`] in the
+//! I/O window; the guest runs the function's `init()`.
+//!
+//! Replies: the output (or message) is copied into the I/O window; the host
+//! refuses a reply whose range is not inside the window.
+//!
+//! # Privilege separation
+//!
+//! Everything the CPU uses at CPL0 (page tables, GDT/IDT/TSS, the fault
+//! stubs, the fault stack, the fault register) is supervisor-only or not
+//! mapped at all; the kernel's code is read-only and its data
+//! non-executable to CPL3; the function image is mapped W^X per segment.
 //!
 //! Argument snapshots: when the host sets [`Mailbox::checkpoint_seq`] to the
 //! request's `req_seq`, the function's `checkpoint()` writes `req_seq` to
@@ -39,7 +55,7 @@
 #![no_std]
 
 /// Version of this channel ABI; [`BootInfo::abi_version`] carries it.
-pub const CHANNEL_ABI_VERSION: u32 = 1;
+pub const CHANNEL_ABI_VERSION: u32 = 2;
 /// [`BootInfo::magic`].
 pub const BOOT_MAGIC: u64 = 0x6d66_6161_735f_766d; // "mfaas_vm"
 
@@ -52,23 +68,34 @@ pub const HUGE_PAGE_BYTES: u64 = 0x20_0000;
 pub const BOOT_INFO_ADDR: u64 = 0x1000;
 /// Guest-physical address of the [`Mailbox`] page (user read-write).
 pub const MAILBOX_ADDR: u64 = 0x2000;
-/// Where the guest kernel ELF is linked (its first 2 MiB page, user RWX).
-/// The fault stubs come first, one per vector, [`FAULT_STUB_STRIDE`] apart.
-pub const KERNEL_BASE: u64 = 0x20_0000;
-/// End (exclusive) of the region the guest kernel may occupy.
-pub const KERNEL_LIMIT: u64 = 0x40_0000;
-/// Distance between two fault stubs (vector `v` at `KERNEL_BASE + v * stride`).
+/// The CPL0 fault stubs (supervisor-only, read-only, executable), one per
+/// vector, [`FAULT_STUB_STRIDE`] apart; the kernel links them here.
+pub const FAULT_STUBS_ADDR: u64 = 0x1_6000;
+/// Distance between two fault stubs (vector `v` at
+/// `FAULT_STUBS_ADDR + v * stride`).
 pub const FAULT_STUB_STRIDE: u64 = 16;
 /// Number of exception vectors with a stub (0..32).
 pub const FAULT_VECTORS: u64 = 32;
+/// The guest kernel's code (user read-execute, one 2 MiB page).
+pub const KERNEL_TEXT_ADDR: u64 = 0x20_0000;
+/// The guest kernel's read-only data (user read-only, one 2 MiB page).
+pub const KERNEL_RODATA_ADDR: u64 = 0x40_0000;
+/// The guest kernel's data and bss (user read-write, non-executable, one
+/// 2 MiB page).
+pub const KERNEL_DATA_ADDR: u64 = 0x60_0000;
+/// End (exclusive) of the region the guest kernel may occupy.
+pub const KERNEL_LIMIT: u64 = 0x80_0000;
 
+/// The fault register page: guest-physical, mapped supervisor-only and
+/// backed by no memory slot (a CPL3 write to it is a page fault).
+pub const FAULT_MMIO_ADDR: u64 = 0x1f_e000;
 /// The doorbell page: guest-physical, mapped user-writable by the guest's
 /// page tables but backed by no memory slot, so every write exits to the VMM.
 pub const MMIO_ADDR: u64 = 0x1f_f000;
 /// Doorbell register (u32 write): the guest is idle after answering `seq`.
 pub const REG_DOORBELL: u64 = MMIO_ADDR;
 /// Fault register (u32 write, from the CPL0 stubs): exception vector.
-pub const REG_FAULT: u64 = MMIO_ADDR + 8;
+pub const REG_FAULT: u64 = FAULT_MMIO_ADDR;
 /// Log register (u32 write): that many bytes at the log area are guest log.
 pub const REG_LOG: u64 = MMIO_ADDR + 16;
 /// Checkpoint register (u32 write of the request's `seq`): the function
@@ -117,11 +144,12 @@ pub struct BootInfo {
     pub idle_spin_us: u32,
     /// The [`Mailbox`] page.
     pub mailbox_addr: u64,
-    /// The I/O window: request payloads (artifact on `LOAD`, input on `INVOKE`).
+    /// The I/O window: request payloads (a [`LoadRequest`] on `LOAD`, the
+    /// input on `INVOKE`) and every reply's output or message.
     pub io_addr: u64,
     /// Size of the I/O window.
     pub io_bytes: u64,
-    /// Where the function's segments are loaded.
+    /// Where the host loads the function's segments (unmapped until then).
     pub image_addr: u64,
     /// Size of the image region.
     pub image_bytes: u64,
@@ -187,16 +215,29 @@ pub struct Mailbox {
     pub checkpoint_seq: u32,
 }
 
+/// The payload of a `LOAD` request (at the start of the I/O window): the
+/// host has loaded and relocated the artifact into the image region; these
+/// are its entry points (guest addresses inside the image region).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadRequest {
+    /// Address of `microfaas_v1_init`.
+    pub init_addr: u64,
+    /// Address of `microfaas_v1_handle`.
+    pub handle_addr: u64,
+}
+
 /// Request operations ([`Mailbox::op`]).
 pub mod op {
-    /// Load the function artifact held in the I/O window and run its `init()`.
+    /// Run the `init()` of the function the host loaded into the image
+    /// region (a [`LoadRequest`](super::LoadRequest) in the I/O window).
     pub const LOAD: u32 = 1;
     /// Call the loaded function's `handle()` on the input in the I/O window.
     pub const INVOKE: u32 = 2;
 }
 
 /// Reply codes ([`Mailbox::status`]). For every code but `OK`,
-/// `out_addr/out_len` hold a UTF-8 message.
+/// `out_addr/out_len` hold a UTF-8 message. Either lies in the I/O window.
 pub mod reply {
     /// Success; for `INVOKE`, `out_addr/out_len` is the output.
     pub const OK: u32 = 1;
@@ -219,3 +260,5 @@ pub mod reply {
 const _: () = assert!(core::mem::size_of::<Mailbox>() as u64 <= LOG_OFFSET);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= PAGE_BYTES);
 const _: () = assert!(core::mem::size_of::<FaultFrame>() == 56);
+const _: () = assert!(core::mem::size_of::<LoadRequest>() == 16);
+const _: () = assert!(FAULT_STUBS_ADDR + FAULT_VECTORS * FAULT_STUB_STRIDE + 64 <= FAULT_STUBS_ADDR + PAGE_BYTES);
