@@ -26,6 +26,7 @@
 //! backend's cold path (+14% of ~1.1 ms), on no warm path.
 
 mod apply;
+mod bpf;
 mod common;
 mod host;
 pub mod runner;

@@ -1,0 +1,249 @@
+//! The layout of the seccomp program: the architecture check, the x32
+//! refusal, a balanced binary search on the system call number, and each
+//! allowed call's argument checks as seccompiler compiles its rules.
+//!
+//! Why not seccompiler's own program: it tests the number against every
+//! allowed call in turn (one `jeq` per call, plus one hop per rule), and
+//! when a filter is attached the kernel runs the program once for every
+//! system call number of the native ABI to fill its action cache
+//! (`seccomp_cache_prepare_bitmap` emulating `seccomp_is_const_allow`), so
+//! attaching costs (system calls x allowed calls). That is paid on the cold
+//! path of every process runner. A binary search costs (system calls x
+//! log2 allowed calls) and accepts exactly the same calls with the same
+//! arguments (proved against seccompiler's program in the tests).
+//!
+//! ```text
+//!        ld  arch
+//!        jeq AUDIT_ARCH_X86_64 ? +1 : +0
+//!        ret KILL_PROCESS                   any other ABI (i386 through int 0x80)
+//!        ld  nr
+//!        jge 0x4000_0000 ? +0 : +1
+//!        ret VIOLATION                      the x32 ABI
+//!   node jge nr[mid] ? high : +0            (jge nr[mid] ? +0 : +1; ja high: when
+//!        <node or leaf for nr[..mid]>        the low half is over 255 long)
+//!   high <node or leaf for nr[mid..]>
+//!   leaf jeq nr[i] ? +0 : +1
+//!        ret ALLOW  |  ja BLOCK_i           any arguments | argument checks
+//!        ret VIOLATION
+//!        ...
+//! BLOCK_i  rule 1 (seccompiler's code), ret ALLOW, rule 2, ret ALLOW, ...,
+//!          ret VIOLATION, ret VIOLATION (where the last rule's skip lands)
+//! ```
+
+use seccompiler::{BpfProgram, SeccompRule, sock_filter};
+use std::collections::BTreeMap;
+
+/// `BPF_LD | BPF_W | BPF_ABS`: load a word of `seccomp_data`.
+pub(super) const LD_W_ABS: u16 = 0x20;
+/// `BPF_ALU | BPF_AND | BPF_K`.
+pub(super) const ALU_AND_K: u16 = 0x54;
+/// `BPF_JMP | BPF_JA`: jump by `k`.
+pub(super) const JMP_JA: u16 = 0x05;
+/// `BPF_JMP | BPF_JEQ | BPF_K`.
+pub(super) const JMP_JEQ_K: u16 = 0x15;
+/// `BPF_JMP | BPF_JGT | BPF_K`.
+pub(super) const JMP_JGT_K: u16 = 0x25;
+/// `BPF_JMP | BPF_JGE | BPF_K`.
+pub(super) const JMP_JGE_K: u16 = 0x35;
+/// `BPF_RET | BPF_K`.
+pub(super) const RET_K: u16 = 0x06;
+
+/// `offsetof(struct seccomp_data, nr)`.
+const NR_OFFSET: u32 = 0;
+/// `offsetof(struct seccomp_data, arch)`.
+const ARCH_OFFSET: u32 = 4;
+/// `offsetof(struct seccomp_data, args)`.
+const ARGS_OFFSET: u32 = 16;
+/// `sizeof(struct seccomp_data)`.
+pub(super) const SECCOMP_DATA_LEN: u32 = 64;
+/// `AUDIT_ARCH_X86_64` (`EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`).
+pub(super) const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+/// `__X32_SYSCALL_BIT`: set in the number of every x32 system call.
+pub(super) const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+/// `BPF_MAXINSNS`: the longest program the kernel attaches.
+pub(super) const BPF_MAXINSNS: usize = 4096;
+
+/// Laying out the program failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A system call number outside the native x86-64 range.
+    #[error("system call number {0} is not an x86-64 system call")]
+    Number(i64),
+    /// seccompiler's code for a syscall's rules jumps outside them, has an
+    /// instruction this layout does not know, or does not end in a return.
+    #[error("the compiled rules of system call {nr} are not self-contained (instruction {at})")]
+    ForeignRule {
+        /// The system call.
+        nr: u32,
+        /// The offending instruction, counted from the start of its block.
+        at: usize,
+    },
+    /// Longer than the kernel accepts.
+    #[error("the program has {0} instructions, more than the kernel's {BPF_MAXINSNS}")]
+    TooLong(usize),
+}
+
+fn stmt(code: u16, k: u32) -> sock_filter {
+    sock_filter { code, jt: 0, jf: 0, k }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+/// What a leaf of the search does with its number.
+#[derive(Debug, Clone, Copy)]
+enum Leaf {
+    /// Allowed with any arguments.
+    Allow,
+    /// The argument checks in block `n`.
+    Block(usize),
+}
+
+/// One instruction of the search, or a jump to a block not yet placed.
+#[derive(Debug)]
+enum Slot {
+    Insn(sock_filter),
+    ToBlock(usize),
+}
+
+/// The program allowing each syscall of `rules` (any arguments if its rules
+/// are empty, else if any of its rules matches), `violation` for any other
+/// x86-64 or x32 call, `SECCOMP_RET_KILL_PROCESS` for any other ABI: what
+/// seccompiler's `SeccompFilter::new(rules, violation, Allow, x86_64)`
+/// returns, laid out for a cheap attach.
+pub fn layout(rules: BTreeMap<i64, Vec<SeccompRule>>, violation: u32) -> Result<BpfProgram, LayoutError> {
+    let mut leaves = Vec::with_capacity(rules.len());
+    let mut blocks = Vec::new();
+    for (nr, chain) in rules {
+        let native = u32::try_from(nr)
+            .ok()
+            .filter(|n| *n < X32_SYSCALL_BIT)
+            .ok_or(LayoutError::Number(nr))?;
+        let leaf = if chain.is_empty() {
+            Leaf::Allow
+        } else {
+            blocks.push(block(native, chain, violation)?);
+            Leaf::Block(blocks.len() - 1)
+        };
+        leaves.push((native, leaf));
+    }
+    let mut slots = vec![
+        Slot::Insn(stmt(LD_W_ABS, ARCH_OFFSET)),
+        Slot::Insn(jump(JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0)),
+        Slot::Insn(stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS)),
+        Slot::Insn(stmt(LD_W_ABS, NR_OFFSET)),
+        Slot::Insn(jump(JMP_JGE_K, X32_SYSCALL_BIT, 0, 1)),
+        Slot::Insn(stmt(RET_K, violation)),
+    ];
+    search(&leaves, violation, &mut slots)?;
+
+    let mut starts = Vec::with_capacity(blocks.len());
+    let mut total = slots.len();
+    for b in &blocks {
+        starts.push(total);
+        total = total.saturating_add(b.len());
+    }
+    if total > BPF_MAXINSNS {
+        return Err(LayoutError::TooLong(total));
+    }
+    let mut program = Vec::with_capacity(total);
+    for (at, slot) in slots.into_iter().enumerate() {
+        program.push(match slot {
+            Slot::Insn(insn) => insn,
+            Slot::ToBlock(b) => {
+                // Blocks follow the search: always a forward jump, and
+                // `total` <= BPF_MAXINSNS bounds it.
+                let skip = starts[b] - (at + 1);
+                stmt(JMP_JA, u32::try_from(skip).map_err(|_| LayoutError::TooLong(total))?)
+            }
+        });
+    }
+    for b in blocks {
+        program.extend(b);
+    }
+    Ok(program)
+}
+
+/// Appends the search over `leaves` (sorted, distinct numbers) to `out`.
+fn search(leaves: &[(u32, Leaf)], violation: u32, out: &mut Vec<Slot>) -> Result<(), LayoutError> {
+    match leaves {
+        [] => out.push(Slot::Insn(stmt(RET_K, violation))),
+        [(nr, leaf)] => {
+            out.push(Slot::Insn(jump(JMP_JEQ_K, *nr, 0, 1)));
+            out.push(match leaf {
+                Leaf::Allow => Slot::Insn(stmt(RET_K, libc::SECCOMP_RET_ALLOW)),
+                Leaf::Block(b) => Slot::ToBlock(*b),
+            });
+            out.push(Slot::Insn(stmt(RET_K, violation)));
+        }
+        _ => {
+            let (low, high) = leaves.split_at(leaves.len() / 2);
+            let pivot = high[0].0;
+            let mut below = Vec::new();
+            search(low, violation, &mut below)?;
+            match u8::try_from(below.len()) {
+                Ok(skip) => out.push(Slot::Insn(jump(JMP_JGE_K, pivot, skip, 0))),
+                Err(_) => {
+                    let skip = u32::try_from(below.len()).map_err(|_| LayoutError::TooLong(below.len()))?;
+                    out.push(Slot::Insn(jump(JMP_JGE_K, pivot, 0, 1)));
+                    out.push(Slot::Insn(stmt(JMP_JA, skip)));
+                }
+            }
+            out.extend(below);
+            search(high, violation, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// The argument checks of syscall `nr`, entered at its first instruction:
+/// seccompiler's code for each rule followed by `ret ALLOW` (exactly what
+/// `SeccompFilter` emits after its `jeq nr`), then `ret violation` where
+/// the last rule's failure lands and a second one where its skip chain
+/// lands (never taken from the entry, but the kernel wants every jump in
+/// bounds).
+fn block(nr: u32, rules: Vec<SeccompRule>, violation: u32) -> Result<Vec<sock_filter>, LayoutError> {
+    let mut code = Vec::new();
+    for rule in rules {
+        code.extend(BpfProgram::from(rule));
+        code.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+    }
+    code.push(stmt(RET_K, violation));
+    code.push(stmt(RET_K, violation));
+    match self_contained(&code) {
+        Ok(()) => Ok(code),
+        Err(at) => Err(LayoutError::ForeignRule { nr, at }),
+    }
+}
+
+/// Checks that every instruction of `code` is one this layout knows, loads
+/// only a syscall argument, jumps only within `code`, and that `code` ends
+/// in a return (so, all jumps being forward, every path from anywhere in it
+/// ends in one of its returns). Returns the first instruction that fails.
+fn self_contained(code: &[sock_filter]) -> Result<(), usize> {
+    let inside = |at: usize, skip: usize| {
+        at.checked_add(1)
+            .and_then(|n| n.checked_add(skip))
+            .is_some_and(|t| t < code.len())
+    };
+    for (at, insn) in code.iter().enumerate() {
+        let ok = match insn.code {
+            LD_W_ABS => (ARGS_OFFSET..SECCOMP_DATA_LEN).contains(&insn.k) && insn.k % 4 == 0,
+            ALU_AND_K | RET_K => true,
+            JMP_JA => usize::try_from(insn.k).is_ok_and(|k| inside(at, k)),
+            JMP_JEQ_K | JMP_JGT_K | JMP_JGE_K => inside(at, insn.jt.into()) && inside(at, insn.jf.into()),
+            _ => false,
+        };
+        if !ok {
+            return Err(at);
+        }
+    }
+    match code.last() {
+        Some(last) if last.code == RET_K => Ok(()),
+        _ => Err(code.len().saturating_sub(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests;
