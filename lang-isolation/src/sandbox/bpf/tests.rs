@@ -248,13 +248,14 @@ fn attach_emulation_is_logarithmic() {
     for policy in policies() {
         let (ours, linear) = both(&policy);
         let n = policy.allowed.len();
-        let depth = usize::try_from(n.next_power_of_two().trailing_zeros()).unwrap();
+        // At most 2n + 1 ranges.
+        let depth = usize::try_from((2 * n + 1).next_power_of_two().trailing_zeros()).unwrap();
         let (mut ours_steps, mut linear_steps) = (0, 0);
         for nr in 0..NATIVE_NRS {
             let steps = emulated(&ours, nr, AUDIT_ARCH_X86_64);
-            // arch (3), nr, x32 (2), the nodes (1 or 2 each), the leaf's
-            // jeq and its return or jump, the block's first jump and load.
-            assert!(steps <= 6 + 2 * depth + 4, "nr {nr}: {steps} steps");
+            // arch (2), nr, x32, the nodes (1 or 2 each), the leaf, the
+            // block's first load.
+            assert!(steps <= 4 + 2 * depth + 2, "nr {nr}: {steps} steps");
             ours_steps += steps;
             linear_steps += emulated(&linear, nr, AUDIT_ARCH_X86_64);
         }
@@ -422,6 +423,56 @@ fn foreign_code_is_refused() {
     assert_eq!(self_contained(&[stmt(0x61, 0), ret()]), Err(0));
     assert_eq!(self_contained(&[ret(), ld()]), Err(1));
     assert_eq!(self_contained(&[]), Err(0));
+}
+
+/// seccompiler's rules are entered at their checks; anything else it
+/// might emit is refused, not laid out wrongly.
+#[test]
+fn rules_are_lifted_only_as_straight_checks() {
+    let cond = |op| SeccompCondition::new(1, SeccompCmpArgLen::Qword, op, 7).unwrap();
+    let rule = SeccompRule::new(vec![cond(SeccompCmpOp::Ne), cond(SeccompCmpOp::Le)]).unwrap();
+    let compiled = BpfProgram::from(rule.clone());
+    let checks = rule_checks(&compiled).unwrap();
+    assert_eq!(checks.len() + 2, compiled.len());
+    assert!(checks.iter().all(|i| i.code != JMP_JA && i.code != RET_K));
+    // Not starting with seccompiler's two jumps, or with a jump in the
+    // checks, or one landing past the next rule.
+    assert!(rule_checks(&compiled[1..]).is_none());
+    let mut bad = compiled.clone();
+    bad[3] = stmt(JMP_JA, 0);
+    assert!(rule_checks(&bad).is_none());
+    let mut far = compiled.clone();
+    let last = far.len() - 1;
+    far[last] = jump(JMP_JEQ_K, 7, 0, 2);
+    assert!(rule_checks(&far).is_none());
+    far[last] = jump(JMP_JEQ_K, 7, 0, 1);
+    assert!(rule_checks(&far).is_some());
+    // A rule too long for 8-bit jumps gets helper jumps from seccompiler:
+    // refused with a typed error.
+    let many = (0..43).map(|_| cond(SeccompCmpOp::MaskedEq(1))).collect();
+    let rules = BTreeMap::from([(libc::SYS_write, vec![SeccompRule::new(many).unwrap()])]);
+    assert!(matches!(
+        layout(rules, libc::SECCOMP_RET_TRAP),
+        Err(LayoutError::ForeignRule { nr: 1, .. })
+    ));
+    let rules = BTreeMap::from([(libc::SYS_write, vec![rule])]);
+    assert!(layout(rules, libc::SECCOMP_RET_TRAP).is_ok());
+}
+
+/// Runs of numbers allowed with any arguments are one range: one leaf.
+#[test]
+fn runs_share_a_leaf() {
+    let policy = SeccompPolicy {
+        allowed: (100..140).map(|nr| Allowed::any("any", nr)).collect(),
+        violation: Violation::KillProcess,
+    };
+    let (ours, linear) = both(&policy);
+    // the preamble (6), two nodes, three leaves
+    assert_eq!(ours.len(), 6 + 2 + 3, "{ours:?}");
+    for nr in 0..=200 {
+        let d = Data::new(nr, AUDIT_ARCH_X86_64, [0; 6]);
+        assert_eq!(run(&ours, &d), run(&linear, &d), "{nr}");
+    }
 }
 
 /// Forks a child that attaches `program` and then runs `then`; returns its
