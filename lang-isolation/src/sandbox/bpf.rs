@@ -22,14 +22,20 @@
 //!        ld  nr
 //!        jge 0x4000_0000 ? +0 : +1
 //!        ret VIOLATION                     the x32 ABI (and negative numbers)
-//!  node  jge lo[mid] ? high : +0           ranges [lo[i], lo[i+1]) split in halves
-//!        <node or leaf: ranges ..mid>      (jge lo[mid] ? +0 : +1; ja high: when
-//!  high  <node or leaf: ranges mid..>       the low half is over 255 long)
-//!  leaf  ret ALLOW | ret VIOLATION | ja BLOCK_i
+//!  node  jge lo[mid] ? high : low          ranges [lo[i], lo[i+1]) split in halves;
+//!  low   <node: ranges ..mid>              a half of one range is not emitted: the
+//!  high  <node: ranges mid..>              node jumps to its action instead
 //!        ...
+//!  ALLOW ret ALLOW
+//!  DENY  ret VIOLATION
 //! BLOCK_i  checks of rule 1, ret ALLOW, checks of rule 2, ret ALLOW, ...,
 //!          ret VIOLATION          (a rule's failed check jumps to the next rule)
 //! ```
+//!
+//! A search too long for 8-bit jumps to those targets (over ~120 ranges)
+//! gets a leaf instruction per range instead (`ret ALLOW`, `ret VIOLATION`
+//! or `ja BLOCK_i`) and a `jge lo[mid] ? +0 : +1; ja high` trampoline over
+//! any low half over 255 instructions long.
 
 use seccompiler::{BpfProgram, SeccompRule, sock_filter};
 use std::collections::BTreeMap;
@@ -103,11 +109,28 @@ enum Action {
     Block(usize),
 }
 
-/// One instruction of the search, or a jump to a block not yet placed.
+/// Where a node of the compact search goes.
+#[derive(Debug, Clone, Copy)]
+enum To {
+    /// Its subtree, this far ahead.
+    Skip(u8),
+    /// A range's action: a shared return or a block.
+    Leaf(Action),
+}
+
+/// One instruction of the search, before the returns and blocks after it
+/// are placed.
 #[derive(Debug)]
 enum Slot {
     Insn(sock_filter),
-    ToBlock(usize),
+    /// `jge k` of the compact search.
+    Node {
+        k: u32,
+        jt: To,
+        jf: To,
+    },
+    /// `ja` to a block.
+    Goto(usize),
 }
 
 /// The program allowing each syscall of `rules` (any arguments if its rules
@@ -141,41 +164,29 @@ pub fn layout(rules: BTreeMap<i64, Vec<SeccompRule>>, violation: u32) -> Result<
     }
     push_range(&mut ranges, next, Action::Deny);
 
-    let mut slots = vec![
-        Slot::Insn(stmt(LD_W_ABS, ARCH_OFFSET)),
-        Slot::Insn(jump(JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0)),
-        Slot::Insn(stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS)),
-        Slot::Insn(stmt(LD_W_ABS, NR_OFFSET)),
-        Slot::Insn(jump(JMP_JGE_K, X32_SYSCALL_BIT, 0, 1)),
-        Slot::Insn(stmt(RET_K, violation)),
-    ];
+    let preamble = || {
+        vec![
+            Slot::Insn(stmt(LD_W_ABS, ARCH_OFFSET)),
+            Slot::Insn(jump(JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0)),
+            Slot::Insn(stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS)),
+            Slot::Insn(stmt(LD_W_ABS, NR_OFFSET)),
+            Slot::Insn(jump(JMP_JGE_K, X32_SYSCALL_BIT, 0, 1)),
+            Slot::Insn(stmt(RET_K, violation)),
+        ]
+    };
+    // Compact where every jump reaches (the search no longer than ~250
+    // instructions: up to ~120 ranges), else with a leaf per range.
+    if ranges.len() >= 2 {
+        let mut slots = preamble();
+        if compact(&ranges, &mut slots).is_some()
+            && let Some(program) = assemble(slots, &blocks, violation, true)?
+        {
+            return Ok(program);
+        }
+    }
+    let mut slots = preamble();
     search(&ranges, violation, &mut slots)?;
-
-    let mut starts = Vec::with_capacity(blocks.len());
-    let mut total = slots.len();
-    for b in &blocks {
-        starts.push(total);
-        total = total.saturating_add(b.len());
-    }
-    if total > BPF_MAXINSNS {
-        return Err(LayoutError::TooLong(total));
-    }
-    let mut program = Vec::with_capacity(total);
-    for (at, slot) in slots.into_iter().enumerate() {
-        program.push(match slot {
-            Slot::Insn(insn) => insn,
-            Slot::ToBlock(b) => {
-                // Blocks follow the search: always a forward jump, and
-                // `total` <= BPF_MAXINSNS bounds it.
-                let skip = starts[b] - (at + 1);
-                stmt(JMP_JA, u32::try_from(skip).map_err(|_| LayoutError::TooLong(total))?)
-            }
-        });
-    }
-    for b in blocks {
-        program.extend(b);
-    }
-    Ok(program)
+    assemble(slots, &blocks, violation, false)?.ok_or(LayoutError::TooLong(BPF_MAXINSNS))
 }
 
 /// Appends the range starting at `start`, merged into the previous one if
@@ -186,12 +197,39 @@ fn push_range(ranges: &mut Vec<(u32, Action)>, start: u32, action: Action) {
     }
 }
 
-/// Appends the search over `ranges` (ascending starts) to `out`.
+/// Appends the compact search over `ranges` (at least two) to `out`: a
+/// node whose half is one range jumps straight to its action (`ret ALLOW`
+/// and `ret VIOLATION` once after the search, or the block). `None` when a
+/// half is too long to jump over with an 8-bit offset.
+fn compact(ranges: &[(u32, Action)], out: &mut Vec<Slot>) -> Option<()> {
+    let (low, high) = ranges.split_at(ranges.len() / 2);
+    let mut below = Vec::new();
+    let jf = match low {
+        [(_, action)] => To::Leaf(*action),
+        _ => {
+            compact(low, &mut below)?;
+            To::Skip(0)
+        }
+    };
+    let jt = match high {
+        [(_, action)] => To::Leaf(*action),
+        _ => To::Skip(u8::try_from(below.len()).ok()?),
+    };
+    out.push(Slot::Node { k: high[0].0, jt, jf });
+    out.extend(below);
+    if high.len() > 1 {
+        compact(high, out)?;
+    }
+    Some(())
+}
+
+/// Appends the search over `ranges` (ascending starts) to `out`, with a
+/// leaf instruction per range.
 fn search(ranges: &[(u32, Action)], violation: u32, out: &mut Vec<Slot>) -> Result<(), LayoutError> {
     match ranges {
         [] | [(_, Action::Deny)] => out.push(Slot::Insn(stmt(RET_K, violation))),
         [(_, Action::Allow)] => out.push(Slot::Insn(stmt(RET_K, libc::SECCOMP_RET_ALLOW))),
-        [(_, Action::Block(b))] => out.push(Slot::ToBlock(*b)),
+        [(_, Action::Block(b))] => out.push(Slot::Goto(*b)),
         _ => {
             let (low, high) = ranges.split_at(ranges.len() / 2);
             let pivot = high[0].0;
@@ -210,6 +248,68 @@ fn search(ranges: &[(u32, Action)], violation: u32, out: &mut Vec<Slot>) -> Resu
         }
     }
     Ok(())
+}
+
+/// The program: the search's `slots`, with `shared` the two shared returns,
+/// then the blocks, every jump resolved. `None` when a node cannot reach
+/// its target with an 8-bit offset.
+fn assemble(
+    slots: Vec<Slot>,
+    blocks: &[Vec<sock_filter>],
+    violation: u32,
+    shared: bool,
+) -> Result<Option<BpfProgram>, LayoutError> {
+    let allow_at = slots.len();
+    let deny_at = allow_at + 1;
+    let mut starts = Vec::with_capacity(blocks.len());
+    let mut total = if shared { allow_at + 2 } else { allow_at };
+    for b in blocks {
+        starts.push(total);
+        total = total.saturating_add(b.len());
+    }
+    if total > BPF_MAXINSNS {
+        return Err(LayoutError::TooLong(total));
+    }
+    // All targets lie ahead (the returns and blocks follow the search), and
+    // `total` <= BPF_MAXINSNS bounds every distance.
+    let position = |action: Action| match action {
+        Action::Allow => shared.then_some(allow_at),
+        Action::Deny => shared.then_some(deny_at),
+        Action::Block(b) => starts.get(b).copied(),
+    };
+    let offset = |at: usize, to: To| match to {
+        To::Skip(skip) => Some(skip),
+        To::Leaf(action) => u8::try_from(position(action)? - (at + 1)).ok(),
+    };
+    let mut program = Vec::with_capacity(total);
+    for (at, slot) in slots.into_iter().enumerate() {
+        program.push(match slot {
+            Slot::Insn(insn) => insn,
+            Slot::Node { k, jt, jf } => {
+                let (Some(jt), Some(jf)) = (offset(at, jt), offset(at, jf)) else {
+                    return Ok(None);
+                };
+                jump(JMP_JGE_K, k, jt, jf)
+            }
+            Slot::Goto(b) => {
+                let Some(target) = starts.get(b) else {
+                    return Ok(None);
+                };
+                stmt(
+                    JMP_JA,
+                    u32::try_from(target - (at + 1)).map_err(|_| LayoutError::TooLong(total))?,
+                )
+            }
+        });
+    }
+    if shared {
+        program.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+        program.push(stmt(RET_K, violation));
+    }
+    for b in blocks {
+        program.extend_from_slice(b);
+    }
+    Ok(Some(program))
 }
 
 /// The argument checks of syscall `nr`, entered at its first instruction:
