@@ -18,14 +18,21 @@
 //!
 //! Cost (`cargo run --release -p lang-isolation --example sandbox_steps`, in
 //! a fresh child each, on this nested-virtualisation host, medians): about
-//! 140 us in all for a runner, of which the namespaces ~12 us, Landlock
-//! ~6 us, uid/caps ~24 us (one `prctl` per capability of the bounding set)
-//! and the seccomp filter ~100 us (the kernel converts and JIT-compiles it;
-//! the cost grows with its length, ~4.5 us per allowed call here, hence
-//! short per-kind allowlists). It is paid once per process: on the process
-//! backend's cold path (+14% of ~1.1 ms), on no warm path.
+//! 90 us in all for a runner, of which the namespaces ~10 us, Landlock
+//! ~3 us, uid/caps ~25 us (one `prctl` per capability of the bounding set)
+//! and the seccomp filter ~50 us: compiling it (more in a forked child,
+//! whose heap is copy-on-write) and ~31 us attaching it, of which ~11 us is
+//! the kernel's fixed cost; the rest grows with the program's length (~0.13
+//! us per instruction to convert and JIT-compile it) and with the
+//! instructions the kernel emulates per syscall number to fill its action
+//! cache, which is why the program is a binary search (`bpf.rs`: 74
+//! instructions for the runner, seccompiler's linear chain 130 and ~74 us).
+//! It is paid once per process: on the process backend's cold path (about
+//! +10% of ~1.2-1.3 ms with every layer, seccomp ~4-5% of that), on no warm
+//! path.
 
 mod apply;
+mod bpf;
 mod common;
 mod host;
 pub mod runner;

@@ -3,6 +3,7 @@
 //! argument filters the policies share (W^X for mmap/mprotect, signals only
 //! to oneself, writes only to stderr).
 
+use super::bpf;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
@@ -69,6 +70,9 @@ pub enum FilterError {
     /// The rule set was rejected or did not compile.
     #[error("cannot compile the seccomp filter")]
     Compile(#[source] seccompiler::BackendError),
+    /// The program could not be laid out.
+    #[error("cannot lay out the seccomp program")]
+    Layout(#[source] bpf::LayoutError),
     /// The kernel refused the filter.
     #[error("cannot install the seccomp filter")]
     Install(#[source] seccompiler::Error),
@@ -80,8 +84,8 @@ impl SeccompPolicy {
         self.allowed.iter().any(|a| a.nr == nr)
     }
 
-    /// The compiled BPF program.
-    pub fn compile(&self) -> Result<BpfProgram, FilterError> {
+    /// The merged rules per syscall number and the violation's return value.
+    fn rules(&self) -> (BTreeMap<i64, Vec<SeccompRule>>, SeccompAction) {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         for a in &self.allowed {
             rules.entry(a.nr).or_default().extend(a.rules.iter().cloned());
@@ -90,6 +94,23 @@ impl SeccompPolicy {
             Violation::Trap => SeccompAction::Trap,
             Violation::KillProcess => SeccompAction::KillProcess,
         };
+        (rules, mismatch)
+    }
+
+    /// The compiled BPF program: a binary search on the syscall number
+    /// (`bpf::layout`; the kernel emulates the program for every syscall
+    /// number when it attaches it), each call's argument checks compiled by
+    /// seccompiler.
+    pub fn compile(&self) -> Result<BpfProgram, FilterError> {
+        let (rules, mismatch) = self.rules();
+        bpf::layout(rules, u32::from(mismatch)).map_err(FilterError::Layout)
+    }
+
+    /// The same filter as seccompiler lays it out (a linear chain of
+    /// syscall numbers): the reference [`compile`](Self::compile) is proved
+    /// equivalent to, and the baseline of the attach-cost measurements.
+    pub fn compile_linear(&self) -> Result<BpfProgram, FilterError> {
+        let (rules, mismatch) = self.rules();
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
             .map_err(FilterError::Compile)?;
         filter.try_into().map_err(FilterError::Compile)
