@@ -4,7 +4,10 @@
 //! attaches (a few instructions, ~0.13 us each), so a process gets only
 //! what it makes after entering the sandbox.
 
-use super::seccomp::{Allowed, FilterError, futex_wait_wake, mmap_w_xor_x, mprotect_no_exec, on_fd, tgkill_self};
+use super::seccomp::{
+    Allowed, FilterError, SeccompPolicy, futex_wait_wake, mmap_w_xor_x, mprotect_no_exec, on_fd, tgkill_self,
+};
+use super::{Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
 
 /// The calls both kinds of sandboxed process make after start-up.
 pub(super) fn base_allowlist(pid: u32) -> Result<Vec<Allowed>, FilterError> {
@@ -46,4 +49,36 @@ pub(super) fn worker_extras() -> Vec<Allowed> {
         Allowed::any("sched_yield", libc::SYS_sched_yield),
         Allowed::any("exit", libc::SYS_exit),
     ]
+}
+
+/// A policy of `kind` with the layers every sandboxed process shares, each
+/// on as `spec` says: the host's net and ipc namespaces (plus a private mount
+/// namespace if `own_mount`), Landlock with no filesystem, no TCP and scoped
+/// signals, the sandbox uid/gid, no_new_privs, and `seccomp` (already
+/// filtered by the seccomp switch).
+pub(super) fn confined(
+    kind: &'static str,
+    spec: &SandboxSpec,
+    own_mount: bool,
+    seccomp: Option<SeccompPolicy>,
+) -> Policy {
+    let layers = spec.settings.layers;
+    Policy {
+        kind,
+        namespaces: layers.namespaces.then(|| Namespaces {
+            join_net: spec.netns.clone(),
+            join_ipc: spec.ipcns.clone(),
+            own_mount,
+        }),
+        landlock: layers.landlock.then_some(LandlockPolicy {
+            deny_tcp: true,
+            scoped: true,
+        }),
+        identity: layers.identity.then_some(Identity {
+            uid: spec.settings.uid,
+            gid: spec.settings.gid,
+        }),
+        no_new_privs: true,
+        seccomp,
+    }
 }

@@ -6,9 +6,9 @@
 //! seals it checks (`fcntl(F_GET_SEALS)`) before reading (`lseek`,
 //! `pread64`) and mapping them with the runtime's loader.
 
-use super::common::{base_allowlist, worker_extras};
+use super::common::{base_allowlist, confined, worker_extras};
 use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, on_fd};
-use super::{Identity, LandlockPolicy, Namespaces, Policy, SandboxSpec};
+use super::{Policy, SandboxSpec};
 
 /// The worker's policy for `spec`, for the process `pid` (itself), whose
 /// catalog socket is `catalog_fd`.
@@ -23,36 +23,20 @@ pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, F
         Allowed::any("pread64", libc::SYS_pread64),
         Allowed::any("close", libc::SYS_close),
     ]);
-    Ok(Policy {
-        kind: "language worker",
-        namespaces: layers.namespaces.then(|| Namespaces {
-            join_net: spec.netns.clone(),
-            join_ipc: spec.ipcns.clone(),
-            // once per worker, off every request's path
-            own_mount: true,
-        }),
-        landlock: layers.landlock.then_some(LandlockPolicy {
-            deny_tcp: true,
-            scoped: true,
-        }),
-        identity: layers.identity.then_some(Identity {
-            uid: spec.settings.uid,
-            gid: spec.settings.gid,
-        }),
-        no_new_privs: true,
-        // A trap: the worker's SIGSYS handler ends the running function with
-        // a policy violation and the worker serves on (the instance is
-        // reloaded). The forbidden call never runs whatever the function
-        // does with the signal (it may even install its own handler: that
-        // only spoils its own request). The worker is not discarded: the
-        // attacker had native code in it before the violation and could do
-        // anything a violation would show without making one, so killing
-        // the worker would stop only careless attackers; what holds is that
-        // the worker serves one host and its sandbox, not its integrity, is
-        // the boundary.
-        seccomp: layers.seccomp.then_some(SeccompPolicy {
-            allowed,
-            violation: Violation::Trap,
-        }),
-    })
+    // A trap: the worker's SIGSYS handler ends the running function with
+    // a policy violation and the worker serves on (the instance is
+    // reloaded). The forbidden call never runs whatever the function
+    // does with the signal (it may even install its own handler: that
+    // only spoils its own request). The worker is not discarded: the
+    // attacker had native code in it before the violation and could do
+    // anything a violation would show without making one, so killing
+    // the worker would stop only careless attackers; what holds is that
+    // the worker serves one host and its sandbox, not its integrity, is
+    // the boundary.
+    let seccomp = layers.seccomp.then_some(SeccompPolicy {
+        allowed,
+        violation: Violation::Trap,
+    });
+    // A private mount namespace: once per worker, off every request's path.
+    Ok(confined("language worker", spec, true, seccomp))
 }
