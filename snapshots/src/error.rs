@@ -76,6 +76,22 @@ pub enum NodeFileError {
         /// What is wrong.
         reason: String,
     },
+    /// The file's keyed MAC does not hold: it was not written by a holder of
+    /// this store's key as it is now (planted, altered with checksums
+    /// recomputed, or from another store).
+    #[error("{}: snapshot node is not authenticated by this store's key (planted or altered; refused)", path.display())]
+    Unauthenticated {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The node claims more memory than the configured guest has.
+    #[error("{}: snapshot node refused: {reason}", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What it claims.
+        reason: String,
+    },
     /// The file bears another node's id.
     #[error("{}: file is named for node {expected} but holds node {found}", path.display())]
     IdMismatch {
@@ -100,6 +116,8 @@ impl NodeFileError {
             | NodeFileError::SectionChecksum { path, .. }
             | NodeFileError::PageChecksum { path, .. }
             | NodeFileError::Malformed { path, .. }
+            | NodeFileError::Unauthenticated { path }
+            | NodeFileError::TooLarge { path, .. }
             | NodeFileError::IdMismatch { path, .. } => path,
         }
     }
@@ -108,6 +126,14 @@ impl NodeFileError {
 /// Opening a store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenStoreError {
+    /// The store's key file is unusable.
+    #[error("{}: snapshot store key refused: {reason}", path.display())]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A store directory could not be made or read.
     #[error("{}: cannot open snapshot store directory", path.display())]
     Io {
@@ -208,6 +234,14 @@ pub enum ImageError {
     /// A node's page data failed its checksum (the image is not built).
     #[error("a snapshot node's page data is corrupt; the merged image was not built")]
     Corrupt(#[source] NodeFileError),
+    /// A cached merged image does not hold what its lineage records.
+    #[error("{}: merged image refused: {pages} pages differ from what its lineage records (swapped or altered)", path.display())]
+    Unauthenticated {
+        /// The image file.
+        path: PathBuf,
+        /// Pages that differ.
+        pages: usize,
+    },
     /// Reading or writing the image failed.
     #[error("{}: cannot build or open the merged image", path.display())]
     Io {

@@ -6,16 +6,23 @@ use crate::pages::PAGE_SIZE_U64;
 
 /// First 8 bytes of every node file.
 pub const MAGIC: [u8; 8] = *b"MFAASNOD";
-/// The node file format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The node file format version this build writes and reads. Version 2
+/// added the keyed MAC (bytes 160..192) and keyed page tags in the index;
+/// version 1 files (checksums only) are refused as another version.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the header block; page data starts right after it, page aligned.
 pub const HEADER_LEN: u64 = 4096;
+/// Bytes of the header covered by the header CRC (fields, then the CRC).
+pub const HEADER_CRC_END: usize = 160;
+/// Where the node's 32-byte keyed MAC sits in the header.
+pub const MAC_OFFSET: usize = HEADER_CRC_END;
 /// Bytes of the header that carry fields (the rest of the block is zero).
-pub const HEADER_USED: usize = 160;
+pub const HEADER_USED: usize = MAC_OFFSET + 32;
 /// Bytes per page index entry: page index (u64) + page CRC64 (u64).
 pub const INDEX_ENTRY_LEN: u64 = 16;
-/// Largest vCPU/device state blob accepted.
-pub const STATE_MAX_BYTES: u64 = 64 << 20;
+/// Largest vCPU/device state blob accepted (the vm backend's is ~5 KiB;
+/// it is read into memory whenever a node is opened).
+pub const STATE_MAX_BYTES: u64 = 1 << 20;
 /// Largest metadata JSON accepted.
 pub const META_MAX_BYTES: u64 = 1 << 20;
 /// Largest guest memory accepted (64 GiB).
@@ -95,7 +102,8 @@ impl Header {
         HEADER_LEN.checked_add(slot.checked_mul(PAGE_SIZE_U64)?)
     }
 
-    /// The header block's bytes ([`HEADER_USED`] bytes of fields + zero fill).
+    /// The header's fields and their CRC ([`HEADER_CRC_END`] bytes); the
+    /// MAC follows them.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(HEADER_USED);
         b.extend_from_slice(&MAGIC);
@@ -121,7 +129,7 @@ impl Header {
         ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
-        debug_assert_eq!(b.len(), HEADER_USED - 8);
+        debug_assert_eq!(b.len(), HEADER_CRC_END - 8);
         let crc = crc64(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
@@ -147,7 +155,7 @@ impl Header {
         if version != FORMAT_VERSION {
             return Err(HeaderFault::Version(version));
         }
-        if crc64(&b[..HEADER_USED - 8]) != u64_at(HEADER_USED - 8) {
+        if crc64(&b[..HEADER_CRC_END - 8]) != u64_at(HEADER_CRC_END - 8) {
             return Err(HeaderFault::Checksum);
         }
         let bad = |s: &str| Err(HeaderFault::Malformed(s.to_owned()));
@@ -165,7 +173,7 @@ impl Header {
         let id = NodeId::from_bytes(id16(24));
         let parent_raw = id16(40);
         let parent = (parent_raw != [0; 16]).then(|| NodeId::from_bytes(parent_raw));
-        let mut fields = (56..HEADER_USED - 8).step_by(8).map(u64_at);
+        let mut fields = (56..HEADER_CRC_END - 8).step_by(8).map(u64_at);
         let mut next = || fields.next().unwrap_or(0);
         let h = Header {
             level,
@@ -306,16 +314,18 @@ mod tests {
     #[test]
     fn header_round_trips() {
         let h = sample();
-        let b = h.encode();
-        assert_eq!(b.len(), HEADER_USED);
+        let mut b = h.encode();
+        assert_eq!(b.len(), HEADER_CRC_END);
+        b.resize(HEADER_USED, 0);
         assert_eq!(Header::decode(&b), Ok(h));
         assert_eq!(sample().index_offset, 4096 + 3 * 4096);
     }
 
     #[test]
     fn every_flipped_header_bit_is_refused() {
-        let b = sample().encode();
-        for bit in 0..HEADER_USED * 8 {
+        let mut b = sample().encode();
+        b.resize(HEADER_USED, 0);
+        for bit in 0..HEADER_CRC_END * 8 {
             let mut c = b.clone();
             c[bit / 8] ^= 1 << (bit % 8);
             assert!(Header::decode(&c).is_err(), "bit {bit} flip accepted");
@@ -325,8 +335,9 @@ mod tests {
     #[test]
     fn version_and_magic_are_named() {
         let mut b = sample().encode();
-        b[8] = 2;
-        assert_eq!(Header::decode(&b), Err(HeaderFault::Version(2)));
+        b.resize(HEADER_USED, 0);
+        b[8] = 1;
+        assert_eq!(Header::decode(&b), Err(HeaderFault::Version(1)));
         b[0] = b'X';
         assert_eq!(Header::decode(&b), Err(HeaderFault::Magic));
         assert_eq!(Header::decode(&b[..10]), Err(HeaderFault::Short(10)));
@@ -336,13 +347,18 @@ mod tests {
     fn inconsistent_fields_are_malformed() {
         let mut h = sample();
         h.file_len += 1;
-        assert!(matches!(Header::decode(&h.encode()), Err(HeaderFault::Malformed(_))));
+        let enc = |h: &Header| {
+            let mut b = h.encode();
+            b.resize(HEADER_USED, 0);
+            b
+        };
+        assert!(matches!(Header::decode(&enc(&h)), Err(HeaderFault::Malformed(_))));
         let mut h = sample();
         h.parent = None;
-        assert!(matches!(Header::decode(&h.encode()), Err(HeaderFault::Malformed(_))));
+        assert!(matches!(Header::decode(&enc(&h)), Err(HeaderFault::Malformed(_))));
         let mut h = sample();
         h.guest_mem_bytes = 4097;
-        assert!(matches!(Header::decode(&h.encode()), Err(HeaderFault::Malformed(_))));
+        assert!(matches!(Header::decode(&enc(&h)), Err(HeaderFault::Malformed(_))));
         assert_eq!(Header::layout(u64::MAX / 2, 0, 0), None);
     }
 

@@ -170,6 +170,10 @@ pub fn gc(store: &Store, opts: &GcOptions) -> Result<GcReport, GcError> {
         .map_err(io_err(store.root().join(crate::store::LOCK_FILE)))?;
     let broken = store.scan().map_err(|e| match e {
         crate::error::OpenStoreError::Io { path, source } => GcError::Io { path, source },
+        crate::error::OpenStoreError::Key { path, reason } => GcError::Io {
+            path,
+            source: std::io::Error::other(reason),
+        },
     })?;
     let mut report = GcReport {
         dry_run: opts.dry_run,

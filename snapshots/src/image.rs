@@ -141,7 +141,10 @@ impl Store {
             return Ok(img);
         }
         let img = match self.cached_image(id, &want) {
-            Some(img) => img,
+            Some(img) => match self.check_cached(img, &chain) {
+                Some(img) => img,
+                None => self.build_image(&chain)?,
+            },
             None => self.build_image(&chain)?,
         };
         let img = Arc::new(img);
@@ -158,6 +161,50 @@ impl Store {
     pub fn image_meta(&self, id: NodeId) -> Option<ImageMeta> {
         let want = links(&self.lineage(id).ok()?);
         self.cached_image(id, &want).map(|img| img.meta)
+    }
+
+    /// Checks a cached image's content against its lineage before this
+    /// process first maps it (every page must carry the keyed tag the
+    /// lineage's MAC-checked index records, holes must be zero pages); its
+    /// `present` and `nonzero` ranges are then recomputed from the lineage
+    /// and the check rather than taken from the unauthenticated JSON. A
+    /// failing image is refused (recorded, named), its cache files removed,
+    /// and `None` returned so the caller re-merges it.
+    ///
+    /// The result is cached as the open, checked descriptor itself (the
+    /// `Arc<MergedImage>` this process keeps): every mapping is made from
+    /// that descriptor, so a file renamed over the image later is never
+    /// seen. Writes to the checked inode itself would still reach private
+    /// mappings' unwritten pages; the file is mode 0444 in a directory of
+    /// the host's uid, which no function sandbox can reach (another uid, no
+    /// file system), so only the host's uid can make them — and it holds the
+    /// key anyway.
+    fn check_cached(&self, mut img: MergedImage, chain: &[Arc<Node>]) -> Option<MergedImage> {
+        let path = img.path.clone();
+        match verify_image(&img, chain) {
+            Ok(check) if check.bad.is_empty() => {
+                let nodes = chain_nodes(chain);
+                img.meta.present = pages::ranges_from_sorted(delta::effective(&nodes).iter().map(|(p, _)| *p));
+                img.meta.nonzero = pages::ranges_from_sorted(check.nonzero);
+                Some(img)
+            }
+            Ok(check) => {
+                self.refuse(
+                    &path,
+                    &ImageError::Unauthenticated {
+                        path: path.clone(),
+                        pages: check.bad.len(),
+                    },
+                );
+                let _ = self.remove_image(img.meta.node);
+                None
+            }
+            Err(e) => {
+                self.refuse(&path, &e);
+                let _ = self.remove_image(img.meta.node);
+                None
+            }
+        }
     }
 
     fn cached_image(&self, id: NodeId, want: &[ChainLink]) -> Option<MergedImage> {
@@ -339,47 +386,130 @@ fn write_pages(
     flush(run)
 }
 
-/// Checks a cached image page by page against the CRCs its lineage records
-/// (absent pages must be zero). Returns the pages that differ.
-pub(crate) fn verify_image(img: &MergedImage, chain: &[Arc<Node>]) -> Result<Vec<u64>, NodeFileError> {
-    let nodes: Vec<ChainNode<'_>> = chain
+fn chain_nodes(chain: &[Arc<Node>]) -> Vec<ChainNode<'_>> {
+    chain
         .iter()
         .map(|n| ChainNode {
             id: n.id(),
             index: n.index(),
         })
-        .collect();
-    let effective = delta::effective(&nodes);
-    let zero_crc = crate::format::crc64(&[0u8; PAGE_SIZE]);
-    let mut bad = Vec::new();
-    let mut next = effective.iter().peekable();
-    let total_pages = img.meta.guest_mem_bytes / PAGE_SIZE_U64;
-    let mut buf = vec![0u8; BUILD_CHUNK_PAGES * PAGE_SIZE];
-    let mut page = 0u64;
-    while page < total_pages {
-        let n = (total_pages - page).min(BUILD_CHUNK_PAGES as u64);
-        let chunk = &mut buf[..usize::try_from(n).unwrap_or(0) * PAGE_SIZE];
-        img.file
-            .read_exact_at(chunk, page * PAGE_SIZE_U64)
-            .map_err(|source| NodeFileError::Io {
-                path: img.path.clone(),
-                source,
-            })?;
-        for (i, bytes) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
-            let p = page + i as u64;
-            let want = match next.peek() {
-                Some((q, src)) if *q == p => {
-                    let crc = src.crc;
-                    next.next();
-                    crc
-                }
-                _ => zero_crc,
+        .collect()
+}
+
+/// What checking an image against its lineage found.
+#[derive(Debug, Default)]
+pub(crate) struct ImageCheck {
+    /// Pages whose content differs from what the lineage records.
+    pub(crate) bad: Vec<u64>,
+    /// Pages that are not all zero, ascending.
+    pub(crate) nonzero: Vec<u64>,
+}
+
+/// The runs of pages of `file` (of `len` bytes) that hold data, from
+/// `SEEK_DATA`/`SEEK_HOLE` (a file system that cannot tell reports one run:
+/// everything). Pages outside them read as zero.
+fn data_runs(file: &File, len: u64) -> std::io::Result<Vec<PageRange>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let seek = |off: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let Ok(off) = libc::off_t::try_from(off) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a descriptor this function borrows; it changes
+        // only the file offset, which nothing else here relies on (all
+        // reads are positional).
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
             };
-            if crate::format::crc64(bytes) != want {
-                bad.push(p);
-            }
         }
-        page += n;
+        Ok(u64::try_from(r).ok())
+    };
+    let mut runs = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let Some(start) = seek(off, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        if end <= start {
+            break;
+        }
+        runs.push(PageRange {
+            start: start / PAGE_SIZE_U64,
+            end: end.div_ceil(PAGE_SIZE_U64),
+        });
+        off = end;
     }
-    Ok(bad)
+    Ok(runs)
+}
+
+/// Checks an image against its lineage: each page must carry the keyed tag
+/// of the page the lineage's (MAC-checked) indexes say it holds; a page no
+/// node stores must be zero. Holes are zero by definition, so only the
+/// file's data runs are read and hashed.
+pub(crate) fn verify_image(img: &MergedImage, chain: &[Arc<Node>]) -> Result<ImageCheck, NodeFileError> {
+    let Some(first) = chain.first() else {
+        return Ok(ImageCheck::default());
+    };
+    let key = &first.key;
+    let nodes = chain_nodes(chain);
+    let effective = delta::effective(&nodes);
+    let zero_tag = key.zero_page_tag();
+    let total_pages = img.meta.guest_mem_bytes / PAGE_SIZE_U64;
+    let io = |source| NodeFileError::Io {
+        path: img.path.clone(),
+        source,
+    };
+    let runs = data_runs(&img.file, img.meta.guest_mem_bytes).map_err(io)?;
+    let expected = |p: u64| match effective.binary_search_by_key(&p, |(q, _)| *q) {
+        Ok(i) => effective[i].1.crc,
+        Err(_) => zero_tag,
+    };
+    let in_data = |p: u64| {
+        runs.binary_search_by(|r| {
+            if r.end <= p {
+                std::cmp::Ordering::Less
+            } else if r.start > p {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
+    };
+    let mut check = ImageCheck::default();
+    // Pages in holes read as zero: they must be meant to be zero.
+    for (p, src) in &effective {
+        if !in_data(*p) && src.crc != zero_tag {
+            check.bad.push(*p);
+        }
+    }
+    let mut buf = vec![0u8; BUILD_CHUNK_PAGES * PAGE_SIZE];
+    for run in &runs {
+        let mut page = run.start;
+        let end = run.end.min(total_pages);
+        while page < end {
+            let n = (end - page).min(BUILD_CHUNK_PAGES as u64);
+            let chunk = &mut buf[..usize::try_from(n).unwrap_or(0) * PAGE_SIZE];
+            img.file.read_exact_at(chunk, page * PAGE_SIZE_U64).map_err(io)?;
+            for (i, bytes) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+                let p = page + i as u64;
+                let tag = key.page_tag(bytes);
+                if tag != expected(p) {
+                    check.bad.push(p);
+                } else if tag != zero_tag {
+                    check.nonzero.push(p);
+                }
+            }
+            page += n;
+        }
+    }
+    check.bad.sort_unstable();
+    check.bad.dedup();
+    Ok(check)
 }

@@ -3,7 +3,6 @@
 
 use crate::delta::{self, ChainNode, Source};
 use crate::error::{InspectError, LineageError, NodeFileError};
-use crate::format::crc64;
 use crate::id::{Label, Level, NodeId};
 use crate::image::{ImageMeta, MergedImage, verify_image};
 use crate::node::{Node, StateSummary};
@@ -99,6 +98,10 @@ fn image_disk_bytes(store: &Store, id: NodeId) -> Option<u64> {
 pub fn tree(store: &Store) -> Result<TreeReport, InspectError> {
     let broken = store.scan().map_err(|e| match e {
         crate::error::OpenStoreError::Io { path, source } => InspectError::Io { path, source },
+        crate::error::OpenStoreError::Key { path, reason } => InspectError::Io {
+            path,
+            source: std::io::Error::other(reason),
+        },
     })?;
     let nodes = store.nodes();
     let mut children: BTreeMap<Option<NodeId>, Vec<Arc<Node>>> = BTreeMap::new();
@@ -320,7 +323,7 @@ pub fn diff(store: &Store, a: NodeId, b: NodeId) -> Result<DiffReport, InspectEr
     let ca = store.lineage(a)?;
     let cb = store.lineage(b)?;
     let (ea, eb) = (effective_of(&ca), effective_of(&cb));
-    let zero_crc = crc64(&[0u8; PAGE_SIZE]);
+    let zero_crc = store.page_tag(&[0u8; PAGE_SIZE]);
     let by_id: BTreeMap<NodeId, Arc<Node>> = ca.iter().chain(&cb).map(|n| (n.id(), Arc::clone(n))).collect();
     let read = |src: &Source, page: u64| -> Result<Vec<u8>, InspectError> {
         let node = by_id
@@ -377,6 +380,10 @@ impl VerifyReport {
 pub fn verify(store: &Store) -> Result<VerifyReport, InspectError> {
     let broken = store.scan().map_err(|e| match e {
         crate::error::OpenStoreError::Io { path, source } => InspectError::Io { path, source },
+        crate::error::OpenStoreError::Key { path, reason } => InspectError::Io {
+            path,
+            source: std::io::Error::other(reason),
+        },
     })?;
     let mut bad: Vec<BadFile> = broken.iter().map(bad_node_file).collect();
     let nodes = store.nodes();
@@ -410,7 +417,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport, InspectError> {
                     built_now: false,
                 };
                 images_checked += 1;
-                match verify_image(&img, &chain) {
+                match verify_image(&img, &chain).map(|c| c.bad) {
                     Ok(pages) if pages.is_empty() => {}
                     Ok(pages) => bad.push(BadFile {
                         path: img_path,

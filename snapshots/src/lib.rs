@@ -146,6 +146,7 @@ mod gc;
 mod id;
 mod image;
 mod inspect;
+mod key;
 mod mapping;
 mod node;
 mod pages;
@@ -164,6 +165,7 @@ pub use inspect::{
     BadFile, DiffReport, GpaRange, NodeFiles, ShowReport, SiblingShare, TreeNode, TreeReport, VerifyReport, diff, show,
     tree, verify,
 };
+pub use key::{KEY_FILE, StoreKey};
 pub use mapping::{
     GuestMapping, MAPPING_ALIGN, MapOptions, pagemap_entry_is_private, smaps_anonymous_by_start, smaps_anonymous_bytes,
 };
@@ -171,5 +173,5 @@ pub use node::{Node, NodeMeta, StateSummary};
 pub use pages::{
     PAGE_SIZE, PAGE_SIZE_U64, PageRange, dirty_runs, is_zero, nonzero_runs, ranges_from_sorted, total_pages, union,
 };
-pub use store::{IMAGE_DIR_ENV, STORE_ENV, Store, StoreOptions, default_store_dir};
+pub use store::{IMAGE_DIR_ENV, Refusal, STORE_ENV, Store, StoreOptions, default_store_dir};
 pub use writer::{NodeSpec, NodeWriter};

@@ -2,8 +2,11 @@
 //! size-capped and checksummed before use; page data verified on demand.
 
 use crate::error::NodeFileError;
-use crate::format::{self, HEADER_LEN, HEADER_USED, Header, HeaderFault, IndexEntry, crc64};
+use crate::format::{
+    self, HEADER_CRC_END, HEADER_LEN, HEADER_USED, Header, HeaderFault, IndexEntry, MAC_OFFSET, crc64,
+};
 use crate::id::{Label, Level, NodeId};
+use crate::key::StoreKey;
 use crate::pages::{PAGE_SIZE, PAGE_SIZE_U64, PageRange, ranges_from_sorted};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -28,14 +31,18 @@ pub struct NodeMeta {
     pub state_summary: StateSummary,
 }
 
-/// A node whose header, page index and metadata passed their checksums.
-/// Page data and the state blob are checked when read.
+/// A node whose header, page index, state blob and metadata passed their
+/// checksums and the store's keyed MAC. The state is kept in memory (read
+/// once, when the MAC was checked); page data is checked against its keyed
+/// tag whenever it is read.
 #[derive(Debug, Clone)]
 pub struct Node {
     pub(crate) header: Header,
     pub(crate) header_crc: u64,
     pub(crate) meta: NodeMeta,
     pub(crate) index: Vec<IndexEntry>,
+    pub(crate) state: Vec<u8>,
+    pub(crate) key: std::sync::Arc<StoreKey>,
     pub(crate) path: PathBuf,
 }
 
@@ -112,18 +119,10 @@ impl Node {
         &self.index
     }
 
-    /// Reads and checks the opaque vCPU/device state blob.
+    /// The opaque vCPU/device state blob (read and authenticated when the
+    /// node was opened: later changes to the file cannot reach it).
     pub fn read_state(&self) -> Result<Vec<u8>, NodeFileError> {
-        let file = open(&self.path)?;
-        let mut buf = vec![0u8; to_usize(self.header.state_len, &self.path)?];
-        read_at(&file, &self.path, &mut buf, self.header.state_offset)?;
-        if crc64(&buf) != self.header.state_crc {
-            return Err(NodeFileError::SectionChecksum {
-                path: self.path.clone(),
-                section: "state",
-            });
-        }
-        Ok(buf)
+        Ok(self.state.clone())
     }
 
     /// Reads stored pages `slots` (positions in the index) into `buf`
@@ -141,7 +140,7 @@ impl Node {
         })?;
         read_at(file, &self.path, buf, offset)?;
         for (entry, page) in self.index[slots].iter().zip(buf.chunks_exact(PAGE_SIZE)) {
-            if crc64(page) != entry.crc {
+            if self.key.page_tag(page) != entry.crc {
                 return Err(NodeFileError::PageChecksum {
                     path: self.path.clone(),
                     page: entry.page,
@@ -166,9 +165,6 @@ impl Node {
     /// Checks every section and every page; returns every fault found.
     pub fn verify_all(&self) -> Vec<NodeFileError> {
         let mut faults = Vec::new();
-        if let Err(e) = self.read_state() {
-            faults.push(e);
-        }
         let file = match open(&self.path) {
             Ok(f) => f,
             Err(e) => {
@@ -187,7 +183,7 @@ impl Node {
                 Err(NodeFileError::PageChecksum { .. }) => {
                     // Report each bad page of the chunk, not just the first.
                     for (entry, page) in self.index[slot..slot + n].iter().zip(chunk.chunks_exact(PAGE_SIZE)) {
-                        if crc64(page) != entry.crc {
+                        if self.key.page_tag(page) != entry.crc {
                             faults.push(NodeFileError::PageChecksum {
                                 path: self.path.clone(),
                                 page: entry.page,
@@ -233,9 +229,18 @@ fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), 
 }
 
 /// Opens and validates a node file: header (magic, version, checksum,
-/// caps, layout), file length, page index and metadata checksums, and that
-/// the id inside matches `expected` (the id its file name gives).
-pub fn load(path: &Path, expected: Option<NodeId>) -> Result<Node, NodeFileError> {
+/// caps, layout), the configured memory cap (`max_guest_mem_bytes`, checked
+/// before anything the header sizes is read or allocated), file length,
+/// that the id inside matches `expected` (the id its file name gives), the
+/// page index, state and metadata checksums, and last the keyed MAC over
+/// header, index, state and metadata. Nothing of the file is interpreted
+/// (index entries, metadata JSON, label) before the MAC holds.
+pub fn load(
+    path: &Path,
+    expected: Option<NodeId>,
+    key: &std::sync::Arc<StoreKey>,
+    max_guest_mem_bytes: u64,
+) -> Result<Node, NodeFileError> {
     let p = || path.to_owned();
     let file = open(path)?;
     let actual = file
@@ -275,8 +280,17 @@ pub fn load(path: &Path, expected: Option<NodeId>) -> Result<Node, NodeFileError
         });
     }
     let mut crc_bytes = [0u8; 8];
-    crc_bytes.copy_from_slice(&block[HEADER_USED - 8..HEADER_USED]);
+    crc_bytes.copy_from_slice(&block[HEADER_CRC_END - 8..HEADER_CRC_END]);
     let header_crc = u64::from_le_bytes(crc_bytes);
+    if header.guest_mem_bytes > max_guest_mem_bytes {
+        return Err(NodeFileError::TooLarge {
+            path: p(),
+            reason: format!(
+                "it claims {} bytes of guest memory ({} pages stored); the configured guest memory is {} bytes",
+                header.guest_mem_bytes, header.page_count, max_guest_mem_bytes
+            ),
+        });
+    }
     if actual < header.file_len {
         return Err(NodeFileError::Truncated {
             path: p(),
@@ -308,9 +322,14 @@ pub fn load(path: &Path, expected: Option<NodeId>) -> Result<Node, NodeFileError
             section: "page index",
         });
     }
-    let guest_pages = header.guest_mem_bytes / PAGE_SIZE_U64;
-    let index = format::decode_index(&index_bytes, guest_pages)
-        .map_err(|reason| NodeFileError::Malformed { path: p(), reason })?;
+    let mut state = vec![0u8; to_usize(header.state_len, path)?];
+    read_at(&file, path, &mut state, header.state_offset)?;
+    if crc64(&state) != header.state_crc {
+        return Err(NodeFileError::SectionChecksum {
+            path: p(),
+            section: "state",
+        });
+    }
     let mut meta_bytes = vec![0u8; to_usize(header.meta_len, path)?];
     read_at(&file, path, &mut meta_bytes, header.meta_offset)?;
     if crc64(&meta_bytes) != header.meta_crc {
@@ -319,6 +338,15 @@ pub fn load(path: &Path, expected: Option<NodeId>) -> Result<Node, NodeFileError
             section: "metadata",
         });
     }
+    let mut stored = [0u8; 32];
+    stored.copy_from_slice(&block[MAC_OFFSET..HEADER_USED]);
+    // `blake3::Hash` compares in constant time.
+    if node_mac(key, &block[..HEADER_CRC_END], &index_bytes, &state, &meta_bytes) != stored {
+        return Err(NodeFileError::Unauthenticated { path: p() });
+    }
+    let guest_pages = header.guest_mem_bytes / PAGE_SIZE_U64;
+    let index = format::decode_index(&index_bytes, guest_pages)
+        .map_err(|reason| NodeFileError::Malformed { path: p(), reason })?;
     let meta: NodeMeta = serde_json::from_slice(&meta_bytes).map_err(|e| NodeFileError::Malformed {
         path: p(),
         reason: format!("metadata: {e}"),
@@ -328,6 +356,19 @@ pub fn load(path: &Path, expected: Option<NodeId>) -> Result<Node, NodeFileError
         header_crc,
         meta,
         index,
+        state,
+        key: std::sync::Arc::clone(key),
         path: p(),
     })
+}
+
+/// The MAC of a node: its header fields and CRC (`header`, the first
+/// [`HEADER_CRC_END`] bytes), page index, state blob and metadata.
+pub(crate) fn node_mac(key: &StoreKey, header: &[u8], index: &[u8], state: &[u8], meta: &[u8]) -> blake3::Hash {
+    let mut mac = key.node_mac();
+    for section in [header, index, state, meta] {
+        mac.section(section.len() as u64);
+        mac.update(section);
+    }
+    mac.finish()
 }

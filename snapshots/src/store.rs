@@ -5,6 +5,7 @@
 use crate::error::{LineageError, NodeFileError, OpenStoreError};
 use crate::id::{Level, NodeId};
 use crate::image::MergedImage;
+use crate::key::StoreKey;
 use crate::node::{self, Node};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -28,6 +29,11 @@ pub struct StoreOptions {
     /// [`MapOptions::huge_page_advice`](crate::MapOptions)) mappings get huge
     /// pages. The store uses a sub-directory named for its root.
     pub images_dir: Option<PathBuf>,
+    /// The largest guest memory a node may claim (the configured guest's);
+    /// `None` is the format's cap of 64 GiB. A node claiming more is
+    /// refused when opened, before its index is read or anything the
+    /// header sizes is allocated or mapped.
+    pub max_guest_mem_bytes: Option<u64>,
 }
 
 impl StoreOptions {
@@ -37,6 +43,7 @@ impl StoreOptions {
             images_dir: std::env::var_os(IMAGE_DIR_ENV)
                 .filter(|d| !d.is_empty())
                 .map(PathBuf::from),
+            max_guest_mem_bytes: None,
         }
     }
 }
@@ -82,6 +89,22 @@ pub(crate) struct Inner {
     nodes: RwLock<BTreeMap<NodeId, Arc<Node>>>,
     pub(crate) images: Mutex<HashMap<NodeId, Arc<MergedImage>>>,
     touched: Mutex<HashMap<NodeId, Instant>>,
+    /// The store key (see [`crate::key`]).
+    pub(crate) key: Arc<StoreKey>,
+    /// Nodes claiming more guest memory are refused.
+    pub(crate) max_guest_mem_bytes: u64,
+    /// Files refused since the last [`Store::take_refusals`].
+    refusals: Mutex<Vec<Refusal>>,
+}
+
+/// A file the store refused to use (a node file at a scan or lookup, or a
+/// merged image cache that failed its content check), with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The file.
+    pub path: PathBuf,
+    /// Why (the error's message, which names the file).
+    pub reason: String,
 }
 
 /// Sub-directories of a store.
@@ -121,6 +144,7 @@ impl Store {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|source| OpenStoreError::Io { path: dir, source })?;
         }
+        let key = Arc::new(StoreKey::load_or_create(&root)?);
         let images_dir = match opts.images_dir {
             None => root.join(IMAGES_DIR),
             Some(dir) => {
@@ -144,6 +168,12 @@ impl Store {
                 nodes: RwLock::new(BTreeMap::new()),
                 images: Mutex::new(HashMap::new()),
                 touched: Mutex::new(HashMap::new()),
+                key,
+                max_guest_mem_bytes: opts
+                    .max_guest_mem_bytes
+                    .unwrap_or(crate::format::GUEST_MEM_MAX_BYTES)
+                    .min(crate::format::GUEST_MEM_MAX_BYTES),
+                refusals: Mutex::new(Vec::new()),
             }),
         };
         store.clean_temp()?;
@@ -253,15 +283,54 @@ impl Store {
                 continue;
             };
             let path = entry.path();
-            match node::load(&path, Some(id)) {
+            match node::load(&path, Some(id), &self.inner.key, self.inner.max_guest_mem_bytes) {
                 Ok(n) => {
                     nodes.insert(id, Arc::new(n));
                 }
-                Err(e) => broken.push(e),
+                Err(e) => {
+                    self.refuse(e.path(), &e);
+                    broken.push(e);
+                }
             }
         }
         *self.inner.nodes.write().unwrap_or_else(PoisonError::into_inner) = nodes;
         Ok(broken)
+    }
+
+    /// Records a refused file (at most once per path until taken).
+    pub(crate) fn refuse(&self, path: &Path, why: &dyn std::error::Error) {
+        let mut reason = why.to_string();
+        let mut cause = why.source();
+        while let Some(c) = cause {
+            reason.push_str(": ");
+            reason.push_str(&c.to_string());
+            cause = c.source();
+        }
+        let mut refusals = self.inner.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        if !refusals.iter().any(|r| r.path == path) {
+            refusals.push(Refusal {
+                path: path.to_owned(),
+                reason,
+            });
+        }
+    }
+
+    /// The files refused since the last call (node files that failed their
+    /// checks or MAC, merged images that failed their content check), each
+    /// named; the caller reports them. A refused file is never used.
+    pub fn take_refusals(&self) -> Vec<Refusal> {
+        std::mem::take(&mut *self.inner.refusals.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The largest guest memory a node may claim here.
+    pub fn max_guest_mem_bytes(&self) -> u64 {
+        self.inner.max_guest_mem_bytes
+    }
+
+    /// The keyed tag of a page's bytes under this store's key (what a
+    /// node's index records for it).
+    pub fn page_tag(&self, page: &[u8]) -> u64 {
+        self.inner.key.page_tag(page)
     }
 
     fn read_nodes(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<NodeId, Arc<Node>>> {
@@ -303,7 +372,11 @@ impl Store {
         if !path.exists() {
             return Err(LineageError::UnknownNode(id.to_string()));
         }
-        let n = Arc::new(node::load(&path, Some(id)).map_err(|source| LineageError::Node { id, source })?);
+        let n = Arc::new(
+            node::load(&path, Some(id), &self.inner.key, self.inner.max_guest_mem_bytes)
+                .inspect_err(|e| self.refuse(e.path(), e))
+                .map_err(|source| LineageError::Node { id, source })?,
+        );
         self.insert(Arc::clone(&n));
         Ok(n)
     }
@@ -492,6 +565,8 @@ mod tests {
                 state_summary: Default::default(),
             },
             index: Vec::new(),
+            state: Vec::new(),
+            key: Arc::new(StoreKey::from_secret(&[0; 32])),
             path: PathBuf::from(format!("/store/nodes/{id}.node")),
         }
     }

@@ -173,7 +173,7 @@ impl NodeWriter {
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
             self.index.push(IndexEntry {
                 page: first_page + i as u64,
-                crc: crc64(page),
+                crc: self.store.inner.key.page_tag(page),
             });
         }
         let out = self
@@ -315,7 +315,9 @@ impl NodeWriter {
             state_crc: crc64(state),
             meta_crc: crc64(&meta_bytes),
         };
-        let header_bytes = header.encode();
+        let mut header_bytes = header.encode();
+        let mac = crate::node::node_mac(&self.store.inner.key, &header_bytes, &index_bytes, state, &meta_bytes);
+        header_bytes.extend_from_slice(mac.as_bytes());
         let mut out = self
             .out
             .take()
@@ -352,12 +354,14 @@ impl NodeWriter {
             source,
         })?;
         let mut crc = [0u8; 8];
-        crc.copy_from_slice(&header_bytes[format::HEADER_USED - 8..]);
+        crc.copy_from_slice(&header_bytes[format::HEADER_CRC_END - 8..format::HEADER_CRC_END]);
         let node = Arc::new(Node {
             header,
             header_crc: u64::from_le_bytes(crc),
             meta,
             index: std::mem::take(&mut self.index),
+            state: state.to_vec(),
+            key: Arc::clone(&self.store.inner.key),
             path: final_path,
         });
         debug_assert_eq!(HEADER_LEN, 4096);

@@ -157,10 +157,20 @@ fn flipped_state_blob_is_refused_on_read_and_by_verify() {
     let path = s.arg.path().to_owned();
     // The state blob follows the index: 4096 + 2 pages + 2 index entries.
     flip(&path, 4096 + 2 * 4096 + 2 * 16 + 1);
+    // The state is read and authenticated when the node is opened.
     let store = Store::open(dir.path()).unwrap();
-    let err = store.node(s.arg.id()).unwrap().read_state().unwrap_err();
-    assert!(err.to_string().contains(&path.display().to_string()));
-    assert!(matches!(err, NodeFileError::SectionChecksum { section: "state", .. }));
+    let err = store.node(s.arg.id()).unwrap_err();
+    assert!(text(&err).contains(&path.display().to_string()), "{}", text(&err));
+    assert!(
+        matches!(
+            err,
+            LineageError::Node {
+                source: NodeFileError::SectionChecksum { section: "state", .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let report = snapshots::verify(&store).unwrap();
     assert_eq!(report.bad.len(), 1);
     assert_eq!(report.bad[0].path, path);
@@ -183,7 +193,7 @@ fn wrong_version_is_refused_by_name() {
         ImageError::Lineage(LineageError::Node {
             source: NodeFileError::UnsupportedVersion {
                 found: 7,
-                supported: 1,
+                supported: 2,
                 ..
             },
             ..
@@ -275,17 +285,70 @@ fn parent_with_same_id_but_other_content_is_refused() {
     let header_crc = snapshots::crc64(&bytes[..152]);
     bytes[152..160].copy_from_slice(&header_crc.to_le_bytes()); // ... and the header CRC
     std::fs::write(&func_path, &bytes).unwrap();
-    // The forged parent loads fine by itself ...
+    // Every checksum holds, but the keyed MAC does not: the forged parent
+    // is refused by name, and so is everything built on it.
     let store = Store::open(dir.path()).unwrap();
-    assert!(store.image(s.func.id()).is_ok());
-    // ... but the child refuses it, naming its own file.
-    let err = store.image(s.arg.id()).unwrap_err();
+    let err = store.image(s.func.id()).unwrap_err();
     assert!(
-        matches!(&err, ImageError::Lineage(LineageError::ParentMismatch { .. })),
+        matches!(
+            &err,
+            ImageError::Lineage(LineageError::Node {
+                source: NodeFileError::Unauthenticated { .. },
+                ..
+            })
+        ),
         "{err:?}"
     );
-    assert!(text(&err).contains(&s.arg.path().display().to_string()));
+    assert!(text(&err).contains(&func_path.display().to_string()), "{}", text(&err));
+    assert!(store.image(s.arg.id()).is_err());
     assert!(!store.image_path(s.arg.id()).exists());
+    let refusals = store.take_refusals();
+    assert!(refusals.iter().any(|r| r.path == func_path), "{refusals:?}");
+}
+
+#[test]
+fn node_of_another_store_is_refused() {
+    // A node file made by another store (a valid MAC under another key),
+    // copied in with its parent: neither is accepted.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store_a = Store::open(a.path()).unwrap();
+    let s = small(&store_a);
+    let store_b = Store::open(b.path()).unwrap();
+    for n in [&s.base, &s.func] {
+        let to = store_b.node_path(n.id());
+        std::fs::copy(n.path(), &to).unwrap();
+    }
+    let broken = store_b.scan().unwrap();
+    assert_eq!(broken.len(), 2, "{broken:?}");
+    assert!(
+        broken
+            .iter()
+            .all(|e| matches!(e, NodeFileError::Unauthenticated { .. }))
+    );
+    assert!(store_b.nodes().is_empty());
+    assert!(store_b.image(s.func.id()).is_err());
+}
+
+#[test]
+fn node_claiming_more_than_the_configured_memory_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let s = small(&store);
+    let capped = Store::open_with(
+        dir.path(),
+        snapshots::StoreOptions {
+            max_guest_mem_bytes: Some(s.base.guest_mem_bytes() - 4096),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let broken = capped.scan().unwrap();
+    assert_eq!(broken.len(), 3, "{broken:?}");
+    for e in &broken {
+        assert!(matches!(e, NodeFileError::TooLarge { .. }), "{e:?}");
+        assert!(e.to_string().contains("configured guest memory"), "{e}");
+    }
+    assert!(capped.nodes().is_empty());
 }
 
 #[test]
@@ -368,4 +431,33 @@ mod any_flipped_bit {
             prop_assert!(report.bad.iter().any(|b| b.path == path), "flip at {} bit {} missed", offset, bit);
         }
     }
+}
+
+#[test]
+fn swapped_merged_image_is_refused_and_rebuilt_before_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let s = small(&store);
+    let func_img = store.image(s.func.id()).unwrap();
+    let arg_img = store.image(s.arg.id()).unwrap();
+    let want: Vec<u8> = std::fs::read(func_img.path()).unwrap();
+    // Another node's image (same size, same lineage prefix) in its place,
+    // metadata untouched.
+    let path = func_img.path().to_owned();
+    std::fs::remove_file(&path).unwrap();
+    std::fs::copy(arg_img.path(), &path).unwrap();
+    assert_ne!(std::fs::read(&path).unwrap(), want);
+    // A new process (store) checks it before its first mapping.
+    let store = Store::open(dir.path()).unwrap();
+    let img = store.image(s.func.id()).unwrap();
+    assert!(img.was_built(), "the swapped image was used");
+    let refusals = store.take_refusals();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0].path, path);
+    assert!(refusals[0].reason.contains("merged image refused"), "{:?}", refusals[0]);
+    assert_eq!(std::fs::read(&path).unwrap(), want);
+    // The rebuilt image passes its check in the next process.
+    let store = Store::open(dir.path()).unwrap();
+    assert!(!store.image(s.func.id()).unwrap().was_built());
+    assert!(store.take_refusals().is_empty());
 }

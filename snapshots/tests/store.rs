@@ -398,6 +398,7 @@ fn image_caches_can_live_in_another_directory() {
     let images = tempfile::tempdir().unwrap();
     let opts = snapshots::StoreOptions {
         images_dir: Some(images.path().to_owned()),
+        ..Default::default()
     };
     let store = Store::open_with(dir.path(), opts.clone()).unwrap();
     let s = small(&store);
