@@ -105,6 +105,12 @@ impl MergedImage {
     pub fn was_built(&self) -> bool {
         self.built_now
     }
+    /// Reads `buf.len()` bytes of guest memory at guest-physical `gpa` from
+    /// the (checked) image, e.g. to check a saved state against it before
+    /// any instance runs.
+    pub fn read_at(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, gpa)
+    }
 }
 
 fn links(chain: &[Arc<Node>]) -> Vec<ChainLink> {

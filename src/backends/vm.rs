@@ -375,24 +375,36 @@ impl Backend for VmBackend {
         // to `snapshots gc`.
         let base = self.snapshots.base(|| self.boot_instance())?;
         let digest = spec.artifact.digest();
-        let node_id = match self.snapshots.find_function(base.id, &spec.name, digest) {
-            Some(node) => node,
-            None => {
-                let mut instance = self.start_base(&spec.name, &spec.artifact)?;
-                let made = self.snapshots.create_child(
-                    &mut instance,
-                    base.id,
-                    Level::Function,
-                    Label::function(&spec.name, digest),
-                );
-                self.reap(vec![instance]);
-                made?
+        // A refused function node (its state, or KVM refusing it) is made
+        // anew from the base, as if it were missing.
+        let (node, first) = loop {
+            let found = self.snapshots.find_function(base.id, &spec.name, digest);
+            let node_id = match found {
+                Some(node) => node,
+                None => {
+                    let mut instance = self.start_base(&spec.name, &spec.artifact)?;
+                    let made = self.snapshots.create_child(
+                        &mut instance,
+                        base.id,
+                        Level::Function,
+                        Label::function(&spec.name, digest),
+                    );
+                    self.reap(vec![instance]);
+                    made?
+                }
+            };
+            // One idle instance now, so that the first invocation is hot.
+            let ready = self
+                .snapshots
+                .restorable(node_id, Level::Function)
+                .and_then(|node| self.restore(&node).map(|first| (node, first)));
+            match ready {
+                Ok(ready) => break ready,
+                Err(e @ Error::SnapshotCorrupt { .. }) if found.is_some() => self.snapshots.refuse(node_id, &e),
+                Err(e) => return Err(e),
             }
         };
-        let node = self.snapshots.restorable(node_id)?;
-        let has_arguments = AtomicBool::new(self.snapshots.has_arguments(node_id));
-        // One idle instance now, so that the first invocation is hot.
-        let first = self.restore(&node)?;
+        let has_arguments = AtomicBool::new(self.snapshots.has_arguments(node.id));
         let f = Arc::new(Function {
             name: spec.name.clone(),
             artifact: Arc::clone(&spec.artifact),
@@ -452,9 +464,25 @@ impl Backend for VmBackend {
         let unmeasured = |p: Pooled, path| (p, path, 0, Instant::now(), vmm::now_ns());
         let (mut pooled, path, start_ns, invoked, invoked_ns) = match start {
             StartRequest::Auto => {
-                if let Some(arg) = &known {
-                    self.snapshots.touch(arg.id);
-                    measured(self.restore(arg)?, StartPath::Argument)
+                // An argument node that cannot be restored (KVM refusing
+                // its state) is refused and the function node used instead.
+                let from_argument = match &known {
+                    Some(arg) => {
+                        self.snapshots.touch(arg.id);
+                        match self.restore(arg) {
+                            Ok(p) => Some(p),
+                            Err(e @ Error::SnapshotCorrupt { .. }) => {
+                                self.snapshots.refuse(arg.id, &e);
+                                f.arguments.lock().map_err(|_| poisoned())?.retain(|_, r| r.id != arg.id);
+                                None
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(p) = from_argument {
+                    measured(p, StartPath::Argument)
                 } else if let Some(p) = take_idle()? {
                     (p, StartPath::Hot, 0, invoked, invoked_ns)
                 } else {
@@ -613,6 +641,10 @@ impl Backend for VmBackend {
                 ("instances_prestarted".to_owned(), load(&c.prestarted)),
                 ("argument_snapshots_made".to_owned(), load(&c.argument_nodes)),
                 ("snapshot_failures".to_owned(), load(&c.snapshot_failures)),
+                (
+                    "snapshot_files_refused".to_owned(),
+                    self.snapshots.files_refused.load(Ordering::Relaxed),
+                ),
                 ("instances_discarded".to_owned(), load(&c.discarded)),
                 ("instances_busy".to_owned(), busy),
                 ("restored_idle_instances".to_owned(), restored),

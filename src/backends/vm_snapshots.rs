@@ -6,6 +6,20 @@
 //! a node by mapping its merged image copy-on-write and restoring the saved
 //! vCPU state; children are written from the pages a restored instance
 //! made private (guest and VMM writes alike).
+//!
+//! Nothing the store holds is trusted until checked: node files carry the
+//! store's keyed MAC and merged images are checked against their lineage
+//! before this process maps them (the `snapshots` crate); a node's saved
+//! state must fit its level (a base idle at request 0, a function node idle
+//! after its load, an argument node stopped at a checkpoint) and the
+//! mailbox in its memory ([`SavedState::check_mailbox`]); a node claiming
+//! more memory than the configured guest is refused at open. A refused
+//! node or image is named (a warning on stderr, the `snapshot_files_refused`
+//! counter) and the backend keeps serving: a refused image is re-merged, a
+//! refused base or function node is made anew from a fresh boot (base) or
+//! from the base (function), exactly as if it were missing, and a refused
+//! argument node is skipped (the invocation starts from the function node
+//! and writes a new one).
 
 use crate::Error;
 use sha2::{Digest, Sha256};
@@ -13,8 +27,9 @@ use snapshots::{
     GuestMapping, ImageError, Label, Level, LineageError, MapOptions, MergedImage, NodeFileError, NodeId, NodeSpec,
     Store,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm::{ExternalMemory, Instance, InstanceConfig, SavedState, Shell, Vmm};
 
@@ -23,6 +38,7 @@ use vmm::{ExternalMemory, Instance, InstanceConfig, SavedState, Shell, Vmm};
 #[derive(Debug)]
 pub(crate) struct Restorable {
     pub(crate) id: NodeId,
+    path: PathBuf,
     image: Arc<MergedImage>,
     state: SavedState,
 }
@@ -63,6 +79,32 @@ pub(crate) struct Snapshots {
     base: Mutex<Option<Arc<Restorable>>>,
     /// Argument nodes kept per function (LRU).
     pub(crate) arguments_per_function: usize,
+    /// Nodes refused in this process (never looked up again).
+    refused: Mutex<HashSet<NodeId>>,
+    /// Store files refused so far (nodes and images).
+    pub(crate) files_refused: AtomicU64,
+}
+
+/// What a node's saved state must be at its level, if it is not (pure).
+pub(crate) fn level_fault(level: Level, state: &SavedState) -> Option<String> {
+    match level {
+        Level::Base if state.at_checkpoint || state.seq != 0 => Some(format!(
+            "a base node must be idle before its first request, but its state is {} at request {}",
+            if state.at_checkpoint { "at a checkpoint" } else { "idle" },
+            state.seq
+        )),
+        Level::Function if state.at_checkpoint || state.seq == 0 => Some(format!(
+            "a function node must be idle after its load request, but its state is {} at request {}",
+            if state.at_checkpoint { "at a checkpoint" } else { "idle" },
+            state.seq
+        )),
+        Level::Argument if !state.at_checkpoint || state.seq < 2 => Some(format!(
+            "an argument node must be stopped at a checkpoint of an invocation, but its state is {} at request {}",
+            if state.at_checkpoint { "at a checkpoint" } else { "idle" },
+            state.seq
+        )),
+        _ => None,
+    }
 }
 
 /// The hex SHA-256 of `parts`, each length-prefixed.
@@ -111,13 +153,21 @@ impl Snapshots {
         config: &InstanceConfig,
         arguments_per_function: usize,
     ) -> Result<Self, Error> {
-        let store = match dir {
-            Some(d) => Store::open(d),
-            None => Store::open_default(),
-        }
-        .map_err(|e| store_error("opening the snapshot store", &e))?;
         let layout = vmm::layout::Layout::new(config.layout)
             .map_err(|e| Error::io("vm layout", std::io::Error::other(e.to_string())))?;
+        // Nodes claiming more memory than this guest has are refused when
+        // opened, before their index is read or anything is mapped.
+        let opts = snapshots::StoreOptions {
+            max_guest_mem_bytes: Some(layout.mem_bytes),
+            ..snapshots::StoreOptions::from_env()
+        };
+        let store = Store::open_with(dir.unwrap_or_else(snapshots::default_store_dir), opts).map_err(|e| match e {
+            snapshots::OpenStoreError::Key { path, reason } => Error::SnapshotCorrupt {
+                path,
+                detail: format!("the snapshot store's key is unusable: {reason}"),
+            },
+            other => store_error("opening the snapshot store", &other),
+        })?;
         // The base depends on the guest build, the layout (and the page
         // tables and descriptor tables the VMM writes for it), the boot info
         // and the state format: any change makes (and keys) a new base.
@@ -127,71 +177,140 @@ impl Snapshots {
             &vmm::state::STATE_VERSION.to_le_bytes(),
             &vmm::layout::LAYOUT_VERSION.to_le_bytes(),
         ]);
-        Ok(Self {
+        let s = Self {
             store,
             base_key,
             mem_bytes: layout.mem_bytes,
             base: Mutex::new(None),
             arguments_per_function,
-        })
+            refused: Mutex::new(HashSet::new()),
+            files_refused: AtomicU64::new(0),
+        };
+        s.report();
+        Ok(s)
     }
 
-    /// Loads node `id` for restoring.
-    pub(crate) fn restorable(&self, id: NodeId) -> Result<Arc<Restorable>, Error> {
+    /// Names every file the store refused since the last report (stderr)
+    /// and counts them.
+    pub(crate) fn report(&self) {
+        for r in self.store.take_refusals() {
+            self.files_refused.fetch_add(1, Ordering::Relaxed);
+            eprintln!("microfaas: warning: snapshot store: refused {}: {}", r.path.display(), r.reason);
+        }
+    }
+
+    /// Refuses node `id` for the rest of this process (named by `why`).
+    pub(crate) fn refuse(&self, id: NodeId, why: &Error) {
+        if let Ok(mut refused) = self.refused.lock()
+            && refused.insert(id)
+        {
+            self.files_refused.fetch_add(1, Ordering::Relaxed);
+            eprintln!("microfaas: warning: snapshot store: refused node {id}: {why}");
+        }
+    }
+
+    fn is_refused(&self, id: NodeId) -> bool {
+        self.refused.lock().map(|r| r.contains(&id)).unwrap_or(true)
+    }
+
+    /// Loads node `id` (expected at `level`) for restoring: its file
+    /// (MAC-checked), merged image (content-checked) and state, which must
+    /// fit the level and the mailbox in the image.
+    pub(crate) fn restorable(&self, id: NodeId, level: Level) -> Result<Arc<Restorable>, Error> {
+        let r = self.load_restorable(id, level);
+        self.report();
+        r
+    }
+
+    fn load_restorable(&self, id: NodeId, level: Level) -> Result<Arc<Restorable>, Error> {
         let node = self
             .store
             .node(id)
             .map_err(|e| store_error("opening a snapshot node", &e))?;
+        let corrupt = |detail: String| Error::SnapshotCorrupt {
+            path: node.path().to_owned(),
+            detail,
+        };
+        if node.level() != level {
+            return Err(corrupt(format!("a {} node where a {level} node was expected", node.level())));
+        }
+        let blob = node
+            .read_state()
+            .map_err(|e| store_error("reading the snapshot state", &e))?;
+        let state = SavedState::decode(&blob).map_err(|e| corrupt(format!("the vCPU state is unusable: {e}")))?;
+        if let Some(fault) = level_fault(level, &state) {
+            return Err(corrupt(format!("the saved state does not fit its level: {fault}")));
+        }
         let image = self
             .store
             .image(id)
             .map_err(|e: ImageError| store_error("building the snapshot image", &e))?;
-        let blob = node
-            .read_state()
-            .map_err(|e| store_error("reading the snapshot state", &e))?;
-        let state = SavedState::decode(&blob).map_err(|e| Error::SnapshotCorrupt {
+        let mut mailbox = [0u8; vmm::channel::MAILBOX_BYTES];
+        image
+            .read_at(vmm::abi::MAILBOX_ADDR, &mut mailbox)
+            .map_err(|e| corrupt(format!("reading the mailbox from the merged image: {e}")))?;
+        state
+            .check_mailbox(&vmm::channel::parse(&mailbox))
+            .map_err(|e| corrupt(format!("the saved state does not match its memory: {e}")))?;
+        Ok(Arc::new(Restorable {
+            id,
             path: node.path().to_owned(),
-            detail: format!("the vCPU state is unusable: {e}"),
-        })?;
-        Ok(Arc::new(Restorable { id, image, state }))
+            image,
+            state,
+        }))
     }
 
     /// The base node, made once per store (booting with `boot`) and cached.
-    pub(crate) fn base(&self, boot: impl FnOnce() -> Result<Instance, Error>) -> Result<Arc<Restorable>, Error> {
+    pub(crate) fn base(&self, boot: impl Fn() -> Result<Instance, Error>) -> Result<Arc<Restorable>, Error> {
         let mut cached = self.base.lock().map_err(|_| super::vm::poisoned())?;
         if let Some(b) = cached.as_ref() {
             return Ok(Arc::clone(b));
         }
-        let id = match self.store.find_base(Some(&self.base_key), Some(self.mem_bytes)) {
-            Some(node) => node.id(),
-            None => {
-                let mut instance = boot()?;
-                let state = instance
-                    .save()
-                    .map_err(|e| store_error("saving the booted guest", &e))?;
-                let mut w = self
-                    .store
-                    .create_node(NodeSpec {
-                        level: Level::Base,
-                        parent: None,
-                        label: Label::base(Some(&self.base_key)),
-                        guest_mem_bytes: self.mem_bytes,
-                    })
-                    .map_err(|e| store_error("creating the base node", &e))?;
-                // SAFETY: the instance is idle (it answered its boot
-                // doorbell and no request is in flight) for this call.
-                let memory = unsafe { instance.guest_memory() };
-                w.write_nonzero(memory)
-                    .map_err(|e| store_error("writing the base node", &e))?;
-                let node = w
-                    .commit(&state.encode(), state.summary())
-                    .map_err(|e| store_error("committing the base node", &e))?;
-                node.id()
+        // A refused base is replaced by a fresh boot, as if it were missing.
+        loop {
+            let found = self
+                .store
+                .find_base(Some(&self.base_key), Some(self.mem_bytes))
+                .filter(|n| !self.is_refused(n.id()));
+            let made = found.is_none();
+            let id = match found {
+                Some(node) => node.id(),
+                None => self.make_base(&boot)?,
+            };
+            match self.restorable(id, Level::Base) {
+                Ok(r) => {
+                    *cached = Some(Arc::clone(&r));
+                    return Ok(r);
+                }
+                Err(e @ Error::SnapshotCorrupt { .. }) if !made => self.refuse(id, &e),
+                Err(e) => return Err(e),
             }
-        };
-        let r = self.restorable(id)?;
-        *cached = Some(Arc::clone(&r));
-        Ok(r)
+        }
+    }
+
+    fn make_base(&self, boot: &impl Fn() -> Result<Instance, Error>) -> Result<NodeId, Error> {
+        let mut instance = boot()?;
+        let state = instance
+            .save()
+            .map_err(|e| store_error("saving the booted guest", &e))?;
+        let mut w = self
+            .store
+            .create_node(NodeSpec {
+                level: Level::Base,
+                parent: None,
+                label: Label::base(Some(&self.base_key)),
+                guest_mem_bytes: self.mem_bytes,
+            })
+            .map_err(|e| store_error("creating the base node", &e))?;
+        // SAFETY: the instance is idle (it answered its boot doorbell and no
+        // request is in flight) for this call.
+        let memory = unsafe { instance.guest_memory() };
+        w.write_nonzero(memory)
+            .map_err(|e| store_error("writing the base node", &e))?;
+        let node = w
+            .commit(&state.encode(), state.summary())
+            .map_err(|e| store_error("committing the base node", &e))?;
+        Ok(node.id())
     }
 
     /// Starts an instance from `node`.
@@ -233,18 +352,40 @@ impl Snapshots {
             vmm::VmmError::KvmUnavailable(_) => Error::KvmUnavailable {
                 detail: super::vm::error_chain(&e),
             },
+            // KVM refusing the saved registers (e.g. a CR0/CR4 value), or a
+            // state that does not match its memory: the node is at fault,
+            // and named.
+            vmm::VmmError::Kvm { .. } | vmm::VmmError::StateMismatch(_) | vmm::VmmError::Save(_) => {
+                Error::SnapshotCorrupt {
+                    path: node.path.clone(),
+                    detail: format!(
+                        "restoring an instance from snapshot node {}: {}",
+                        node.id,
+                        super::vm::error_chain(&e)
+                    ),
+                }
+            }
             other => store_error("restoring an instance from a snapshot", &other),
         })
     }
 
     /// The function node of `name` at artifact `digest` under `base`.
     pub(crate) fn find_function(&self, base: NodeId, name: &str, digest: &str) -> Option<NodeId> {
-        self.store.find_function(base, name, digest).map(|n| n.id())
+        let found = self
+            .store
+            .find_function(base, name, digest)
+            .filter(|n| !self.is_refused(n.id()))
+            .map(|n| n.id());
+        self.report();
+        found
     }
 
     /// The argument node of `input_hash` under function node `function`.
     pub(crate) fn find_argument(&self, function: NodeId, input_hash: &str) -> Option<NodeId> {
-        self.store.find_argument(function, input_hash).map(|n| n.id())
+        self.store
+            .find_argument(function, input_hash)
+            .filter(|n| !self.is_refused(n.id()))
+            .map(|n| n.id())
     }
 
     /// Whether function node `function` has argument nodes.
@@ -315,6 +456,23 @@ pub(crate) type ArgumentCache = Mutex<HashMap<String, Arc<Restorable>>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_state_must_fit_its_level() {
+        let st = |seq, at_checkpoint| SavedState {
+            seq,
+            at_checkpoint,
+            vcpu: Default::default(),
+        };
+        assert_eq!(level_fault(Level::Base, &st(0, false)), None);
+        assert_eq!(level_fault(Level::Function, &st(1, false)), None);
+        assert_eq!(level_fault(Level::Argument, &st(2, true)), None);
+        assert!(level_fault(Level::Base, &st(1, false)).is_some());
+        assert!(level_fault(Level::Function, &st(1, true)).is_some());
+        assert!(level_fault(Level::Function, &st(0, false)).is_some());
+        let err = level_fault(Level::Argument, &st(2, false)).unwrap();
+        assert!(err.contains("must be stopped at a checkpoint"), "{err}");
+    }
 
     #[test]
     fn input_hashes_separate_digest_and_input() {

@@ -67,6 +67,12 @@ pub enum ReplyError {
         /// What the reply claims to answer.
         got: u32,
     },
+    /// A reply to this request was in the mailbox before it was sent.
+    #[error("a reply to request {seq} was in the mailbox before the request was sent")]
+    Unrequested {
+        /// The request.
+        seq: u32,
+    },
     /// Unknown status code.
     #[error("unknown status {0}")]
     UnknownStatus(u32),

@@ -61,6 +61,9 @@ pub enum VmmError {
     /// Saving the instance's state failed.
     #[error("saving the instance state: {0}")]
     Save(&'static str),
+    /// A saved state does not match the memory it is restored with.
+    #[error("the saved state does not match its guest memory")]
+    StateMismatch(#[source] crate::state::StateMismatch),
     /// The guest did not reach its request loop.
     #[error("the guest did not boot")]
     Boot(#[source] RunError),

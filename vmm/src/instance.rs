@@ -494,6 +494,16 @@ impl Instance {
         let mem = shared.ram.mem();
         let result = (|| {
             self.seq = self.seq.wrapping_add(1).max(1);
+            // The host never accepts a reply to a request it has not sent:
+            // if the mailbox already "answers" the request about to be
+            // published, it is stale or forged, and nothing read after the
+            // publish could be told apart from it.
+            let early: u32 = mem
+                .load(GuestAddress(RESP_SEQ_ADDR), Ordering::Acquire)
+                .map_err(RunError::GuestMemory)?;
+            if early == self.seq {
+                return Err(RunError::Malformed(channel::ReplyError::Unrequested { seq: early }));
+            }
             mem.write_slice(payload, GuestAddress(layout.io_addr))
                 .map_err(RunError::GuestMemory)?;
             let (host_tsc, host_ns) = (host_rdtsc().wrapping_add(self.tsc_offset), monotonic_ns());

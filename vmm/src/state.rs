@@ -100,7 +100,65 @@ pub enum StateError {
     Trailing(usize),
 }
 
+/// Why a saved state does not match the guest memory saved with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateMismatch {
+    /// The mailbox's published request is not the one the state names.
+    #[error("the state says request {seq} was the last sent, but the guest memory's mailbox holds request {req_seq}")]
+    Request {
+        /// The state's sequence number.
+        seq: u32,
+        /// The mailbox's.
+        req_seq: u32,
+    },
+    /// Idle, but the mailbox's reply answers another request.
+    #[error("the state says the guest is idle after answering request {seq}, but the mailbox's reply answers request {resp_seq}")]
+    IdleReply {
+        /// The state's sequence number.
+        seq: u32,
+        /// The reply's.
+        resp_seq: u32,
+    },
+    /// Stopped at a checkpoint, but the request's reply is already there.
+    #[error("the state says the guest is stopped at a checkpoint of request {seq}, but its reply is already in the mailbox")]
+    CheckpointReplied {
+        /// The state's sequence number.
+        seq: u32,
+    },
+    /// A checkpoint request is still armed in the mailbox.
+    #[error("the mailbox still asks for a checkpoint of request {0}")]
+    CheckpointArmed(u32),
+}
+
 impl SavedState {
+    /// Checks the state against the mailbox of the guest memory saved with
+    /// it (pure). Idle: the last request published is `seq` and its reply
+    /// is in the mailbox. At a checkpoint: the last request is `seq` and
+    /// its reply is not there yet. Either way no checkpoint is armed. A
+    /// state that fails (e.g. a `seq` or at-checkpoint flag altered) would
+    /// otherwise let the next request be "answered" by a stale reply.
+    pub fn check_mailbox(&self, mb: &guest_abi::Mailbox) -> Result<(), StateMismatch> {
+        if mb.req_seq != self.seq {
+            return Err(StateMismatch::Request {
+                seq: self.seq,
+                req_seq: mb.req_seq,
+            });
+        }
+        if !self.at_checkpoint && mb.resp_seq != self.seq {
+            return Err(StateMismatch::IdleReply {
+                seq: self.seq,
+                resp_seq: mb.resp_seq,
+            });
+        }
+        if self.at_checkpoint && mb.resp_seq == self.seq {
+            return Err(StateMismatch::CheckpointReplied { seq: self.seq });
+        }
+        if mb.checkpoint_seq != 0 {
+            return Err(StateMismatch::CheckpointArmed(mb.checkpoint_seq));
+        }
+        Ok(())
+    }
+
     /// Encodes the state as a blob for the snapshot store.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(8192);
@@ -237,6 +295,44 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_is_checked_against_the_mailbox() {
+        let mb = |req_seq, resp_seq, checkpoint_seq| guest_abi::Mailbox {
+            req_seq,
+            resp_seq,
+            checkpoint_seq,
+            ..crate::channel::parse(&[0; crate::channel::MAILBOX_BYTES])
+        };
+        let st = |seq, at_checkpoint| SavedState {
+            seq,
+            at_checkpoint,
+            vcpu: VcpuState::default(),
+        };
+        // Consistent: a booted guest, a loaded function, a checkpoint.
+        assert_eq!(st(0, false).check_mailbox(&mb(0, 0, 0)), Ok(()));
+        assert_eq!(st(1, false).check_mailbox(&mb(1, 1, 0)), Ok(()));
+        assert_eq!(st(2, true).check_mailbox(&mb(2, 1, 0)), Ok(()));
+        // seq lowered by one: the next request would meet the old reply.
+        assert_eq!(
+            st(0, false).check_mailbox(&mb(1, 1, 0)),
+            Err(StateMismatch::Request { seq: 0, req_seq: 1 })
+        );
+        assert!(st(2, false).check_mailbox(&mb(1, 1, 0)).is_err());
+        // The at-checkpoint flag flipped either way.
+        assert_eq!(
+            st(1, true).check_mailbox(&mb(1, 1, 0)),
+            Err(StateMismatch::CheckpointReplied { seq: 1 })
+        );
+        assert_eq!(
+            st(2, false).check_mailbox(&mb(2, 1, 0)),
+            Err(StateMismatch::IdleReply { seq: 2, resp_seq: 1 })
+        );
+        assert_eq!(
+            st(2, true).check_mailbox(&mb(2, 1, 2)),
+            Err(StateMismatch::CheckpointArmed(2))
+        );
+    }
 
     fn sample() -> SavedState {
         let mut s = SavedState {

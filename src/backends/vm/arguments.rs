@@ -23,7 +23,16 @@ impl VmBackend {
         let Some(id) = self.snapshots.find_argument(f.node.id, hash) else {
             return Ok(None);
         };
-        let r = self.snapshots.restorable(id)?;
+        // A refused argument node is skipped: this input starts from the
+        // function node (and writes a new argument node).
+        let r = match self.snapshots.restorable(id, Level::Argument) {
+            Ok(r) => r,
+            Err(e @ Error::SnapshotCorrupt { .. }) => {
+                self.snapshots.refuse(id, &e);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         f.arguments
             .lock()
             .map_err(|_| poisoned())?

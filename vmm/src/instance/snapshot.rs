@@ -4,6 +4,7 @@
 
 use super::{Instance, InstanceConfig, add_memory_slots, kvm_err};
 use crate::Vmm;
+use crate::channel;
 use crate::error::VmmError;
 use crate::layout::Layout;
 use crate::memory::{ExternalMemory, GuestRam};
@@ -13,8 +14,10 @@ use crate::stats::StatsFd;
 use crate::vcpu::{IdleThread, StartAt, Wake};
 
 const ALIGN: usize = 2 << 20;
+use guest_abi::MAILBOX_ADDR;
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::ptr::NonNull;
+use vm_memory::{Bytes, GuestAddress};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -208,6 +211,16 @@ impl Instance {
             None => Shell::new(vmm, config.vcpu_stats)?,
         };
         let ram = GuestRam::from_external(memory)?;
+        // The state must match its memory before the guest runs or the host
+        // sends anything: otherwise a stale reply in the mailbox could be
+        // taken for the answer to the next request.
+        let mut mailbox = [0u8; channel::MAILBOX_BYTES];
+        ram.mem()
+            .read_slice(&mut mailbox, GuestAddress(MAILBOX_ADDR))
+            .map_err(VmmError::GuestMemory)?;
+        saved
+            .check_mailbox(&channel::parse(&mailbox))
+            .map_err(VmmError::StateMismatch)?;
         if !slots_ready {
             // SAFETY: `ram` is moved into the instance's `Shared`, which
             // drops it after the VM.
