@@ -213,7 +213,7 @@ fn snapshot_files_unchanged_after_1000_restored_instances() {
 }
 
 #[test]
-fn corrupt_function_node_is_refused_naming_the_file() {
+fn corrupt_function_node_is_refused_named_and_remade() {
     let store = vm_common::fresh_store();
     {
         let Some(b) = vm_common::open_vm(small_config(store.path())) else {
@@ -237,13 +237,29 @@ fn corrupt_function_node_is_refused_naming_the_file() {
     let mut bytes = std::fs::read(&node_path).unwrap();
     bytes[4096 + 100] ^= 0x10;
     std::fs::write(&node_path, &bytes).unwrap();
+    // The node is refused (a page fails its keyed tag when the image is
+    // re-merged), counted and named on stderr; the backend makes a new
+    // function node from the base and keeps serving.
     let b = vm_common::open_vm(small_config(store.path())).unwrap();
-    let err = b
+    let echo = b
         .deploy(&FunctionSpec::new("echo", microfaas::builtin("echo").unwrap()))
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::SnapshotCorrupt, "{err}");
-    let file_name = node_path.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(err.to_string().contains(&file_name), "{err}");
+        .unwrap();
+    assert_eq!(b.stats().counter("snapshot_files_refused"), Some(1), "{:?}", b.stats());
+    for start in [StartPath::Function, StartPath::Hot] {
+        let r = b.invoke(&echo, b"still here", StartRequest::Force(start)).unwrap();
+        assert_eq!(r.output, b"still here");
+    }
+    let s = snapshots::Store::open(store.path()).unwrap();
+    let functions = s
+        .nodes()
+        .into_iter()
+        .filter(|n| n.level() == snapshots::Level::Function)
+        .count();
+    assert_eq!(functions, 2);
+    // `verify` names the bad file.
+    let report = snapshots::verify(&s).unwrap();
+    assert!(report.bad.iter().any(|f| f.path == node_path), "{report:?}");
+    let _ = ErrorKind::SnapshotCorrupt;
 }
 
 #[test]

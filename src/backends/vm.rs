@@ -473,7 +473,10 @@ impl Backend for VmBackend {
                             Ok(p) => Some(p),
                             Err(e @ Error::SnapshotCorrupt { .. }) => {
                                 self.snapshots.refuse(arg.id, &e);
-                                f.arguments.lock().map_err(|_| poisoned())?.retain(|_, r| r.id != arg.id);
+                                f.arguments
+                                    .lock()
+                                    .map_err(|_| poisoned())?
+                                    .retain(|_, r| r.id != arg.id);
                                 None
                             }
                             Err(e) => return Err(e),

@@ -195,7 +195,11 @@ impl Snapshots {
     pub(crate) fn report(&self) {
         for r in self.store.take_refusals() {
             self.files_refused.fetch_add(1, Ordering::Relaxed);
-            eprintln!("microfaas: warning: snapshot store: refused {}: {}", r.path.display(), r.reason);
+            eprintln!(
+                "microfaas: warning: snapshot store: refused {}: {}",
+                r.path.display(),
+                r.reason
+            );
         }
     }
 
@@ -232,7 +236,10 @@ impl Snapshots {
             detail,
         };
         if node.level() != level {
-            return Err(corrupt(format!("a {} node where a {level} node was expected", node.level())));
+            return Err(corrupt(format!(
+                "a {} node where a {level} node was expected",
+                node.level()
+            )));
         }
         let blob = node
             .read_state()

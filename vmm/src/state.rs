@@ -112,7 +112,9 @@ pub enum StateMismatch {
         req_seq: u32,
     },
     /// Idle, but the mailbox's reply answers another request.
-    #[error("the state says the guest is idle after answering request {seq}, but the mailbox's reply answers request {resp_seq}")]
+    #[error(
+        "the state says the guest is idle after answering request {seq}, but the mailbox's reply answers request {resp_seq}"
+    )]
     IdleReply {
         /// The state's sequence number.
         seq: u32,
@@ -120,7 +122,9 @@ pub enum StateMismatch {
         resp_seq: u32,
     },
     /// Stopped at a checkpoint, but the request's reply is already there.
-    #[error("the state says the guest is stopped at a checkpoint of request {seq}, but its reply is already in the mailbox")]
+    #[error(
+        "the state says the guest is stopped at a checkpoint of request {seq}, but its reply is already in the mailbox"
+    )]
     CheckpointReplied {
         /// The state's sequence number.
         seq: u32,

@@ -17,9 +17,9 @@ const ALIGN: usize = 2 << 20;
 use guest_abi::MAILBOX_ADDR;
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::ptr::NonNull;
-use vm_memory::{Bytes, GuestAddress};
 use std::sync::mpsc;
 use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
 
 /// An empty VM with its vCPU (CPUID set), ready to be given memory and a
 /// saved state: creating one is most of a restore's fixed cost on this
