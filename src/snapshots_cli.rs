@@ -38,7 +38,8 @@ pub enum SnapshotsAction {
         /// The second node (id or unique prefix).
         b: String,
     },
-    /// Check every checksum in the store; exit 1 if any file is bad.
+    /// Check every checksum and MAC in the store, and every cached merged
+    /// image against its lineage; exit 1 if any file is bad.
     Verify,
     /// Remove the given subtrees, or (no ids) orphaned, broken and superseded
     /// nodes and stale image caches.
@@ -106,14 +107,14 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 println!(
                     "{id:<20} {:<9} {:<34} {:>9} {:>10} {:<20} {}",
                     n.level.to_string(),
-                    n.label.to_string(),
+                    escaped(&n.label.to_string()),
                     n.own_pages,
                     human_bytes(n.bytes_on_disk),
                     utc(n.created_unix_ms),
                     utc(n.last_used_unix_ms)
                 );
                 if let Some(p) = &n.problem {
-                    println!("{below}  ! {p}");
+                    println!("{below}  ! {}", escaped(p));
                 }
                 for (i, c) in n.children.iter().enumerate() {
                     let last = i + 1 == n.children.len();
@@ -128,7 +129,11 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 println!("(no snapshot nodes)");
             }
             for b in &report.broken {
-                println!("BROKEN {}: {}", b.path.display(), b.error);
+                println!(
+                    "BROKEN {}: {}",
+                    escaped(&b.path.display().to_string()),
+                    escaped(&b.error)
+                );
             }
             Ok(())
         }
@@ -139,7 +144,7 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             }
             println!("node        {}", report.id);
             println!("level       {}", report.level);
-            println!("label       {}", report.label);
+            println!("label       {}", escaped(&report.label.to_string()));
             let parent = report.parent.map_or("-".to_owned(), |p| p.to_string());
             println!("parent      {parent}");
             let lineage: Vec<String> = report.lineage.iter().map(|i| i.short()).collect();
@@ -162,14 +167,14 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             println!("last used   {}", utc(report.last_used_unix_ms));
             println!("state       {} bytes", report.state_bytes);
             for (k, v) in &report.state_summary {
-                println!("  {k:<10} {v}");
+                println!("  {:<10} {}", escaped(k), escaped(v));
             }
             println!("siblings    {}", report.siblings.len());
             for s in &report.siblings {
                 println!(
                     "  {} {:<30} {} pages shared, {} identical own pages",
                     s.id.short(),
-                    s.label.to_string(),
+                    escaped(&s.label.to_string()),
                     s.shared_pages,
                     s.identical_own_pages
                 );
@@ -220,13 +225,13 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 print_json(&report)?;
             } else {
                 for b in &report.bad {
-                    println!("BAD {}: {}", b.path.display(), b.error);
+                    println!("BAD {}: {}", escaped(&b.path.display().to_string()), escaped(&b.error));
                 }
                 for s in &report.stale_images {
                     println!("stale image cache (rebuilt on use): {}", s.display());
                 }
                 println!(
-                    "checked {} node files and {} merged images: {}",
+                    "checked {} node files (checksums and keyed MAC) and {} merged images: {}",
                     report.nodes_checked,
                     report.images_checked,
                     if report.ok() {
@@ -268,7 +273,7 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                     "{verb} {} {:<9} {:<30} ({})",
                     n.id.short(),
                     n.level.to_string(),
-                    n.label.to_string(),
+                    escaped(&n.label.to_string()),
                     n.reason
                 );
             }
@@ -287,6 +292,21 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
 }
 
 #[allow(clippy::cast_precision_loss)]
+/// `text` with control characters escaped (`\n`, `\u{1b}`, ...): labels
+/// and state summaries come from node files, and must not move the cursor,
+/// recolour or clear the terminal that prints them.
+fn escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn us_to_ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -332,6 +352,13 @@ fn utc(unix_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escaped("echo@sha256:ab"), "echo@sha256:ab");
+        assert_eq!(escaped("a\x1b[2Jb\nc\t"), "a\\u{1b}[2Jb\\nc\\t");
+        assert_eq!(escaped("\u{9b}x"), "\\u{9b}x");
+    }
 
     #[test]
     fn utc_dates() {

@@ -200,7 +200,11 @@ fn verify_reports_each_bad_file_and_fails() {
     let f = fixture();
     let out = microfaas(f.dir.path(), &["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout(&out).contains("checked 4 node files"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("checked 4 node files (checksums and keyed MAC)"),
+        "{}",
+        stdout(&out)
+    );
     // Corrupt a page of one node and truncate another.
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().write(true).open(f.other.path()).unwrap();
@@ -274,4 +278,38 @@ fn store_defaults_to_the_environment_variable() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["store"], f.dir.path().display().to_string());
+}
+
+#[test]
+fn tree_and_show_escape_control_characters_in_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let base = node(&store, Level::Base, None, Label::base(None), &[(0, 1)]);
+    let hostile = "evil\x1b[2J\x1b]0;pwned\x07\nFORGED LINE\r";
+    let func = node(
+        &store,
+        Level::Function,
+        Some(base.id()),
+        Label::function(hostile, "d\x1b[31m"),
+        &[(1, 2)],
+    );
+    drop(store);
+    for args in [vec!["tree"], vec!["show", &func.id().to_string()]] {
+        let out = microfaas(dir.path(), &args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = stdout(&out);
+        assert!(
+            !text.contains('\x1b') && !text.contains('\x07') && !text.contains('\r'),
+            "{args:?}: {text:?}"
+        );
+        assert!(!text.lines().any(|l| l.starts_with("FORGED LINE")), "{args:?}: {text}");
+        assert!(
+            text.contains("evil\\u{1b}[2J\\u{1b}]0;pwned\\u{7}\\nFORGED LINE\\r"),
+            "{args:?}: {text}"
+        );
+    }
 }
