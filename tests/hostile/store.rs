@@ -13,9 +13,7 @@
 //! and answers `echo` with another function's output: the MAC is what
 //! stops it.
 
-#[path = "../vm_common/mod.rs"]
-mod vm_common;
-
+use crate::vm::vm_common;
 use microfaas::{Backend, FunctionId, FunctionSpec, StartPath, StartRequest};
 use snapshots::{Level, Node, NodeSpec, PAGE_SIZE, Store};
 use std::path::{Path, PathBuf};

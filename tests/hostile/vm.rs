@@ -14,7 +14,7 @@
 //! window), so each refusal is the protection's doing.
 
 #[path = "../vm_common/mod.rs"]
-mod vm_common;
+pub(crate) mod vm_common;
 
 use crate::common::attacker;
 use microfaas::{Backend, Error, FunctionId, FunctionSpec, StartPath, StartRequest};
