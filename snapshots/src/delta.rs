@@ -14,7 +14,7 @@ pub struct Source {
     pub node: NodeId,
     /// Position of the page in that node's index (and data section).
     pub slot: usize,
-    /// The page's CRC64.
+    /// The page's keyed tag (see [`crate::StoreKey::page_tag`]).
     pub crc: u64,
 }
 

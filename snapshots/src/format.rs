@@ -18,7 +18,7 @@ pub const HEADER_CRC_END: usize = 160;
 pub const MAC_OFFSET: usize = HEADER_CRC_END;
 /// Bytes of the header that carry fields (the rest of the block is zero).
 pub const HEADER_USED: usize = MAC_OFFSET + 32;
-/// Bytes per page index entry: page index (u64) + page CRC64 (u64).
+/// Bytes per page index entry: page index (u64) + keyed page tag (u64).
 pub const INDEX_ENTRY_LEN: u64 = 16;
 /// Largest vCPU/device state blob accepted (the vm backend's is ~5 KiB;
 /// it is read into memory whenever a node is opened).
@@ -246,7 +246,8 @@ impl Header {
 pub struct IndexEntry {
     /// Guest page index.
     pub page: u64,
-    /// CRC64 of the page's 4096 bytes.
+    /// The keyed tag of the page's 4096 bytes ([`crate::StoreKey::page_tag`];
+    /// the field keeps its old name).
     pub crc: u64,
 }
 

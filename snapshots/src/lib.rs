@@ -68,6 +68,9 @@
 //! # Store layout
 //!
 //! ```text
+//! STORE/key              the store key: 32 random bytes, mode 0600, owned by
+//!                        the host's uid (a store whose key is group/other-
+//!                        accessible or owned by another uid is refused)
 //! STORE/nodes/ID.node    one node file per node, immutable once renamed in
 //! STORE/images/ID.img    merged image cache of node ID (sparse, mode 0444)
 //! STORE/images/ID.json   its metadata: the lineage it was built from, present
@@ -81,9 +84,26 @@
 //! `MICROFAAS_IMAGE_DIR` environment variable), e.g. on a tmpfs mounted
 //! `huge=always` so mappings of them can use huge pages.
 //!
-//! # Node file format (version 1)
+//! # Authentication
 //!
-//! All integers little-endian. CRCs are CRC-64/XZ (ECMA-182 polynomial).
+//! Checksums catch accidents; the keyed MAC catches forgery (see
+//! [`StoreKey`]). Each node's header carries a keyed BLAKE3 MAC over its
+//! header fields (id, parent id and check, level, sizes, section CRCs),
+//! page index, state blob and metadata (label, creation time); each index
+//! entry carries a 64-bit keyed tag of its page rather than a CRC. A node
+//! failing its MAC is refused ([`NodeFileError::Unauthenticated`], naming
+//! the file) wherever it is opened — the scan at open, lookups, `verify` —
+//! so a planted node never reaches a lookup. A cached merged image is
+//! checked page by page against its lineage's tags before this process
+//! first maps it, and rebuilt if it fails. Refused files are recorded
+//! ([`Store::take_refusals`]) for the caller to report. A node claiming
+//! more memory than [`StoreOptions::max_guest_mem_bytes`] is refused before
+//! its index is read.
+//!
+//! # Node file format (version 2)
+//!
+//! All integers little-endian. CRCs are CRC-64/XZ (ECMA-182 polynomial);
+//! tags and the MAC are keyed BLAKE3 (keys derived from `STORE/key`).
 //!
 //! ```text
 //! offset  size        field
@@ -99,7 +119,7 @@
 //! 72      8           page count N
 //! 80      8           index offset  = 4096 + N * 4096
 //! 88      8           state offset  = index offset + N * 16
-//! 96      8           state length S (<= 64 MiB)
+//! 96      8           state length S (<= 1 MiB)
 //! 104     8           meta offset   = state offset + S
 //! 112     8           meta length M (<= 1 MiB)
 //! 120     8           file length   = meta offset + M
@@ -107,9 +127,10 @@
 //! 136     8           CRC of the state blob
 //! 144     8           CRC of the metadata
 //! 152     8           CRC of bytes 0..152 (header CRC)
-//! 160     3936        zero (checked: every byte of the file is covered)
+//! 160     32          MAC of bytes 0..160, the index, the state, the metadata
+//! 192     3904        zero (checked: every byte of the file is covered)
 //! 4096    N * 4096    page data, in index order (page aligned)
-//! ...     N * 16      page index: (guest page index u64, CRC of the page u64),
+//! ...     N * 16      page index: (guest page index u64, keyed tag of the page u64),
 //!                     strictly ascending, every page < guest pages
 //! ...     S           vCPU/device state blob (opaque, the VMM's)
 //! ...     M           metadata JSON: {"label": {"function", "digest",
@@ -118,9 +139,10 @@
 //!
 //! The header is written last (over a zero block) and the file is renamed
 //! into `nodes/` only after `fsync`, so a node file is either complete or
-//! absent. Opening checks magic, version, header CRC, caps, the section
-//! layout, the exact file length (truncation), the id against the file name,
-//! and the index and metadata CRCs; page CRCs are checked whenever pages are
+//! absent. Opening checks magic, version, header CRC, caps (including the
+//! configured memory cap), the section layout, the exact file length
+//! (truncation), the id against the file name, the index, state and
+//! metadata CRCs and then the MAC; page tags are checked whenever pages are
 //! read (building an image checks every page it takes; pages a newer node
 //! overrides are checked by `verify`). A lineage is usable only if
 //! each parent exists, has the level above, the same memory size, and the
