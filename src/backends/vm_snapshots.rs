@@ -195,11 +195,8 @@ impl Snapshots {
     pub(crate) fn report(&self) {
         for r in self.store.take_refusals() {
             self.files_refused.fetch_add(1, Ordering::Relaxed);
-            eprintln!(
-                "microfaas: warning: snapshot store: refused {}: {}",
-                r.path.display(),
-                r.reason
-            );
+            // The reason names the file.
+            eprintln!("microfaas: warning: snapshot store: {}", r.reason);
         }
     }
 
