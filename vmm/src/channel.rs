@@ -149,6 +149,16 @@ pub fn encode_request(seq: u32, op: u32, arg_len: u64, host_ns: u64, host_tsc: u
     b
 }
 
+/// Checks, before request `next_seq` is published, that the mailbox's
+/// reply sequence number (`resp_seq`, read now) does not already claim to
+/// answer it: the host never accepts a reply to a request it has not sent.
+pub fn check_unsent(resp_seq: u32, next_seq: u32) -> Result<(), ReplyError> {
+    if resp_seq == next_seq {
+        return Err(ReplyError::Unrequested { seq: next_seq });
+    }
+    Ok(())
+}
+
 /// Checks the reply in `mb` to request `expected_seq`. An `Ok` output may be
 /// at most `output_limit` bytes; messages are capped at [`MESSAGE_LIMIT`].
 pub fn check_reply(
@@ -206,6 +216,13 @@ pub fn check_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_before_its_request_is_refused() {
+        assert_eq!(check_unsent(4, 5), Ok(()));
+        assert_eq!(check_unsent(0, 1), Ok(()));
+        assert_eq!(check_unsent(5, 5), Err(ReplyError::Unrequested { seq: 5 }));
+    }
 
     fn layout() -> Layout {
         crate::layout::small_test_layout()

@@ -501,9 +501,7 @@ impl Instance {
             let early: u32 = mem
                 .load(GuestAddress(RESP_SEQ_ADDR), Ordering::Acquire)
                 .map_err(RunError::GuestMemory)?;
-            if early == self.seq {
-                return Err(RunError::Malformed(channel::ReplyError::Unrequested { seq: early }));
-            }
+            channel::check_unsent(early, self.seq).map_err(RunError::Malformed)?;
             mem.write_slice(payload, GuestAddress(layout.io_addr))
                 .map_err(RunError::GuestMemory)?;
             let (host_tsc, host_ns) = (host_rdtsc().wrapping_add(self.tsc_offset), monotonic_ns());
