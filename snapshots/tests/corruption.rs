@@ -461,3 +461,40 @@ fn swapped_merged_image_is_refused_and_rebuilt_before_mapping() {
     assert!(!store.image(s.func.id()).unwrap().was_built());
     assert!(store.take_refusals().is_empty());
 }
+
+#[test]
+fn node_moved_under_another_parent_fails_its_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let s = small(&store);
+    // A second function node under the same base, and the argument node
+    // re-pointed at it: parent id and parent check rewritten, header CRC
+    // recomputed (the attacker knows the other node's header CRC).
+    let other = common::node(
+        &store,
+        snapshots::Level::Function,
+        Some(s.base.id()),
+        snapshots::Label::function("other", "d2"),
+        &[(4, 7)],
+    );
+    let path = s.arg.path().to_owned();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[40..56].copy_from_slice(other.id().as_bytes());
+    bytes[56..64].copy_from_slice(&other.header_crc().to_le_bytes());
+    let crc = snapshots::crc64(&bytes[..152]);
+    bytes[152..160].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let err = store.node(s.arg.id()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LineageError::Node {
+                source: NodeFileError::Unauthenticated { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(store.children(other.id()).is_empty());
+}
