@@ -8,7 +8,33 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `println!` that ends the command quietly when stdout's reader has gone
+/// away (`microfaas snapshots tree --json | head`): `println!` would panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::stdout_line(format_args!($($arg)*))
+    };
+}
+
 mod snapshots_cli;
+
+/// Writes one line to stdout (see [`outln!`]).
+pub(crate) fn stdout_line(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        stdout_failed(&e);
+    }
+}
+
+/// A write to stdout failed: a closed pipe ends the command quietly with
+/// success, as it does for `head`-fed Unix tools; anything else is an error.
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1);
+}
 
 /// microfaas: one FaaS host, three isolation backends (vm, language, process).
 #[derive(Debug, Parser)]
@@ -113,7 +139,7 @@ fn main() -> ExitCode {
                 let obj = serde_json::json!({
                     "error": { "kind": f.kind.map(|k| format!("{k:?}")), "message": f.message }
                 });
-                println!("{obj}");
+                outln!("{obj}");
             } else {
                 eprintln!("error: {}", f.message);
             }
@@ -168,7 +194,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 message: chain(&e),
                 kind: None,
             })?;
-            println!("{}", built.path.display());
+            outln!("{}", built.path.display());
             eprintln!(
                 "built `{}` ({}; inputs {})",
                 built.name,
@@ -179,12 +205,12 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Verify { artifact } => {
             let a = Artifact::load(&artifact)?;
-            println!("{}: ok (sha256 {})", a.path().display(), a.digest());
+            outln!("{}: ok (sha256 {})", a.path().display(), a.digest());
             Ok(())
         }
         Command::Functions => {
             for name in microfaas::builtin_names() {
-                println!("{name}");
+                outln!("{name}");
             }
             Ok(())
         }
@@ -226,13 +252,12 @@ fn invoke(backend: &dyn Backend, spec: &FunctionSpec, input: &[u8], cold: bool, 
             "output_hex": done.output.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             "timings": done.timings,
         });
-        println!("{obj}");
+        outln!("{obj}");
     } else {
         let mut stdout = std::io::stdout().lock();
-        stdout
-            .write_all(&done.output)
-            .and_then(|()| stdout.flush())
-            .map_err(|e| Error::io("writing output", e))?;
+        if let Err(e) = stdout.write_all(&done.output).and_then(|()| stdout.flush()) {
+            stdout_failed(&e);
+        }
         let t = done.timings;
         eprintln!(
             "\nstart: {}  total: {:.1} us  start: {:.1} us  dispatch: {:.1} us  exec: {:.1} us",

@@ -80,7 +80,7 @@ fn fail(err: &dyn std::error::Error) -> CliError {
 
 fn print_json(value: &impl Serialize) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| fail(&e))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -95,8 +95,8 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             if cmd.json {
                 return print_json(&report);
             }
-            println!("store {}", report.store.display());
-            println!(
+            outln!("store {}", report.store.display());
+            outln!(
                 "{:<20} {:<9} {:<34} {:>9} {:>10} {:<20} LAST USED",
                 "ID", "LEVEL", "LABEL", "OWN PAGES", "ON DISK", "CREATED"
             );
@@ -104,7 +104,7 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             /// children's lines start with.
             fn print(n: &TreeNode, branch: &str, below: &str) {
                 let id = format!("{branch}{}", n.id.short());
-                println!(
+                outln!(
                     "{id:<20} {:<9} {:<34} {:>9} {:>10} {:<20} {}",
                     n.level.to_string(),
                     escaped(&n.label.to_string()),
@@ -114,7 +114,7 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                     utc(n.last_used_unix_ms)
                 );
                 if let Some(p) = &n.problem {
-                    println!("{below}  ! {}", escaped(p));
+                    outln!("{below}  ! {}", escaped(p));
                 }
                 for (i, c) in n.children.iter().enumerate() {
                     let last = i + 1 == n.children.len();
@@ -126,10 +126,10 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 print(r, "", "");
             }
             if report.roots.is_empty() {
-                println!("(no snapshot nodes)");
+                outln!("(no snapshot nodes)");
             }
             for b in &report.broken {
-                println!(
+                outln!(
                     "BROKEN {}: {}",
                     escaped(&b.path.display().to_string()),
                     escaped(&b.error)
@@ -142,36 +142,36 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             if cmd.json {
                 return print_json(&report);
             }
-            println!("node        {}", report.id);
-            println!("level       {}", report.level);
-            println!("label       {}", escaped(&report.label.to_string()));
+            outln!("node        {}", report.id);
+            outln!("level       {}", report.level);
+            outln!("label       {}", escaped(&report.label.to_string()));
             let parent = report.parent.map_or("-".to_owned(), |p| p.to_string());
-            println!("parent      {parent}");
+            outln!("parent      {parent}");
             let lineage: Vec<String> = report.lineage.iter().map(|i| i.short()).collect();
-            println!("lineage     {}", lineage.join(" -> "));
-            println!("children    {}", report.children.len());
-            println!("guest mem   {}", human_bytes(report.guest_mem_bytes));
-            println!(
+            outln!("lineage     {}", lineage.join(" -> "));
+            outln!("children    {}", report.children.len());
+            outln!("guest mem   {}", human_bytes(report.guest_mem_bytes));
+            outln!(
                 "pages       {} own, {} inherited, {} present ({} guest pages)",
                 report.own_pages,
                 report.inherited_pages,
                 report.present_pages,
                 report.guest_mem_bytes / snapshots::PAGE_SIZE_U64
             );
-            println!(
+            outln!(
                 "on disk     {} (lineage {})",
                 human_bytes(report.bytes_on_disk),
                 human_bytes(report.lineage_bytes_on_disk)
             );
-            println!("created     {}", utc(report.created_unix_ms));
-            println!("last used   {}", utc(report.last_used_unix_ms));
-            println!("state       {} bytes", report.state_bytes);
+            outln!("created     {}", utc(report.created_unix_ms));
+            outln!("last used   {}", utc(report.last_used_unix_ms));
+            outln!("state       {} bytes", report.state_bytes);
             for (k, v) in &report.state_summary {
-                println!("  {:<10} {}", escaped(k), escaped(v));
+                outln!("  {:<10} {}", escaped(k), escaped(v));
             }
-            println!("siblings    {}", report.siblings.len());
+            outln!("siblings    {}", report.siblings.len());
             for s in &report.siblings {
-                println!(
+                outln!(
                     "  {} {:<30} {} pages shared, {} identical own pages",
                     s.id.short(),
                     escaped(&s.label.to_string()),
@@ -179,25 +179,25 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                     s.identical_own_pages
                 );
             }
-            println!("own ranges  {}", report.own_ranges.len());
+            outln!("own ranges  {}", report.own_ranges.len());
             for r in report.own_ranges.iter().take(16) {
-                println!("  {r}");
+                outln!("  {r}");
             }
             if report.own_ranges.len() > 16 {
-                println!("  ... {} more (--json lists all)", report.own_ranges.len() - 16);
+                outln!("  ... {} more (--json lists all)", report.own_ranges.len() - 16);
             }
-            println!("files");
+            outln!("files");
             for p in &report.files.lineage {
-                println!("  node   {}", p.display());
+                outln!("  node   {}", p.display());
             }
             match (&report.files.image, &report.image) {
-                (Some(p), Some(meta)) => println!(
+                (Some(p), Some(meta)) => outln!(
                     "  image  {} ({} non-zero pages, built in {:.1} ms)",
                     p.display(),
                     snapshots::total_pages(&meta.nonzero),
                     us_to_ms(meta.build_us)
                 ),
-                _ => println!("  image  (not built)"),
+                _ => outln!("  image  (not built)"),
             }
             Ok(())
         }
@@ -207,7 +207,7 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 return print_json(&report);
             }
             let common = report.common_ancestor.map_or("none".to_owned(), |c| c.short());
-            println!(
+            outln!(
                 "{} vs {}: {} pages differ in {} ranges (common ancestor {common})",
                 report.a.short(),
                 report.b.short(),
@@ -215,7 +215,7 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 report.ranges.len()
             );
             for r in &report.ranges {
-                println!("  {:#012x}-{:#012x}  {} pages", r.start_gpa, r.end_gpa, r.pages);
+                outln!("  {:#012x}-{:#012x}  {} pages", r.start_gpa, r.end_gpa, r.pages);
             }
             Ok(())
         }
@@ -225,12 +225,12 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 print_json(&report)?;
             } else {
                 for b in &report.bad {
-                    println!("BAD {}: {}", escaped(&b.path.display().to_string()), escaped(&b.error));
+                    outln!("BAD {}: {}", escaped(&b.path.display().to_string()), escaped(&b.error));
                 }
                 for s in &report.stale_images {
-                    println!("stale image cache (rebuilt on use): {}", s.display());
+                    outln!("stale image cache (rebuilt on use): {}", s.display());
                 }
-                println!(
+                outln!(
                     "checked {} node files (checksums and keyed MAC) and {} merged images: {}",
                     report.nodes_checked,
                     report.images_checked,
@@ -269,7 +269,7 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             }
             let verb = if dry_run { "would remove" } else { "removed" };
             for n in &report.removed {
-                println!(
+                outln!(
                     "{verb} {} {:<9} {:<30} ({})",
                     n.id.short(),
                     n.level.to_string(),
@@ -278,9 +278,9 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
                 );
             }
             for f in &report.removed_files {
-                println!("{verb} {}", f.display());
+                outln!("{verb} {}", f.display());
             }
-            println!(
+            outln!(
                 "{verb} {} nodes and {} other files, {} freed",
                 report.removed.len(),
                 report.removed_files.len(),

@@ -131,3 +131,35 @@ fn unknown_function_and_bad_flags_exit_with_2() {
     let out = microfaas(&["invoke", "--backend", "process", "echo", "--frobnicate"], dir.path());
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Runs `microfaas ARGS` with its stdout a pipe whose reader is already
+/// gone, as `microfaas ... | head` ends up.
+fn with_closed_stdout(args: &[&str], store: &Path) -> Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_microfaas"))
+        .args(args)
+        .env("MICROFAAS_STORE", store)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("running microfaas")
+}
+
+#[test]
+fn commands_exit_quietly_when_stdout_is_closed() {
+    let store = tempfile::tempdir().unwrap();
+    let store_arg = store.path().to_str().unwrap();
+    for args in [
+        &["functions"][..],
+        &["snapshots", "--store", store_arg, "tree", "--json"],
+        &["snapshots", "--store", store_arg, "verify"],
+        &["invoke", "--backend", "process", "echo", "--input", "hi"],
+        &["invoke", "--backend", "process", "echo", "--input", "hi", "--json"],
+    ] {
+        let out = with_closed_stdout(args, store.path());
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
