@@ -98,7 +98,12 @@ pub fn run(cmd: SnapshotsCommand) -> Result<(), CliError> {
             outln!("store {}", report.store.display());
             outln!(
                 "{:<20} {:<9} {:<34} {:>9} {:>10} {:<20} LAST USED",
-                "ID", "LEVEL", "LABEL", "OWN PAGES", "ON DISK", "CREATED"
+                "ID",
+                "LEVEL",
+                "LABEL",
+                "OWN PAGES",
+                "ON DISK",
+                "CREATED"
             );
             /// `branch`: this node's connector; `below`: what its
             /// children's lines start with.
