@@ -78,9 +78,12 @@ pub mod protocol;
 pub mod ring;
 pub mod shm;
 mod signals;
+mod tenants;
 pub mod watchdog;
 pub mod worker;
 
-pub use dispatcher::{Completed, Dispatcher, DispatcherConfig, DispatcherStats, FunctionIndex, Start};
+pub use dispatcher::{
+    Completed, DEFAULT_MAX_WORKERS, Dispatcher, DispatcherConfig, DispatcherStats, FunctionIndex, Start, TenantStats,
+};
 pub use error::LanguageError;
 pub use protocol::Preemption;

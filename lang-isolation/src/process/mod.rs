@@ -172,6 +172,9 @@ pub enum ProcessError {
         /// Why.
         detail: String,
     },
+    /// A new tenant found no uid left in the configured range.
+    #[error("cannot deploy for this tenant")]
+    Tenant(#[from] crate::sandbox::UidRangeExhausted),
     /// No function of that name is deployed.
     #[error("unknown function `{name}`")]
     UnknownFunction {
