@@ -14,4 +14,5 @@ mod common;
 mod language;
 mod process;
 mod sandbox;
+mod tenants;
 mod vm;

@@ -7,10 +7,10 @@
 use super::LanguageError;
 use super::catalog::CatalogEntry;
 use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
-use super::tenants::{Candidate, Pin, RUNNING, STOPPED, TenantWorkers, choose_evictions};
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
 use super::signals::PREEMPT_SIGNAL;
+use super::tenants::{Candidate, Pin, RUNNING, STOPPED, TenantWorkers, choose_evictions};
 use super::watchdog::{Overdue, WatchAction, decide};
 use crate::runtime::SealedArtifact;
 use std::collections::HashMap;
@@ -324,9 +324,7 @@ impl Dispatcher {
         });
         inner.write_functions().insert(index, Arc::clone(&function));
         let id = FunctionIndex(index);
-        let loaded = inner
-            .pin(&function.tenant)
-            .and_then(|_pin| self.preload(id, &function));
+        let loaded = inner.pin(&function.tenant).and_then(|_pin| self.preload(id, &function));
         if let Err(e) = loaded {
             self.remove(id);
             return Err(e);

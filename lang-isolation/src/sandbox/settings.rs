@@ -326,10 +326,7 @@ mod tests {
         assert_eq!(s.uid - 70_000, s.gid - 80_000);
         assert!(s.uid > 70_000);
         assert_eq!(s.layers, Layers::ALL);
-        let top = SandboxSettings {
-            uid: u32::MAX,
-            ..wide
-        };
+        let top = SandboxSettings { uid: u32::MAX, ..wide };
         assert!(top.for_tenant("for-tenant-test-other").is_err(), "no wrap-around");
     }
 }
