@@ -476,3 +476,24 @@ fn a_tenant_past_the_uid_range_is_refused() {
         );
     }
 }
+
+#[test]
+fn cli_invoke_takes_a_tenant_and_refuses_a_bad_label() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_microfaas"))
+            .args(args)
+            .output()
+            .expect("running microfaas")
+    };
+    for backend in ["process", "language"] {
+        let out = run(&["invoke", "--backend", backend, "echo", "--input", "hi", "--tenant", "cli-t", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((v["tenant"].as_str(), v["output"].as_str()), (Some("cli-t"), Some("hi")));
+    }
+    for bad in ["Upper", "a/b", "", &"x".repeat(33)] {
+        let out = run(&["invoke", "--backend", "process", "echo", "--tenant", bad]);
+        assert_eq!(out.status.code(), Some(2), "--tenant {bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("invalid tenant"), "{bad:?}");
+    }
+}
