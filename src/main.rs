@@ -1,7 +1,9 @@
 //! The `microfaas` command line: build functions, invoke them on any backend.
 
 use clap::{Parser, Subcommand};
-use microfaas::{Artifact, Backend, BackendKind, Config, Error, ErrorKind, FunctionSpec, StartPath, StartRequest, Tenant};
+use microfaas::{
+    Artifact, Backend, BackendKind, Config, Error, ErrorKind, FunctionSpec, StartPath, StartRequest, Tenant,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -486,14 +486,30 @@ fn cli_invoke_takes_a_tenant_and_refuses_a_bad_label() {
             .expect("running microfaas")
     };
     for backend in ["process", "language"] {
-        let out = run(&["invoke", "--backend", backend, "echo", "--input", "hi", "--tenant", "cli-t", "--json"]);
+        let out = run(&[
+            "invoke",
+            "--backend",
+            backend,
+            "echo",
+            "--input",
+            "hi",
+            "--tenant",
+            "cli-t",
+            "--json",
+        ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!((v["tenant"].as_str(), v["output"].as_str()), (Some("cli-t"), Some("hi")));
+        assert_eq!(
+            (v["tenant"].as_str(), v["output"].as_str()),
+            (Some("cli-t"), Some("hi"))
+        );
     }
     for bad in ["Upper", "a/b", "", &"x".repeat(33)] {
         let out = run(&["invoke", "--backend", "process", "echo", "--tenant", bad]);
         assert_eq!(out.status.code(), Some(2), "--tenant {bad:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("invalid tenant"), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("invalid tenant"),
+            "{bad:?}"
+        );
     }
 }
