@@ -51,7 +51,10 @@ impl Default for Config {
 /// Knobs of the `language` backend.
 #[derive(Debug, Clone)]
 pub struct LanguageConfig {
-    /// Worker processes; `None` = cores - 1, at least 1.
+    /// Worker processes per tenant; `None` = cores - 1, at least 1. A
+    /// tenant's workers start on its first deploy or request (the default
+    /// tenant's when the backend opens) and never hold another tenant's
+    /// functions.
     pub workers: Option<usize>,
     /// Pin worker `i` to core `(i + 1) % cores`.
     pub pin_workers: bool,

@@ -3,6 +3,15 @@
 //! pinned worker process per core that runs functions as native calls into
 //! preloaded shared objects.
 //!
+//! # Tenants
+//! Each tenant has its own workers (one per core) and its own sandbox uid;
+//! a worker only ever holds its tenant's functions, so a function with
+//! native code reaches no other tenant's inputs, outputs, heaps or code
+//! without escaping its process (which the sandbox blocks). A tenant's
+//! workers start on its first deploy or request; at most `max_workers` live
+//! at once, the idle tenant used least recently being stopped to make room
+//! (its next request starts them again). See `tenants`.
+//!
 //! ```text
 //!  callers ──invoke──> Dispatcher ──┬─ WorkerHandle 0 ── memfd region ── microfaas-worker (cpu 1)
 //!                        watchdog ──┘   requests ring  ─────────────────>  poll / park (futex)
