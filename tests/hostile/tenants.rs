@@ -513,3 +513,38 @@ fn cli_invoke_takes_a_tenant_and_refuses_a_bad_label() {
         );
     }
 }
+
+#[test]
+fn language_a_new_tenant_waits_for_room_and_is_refused_while_every_worker_is_busy() {
+    let mut cfg = config(SandboxConfig::default(), 1);
+    cfg.language.max_workers = Some(1);
+    cfg.language.start_timeout = Duration::from_secs(2);
+    let backend = std::sync::Arc::new(microfaas::open(BackendKind::Language, cfg).unwrap());
+    let spin = backend
+        .deploy(
+            &FunctionSpec::new("cap-spin", microfaas::builtin("spin").unwrap())
+                .with_budget(Duration::from_secs(6))
+                .with_tenant(tenant("cap-busy")),
+        )
+        .unwrap();
+    let busy = {
+        let backend = std::sync::Arc::clone(&backend);
+        std::thread::spawn(move || backend.invoke(&spin, b"", StartRequest::Auto))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let echo = || FunctionSpec::new("cap-echo", microfaas::builtin("echo").unwrap()).with_tenant(tenant("cap-other"));
+    let refused = backend
+        .deploy(&echo())
+        .expect_err("the only worker the cap allows is busy");
+    assert_eq!(refused.kind(), ErrorKind::BackendUnavailable, "{refused}");
+    assert!(refused.to_string().contains("no room"), "{refused}");
+    let spun = busy.join().unwrap().expect_err("spin never returns");
+    assert_eq!(spun.kind(), ErrorKind::BudgetExceeded, "{spun}");
+    // Now idle, the busy tenant is stopped for the new one.
+    let id = backend.deploy(&echo()).unwrap();
+    assert_eq!(
+        backend.invoke(&id, b"room", StartRequest::Auto).unwrap().output,
+        b"room"
+    );
+    assert_eq!(backend.stats().counter("tenant.cap-busy.worker0_pid"), Some(0));
+}
