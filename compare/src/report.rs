@@ -126,7 +126,7 @@ pub fn memory_text(rows: &[memory::Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<9} {:>9} {:>8} {:>8} {:>12} {:>14} {:>15} {:>15} {:>10}",
+        "{:<9} {:>9} {:>8} {:>8} {:>12} {:>14} {:>15} {:>16} {:>10}",
         "backend",
         "functions",
         "tenants",
@@ -148,7 +148,7 @@ pub fn memory_text(rows: &[memory::Row]) -> String {
         }
         let _ = writeln!(
             s,
-            "{:<9} {:>9} {:>8} {:>8} {:>12} {:>14} {:>15} {:>15} {:>10}",
+            "{:<9} {:>9} {:>8} {:>8} {:>12} {:>14} {:>15} {:>16} {:>10}",
             r.backend,
             r.functions,
             r.tenants,
