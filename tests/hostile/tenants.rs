@@ -548,3 +548,52 @@ fn language_a_new_tenant_waits_for_room_and_is_refused_while_every_worker_is_bus
     );
     assert_eq!(backend.stats().counter("tenant.cap-busy.worker0_pid"), Some(0));
 }
+
+#[test]
+fn language_a_tenant_that_hangs_its_worker_loses_only_its_own() {
+    let p = pair(
+        BackendKind::Language,
+        SandboxConfig::default(),
+        "tenant-attacker",
+        "resp-victim",
+        "resp-attacker",
+    );
+    let victim_pid = p.victim_pid().0;
+    let attacker_pid = p.counter("tenant.resp-attacker.worker0_pid");
+    // The attacker's own budget is short; blocking the preemption signal
+    // leaves the watchdog only the kill.
+    let hang = p
+        .backend
+        .deploy(
+            &FunctionSpec::new("hang", attacker("tenant-attacker"))
+                .with_budget(Duration::from_millis(200))
+                .with_tenant(tenant("resp-attacker")),
+        )
+        .unwrap();
+    let lost = p
+        .backend
+        .invoke(&hang, b"hang", StartRequest::Auto)
+        .expect_err("a hang is stopped");
+    assert_eq!(lost.kind(), ErrorKind::WorkerLost, "{lost}");
+    // The attacker's worker is replaced; the victim's is untouched.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = p.counter("tenant.resp-attacker.worker0_pid");
+        if now != 0 && now != attacker_pid {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no respawn of the attacker's worker"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.counter("respawns"), 1);
+    assert_eq!(p.victim_pid().0, victim_pid, "the victim's worker lives on");
+    p.victim_is_intact();
+    assert_eq!(
+        p.attack("ok").unwrap(),
+        "harmless",
+        "the attacker's tenant serves again"
+    );
+}
