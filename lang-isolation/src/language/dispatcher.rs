@@ -9,9 +9,7 @@ use super::catalog::CatalogEntry;
 use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
-use super::signals::PREEMPT_SIGNAL;
-use super::tenants::{Candidate, Pin, RUNNING, STOPPED, TenantWorkers, choose_evictions};
-use super::watchdog::{Overdue, WatchAction, decide};
+use super::tenants::TenantWorkers;
 use crate::runtime::SealedArtifact;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+mod supervise;
+mod tenancy;
 
 /// Inputs or outputs above this size have their slot's pages released
 /// after the call (a system call, so only for large transfers).
@@ -564,141 +565,6 @@ impl Inner {
         }
     }
 
-    /// A copy of the tenant list.
-    fn tenants_now(&self) -> Vec<Arc<TenantWorkers>> {
-        self.tenants
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// `tenant`'s workers (not started), created on first sight with their
-    /// own uid.
-    fn tenant(&self, tenant: &str) -> Result<Arc<TenantWorkers>, LanguageError> {
-        let find = |list: &[Arc<TenantWorkers>]| list.iter().find(|g| g.tenant == tenant).cloned();
-        if let Some(g) = find(&self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner)) {
-            return Ok(g);
-        }
-        let mut list = self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(g) = find(&list) {
-            return Ok(g);
-        }
-        let sandbox = self.config.sandbox.for_tenant(tenant)?;
-        let ordinal = list.len();
-        let mut workers = Vec::with_capacity(self.per_tenant);
-        for i in 0..self.per_tenant {
-            let name = format!("microfaas-lang-{ordinal}-{i}");
-            workers.push(
-                WorkerHandle::new(i, &name, self.layout)
-                    .map_err(|e| LanguageError::io("creating a shared region", e))?,
-            );
-        }
-        let g = Arc::new(TenantWorkers::new(
-            tenant.to_owned(),
-            sandbox.uid,
-            sandbox.to_arg(),
-            workers,
-        ));
-        list.push(Arc::clone(&g));
-        self.tenants_version.fetch_add(1, Ordering::SeqCst);
-        Ok(g)
-    }
-
-    /// Pins `g`, starting its workers first if they are not running.
-    fn pin<'a>(&self, g: &'a TenantWorkers) -> Result<Pin<'a>, LanguageError> {
-        loop {
-            if let Some(pin) = g.try_pin() {
-                return Ok(pin);
-            }
-            self.start_tenant(g)?;
-        }
-    }
-
-    /// Pins `g` only if its workers run (control requests that need no
-    /// worker otherwise: a stopped tenant's next start reads the catalog).
-    fn pin_if_running<'a>(&self, g: &'a TenantWorkers) -> Option<Pin<'a>> {
-        // Under the start lock the state is RUNNING or STOPPED, never in
-        // between.
-        let _starting = lock(&self.starts);
-        g.try_pin()
-    }
-
-    /// Starts `g`'s workers unless they run, stopping the least recently
-    /// used idle tenants first if the cap needs it; waits (up to the start
-    /// timeout) while every other tenant is busy.
-    fn start_tenant(&self, g: &TenantWorkers) -> Result<(), LanguageError> {
-        let give_up = std::time::Instant::now() + self.config.start_timeout;
-        loop {
-            let starting = lock(&self.starts);
-            if g.state.load(Ordering::SeqCst) == RUNNING {
-                return Ok(());
-            }
-            if self.make_room(g) {
-                let started = self.spawn_tenant(g);
-                drop(starting);
-                return started;
-            }
-            drop(starting);
-            if std::time::Instant::now() > give_up {
-                return Err(LanguageError::AtCapacity {
-                    detail: format!(
-                        "{} workers run for other tenants (max_workers), all busy for {} ms",
-                        self.max_workers,
-                        self.config.start_timeout.as_millis()
-                    ),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Under the start lock: stops idle tenants (least recently used
-    /// first) until `g`'s workers fit under the cap. Whether they fit.
-    fn make_room(&self, g: &TenantWorkers) -> bool {
-        let others: Vec<Arc<TenantWorkers>> = self
-            .tenants_now()
-            .into_iter()
-            .filter(|t| !std::ptr::eq(&**t, g) && t.state.load(Ordering::SeqCst) == RUNNING)
-            .collect();
-        let candidates: Vec<Candidate> = others
-            .iter()
-            .map(|t| Candidate {
-                last_used_ns: t.last_used_ns.load(Ordering::Relaxed),
-                workers: t.workers.len(),
-                idle: t.idle(),
-            })
-            .collect();
-        let live = others.iter().map(|t| t.workers.len()).sum();
-        let Some(victims) = choose_evictions(&candidates, live, g.workers.len(), self.max_workers) else {
-            return false;
-        };
-        let mut all_stopped = true;
-        for i in victims {
-            if others[i].try_stop() {
-                self.tenant_evictions.fetch_add(1, Ordering::Relaxed);
-            } else {
-                // Pinned meanwhile: decide again.
-                all_stopped = false;
-            }
-        }
-        all_stopped
-    }
-
-    /// Under the start lock: spawns every worker of a stopped `g`.
-    fn spawn_tenant(&self, g: &TenantWorkers) -> Result<(), LanguageError> {
-        for w in &g.workers {
-            w.gone.store(false, Ordering::SeqCst);
-            if let Err(e) = self.spawn(g, w) {
-                g.workers.iter().for_each(WorkerHandle::stop);
-                g.state.store(STOPPED, Ordering::SeqCst);
-                return Err(LanguageError::io("starting a worker", e));
-            }
-        }
-        g.last_used_ns.store(now_ns(), Ordering::Relaxed);
-        g.state.store(RUNNING, Ordering::SeqCst);
-        Ok(())
-    }
-
     fn acquire_on(&self, w: &WorkerHandle) -> u32 {
         loop {
             if let Some(slot) = w.try_acquire() {
@@ -874,145 +740,6 @@ impl Inner {
     fn ring_bell(&self) {
         let _g = lock(&self.watchdog_bell.0);
         self.watchdog_bell.1.notify_all();
-    }
-
-    /// The watchdog thread: deadlines, hangs, deaths, over every tenant's
-    /// workers.
-    fn watch(self: &Arc<Self>) {
-        if self.config.watchdog_realtime {
-            raise_priority();
-        }
-        if self.config.pin {
-            // Core 0 is the dispatcher's; workers are pinned to the others.
-            pin_current_thread(0);
-        }
-        let signals = self.config.preemption == Preemption::Watchdog;
-        let enforce = self.config.preemption != Preemption::Disabled;
-        let grace = nanos(self.config.hang_grace);
-        let interval = self.config.watchdog_interval;
-        // A copy of the tenant list (tenants are only ever appended),
-        // refreshed when it grows, and each worker's overdue track.
-        let mut groups: Vec<Arc<TenantWorkers>> = Vec::new();
-        let mut tracks: Vec<Vec<Option<Overdue>>> = Vec::new();
-        let mut version = u64::MAX;
-        let mut last_busy = now_ns();
-        let mut last_reap = 0;
-        while !self.shutdown.load(Ordering::SeqCst) {
-            let current = self.tenants_version.load(Ordering::SeqCst);
-            if current != version {
-                version = current;
-                groups = self.tenants_now();
-                tracks.resize_with(groups.len(), Vec::new);
-                for (g, t) in groups.iter().zip(tracks.iter_mut()) {
-                    t.resize(g.workers.len(), None);
-                }
-            }
-            let now = now_ns();
-            let mut busy = false;
-            for (g, gt) in groups.iter().zip(tracks.iter_mut()) {
-                for (w, track) in g.workers.iter().zip(gt.iter_mut()) {
-                    if w.gone.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    busy |= w.outstanding.load(Ordering::Relaxed) > 0;
-                    if !w.alive.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    let inflight = &w.region.header().inflight;
-                    let seq = inflight.seq.load(Ordering::Acquire);
-                    let deadline = inflight.deadline_ns.load(Ordering::Acquire);
-                    if !enforce {
-                        continue;
-                    }
-                    match decide(signals, seq, deadline, now, grace, track) {
-                        WatchAction::Nothing => {}
-                        WatchAction::Signal => w.signal(PREEMPT_SIGNAL),
-                        WatchAction::Kill => w.signal(libc::SIGKILL),
-                    }
-                }
-            }
-            // Deaths: checked every millisecond while busy, and on every
-            // idle wake-up.
-            if now.saturating_sub(last_reap) > 1_000_000 || !busy {
-                last_reap = now;
-                for (g, gt) in groups.iter().zip(tracks.iter_mut()) {
-                    for (i, (w, track)) in g.workers.iter().zip(gt.iter_mut()).enumerate() {
-                        if let Some(status) = w.reap() {
-                            *track = None;
-                            self.replace(g, i, &status);
-                        }
-                    }
-                }
-            }
-            if busy {
-                last_busy = now;
-                std::thread::sleep(interval);
-            } else if now.saturating_sub(last_busy) < 2_000_000 {
-                std::thread::sleep(interval);
-            } else {
-                let guard = lock(&self.watchdog_bell.0);
-                self.watchdog_parked.store(true, Ordering::SeqCst);
-                let idle = groups
-                    .iter()
-                    .flat_map(|g| g.workers.iter())
-                    .all(|w| w.outstanding.load(Ordering::SeqCst) == 0);
-                if idle
-                    && !self.shutdown.load(Ordering::SeqCst)
-                    && self.tenants_version.load(Ordering::SeqCst) == version
-                {
-                    let _ = self.watchdog_bell.1.wait_timeout(guard, Duration::from_millis(100));
-                }
-                self.watchdog_parked.store(false, Ordering::SeqCst);
-                last_busy = now_ns();
-            }
-        }
-    }
-
-    /// Worker `i` of tenant `g` died: fail its in-flight request, strike its
-    /// function, and start a replacement on another thread (it waits for
-    /// the start lock, which a long start of another tenant may hold; the
-    /// watchdog must not).
-    fn replace(self: &Arc<Self>, g: &Arc<TenantWorkers>, i: usize, status: &str) {
-        let Some(w) = g.workers.get(i) else { return };
-        let detail = format!("worker {} of tenant {} died ({status})", w.index, g.tenant);
-        if let Some(func) = w.recover(&detail)
-            && let Ok(f) = self.function(func)
-        {
-            f.strikes.fetch_add(1, Ordering::SeqCst);
-        }
-        if self.shutdown.load(Ordering::SeqCst) {
-            return;
-        }
-        let (inner, group) = (Arc::clone(self), Arc::clone(g));
-        let respawn = move || inner.respawn(&group, i, &detail);
-        if let Err(e) = std::thread::Builder::new()
-            .name("microfaas-lang-respawn".into())
-            .spawn(respawn)
-        {
-            eprintln!("microfaas language: cannot start a respawn thread: {e}");
-        }
-    }
-
-    /// Restarts worker `i` of `g` if `g` still runs (it may have been
-    /// stopped meanwhile: then it stays down until its next start).
-    fn respawn(&self, g: &TenantWorkers, i: usize, detail: &str) {
-        let _starting = lock(&self.starts);
-        let Some(w) = g.workers.get(i) else { return };
-        if self.shutdown.load(Ordering::SeqCst) || g.state.load(Ordering::SeqCst) != RUNNING {
-            return;
-        }
-        self.respawns.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.spawn(g, w) {
-            eprintln!(
-                "microfaas language: cannot respawn worker {} of tenant {}: {e}",
-                w.index, g.tenant
-            );
-            w.fail_all(&format!("{detail}; respawn failed: {e}"));
-            if g.workers.iter().all(|w| w.gone.load(Ordering::SeqCst)) {
-                // Nothing left: the tenant's next request starts afresh.
-                g.state.store(STOPPED, Ordering::SeqCst);
-            }
-        }
     }
 }
 
