@@ -531,7 +531,22 @@ fn language_a_new_tenant_waits_for_room_and_is_refused_while_every_worker_is_bus
         let backend = std::sync::Arc::clone(&backend);
         std::thread::spawn(move || backend.invoke(&spin, b"", StartRequest::Auto))
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until the spin runs: its worker has burnt 0.2 s of CPU.
+    let pid = backend.stats().counter("tenant.cap-busy.worker0_pid").unwrap();
+    let utime = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        after_comm
+            .split_whitespace()
+            .nth(11)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (before, since) = (utime(), std::time::Instant::now());
+    while utime() < before + 20 {
+        assert!(since.elapsed() < Duration::from_secs(5), "the spin never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let echo = || FunctionSpec::new("cap-echo", microfaas::builtin("echo").unwrap()).with_tenant(tenant("cap-other"));
     let refused = backend
         .deploy(&echo())
