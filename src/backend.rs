@@ -100,7 +100,84 @@ pub enum StartRequest {
     Force(StartPath),
 }
 
-/// A deployable function: a name and a verified artifact.
+/// Who a deployed function belongs to: a trust domain. Functions of
+/// different tenants never share a process that runs function code
+/// (`language`: a worker per tenant; `process`: a runner per function
+/// anyway, and each tenant under its own uid; `vm`: a VM per instance
+/// anyway). A label of 1 to 32 characters from `[a-z0-9_-]`; the default is
+/// [`Tenant::DEFAULT`], `default`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tenant(Arc<str>);
+
+/// A tenant label that is empty, too long or has a character outside
+/// `[a-z0-9_-]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid tenant `{label}`: {reason} (a tenant is 1 to 32 characters from [a-z0-9_-])")]
+pub struct InvalidTenant {
+    /// The label refused (escaped for printing).
+    pub label: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl Tenant {
+    /// The default tenant's label.
+    pub const DEFAULT: &'static str = lang_isolation::sandbox::DEFAULT_TENANT;
+    /// The longest label, in bytes.
+    pub const MAX_LEN: usize = 32;
+
+    /// The tenant labelled `label`, if the label is valid.
+    pub fn new(label: &str) -> Result<Self, InvalidTenant> {
+        let refuse = |reason| InvalidTenant {
+            label: label.escape_debug().to_string(),
+            reason,
+        };
+        if label.is_empty() {
+            return Err(refuse("it is empty"));
+        }
+        if label.len() > Self::MAX_LEN {
+            return Err(refuse("it is longer than 32 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(refuse("it has a character outside [a-z0-9_-]"));
+        }
+        Ok(Self(Arc::from(label)))
+    }
+
+    /// The label.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Tenant {
+    fn default() -> Self {
+        Self(Arc::from(Self::DEFAULT))
+    }
+}
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+impl FromStr for Tenant {
+    type Err = InvalidTenant;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// A deployable function: a name, a verified artifact and its tenant.
+///
+/// Function names are global to a backend: deploying a name replaces the
+/// function of that name whatever its tenant was, and the tenant is a
+/// property of the deployed function (the caller that deploys is trusted;
+/// the function's code is not).
 #[derive(Debug, Clone)]
 pub struct FunctionSpec {
     /// The name it is invoked by.
@@ -109,16 +186,25 @@ pub struct FunctionSpec {
     pub artifact: Arc<Artifact>,
     /// Its invocation budget; `None` = [`crate::Config::default_budget`].
     pub budget: Option<Duration>,
+    /// Whose function it is ([`Tenant::DEFAULT`] unless set).
+    pub tenant: Tenant,
 }
 
 impl FunctionSpec {
-    /// A spec with the default budget.
+    /// A spec with the default budget, of the default tenant.
     pub fn new(name: impl Into<String>, artifact: Arc<Artifact>) -> Self {
         Self {
             name: name.into(),
             artifact,
             budget: None,
+            tenant: Tenant::default(),
         }
+    }
+
+    /// The same spec for `tenant`.
+    pub fn with_tenant(mut self, tenant: Tenant) -> Self {
+        self.tenant = tenant;
+        self
     }
 
     /// The same spec with its own budget.
@@ -246,4 +332,33 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// The backend's resident state.
     fn stats(&self) -> Stats;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_labels_are_short_and_plain() {
+        for good in ["default", "a", "t-1", "team_b", &"x".repeat(32)] {
+            assert_eq!(Tenant::new(good).unwrap().as_str(), good);
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (&*"x".repeat(33), "longer"),
+            ("Alice", "outside"),
+            ("a b", "outside"),
+            ("a/b", "outside"),
+            ("a\n", "outside"),
+            ("caf\u{e9}", "outside"),
+            ("..", "outside"),
+        ] {
+            let e = Tenant::new(bad).unwrap_err();
+            assert!(e.reason.contains(why), "{bad:?}: {e}");
+            assert!(!e.to_string().contains('\n'), "printed escaped: {e}");
+        }
+        assert_eq!(Tenant::default().as_str(), "default");
+        assert_eq!(Tenant::default(), Tenant::new(Tenant::DEFAULT).unwrap());
+        assert_eq!("t-2".parse::<Tenant>().unwrap().to_string(), "t-2");
+    }
 }

@@ -51,7 +51,10 @@ impl Default for Config {
 /// Knobs of the `language` backend.
 #[derive(Debug, Clone)]
 pub struct LanguageConfig {
-    /// Worker processes; `None` = cores - 1, at least 1.
+    /// Worker processes per tenant; `None` = cores - 1, at least 1. A
+    /// tenant's workers start on its first deploy or request (the default
+    /// tenant's when the backend opens) and never hold another tenant's
+    /// functions.
     pub workers: Option<usize>,
     /// Pin worker `i` to core `(i + 1) % cores`.
     pub pin_workers: bool,
@@ -72,6 +75,15 @@ pub struct LanguageConfig {
     pub blacklist_after: u32,
     /// How long a new (or respawned) worker may take to become ready.
     pub start_timeout: Duration,
+    /// Worker processes alive at once, over all tenants; `None` = 16. Each
+    /// tenant has its own `workers` workers, started on its first request
+    /// (or deploy); when starting them would pass this cap, the tenants
+    /// idle longest have theirs stopped (least recently used; their next
+    /// request starts them again, cold). Each live worker costs its
+    /// resident set (a few MiB plus its tenant's loaded functions and
+    /// heaps) and, while busy, a core: 16 keeps a 2-core host's memory
+    /// small while holding 16 tenants warm with one worker each.
+    pub max_workers: Option<usize>,
 }
 
 impl Default for LanguageConfig {
@@ -86,6 +98,7 @@ impl Default for LanguageConfig {
             queue_depth: 8,
             blacklist_after: 3,
             start_timeout: Duration::from_secs(20),
+            max_workers: None,
         }
     }
 }
@@ -99,10 +112,18 @@ impl Default for LanguageConfig {
 /// for measurements and the hostile tests' control runs only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SandboxConfig {
-    /// Uid sandboxed processes run as (default 64901, a uid no account uses).
+    /// Uid sandboxed processes run as (default 64901, a uid no account
+    /// uses): the default tenant's, and the base of the tenants' range.
     pub uid: u32,
-    /// Gid sandboxed processes run as (default 64901).
+    /// Gid sandboxed processes run as (default 64901), likewise the base.
     pub gid: u32,
+    /// Size of the tenants' uid (and gid) range from `uid`/`gid` (default
+    /// 512: 64901..=65412). Each tenant of this host process runs as its own
+    /// uid `uid + k` (the default tenant `k = 0`, others 1, 2, ... in the
+    /// order this process first deploys them, on any backend); a tenant
+    /// past the range is refused at deploy. Every uid in the range must be
+    /// one no account or other service uses.
+    pub tenant_uids: u32,
     /// Drop to `uid`/`gid` and clear every capability.
     pub identity: bool,
     /// Join the host's empty network and IPC namespaces (and, for workers,
@@ -119,6 +140,7 @@ impl Default for SandboxConfig {
         Self {
             uid: lang_isolation::sandbox::DEFAULT_SANDBOX_UID,
             gid: lang_isolation::sandbox::DEFAULT_SANDBOX_GID,
+            tenant_uids: lang_isolation::sandbox::DEFAULT_TENANT_UIDS,
             identity: true,
             namespaces: true,
             landlock: true,
@@ -146,6 +168,7 @@ impl SandboxConfig {
         lang_isolation::sandbox::SandboxSettings {
             uid: self.uid,
             gid: self.gid,
+            tenant_uids: self.tenant_uids,
             layers: lang_isolation::sandbox::Layers {
                 identity: self.identity,
                 namespaces: self.namespaces,

@@ -19,7 +19,8 @@ mod error;
 
 pub use artifact::{Artifact, builtin, builtin_dir, builtin_names};
 pub use backend::{
-    Backend, BackendKind, FunctionId, FunctionSpec, Invocation, StartPath, StartRequest, Stats, Timings,
+    Backend, BackendKind, FunctionId, FunctionSpec, InvalidTenant, Invocation, StartPath, StartRequest, Stats, Tenant,
+    Timings,
 };
 pub use backends::open;
 pub use config::{Config, DEFAULT_IO_LIMIT_BYTES, LanguageConfig, LanguagePreemption, SandboxConfig, VmConfig};

@@ -1,7 +1,9 @@
 //! The `microfaas` command line: build functions, invoke them on any backend.
 
 use clap::{Parser, Subcommand};
-use microfaas::{Artifact, Backend, BackendKind, Config, Error, ErrorKind, FunctionSpec, StartPath, StartRequest};
+use microfaas::{
+    Artifact, Backend, BackendKind, Config, Error, ErrorKind, FunctionSpec, StartPath, StartRequest, Tenant,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,6 +68,10 @@ enum Command {
         /// Invocation budget in milliseconds.
         #[arg(long)]
         budget_ms: Option<u64>,
+        /// The tenant the function is deployed for (1-32 of [a-z0-9_-]):
+        /// its own `language` workers and its own sandbox uid.
+        #[arg(long, default_value = Tenant::DEFAULT)]
+        tenant: Tenant,
         /// Print one JSON object on stdout instead.
         #[arg(long)]
         json: bool,
@@ -157,6 +163,7 @@ fn run(command: Command) -> Result<(), Failure> {
             input_file,
             cold,
             budget_ms,
+            tenant,
             json,
             store,
         } => {
@@ -176,7 +183,7 @@ fn run(command: Command) -> Result<(), Failure> {
             let mut config = Config::default();
             config.vm.store_dir = store;
             let backend = microfaas::open(kind, config)?;
-            let mut spec = FunctionSpec::new(name.clone(), artifact);
+            let mut spec = FunctionSpec::new(name.clone(), artifact).with_tenant(tenant);
             if let Some(ms) = budget_ms {
                 spec = spec.with_budget(Duration::from_millis(ms));
             }
@@ -247,6 +254,7 @@ fn invoke(backend: &dyn Backend, spec: &FunctionSpec, input: &[u8], cold: bool, 
         let obj = serde_json::json!({
             "backend": backend.kind(),
             "function": spec.name,
+            "tenant": spec.tenant.as_str(),
             "start": done.start,
             "output": std::str::from_utf8(&done.output).ok(),
             "output_hex": done.output.iter().map(|b| format!("{b:02x}")).collect::<String>(),

@@ -57,6 +57,10 @@ struct Cli {
     /// Function counts the memory experiment deploys, comma-separated (default 100,1000; 10,50 with --quick).
     #[arg(long, value_delimiter = ',')]
     memory_functions: Option<Vec<usize>>,
+    /// Tenants the memory experiment spreads its functions over on `language`
+    /// (a worker per tenant per core), comma-separated (default 1,10; 1,5 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    memory_tenants: Option<Vec<usize>>,
     /// Largest number of idle vm instances the snapshots density curve steps up to
     /// (default 2,000; 50 with --quick); stepping stops earlier if memory or the fd limit would not allow it.
     #[arg(long)]
@@ -102,9 +106,13 @@ fn run(cli: &Cli) -> Result<(), String> {
             .memory_functions
             .clone()
             .unwrap_or_else(|| memory::default_steps(cli.quick));
-        let rows = memory::run(&steps, &config);
+        let tenants = cli
+            .memory_tenants
+            .clone()
+            .unwrap_or_else(|| memory::default_tenants(cli.quick));
+        let rows = memory::run(&steps, &tenants, &config);
         println!(
-            "memory: host memory of N deployed functions, each invoked once\n{}",
+            "memory: host memory of N deployed functions, each invoked once (language: spread over T tenants, a worker per tenant per core, all kept live)\n{}",
             report::memory_text(&rows)
         );
         report.memory = Some(rows);

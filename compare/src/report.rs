@@ -21,7 +21,7 @@
 //!               end_to_end: { count, median_us, p99_us, p999_us, max_us } | null,
 //!               throughput_per_s,                // warm/hot rows only, else null
 //!               samples, errors, skipped: null | "reason" }
-//! memory row: { backend, functions, memory_mib, per_function_kib, instances, skipped }
+//! memory row: { backend, functions, tenants, workers, memory_mib, per_function_kib, per_tenant_mib, workers_pss_mib, instances, skipped }
 //! density: { function, steps: [ { instances, start_us: {..}, per_instance, mem_available_mib } ],
 //!            instances_reported, hot_invocations, hot_us: {..} | null, teardown_ms,
 //!            stopped: null | "reason", skipped: null | "reason" }
@@ -126,21 +126,37 @@ pub fn memory_text(rows: &[memory::Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<9} {:>9} {:>12} {:>14} {:>10}",
-        "backend", "functions", "memory MiB", "per fn KiB", "instances"
+        "{:<9} {:>9} {:>8} {:>8} {:>12} {:>14} {:>15} {:>16} {:>10}",
+        "backend",
+        "functions",
+        "tenants",
+        "workers",
+        "memory MiB",
+        "per fn KiB",
+        "per tenant MiB",
+        "workers PSS MiB",
+        "instances"
     );
     for r in rows {
         if let Some(reason) = &r.skipped {
-            let _ = writeln!(s, "{:<9} {:>9} skipped: {}", r.backend, r.functions, reason);
+            let _ = writeln!(
+                s,
+                "{:<9} {:>9} {:>8} skipped: {}",
+                r.backend, r.functions, r.tenants, reason
+            );
             continue;
         }
         let _ = writeln!(
             s,
-            "{:<9} {:>9} {:>12} {:>14} {:>10}",
+            "{:<9} {:>9} {:>8} {:>8} {:>12} {:>14} {:>15} {:>16} {:>10}",
             r.backend,
             r.functions,
+            r.tenants,
+            r.workers.map_or_else(|| "-".to_owned(), |w| w.to_string()),
             opt(r.memory_mib, 1),
             opt(r.per_function_kib, 0),
+            opt(r.per_tenant_mib, 1),
+            opt(r.workers_pss_mib, 1),
             r.instances.map_or_else(|| "-".to_owned(), |i| i.to_string())
         );
     }

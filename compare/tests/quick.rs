@@ -90,6 +90,22 @@ fn quick_suite_writes_a_valid_report() {
             .iter()
             .any(|r| r["backend"] == "process" && r["memory_mib"].as_f64().is_some_and(|m| m > 0.0))
     );
+    // language with several tenants: a worker per tenant, all live.
+    let tenants = memory
+        .iter()
+        .find(|r| r["backend"] == "language" && r["tenants"].as_u64().is_some_and(|t| t > 1))
+        .expect("a language memory row with tenants");
+    assert!(tenants["skipped"].is_null(), "{tenants}");
+    assert!(
+        tenants["workers"].as_u64().unwrap() >= tenants["tenants"].as_u64().unwrap(),
+        "{tenants}"
+    );
+    for key in ["per_tenant_mib", "workers_pss_mib"] {
+        assert!(
+            number_or_null(tenants, key).is_some_and(|m| m > 0.0),
+            "{key} in {tenants}"
+        );
+    }
 
     // Figure 2: the language modes, and the vm watchdog for comparison.
     let preemption = doc["preemption"].as_array().expect("preemption rows");

@@ -2,7 +2,8 @@
 //! dispatcher (per-core worker processes running preloaded shared objects)
 //! onto the [`Backend`] trait. Warm = the preloaded copy; cold = a fresh
 //! private image of the artifact's sealed memfd mapped, initialised, called
-//! and unmapped per request.
+//! and unmapped per request. Each tenant has its own workers (under its own
+//! uid), so functions of different tenants never share a process.
 
 use crate::{
     Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, LanguagePreemption, StartPath,
@@ -19,6 +20,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     let lang = &config.language;
     let mut dc = DispatcherConfig::new(env!("MICROFAAS_WORKER_BIN"));
     dc.workers = lang.workers;
+    dc.max_workers = lang.max_workers;
     dc.pin = lang.pin_workers;
     dc.preemption = match lang.preemption {
         LanguagePreemption::Watchdog => Preemption::Watchdog,
@@ -81,7 +83,7 @@ impl Backend for LanguageBackend {
         let budget = spec.budget.unwrap_or(self.config.default_budget);
         let index = self
             .dispatcher
-            .deploy(spec.artifact.sealed()?, budget)
+            .deploy_for(spec.tenant.as_str(), spec.artifact.sealed()?, budget)
             .map_err(|e| map_error(e, &spec.name, budget, &self.config))?;
         let previous = self
             .functions
@@ -133,26 +135,32 @@ impl Backend for LanguageBackend {
 
     fn stats(&self) -> Stats {
         let s = self.dispatcher.stats();
-        let workers = s.worker_pids.len();
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         let mut extra = vec![
-            ("workers".to_owned(), u64::try_from(workers).unwrap_or(u64::MAX)),
+            ("workers".to_owned(), count(s.live_workers)),
+            ("tenants".to_owned(), count(s.tenants.len())),
+            ("tenant_evictions".to_owned(), s.tenant_evictions),
             ("preemptions".to_owned(), s.preemptions),
             ("respawns".to_owned(), s.respawns),
-            (
-                "blacklisted".to_owned(),
-                u64::try_from(s.blacklisted).unwrap_or(u64::MAX),
-            ),
-            (
-                "resident_functions".to_owned(),
-                u64::try_from(s.resident).unwrap_or(u64::MAX),
-            ),
+            ("blacklisted".to_owned(), count(s.blacklisted)),
+            ("resident_functions".to_owned(), count(s.resident)),
         ];
         for (i, pid) in s.worker_pids.iter().enumerate() {
             extra.push((format!("worker{i}_pid"), u64::from(*pid)));
         }
+        // Per tenant: `tenant.<label>.<counter>` (labels are [a-z0-9_-]).
+        for t in &s.tenants {
+            let key = |what: &str| format!("tenant.{}.{what}", t.tenant);
+            extra.push((key("uid"), u64::from(t.uid)));
+            extra.push((key("functions"), count(t.functions)));
+            extra.push((key("rss_bytes"), t.rss_bytes));
+            for (i, pid) in t.worker_pids.iter().enumerate() {
+                extra.push((key(&format!("worker{i}_pid")), u64::from(*pid)));
+            }
+        }
         Stats {
             functions: s.functions,
-            instances: s.images.saturating_mul(workers),
+            instances: s.instances,
             memory_bytes: s.worker_rss_bytes,
             extra,
         }
@@ -179,6 +187,14 @@ fn map_error(e: LanguageError, name: &str, budget: Duration, config: &Config) ->
         LanguageError::PolicyViolation { detail } => Error::PolicyViolation { name, detail },
         LanguageError::Blacklisted { reason } => Error::Blacklisted { name, reason },
         LanguageError::Malformed { detail } => Error::MalformedReply { name, detail },
+        LanguageError::Tenant(refused) => Error::BackendUnavailable {
+            backend: BackendKind::Language,
+            reason: refused.to_string(),
+        },
+        LanguageError::AtCapacity { detail } => Error::BackendUnavailable {
+            backend: BackendKind::Language,
+            reason: format!("no room for another tenant's workers: {detail}"),
+        },
         LanguageError::Config(reason) => Error::BackendUnavailable {
             backend: BackendKind::Language,
             reason,

@@ -43,7 +43,7 @@ impl Backend for ProcessBackend {
     fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error> {
         let budget = spec.budget.unwrap_or(self.default_budget);
         self.host
-            .deploy(&spec.name, spec.artifact.sealed()?, budget)
+            .deploy_for(spec.tenant.as_str(), &spec.name, spec.artifact.sealed()?, budget)
             .map_err(map_error)?;
         Ok(FunctionId::new(&spec.name))
     }
@@ -96,6 +96,10 @@ fn map_error(e: ProcessError) -> Error {
         ProcessError::RunnerMissing { .. } | ProcessError::BadConfig { .. } => Error::BackendUnavailable {
             backend: BackendKind::Process,
             reason: e.to_string(),
+        },
+        ProcessError::Tenant(refused) => Error::BackendUnavailable {
+            backend: BackendKind::Process,
+            reason: refused.to_string(),
         },
         ProcessError::UnknownFunction { name } => Error::UnknownFunction { name },
         ProcessError::InputTooLarge { len, limit } => Error::InputTooLarge { len, limit },

@@ -15,4 +15,5 @@ mod language;
 mod process;
 mod sandbox;
 mod store;
+mod tenants;
 mod vm;

@@ -1,22 +1,25 @@
 //! The dispatcher: the host-side API of the language backend. Owns the
-//! workers, the function catalog, the watchdog thread (preemption in
-//! watchdog mode, hang escalation, death detection and respawn) and the
-//! blacklist.
+//! tenants' workers (started on demand, capped, least recently used
+//! stopped; see `tenants`), the function catalog, the watchdog thread
+//! (preemption in watchdog mode, hang escalation, death detection and
+//! respawn) and the blacklist.
 
 use super::LanguageError;
 use super::catalog::CatalogEntry;
 use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
-use super::signals::PREEMPT_SIGNAL;
-use super::watchdog::{Overdue, WatchAction, decide};
+use super::tenants::TenantWorkers;
 use crate::runtime::SealedArtifact;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+mod supervise;
+mod tenancy;
 
 /// Inputs or outputs above this size have their slot's pages released
 /// after the call (a system call, so only for large transfers).
@@ -27,8 +30,11 @@ const LARGE_TRANSFER_BYTES: usize = 1 << 20;
 pub struct DispatcherConfig {
     /// The `microfaas-worker` binary.
     pub worker_bin: PathBuf,
-    /// Worker processes; `None` = cores - 1, at least 1.
+    /// Worker processes per tenant; `None` = cores - 1, at least 1.
     pub workers: Option<usize>,
+    /// Worker processes alive at once over all tenants; `None` =
+    /// [`DEFAULT_MAX_WORKERS`]. At least `workers`.
+    pub max_workers: Option<usize>,
     /// Pin worker `i` to core `(i + 1) % cores` (core 0 for the dispatcher).
     pub pin: bool,
     /// How over-budget invocations are stopped.
@@ -71,6 +77,7 @@ impl DispatcherConfig {
         Self {
             worker_bin: worker_bin.into(),
             workers: None,
+            max_workers: None,
             pin: true,
             preemption: Preemption::Watchdog,
             watchdog_interval: Duration::from_micros(50),
@@ -89,6 +96,11 @@ impl DispatcherConfig {
         }
     }
 }
+
+/// Live workers over all tenants unless configured: a 2-core host keeps 16
+/// tenants warm (one worker each) in a few tens of MiB of worker memory
+/// plus the tenants' own functions.
+pub const DEFAULT_MAX_WORKERS: usize = 16;
 
 /// A deployed function's handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,8 +144,17 @@ pub struct DispatcherStats {
     /// Distinct artifacts loaded per worker (resident functions deployed
     /// from the same [`SealedArtifact`] share one loaded image in a worker).
     pub images: usize,
-    /// Worker pids (0 = none right now).
+    /// Worker pids of every tenant, in tenant order (0 = none right now).
     pub worker_pids: Vec<u32>,
+    /// Each tenant's workers, in the order the tenants were first seen.
+    pub tenants: Vec<TenantStats>,
+    /// Worker processes alive now.
+    pub live_workers: usize,
+    /// Tenants whose workers were stopped to make room (LRU evictions).
+    pub tenant_evictions: u64,
+    /// Loaded function instances: per tenant, its resident images times
+    /// its live workers.
+    pub instances: usize,
     /// Sum of the workers' resident sets, bytes.
     pub worker_rss_bytes: u64,
     /// Invocations stopped at their deadline.
@@ -144,8 +165,27 @@ pub struct DispatcherStats {
     pub blacklisted: usize,
 }
 
+/// One tenant's share of the dispatcher's stats.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantStats {
+    /// The tenant.
+    pub tenant: String,
+    /// The uid its workers run as.
+    pub uid: u32,
+    /// Its worker pids (0 = not running).
+    pub worker_pids: Vec<u32>,
+    /// Sum of its workers' resident sets, bytes.
+    pub rss_bytes: u64,
+    /// Its functions deployed.
+    pub functions: usize,
+    /// Distinct artifacts resident in each of its workers.
+    pub images: usize,
+}
+
 #[derive(Debug)]
 struct Function {
+    /// Its tenant's workers: the only ones it ever runs in.
+    tenant: Arc<TenantWorkers>,
     /// Its sealed memfd, kept while deployed (sent to every new worker).
     artifact: Arc<SealedArtifact>,
     budget: Duration,
@@ -157,11 +197,22 @@ struct Function {
 struct Inner {
     config: DispatcherConfig,
     args: WorkerArgs,
-    workers: Vec<WorkerHandle>,
+    layout: Layout,
+    /// Workers per tenant.
+    per_tenant: usize,
+    /// Live workers allowed over all tenants.
+    max_workers: usize,
+    /// Every tenant seen, in order (never removed; a stopped tenant keeps
+    /// only its regions).
+    tenants: RwLock<Vec<Arc<TenantWorkers>>>,
+    /// Bumped when a tenant is added (the watchdog refreshes its copy).
+    tenants_version: AtomicU64,
+    /// Held while a tenant's workers start, stop or respawn.
+    starts: Mutex<()>,
+    tenant_evictions: AtomicU64,
     functions: RwLock<HashMap<u32, Arc<Function>>>,
     next_func: AtomicU32,
     next_seq: AtomicU64,
-    next_worker: AtomicUsize,
     shutdown: AtomicBool,
     respawns: AtomicU64,
     watchdog_parked: AtomicBool,
@@ -184,16 +235,18 @@ impl Dispatcher {
     /// Starts the workers and the watchdog.
     pub fn start(config: DispatcherConfig) -> Result<Self, LanguageError> {
         let cores = online_cpus();
-        let workers = config.workers.unwrap_or(cores.saturating_sub(1)).max(1);
+        let per_tenant = config.workers.unwrap_or(cores.saturating_sub(1)).max(1);
+        let max_workers = config.max_workers.unwrap_or(DEFAULT_MAX_WORKERS);
+        if max_workers < per_tenant {
+            return Err(LanguageError::Config(format!(
+                "max_workers ({max_workers}) is below the workers of one tenant ({per_tenant})"
+            )));
+        }
         if !super::ring::valid_capacity(config.queue_depth) {
             return Err(LanguageError::Config("queue_depth must be a power of two".into()));
         }
         let layout = Layout::new(config.queue_depth, config.input_limit_bytes, config.output_limit_bytes)
             .map_err(|e| LanguageError::Config(e.to_string()))?;
-        let mut handles = Vec::with_capacity(workers);
-        for i in 0..workers {
-            handles.push(WorkerHandle::new(i, layout).map_err(|e| LanguageError::io("creating a shared region", e))?);
-        }
         let args = WorkerArgs {
             index: 0,
             cpu: None,
@@ -210,22 +263,25 @@ impl Dispatcher {
         let inner = Arc::new(Inner {
             config,
             args,
-            workers: handles,
+            layout,
+            per_tenant,
+            max_workers,
+            tenants: RwLock::new(Vec::new()),
+            tenants_version: AtomicU64::new(0),
+            starts: Mutex::new(()),
+            tenant_evictions: AtomicU64::new(0),
             functions: RwLock::new(HashMap::new()),
             next_func: AtomicU32::new(1),
             next_seq: AtomicU64::new(1),
-            next_worker: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             respawns: AtomicU64::new(0),
             watchdog_parked: AtomicBool::new(false),
             watchdog_bell: (Mutex::new(()), Condvar::new()),
         });
-        for w in &inner.workers {
-            if let Err(e) = inner.spawn(w) {
-                inner.workers.iter().for_each(WorkerHandle::stop);
-                return Err(LanguageError::io("starting a worker", e));
-            }
-        }
+        // The default tenant's workers start now, so that a host that cannot
+        // run workers at all fails here rather than on a first request.
+        let default = inner.tenant(crate::sandbox::DEFAULT_TENANT)?;
+        inner.start_tenant(&default)?;
         let for_thread = Arc::clone(&inner);
         let watchdog = std::thread::Builder::new()
             .name("microfaas-lang-watchdog".into())
@@ -238,13 +294,30 @@ impl Dispatcher {
     }
 
     /// Makes `artifact` (a sealed memfd, kept while the function is
-    /// deployed) available with `budget`, preloaded in every worker (its
-    /// `init()` runs there now). Functions deployed from the same
-    /// `SealedArtifact` share one loaded image per worker.
+    /// deployed) available with `budget` for the default tenant: see
+    /// [`Dispatcher::deploy_for`].
     pub fn deploy(&self, artifact: Arc<SealedArtifact>, budget: Duration) -> Result<FunctionIndex, LanguageError> {
+        self.deploy_for(crate::sandbox::DEFAULT_TENANT, artifact, budget)
+    }
+
+    /// Makes `artifact` (a sealed memfd, kept while the function is
+    /// deployed) available with `budget` as `tenant`'s, preloaded in every
+    /// worker of that tenant (started now if it is not running; its
+    /// `init()` runs there now) and in no other. Functions of one tenant
+    /// deployed from the same `SealedArtifact` share one loaded image per
+    /// worker. A tenant's workers run as its own uid; a new tenant past the
+    /// uid range is refused.
+    pub fn deploy_for(
+        &self,
+        tenant: &str,
+        artifact: Arc<SealedArtifact>,
+        budget: Duration,
+    ) -> Result<FunctionIndex, LanguageError> {
         let inner = &self.inner;
+        let workers = inner.tenant(tenant)?;
         let index = inner.next_func.fetch_add(1, Ordering::Relaxed);
         let function = Arc::new(Function {
+            tenant: workers,
             artifact,
             budget,
             resident: AtomicBool::new(true),
@@ -252,16 +325,19 @@ impl Dispatcher {
         });
         inner.write_functions().insert(index, Arc::clone(&function));
         let id = FunctionIndex(index);
-        if let Err(e) = self.preload(id, &function) {
+        let loaded = inner.pin(&function.tenant).and_then(|_pin| self.preload(id, &function));
+        if let Err(e) = loaded {
             self.remove(id);
             return Err(e);
         }
         Ok(id)
     }
 
+    /// Loads the function into its tenant's workers (which the caller has
+    /// pinned).
     fn preload(&self, id: FunctionIndex, function: &Function) -> Result<(), LanguageError> {
         let entry = self.inner.catalog_entry(id.0, function, true);
-        for w in self.inner.live_workers() {
+        for w in function.tenant.live_workers() {
             // A worker being replaced meanwhile gets the function in its
             // initial catalog instead (the LOAD then finds it registered).
             if let Err(e) = w.deliver(&entry, &function.artifact)
@@ -280,23 +356,28 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Drops the function from every worker and the catalog.
+    /// Drops the function from its tenant's workers and the catalog.
     pub fn remove(&self, id: FunctionIndex) {
         let Some(function) = self.inner.write_functions().remove(&id.0) else {
             return;
         };
-        for w in self.inner.live_workers() {
-            let _ = self.inner.control(w, op::UNLOAD, id.0, &[]);
+        if let Some(_pin) = self.inner.pin_if_running(&function.tenant) {
+            for w in function.tenant.live_workers() {
+                let _ = self.inner.control(w, op::UNLOAD, id.0, &[]);
+            }
         }
         drop(function);
     }
 
-    /// Unloads the function from every worker; its next start is cold.
+    /// Unloads the function from its tenant's workers; its next start is
+    /// cold.
     pub fn evict(&self, id: FunctionIndex) -> Result<(), LanguageError> {
         let function = self.inner.function(id.0)?;
         function.resident.store(false, Ordering::SeqCst);
-        for w in self.inner.live_workers() {
-            self.inner.control_evict(w, id.0)?;
+        if let Some(_pin) = self.inner.pin_if_running(&function.tenant) {
+            for w in function.tenant.live_workers() {
+                self.inner.control_evict(w, id.0)?;
+            }
         }
         Ok(())
     }
@@ -330,6 +411,10 @@ impl Dispatcher {
                 reason: format!("it killed or hung {strikes} workers"),
             });
         }
+        // The function's own tenant's workers, started if need be: no
+        // lookup and no lock when they run (see `tenants`).
+        let _pin = inner.pin(&function.tenant)?;
+        function.tenant.last_used_ns.store(t0, Ordering::Relaxed);
         let resident = function.resident.load(Ordering::Acquire);
         let cold = match start {
             Start::Cold => true,
@@ -342,7 +427,7 @@ impl Dispatcher {
             }
         };
         let opcode = if cold { op::INVOKE_COLD } else { op::INVOKE_WARM };
-        let (w, slot) = inner.acquire()?;
+        let (w, slot) = function.tenant.acquire()?;
         let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
         if let Some(area) = w.region.input_area(slot)
             && !input.is_empty()
@@ -384,24 +469,46 @@ impl Dispatcher {
             .functions
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let pids: Vec<u32> = inner.workers.iter().map(|w| w.pid.load(Ordering::Relaxed)).collect();
+        let groups = inner.tenants_now();
+        let mut tenants = Vec::with_capacity(groups.len());
+        let mut instances = 0usize;
+        for g in &groups {
+            let own: Vec<&Arc<Function>> = functions.values().filter(|f| Arc::ptr_eq(&f.tenant, g)).collect();
+            let images = own
+                .iter()
+                .filter(|f| f.resident.load(Ordering::Relaxed))
+                .map(|f| f.artifact.id())
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            let pids: Vec<u32> = g.workers.iter().map(|w| w.pid.load(Ordering::Relaxed)).collect();
+            let live = pids.iter().filter(|&&p| p != 0).count();
+            instances = instances.saturating_add(images.saturating_mul(live));
+            tenants.push(TenantStats {
+                tenant: g.tenant.clone(),
+                uid: g.uid,
+                rss_bytes: pids.iter().filter(|&&p| p != 0).filter_map(|&p| rss_of(p)).sum(),
+                worker_pids: pids,
+                functions: own.len(),
+                images,
+            });
+        }
+        let worker_pids: Vec<u32> = tenants.iter().flat_map(|t| t.worker_pids.iter().copied()).collect();
         DispatcherStats {
             functions: functions.len(),
             resident: functions
                 .values()
                 .filter(|f| f.resident.load(Ordering::Relaxed))
                 .count(),
-            images: functions
-                .values()
-                .filter(|f| f.resident.load(Ordering::Relaxed))
-                .map(|f| f.artifact.id())
-                .collect::<std::collections::HashSet<_>>()
-                .len(),
-            worker_rss_bytes: pids.iter().filter(|&&p| p != 0).filter_map(|&p| rss_of(p)).sum(),
-            worker_pids: pids,
-            preemptions: inner
-                .workers
+            images: tenants.iter().map(|t| t.images).max().unwrap_or(0),
+            worker_rss_bytes: tenants.iter().map(|t| t.rss_bytes).sum(),
+            live_workers: worker_pids.iter().filter(|&&p| p != 0).count(),
+            worker_pids,
+            tenants,
+            tenant_evictions: inner.tenant_evictions.load(Ordering::Relaxed),
+            instances,
+            preemptions: groups
                 .iter()
+                .flat_map(|g| g.workers.iter())
                 .map(|w| w.region.header().worker.preemptions.load(Ordering::Relaxed))
                 .sum(),
             respawns: inner.respawns.load(Ordering::Relaxed),
@@ -425,8 +532,11 @@ impl Drop for Dispatcher {
         if let Some(t) = self.watchdog.take() {
             let _ = t.join();
         }
-        for w in &self.inner.workers {
-            w.stop();
+        let _starting = lock(&self.inner.starts);
+        for g in self.inner.tenants_now() {
+            for w in &g.workers {
+                w.stop();
+            }
         }
     }
 }
@@ -452,48 +562,6 @@ impl Inner {
             func: index,
             image: f.artifact.id(),
             preload,
-        }
-    }
-
-    fn live_workers(&self) -> impl Iterator<Item = &WorkerHandle> {
-        self.workers.iter().filter(|w| !w.gone.load(Ordering::Relaxed))
-    }
-
-    /// Picks the least loaded worker with a free slot (round robin among
-    /// equals), waiting if every slot is busy.
-    fn acquire(&self) -> Result<(&WorkerHandle, u32), LanguageError> {
-        let n = self.workers.len();
-        loop {
-            if self.workers.iter().all(|w| w.gone.load(Ordering::Relaxed)) {
-                return Err(LanguageError::WorkerLost {
-                    detail: "no worker left: every respawn failed".into(),
-                });
-            }
-            let first = self.next_worker.fetch_add(1, Ordering::Relaxed);
-            // Least outstanding first, starting the scan at a rotating
-            // worker so that ties spread out.
-            let mut tried = 0usize;
-            let mut skip = 0u64;
-            while tried < n {
-                let mut best: Option<usize> = None;
-                for k in 0..n {
-                    let i = (first + k) % n;
-                    if skip & (1 << (i % 64)) != 0 || self.workers[i].gone.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let load = self.workers[i].outstanding.load(Ordering::Relaxed);
-                    if best.is_none_or(|b| load < self.workers[b].outstanding.load(Ordering::Relaxed)) {
-                        best = Some(i);
-                    }
-                }
-                let Some(i) = best else { break };
-                if let Some(slot) = self.workers[i].try_acquire() {
-                    return Ok((&self.workers[i], slot));
-                }
-                skip |= 1 << (i % 64);
-                tried += 1;
-            }
-            std::thread::yield_now();
         }
     }
 
@@ -638,11 +706,14 @@ impl Inner {
         }
     }
 
-    fn spawn(&self, w: &WorkerHandle) -> std::io::Result<()> {
+    /// Starts worker `w` of tenant `g` with `g`'s functions (and no other
+    /// tenant's) in its catalog, under `g`'s uid.
+    fn spawn(&self, g: &TenantWorkers, w: &WorkerHandle) -> std::io::Result<()> {
         let cores = online_cpus();
         let args = WorkerArgs {
             index: w.index,
             cpu: self.config.pin.then(|| (w.index + 1) % cores),
+            sandbox: g.sandbox_arg.clone(),
             ..self.args.clone()
         };
         let catalog: Vec<(CatalogEntry, Arc<SealedArtifact>)> = self
@@ -650,6 +721,7 @@ impl Inner {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
+            .filter(|(_, f)| std::ptr::eq(&*f.tenant, g))
             .map(|(&i, f)| {
                 let entry = self.catalog_entry(i, f, f.resident.load(Ordering::Relaxed));
                 (entry, Arc::clone(&f.artifact))
@@ -668,93 +740,6 @@ impl Inner {
     fn ring_bell(&self) {
         let _g = lock(&self.watchdog_bell.0);
         self.watchdog_bell.1.notify_all();
-    }
-
-    /// The watchdog thread: deadlines, hangs, deaths.
-    fn watch(&self) {
-        if self.config.watchdog_realtime {
-            raise_priority();
-        }
-        if self.config.pin {
-            // Core 0 is the dispatcher's; workers are pinned to the others.
-            pin_current_thread(0);
-        }
-        let signals = self.config.preemption == Preemption::Watchdog;
-        let enforce = self.config.preemption != Preemption::Disabled;
-        let grace = nanos(self.config.hang_grace);
-        let interval = self.config.watchdog_interval;
-        let mut tracks: Vec<Option<Overdue>> = vec![None; self.workers.len()];
-        let mut last_busy = now_ns();
-        let mut last_reap = 0;
-        while !self.shutdown.load(Ordering::SeqCst) {
-            let now = now_ns();
-            let mut busy = false;
-            for (w, track) in self.workers.iter().zip(tracks.iter_mut()) {
-                if w.gone.load(Ordering::Relaxed) {
-                    continue;
-                }
-                busy |= w.outstanding.load(Ordering::Relaxed) > 0;
-                if !w.alive.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let inflight = &w.region.header().inflight;
-                let seq = inflight.seq.load(Ordering::Acquire);
-                let deadline = inflight.deadline_ns.load(Ordering::Acquire);
-                if !enforce {
-                    continue;
-                }
-                match decide(signals, seq, deadline, now, grace, track) {
-                    WatchAction::Nothing => {}
-                    WatchAction::Signal => w.signal(PREEMPT_SIGNAL),
-                    WatchAction::Kill => w.signal(libc::SIGKILL),
-                }
-            }
-            // Deaths: checked every millisecond while busy, and on every
-            // idle wake-up.
-            if now.saturating_sub(last_reap) > 1_000_000 || !busy {
-                last_reap = now;
-                for (w, track) in self.workers.iter().zip(tracks.iter_mut()) {
-                    if let Some(status) = w.reap() {
-                        *track = None;
-                        self.replace(w, &status);
-                    }
-                }
-            }
-            if busy {
-                last_busy = now;
-                std::thread::sleep(interval);
-            } else if now.saturating_sub(last_busy) < 2_000_000 {
-                std::thread::sleep(interval);
-            } else {
-                let guard = lock(&self.watchdog_bell.0);
-                self.watchdog_parked.store(true, Ordering::SeqCst);
-                let idle = self.workers.iter().all(|w| w.outstanding.load(Ordering::SeqCst) == 0);
-                if idle && !self.shutdown.load(Ordering::SeqCst) {
-                    let _ = self.watchdog_bell.1.wait_timeout(guard, Duration::from_millis(100));
-                }
-                self.watchdog_parked.store(false, Ordering::SeqCst);
-                last_busy = now_ns();
-            }
-        }
-    }
-
-    /// A worker died: fail its in-flight request, strike its function,
-    /// start a replacement.
-    fn replace(&self, w: &WorkerHandle, status: &str) {
-        let detail = format!("worker {} died ({status})", w.index);
-        if let Some(func) = w.recover(&detail)
-            && let Ok(f) = self.function(func)
-        {
-            f.strikes.fetch_add(1, Ordering::SeqCst);
-        }
-        if self.shutdown.load(Ordering::SeqCst) {
-            return;
-        }
-        self.respawns.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.spawn(w) {
-            eprintln!("microfaas language: cannot respawn worker {}: {e}", w.index);
-            w.fail_all(&format!("{detail}; respawn failed: {e}"));
-        }
     }
 }
 

@@ -67,6 +67,16 @@ pub enum LanguageError {
         /// What was observed.
         detail: String,
     },
+    /// A new tenant found no uid left in the configured range.
+    #[error("cannot serve this tenant")]
+    Tenant(#[from] crate::sandbox::UidRangeExhausted),
+    /// Every live worker the cap allows is busy serving other tenants, and
+    /// none became idle within the start timeout.
+    #[error("no room for another tenant's workers: {detail}")]
+    AtCapacity {
+        /// The cap and what held it.
+        detail: String,
+    },
     /// The worker died with the request in flight.
     #[error("worker lost: {detail}")]
     WorkerLost {

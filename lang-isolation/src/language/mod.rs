@@ -3,6 +3,15 @@
 //! pinned worker process per core that runs functions as native calls into
 //! preloaded shared objects.
 //!
+//! # Tenants
+//! Each tenant has its own workers (one per core) and its own sandbox uid;
+//! a worker only ever holds its tenant's functions, so a function with
+//! native code reaches no other tenant's inputs, outputs, heaps or code
+//! without escaping its process (which the sandbox blocks). A tenant's
+//! workers start on its first deploy or request; at most `max_workers` live
+//! at once, the idle tenant used least recently being stopped to make room
+//! (its next request starts them again). See `tenants`.
+//!
 //! ```text
 //!  callers ──invoke──> Dispatcher ──┬─ WorkerHandle 0 ── memfd region ── microfaas-worker (cpu 1)
 //!                        watchdog ──┘   requests ring  ─────────────────>  poll / park (futex)
@@ -78,9 +87,12 @@ pub mod protocol;
 pub mod ring;
 pub mod shm;
 mod signals;
+mod tenants;
 pub mod watchdog;
 pub mod worker;
 
-pub use dispatcher::{Completed, Dispatcher, DispatcherConfig, DispatcherStats, FunctionIndex, Start};
+pub use dispatcher::{
+    Completed, DEFAULT_MAX_WORKERS, Dispatcher, DispatcherConfig, DispatcherStats, FunctionIndex, Start, TenantStats,
+};
 pub use error::LanguageError;
 pub use protocol::Preemption;

@@ -71,8 +71,10 @@ pub(crate) struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    pub fn new(index: usize, layout: Layout) -> std::io::Result<Self> {
-        let region = Region::create(&format!("microfaas-lang-{index}"), layout)?;
+    /// Worker `index` of its tenant, with a fresh shared region named
+    /// `name` (the memfd's name, for debugging).
+    pub fn new(index: usize, name: &str, layout: Layout) -> std::io::Result<Self> {
+        let region = Region::create(name, layout)?;
         let depth = layout.depth;
         Ok(Self {
             index,
@@ -401,7 +403,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn handle() -> WorkerHandle {
-        WorkerHandle::new(0, Layout::new(4, 4096, 4096).unwrap()).unwrap()
+        WorkerHandle::new(0, "test", Layout::new(4, 4096, 4096).unwrap()).unwrap()
     }
 
     fn request(seq: u64, slot: u32) -> Request {

@@ -13,6 +13,8 @@ use std::time::Duration;
 #[derive(Debug)]
 struct Slot {
     name: String,
+    /// Its runners' limits and sandbox (its tenant's uid).
+    limits: RunnerLimits,
     /// The artifact's sealed memfd, inherited by every runner at fd 4.
     artifact: Arc<SealedArtifact>,
     budget: Duration,
@@ -33,8 +35,8 @@ struct Pool {
 /// The process backend. See the module doc.
 #[derive(Debug)]
 pub struct ProcessHost {
+    layout: Layout,
     config: ProcessConfig,
-    limits: RunnerLimits,
     functions: RwLock<HashMap<String, Arc<Slot>>>,
     tracker: Arc<Tracker>,
 }
@@ -55,16 +57,15 @@ impl ProcessHost {
             Layout::new(config.input_limit_bytes, config.output_limit_bytes).ok_or(ProcessError::BadConfig {
                 detail: "input and output limits overflow the address space".to_owned(),
             })?;
-        let limits = RunnerLimits {
-            layout,
-            heap_limit_bytes: config.heap_limit_bytes,
-            stack_bytes: config.stack_bytes,
-            sandbox: config.sandbox.to_arg(),
-        };
+        if config.sandbox.tenant_uids == 0 {
+            return Err(ProcessError::BadConfig {
+                detail: "the tenant uid range is empty (tenant_uids = 0)".to_owned(),
+            });
+        }
         let tracker = Tracker::new().map_err(|e| ProcessError::io("starting the reaper thread", e))?;
         Ok(Self {
+            layout,
             config,
-            limits,
             functions: RwLock::new(HashMap::new()),
             tracker,
         })
@@ -75,11 +76,35 @@ impl ProcessHost {
         &self.config
     }
 
-    /// Deploys (or replaces) `name` from `artifact` (kept while deployed):
-    /// spawns its warm runners and waits for their `init()`.
+    /// Deploys (or replaces) `name` from `artifact` (kept while deployed)
+    /// for the default tenant: see [`ProcessHost::deploy_for`].
     pub fn deploy(&self, name: &str, artifact: Arc<SealedArtifact>, budget: Duration) -> Result<(), ProcessError> {
+        self.deploy_for(crate::sandbox::DEFAULT_TENANT, name, artifact, budget)
+    }
+
+    /// Deploys (or replaces) `name` from `artifact` (kept while deployed)
+    /// as `tenant`'s: spawns its warm runners and waits for their `init()`.
+    /// Every runner of the function, warm or cold, runs as the tenant's own
+    /// uid and gid ([`crate::sandbox::SandboxSettings::for_tenant`]), so a
+    /// runner of another tenant can neither signal, trace nor read it even
+    /// past the rest of its sandbox. Refused when the uid range is used up.
+    pub fn deploy_for(
+        &self,
+        tenant: &str,
+        name: &str,
+        artifact: Arc<SealedArtifact>,
+        budget: Duration,
+    ) -> Result<(), ProcessError> {
+        let sandbox = self.config.sandbox.for_tenant(tenant)?;
+        let limits = RunnerLimits {
+            layout: self.layout,
+            heap_limit_bytes: self.config.heap_limit_bytes,
+            stack_bytes: self.config.stack_bytes,
+            sandbox: sandbox.to_arg(),
+        };
         let slot = Arc::new(Slot {
             name: name.to_owned(),
+            limits,
             artifact,
             budget,
             pool: Mutex::new(Pool::default()),
@@ -162,7 +187,7 @@ impl ProcessHost {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
             &slot.artifact,
-            &self.limits,
+            &slot.limits,
             &self.tracker,
             Some(input),
             0,
@@ -313,7 +338,7 @@ impl ProcessHost {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
             &slot.artifact,
-            &self.limits,
+            &slot.limits,
             &self.tracker,
             None,
             generation,

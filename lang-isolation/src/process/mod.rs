@@ -10,6 +10,11 @@
 //! * **Cold**: a new runner per request, spawned with the request already in
 //!   its shared region; it loads, inits, handles, replies and exits.
 //!
+//! Tenants: every runner of a function runs as its tenant's own uid and
+//! gid ([`crate::sandbox::SandboxSettings::for_tenant`]), so runners of
+//! different tenants cannot signal, trace or read one another even if the
+//! rest of their sandbox fell.
+//!
 //! The artifact reaches a runner as the deployed function's sealed memfd,
 //! inherited at fd 4 ([`crate::runtime::fds`]); the runner maps it with the
 //! runtime's own loader, so it needs no filesystem after exec.
@@ -172,6 +177,9 @@ pub enum ProcessError {
         /// Why.
         detail: String,
     },
+    /// A new tenant found no uid left in the configured range.
+    #[error("cannot deploy for this tenant")]
+    Tenant(#[from] crate::sandbox::UidRangeExhausted),
     /// No function of that name is deployed.
     #[error("unknown function `{name}`")]
     UnknownFunction {

@@ -43,7 +43,10 @@ pub mod worker;
 pub use apply::{Applied, SandboxError, apply};
 pub use host::shared_namespaces;
 pub use seccomp::{Allowed, SeccompPolicy, Violation};
-pub use settings::{DEFAULT_SANDBOX_GID, DEFAULT_SANDBOX_UID, Layers, SandboxSettings, SandboxSpec, SpecError};
+pub use settings::{
+    DEFAULT_SANDBOX_GID, DEFAULT_SANDBOX_UID, DEFAULT_TENANT, DEFAULT_TENANT_UIDS, Layers, SandboxSettings,
+    SandboxSpec, SpecError, TenantUids, UidRangeExhausted,
+};
 
 use std::fmt;
 use std::path::PathBuf;
