@@ -112,6 +112,12 @@ pub struct SandboxConfig {
     pub landlock: bool,
     /// The seccomp allowlist.
     pub seccomp: bool,
+    /// `language` workers: memory protection keys between the runtime and
+    /// each function instance inside one worker (where the CPU has PKU; the
+    /// backend's stats say `pkeys_state`), and, with `seccomp`, memory-layout
+    /// and signal system calls refused from anywhere but the worker's own
+    /// code. Off: no keys (for the with/without benchmark and control runs).
+    pub pkeys: bool,
 }
 
 impl Default for SandboxConfig {
@@ -123,6 +129,7 @@ impl Default for SandboxConfig {
             namespaces: true,
             landlock: true,
             seccomp: true,
+            pkeys: true,
         }
     }
 }
@@ -137,6 +144,7 @@ impl SandboxConfig {
             namespaces: false,
             landlock: false,
             seccomp: false,
+            pkeys: false,
             ..Self::default()
         }
     }
@@ -151,6 +159,7 @@ impl SandboxConfig {
                 namespaces: self.namespaces,
                 landlock: self.landlock,
                 seccomp: self.seccomp,
+                pkeys: self.pkeys,
             },
         }
     }
