@@ -12,7 +12,8 @@ use goblin::elf::reloc::{R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X
 const DT_RELR: u64 = 36;
 
 use microfaas_sdk::{
-    ABI_VERSION, ABI_VERSION_SYMBOL, ALLOWED_IMPORTS, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction, find_pkru_instruction,
+    ABI_VERSION, ABI_VERSION_SYMBOL, ALLOWED_IMPORTS, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction,
+    find_pkru_instruction,
 };
 
 /// Why an artifact was refused.
@@ -88,7 +89,9 @@ fn scan_executable_pages(bytes: &[u8], segment: &LoadSegment) -> Result<(), Veri
         .and_then(|e| e.checked_next_multiple_of(PAGE_BYTES))
         .ok_or_else(|| rule("segment file range overflows"))?;
     let start = usize::try_from(start).map_err(|_| rule("segment file range overflows"))?;
-    let end = usize::try_from(end).map_err(|_| rule("segment file range overflows"))?.min(bytes.len());
+    let end = usize::try_from(end)
+        .map_err(|_| rule("segment file range overflows"))?
+        .min(bytes.len());
     let Some(pages) = bytes.get(start..end) else {
         return Err(rule("segment file range overflows"));
     };
@@ -334,7 +337,13 @@ mod tests {
         file[0x1f00..0x1f03].copy_from_slice(&[0x0f, 0x01, 0xef]);
         let e = scan_executable_pages(&file, &text(0x1100, 0x200)).unwrap_err();
         assert!(
-            matches!(e, VerifyError::ForbiddenInstruction { instruction: PkruInstruction::Wrpkru, offset: 0x1f00 }),
+            matches!(
+                e,
+                VerifyError::ForbiddenInstruction {
+                    instruction: PkruInstruction::Wrpkru,
+                    offset: 0x1f00
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("0x1f00"), "{e}");
@@ -343,7 +352,10 @@ mod tests {
         file[0x2ffd..0x3000].copy_from_slice(&[0x0f, 0xc7, 0x1f]);
         assert!(matches!(
             scan_executable_pages(&file, &text(0x2000, 0x100)),
-            Err(VerifyError::ForbiddenInstruction { instruction: PkruInstruction::Xrstors, offset: 0x2ffd })
+            Err(VerifyError::ForbiddenInstruction {
+                instruction: PkruInstruction::Xrstors,
+                offset: 0x2ffd
+            })
         ));
     }
 }

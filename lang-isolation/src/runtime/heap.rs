@@ -312,7 +312,9 @@ impl InstanceHeap {
         let len = memory.persistent.len();
         if len > KEEP_RESIDENT_BYTES {
             // A failure leaves the pages resident: harmless.
-            let _ = memory.persistent.discard(KEEP_RESIDENT_BYTES, len - KEEP_RESIDENT_BYTES);
+            let _ = memory
+                .persistent
+                .discard(KEEP_RESIDENT_BYTES, len - KEEP_RESIDENT_BYTES);
         }
         self.active = Arena::Persistent;
         self.stray_frees = 0;

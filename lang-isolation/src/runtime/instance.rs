@@ -4,7 +4,7 @@
 use super::heap::{Arena, HeapMemory, InstanceHeap};
 use super::loader::LoadedFunction;
 use super::pkeys::{self, GateCall, GateExit};
-use super::services::{Context, ContextBox, MAX_MESSAGE_BYTES, Reported, bail};
+use super::services::{Context, ContextBox, GATED_WITH_KEYS, GATED_WITHOUT_KEYS, MAX_MESSAGE_BYTES, Reported, bail};
 use super::stack::GuardedStack;
 use super::trap::{self, ActiveCall, CallTrap, Exit};
 use super::{Failure, InstanceConfig, RuntimeError};
@@ -28,6 +28,9 @@ pub struct Instance {
     stack: GuardedStack,
     /// The protection key of all its memory, when calls are gated.
     key: Option<u32>,
+    /// Calls go through the gate (with keys, or its copy without PKRU
+    /// writes: [`Instance::new_gated_without_keys`]).
+    gated: bool,
     initialised: bool,
     poisoned: bool,
     function: LoadedFunction,
@@ -48,10 +51,24 @@ impl Instance {
             limit_bytes: config.heap_limit_bytes,
             stack,
             key: None,
+            gated: false,
             initialised: false,
             poisoned: false,
             function,
         })
+    }
+
+    /// Like [`Instance::new`], with calls made through the protection-key
+    /// gate's copy that writes no PKRU: the gate's control flow (stack
+    /// switch, bail from `fail`, faults and preemption, the context in its
+    /// own mapping, the input copy) on hosts without PKU. No isolation:
+    /// for tests and benchmarks only.
+    pub fn new_gated_without_keys(function: LoadedFunction, config: &InstanceConfig) -> Result<Self, RuntimeError> {
+        pkeys::claim_gate_for_this_thread().map_err(RuntimeError::Keys)?;
+        let mut instance = Self::new(function, config)?;
+        instance.ctx.get_mut().gated = GATED_WITHOUT_KEYS;
+        instance.gated = true;
+        Ok(instance)
     }
 
     /// Like [`Instance::new`], with every byte of the instance's memory
@@ -77,8 +94,9 @@ impl Instance {
         self.function
             .set_key(key)
             .map_err(|e| RuntimeError::Keys(std::io::Error::other(e.to_string())))?;
-        self.ctx.get_mut().gated = true;
+        self.ctx.get_mut().gated = GATED_WITH_KEYS;
         self.key = Some(key);
+        self.gated = true;
         Ok(())
     }
 
@@ -125,7 +143,7 @@ impl Instance {
         self.ctx.get_mut().heap.set_active(Arena::Persistent);
         let init = self.function.init_fn();
         let mut code = status::NOT_RUN;
-        let exit = if self.key.is_some() {
+        let exit = if self.gated {
             let (exit, rax) = self.call_gated(init as *const () as usize, [0; 3]);
             code = u32::try_from(rax & 0xffff_ffff).unwrap_or(status::NOT_RUN);
             exit
@@ -172,7 +190,7 @@ impl Instance {
         self.ctx.get_mut().heap.set_active(Arena::Invocation);
         let handle = self.function.handle_fn();
         let mut result = HandleResult::empty();
-        let exit = if self.key.is_some() {
+        let exit = if self.gated {
             // The input is copied into the function's own (keyed) heap: the
             // shared slots stay the runtime's.
             let copy = if input.is_empty() {
@@ -341,6 +359,7 @@ impl Instance {
             rcx: args[2],
             stack_top: stack.end,
             pkru: pkeys::only_key(key),
+            writes_pkru: self.key.is_some(),
         };
         let published = trap::activate(&active);
         // SAFETY: this thread claimed the gate (`new_keyed`), calls are not
@@ -427,6 +446,7 @@ pub struct InstanceShell {
     limit_bytes: usize,
     stack: GuardedStack,
     key: Option<u32>,
+    gated: bool,
 }
 
 impl InstanceShell {
@@ -446,6 +466,7 @@ impl Instance {
             limit_bytes,
             stack,
             key,
+            gated,
             function,
             ..
         } = self;
@@ -456,10 +477,9 @@ impl Instance {
             limit_bytes,
             stack,
             key,
+            gated,
         }
     }
-
-
 
     /// An instance of `function` in recycled memory: both heap arenas are
     /// reset and the stack is reused. Like [`Instance::new`], `init` has not
@@ -476,11 +496,11 @@ impl Instance {
             limit_bytes: shell.limit_bytes,
             stack: shell.stack,
             key: None,
+            gated: shell.gated,
             initialised: false,
             poisoned: false,
             function,
         };
-        instance.ctx.get_mut().gated = false;
         if let Some(key) = shell.key {
             instance.apply_key(key)?;
         }

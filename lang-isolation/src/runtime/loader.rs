@@ -192,7 +192,11 @@ fn data_ranges(plan: &LoadPlan) -> Vec<(usize, usize, libc::c_int)> {
         let prot = prot_of(seg.protection);
         match plan.relro {
             Some((off, len)) if seg.protection == Protection::ReadWrite && off >= start && off + len <= end => {
-                for (a, b, p) in [(start, off, prot), (off, off + len, libc::PROT_READ), (off + len, end, prot)] {
+                for (a, b, p) in [
+                    (start, off, prot),
+                    (off, off + len, libc::PROT_READ),
+                    (off + len, end, prot),
+                ] {
                     if b > a {
                         out.push((a, b - a, p));
                     }

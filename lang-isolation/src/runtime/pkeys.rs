@@ -223,10 +223,7 @@ impl KeyPool {
 
     /// Live instances on `key`.
     pub fn users_of(&self, key: u32) -> u32 {
-        self.keys
-            .iter()
-            .position(|&k| k == key)
-            .map_or(0, |i| self.users[i])
+        self.keys.iter().position(|&k| k == key).map_or(0, |i| self.users[i])
     }
 }
 
@@ -236,6 +233,18 @@ static KEYS_IN_USE: AtomicBool = AtomicBool::new(false);
 /// The thread allowed to make gated calls (the gate's saved stack pointer
 /// is one static): 0 = none yet.
 static GATE_THREAD: AtomicU64 = AtomicU64::new(0);
+
+/// Makes the calling thread the process's one gated thread (the gate's
+/// saved stack pointer is one static), without keys.
+pub fn claim_gate_for_this_thread() -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = u64::try_from(unsafe { libc::gettid() }).unwrap_or(u64::MAX);
+    match GATE_THREAD.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Ok(()),
+        Err(owner) if owner == tid => Ok(()),
+        Err(_) => Err(io::Error::other("the protection-key gate is in use by another thread")),
+    }
+}
 
 /// Marks keys as in use by the calling thread (only one thread per process
 /// may make gated calls). Call only after checking [`cpu_has_ospke`].
@@ -296,6 +305,9 @@ pub(crate) struct GateCall {
     pub rcx: usize,
     pub stack_top: usize,
     pub pkru: u32,
+    /// Whether the gate writes PKRU (false: the `nop` copy, for hosts
+    /// without PKU; not read by the assembly).
+    pub writes_pkru: bool,
 }
 
 /// The runtime's stack pointer while a gated call runs (key 0).
@@ -307,91 +319,106 @@ static GATE_PKRU: AtomicU32 = AtomicU32::new(RUNTIME_PKRU);
 
 // The gate. Entry: save callee-saved registers, MXCSR and the x87 control
 // word on the runtime stack, the stack pointer in GATE_RSP; switch to the
-// function stack, write the function's PKRU, call. Exit (return, or
-// `gate_bail`): PKRU 0 from constants, checked (a jump straight to the
+// function stack, write the function's PKRU, call. Exit (return, or the
+// bail entry): PKRU 0 from constants, checked (a jump straight to the
 // WRPKRU with another EAX ends in ud2), DF cleared, the stack pointer
 // reloaded from GATE_RSP (never from the function's registers or memory),
-// state restored; returns 0 after a return (rax in GATE_RAX), 1 after a bail.
-std::arch::global_asm!(
-    ".pushsection .text.microfaas_gate,\"ax\",@progbits",
-    ".p2align 4",
-    ".globl microfaas_gate_enter",
-    ".hidden microfaas_gate_enter",
-    ".type microfaas_gate_enter, @function",
-    "microfaas_gate_enter:",
-    "push rbp",
-    "push rbx",
-    "push r12",
-    "push r13",
-    "push r14",
-    "push r15",
-    "sub rsp, 8",
-    "stmxcsr [rsp]",
-    "fnstcw [rsp + 4]",
-    "mov [rip + {rsp_slot}], rsp",
-    "mov r10, [rdi]",
-    "mov r11, [rdi + 40]",
-    "mov r12, [rdi + 24]",
-    "mov r13, [rdi + 32]",
-    "mov r14d, [rdi + 48]",
-    "mov rsi, [rdi + 16]",
-    "mov rdi, [rdi + 8]",
-    "mov rsp, r11",
-    "mov eax, r14d",
-    "xor ecx, ecx",
-    "xor edx, edx",
-    "wrpkru",
-    "mov rdx, r12",
-    "mov rcx, r13",
-    "call r10",
-    "mov r8, rax",
-    "xor ecx, ecx",
-    "xor edx, edx",
-    "xor eax, eax",
-    "wrpkru",
-    "test eax, eax",
-    "jnz 3f",
-    "cld",
-    "mov rsp, [rip + {rsp_slot}]",
-    "mov [rip + {rax_slot}], r8",
-    "xor eax, eax",
-    "jmp 2f",
-    ".p2align 4",
-    ".globl microfaas_gate_bail",
-    ".hidden microfaas_gate_bail",
-    ".type microfaas_gate_bail, @function",
-    "microfaas_gate_bail:",
-    "xor ecx, ecx",
-    "xor edx, edx",
-    "xor eax, eax",
-    "wrpkru",
-    "test eax, eax",
-    "jnz 3f",
-    "cld",
-    "mov rsp, [rip + {rsp_slot}]",
-    "mov eax, 1",
-    "2:",
-    "ldmxcsr [rsp]",
-    "fldcw [rsp + 4]",
-    "add rsp, 8",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
-    "pop rbx",
-    "pop rbp",
-    "ret",
-    "3:",
-    "ud2",
-    ".popsection",
-    rsp_slot = sym GATE_RSP,
-    rax_slot = sym GATE_RAX,
-);
+// state restored; returns 0 after a return (rax in GATE_RAX), 1 after a
+// bail. Two copies: with WRPKRU, and with `nop` in its place for hosts
+// without PKU (the same control flow, exercised by the tests there).
+macro_rules! gate_asm {
+    ($enter:literal, $bail:literal, $wrpkru:literal) => {
+        std::arch::global_asm!(
+            ".pushsection .text.microfaas_gate,\"ax\",@progbits",
+            ".p2align 4",
+            concat!(".globl ", $enter),
+            concat!(".hidden ", $enter),
+            concat!(".type ", $enter, ", @function"),
+            concat!($enter, ":"),
+            "push rbp",
+            "push rbx",
+            "push r12",
+            "push r13",
+            "push r14",
+            "push r15",
+            "sub rsp, 8",
+            "stmxcsr [rsp]",
+            "fnstcw [rsp + 4]",
+            "mov [rip + {rsp_slot}], rsp",
+            "mov r10, [rdi]",
+            "mov r11, [rdi + 40]",
+            "mov r12, [rdi + 24]",
+            "mov r13, [rdi + 32]",
+            "mov r14d, [rdi + 48]",
+            "mov rsi, [rdi + 16]",
+            "mov rdi, [rdi + 8]",
+            "mov rsp, r11",
+            "mov eax, r14d",
+            "xor ecx, ecx",
+            "xor edx, edx",
+            $wrpkru,
+            "mov rdx, r12",
+            "mov rcx, r13",
+            "call r10",
+            "mov r8, rax",
+            "xor ecx, ecx",
+            "xor edx, edx",
+            "xor eax, eax",
+            $wrpkru,
+            "test eax, eax",
+            "jnz 3f",
+            "cld",
+            "mov rsp, [rip + {rsp_slot}]",
+            "mov [rip + {rax_slot}], r8",
+            "xor eax, eax",
+            "jmp 2f",
+            ".p2align 4",
+            concat!(".globl ", $bail),
+            concat!(".hidden ", $bail),
+            concat!(".type ", $bail, ", @function"),
+            concat!($bail, ":"),
+            "xor ecx, ecx",
+            "xor edx, edx",
+            "xor eax, eax",
+            $wrpkru,
+            "test eax, eax",
+            "jnz 3f",
+            "cld",
+            "mov rsp, [rip + {rsp_slot}]",
+            "mov eax, 1",
+            "2:",
+            "ldmxcsr [rsp]",
+            "fldcw [rsp + 4]",
+            "add rsp, 8",
+            "pop r15",
+            "pop r14",
+            "pop r13",
+            "pop r12",
+            "pop rbx",
+            "pop rbp",
+            "ret",
+            "3:",
+            "ud2",
+            ".popsection",
+            rsp_slot = sym GATE_RSP,
+            rax_slot = sym GATE_RAX,
+        );
+    };
+}
+
+gate_asm!("microfaas_gate_enter", "microfaas_gate_bail", "wrpkru");
+gate_asm!("microfaas_gate_enter_nokeys", "microfaas_gate_bail_nokeys", "nop");
 
 unsafe extern "sysv64" {
     fn microfaas_gate_enter(call: *const GateCall) -> u64;
     fn microfaas_gate_bail() -> !;
+    fn microfaas_gate_enter_nokeys(call: *const GateCall) -> u64;
+    fn microfaas_gate_bail_nokeys() -> !;
 }
+
+/// The bail entry of the gated call in progress (key 0; read by the signal
+/// handlers once the keys are open).
+static BAIL_ADDR: AtomicUsize = AtomicUsize::new(0);
 
 /// How a gated call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,9 +438,18 @@ pub(crate) enum GateExit {
 /// `call.target` the entry of a loaded function taking those arguments.
 pub(crate) unsafe fn gate_enter(call: &GateCall) -> GateExit {
     GATE_PKRU.store(call.pkru, Ordering::Relaxed);
+    let (enter, bail): (unsafe extern "sysv64" fn(*const GateCall) -> u64, usize) = if call.writes_pkru {
+        (microfaas_gate_enter, microfaas_gate_bail as *const () as usize)
+    } else {
+        (
+            microfaas_gate_enter_nokeys,
+            microfaas_gate_bail_nokeys as *const () as usize,
+        )
+    };
+    BAIL_ADDR.store(bail, Ordering::Relaxed);
     // SAFETY: caller contract; the gate restores every callee-saved
     // register and the runtime's stack before it returns.
-    let how = unsafe { microfaas_gate_enter(call) };
+    let how = unsafe { enter(call) };
     GATE_PKRU.store(RUNTIME_PKRU, Ordering::Relaxed);
     if how == 0 {
         GateExit::Returned(GATE_RAX.load(Ordering::Relaxed))
@@ -425,18 +461,27 @@ pub(crate) unsafe fn gate_enter(call: &GateCall) -> GateExit {
 /// The address a redirected signal context resumes at to leave the gated
 /// call in progress.
 pub(crate) fn bail_address() -> usize {
-    microfaas_gate_bail as *const () as usize
+    BAIL_ADDR.load(Ordering::Relaxed)
 }
 
 /// Leaves the gated call in progress from a host service running on the
 /// function stack (`fail`, a deferred preemption).
 ///
+/// `with_keys`: the call's gate writes PKRU (the context says so; a
+/// function that lies about it only breaks its own call).
+///
 /// # Safety
 /// Only inside a gated call, on its thread.
-pub(crate) unsafe fn gate_bail() -> ! {
+pub(crate) unsafe fn gate_bail(with_keys: bool) -> ! {
     // SAFETY: caller contract: GATE_RSP holds the runtime's stack of the
     // call in progress.
-    unsafe { microfaas_gate_bail() }
+    unsafe {
+        if with_keys {
+            microfaas_gate_bail()
+        } else {
+            microfaas_gate_bail_nokeys()
+        }
+    }
 }
 
 /// For a host service inside a gated call: runs `f` with every key open,
@@ -492,7 +537,9 @@ mod tests {
     fn state_is_reported_in_words() {
         assert_eq!(PkeysState::Enabled { keys: 15 }.to_string(), "enabled (15 keys)");
         assert_eq!(PkeysState::Disabled.to_string(), "disabled by config");
-        let u = PkeysState::Unavailable { reason: "no PKU".into() };
+        let u = PkeysState::Unavailable {
+            reason: "no PKU".into(),
+        };
         assert_eq!(u.to_string(), "unavailable (no PKU)");
         assert_eq!((PkeysState::Disabled.code(), u.code()), (0, 2));
     }

@@ -47,8 +47,10 @@ pub(crate) struct Context {
     /// The yielder of the entry call in progress (null between calls;
     /// coroutine calls only).
     pub yielder: *const Yielder<(), Exit>,
-    /// Calls go through the protection-key gate (`super::pkeys`).
-    pub gated: bool,
+    /// Calls go through the protection-key gate (`super::pkeys`): 0 no,
+    /// [`GATED_WITH_KEYS`], or [`GATED_WITHOUT_KEYS`] (the gate's control
+    /// flow without PKRU writes, for hosts without PKU).
+    pub gated: u8,
     /// Why a gated call bailed ([`bail`]), 0 if it did not.
     pub bail: u32,
     /// `handle`'s result of a gated call (in keyed memory).
@@ -85,6 +87,11 @@ impl Context {
         })
     }
 }
+
+/// `Context::gated`: through the gate, with PKRU writes.
+pub(crate) const GATED_WITH_KEYS: u8 = 1;
+/// `Context::gated`: through the gate's copy without PKRU writes.
+pub(crate) const GATED_WITHOUT_KEYS: u8 = 2;
 
 /// A [`Context`] in a mapping of its own (so that it can carry the
 /// instance's protection key), with the table's `ctx` pointing at it.
@@ -125,7 +132,7 @@ impl ContextBox {
             reported_len: 0,
             message: [0; MAX_MESSAGE_BYTES],
             yielder: std::ptr::null(),
-            gated: false,
+            gated: 0,
             bail: 0,
             result: HandleResult::empty(),
             in_host: AtomicBool::new(false),
@@ -211,12 +218,13 @@ impl Drop for HostCall {
         // SAFETY: `enter`'s contract: the context outlives the host call.
         let ctx = unsafe { &*self.0 };
         ctx.in_host.store(false, Ordering::Relaxed);
-        if ctx.preempt_pending.load(Ordering::Relaxed) && ctx.gated {
+        if ctx.preempt_pending.load(Ordering::Relaxed) && ctx.gated != 0 {
+            let with_keys = ctx.gated == GATED_WITH_KEYS;
             // SAFETY: `enter`'s contract; a gated context is only used in
             // gated calls, and this one is in progress.
             unsafe {
                 (*self.0).bail = bail::PREEMPTED;
-                pkeys::gate_bail();
+                pkeys::gate_bail(with_keys);
             }
         }
         if ctx.preempt_pending.load(Ordering::Relaxed) && !ctx.yielder.is_null() {
@@ -264,7 +272,7 @@ unsafe extern "C" fn host_realloc(
 
 unsafe extern "C" fn host_clock_ns(ctx: *mut c_void) -> u64 {
     // SAFETY: the table's ctx is the live context during entry calls.
-    if unsafe { (*ctx.cast::<Context>()).gated } {
+    if unsafe { (*ctx.cast::<Context>()).gated } == GATED_WITH_KEYS {
         // The vDSO reads the kernel's clock page, which carries key 0: open
         // the keys for the read only (back to the call's PKRU from the
         // runtime's own record).
@@ -291,7 +299,11 @@ unsafe extern "C" fn host_fail(ctx: *mut c_void, kind: u32, msg: *const u8, msg_
     unsafe { &(*ctx).in_host }.store(true, Ordering::Relaxed);
     // SAFETY: as in `host_alloc`.
     let context = unsafe { &mut *ctx };
-    let len = if msg.is_null() { 0 } else { msg_len.min(MAX_MESSAGE_BYTES) };
+    let len = if msg.is_null() {
+        0
+    } else {
+        msg_len.min(MAX_MESSAGE_BYTES)
+    };
     if len > 0 {
         // SAFETY: the SDK passes `msg_len` readable bytes at `msg`; the copy
         // goes to the context's own buffer, which holds MAX_MESSAGE_BYTES.
@@ -300,10 +312,10 @@ unsafe extern "C" fn host_fail(ctx: *mut c_void, kind: u32, msg: *const u8, msg_
     context.reported_kind = kind;
     context.reported_len = len;
     context.reported = true;
-    if context.gated {
+    if context.gated != 0 {
         context.bail = bail::FAILED;
         // SAFETY: a gated context is in a gated call now.
-        unsafe { pkeys::gate_bail() };
+        unsafe { pkeys::gate_bail(context.gated == GATED_WITH_KEYS) };
     }
     if !context.yielder.is_null() {
         // SAFETY: as in `HostCall::drop`.

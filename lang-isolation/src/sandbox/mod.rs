@@ -252,7 +252,10 @@ mod tests {
                 // A worker with protection keys keys instance memory itself
                 // (never executable; from its own code only: the origin filter).
                 if *nr == libc::SYS_pkey_mprotect && policy.origin.is_some() {
-                    assert!(text.contains("pkey_mprotect    prot & 0x4 == 0") || text.contains("pkey_mprotect"), "{text}");
+                    assert!(
+                        text.contains("pkey_mprotect    prot & 0x4 == 0") || text.contains("pkey_mprotect"),
+                        "{text}"
+                    );
                     continue;
                 }
                 assert!(!seccomp.mentions(*nr), "{}: {name} is allowed", policy.kind);
@@ -278,7 +281,12 @@ mod tests {
         assert!(runner.origin.is_none() && !runner_seccomp.mentions(libc::SYS_pkey_mprotect));
         let origin = worker.origin.as_ref().expect("origin filter with keys and seccomp");
         assert!(!origin.trusted.is_empty());
-        assert!(worker.to_string().contains("6 origin       mmap mprotect pkey_mprotect"), "{worker}");
+        assert!(
+            worker
+                .to_string()
+                .contains("6 origin       mmap mprotect pkey_mprotect"),
+            "{worker}"
+        );
         assert_eq!(worker.seccomp.unwrap().violation, Violation::Trap);
     }
 

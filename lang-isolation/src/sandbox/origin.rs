@@ -157,7 +157,11 @@ pub fn program(trusted: &[Range<u64>]) -> Result<BpfProgram, OriginError> {
     }
     code.push((None, Insn::Ret(RET_ALLOW)));
     for (i, &(high, lo, last)) in pieces.iter().enumerate() {
-        let next = if i + 1 < pieces.len() { Target::Block(i + 1) } else { Target::Trap };
+        let next = if i + 1 < pieces.len() {
+            Target::Block(i + 1)
+        } else {
+            Target::Trap
+        };
         let label = if i == 0 { Target::Check } else { Target::Block(i) };
         code.push((Some(label), Insn::Load(OFF_IP_HI)));
         code.push((None, Insn::Jump(JEQ_K, high, Target::Next, next)));
@@ -165,11 +169,17 @@ pub fn program(trusted: &[Range<u64>]) -> Result<BpfProgram, OriginError> {
         code.push((None, Insn::Jump(JGE_K, lo, Target::Next, next)));
         code.push((None, Insn::Jump(JGT_K, last, next, Target::Allow)));
     }
-    code.push((if pieces.is_empty() { Some(Target::Check) } else { None }, Insn::Ret(RET_TRAP)));
+    code.push((
+        if pieces.is_empty() { Some(Target::Check) } else { None },
+        Insn::Ret(RET_TRAP),
+    ));
     let trap_at = code.len() - 1;
     code.push((None, Insn::Ret(RET_ALLOW)));
     let allow_at = code.len() - 1;
-    let check_at = code.iter().position(|(l, _)| matches!(l, Some(Target::Check))).unwrap_or(trap_at);
+    let check_at = code
+        .iter()
+        .position(|(l, _)| matches!(l, Some(Target::Check)))
+        .unwrap_or(trap_at);
     let block_at = |b: usize| {
         code.iter()
             .position(|(l, _)| matches!(l, Some(Target::Block(x)) if *x == b))

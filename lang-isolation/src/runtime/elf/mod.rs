@@ -17,7 +17,9 @@
 mod dynamic;
 
 use dynamic::{Symbols, parse_dynamic};
-use microfaas_sdk::{ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction, find_pkru_instruction};
+use microfaas_sdk::{
+    ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction, find_pkru_instruction,
+};
 
 /// Largest address span an artifact may occupy: 1 GiB.
 pub const MAX_SPAN_BYTES: u64 = 1 << 30;

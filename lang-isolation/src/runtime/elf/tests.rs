@@ -81,7 +81,11 @@ fn pkru_writes_are_found_at_every_offset() {
     assert_eq!(find_pkru_instruction(&[0x0f, 0xae, 0x28]), Some((0, Xrstor)));
     assert_eq!(find_pkru_instruction(&[0x48, 0x0f, 0xae, 0x2f]), Some((1, Xrstor)));
     assert_eq!(find_pkru_instruction(&[0x0f, 0xc7, 0x19]), Some((0, Xrstors)));
-    assert_eq!(find_pkru_instruction(&[0x0f, 0xae, 0xa8]), Some((0, Xrstor)), "mod 10, disp32");
+    assert_eq!(
+        find_pkru_instruction(&[0x0f, 0xae, 0xa8]),
+        Some((0, Xrstor)),
+        "mod 10, disp32"
+    );
     // Look-alikes: LFENCE (0F AE E8..EF: /5 with mod 11), XSAVE (0F AE /4),
     // RDPKRU (0F 01 EE), CMPXCHG8B (0F C7 /1), RDRAND (0F C7 /6 mod 11).
     for ok in [
@@ -100,7 +104,10 @@ fn pkru_writes_are_found_at_every_offset() {
     }
     // Hidden inside another instruction's immediate: still found.
     // mov eax, 0xef010f00 = B8 00 0F 01 EF
-    assert_eq!(find_pkru_instruction(&[0xb8, 0x00, 0x0f, 0x01, 0xef]), Some((2, Wrpkru)));
+    assert_eq!(
+        find_pkru_instruction(&[0xb8, 0x00, 0x0f, 0x01, 0xef]),
+        Some((2, Wrpkru))
+    );
 }
 
 #[test]
@@ -122,11 +129,24 @@ fn only_executable_pages_are_scanned_and_the_offset_is_named() {
         ..text
     };
     file[0x2100..0x2103].copy_from_slice(&[0x0f, 0x01, 0xef]);
-    assert_eq!(scan_executable(&file, &[text, rodata]), Ok(()), "data may hold the bytes");
+    assert_eq!(
+        scan_executable(&file, &[text, rodata]),
+        Ok(()),
+        "data may hold the bytes"
+    );
     // Across a page boundary inside the executable range: found.
     file[0x1ffe..0x2001].copy_from_slice(&[0x0f, 0xae, 0x29]);
     assert_eq!(
-        scan_executable(&file, &[text, SegmentPlan { file_bytes: 0x2000, ..text }]),
+        scan_executable(
+            &file,
+            &[
+                text,
+                SegmentPlan {
+                    file_bytes: 0x2000,
+                    ..text
+                }
+            ]
+        ),
         Err(ElfError::ForbiddenInstruction {
             instruction: PkruInstruction::Xrstor,
             offset: 0x1ffe
@@ -136,7 +156,10 @@ fn only_executable_pages_are_scanned_and_the_offset_is_named() {
         instruction: PkruInstruction::Wrpkru,
         offset: 0x1234,
     };
-    assert!(e.to_string().contains("0x1234") && e.to_string().contains("WRPKRU"), "{e}");
+    assert!(
+        e.to_string().contains("0x1234") && e.to_string().contains("WRPKRU"),
+        "{e}"
+    );
 }
 
 mod scan_prop {
