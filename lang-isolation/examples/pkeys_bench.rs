@@ -90,14 +90,17 @@ fn main() {
             let out = instance.handle(input).expect("handle");
             std::hint::black_box(out.bytes());
         });
-        println!(
-            "{:<10} {p50:>9} {p99:>9} {batch:>13}",
-            if keyed { "keyed" } else { "unkeyed" }
-        );
+        let label = ["unkeyed", "gate-nop", "keyed"][mode];
+        println!("{label:<10} {p50:>9} {p99:>9} {batch:>13}");
         warm.push(batch);
     }
-    if let [a, b] = warm[..] {
-        println!("added per warm call (batch medians): {} ns", b.saturating_sub(a));
+    for (i, label) in [(1, "the gate without PKRU writes"), (2, "the keyed gate")] {
+        if let (Some(a), Some(b)) = (warm.first(), warm.get(i)) {
+            println!(
+                "{label}: {:+} ns per warm call (batch medians)",
+                i128::from(*b) - i128::from(*a)
+            );
+        }
     }
 
     println!("{:<10} {:>9} {:>9}", "cold", "p50", "p99");
