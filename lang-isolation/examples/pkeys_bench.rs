@@ -64,10 +64,14 @@ fn main() {
     let state = pkeys::probe();
     println!("{name}: protection keys {state}; {n} calls per configuration (ns)");
     let keys = if pkeys::cpu_has_ospke() {
-        pkeys::allocate_keys(1).expect("pkey_alloc")
+        let keys = pkeys::allocate_keys(1).expect("pkey_alloc");
+        pkeys::claim_for_this_thread().expect("claim");
+        keys
     } else {
         Vec::new()
     };
+    // Every configuration imports the same (key-safe) mem*.
+    pkeys::use_key_safe_imports();
     let input = b"";
 
     println!("{:<10} {:>9} {:>9} {:>13}", "warm", "p50", "p99", "batch median");

@@ -263,6 +263,17 @@ fn prot_of(p: Protection) -> libc::c_int {
 }
 
 fn import_addr(import: Import) -> u64 {
+    if super::pkeys::key_safe_imports() {
+        // glibc's read libc globals (key 0): see `super::memfns`.
+        let [memcpy, memmove, memset, memcmp] = super::memfns::addresses();
+        let f = match import {
+            Import::Memcpy => memcpy,
+            Import::Memmove => memmove,
+            Import::Memset => memset,
+            Import::Memcmp | Import::Bcmp => memcmp,
+        };
+        return u64::try_from(f).unwrap_or(0);
+    }
     let f: *const () = match import {
         Import::Memcpy => libc::memcpy as *const (),
         Import::Memmove => libc::memmove as *const (),

@@ -47,6 +47,7 @@ pub mod fds;
 mod heap;
 mod instance;
 mod loader;
+mod memfns;
 mod mmap;
 pub mod pkeys;
 mod services;

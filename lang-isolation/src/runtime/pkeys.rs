@@ -256,8 +256,26 @@ pub fn claim_for_this_thread() -> io::Result<()> {
         Err(owner) if owner == tid => {}
         Err(_) => return Err(io::Error::other("memory protection keys are in use by another thread")),
     }
+    use_key_safe_imports();
     KEYS_IN_USE.store(true, Ordering::Release);
     Ok(())
+}
+
+/// Images loaded from now on import the runtime's own `mem*` (see
+/// `super::memfns`): set once keys are claimed, or by
+/// [`use_key_safe_imports`].
+static KEY_SAFE_IMPORTS: AtomicBool = AtomicBool::new(false);
+
+/// Whether images loaded now import the key-safe `mem*`.
+pub fn key_safe_imports() -> bool {
+    KEY_SAFE_IMPORTS.load(Ordering::Acquire)
+}
+
+/// Makes images loaded from now on import the key-safe `mem*` (done by
+/// [`claim_for_this_thread`]; the benchmark and the tests of hosts without
+/// PKU call it to run the same code).
+pub fn use_key_safe_imports() {
+    KEY_SAFE_IMPORTS.store(true, Ordering::Release);
 }
 
 /// In a signal handler: if keys are in use, make every key accessible

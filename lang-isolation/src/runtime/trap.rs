@@ -247,6 +247,10 @@ enum Redirect {
 /// Only from a signal handler on the thread that took the signal, with that
 /// signal's ucontext.
 unsafe fn redirect(context: *mut c_void, exit: impl FnOnce(&ActiveCall) -> Exit) -> Redirect {
+    // Every handler comes here before it reads an instance's (keyed)
+    // context; the kernel ran it with key 0 only (sigreturn restores the
+    // interrupted PKRU).
+    super::pkeys::open_all_keys();
     let active = ACTIVE.with(Cell::get);
     if active.is_null() || context.is_null() {
         return Redirect::NotOurs;
