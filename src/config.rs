@@ -149,6 +149,18 @@ impl SandboxConfig {
         }
     }
 
+    /// What memory protection keys will do in `language` workers under this
+    /// configuration: `disabled by config`, `enabled (N keys)`, or
+    /// `unavailable (reason)` on a host without PKU (probed here; the
+    /// workers report the same through `Stats`: `pkeys_state`, `pkeys_keys`).
+    pub fn pkeys_state(&self) -> lang_isolation::runtime::pkeys::PkeysState {
+        if self.pkeys {
+            lang_isolation::runtime::pkeys::probe()
+        } else {
+            lang_isolation::runtime::pkeys::PkeysState::Disabled
+        }
+    }
+
     /// As lang-isolation's settings.
     pub fn settings(&self) -> lang_isolation::sandbox::SandboxSettings {
         lang_isolation::sandbox::SandboxSettings {
