@@ -8,6 +8,14 @@
 //! then closed) and its artifacts arrive as sealed memfds on the catalog
 //! socket at fd 4 ([`crate::runtime::fds`]), mapped by the runtime's own
 //! loader — a cold start maps a fresh private image of the same memfd.
+//!
+//! With protection keys (`Layers::pkeys`, where the CPU has PKU) the worker
+//! allocates the kernel's 15 keys before entering its sandbox and gives
+//! each instance the least shared one ([`crate::runtime::pkeys::KeyPool`]):
+//! while a function runs, the worker's rings, slots, in-flight record, its
+//! heap and every other instance are closed to it; a touch is a
+//! `PolicyViolation` and the instance is reloaded. Its state is published
+//! in the shared header (`pkeys_state`, `pkeys_keys`).
 
 use super::catalog::{self, CatalogEntry, Message};
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};

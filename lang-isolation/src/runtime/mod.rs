@@ -33,6 +33,14 @@
 //! Contract for functions: state that must outlive one invocation is built
 //! by `init()`; whatever `handle` allocates is gone when the call ends.
 //!
+//! Protection keys: [`Instance::new_keyed`] puts all of an instance's
+//! memory (heap, stack, context page, the image's non-executable pages)
+//! under one PKU key and makes every entry call through an assembly gate
+//! that opens only that key while the function runs (see [`pkeys`]); the
+//! allocator state and the host table live in the keyed context, so the
+//! runtime re-checks what it reads there against its own copies. The
+//! language worker uses it; the process runner does not.
+//!
 //! Signals: [`Instance::new`] installs process-wide SIGSEGV/SIGBUS handlers
 //! (once; earlier handlers are kept and called for faults that are not on a
 //! function stack) and a 64 KiB `sigaltstack` on the calling thread if it has
