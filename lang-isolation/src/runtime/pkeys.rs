@@ -339,8 +339,9 @@ static GATE_PKRU: AtomicU32 = AtomicU32::new(RUNTIME_PKRU);
 // word on the runtime stack, the stack pointer in GATE_RSP; switch to the
 // function stack, write the function's PKRU, call. Exit (return, or the
 // bail entry): PKRU 0 from constants, checked (a jump straight to the
-// WRPKRU with another EAX ends in ud2), DF cleared, the stack pointer
-// reloaded from GATE_RSP (never from the function's registers or memory),
+// WRPKRU with another EAX ends in ud2), the stack pointer reloaded from
+// GATE_RSP (never from the function's registers or memory), the trap,
+// direction and alignment-check flags cleared,
 // state restored; returns 0 after a return (rax in GATE_RAX), 1 after a
 // bail. Two copies: with WRPKRU, and with `nop` in its place for hosts
 // without PKU (the same control flow, exercised by the tests there).
@@ -385,8 +386,11 @@ macro_rules! gate_asm {
             $wrpkru,
             "test eax, eax",
             "jnz 3f",
-            "cld",
             "mov rsp, [rip + {rsp_slot}]",
+            // The function's TF, DF and AC flags stay behind.
+            "pushfq",
+            "and dword ptr [rsp], 0xfffbfaff",
+            "popfq",
             "mov [rip + {rax_slot}], r8",
             "xor eax, eax",
             "jmp 2f",
@@ -401,8 +405,10 @@ macro_rules! gate_asm {
             $wrpkru,
             "test eax, eax",
             "jnz 3f",
-            "cld",
             "mov rsp, [rip + {rsp_slot}]",
+            "pushfq",
+            "and dword ptr [rsp], 0xfffbfaff",
+            "popfq",
             "mov eax, 1",
             "2:",
             "ldmxcsr [rsp]",
