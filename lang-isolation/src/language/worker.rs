@@ -125,6 +125,10 @@ struct Worker {
     /// [`crate::runtime::pkeys`]). A resident instance holds its key while
     /// resident, the cold shell holds one for every cold start.
     keys: Option<KeyPool>,
+    /// Keys wanted but the host has no PKU: instances still run through the
+    /// gate, in its copy without PKRU writes (no isolation from keys, the
+    /// same code path as with them; `pkeys_state` says unavailable).
+    gate_without_keys: bool,
 }
 
 /// Why a function could not be made ready (loaded and initialised).
@@ -219,8 +223,14 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
         stale: Vec::new(),
         retired: Vec::new(),
         cold_shell: None,
+        gate_without_keys: keys.is_none()
+            && matches!(pkeys_state, PkeysState::Unavailable { .. })
+            && pkeys::claim_gate_for_this_thread().is_ok(),
         keys,
     };
+    if worker.gate_without_keys {
+        pkeys::use_key_safe_imports();
+    }
     {
         let header = worker.region.header();
         header.worker.pkeys_state.store(pkeys_state.code(), Ordering::Relaxed);
@@ -508,6 +518,9 @@ impl Worker {
                         return Err(error_chain(&e).into());
                     }
                 },
+                None if self.gate_without_keys => {
+                    Instance::new_gated_without_keys(function, &self.config).map_err(|e| error_chain(&e))?
+                }
                 None => Instance::new(function, &self.config).map_err(|e| error_chain(&e))?,
             },
         };
