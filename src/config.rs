@@ -133,6 +133,12 @@ pub struct SandboxConfig {
     pub landlock: bool,
     /// The seccomp allowlist.
     pub seccomp: bool,
+    /// `language` workers: memory protection keys between the runtime and
+    /// each function instance inside one worker (where the CPU has PKU; the
+    /// backend's stats say `pkeys_state`), and, with `seccomp`, memory-layout
+    /// and signal system calls refused from anywhere but the worker's own
+    /// code. Off: no keys (for the with/without benchmark and control runs).
+    pub pkeys: bool,
 }
 
 impl Default for SandboxConfig {
@@ -145,6 +151,7 @@ impl Default for SandboxConfig {
             namespaces: true,
             landlock: true,
             seccomp: true,
+            pkeys: true,
         }
     }
 }
@@ -159,7 +166,20 @@ impl SandboxConfig {
             namespaces: false,
             landlock: false,
             seccomp: false,
+            pkeys: false,
             ..Self::default()
+        }
+    }
+
+    /// What memory protection keys will do in `language` workers under this
+    /// configuration: `disabled by config`, `enabled (N keys)`, or
+    /// `unavailable (reason)` on a host without PKU (probed here; the
+    /// workers report the same through `Stats`: `pkeys_state`, `pkeys_keys`).
+    pub fn pkeys_state(&self) -> lang_isolation::runtime::pkeys::PkeysState {
+        if self.pkeys {
+            lang_isolation::runtime::pkeys::probe()
+        } else {
+            lang_isolation::runtime::pkeys::PkeysState::Disabled
         }
     }
 
@@ -174,6 +194,7 @@ impl SandboxConfig {
                 namespaces: self.namespaces,
                 landlock: self.landlock,
                 seccomp: self.seccomp,
+                pkeys: self.pkeys,
             },
         }
     }

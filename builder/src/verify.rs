@@ -11,7 +11,10 @@ use goblin::elf::reloc::{R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X
 /// `DT_RELR` (packed relative relocations), which goblin does not name.
 const DT_RELR: u64 = 36;
 
-use microfaas_sdk::{ABI_VERSION, ABI_VERSION_SYMBOL, ALLOWED_IMPORTS, HANDLE_SYMBOL, INIT_SYMBOL};
+use microfaas_sdk::{
+    ABI_VERSION, ABI_VERSION_SYMBOL, ALLOWED_IMPORTS, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction,
+    find_pkru_instruction,
+};
 
 /// Why an artifact was refused.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,16 @@ pub enum VerifyError {
     /// A structural rule was broken.
     #[error("{0}")]
     Rule(String),
+    /// Executable pages hold an instruction that can change the
+    /// protection-key rights register (`WRPKRU`, `XRSTOR`, `XRSTORS`; see
+    /// [`microfaas_sdk::find_pkru_instruction`]).
+    #[error("executable bytes at file offset {offset:#x} encode {}, which function code must not contain (it could change its own memory-protection-key rights)", instruction.name())]
+    ForbiddenInstruction {
+        /// What it encodes.
+        instruction: PkruInstruction,
+        /// Its offset in the file.
+        offset: u64,
+    },
 }
 
 fn rule(msg: impl Into<String>) -> VerifyError {
@@ -62,10 +75,40 @@ pub struct ArtifactInfo {
     pub handle_vaddr: u64,
 }
 
+/// Page size executable segments are mapped in.
+const PAGE_BYTES: u64 = 4096;
+
+/// Scans every byte offset of the whole file pages `segment` is mapped
+/// from (a neighbouring segment's bytes on a shared page are executable
+/// too) for `WRPKRU`/`XRSTOR`/`XRSTORS`, as the runtime's loader does again.
+fn scan_executable_pages(bytes: &[u8], segment: &LoadSegment) -> Result<(), VerifyError> {
+    let start = segment.file_offset - segment.file_offset % PAGE_BYTES;
+    let end = segment
+        .file_offset
+        .checked_add(segment.file_size)
+        .and_then(|e| e.checked_next_multiple_of(PAGE_BYTES))
+        .ok_or_else(|| rule("segment file range overflows"))?;
+    let start = usize::try_from(start).map_err(|_| rule("segment file range overflows"))?;
+    let end = usize::try_from(end)
+        .map_err(|_| rule("segment file range overflows"))?
+        .min(bytes.len());
+    let Some(pages) = bytes.get(start..end) else {
+        return Err(rule("segment file range overflows"));
+    };
+    match find_pkru_instruction(pages) {
+        Some((at, instruction)) => Err(VerifyError::ForbiddenInstruction {
+            instruction,
+            offset: u64::try_from(start + at).unwrap_or(u64::MAX),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks that `bytes` are a microfaas artifact: 64-bit little-endian x86-64
 /// ELF `ET_DYN`; no interpreter, TLS, `DT_NEEDED`, text relocations or
 /// initialisers; no segment both writable and executable; only relative
-/// relocations plus symbol relocations against [`ALLOWED_IMPORTS`]; every
+/// relocations plus symbol relocations against [`ALLOWED_IMPORTS`]; no
+/// `WRPKRU`/`XRSTOR`/`XRSTORS` at any offset of the executable pages; every
 /// undefined symbol on that allowlist; the ABI version symbol holding
 /// [`ABI_VERSION`] and both entry points defined in executable segments.
 pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
@@ -137,6 +180,9 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
     }
     if segments.is_empty() {
         return Err(rule("no loadable segments"));
+    }
+    for s in segments.iter().filter(|s| s.executable) {
+        scan_executable_pages(bytes, s)?;
     }
     if !has_dynamic || elf.dynamic.is_none() {
         return Err(rule("no dynamic section"));
@@ -266,4 +312,50 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
         init_vaddr,
         handle_vaddr,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(file_offset: u64, file_size: u64) -> LoadSegment {
+        LoadSegment {
+            file_offset,
+            file_size,
+            vaddr: file_offset,
+            mem_size: file_size,
+            executable: true,
+            writable: false,
+        }
+    }
+
+    #[test]
+    fn whole_executable_pages_are_scanned() {
+        let mut file = vec![0x90u8; 0x3000];
+        assert!(scan_executable_pages(&file, &text(0x1100, 0x200)).is_ok());
+        // Outside the segment but on its last page: executable once mapped.
+        file[0x1f00..0x1f03].copy_from_slice(&[0x0f, 0x01, 0xef]);
+        let e = scan_executable_pages(&file, &text(0x1100, 0x200)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VerifyError::ForbiddenInstruction {
+                    instruction: PkruInstruction::Wrpkru,
+                    offset: 0x1f00
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("0x1f00"), "{e}");
+        // On another page: not mapped executable by this segment.
+        assert!(scan_executable_pages(&file, &text(0x2000, 0x100)).is_ok());
+        file[0x2ffd..0x3000].copy_from_slice(&[0x0f, 0xc7, 0x1f]);
+        assert!(matches!(
+            scan_executable_pages(&file, &text(0x2000, 0x100)),
+            Err(VerifyError::ForbiddenInstruction {
+                instruction: PkruInstruction::Xrstors,
+                offset: 0x2ffd
+            })
+        ));
+    }
 }

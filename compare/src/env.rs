@@ -22,6 +22,9 @@ pub struct Environment {
     pub git_revision: String,
     /// When the run started (UTC, RFC 3339).
     pub date: String,
+    /// Memory protection keys in `language` workers with the default
+    /// configuration (`enabled (15 keys)`, `unavailable (reason)`).
+    pub language_pkeys: String,
 }
 
 impl Environment {
@@ -66,13 +69,14 @@ impl Environment {
                 })
                 .unwrap_or_else(|| "unknown".to_owned()),
             date: command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_else(|| "unknown".to_owned()),
+            language_pkeys: microfaas::Config::default().sandbox.pkeys_state().to_string(),
         }
     }
 
     /// The header as text lines.
     pub fn header(&self) -> String {
         format!(
-            "host: {} ({} cores, {} MiB), kernel {}, {}; KVM {}; revision {}; {}",
+            "host: {} ({} cores, {} MiB), kernel {}, {}; KVM {}; language pkeys {}; revision {}; {}",
             self.cpu_model,
             self.cores,
             self.memory_mib,
@@ -83,6 +87,7 @@ impl Environment {
                 "bare metal"
             },
             if self.kvm_usable { "usable" } else { "unusable" },
+            self.language_pkeys,
             self.git_revision,
             self.date
         )

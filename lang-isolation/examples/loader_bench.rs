@@ -84,7 +84,7 @@ fn main() {
         "cold: map, init, handle, unmap",
         time(n, || {
             let function = LoadedFunction::load(&image).expect("load");
-            let mut instance = Instance::from_shell(function, shell.take().expect("shell"));
+            let mut instance = Instance::from_shell(function, shell.take().expect("shell")).expect("shell");
             instance.init().expect("init");
             drop(instance.handle(b"").expect("handle"));
             shell = Some(instance.into_shell());

@@ -39,6 +39,9 @@ use core::ffi::c_void;
 use core::fmt;
 
 mod guest_support;
+mod pkru_scan;
+
+pub use pkru_scan::{PkruInstruction, find_pkru_instruction, pkru_instruction_at};
 
 #[doc(hidden)]
 pub use guest_support::__private;

@@ -158,6 +158,14 @@ impl Backend for LanguageBackend {
                 extra.push((key(&format!("worker{i}_pid")), u64::from(*pid)));
             }
         }
+        // Memory protection keys inside each worker: `pkeys_state` 0 =
+        // disabled by config, 1 = enabled, 2 = unavailable on this host
+        // (`lang_isolation::runtime::pkeys::probe` says why); `pkeys_keys` =
+        // keys per worker. Worker 0 speaks for all (same host, same config).
+        if let Some(&(state, keys)) = s.worker_pkeys.first() {
+            extra.push(("pkeys_state".to_owned(), u64::from(state)));
+            extra.push(("pkeys_keys".to_owned(), u64::from(keys)));
+        }
         Stats {
             functions: s.functions,
             instances: s.instances,

@@ -12,6 +12,7 @@
 mod build;
 mod common;
 mod language;
+mod pkeys;
 mod process;
 mod sandbox;
 mod store;

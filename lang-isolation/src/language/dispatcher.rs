@@ -163,6 +163,9 @@ pub struct DispatcherStats {
     pub respawns: u64,
     /// Functions refused for killing or hanging workers.
     pub blacklisted: usize,
+    /// Per worker: memory protection keys state (`PkeysState::code`: 0
+    /// disabled by config, 1 enabled, 2 unavailable) and keys allocated.
+    pub worker_pkeys: Vec<(u32, u32)>,
 }
 
 /// One tenant's share of the dispatcher's stats.
@@ -512,6 +515,17 @@ impl Dispatcher {
                 .map(|w| w.region.header().worker.preemptions.load(Ordering::Relaxed))
                 .sum(),
             respawns: inner.respawns.load(Ordering::Relaxed),
+            worker_pkeys: groups
+                .iter()
+                .flat_map(|g| g.workers.iter())
+                .map(|w| {
+                    let state = &w.region.header().worker;
+                    (
+                        state.pkeys_state.load(Ordering::Relaxed),
+                        state.pkeys_keys.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
             blacklisted: functions
                 .values()
                 .filter(|f| f.strikes.load(Ordering::Relaxed) >= inner.config.blacklist_after)

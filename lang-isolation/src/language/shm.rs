@@ -37,6 +37,11 @@ pub struct WorkerState {
     pub preemptions: AtomicU64,
     /// Requests completed (all time, this region).
     pub completed: AtomicU64,
+    /// Memory protection keys: 0 disabled by config, 1 enabled, 2
+    /// unavailable on this host (`PkeysState::code`); set before `ready`.
+    pub pkeys_state: AtomicU32,
+    /// Keys the worker allocated (0 unless enabled).
+    pub pkeys_keys: AtomicU32,
 }
 
 /// The request the worker is running, for the watchdog and for recovery

@@ -8,12 +8,21 @@
 //! then closed) and its artifacts arrive as sealed memfds on the catalog
 //! socket at fd 4 ([`crate::runtime::fds`]), mapped by the runtime's own
 //! loader — a cold start maps a fresh private image of the same memfd.
+//!
+//! With protection keys (`Layers::pkeys`, where the CPU has PKU) the worker
+//! allocates the kernel's 15 keys before entering its sandbox and gives
+//! each instance the least shared one ([`crate::runtime::pkeys::KeyPool`]):
+//! while a function runs, the worker's rings, slots, in-flight record, its
+//! heap and every other instance are closed to it; a touch is a
+//! `PolicyViolation` and the instance is reloaded. Its state is published
+//! in the shared header (`pkeys_state`, `pkeys_keys`).
 
 use super::catalog::{self, CatalogEntry, Message};
 use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
 use super::signals;
 use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
+use crate::runtime::pkeys::{self, KeyPool, PkeysState};
 use crate::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
 use crate::sandbox::{self, SandboxError, SandboxSpec};
 use std::collections::HashMap;
@@ -112,6 +121,14 @@ struct Worker {
     retired: Vec<Instance>,
     /// Memory of the last closed cold instance, reused by the next one.
     cold_shell: Option<InstanceShell>,
+    /// Protection keys for new instances (`None`: no keys; see
+    /// [`crate::runtime::pkeys`]). A resident instance holds its key while
+    /// resident, the cold shell holds one for every cold start.
+    keys: Option<KeyPool>,
+    /// Keys wanted but the host has no PKU: instances still run through the
+    /// gate, in its copy without PKRU writes (no isolation from keys, the
+    /// same code path as with them; `pkeys_state` says unavailable).
+    gate_without_keys: bool,
 }
 
 /// Why a function could not be made ready (loaded and initialised).
@@ -187,6 +204,9 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     if let Preemption::Periodic { quantum } = args.preemption {
         signals::start_timer(quantum).map_err(WorkerError::Signals)?;
     }
+    let spec = SandboxSpec::parse(&args.sandbox)?;
+    // Keys are allocated before the sandbox (which has no pkey_alloc).
+    let (keys, pkeys_state) = set_up_keys(spec.settings.layers.pkeys);
     let mut worker = Worker {
         region,
         socket,
@@ -203,10 +223,25 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
         stale: Vec::new(),
         retired: Vec::new(),
         cold_shell: None,
+        gate_without_keys: keys.is_none()
+            && matches!(pkeys_state, PkeysState::Unavailable { .. })
+            && pkeys::claim_gate_for_this_thread().is_ok(),
+        keys,
     };
+    if worker.gate_without_keys {
+        pkeys::use_key_safe_imports();
+    }
+    {
+        let header = worker.region.header();
+        header.worker.pkeys_state.store(pkeys_state.code(), Ordering::Relaxed);
+        let n = match pkeys_state {
+            PkeysState::Enabled { keys } => u32::try_from(keys).unwrap_or(0),
+            _ => 0,
+        };
+        header.worker.pkeys_keys.store(n, Ordering::Relaxed);
+    }
     // The sandbox is in place before any function is loaded or initialised
     // (after the worker's own set-up: its maps took their random keys).
-    let spec = SandboxSpec::parse(&args.sandbox)?;
     let policy =
         sandbox::worker::policy(&spec, std::process::id(), worker.socket.as_raw_fd()).map_err(SandboxError::from)?;
     sandbox::apply(&policy)?;
@@ -223,6 +258,45 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     header.worker.ready.store(1, Ordering::Release);
     worker.serve(args.idle_spin);
     Ok(())
+}
+
+/// Allocates the worker's protection keys if `wanted` and the host has them.
+fn set_up_keys(wanted: bool) -> (Option<KeyPool>, PkeysState) {
+    if !wanted {
+        return (None, PkeysState::Disabled);
+    }
+    if !pkeys::cpu_has_ospke() {
+        return (
+            None,
+            PkeysState::Unavailable {
+                reason: "no PKU/OSPKE on this CPU".to_owned(),
+            },
+        );
+    }
+    let keys = match pkeys::allocate_keys(pkeys::MAX_KEYS) {
+        Ok(keys) if !keys.is_empty() => keys,
+        Ok(_) => {
+            return (
+                None,
+                PkeysState::Unavailable {
+                    reason: "pkey_alloc gave no key".to_owned(),
+                },
+            );
+        }
+        Err(e) => {
+            return (
+                None,
+                PkeysState::Unavailable {
+                    reason: format!("pkey_alloc: {e}"),
+                },
+            );
+        }
+    };
+    if let Err(e) = pkeys::claim_for_this_thread() {
+        return (None, PkeysState::Unavailable { reason: e.to_string() });
+    }
+    let n = keys.len();
+    (Some(KeyPool::new(keys)), PkeysState::Enabled { keys: n })
 }
 
 fn pin_to(cpu: usize) {
@@ -414,15 +488,47 @@ impl Worker {
 
     /// Maps a fresh copy of `image` (reusing `shell`'s memory if given) and
     /// runs its init under the init budget.
-    fn instantiate(&self, image: u64, shell: Option<InstanceShell>) -> Result<Instance, NotReady> {
+    /// With keys, a new instance takes the least shared key (a recycled
+    /// shell keeps its own); a failed one gives it back.
+    fn instantiate(&mut self, image: u64, shell: Option<InstanceShell>) -> Result<Instance, NotReady> {
+        let shell_key = shell.as_ref().and_then(InstanceShell::key);
+        let result = self.instantiate_keyed(image, shell);
+        if result.is_err() {
+            self.release_key(shell_key);
+        }
+        result
+    }
+
+    fn release_key(&mut self, key: Option<u32>) {
+        if let (Some(pool), Some(key)) = (self.keys.as_mut(), key) {
+            pool.release(key);
+        }
+    }
+
+    fn instantiate_keyed(&mut self, image: u64, shell: Option<InstanceShell>) -> Result<Instance, NotReady> {
         let artifact = self.images.get(&image).ok_or("artifact not delivered")?;
         let function = LoadedFunction::load(artifact).map_err(|e| error_chain(&e))?;
         let mut instance = match shell {
-            Some(shell) => Instance::from_shell(function, shell),
-            None => Instance::new(function, &self.config).map_err(|e| error_chain(&e))?,
+            Some(shell) => Instance::from_shell(function, shell).map_err(|e| error_chain(&e))?,
+            None => match self.keys.as_mut().and_then(KeyPool::acquire) {
+                Some(key) => match Instance::new_keyed(function, &self.config, key) {
+                    Ok(instance) => instance,
+                    Err(e) => {
+                        self.release_key(Some(key));
+                        return Err(error_chain(&e).into());
+                    }
+                },
+                None if self.gate_without_keys => {
+                    Instance::new_gated_without_keys(function, &self.config).map_err(|e| error_chain(&e))?
+                }
+                None => Instance::new(function, &self.config).map_err(|e| error_chain(&e))?,
+            },
         };
         let header = self.region.header();
         let result = with_deadline(header, self.init_budget_ns, || instance.init());
+        if result.is_err() {
+            self.release_key(instance.key());
+        }
         match result {
             Ok(()) => Ok(instance),
             Err(Failure::Preempted) => Err(match signals::take_policy_violation() {
@@ -435,6 +541,11 @@ impl Worker {
                 None => format!("init() exceeded its budget of {} us", self.init_budget_ns / 1000).into(),
             }),
             Err(Failure::FunctionError { message }) => Err(format!("init() returned an error: {message}").into()),
+            Err(failure @ Failure::KeyViolation { addr, .. }) => Err(NotReady {
+                outcome: Outcome::PolicyViolation,
+                message: format!("init(): {failure}"),
+                detail: u64::try_from(addr).unwrap_or(0),
+            }),
             Err(failure) => Err(failure.to_string().into()),
         }
     }
@@ -526,7 +637,9 @@ impl Worker {
             self.functions.remove(&func);
         }
         if !self.functions.values().any(|f| f.loaded && f.image == image) {
-            self.resident.remove(&image);
+            if let Some(instance) = self.resident.remove(&image) {
+                self.release_key(instance.key());
+            }
             self.stale.retain(|&i| i != image);
         }
         if !self.functions.values().any(|f| f.image == image) {
@@ -538,7 +651,9 @@ impl Worker {
     /// Closes retired cold instances (off the reply's critical path).
     fn close_retired(&mut self) {
         while let Some(instance) = self.retired.pop() {
-            self.cold_shell = Some(instance.into_shell());
+            if let Some(old) = self.cold_shell.replace(instance.into_shell()) {
+                self.release_key(old.key());
+            }
         }
     }
 
@@ -615,6 +730,13 @@ fn ran_of_failure(failure: Failure, stack_bytes: usize) -> Ran {
             Some(nr) => Ran::fail(Outcome::PolicyViolation, format!("system call {nr}"), nr),
             None => Ran::fail(Outcome::Preempted, String::new(), 0),
         },
+        // A typed policy violation, like a forbidden system call: reaching
+        // outside its own key is an attack, not a crash of its own.
+        failure @ Failure::KeyViolation { addr, .. } => Ran::fail(
+            Outcome::PolicyViolation,
+            failure.to_string(),
+            u64::try_from(addr).unwrap_or(0),
+        ),
         other @ (Failure::Fault { .. } | Failure::BadAbi | Failure::Malformed { .. } | Failure::Poisoned) => {
             Ran::fail(Outcome::Crashed, other.to_string(), 0)
         }

@@ -215,7 +215,8 @@ fn describe(failure: &Failure) -> (u32, String, u64) {
         Failure::Panicked { message } => (kind::PANICKED, message.clone(), 0),
         Failure::OutOfMemory { message, limit_bytes } => (kind::OUT_OF_MEMORY, message.clone(), as_u64(*limit_bytes)),
         Failure::StackOverflow { stack_bytes } => (kind::STACK_OVERFLOW, String::new(), as_u64(*stack_bytes)),
-        Failure::Fault { .. } => (kind::FAULT, failure.to_string(), 0),
+        // Runners make no gated calls (keys are a language-worker layer).
+        Failure::Fault { .. } | Failure::KeyViolation { .. } => (kind::FAULT, failure.to_string(), 0),
         Failure::Preempted | Failure::BadAbi | Failure::Malformed { .. } | Failure::Poisoned => {
             (kind::MALFORMED, failure.to_string(), 0)
         }

@@ -49,13 +49,77 @@ pub fn route(addr: usize, len: usize, persistent: &Range<usize>, invocation: &Ra
     }
 }
 
-/// A function instance's heap. See the module doc.
+/// The memory of a heap: both arenas' mappings, owned by the runtime. The
+/// allocator state ([`InstanceHeap`]) only records their bounds, so that it
+/// can live in memory the function may write (keyed, see `super::pkeys`)
+/// without the runtime ever unmapping or resetting where a corrupted copy
+/// points: every reset takes the bounds from here.
+#[derive(Debug)]
+pub struct HeapMemory {
+    persistent: Mapping,
+    invocation: Mapping,
+}
+
+impl HeapMemory {
+    /// Reserves both arenas for a heap of `limit_bytes`.
+    pub fn new(limit_bytes: usize) -> io::Result<Self> {
+        let reserve = limit_bytes.max(4096);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        Ok(Self {
+            persistent: Mapping::anonymous(reserve, rw)?,
+            invocation: Mapping::anonymous(reserve, rw)?,
+        })
+    }
+
+    /// Which arena holds `[addr, addr + len)`, if any (the trusted bounds).
+    pub fn arena_of(&self, addr: usize, len: usize) -> Option<Arena> {
+        route(addr, len, &range_of(&self.persistent), &range_of(&self.invocation))
+    }
+
+    /// Gives both arenas `key` (read-write).
+    pub fn set_key(&self, key: u32) -> io::Result<()> {
+        for m in [&self.persistent, &self.invocation] {
+            // SAFETY: a mapping this value owns; keying changes no Rust
+            // object's validity (accesses with the key closed fault and are
+            // handled by the runtime's trap handler).
+            unsafe { super::pkeys::pkey_mprotect(m.addr(), m.len(), libc::PROT_READ | libc::PROT_WRITE, key)? };
+        }
+        Ok(())
+    }
+}
+
+fn range_of(m: &Mapping) -> Range<usize> {
+    m.addr()..m.addr() + m.len()
+}
+
+/// Bounds of one arena (a copy of its mapping's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Region {
+    start: usize,
+    len: usize,
+}
+
+impl Region {
+    fn of(m: &Mapping) -> Self {
+        Self {
+            start: m.addr(),
+            len: m.len(),
+        }
+    }
+
+    fn range(&self) -> Range<usize> {
+        self.start..self.start.saturating_add(self.len)
+    }
+}
+
+/// A function instance's heap allocator over a [`HeapMemory`]. See the
+/// module doc.
 #[derive(Debug)]
 pub struct InstanceHeap {
     limit_bytes: usize,
-    persistent_region: Mapping,
+    persistent_region: Region,
     persistent: ArenaHeap,
-    invocation_region: Mapping,
+    invocation_region: Region,
     invocation: ArenaHeap,
     active: Arena,
     /// Highest byte offset of the invocation region handed out since the last
@@ -68,8 +132,8 @@ pub struct InstanceHeap {
 /// `linked_list_allocator::Heap` made `Send` and `Debug`.
 struct ArenaHeap(Heap);
 
-// SAFETY: the heap only holds pointers into a region owned by the same
-// `InstanceHeap`, which moves with it.
+// SAFETY: the heap only holds pointers into a region of the `HeapMemory` it
+// was made over, which is plain memory usable from any thread.
 unsafe impl Send for ArenaHeap {}
 
 impl std::fmt::Debug for ArenaHeap {
@@ -83,32 +147,27 @@ impl std::fmt::Debug for ArenaHeap {
 
 impl ArenaHeap {
     fn over(region: &Mapping) -> Self {
-        // SAFETY: `region` is a fresh read-write mapping of `len()` bytes that
-        // only this heap hands out; the owning `InstanceHeap` keeps it mapped
-        // as long as the heap exists.
+        // SAFETY: `region` is a read-write mapping of `len()` bytes that only
+        // this heap hands out; its `HeapMemory` outlives the heap (the
+        // instance keeps both).
         Self(unsafe { Heap::new(region.start(), region.len()) })
     }
 }
 
 impl InstanceHeap {
-    /// A heap whose two arenas together hold at most `limit_bytes`.
-    pub fn new(limit_bytes: usize) -> io::Result<Self> {
-        let reserve = limit_bytes.max(4096);
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        let persistent_region = Mapping::anonymous(reserve, rw)?;
-        let invocation_region = Mapping::anonymous(reserve, rw)?;
-        let persistent = ArenaHeap::over(&persistent_region);
-        let invocation = ArenaHeap::over(&invocation_region);
-        Ok(Self {
+    /// An allocator over `memory` whose two arenas together hold at most
+    /// `limit_bytes`.
+    pub fn over(memory: &HeapMemory, limit_bytes: usize) -> Self {
+        Self {
             limit_bytes,
-            persistent_region,
-            persistent,
-            invocation_region,
-            invocation,
+            persistent_region: Region::of(&memory.persistent),
+            persistent: ArenaHeap::over(&memory.persistent),
+            invocation_region: Region::of(&memory.invocation),
+            invocation: ArenaHeap::over(&memory.invocation),
             active: Arena::Persistent,
             invocation_high_water: 0,
             stray_frees: 0,
-        })
+        }
     }
 
     /// The byte limit of both arenas together.
@@ -142,11 +201,11 @@ impl InstanceHeap {
     }
 
     fn persistent_range(&self) -> Range<usize> {
-        self.persistent_region.addr()..self.persistent_region.addr() + self.persistent_region.len()
+        self.persistent_region.range()
     }
 
     fn invocation_range(&self) -> Range<usize> {
-        self.invocation_region.addr()..self.invocation_region.addr() + self.invocation_region.len()
+        self.invocation_region.range()
     }
 
     /// Allocates `size` bytes aligned to `align` in the active arena; null
@@ -171,7 +230,7 @@ impl InstanceHeap {
                 .as_ptr()
                 .addr()
                 .saturating_add(layout.size())
-                .saturating_sub(self.invocation_region.addr());
+                .saturating_sub(self.invocation_region.start);
             self.invocation_high_water = self.invocation_high_water.max(end);
         }
         ptr.as_ptr()
@@ -221,19 +280,23 @@ impl InstanceHeap {
     }
 
     /// Discards every block of the invocation arena at once and returns its
-    /// touched pages beyond the first 256 KiB to the kernel.
+    /// touched pages beyond the first 256 KiB to the kernel. The bounds and
+    /// the limit come from `memory` (this state may have been written by the
+    /// function).
     ///
     /// Every pointer into the invocation arena is dangling afterwards.
-    pub fn reset_invocation(&mut self) {
-        self.invocation = ArenaHeap::over(&self.invocation_region);
+    pub fn reset_invocation(&mut self, memory: &HeapMemory, limit_bytes: usize) {
+        let region = &memory.invocation;
+        self.limit_bytes = limit_bytes;
+        self.persistent_region = Region::of(&memory.persistent);
+        self.invocation_region = Region::of(region);
+        self.invocation = ArenaHeap::over(region);
         let touched = super::mmap::round_up_to_page(self.invocation_high_water)
-            .unwrap_or(self.invocation_region.len())
-            .min(self.invocation_region.len());
+            .unwrap_or(region.len())
+            .min(region.len());
         if touched > KEEP_RESIDENT_BYTES {
             // A failure leaves the pages resident: harmless.
-            let _ = self
-                .invocation_region
-                .discard(KEEP_RESIDENT_BYTES, touched - KEEP_RESIDENT_BYTES);
+            let _ = region.discard(KEEP_RESIDENT_BYTES, touched - KEEP_RESIDENT_BYTES);
         }
         self.invocation_high_water = 0;
     }
@@ -243,17 +306,18 @@ impl InstanceHeap {
     /// the first 256 KiB to the kernel too.
     ///
     /// Every pointer into the heap is dangling afterwards.
-    pub fn reset_all(&mut self) {
-        self.reset_invocation();
-        self.persistent = ArenaHeap::over(&self.persistent_region);
-        let len = self.persistent_region.len();
+    pub fn reset_all(&mut self, memory: &HeapMemory, limit_bytes: usize) {
+        self.reset_invocation(memory, limit_bytes);
+        self.persistent = ArenaHeap::over(&memory.persistent);
+        let len = memory.persistent.len();
         if len > KEEP_RESIDENT_BYTES {
             // A failure leaves the pages resident: harmless.
-            let _ = self
-                .persistent_region
+            let _ = memory
+                .persistent
                 .discard(KEEP_RESIDENT_BYTES, len - KEEP_RESIDENT_BYTES);
         }
         self.active = Arena::Persistent;
+        self.stray_frees = 0;
     }
 }
 
@@ -277,7 +341,8 @@ mod tests {
 
     #[test]
     fn arenas_and_reset() {
-        let mut heap = InstanceHeap::new(1 << 20).unwrap();
+        let mem = HeapMemory::new(1 << 20).unwrap();
+        let mut heap = InstanceHeap::over(&mem, 1 << 20);
         let p = heap.alloc(1000, 8);
         assert_eq!(heap.arena_of(p as usize, 1000), Some(Arena::Persistent));
         heap.set_active(Arena::Invocation);
@@ -288,7 +353,7 @@ mod tests {
         // SAFETY: `p` is a live block of this heap with this layout.
         unsafe { heap.dealloc(p, 1000, 8) };
         assert!(heap.used_bytes() >= 1000 && heap.used_bytes() < 2000);
-        heap.reset_invocation();
+        heap.reset_invocation(&mem, 1 << 20);
         assert_eq!(heap.used_bytes(), 0);
         assert_eq!(heap.stray_frees(), 0);
         // SAFETY: a pointer outside both arenas is ignored by contract.
@@ -298,18 +363,20 @@ mod tests {
 
     #[test]
     fn limit_is_shared_by_both_arenas() {
-        let mut heap = InstanceHeap::new(64 << 10).unwrap();
+        let mem = HeapMemory::new(64 << 10).unwrap();
+        let mut heap = InstanceHeap::over(&mem, 64 << 10);
         assert!(!heap.alloc(40 << 10, 8).is_null());
         heap.set_active(Arena::Invocation);
         assert!(heap.alloc(40 << 10, 8).is_null(), "over the shared limit");
         assert!(!heap.alloc(20 << 10, 8).is_null());
-        heap.reset_invocation();
+        heap.reset_invocation(&mem, 64 << 10);
         assert!(!heap.alloc(20 << 10, 8).is_null());
     }
 
     #[test]
     fn realloc_moves_and_keeps_contents() {
-        let mut heap = InstanceHeap::new(1 << 20).unwrap();
+        let mem = HeapMemory::new(1 << 20).unwrap();
+        let mut heap = InstanceHeap::over(&mem, 1 << 20);
         heap.set_active(Arena::Invocation);
         let p = heap.alloc(4, 1);
         // SAFETY: `p` is a fresh 4-byte block.
@@ -374,7 +441,8 @@ mod tests {
             #[test]
             fn heap_matches_model(ops in proptest::collection::vec(op(), 1..200)) {
                 let limit = 64 << 10;
-                let mut heap = InstanceHeap::new(limit).unwrap();
+                let mem = HeapMemory::new(limit).unwrap();
+                let mut heap = InstanceHeap::over(&mem, limit);
                 let mut live: Vec<Block> = Vec::new();
                 for (i, op) in ops.into_iter().enumerate() {
                     match op {
@@ -405,7 +473,7 @@ mod tests {
                             unsafe { heap.dealloc(b.ptr, b.size, b.align) };
                         }
                         Op::Reset => {
-                            heap.reset_invocation();
+                            heap.reset_invocation(&mem, limit);
                             live.retain(|b| b.arena == Arena::Persistent);
                         }
                     }

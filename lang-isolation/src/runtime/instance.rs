@@ -1,11 +1,12 @@
 //! One loaded, initialised function: its heap, its stack, and the entry
 //! calls made on that stack.
 
-use super::heap::{Arena, InstanceHeap};
+use super::heap::{Arena, HeapMemory, InstanceHeap};
 use super::loader::LoadedFunction;
-use super::services::{Context, MAX_MESSAGE_BYTES, Reported};
+use super::pkeys::{self, GateCall, GateExit};
+use super::services::{Context, ContextBox, GATED_WITH_KEYS, GATED_WITHOUT_KEYS, MAX_MESSAGE_BYTES, Reported, bail};
 use super::stack::GuardedStack;
-use super::trap::{self, ActiveCall, Exit};
+use super::trap::{self, ActiveCall, CallTrap, Exit};
 use super::{Failure, InstanceConfig, RuntimeError};
 use corosensei::{Coroutine, CoroutineResult};
 use microfaas_sdk::{HandleResult, HostServices, fail_kind, status};
@@ -21,22 +22,18 @@ use std::ptr;
 #[derive(Debug)]
 pub struct Instance {
     // Field order: the context and stack go before the image is unmapped.
-    ctx: Box<ContextCell>,
+    ctx: ContextBox,
+    heap_memory: HeapMemory,
+    limit_bytes: usize,
     stack: GuardedStack,
+    /// The protection key of all its memory, when calls are gated.
+    key: Option<u32>,
+    /// Calls go through the gate (with keys, or its copy without PKRU
+    /// writes: [`Instance::new_gated_without_keys`]).
+    gated: bool,
     initialised: bool,
     poisoned: bool,
     function: LoadedFunction,
-}
-
-/// `Context` behind a Debug impl.
-struct ContextCell(Box<Context>);
-
-impl std::fmt::Debug for ContextCell {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context")
-            .field("heap", &self.0.heap)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Instance {
@@ -44,15 +41,68 @@ impl Instance {
     /// fault handling. Does not run `init`; see [`Instance::init`].
     pub fn new(function: LoadedFunction, config: &InstanceConfig) -> Result<Self, RuntimeError> {
         trap::prepare_thread().map_err(RuntimeError::Signals)?;
-        let heap = InstanceHeap::new(config.heap_limit_bytes).map_err(RuntimeError::Heap)?;
+        let heap_memory = HeapMemory::new(config.heap_limit_bytes).map_err(RuntimeError::Heap)?;
+        let heap = InstanceHeap::over(&heap_memory, config.heap_limit_bytes);
         let stack = GuardedStack::new(config.stack_bytes).map_err(RuntimeError::Stack)?;
+        let ctx = ContextBox::new(heap).map_err(RuntimeError::Heap)?;
         Ok(Self {
-            ctx: Box::new(ContextCell(Context::boxed(heap))),
+            ctx,
+            heap_memory,
+            limit_bytes: config.heap_limit_bytes,
             stack,
+            key: None,
+            gated: false,
             initialised: false,
             poisoned: false,
             function,
         })
+    }
+
+    /// Like [`Instance::new`], with calls made through the protection-key
+    /// gate's copy that writes no PKRU: the gate's control flow (stack
+    /// switch, bail from `fail`, faults and preemption, the context in its
+    /// own mapping, the input copy) on hosts without PKU. No isolation:
+    /// for tests and benchmarks only.
+    pub fn new_gated_without_keys(function: LoadedFunction, config: &InstanceConfig) -> Result<Self, RuntimeError> {
+        pkeys::claim_gate_for_this_thread().map_err(RuntimeError::Keys)?;
+        let mut instance = Self::new(function, config)?;
+        instance.ctx.get_mut().gated = GATED_WITHOUT_KEYS;
+        instance.gated = true;
+        Ok(instance)
+    }
+
+    /// Like [`Instance::new`], with every byte of the instance's memory
+    /// (heap, stack, context, the image's non-executable pages) under
+    /// protection key `key`, and every entry call made through the
+    /// protection-key gate: while the function runs, only `key` is
+    /// accessible (see [`super::pkeys`]). The calling thread becomes the
+    /// process's one gated thread.
+    pub fn new_keyed(function: LoadedFunction, config: &InstanceConfig, key: u32) -> Result<Self, RuntimeError> {
+        if !pkeys::cpu_has_ospke() {
+            return Err(RuntimeError::Keys(std::io::Error::other("the CPU has no OSPKE")));
+        }
+        pkeys::claim_for_this_thread().map_err(RuntimeError::Keys)?;
+        let mut instance = Self::new(function, config)?;
+        instance.apply_key(key)?;
+        Ok(instance)
+    }
+
+    fn apply_key(&mut self, key: u32) -> Result<(), RuntimeError> {
+        self.heap_memory.set_key(key).map_err(RuntimeError::Keys)?;
+        self.stack.set_key(key).map_err(RuntimeError::Keys)?;
+        self.ctx.set_key(key).map_err(RuntimeError::Keys)?;
+        self.function
+            .set_key(key)
+            .map_err(|e| RuntimeError::Keys(std::io::Error::other(e.to_string())))?;
+        self.ctx.get_mut().gated = GATED_WITH_KEYS;
+        self.key = Some(key);
+        self.gated = true;
+        Ok(())
+    }
+
+    /// The protection key of its memory, if its calls are gated.
+    pub fn key(&self) -> Option<u32> {
+        self.key
     }
 
     /// The loaded artifact.
@@ -68,7 +118,7 @@ impl Instance {
 
     /// Heap bytes in use (persistent + current invocation).
     pub fn heap_used_bytes(&self) -> usize {
-        self.ctx.0.heap.used_bytes()
+        self.ctx.get().heap.used_bytes()
     }
 
     /// Usable stack bytes.
@@ -78,7 +128,7 @@ impl Instance {
 
     /// `checkpoint()` calls seen so far.
     pub fn checkpoints(&self) -> u64 {
-        self.ctx.0.checkpoints
+        self.ctx.get().checkpoints
     }
 
     /// Runs the function's `init()` once (allocations go to the persistent
@@ -90,15 +140,21 @@ impl Instance {
         if self.initialised {
             return Ok(());
         }
-        self.ctx.0.heap.set_active(Arena::Persistent);
+        self.ctx.get_mut().heap.set_active(Arena::Persistent);
         let init = self.function.init_fn();
         let mut code = status::NOT_RUN;
-        let code_ptr: *mut u32 = &mut code;
-        let exit = self.call(move |host| {
-            // SAFETY: `host` is the instance's table, valid for the call;
-            // `code_ptr` points at a local that outlives the call.
-            unsafe { *code_ptr = init(host) };
-        });
+        let exit = if self.gated {
+            let (exit, rax) = self.call_gated(init as *const () as usize, [0; 3]);
+            code = u32::try_from(rax & 0xffff_ffff).unwrap_or(status::NOT_RUN);
+            exit
+        } else {
+            let code_ptr: *mut u32 = &mut code;
+            self.call(move |host| {
+                // SAFETY: `host` is the instance's table, valid for the call;
+                // `code_ptr` points at a local that outlives the call.
+                unsafe { *code_ptr = init(host) };
+            })
+        };
         let result = match exit {
             Exit::Returned => match code {
                 status::OK => Ok(()),
@@ -131,16 +187,40 @@ impl Instance {
         if !self.initialised {
             self.init()?;
         }
-        self.ctx.0.heap.set_active(Arena::Invocation);
+        self.ctx.get_mut().heap.set_active(Arena::Invocation);
         let handle = self.function.handle_fn();
         let mut result = HandleResult::empty();
-        let result_ptr: *mut HandleResult = &mut result;
-        let (input_ptr, input_len) = (input.as_ptr(), input.len());
-        let exit = self.call(move |host| {
-            // SAFETY: `host` is valid for the call, `input` is a live slice
-            // and `result_ptr` a local, both outliving the call.
-            unsafe { handle(host, input_ptr, input_len, result_ptr) };
-        });
+        let exit = if self.gated {
+            // The input is copied into the function's own (keyed) heap: the
+            // shared slots stay the runtime's.
+            let copy = if input.is_empty() {
+                std::ptr::NonNull::<u8>::dangling().as_ptr()
+            } else {
+                self.ctx.get_mut().heap.alloc(input.len(), 1)
+            };
+            if copy.is_null() {
+                self.reset_invocation();
+                return Err(Failure::OutOfMemory {
+                    message: format!("no room for the {}-byte input", input.len()),
+                    limit_bytes: self.limit_bytes,
+                });
+            }
+            // SAFETY: `copy` is a fresh block of `input.len()` bytes (or
+            // dangling for an empty input, never written).
+            unsafe { std::ptr::copy_nonoverlapping(input.as_ptr(), copy, input.len()) };
+            let result_at = std::ptr::addr_of_mut!(self.ctx.get_mut().result).addr();
+            let (exit, _) = self.call_gated(handle as *const () as usize, [copy.addr(), input.len(), result_at]);
+            result = self.ctx.get().result;
+            exit
+        } else {
+            let result_ptr: *mut HandleResult = &mut result;
+            let (input_ptr, input_len) = (input.as_ptr(), input.len());
+            self.call(move |host| {
+                // SAFETY: `host` is valid for the call, `input` is a live slice
+                // and `result_ptr` a local, both outliving the call.
+                unsafe { handle(host, input_ptr, input_len, result_ptr) };
+            })
+        };
         let outcome = match exit {
             Exit::Returned => self.decode(&result),
             other => Err(self.failure_of(other)),
@@ -154,7 +234,7 @@ impl Instance {
                 instance: self,
             }),
             Err(failure) => {
-                self.ctx.0.heap.reset_invocation();
+                self.reset_invocation();
                 Err(failure)
             }
         }
@@ -163,7 +243,8 @@ impl Instance {
     /// Checks a returned `HandleResult`: the bytes must lie inside the
     /// instance's heap. Returns the output's location.
     fn decode(&self, result: &HandleResult) -> Result<(*const u8, usize), Failure> {
-        let heap = &self.ctx.0.heap;
+        // The runtime's own bounds, not the (function-writable) allocator's.
+        let heap = &self.heap_memory;
         let located = |ptr: *mut u8, len: usize| -> Result<(*const u8, usize), Failure> {
             if len == 0 {
                 return Ok((ptr::null(), 0));
@@ -196,21 +277,27 @@ impl Instance {
         }
     }
 
+    fn reset_invocation(&mut self) {
+        let limit = self.limit_bytes;
+        let memory = &self.heap_memory;
+        self.ctx.get_mut().heap.reset_invocation(memory, limit);
+    }
+
     fn failure_of(&mut self, exit: Exit) -> Failure {
-        if self.ctx.0.torn.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.ctx.get().torn.load(std::sync::atomic::Ordering::Relaxed) {
             self.poisoned = true;
         }
         match exit {
             Exit::Returned => Failure::Malformed {
                 detail: "returned".to_owned(),
             },
-            Exit::Failed => match self.ctx.0.reported.take() {
+            Exit::Failed => match self.ctx.get_mut().take_reported() {
                 Some(Reported {
                     kind: fail_kind::OUT_OF_MEMORY,
                     message,
                 }) => Failure::OutOfMemory {
                     message,
-                    limit_bytes: self.ctx.0.heap.limit_bytes(),
+                    limit_bytes: self.limit_bytes,
                 },
                 Some(Reported {
                     kind: fail_kind::PANIC,
@@ -233,12 +320,72 @@ impl Instance {
             },
             Exit::Fault { signal, addr } => Failure::Fault { signal, addr },
             Exit::Preempted => Failure::Preempted,
+            Exit::KeyViolation { addr, key } => Failure::KeyViolation {
+                addr,
+                key,
+                own: self.key.unwrap_or(0),
+            },
+        }
+    }
+
+    /// Runs `target(host, args..)` on the function stack through the
+    /// protection-key gate; returns how it ended and, after a return, `rax`.
+    fn call_gated(&mut self, target: usize, args: [usize; 3]) -> (Exit, u64) {
+        let key = self.key.unwrap_or(0);
+        let ctx: *mut Context = self.ctx.as_ptr();
+        // SAFETY: `ctx` is the live context; no other reference is used
+        // until the call ends.
+        unsafe { (*ctx).begin_call() };
+        let stack = self.stack.full_range();
+        let active = ActiveCall {
+            trap: CallTrap::Gate {
+                stack: stack.clone(),
+                exit: std::cell::Cell::new(None),
+            },
+            guard: self.stack.guard_range(),
+            // SAFETY: the address of a field of the live context.
+            in_host: unsafe { ptr::addr_of!((*ctx).in_host) },
+            // SAFETY: as above.
+            preempt_pending: unsafe { ptr::addr_of!((*ctx).preempt_pending) },
+            // SAFETY: as above.
+            torn: unsafe { ptr::addr_of!((*ctx).torn) },
+        };
+        let call = GateCall {
+            target,
+            // SAFETY: as above.
+            rdi: unsafe { ptr::addr_of!((*ctx).services) }.addr(),
+            rsi: args[0],
+            rdx: args[1],
+            rcx: args[2],
+            stack_top: stack.end,
+            pkru: pkeys::only_key(key),
+            writes_pkru: self.key.is_some(),
+        };
+        let published = trap::activate(&active);
+        // SAFETY: this thread claimed the gate (`new_keyed`), calls are not
+        // nested (the instance is borrowed mutably), the stack's usable part
+        // and the context carry `key`, and `target` is an entry point of the
+        // loaded image with the ABI's arguments.
+        let how = unsafe { pkeys::gate_enter(&call) };
+        drop(published);
+        let CallTrap::Gate { exit: handled, .. } = &active.trap else {
+            unreachable!("built as a gate call above")
+        };
+        match (how, handled.take()) {
+            (GateExit::Returned(rax), _) => (Exit::Returned, rax),
+            (GateExit::Bailed, Some(exit)) => (exit, 0),
+            // SAFETY: the call is over; `ctx` is live.
+            (GateExit::Bailed, None) => match unsafe { (*ctx).bail } {
+                bail::FAILED => (Exit::Failed, 0),
+                bail::PREEMPTED => (Exit::Preempted, 0),
+                _ => (Exit::Fault { signal: 0, addr: 0 }, 0),
+            },
         }
     }
 
     /// Runs `entry` on the function stack and reports how it ended.
     fn call<F: FnOnce(*const HostServices)>(&mut self, entry: F) -> Exit {
-        let ctx: *mut Context = &mut *self.ctx.0;
+        let ctx: *mut Context = self.ctx.as_ptr();
         // SAFETY: `ctx` is the live boxed context; no other reference to it
         // is used until the call ends.
         unsafe { (*ctx).begin_call() };
@@ -258,7 +405,7 @@ impl Instance {
         let mut coroutine =
             unsafe { Coroutine::<(), Exit, Exit, &mut GuardedStack>::with_stack_unchecked(&mut self.stack, body) };
         let active = ActiveCall {
-            trap: coroutine.trap_handler(),
+            trap: CallTrap::Coroutine(coroutine.trap_handler()),
             guard,
             // SAFETY: the address of a field of the live context.
             in_host: unsafe { ptr::addr_of!((*ctx).in_host) },
@@ -294,8 +441,19 @@ impl Instance {
 /// cold path.)
 #[derive(Debug)]
 pub struct InstanceShell {
-    ctx: Box<ContextCell>,
+    ctx: ContextBox,
+    heap_memory: HeapMemory,
+    limit_bytes: usize,
     stack: GuardedStack,
+    key: Option<u32>,
+    gated: bool,
+}
+
+impl InstanceShell {
+    /// The protection key of the shell's memory, if any.
+    pub fn key(&self) -> Option<u32> {
+        self.key
+    }
 }
 
 impl Instance {
@@ -303,25 +461,50 @@ impl Instance {
     /// [`Instance::from_shell`].
     pub fn into_shell(self) -> InstanceShell {
         let Instance {
-            ctx, stack, function, ..
+            ctx,
+            heap_memory,
+            limit_bytes,
+            stack,
+            key,
+            gated,
+            function,
+            ..
         } = self;
         drop(function);
-        InstanceShell { ctx, stack }
+        InstanceShell {
+            ctx,
+            heap_memory,
+            limit_bytes,
+            stack,
+            key,
+            gated,
+        }
     }
 
     /// An instance of `function` in recycled memory: both heap arenas are
     /// reset and the stack is reused. Like [`Instance::new`], `init` has not
     /// run.
-    pub fn from_shell(function: LoadedFunction, mut shell: InstanceShell) -> Self {
-        shell.ctx.0.heap.reset_all();
-        shell.ctx.0.checkpoints = 0;
-        Self {
+    /// A keyed shell keys the new image with its key too.
+    pub fn from_shell(function: LoadedFunction, mut shell: InstanceShell) -> Result<Self, RuntimeError> {
+        let memory = &shell.heap_memory;
+        let ctx = shell.ctx.get_mut();
+        ctx.heap.reset_all(memory, shell.limit_bytes);
+        ctx.checkpoints = 0;
+        let mut instance = Self {
             ctx: shell.ctx,
+            heap_memory: shell.heap_memory,
+            limit_bytes: shell.limit_bytes,
             stack: shell.stack,
+            key: None,
+            gated: shell.gated,
             initialised: false,
             poisoned: false,
             function,
+        };
+        if let Some(key) = shell.key {
+            instance.apply_key(key)?;
         }
+        Ok(instance)
     }
 }
 
@@ -352,6 +535,6 @@ impl Output<'_> {
 
 impl Drop for Output<'_> {
     fn drop(&mut self) {
-        self.instance.ctx.0.heap.reset_invocation();
+        self.instance.reset_invocation();
     }
 }

@@ -180,6 +180,34 @@ impl AsFd for SealedArtifact {
     }
 }
 
+/// The non-executable ranges of `plan`'s image with their final protection
+/// (RELRO read-only inside its writable segment). Pure.
+fn data_ranges(plan: &LoadPlan) -> Vec<(usize, usize, libc::c_int)> {
+    let mut out = Vec::new();
+    for seg in plan.segments.iter().filter(|s| s.protection != Protection::ReadExec) {
+        let (start, end) = (seg.start, seg.end());
+        if end <= start {
+            continue;
+        }
+        let prot = prot_of(seg.protection);
+        match plan.relro {
+            Some((off, len)) if seg.protection == Protection::ReadWrite && off >= start && off + len <= end => {
+                for (a, b, p) in [
+                    (start, off, prot),
+                    (off, off + len, libc::PROT_READ),
+                    (off + len, end, prot),
+                ] {
+                    if b > a {
+                        out.push((a, b - a, p));
+                    }
+                }
+            }
+            _ => out.push((start, end - start, prot)),
+        }
+    }
+    out
+}
+
 /// `memfd_create` with `MFD_EXEC` (so that `vm.memfd_noexec` cannot make it
 /// unmappable as code), falling back to no flag on kernels before 6.3.
 fn memfd_exec(name: &CString) -> io::Result<OwnedFd> {
@@ -235,6 +263,17 @@ fn prot_of(p: Protection) -> libc::c_int {
 }
 
 fn import_addr(import: Import) -> u64 {
+    if super::pkeys::key_safe_imports() {
+        // glibc's read libc globals (key 0): see `super::memfns`.
+        let [memcpy, memmove, memset, memcmp] = super::memfns::addresses();
+        let f = match import {
+            Import::Memcpy => memcpy,
+            Import::Memmove => memmove,
+            Import::Memset => memset,
+            Import::Memcmp | Import::Bcmp => memcmp,
+        };
+        return u64::try_from(f).unwrap_or(0);
+    }
     let f: *const () = match import {
         Import::Memcpy => libc::memcpy as *const (),
         Import::Memmove => libc::memmove as *const (),
@@ -252,6 +291,9 @@ pub struct LoadedFunction {
     init: InitFn,
     handle: HandleFn,
     mappings: usize,
+    /// The non-executable ranges of the image (offset, length, final
+    /// protection): what a protection key covers.
+    data_ranges: Vec<(usize, usize, libc::c_int)>,
     // Last: unmapped after the pointers above are gone.
     image: Mapping,
 }
@@ -312,8 +354,23 @@ impl LoadedFunction {
             init,
             handle,
             mappings: plan.max_mappings(),
+            data_ranges: data_ranges(plan),
             image,
         })
+    }
+
+    /// Gives every non-executable page of the image (rodata, RELRO/GOT,
+    /// data, bss) protection key `key`, keeping its protection. Code keeps
+    /// key 0: PKU does not restrict instruction fetch, and no function reads
+    /// its own code as data.
+    pub fn set_key(&self, key: u32) -> Result<(), LoadError> {
+        for &(offset, len, prot) in &self.data_ranges {
+            // SAFETY: a range of the image this value owns, with the
+            // protection it already has; only its key changes.
+            unsafe { super::pkeys::pkey_mprotect(self.image.addr() + offset, len, prot, key) }
+                .map_err(LoadError::Map)?;
+        }
+        Ok(())
     }
 
     /// Address of the image's first page.

@@ -33,6 +33,14 @@
 //! Contract for functions: state that must outlive one invocation is built
 //! by `init()`; whatever `handle` allocates is gone when the call ends.
 //!
+//! Protection keys: [`Instance::new_keyed`] puts all of an instance's
+//! memory (heap, stack, context page, the image's non-executable pages)
+//! under one PKU key and makes every entry call through an assembly gate
+//! that opens only that key while the function runs (see [`pkeys`]); the
+//! allocator state and the host table live in the keyed context, so the
+//! runtime re-checks what it reads there against its own copies. The
+//! language worker uses it; the process runner does not.
+//!
 //! Signals: [`Instance::new`] installs process-wide SIGSEGV/SIGBUS handlers
 //! (once; earlier handlers are kept and called for faults that are not on a
 //! function stack) and a 64 KiB `sigaltstack` on the calling thread if it has
@@ -47,13 +55,15 @@ pub mod fds;
 mod heap;
 mod instance;
 mod loader;
+mod memfns;
 mod mmap;
+pub mod pkeys;
 mod services;
 mod stack;
 mod trap;
 
 pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
-pub use heap::{Arena, InstanceHeap};
+pub use heap::{Arena, HeapMemory, InstanceHeap};
 pub use instance::{Instance, InstanceShell, Output};
 pub use loader::{ArtifactImage, LoadError, LoadedFunction, MAX_ARTIFACT_BYTES, REQUIRED_SEALS, SealedArtifact};
 pub use services::monotonic_ns;
@@ -95,6 +105,9 @@ pub enum RuntimeError {
     /// Mapping the stack failed.
     #[error("cannot map the function stack")]
     Stack(#[source] std::io::Error),
+    /// Giving the instance's memory its protection key failed.
+    #[error("cannot give the instance its memory protection key")]
+    Keys(#[source] std::io::Error),
 }
 
 /// How an entry call failed.
@@ -137,6 +150,19 @@ pub enum Failure {
     /// Stopped by [`preempt_from_signal`].
     #[error("the function was preempted")]
     Preempted,
+    /// The function touched memory under another protection key (another
+    /// instance's, or the runtime's) while only its own was open.
+    #[error(
+        "memory protection key violation: access to {addr:#x} (key {key}), outside the function's own memory (key {own})"
+    )]
+    KeyViolation {
+        /// The faulting address.
+        addr: usize,
+        /// The key of the page touched.
+        key: u32,
+        /// The function's own key.
+        own: u32,
+    },
     /// The artifact refused the host table's ABI version.
     #[error("the artifact refused the host ABI version")]
     BadAbi,

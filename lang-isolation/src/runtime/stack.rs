@@ -39,6 +39,21 @@ impl GuardedStack {
         })
     }
 
+    /// Gives the usable stack protection key `key` (the guard stays
+    /// inaccessible whatever the key).
+    pub fn set_key(&self, key: u32) -> io::Result<()> {
+        // SAFETY: the usable part of the mapping this value owns, keeping its
+        // protection; only its key changes.
+        unsafe {
+            super::pkeys::pkey_mprotect(
+                self.mapping.addr() + self.guard_len,
+                self.mapping.len() - self.guard_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                key,
+            )
+        }
+    }
+
     /// Usable bytes (above the guard).
     pub fn usable_bytes(&self) -> usize {
         self.mapping.len() - self.guard_len

@@ -38,11 +38,42 @@ pub(crate) enum Exit {
     /// Stopped by [`preempt_from_signal`] (or a host service noticing a
     /// deferred preemption).
     Preempted,
+    /// A memory-protection-key fault (`SEGV_PKUERR`): the function touched
+    /// memory of another key (another instance's, or the runtime's).
+    KeyViolation {
+        /// The faulting address.
+        addr: usize,
+        /// The key of the page it touched.
+        key: u32,
+    },
+}
+
+/// How the signal handlers leave the entry call in progress.
+pub(crate) enum CallTrap {
+    /// A corosensei coroutine (no protection keys).
+    Coroutine(CoroutineTrapHandler<Exit>),
+    /// The protection-key gate (`super::pkeys`): the context resumes at the
+    /// gate's bail path; `exit` records why.
+    Gate {
+        /// The function stack, guard included.
+        stack: Range<usize>,
+        /// Set by the handler that redirected the call.
+        exit: Cell<Option<Exit>>,
+    },
+}
+
+impl CallTrap {
+    fn stack_ptr_in_bounds(&self, rsp: usize) -> bool {
+        match self {
+            Self::Coroutine(trap) => trap.stack_ptr_in_bounds(rsp),
+            Self::Gate { stack, .. } => stack.contains(&rsp),
+        }
+    }
 }
 
 /// What the signal handlers need to know about the entry call in progress.
 pub(crate) struct ActiveCall {
-    pub trap: CoroutineTrapHandler<Exit>,
+    pub trap: CallTrap,
     pub guard: Range<usize>,
     /// Set while a host service runs on the function stack: a preemption is
     /// deferred to its end; a fault then may have left host state torn.
@@ -151,7 +182,19 @@ fn install(signal: libc::c_int, prev_slot: &AtomicPtr<libc::sigaction>) -> std::
     Ok(())
 }
 
+/// `si_code` of a protection-key fault.
+const SEGV_PKUERR: i32 = 4;
+/// Offset of `si_pkey` in the kernel's `siginfo_t` on x86-64: the
+/// `_sigfault` union member at 16 holds `si_addr` (8 bytes), `si_addr_lsb`
+/// (2, padded to 8), then the union holding `_pkey`.
+const SI_PKEY_OFFSET: usize = 32;
+
 extern "C" fn on_fault(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+    // The kernel runs handlers with its default PKRU (key 0 only): open the
+    // instance's keys before reading its state (sigreturn restores the
+    // interrupted PKRU; a redirected call resumes in the gate, which sets
+    // its own).
+    super::pkeys::open_all_keys();
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr().addr()) };
     if code <= 0 {
@@ -169,6 +212,12 @@ extern "C" fn on_fault(signal: libc::c_int, info: *mut libc::siginfo_t, context:
         redirect(context, |active| {
             if active.guard.contains(&addr) {
                 Exit::StackOverflow
+            } else if signal == libc::SIGSEGV && code == SEGV_PKUERR {
+                // For SEGV_PKUERR the kernel fills `_pkey` (the enclosing
+                // unsafe block's SAFETY: the siginfo is 128 bytes, so the
+                // u32 at offset 32 is inside it).
+                let key = info.cast::<u8>().add(SI_PKEY_OFFSET).cast::<u32>().read_unaligned();
+                Exit::KeyViolation { addr, key }
             } else {
                 Exit::Fault { signal, addr }
             }
@@ -198,6 +247,10 @@ enum Redirect {
 /// Only from a signal handler on the thread that took the signal, with that
 /// signal's ucontext.
 unsafe fn redirect(context: *mut c_void, exit: impl FnOnce(&ActiveCall) -> Exit) -> Redirect {
+    // Every handler comes here before it reads an instance's (keyed)
+    // context; the kernel ran it with key 0 only (sigreturn restores the
+    // interrupted PKRU).
+    super::pkeys::open_all_keys();
     let active = ACTIVE.with(Cell::get);
     if active.is_null() || context.is_null() {
         return Redirect::NotOurs;
@@ -226,11 +279,23 @@ unsafe fn redirect(context: *mut c_void, exit: impl FnOnce(&ActiveCall) -> Exit)
         // SAFETY: as above.
         unsafe { &*active.torn }.store(true, Ordering::Relaxed);
     }
+    let trap = match &active.trap {
+        CallTrap::Gate { exit: slot, .. } => {
+            // Resume at the gate's bail path, which writes PKRU 0 and takes
+            // the runtime's stack from its own static: nothing else of the
+            // interrupted context matters.
+            slot.set(Some(exit));
+            let bail = u64::try_from(super::pkeys::bail_address()).unwrap_or(0);
+            gregs[REG_RIP] = i64::from_ne_bytes(bail.to_ne_bytes());
+            return Redirect::Done;
+        }
+        CallTrap::Coroutine(trap) => trap,
+    };
     // SAFETY: the interrupted stack pointer is on the coroutine's stack
     // (checked above); the function reaches the world outside its stack only
     // through calls corosensei cannot see into (the FFI boundary), and we
     // update exactly the registers the returned TrapHandlerRegs name.
-    let regs = unsafe { active.trap.setup_trap_handler(move || exit) };
+    let regs = unsafe { trap.setup_trap_handler(move || exit) };
     let set = |v: u64| i64::from_ne_bytes(v.to_ne_bytes());
     gregs[REG_RIP] = set(regs.rip);
     gregs[REG_RSP] = set(regs.rsp);

@@ -52,6 +52,9 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+    /// The syscall-origin filter could not be built or installed.
+    #[error("syscall-origin filter")]
+    Origin(#[source] super::origin::OriginError),
     /// The seccomp filter could not be built or installed.
     #[error("seccomp")]
     Seccomp(#[from] FilterError),
@@ -101,6 +104,9 @@ pub fn apply(policy: &Policy) -> Result<Applied, SandboxError> {
     if policy.no_new_privs {
         prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")?;
         prctl(libc::PR_SET_DUMPABLE, 0, "clear the dumpable flag")?;
+    }
+    if let Some(o) = &policy.origin {
+        o.install().map_err(SandboxError::Origin)?;
     }
     if let Some(s) = &policy.seccomp {
         s.install()?;

@@ -80,5 +80,6 @@ pub(super) fn confined(
         }),
         no_new_privs: true,
         seccomp,
+        origin: None,
     }
 }

@@ -35,6 +35,7 @@ mod apply;
 mod bpf;
 mod common;
 mod host;
+pub mod origin;
 pub mod runner;
 mod seccomp;
 mod settings;
@@ -99,6 +100,9 @@ pub struct Policy {
     pub no_new_privs: bool,
     /// The seccomp allowlist, if on.
     pub seccomp: Option<SeccompPolicy>,
+    /// The syscall-origin filter (language workers with protection keys and
+    /// seccomp), installed just before the allowlist.
+    pub origin: Option<origin::OriginFilter>,
 }
 
 impl fmt::Display for Policy {
@@ -169,6 +173,15 @@ impl fmt::Display for Policy {
             "  5 no_new_privs {}",
             if self.no_new_privs { "on, not dumpable" } else { "OFF" }
         )?;
+        if let Some(o) = &self.origin {
+            let names: Vec<&str> = origin::GUARDED.iter().map(|(n, _)| *n).collect();
+            writeln!(
+                f,
+                "  6 origin       {} only from the {} code ranges mapped before any function",
+                names.join(" "),
+                o.trusted.len()
+            )?;
+        }
         match &self.seccomp {
             Some(s) => write!(f, "{s}"),
             None => writeln!(f, "  6 seccomp      OFF"),
@@ -239,6 +252,15 @@ mod tests {
             println!("{text}");
             let seccomp = policy.seccomp.as_ref().expect("seccomp on");
             for (name, nr) in FORBIDDEN {
+                // A worker with protection keys keys instance memory itself
+                // (never executable; from its own code only: the origin filter).
+                if *nr == libc::SYS_pkey_mprotect && policy.origin.is_some() {
+                    assert!(
+                        text.contains("pkey_mprotect    prot & 0x4 == 0") || text.contains("pkey_mprotect"),
+                        "{text}"
+                    );
+                    continue;
+                }
                 assert!(!seccomp.mentions(*nr), "{}: {name} is allowed", policy.kind);
             }
             assert!(text.contains("tgid == 4242"), "{text}");
@@ -259,6 +281,15 @@ mod tests {
             assert!(!runner_seccomp.mentions(nr));
         }
         assert_eq!(runner_seccomp.violation, Violation::KillProcess);
+        assert!(runner.origin.is_none() && !runner_seccomp.mentions(libc::SYS_pkey_mprotect));
+        let origin = worker.origin.as_ref().expect("origin filter with keys and seccomp");
+        assert!(!origin.trusted.is_empty());
+        assert!(
+            worker
+                .to_string()
+                .contains("6 origin       mmap mprotect pkey_mprotect"),
+            "{worker}"
+        );
         assert_eq!(worker.seccomp.unwrap().violation, Violation::Trap);
     }
 

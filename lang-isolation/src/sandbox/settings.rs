@@ -30,6 +30,11 @@ pub struct Layers {
     pub landlock: bool,
     /// The seccomp allowlist.
     pub seccomp: bool,
+    /// Language workers: memory protection keys between the runtime and
+    /// each function instance (where the CPU has PKU), and, with seccomp,
+    /// memory-layout and signal system calls only from the worker's own
+    /// text (`super::origin`).
+    pub pkeys: bool,
 }
 
 impl Layers {
@@ -39,6 +44,7 @@ impl Layers {
         namespaces: true,
         landlock: true,
         seccomp: true,
+        pkeys: true,
     };
     /// None (no_new_privs and not-dumpable still apply).
     pub const NONE: Self = Self {
@@ -46,6 +52,7 @@ impl Layers {
         namespaces: false,
         landlock: false,
         seccomp: false,
+        pkeys: false,
     };
 }
 
@@ -112,13 +119,14 @@ impl SandboxSettings {
         let l = self.layers;
         let flag = |on: bool, c: char| if on { c } else { '-' };
         let mut s = format!(
-            "uid={},gid={},layers={}{}{}{}",
+            "uid={},gid={},layers={}{}{}{}{}",
             self.uid,
             self.gid,
             flag(l.identity, 'i'),
             flag(l.namespaces, 'n'),
             flag(l.landlock, 'l'),
             flag(l.seccomp, 's'),
+            flag(l.pkeys, 'k'),
         );
         if l.namespaces
             && let Some(ns) = super::host::shared_namespaces()
@@ -227,7 +235,8 @@ impl SandboxSpec {
                         Some(b'-') => Ok(false),
                         _ => Err(bad()),
                     };
-                    if b.len() != 4 {
+                    // Four letters (before protection keys: off) or five.
+                    if b.len() != 4 && b.len() != 5 {
                         return Err(bad());
                     }
                     layers = Some(Layers {
@@ -235,6 +244,7 @@ impl SandboxSpec {
                         namespaces: on(1, b'n')?,
                         landlock: on(2, b'l')?,
                         seccomp: on(3, b's')?,
+                        pkeys: b.len() == 5 && on(4, b'k')?,
                     });
                 }
                 "netns" if !v.is_empty() => netns = Some(PathBuf::from(v)),

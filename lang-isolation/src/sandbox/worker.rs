@@ -7,7 +7,8 @@
 //! `pread64`) and mapping them with the runtime's loader.
 
 use super::common::{base_allowlist, confined, worker_extras};
-use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, on_fd};
+use super::origin::OriginFilter;
+use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, mprotect_no_exec, on_fd};
 use super::{Policy, SandboxSpec};
 
 /// The worker's policy for `spec`, for the process `pid` (itself), whose
@@ -23,6 +24,10 @@ pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, F
         Allowed::any("pread64", libc::SYS_pread64),
         Allowed::any("close", libc::SYS_close),
     ]);
+    if layers.pkeys {
+        // Keying an instance's memory (never executable, like mprotect).
+        allowed.push(mprotect_no_exec("pkey_mprotect", libc::SYS_pkey_mprotect)?);
+    }
     // A trap: the worker's SIGSYS handler ends the running function with
     // a policy violation and the worker serves on (the instance is
     // reloaded). The forbidden call never runs whatever the function
@@ -37,6 +42,15 @@ pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, F
         allowed,
         violation: Violation::Trap,
     });
+    // With keys and seccomp: memory-layout and signal calls only from the
+    // code mapped now (before any function), see `super::origin`. If
+    // /proc/self/maps is unreadable the worker goes without (and says so
+    // in its policy text).
+    let origin = (layers.pkeys && layers.seccomp)
+        .then(OriginFilter::of_this_process)
+        .and_then(Result::ok);
     // A private mount namespace: once per worker, off every request's path.
-    Ok(confined("language worker", spec, true, seccomp))
+    let mut policy = confined("language worker", spec, true, seccomp);
+    policy.origin = origin;
+    Ok(policy)
 }

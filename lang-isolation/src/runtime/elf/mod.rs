@@ -17,7 +17,9 @@
 mod dynamic;
 
 use dynamic::{Symbols, parse_dynamic};
-use microfaas_sdk::{ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, INIT_SYMBOL};
+use microfaas_sdk::{
+    ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction, find_pkru_instruction,
+};
 
 /// Largest address span an artifact may occupy: 1 GiB.
 pub const MAX_SPAN_BYTES: u64 = 1 << 30;
@@ -113,6 +115,15 @@ pub enum ElfError {
     /// A required exported symbol is missing or misplaced.
     #[error("exported symbol `{0}` is missing or outside its segment")]
     MissingSymbol(&'static str),
+    /// Executable pages hold an instruction that can change the
+    /// protection-key rights register (see [`scan_executable`]).
+    #[error("executable bytes at file offset {offset:#x} encode {}, which function code must not contain", instruction.name())]
+    ForbiddenInstruction {
+        /// What it encodes.
+        instruction: PkruInstruction,
+        /// Its offset in the file.
+        offset: u64,
+    },
     /// The artifact was built against another ABI version.
     #[error("ABI version {found}, this runtime speaks {ABI_VERSION}")]
     AbiMismatch {
@@ -473,6 +484,27 @@ fn plan_segment(seg: &Segment, lo: u64) -> Result<SegmentPlan, ElfError> {
     })
 }
 
+/// Refuses `WRPKRU`, `XRSTOR` and `XRSTORS` anywhere in the bytes that get
+/// mapped executable: every byte offset of the whole file pages of each
+/// `R+X` segment (a page is mapped whole, so bytes of a neighbouring
+/// segment sharing it are executable too), as ERIM does. With them,
+/// function code could change its own memory-protection-key rights
+/// without the runtime.
+pub fn scan_executable(file: &[u8], plans: &[SegmentPlan]) -> Result<(), ElfError> {
+    for p in plans.iter().filter(|p| p.protection == Protection::ReadExec) {
+        let start = usize::try_from(p.file_offset).map_err(|_| ElfError::Truncated("segment"))?;
+        let end = start.saturating_add(p.file_bytes).min(file.len());
+        let Some(bytes) = file.get(start..end) else {
+            return Err(ElfError::Truncated("segment"));
+        };
+        if let Some((at, instruction)) = find_pkru_instruction(bytes) {
+            let offset = u64::try_from(start + at).unwrap_or(u64::MAX);
+            return Err(ElfError::ForbiddenInstruction { instruction, offset });
+        }
+    }
+    Ok(())
+}
+
 /// Parses and checks `file`, the whole artifact, into a [`LoadPlan`].
 pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
     let Headers {
@@ -491,6 +523,7 @@ pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
         .iter()
         .map(|s| plan_segment(s, lo))
         .collect::<Result<Vec<_>, _>>()?;
+    scan_executable(file, &plans)?;
     let image = Loaded { file, segments };
 
     let (dyn_vaddr, dyn_size) = dynamic.ok_or(ElfError::Malformed("program headers (no PT_DYNAMIC)"))?;
