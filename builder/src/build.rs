@@ -243,7 +243,13 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> Result<Built, BuildError> {
     let work = cache_dir.join("work").join(key);
     fs::create_dir_all(&work).map_err(io_err(format!("creating {}", work.display())))?;
     let lock = fs::File::create(work.join(".lock")).map_err(io_err("creating the work dir lock"))?;
-    lock.lock().map_err(io_err("locking the work dir"))?;
+    // A signal (e.g. a caller's preemption timer) may interrupt the wait
+    // while another build holds the lock: wait again.
+    while let Err(e) = lock.lock() {
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(io_err("locking the work dir")(e));
+        }
+    }
     let wrapper = work.join("wrapper");
     write_wrapper(&wrapper, &func, &dir, &sdk)?;
     let wrapper_manifest = wrapper.join("Cargo.toml");

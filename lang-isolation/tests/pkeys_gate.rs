@@ -103,7 +103,9 @@ fn every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on() {
     let mut s = gated(&function("stack-overflow"), &keys, &config);
     assert!(matches!(s.handle(b""), Err(Failure::StackOverflow { .. })));
     // A preempting signal while it spins: the handler redirects to the
-    // gate's bail path.
+    // gate's bail path. (Built before the signals start: they would
+    // interrupt whatever this thread waits in.)
+    let spin_bytes = function("spin");
     // SAFETY: installing a SA_SIGINFO handler with an empty mask.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
@@ -121,7 +123,7 @@ fn every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on() {
             unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2) };
         }
     });
-    let mut spin = gated(&function("spin"), &keys, &config);
+    let mut spin = gated(&spin_bytes, &keys, &config);
     assert!(matches!(spin.handle(b""), Err(Failure::Preempted)));
     kicker.join().unwrap();
     // Everyone still serves.

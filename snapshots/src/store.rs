@@ -219,10 +219,14 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(self.inner.root.join(LOCK_FILE))?;
-        if exclusive {
-            f.lock()?
-        } else {
-            f.lock_shared()?
+        // Waits again when a signal interrupts the wait (another process
+        // holds the lock and the caller has a timer or handler running).
+        loop {
+            let taken = if exclusive { f.lock() } else { f.lock_shared() };
+            match taken {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
         }
         Ok(f)
     }
