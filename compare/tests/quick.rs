@@ -126,11 +126,21 @@ fn quick_suite_writes_a_valid_report() {
         );
     }
     if doc["environment"]["kvm_usable"] == true {
-        for mode in ["none", "watchdog"] {
-            let row = find("vm", mode, None);
-            assert!(row["skipped"].is_null(), "{row}");
-            assert!(row["blocks_per_s"].as_f64().unwrap() > 0.0, "{row}");
-        }
+        let row = find("vm", "none", None);
+        assert!(row["skipped"].is_null(), "{row}");
+        assert!(row["blocks_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        // The 100 us watchdog row measures, or (on a loaded host, where a
+        // hot vm call itself takes over 100 us) reports that the watchdog
+        // stopped every call: either way the watchdog ran. Speed is not a
+        // test's business.
+        let row = find("vm", "watchdog", None);
+        assert!(
+            row["blocks_per_s"].as_f64().is_some_and(|b| b > 0.0)
+                || row["skipped"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("exceeded its budget")),
+            "{row}"
+        );
         assert_eq!(find("vm", "none", None)["relative_pct"].as_f64(), Some(100.0));
     }
 
