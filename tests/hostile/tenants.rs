@@ -49,6 +49,17 @@ struct Pair {
     attacker: FunctionId,
 }
 
+/// The full sandbox but for protection keys (and the syscall-origin
+/// filter that comes with them): the layer under test here is the process
+/// between tenants, so the attacker's scans and patches must not be
+/// stopped first by keys inside the worker (`pkeys.rs` tests those).
+fn without_keys() -> SandboxConfig {
+    SandboxConfig {
+        pkeys: false,
+        ..SandboxConfig::default()
+    }
+}
+
 fn config(sandbox: SandboxConfig, workers: usize) -> Config {
     Config {
         sandbox,
@@ -186,7 +197,7 @@ fn language_tenants_get_their_own_workers_under_their_own_uids() {
 fn language_another_tenant_finds_nothing_of_the_victim_and_cannot_patch_it() {
     let p = pair(
         BackendKind::Language,
-        SandboxConfig::default(),
+        without_keys(),
         "tenant-attacker",
         "lang-victim",
         "lang-attacker",
@@ -213,7 +224,7 @@ fn language_control_in_one_tenant_the_attacker_reads_and_patches_the_victim() {
     // what separate tenants prevent, and proves the test above can fail.
     let p = pair(
         BackendKind::Language,
-        SandboxConfig::default(),
+        without_keys(),
         "tenant-attacker",
         "lang-shared",
         "lang-shared",
