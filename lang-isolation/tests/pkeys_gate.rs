@@ -44,6 +44,8 @@ fn gated(bytes: &[u8], keys: &[u32], config: &InstanceConfig) -> Instance {
 }
 
 extern "C" fn on_preempt(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut std::ffi::c_void) {
+    // Before any call through the GOT (which carries the shared key).
+    pkeys::open_all_keys();
     // SAFETY: a SA_SIGINFO handler on the thread running the function.
     unsafe { preempt_from_signal(ctx) };
 }
