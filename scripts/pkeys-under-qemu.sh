@@ -138,7 +138,7 @@ cpu() {
     grep -qw ospke /proc/cpuinfo && grep -qw pku /proc/cpuinfo
 }
 group cpu / cpu
-group gate $REPO/lang-isolation $GATE --test-threads=1
+group gate $REPO/lang-isolation $GATE
 group unit $REPO/lang-isolation $UNIT --test-threads=1 pkeys
 group pkeys $REPO $HOSTILE --test-threads=1 pkeys:: --nocapture
 group language $REPO $HOSTILE --test-threads=1 language::

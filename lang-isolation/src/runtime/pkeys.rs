@@ -419,7 +419,10 @@ pub fn claim_gate_for_this_thread() -> io::Result<()> {
 /// may make gated calls) and, the first time, allocates one key for the
 /// runtime's read-only data (see the module docs): allocate the instances'
 /// keys after this, or leave one free. Call only after checking
-/// [`cpu_has_ospke`].
+/// [`cpu_has_ospke`], with no other thread running: a thread that existed
+/// before keeps the kernel's default PKRU, which closes the new key, and
+/// faults on its next call through the GOT (threads created later inherit
+/// their creator's PKRU; the language worker is single-threaded).
 pub fn claim_for_this_thread() -> io::Result<()> {
     // SAFETY: gettid has no preconditions.
     let tid = u64::try_from(unsafe { libc::gettid() }).unwrap_or(u64::MAX);
