@@ -160,7 +160,11 @@ fn own_segments() -> io::Result<(u64, Vec<Segment>)> {
         bias: u64,
         segments: Vec<Segment>,
     }
-    unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: libc::size_t, data: *mut libc::c_void) -> libc::c_int {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
         // SAFETY: dl_iterate_phdr passes a valid info and our `data`.
         let (info, found) = unsafe { (&*info, &mut *data.cast::<Found>()) };
         let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
@@ -182,9 +186,10 @@ fn own_segments() -> io::Result<(u64, Vec<Segment>)> {
         let holds_probe = segments.iter().any(|s| {
             s.kind == libc::PT_LOAD
                 && s.flags & libc::PF_X != 0
-                && info.dlpi_addr.checked_add(s.vaddr).is_some_and(|a| {
-                    a <= found.probe && a.checked_add(s.memsz).is_some_and(|e| found.probe < e)
-                })
+                && info
+                    .dlpi_addr
+                    .checked_add(s.vaddr)
+                    .is_some_and(|a| a <= found.probe && a.checked_add(s.memsz).is_some_and(|e| found.probe < e))
         });
         if holds_probe {
             found.bias = info.dlpi_addr;
@@ -202,7 +207,9 @@ fn own_segments() -> io::Result<(u64, Vec<Segment>)> {
     // loader hands it; `found` outlives the call.
     unsafe { libc::dl_iterate_phdr(Some(visit), (&raw mut found).cast()) };
     if found.segments.is_empty() {
-        return Err(io::Error::other("the runtime's own object is not among the loaded ones"));
+        return Err(io::Error::other(
+            "the runtime's own object is not among the loaded ones",
+        ));
     }
     Ok((found.bias, found.segments))
 }
@@ -830,7 +837,11 @@ mod tests {
         assert_eq!((p >> 6) & 3, 0, "own key open");
         assert_eq!(p & 3, 3, "key 0 closed");
         assert_eq!(p | (0b01 << 30), only_key(3));
-        assert_eq!(only_key_reading(3, Some(99)), only_key(3), "no such key: nothing opened");
+        assert_eq!(
+            only_key_reading(3, Some(99)),
+            only_key(3),
+            "no such key: nothing opened"
+        );
     }
 
     #[test]
@@ -869,21 +880,18 @@ mod tests {
             memsz,
         };
         let segments = [
-            seg(6, 4, 0x40, 0x2a0),          // PT_PHDR: not a load
-            seg(1, 4, 0, 0x1_2345),          // rodata (R)
-            seg(1, 5, 0x1_3345, 0x10_0000),  // text (R+X)
-            seg(1, 6, 0x11_4345, 0x2_0000),  // data (R+W)
+            seg(6, 4, 0x40, 0x2a0),                   // PT_PHDR: not a load
+            seg(1, 4, 0, 0x1_2345),                   // rodata (R)
+            seg(1, 5, 0x1_3345, 0x10_0000),           // text (R+X)
+            seg(1, 6, 0x11_4345, 0x2_0000),           // data (R+W)
             seg(0x6474_e552, 4, 0x11_4345, 0x1_1cbb), // RELRO inside it
-            seg(1, 4, 0x20_0000, 0),         // empty
-            seg(1, 4, u64::MAX, 2),          // overflows
+            seg(1, 4, 0x20_0000, 0),                  // empty
+            seg(1, 4, u64::MAX, 2),                   // overflows
         ];
         let bias = 0x5555_5555_4000;
         assert_eq!(
             readonly_ranges(bias, &segments, 0x1000),
-            [
-                (bias, bias + 0x1_3000),
-                (bias + 0x11_4000, bias + 0x12_6000),
-            ]
+            [(bias, bias + 0x1_3000), (bias + 0x11_4000, bias + 0x12_6000),]
         );
         // RELRO shorter than its first page protects nothing (as the loader).
         assert!(readonly_ranges(0, &[seg(0x6474_e552, 4, 0x1100, 0x100)], 0x1000).is_empty());
