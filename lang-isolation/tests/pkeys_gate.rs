@@ -6,6 +6,10 @@
 //! the gate's copy without PKRU writes runs the same path. Also: the
 //! runtime's loader refuses an artifact whose code was patched to hold
 //! WRPKRU or XRSTOR (one the builder's verifier never saw).
+//!
+//! No libtest harness (`harness = false`): the keyed calls run on the main
+//! thread, the process's only one when it claims the keys (see
+//! `pkeys::claim_for_this_thread`).
 
 use lang_isolation::runtime::pkeys;
 use lang_isolation::runtime::{
@@ -44,11 +48,12 @@ fn gated(bytes: &[u8], keys: &[u32], config: &InstanceConfig) -> Instance {
 }
 
 extern "C" fn on_preempt(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut std::ffi::c_void) {
+    // Before any call through the GOT (which carries the shared key).
+    pkeys::open_all_keys();
     // SAFETY: a SA_SIGINFO handler on the thread running the function.
     unsafe { preempt_from_signal(ctx) };
 }
 
-#[test]
 fn every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on() {
     let keys = if pkeys::cpu_has_ospke() {
         let keys = pkeys::allocate_keys(2).unwrap();
@@ -116,22 +121,30 @@ fn every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on() {
     }
     // SAFETY: gettid/getpid have no preconditions.
     let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
-    let kicker = std::thread::spawn(move || {
-        for _ in 0..20 {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            // SAFETY: signalling our own test thread.
-            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2) };
+    // Loaded before the kicker starts, which then signals until the call
+    // ended (a slow host, e.g. under emulation, must not let every signal
+    // land before the spin begins).
+    let mut spin = gated(&spin_bytes, &keys, &config);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kicker = std::thread::spawn({
+        let done = done.clone();
+        move || {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                // SAFETY: signalling our own test thread.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2) };
+            }
         }
     });
-    let mut spin = gated(&spin_bytes, &keys, &config);
-    assert!(matches!(spin.handle(b""), Err(Failure::Preempted)));
+    let spun = spin.handle(b"");
+    done.store(true, std::sync::atomic::Ordering::Release);
     kicker.join().unwrap();
+    assert!(matches!(spun, Err(Failure::Preempted)), "{spun:?}");
     // Everyone still serves.
     assert_eq!(e.handle(b"after all that").unwrap().bytes(), b"after all that");
     assert!(n.handle(b"").is_ok());
 }
 
-#[test]
 fn the_loader_refuses_code_patched_to_hold_pkru_writes() {
     let bytes = function("noop");
     let p = plan(&bytes).unwrap();
@@ -171,4 +184,29 @@ fn the_loader_refuses_code_patched_to_hold_pkru_writes() {
     ] {
         assert!(plan(&function(name)).is_ok(), "{name}");
     }
+}
+
+fn main() {
+    let tests: [(&str, fn()); 2] = [
+        (
+            "every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on",
+            every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on,
+        ),
+        (
+            "the_loader_refuses_code_patched_to_hold_pkru_writes",
+            the_loader_refuses_code_patched_to_hold_pkru_writes,
+        ),
+    ];
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let mut ran = 0;
+    for (name, test) in tests {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        eprint!("test {name} ... ");
+        test();
+        eprintln!("ok");
+        ran += 1;
+    }
+    eprintln!("test result: ok. {ran} passed");
 }

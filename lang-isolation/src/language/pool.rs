@@ -231,7 +231,16 @@ impl WorkerHandle {
             .ok_or_else(|| std::io::Error::other("the shared region has no fd"))?;
         let (fds, _temporaries) = crate::process::child_fds(&[(shm, SHM_FD), (theirs.as_fd(), WORKER_SOCKET_FD)])?;
         let mut command = Command::new(bin);
+        // No rseq area for the worker: before Linux 6.15 the kernel's rseq
+        // update, after the worker was scheduled, runs with the function's
+        // PKRU and kills it (see `runtime::pkeys`); its sandbox refuses the
+        // unregistering system call, so glibc must not register at all.
+        let tunables = match std::env::var("GLIBC_TUNABLES") {
+            Ok(t) if !t.is_empty() => format!("{t}:glibc.pthread.rseq=0"),
+            _ => "glibc.pthread.rseq=0".to_owned(),
+        };
         command
+            .env("GLIBC_TUNABLES", tunables)
             .args(args.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

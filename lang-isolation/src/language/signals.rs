@@ -51,6 +51,8 @@ pub fn overdue(deadline_ns: u64, now_ns: u64) -> bool {
 }
 
 extern "C" fn on_preempt(_signal: libc::c_int, _info: *mut libc::siginfo_t, context: *mut c_void) {
+    // First: the kernel ran this with key 0 alone (see `open_all_keys`).
+    crate::runtime::pkeys::open_all_keys();
     if !overdue(DEADLINE_NS.load(Ordering::Acquire), now_ns()) {
         return;
     }
@@ -64,6 +66,8 @@ extern "C" fn on_preempt(_signal: libc::c_int, _info: *mut libc::siginfo_t, cont
 const SIGSYS_SYSCALL_OFFSET: usize = 24;
 
 extern "C" fn on_sigsys(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+    // First: the kernel ran this with key 0 alone (see `open_all_keys`).
+    crate::runtime::pkeys::open_all_keys();
     // SAFETY: for SIGSYS raised by seccomp the kernel fills `_sigsys`; the
     // siginfo is 128 bytes, so the i32 at offset 24 is inside it.
     let nr = unsafe {

@@ -273,6 +273,11 @@ fn set_up_keys(wanted: bool) -> (Option<KeyPool>, PkeysState) {
             },
         );
     }
+    // The claim takes one key for the runtime's read-only data; the
+    // instances get the rest.
+    if let Err(e) = pkeys::claim_for_this_thread() {
+        return (None, PkeysState::Unavailable { reason: e.to_string() });
+    }
     let keys = match pkeys::allocate_keys(pkeys::MAX_KEYS) {
         Ok(keys) if !keys.is_empty() => keys,
         Ok(_) => {
@@ -292,9 +297,6 @@ fn set_up_keys(wanted: bool) -> (Option<KeyPool>, PkeysState) {
             );
         }
     };
-    if let Err(e) = pkeys::claim_for_this_thread() {
-        return (None, PkeysState::Unavailable { reason: e.to_string() });
-    }
     let n = keys.len();
     (Some(KeyPool::new(keys)), PkeysState::Enabled { keys: n })
 }

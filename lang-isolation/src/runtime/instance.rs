@@ -358,7 +358,7 @@ impl Instance {
             rdx: args[1],
             rcx: args[2],
             stack_top: stack.end,
-            pkru: pkeys::only_key(key),
+            pkru: pkeys::function_pkru(key),
             writes_pkru: self.key.is_some(),
         };
         let published = trap::activate(&active);

@@ -79,6 +79,16 @@ unsafe extern "C" {
     fn microfaas_memcmp(a: *const u8, b: *const u8, n: usize) -> i32;
 }
 
+/// `memmove` touching nothing but its arguments, for host services that
+/// run with a function's PKRU (glibc's reads libc's data, on key 0).
+///
+/// # Safety
+/// As `core::ptr::copy`: `n` readable bytes at `src`, `n` writable at `dst`.
+pub(crate) unsafe fn memmove(dst: *mut u8, src: *const u8, n: usize) {
+    // SAFETY: caller contract; the routine only reads and writes those bytes.
+    unsafe { microfaas_memmove(dst, src, n) };
+}
+
 /// Addresses of `memcpy`, `memmove`, `memset`, `memcmp`.
 pub(crate) fn addresses() -> [usize; 4] {
     [

@@ -12,9 +12,24 @@
 //!                       page (host table, heap state, reply buffer) and the
 //!                       non-executable segments of its image (rodata,
 //!                       RELRO/GOT, data, bss)
+//!  key s (one more)     the runtime executable's read-only data: its
+//!                       read-only segments (rodata, eh_frame) and its
+//!                       RELRO (GOT, vtables), all public and constant
 //!  PKRU in the runtime  0: every key readable and writable
-//!  PKRU in a function   access- and write-disable for every key but k
+//!  PKRU in a function   access- and write-disable for every key but k,
+//!                       write-disable only for s
 //! ```
+//!
+//! Key s exists because host services (`host_alloc`, `host_fail`, ...) run
+//! compiled Rust on the function's stack with the function's PKRU, and
+//! compiled code reads the executable's GOT for calls across codegen
+//! units and crates (`call *sym@GOTPCREL(%rip)`, unrelaxed in debug and
+//! release builds alike) and its rodata for constants: with those pages on
+//! key 0, every such access faults (found by running the keyed path under
+//! QEMU's emulated PKU, `scripts/pkeys-under-qemu.sh`). A function can
+//! read that data too (addresses of the runtime and libc: code addresses
+//! the host table already gives away), never write it; the runtime's state
+//! stays on key 0.
 //!
 //! PKU does not restrict instruction fetch, so code stays key 0 and
 //! executable; a function can run another's code but not read it, and that
@@ -65,6 +80,167 @@ pub const RUNTIME_PKRU: u32 = 0;
 pub fn only_key(key: u32) -> u32 {
     let own = 0b11u32.checked_shl(key.saturating_mul(2)).unwrap_or(0);
     !own
+}
+
+/// [`only_key`]`(key)`, plus read access (write-disable only) to `shared`,
+/// the key of the runtime's read-only data, when there is one. Pure.
+pub fn only_key_reading(key: u32, shared: Option<u32>) -> u32 {
+    let readable = shared
+        .and_then(|s| 0b01u32.checked_shl(s.saturating_mul(2)))
+        .unwrap_or(0);
+    only_key(key) & !readable
+}
+
+/// The PKRU a function with `key` runs with in this process: its own key,
+/// and reading the runtime's read-only data (see the module docs).
+pub fn function_pkru(key: u32) -> u32 {
+    let shared = match SHARED_KEY.load(Ordering::Acquire) {
+        0 => None,
+        s => Some(s),
+    };
+    only_key_reading(key, shared)
+}
+
+/// The key of the runtime executable's read-only data (0: not set up).
+static SHARED_KEY: AtomicU32 = AtomicU32::new(0);
+
+/// A program header's fields that [`readonly_ranges`] needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// `p_type`.
+    pub kind: u32,
+    /// `p_flags`.
+    pub flags: u32,
+    /// `p_vaddr` (before the load bias).
+    pub vaddr: u64,
+    /// `p_memsz`.
+    pub memsz: u64,
+}
+
+/// The page ranges `[start, end)` of an object loaded at `bias` that carry
+/// read-only data: each `PT_LOAD` neither writable nor executable (whole
+/// pages), and `PT_GNU_RELRO` as the dynamic loader protects it (start and
+/// end rounded down to pages). Empty ranges and overflowing ones are left
+/// out. Pure.
+pub fn readonly_ranges(bias: u64, segments: &[Segment], page: u64) -> Vec<(u64, u64)> {
+    const PT_LOAD: u32 = 1;
+    const PT_GNU_RELRO: u32 = 0x6474_e552;
+    const PF_X: u32 = 1;
+    const PF_W: u32 = 2;
+    let down = |a: u64| a - a % page;
+    let up = |a: u64| a.checked_add(page - 1).map(down);
+    let mut out = Vec::new();
+    for seg in segments {
+        let Some(start) = bias.checked_add(seg.vaddr) else {
+            continue;
+        };
+        let Some(end) = start.checked_add(seg.memsz) else {
+            continue;
+        };
+        let range = match seg.kind {
+            PT_LOAD if seg.flags & (PF_W | PF_X) == 0 => up(end).map(|e| (down(start), e)),
+            PT_GNU_RELRO => Some((down(start), down(end))),
+            _ => None,
+        };
+        if let Some((s, e)) = range
+            && s < e
+        {
+            out.push((s, e));
+        }
+    }
+    out
+}
+
+/// The program headers of the object (the executable) holding this code,
+/// and its load bias, from the dynamic loader (no file access: the worker
+/// has none).
+fn own_segments() -> io::Result<(u64, Vec<Segment>)> {
+    struct Found {
+        probe: u64,
+        bias: u64,
+        segments: Vec<Segment>,
+    }
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info and our `data`.
+        let (info, found) = unsafe { (&*info, &mut *data.cast::<Found>()) };
+        let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+            &[]
+        } else {
+            // SAFETY: the loader's program headers of this object,
+            // `dlpi_phnum` of them, valid during the callback.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        let segments: Vec<Segment> = phdrs
+            .iter()
+            .map(|p| Segment {
+                kind: p.p_type,
+                flags: p.p_flags,
+                vaddr: p.p_vaddr,
+                memsz: p.p_memsz,
+            })
+            .collect();
+        let holds_probe = segments.iter().any(|s| {
+            s.kind == libc::PT_LOAD
+                && s.flags & libc::PF_X != 0
+                && info
+                    .dlpi_addr
+                    .checked_add(s.vaddr)
+                    .is_some_and(|a| a <= found.probe && a.checked_add(s.memsz).is_some_and(|e| found.probe < e))
+        });
+        if holds_probe {
+            found.bias = info.dlpi_addr;
+            found.segments = segments;
+            return 1;
+        }
+        0
+    }
+    let mut found = Found {
+        probe: only_key as *const () as usize as u64,
+        bias: 0,
+        segments: Vec::new(),
+    };
+    // SAFETY: `visit` matches the callback ABI and only reads what the
+    // loader hands it; `found` outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&raw mut found).cast()) };
+    if found.segments.is_empty() {
+        return Err(io::Error::other(
+            "the runtime's own object is not among the loaded ones",
+        ));
+    }
+    Ok((found.bias, found.segments))
+}
+
+/// Allocates one key and puts the runtime executable's read-only data under
+/// it (readable by functions, see [`function_pkru`]); once per process.
+fn share_runtime_readonly() -> io::Result<()> {
+    if SHARED_KEY.load(Ordering::Acquire) != 0 {
+        return Ok(());
+    }
+    let (bias, segments) = own_segments()?;
+    // SAFETY: sysconf has no memory effects.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let ranges = readonly_ranges(bias, &segments, page);
+    if ranges.is_empty() {
+        return Err(io::Error::other("the runtime has no read-only segment to share"));
+    }
+    let key = allocate_keys(1)?
+        .pop()
+        .ok_or_else(|| io::Error::other("no key left for the runtime's read-only data"))?;
+    for (start, end) in ranges {
+        let (Ok(addr), Ok(len)) = (usize::try_from(start), usize::try_from(end - start)) else {
+            return Err(io::Error::other("a read-only segment out of the address space"));
+        };
+        // SAFETY: read-only pages of this executable, mapped for the whole
+        // process; they stay read-only (only their key changes), so no
+        // reference into them is invalidated.
+        unsafe { pkey_mprotect(addr, len, libc::PROT_READ, key)? };
+    }
+    SHARED_KEY.store(key, Ordering::Release);
+    Ok(())
 }
 
 /// Whether the CPU has PKU and the kernel enabled it (CPUID.7.0:ECX.OSPKE).
@@ -247,7 +423,13 @@ pub fn claim_gate_for_this_thread() -> io::Result<()> {
 }
 
 /// Marks keys as in use by the calling thread (only one thread per process
-/// may make gated calls). Call only after checking [`cpu_has_ospke`].
+/// may make gated calls) and, the first time, allocates one key for the
+/// runtime's read-only data (see the module docs): allocate the instances'
+/// keys after this, or leave one free. Call only after checking
+/// [`cpu_has_ospke`], with no other thread running: a thread that existed
+/// before keeps the kernel's default PKRU, which closes the new key, and
+/// faults on its next call through the GOT (threads created later inherit
+/// their creator's PKRU; the language worker is single-threaded).
 pub fn claim_for_this_thread() -> io::Result<()> {
     // SAFETY: gettid has no preconditions.
     let tid = u64::try_from(unsafe { libc::gettid() }).unwrap_or(u64::MAX);
@@ -256,9 +438,79 @@ pub fn claim_for_this_thread() -> io::Result<()> {
         Err(owner) if owner == tid => {}
         Err(_) => return Err(io::Error::other("memory protection keys are in use by another thread")),
     }
+    share_runtime_readonly()?;
+    unregister_rseq()?;
     use_key_safe_imports();
     KEYS_IN_USE.store(true, Ordering::Release);
     Ok(())
+}
+
+unsafe extern "C" {
+    /// glibc (2.35+): offset of this thread's `struct rseq` from the
+    /// thread pointer.
+    static __rseq_offset: isize;
+    /// glibc: the size glibc registered (0: rseq not registered).
+    static __rseq_size: u32;
+}
+
+/// `RSEQ_SIG` on x86: the signature glibc registered the area with.
+const RSEQ_SIG: u32 = 0x5305_3053;
+
+/// Takes this thread's restartable-sequences area away from the kernel.
+///
+/// glibc registers a `struct rseq` in every thread's TLS (key 0), and the
+/// kernel writes it (the current CPU) on the way back to user space after
+/// the thread was scheduled or migrated. Before Linux 6.15 ("rseq: Make
+/// rseq work with protection keys") that write uses the thread's PKRU: in
+/// the middle of a function call it fails and the kernel kills the thread
+/// with SIGSEGV (`SI_KERNEL`), at whatever instruction the function was
+/// preempted on. Found under QEMU's emulated PKU
+/// (`scripts/pkeys-under-qemu.sh`). glibc reads the area only for
+/// `sched_getcpu`, which falls back to the system call once the kernel
+/// marks it unregistered.
+fn unregister_rseq() -> io::Result<()> {
+    // SAFETY: glibc's exported constants, set before `main`.
+    let (offset, size) = unsafe { (__rseq_offset, __rseq_size) };
+    if size == 0 {
+        return Ok(());
+    }
+    let tp: usize;
+    // SAFETY: reads the thread control block's self pointer (`%fs:0`, the
+    // thread pointer on x86-64 glibc); no other effect.
+    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    let area = tp.wrapping_add_signed(offset);
+    // glibc 2.40+ reports the feature size (20) but registers at least 32.
+    for len in [size, size.max(32)] {
+        // SAFETY: RSEQ_FLAG_UNREGISTER of the area glibc registered for this
+        // thread: the kernel only compares and forgets it.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rseq,
+                area,
+                libc::c_ulong::from(len),
+                1 as libc::c_ulong,
+                libc::c_ulong::from(RSEQ_SIG),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    let err = io::Error::last_os_error();
+    // Not registered (already done, or glibc's registration failed).
+    if err.raw_os_error() == Some(libc::EINVAL) && !rseq_registered(area) {
+        return Ok(());
+    }
+    Err(io::Error::other(format!("unregistering rseq: {err}")))
+}
+
+/// Whether this thread's rseq area says it is registered (the kernel keeps
+/// `cpu_id` at a CPU number, glibc and unregistration leave it negative).
+fn rseq_registered(area: usize) -> bool {
+    // `struct rseq`: cpu_id_start (u32), then cpu_id (i32) at offset 4.
+    let cpu_id = std::ptr::with_exposed_provenance::<i32>(area.wrapping_add(4));
+    // SAFETY: this thread's live rseq area in its TLS, at least 20 bytes.
+    unsafe { cpu_id.read_volatile() >= 0 }
 }
 
 /// Images loaded from now on import the runtime's own `mem*` (see
@@ -280,11 +532,33 @@ pub fn use_key_safe_imports() {
 
 /// In a signal handler: if keys are in use, make every key accessible
 /// (sigreturn restores the interrupted PKRU). Async-signal-safe.
+///
+/// The kernel runs handlers with key 0 alone accessible, and the
+/// executable's GOT and rodata carry the shared key: a handler must call
+/// this first, before any call through the GOT (every call into another
+/// crate or codegen unit, `clock_gettime` included). It is one inline
+/// assembly block, always inlined, that reads the flag PC-relative (key 0)
+/// and so touches nothing else.
+#[inline(always)]
 pub fn open_all_keys() {
-    if KEYS_IN_USE.load(Ordering::Acquire) {
-        // SAFETY: PKU exists (keys are in use); opening all keys only
-        // widens this thread's data access to memory that is mapped anyway.
-        unsafe { wrpkru(RUNTIME_PKRU) };
+    // SAFETY: reads a key-0 static; WRPKRU runs only once keys are in use,
+    // so PKU exists; opening all keys only widens this thread's data
+    // access to memory that is mapped anyway.
+    unsafe {
+        std::arch::asm!(
+            "cmp byte ptr [rip + {flag}], 0",
+            "je 2f",
+            "xor eax, eax",
+            "xor ecx, ecx",
+            "xor edx, edx",
+            "wrpkru",
+            "2:",
+            flag = sym KEYS_IN_USE,
+            out("eax") _,
+            out("ecx") _,
+            out("edx") _,
+            options(nostack),
+        );
     }
 }
 
@@ -553,6 +827,74 @@ mod tests {
                 assert_eq!(bits, if other == k { 0 } else { 3 }, "key {k}, bits of {other}");
             }
         }
+    }
+
+    #[test]
+    fn the_shared_key_is_readable_not_writable() {
+        assert_eq!(only_key_reading(3, None), only_key(3));
+        let p = only_key_reading(3, Some(15));
+        assert_eq!((p >> 30) & 3, 0b10, "key 15: write-disable only");
+        assert_eq!((p >> 6) & 3, 0, "own key open");
+        assert_eq!(p & 3, 3, "key 0 closed");
+        assert_eq!(p | (0b01 << 30), only_key(3));
+        assert_eq!(
+            only_key_reading(3, Some(99)),
+            only_key(3),
+            "no such key: nothing opened"
+        );
+    }
+
+    #[test]
+    fn rseq_is_unregistered_for_the_gated_thread_only() {
+        // SAFETY: glibc's exported constant.
+        if unsafe { __rseq_size } == 0 {
+            eprintln!("glibc did not register rseq here: nothing to take away");
+            return;
+        }
+        let area = || {
+            let tp: usize;
+            // SAFETY: as in `unregister_rseq`.
+            unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+            // SAFETY: glibc's exported constant.
+            tp.wrapping_add_signed(unsafe { __rseq_offset })
+        };
+        std::thread::spawn(move || {
+            assert!(rseq_registered(area()), "glibc registered this thread");
+            unregister_rseq().unwrap();
+            assert!(!rseq_registered(area()), "the kernel forgot it");
+            unregister_rseq().expect("a second time is a no-op");
+        })
+        .join()
+        .unwrap();
+        std::thread::spawn(move || assert!(rseq_registered(area()), "other threads keep theirs"))
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn readonly_ranges_cover_rodata_and_relro() {
+        let seg = |kind, flags, vaddr, memsz| Segment {
+            kind,
+            flags,
+            vaddr,
+            memsz,
+        };
+        let segments = [
+            seg(6, 4, 0x40, 0x2a0),                   // PT_PHDR: not a load
+            seg(1, 4, 0, 0x1_2345),                   // rodata (R)
+            seg(1, 5, 0x1_3345, 0x10_0000),           // text (R+X)
+            seg(1, 6, 0x11_4345, 0x2_0000),           // data (R+W)
+            seg(0x6474_e552, 4, 0x11_4345, 0x1_1cbb), // RELRO inside it
+            seg(1, 4, 0x20_0000, 0),                  // empty
+            seg(1, 4, u64::MAX, 2),                   // overflows
+        ];
+        let bias = 0x5555_5555_4000;
+        assert_eq!(
+            readonly_ranges(bias, &segments, 0x1000),
+            [(bias, bias + 0x1_3000), (bias + 0x11_4000, bias + 0x12_6000),]
+        );
+        // RELRO shorter than its first page protects nothing (as the loader).
+        assert!(readonly_ranges(0, &[seg(0x6474_e552, 4, 0x1100, 0x100)], 0x1000).is_empty());
     }
 
     #[test]

@@ -307,7 +307,9 @@ unsafe extern "C" fn host_fail(ctx: *mut c_void, kind: u32, msg: *const u8, msg_
     if len > 0 {
         // SAFETY: the SDK passes `msg_len` readable bytes at `msg`; the copy
         // goes to the context's own buffer, which holds MAX_MESSAGE_BYTES.
-        unsafe { std::ptr::copy(msg, context.message.as_mut_ptr(), len) };
+        // The runtime's own memmove: this runs with the function's PKRU,
+        // and glibc's reads libc's data (key 0).
+        unsafe { super::memfns::memmove(context.message.as_mut_ptr(), msg, len) };
     }
     context.reported_kind = kind;
     context.reported_len = len;
