@@ -31,9 +31,10 @@
 #      did not report).
 #
 # Groups (MFQ_TESTS, default all): cpu (PKU visible), gate (pkeys_gate),
-# unit (lang-isolation unit tests), pkeys (hostile pkeys::, with the
-# pkeys_state check), language (hostile language::), sandbox (hostile
-# sandbox::), tenants (hostile tenants::language), bench (pkeys_bench).
+# unit (lang-isolation unit tests named pkeys), pkeys (hostile pkeys::,
+# with the pkeys_state check), bench (pkeys_bench), language (hostile
+# language::), sandbox (hostile sandbox::), tenants (hostile
+# tenants::language).
 # Times under TCG are emulation times, not the hardware cost of WRPKRU.
 #
 # Environment: MFQ_WORK (default /var/tmp/microfaas-pkeys-qemu) holds the
@@ -44,7 +45,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${MFQ_WORK:-/var/tmp/microfaas-pkeys-qemu}
-TESTS=${MFQ_TESTS:-cpu gate unit pkeys language sandbox tenants bench}
+TESTS=${MFQ_TESTS:-cpu gate unit pkeys bench language sandbox tenants}
 TIMEOUT=${MFQ_TIMEOUT:-3600}
 SMP=${MFQ_SMP:-2}
 MEM=${MFQ_MEM:-4G}
@@ -141,10 +142,10 @@ group cpu / cpu
 group gate $REPO/lang-isolation $GATE
 group unit $REPO/lang-isolation $UNIT --test-threads=1 pkeys
 group pkeys $REPO $HOSTILE --test-threads=1 pkeys:: --nocapture
+group bench $REPO/lang-isolation $BENCH 20000
 group language $REPO $HOSTILE --test-threads=1 language::
 group sandbox $REPO $HOSTILE --test-threads=1 sandbox::
 group tenants $REPO $HOSTILE --test-threads=1 tenants::language
-group bench $REPO/lang-isolation $BENCH 20000
 echo MFQ-DONE
 EOF
 chmod +x "$WORK/guest-run.sh"
