@@ -68,14 +68,10 @@ pub struct CliError {
 }
 
 fn fail(err: &dyn std::error::Error) -> CliError {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
+    CliError {
+        code: 1,
+        message: crate::chain(err),
     }
-    CliError { code: 1, message }
 }
 
 fn print_json(value: &impl Serialize) -> Result<(), CliError> {

@@ -25,7 +25,8 @@ pub struct BadFile {
     pub error: String,
 }
 
-fn chain_text(err: &dyn std::error::Error) -> String {
+/// `err` and its causes, joined by `: `.
+pub(crate) fn chain_text(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
     let mut src = err.source();
     while let Some(e) = src {

@@ -303,13 +303,7 @@ impl Store {
 
     /// Records a refused file (at most once per path until taken).
     pub(crate) fn refuse(&self, path: &Path, why: &dyn std::error::Error) {
-        let mut reason = why.to_string();
-        let mut cause = why.source();
-        while let Some(c) = cause {
-            reason.push_str(": ");
-            reason.push_str(&c.to_string());
-            cause = c.source();
-        }
+        let reason = crate::inspect::chain_text(why);
         let mut refusals = self.inner.refusals.lock().unwrap_or_else(PoisonError::into_inner);
         if !refusals.iter().any(|r| r.path == path) {
             refusals.push(Refusal {
