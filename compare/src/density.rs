@@ -6,9 +6,12 @@
 //!
 //! - guest pages the instances wrote (private CoW copies of the node
 //!   image), as the backend reports them (`restored_idle_private_bytes`);
-//! - this process's private memory (`Private_Clean + Private_Dirty` of
-//!   `/proc/self/smaps_rollup`): guest pages plus vCPU thread stacks and
-//!   VMM bookkeeping; the node image itself is shared and counted once;
+//! - the private memory (`Private_Clean + Private_Dirty` of
+//!   `/proc/PID/smaps_rollup`) of this process and of its VMM host
+//!   processes (`microfaas-vmhost` children, found by their parent pid in
+//!   `/proc/*/stat`): guest pages plus runner thread stacks and VMM
+//!   bookkeeping; the node image itself is shared and counted once per
+//!   process that maps it;
 //! - host kernel memory (`Slab + KernelStack + PageTables + SecPageTables`
 //!   of `/proc/meminfo`): KVM's per-VM and per-vCPU structures and the
 //!   instances' page tables. This is system-wide, so other activity on the
@@ -38,9 +41,9 @@ pub struct PerInstance {
     pub kernel_kib: f64,
     /// Host memory: process private + kernel.
     pub host_kib: f64,
-    /// Open file descriptors.
+    /// Open file descriptors (this process and its VMM host processes).
     pub fds: f64,
-    /// Threads (each instance's vCPU thread).
+    /// Threads (this process and its VMM host processes).
     pub threads: f64,
 }
 
@@ -59,6 +62,9 @@ pub struct Row {
     pub per_instance: PerInstance,
     /// `MemAvailable` after the step, MiB.
     pub mem_available_mib: u64,
+    /// VMM host processes alive after the step (children of this process
+    /// running `microfaas-vmhost`).
+    pub host_processes: usize,
 }
 
 /// The density curve.
@@ -103,6 +109,70 @@ struct Sample {
     mem_available_kib: u64,
     fds: u64,
     threads: u64,
+    /// KVM VMs (`anon_inode:kvm-vm` fds).
+    vms: u64,
+    /// Open fds of this process alone (its open-file limit is the one
+    /// that binds here; host processes raise and watch their own).
+    own_fds: u64,
+    host_processes: usize,
+}
+
+/// The command name (`/proc/PID/comm`, at most 15 bytes) of a VMM host
+/// process.
+const HOST_COMM_PREFIX: &str = "microfaas-vmhos";
+
+/// The parent pid and command of a `/proc/PID/stat` line: `pid (comm) state
+/// ppid ...`, where `comm` may itself hold spaces and parentheses.
+fn parent_and_comm(stat: &str) -> Option<(u32, &str)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let mut rest = stat.get(close + 1..)?.split_whitespace();
+    let _state = rest.next()?;
+    Some((rest.next()?.parse().ok()?, comm))
+}
+
+/// The pids of this process's VMM host processes.
+fn host_processes() -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| parent_and_comm(&s).map(|(ppid, comm)| ppid == me && comm.starts_with(HOST_COMM_PREFIX)))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Private memory (KiB), open fds, threads and KVM VM fds of process `pid`
+/// ("self" for this one).
+fn process_counters(pid: &str) -> (u64, u64, u64, u64) {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    let rollup = read("smaps_rollup");
+    let threads = read("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let (mut fds, mut vms) = (0, 0);
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for entry in dir.flatten() {
+            fds += 1;
+            if std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:kvm-vm") {
+                vms += 1;
+            }
+        }
+    }
+    (
+        field_kib(&rollup, "Private_Clean") + field_kib(&rollup, "Private_Dirty"),
+        fds,
+        threads,
+        vms,
+    )
 }
 
 /// A `Key:   value kB` field of a /proc file.
@@ -114,23 +184,29 @@ fn field_kib(text: &str, key: &str) -> u64 {
 }
 
 fn sample() -> Sample {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let rollup = read("/proc/self/smaps_rollup");
-    let meminfo = read("/proc/meminfo");
-    let status = read("/proc/self/status");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let hosts = host_processes();
+    let (mut private, mut fds, mut threads, mut vms) = process_counters("self");
+    let own_fds = fds;
+    for pid in &hosts {
+        let (p, f, t, v) = process_counters(&pid.to_string());
+        private += p;
+        fds += f;
+        threads += t;
+        vms += v;
+    }
     Sample {
-        process_private_kib: field_kib(&rollup, "Private_Clean") + field_kib(&rollup, "Private_Dirty"),
+        process_private_kib: private,
         kernel_kib: ["Slab", "KernelStack", "PageTables", "SecPageTables"]
             .iter()
             .map(|k| field_kib(&meminfo, k))
             .sum(),
         mem_available_kib: field_kib(&meminfo, "MemAvailable"),
-        fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
-        threads: status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0),
+        fds,
+        threads,
+        vms,
+        own_fds,
+        host_processes: hosts.len(),
     }
 }
 
@@ -174,17 +250,16 @@ fn measure(backend: &dyn Backend, before: &Sample, alive: usize) -> (PerInstance
     (per_instance, now)
 }
 
-/// Waits (up to `limit`) until the process has at most `threads` threads
-/// and `fds` open files (the instances' vCPU threads and VM fds are gone);
-/// false if it never does.
-fn wait_for_teardown(threads: u64, fds: u64, limit: Duration) -> bool {
+/// Waits (up to `limit`) until at most `vms` KVM VMs are left in this
+/// process and its VMM host processes (the instances are torn down; host
+/// processes may stay, empty); false if that never happens.
+fn wait_for_teardown(vms: u64, limit: Duration) -> bool {
     let started = Instant::now();
     while started.elapsed() < limit {
-        let now = sample();
-        if now.threads <= threads && now.fds <= fds {
+        if sample().vms <= vms {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(100));
     }
     false
 }
@@ -216,11 +291,13 @@ pub fn run(backend: &dyn Backend, name: &str, id: &FunctionId, max: usize) -> De
         return density;
     }
     // Let the reaper finish earlier teardowns before the baseline.
-    let quiet = settle(Duration::from_secs(10));
+    settle(Duration::from_secs(10));
     let before = sample();
     let fd_limit = open_files_limit();
     let mem_budget_kib = before.mem_available_kib / 2;
-    let fd_budget = (fd_limit - fd_limit / 10).saturating_sub(before.fds);
+    let fd_budget = (fd_limit - fd_limit / 10).saturating_sub(before.own_fds);
+    // This process's fds per instance, as last measured.
+    let mut own_fds_each: Option<f64> = None;
     let plan = steps(max);
     let pb = bar(u64::try_from(max).unwrap_or(0), &format!("vm: {name} idle instances"));
     let mut alive = 0usize;
@@ -228,9 +305,11 @@ pub fn run(backend: &dyn Backend, name: &str, id: &FunctionId, max: usize) -> De
         // Project this step's needs from the last step's per-instance cost
         // (1 MiB and 8 fds per instance before any is measured), and take
         // only as many instances as the limits allow.
-        let (per_kib, per_fd) = density.steps.last().map_or((1024.0, 8.0), |r| {
-            (r.per_instance.host_kib.max(1.0), r.per_instance.fds.max(1.0))
-        });
+        let per_kib = density
+            .steps
+            .last()
+            .map_or(1024.0, |r| r.per_instance.host_kib.max(1.0));
+        let per_fd = own_fds_each.unwrap_or(8.0).max(0.01);
         #[allow(
             clippy::cast_precision_loss,
             clippy::cast_possible_truncation,
@@ -269,11 +348,16 @@ pub fn run(backend: &dyn Backend, name: &str, id: &FunctionId, max: usize) -> De
             lat.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         }
         let (per_instance, now) = measure(backend, &before, alive);
+        own_fds_each = Some(ratio(
+            now.own_fds.saturating_sub(before.own_fds),
+            u64::try_from(alive).unwrap_or(1).max(1),
+        ));
         density.steps.push(Row {
             instances: alive,
             start_us: lat.summary(),
             per_instance,
             mem_available_mib: now.mem_available_kib / 1024,
+            host_processes: now.host_processes,
         });
         if target < planned {
             break;
@@ -308,8 +392,8 @@ pub fn run(backend: &dyn Backend, name: &str, id: &FunctionId, max: usize) -> De
     }
     let evicted = Instant::now();
     if backend.evict(id).is_ok() {
-        density.teardown_ms = wait_for_teardown(quiet, before.fds, Duration::from_secs(120))
-            .then(|| evicted.elapsed().as_secs_f64() * 1e3);
+        density.teardown_ms =
+            wait_for_teardown(before.vms, Duration::from_secs(120)).then(|| evicted.elapsed().as_secs_f64() * 1e3);
     }
     density
 }
@@ -324,6 +408,18 @@ mod tests {
         assert_eq!(steps(50), vec![1, 10, 50]);
         assert_eq!(steps(1000), vec![1, 10, 100, 250, 500, 1000]);
         assert_eq!(steps(3000), vec![1, 10, 100, 250, 500, 1000, 2000, 3000]);
+    }
+
+    #[test]
+    fn stat_lines_give_parent_and_command() {
+        assert_eq!(
+            parent_and_comm("4242 (microfaas-vmhos) S 17 4242 17 0 -1"),
+            Some((17, "microfaas-vmhos"))
+        );
+        // A command may hold spaces and parentheses: the last `)` ends it.
+        assert_eq!(parent_and_comm("9 (a (b) c) R 1 9 9"), Some((1, "a (b) c")));
+        assert_eq!(parent_and_comm("9 (x"), None);
+        assert_eq!(parent_and_comm("9 (x) S notapid"), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //!               throughput_per_s,                // warm/hot rows only, else null
 //!               samples, errors, skipped: null | "reason" }
 //! memory row: { backend, functions, tenants, workers, memory_mib, per_function_kib, per_tenant_mib, workers_pss_mib, instances, skipped }
-//! density: { function, steps: [ { instances, start_us: {..}, per_instance, mem_available_mib } ],
+//! density: { function, steps: [ { instances, start_us: {..}, per_instance, mem_available_mib, host_processes } ],
 //!            instances_reported, hot_invocations, hot_us: {..} | null, teardown_ms,
 //!            stopped: null | "reason", skipped: null | "reason" }
 //! per_instance: { guest_private_kib, process_private_kib, kernel_kib, host_kib, fds, threads }
@@ -260,30 +260,40 @@ pub fn density_text(d: &density::Density) -> String {
     }
     let _ = writeln!(
         s,
-        "{:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>7} {:>10}",
-        "instances", "start p50", "p99", "guest", "process", "kernel", "host", "fds", "threads", "avail MiB"
+        "{:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>7} {:>10} {:>9}",
+        "instances",
+        "start p50",
+        "p99",
+        "guest",
+        "process",
+        "kernel",
+        "host",
+        "fds",
+        "threads",
+        "avail MiB",
+        "vm hosts"
     );
-    let line = |s: &mut String, label: &str, p50: f64, p99: f64, m: &density::PerInstance, avail: &str| {
+    for r in &d.steps {
+        let m = &r.per_instance;
         let _ = writeln!(
             s,
-            "{label:>9} {p50:>11.0} {p99:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>5.1} {:>7.1} {avail:>10}",
-            m.guest_private_kib, m.process_private_kib, m.kernel_kib, m.host_kib, m.fds, m.threads
-        );
-    };
-    for r in &d.steps {
-        let avail = r.mem_available_mib.to_string();
-        line(
-            &mut s,
-            &r.instances.to_string(),
+            "{:>9} {:>11.0} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>5.2} {:>7.3} {:>10} {:>9}",
+            r.instances,
             r.start_us.median_us,
             r.start_us.p99_us,
-            &r.per_instance,
-            &avail,
+            m.guest_private_kib,
+            m.process_private_kib,
+            m.kernel_kib,
+            m.host_kib,
+            m.fds,
+            m.threads,
+            r.mem_available_mib,
+            r.host_processes
         );
     }
     let _ = writeln!(
         s,
-        "guest = pages the instance wrote; process = this process's private memory; kernel = Slab+KernelStack+PageTables (system-wide); host = process + kernel"
+        "guest = pages the instance wrote; process = private memory of this process and its VMM host processes; kernel = Slab+KernelStack+PageTables (system-wide); host = process + kernel; fds and threads: of this process and its VMM host processes, per instance; vm hosts = VMM host processes alive"
     );
     let _ = writeln!(
         s,
