@@ -3,7 +3,6 @@
 //! fd 4 with [`crate::runtime`]'s loader (and close it), `init()` it, serve
 //! requests (warm) or the one posted request (once).
 
-use super::futex::{self, Woken};
 use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, robust, state};
 use super::shm::SharedRegion;
 use super::spawn::{RUNNER_ARTIFACT_FD, SHM_FD};
@@ -11,6 +10,7 @@ use crate::runtime::{
     ArtifactImage, Failure, Instance, InstanceConfig, LoadError, LoadedFunction, SealedArtifact, monotonic_ns,
 };
 use crate::sandbox::{self, SandboxError, SandboxSettings, SandboxSpec};
+use ipc::futex::{self, Woken};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -135,7 +135,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
         .compare_exchange(state::BOOTING, state::READY, Ordering::AcqRel, Ordering::Acquire)
         .is_ok()
     {
-        futex::wake(&h.state);
+        futex::wake(&h.state, 1);
     }
     loop {
         loop {
@@ -152,7 +152,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
         let sequence = h.sequence.load(Ordering::Acquire);
         h.state.store(state::RUNNING, Ordering::Release);
         if args.once {
-            futex::wake(&h.state);
+            futex::wake(&h.state, 1);
         }
         let len = usize::try_from(h.input_len.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
         let Some(input) = region.input(len) else {
@@ -262,7 +262,7 @@ fn post(
     h.fatal.store(u32::from(fatal), Ordering::Relaxed);
     h.reply_sequence.store(sequence, Ordering::Relaxed);
     h.state.store(state::REPLY, Ordering::Release);
-    futex::wake(&h.state);
+    futex::wake(&h.state, 1);
 }
 
 /// `struct robust_list` of the kernel ABI.
