@@ -105,7 +105,7 @@ pub fn main() -> u8 {
 
 fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
     let h = region.header();
-    let parent = std::os::unix::process::parent_id();
+    let parent = ipc::spawn::ParentWatch::now();
     let config = InstanceConfig {
         heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
         stack_bytes: usize::try_from(h.stack_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
@@ -143,9 +143,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
             if s == state::REQUEST {
                 break;
             }
-            if futex::wait(&h.state, s, Some(PARENT_CHECK)) == Woken::TimedOut
-                && std::os::unix::process::parent_id() != parent
-            {
+            if futex::wait(&h.state, s, Some(PARENT_CHECK)) == Woken::TimedOut && !parent.parent_alive() {
                 return EXIT_OK;
             }
         }
