@@ -3,7 +3,7 @@
 //! fd 4 with [`crate::runtime`]'s loader (and close it), `init()` it, serve
 //! requests (warm) or the one posted request (once).
 
-use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, robust, state};
+use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, state};
 use super::shm::SharedRegion;
 use super::spawn::{RUNNER_ARTIFACT_FD, SHM_FD};
 use crate::runtime::{
@@ -13,7 +13,7 @@ use crate::sandbox::{self, SandboxError, SandboxSettings, SandboxSpec};
 use ipc::futex::{self, Woken};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// How often an idle runner checks that its host is still alive.
@@ -99,7 +99,8 @@ pub fn main() -> u8 {
             return EXIT_USAGE;
         }
     };
-    register_death_notice(&region.header().alive);
+    // Best effort: without it the host polls for an early exit (`alive` stays 0).
+    let _ = ipc::robust::register_death_notice(&region.header().alive);
     serve(&region, &args, artifact)
 }
 
@@ -261,55 +262,6 @@ fn post(
     h.reply_sequence.store(sequence, Ordering::Relaxed);
     h.state.store(state::REPLY, Ordering::Release);
     futex::wake(&h.state, 1);
-}
-
-/// `struct robust_list` of the kernel ABI.
-#[repr(C)]
-struct RobustList {
-    next: *mut RobustList,
-}
-
-/// `struct robust_list_head` of the kernel ABI.
-#[repr(C)]
-struct RobustListHead {
-    list: RobustList,
-    futex_offset: libc::c_long,
-    list_op_pending: *mut RobustList,
-}
-
-/// Makes the kernel mark `alive` FUTEX_OWNER_DIED and wake the host when this
-/// process dies, however it dies: `alive` holds our TID and is the one entry
-/// of this thread's robust futex list.
-fn register_death_notice(alive: &AtomicU32) {
-    let head: &'static mut RobustListHead = Box::leak(Box::new(RobustListHead {
-        list: RobustList {
-            next: std::ptr::null_mut(),
-        },
-        futex_offset: 0,
-        list_op_pending: std::ptr::null_mut(),
-    }));
-    let node: &'static mut RobustList = Box::leak(Box::new(RobustList {
-        next: std::ptr::null_mut(),
-    }));
-    let node_addr = std::ptr::from_mut(node).addr();
-    let offset = alive.as_ptr().addr().wrapping_sub(node_addr);
-    head.futex_offset = libc::c_long::from_ne_bytes(offset.to_ne_bytes());
-    node.next = &mut head.list;
-    head.list.next = node;
-    // SAFETY: gettid has no preconditions.
-    let tid = u32::try_from(unsafe { libc::gettid() }).unwrap_or(0) & robust::FUTEX_TID_MASK;
-    alive.store(tid | robust::FUTEX_WAITERS, Ordering::Release);
-    // SAFETY: `head` and `node` are leaked (live forever) and form a valid
-    // circular list whose one entry locates `alive`, which stays mapped until
-    // the process exits. This replaces libc's list, which the runner does not
-    // use (no robust pthread mutexes).
-    unsafe {
-        libc::syscall(
-            libc::SYS_set_robust_list,
-            head as *mut RobustListHead,
-            std::mem::size_of::<RobustListHead>(),
-        );
-    }
 }
 
 #[cfg(test)]
