@@ -1,7 +1,14 @@
 //! Lock-free single-producer single-consumer rings of `Copy` descriptors,
-//! laid out in shared memory: the request and reply queues between the
-//! dispatcher and one worker. The index arithmetic is pure and tested on its
-//! own; [`Ring`] adds the atomics and the entry array.
+//! laid out in shared memory (a [`crate::region::SharedRegion`]): e.g. the
+//! request and reply queues between a parent and one child. The index
+//! arithmetic is pure and tested on its own; [`Ring`] adds the atomics and
+//! the entry array.
+//!
+//! Trust: the other side can write the counters and the entries at any
+//! time. The ring never indexes with an unmasked counter, so a hostile peer
+//! can make entries appear stale, repeated or garbled, never make the ring
+//! read or write outside its array; what an entry *means* (a slot number, a
+//! length) must be checked by the user.
 //!
 //! ```text
 //!  RingIndices { head (consumer's line) | tail (producer's line) }
