@@ -144,6 +144,11 @@ fn allowlist(pid: u32, control_fd: i32) -> Result<Vec<Allowed>, FilterError> {
         // the vCPU thread pool: threads, their names, parking, kicks
         clone_thread()?,
         Allowed::any("set_robust_list", libc::SYS_set_robust_list),
+        // glibc 2.36 registers restartable sequences in every new thread
+        // once the main thread has, and aborts the process if that fails
+        // ("Fatal glibc error: rseq registration failed"); it registers
+        // only a struct in the thread's own memory
+        Allowed::any("rseq", libc::SYS_rseq),
         prctl_set_name()?,
         futex_wait_wake()?,
         tgkill_self(pid)?,
@@ -182,11 +187,6 @@ fn refused() -> Vec<Refused> {
             "clone3",
             libc::SYS_clone3,
             "glibc's pthread_create falls back to clone, whose flags the filter reads",
-        ),
-        Refused::enosys(
-            "rseq",
-            libc::SYS_rseq,
-            "glibc registers it per new thread and carries on without",
         ),
         Refused::enosys(
             "statx",
