@@ -134,7 +134,8 @@ fn probe(case: &str, layers: Layers) -> Run {
 /// its kvm_run, registers, a run to the guest's port write on the creating
 /// thread and on to its HLT from a new thread (clone with thread flags
 /// after glibc's clone3 got ENOSYS), the guest's store seen in the shared
-/// slab, a realtime kick sent with tgkill and handled, a reply sent.
+/// slab, the vCPU's statistics header read (KVM_GET_STATS_FD, pread64),
+/// a realtime kick sent with tgkill and handled, a reply sent.
 #[test]
 fn sandboxed_host_process_still_runs_a_kvm_guest() {
     if !kvm_or_skip() {
@@ -151,6 +152,7 @@ fn sandboxed_host_process_still_runs_a_kvm_guest() {
     assert_eq!(run.get("exit1"), Some("io port=0x3f8 byte=0x4b"), "{run:?}");
     assert_eq!(run.get("exit2"), Some("hlt"), "{run:?}");
     assert_eq!(run.get("stored"), Some("0x42"), "{run:?}");
+    assert_eq!(run.get("stats"), Some("ok=24"), "{run:?}");
     assert_eq!(run.get("kick"), Some("ok=0 handled=1"), "{run:?}");
     assert_eq!(run.get("reply"), Some("sent"), "{run:?}");
     assert!(run.get("done").is_some(), "{run:?}");

@@ -13,7 +13,7 @@
 //!   control socket and map it MAP_SHARED, map the image MAP_PRIVATE, create
 //!   a VM with both as memory slots, create a vCPU, map its `kvm_run`, set
 //!   registers, run the guest to its port write on this thread and on to
-//!   its HLT from a new thread, kick itself with a realtime signal, reply
+//!   its HLT from a new thread, read the vCPU's statistics, kick itself with a realtime signal, reply
 //!   on the control socket.
 //! - any other case: one forbidden system call, made raw.
 //!
@@ -40,6 +40,8 @@ const KVM_SET_REGS: u64 = 0x4090_ae82;
 /// `_IOR(KVMIO, 0x83, struct kvm_sregs)` (312 bytes), and `_IOW` of it.
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
 const KVM_SET_SREGS: u64 = 0x4138_ae84;
+/// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics fd.
+const KVM_GET_STATS_FD: u64 = 0xaece;
 const KVM_EXIT_IO: u32 = 2;
 const KVM_EXIT_HLT: u32 = 5;
 
@@ -354,6 +356,17 @@ fn run_guest(kvm: libc::c_int, image_fd: libc::c_int) {
     // its byte through KVM into the same shared pages.
     let stored = unsafe { slab.add(STORE_AT).read_volatile() };
     report("stored", &format!("{stored:#x}"));
+
+    // The vCPU's statistics, as the VMM reads them: the header, by pread64.
+    let stats = ioctl(vcpu, KVM_GET_STATS_FD, 0);
+    let header = if stats < 0 {
+        format!("KVM_GET_STATS_FD {}", outcome(stats))
+    } else {
+        let mut header = [0u8; 24];
+        // SAFETY: pread64 into a local buffer of the length passed.
+        outcome(unsafe { libc::syscall(libc::SYS_pread64, stats, header.as_mut_ptr(), header.len(), 0) })
+    };
+    report("stats", &header);
 
     // The kick: a realtime signal to itself, through tgkill.
     // SAFETY: getpid/gettid have no preconditions; tgkill to this thread
