@@ -286,3 +286,19 @@ fn entering_the_policy_and_exiting_is_clean() {
     println!("apply with every layer: {applied}");
     assert!(run.get("done").is_some(), "{run:?}");
 }
+
+/// A host process that started a thread before entering is refused (the
+/// thread would stay unconfined) and exits with the reason.
+#[test]
+fn a_thread_started_before_entering_is_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let run = probe("thread-first", ALL);
+    assert_eq!(run.code, Some(4), "{run:?}");
+    assert!(
+        run.get("error").is_some_and(|e| e.contains("2 threads in the process")),
+        "{run:?}"
+    );
+    assert!(run.get("applied").is_none(), "{run:?}");
+}

@@ -6,7 +6,7 @@
 //! does before its sandbox (opens `/dev/kvm` and the guest image file it
 //! writes at the path `IMAGE`,
 //! installs the kick signal's handler, puts its control socket at fd 3 with
-//! a slab memfd waiting on it), enters `vmhost::policy` for `SPEC` (a
+//! a slab memfd waiting on it), enters `vmhost::policy` through `vmhost::enter` for `SPEC` (a
 //! `--sandbox` value), and then runs `CASE`:
 //!
 //! - `kvm`: the work of a host process: receive the slab memfd on the
@@ -21,7 +21,7 @@
 //! only fd it may write), e.g. `PROBE result errno=13` or `PROBE result
 //! ok=0`; a seccomp kill shows as the exit status instead.
 
-use lang_isolation::sandbox::{self, SandboxSpec, vmhost};
+use lang_isolation::sandbox::{SandboxSpec, vmhost};
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -139,9 +139,12 @@ fn main() {
         .seccomp
         .as_ref()
         .map_or(0, |s| s.compile().map_or(0, |p| p.len()));
+    // A host process that started a thread too early: refused.
+    let _early =
+        (case == "thread-first").then(|| std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(2))));
     let t0 = std::time::Instant::now();
-    if let Err(e) = sandbox::apply(&policy) {
-        report("error", &format!("apply: {e}"));
+    if let Err(e) = vmhost::enter(&spec, vmhost::CONTROL_FD) {
+        report("error", &format!("enter: {e}"));
         std::process::exit(4);
     }
     let took = t0.elapsed();
