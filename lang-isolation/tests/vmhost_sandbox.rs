@@ -135,7 +135,8 @@ fn probe(case: &str, layers: Layers) -> Run {
 /// thread and on to its HLT from a new thread (clone with thread flags
 /// after glibc's clone3 got ENOSYS), the guest's store seen in the shared
 /// slab, the vCPU's statistics header read (KVM_GET_STATS_FD, pread64),
-/// a realtime kick sent with tgkill and handled, a reply sent.
+/// a realtime kick sent with tgkill and handled, its own fd soft limit
+/// raised and the thread pinned, a reply sent.
 #[test]
 fn sandboxed_host_process_still_runs_a_kvm_guest() {
     if !kvm_or_skip() {
@@ -154,6 +155,8 @@ fn sandboxed_host_process_still_runs_a_kvm_guest() {
     assert_eq!(run.get("stored"), Some("0x42"), "{run:?}");
     assert_eq!(run.get("stats"), Some("ok=24"), "{run:?}");
     assert_eq!(run.get("kick"), Some("ok=0 handled=1"), "{run:?}");
+    assert_eq!(run.get("rlimit"), Some("ok=0"), "{run:?}");
+    assert_eq!(run.get("pin"), Some("ok=0"), "{run:?}");
     assert_eq!(run.get("reply"), Some("sent"), "{run:?}");
     assert!(run.get("done").is_some(), "{run:?}");
 }
@@ -240,6 +243,15 @@ fn forbidden_calls_die_by_sigsys_and_work_without_the_filter() {
         ),
         ("write-stdout", Control::Succeeds, Some(Control::Succeeds)),
         ("memfd", Control::Succeeds, Some(Control::Succeeds)),
+        // Another uid: EPERM beneath; unconfined root reads init's limit.
+        (
+            "prlimit-init",
+            Control::Result("errno=1"),
+            as_root.then_some(Control::Result("ok=0")),
+        ),
+        // Another uid: EPERM beneath. Never unconfined (it would pin this
+        // test process).
+        ("setaffinity-parent", Control::Result("errno=1"), None),
     ];
     for &(case, no_seccomp, unconfined) in cases {
         let run = probe(case, ALL);
@@ -251,7 +263,9 @@ fn forbidden_calls_die_by_sigsys_and_work_without_the_filter() {
         check_control(case, NO_SECCOMP, no_seccomp);
         match unconfined {
             Some(want) => check_control(case, NONE, want),
-            None if case == "kill-init" => eprintln!("kill-init: unconfined control run skipped: not root"),
+            None if matches!(case, "kill-init" | "prlimit-init") => {
+                eprintln!("{case}: unconfined control run skipped: not root")
+            }
             None => {}
         }
     }

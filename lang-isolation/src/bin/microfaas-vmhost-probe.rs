@@ -13,7 +13,8 @@
 //!   control socket and map it MAP_SHARED, map the image MAP_PRIVATE, create
 //!   a VM with both as memory slots, create a vCPU, map its `kvm_run`, set
 //!   registers, run the guest to its port write on this thread and on to
-//!   its HLT from a new thread, read the vCPU's statistics, kick itself with a realtime signal, reply
+//!   its HLT from a new thread, read the vCPU's statistics, kick itself,
+//!   raise its fd soft limit, pin itself to CPU 0, with a realtime signal, reply
 //!   on the control socket.
 //! - any other case: one forbidden system call, made raw.
 //!
@@ -380,6 +381,48 @@ fn run_guest(kvm: libc::c_int, image_fd: libc::c_int) {
         &format!("{} handled={}", outcome(rc), KICKS.load(Ordering::SeqCst)),
     );
 
+    // Raising its own fd soft limit to the hard one, pinning itself.
+    let mut limit = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit64 on itself, reading into a local.
+    let mut rc = unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null::<libc::rlimit64>(),
+            &mut limit,
+        )
+    };
+    if rc == 0 {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: prlimit64 on itself from a local.
+        rc = unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut::<libc::rlimit64>(),
+            )
+        };
+    }
+    report("rlimit", &outcome(rc));
+    // SAFETY: an all-zero cpu_set_t with CPU 0 set, passed by reference.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::syscall(
+            libc::SYS_sched_setaffinity,
+            0,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        )
+    };
+    report("pin", &outcome(rc));
+
     // A reply on the control socket.
     let iov = [std::io::IoSlice::new(b"done")];
     let rc = nix::sys::socket::sendmsg::<()>(vmhost::CONTROL_FD, &iov, &[], nix::sys::socket::MsgFlags::empty(), None);
@@ -465,6 +508,29 @@ fn forbidden(case: &str) -> String {
                 if pid > 0 { 0 } else { pid }
             }
             "clone3" => libc::syscall(libc::SYS_clone3, 0, 0),
+            "prlimit-init" => {
+                let mut old = libc::rlimit64 {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    1,
+                    libc::RLIMIT_NOFILE,
+                    std::ptr::null::<libc::rlimit64>(),
+                    &mut old,
+                )
+            }
+            "setaffinity-parent" => {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                libc::syscall(
+                    libc::SYS_sched_setaffinity,
+                    ppid,
+                    std::mem::size_of::<libc::cpu_set_t>(),
+                    &set,
+                )
+            }
             "recvmsg-other-fd" => libc::syscall(libc::SYS_recvmsg, libc::STDIN_FILENO, 0, 0),
             "write-stdout" => libc::syscall(libc::SYS_write, libc::STDOUT_FILENO, c"x".as_ptr(), 1),
             "memfd" => libc::syscall(libc::SYS_memfd_create, c"x".as_ptr(), 0),

@@ -9,7 +9,8 @@
 //! the filesystem or privilege is done:
 //!
 //! ```text
-//!  before apply   open /dev/kvm (the only file), raise RLIMIT_NOFILE's soft limit,
+//!  before apply   open /dev/kvm (the only file), raise RLIMIT_NOFILE's soft limit
+//!                 (it may raise it later too, up to the hard limit),
 //!                 install the kick signal's handler, put the control socket at
 //!                 CONTROL_FD (or pass its number to policy_on), read anything
 //!                 from /proc or sysfs it will need (available_parallelism)
@@ -206,6 +207,7 @@ fn allowlist(pid: u32, control_fd: i32) -> Result<Vec<Allowed>, FilterError> {
         tgkill_self(pid)?,
         Allowed::any("sched_yield", libc::SYS_sched_yield),
         Allowed::any("sched_getaffinity", libc::SYS_sched_getaffinity),
+        sched_setaffinity_self()?,
         Allowed::any("exit", libc::SYS_exit),
         // signals: the kick handler, masks, signal stacks of new threads
         Allowed::any("rt_sigaction", libc::SYS_rt_sigaction),
@@ -223,8 +225,10 @@ fn allowlist(pid: u32, control_fd: i32) -> Result<Vec<Allowed>, FilterError> {
         Allowed::any("getppid", libc::SYS_getppid),
         // std's per-thread hash seeds (a HashMap made on a pool thread)
         Allowed::any("getrandom", libc::SYS_getrandom),
-        // reading its own limits (glibc's getrlimit), never setting any
-        prlimit_read_own()?,
+        // its own limits (glibc's getrlimit and setrlimit: raising the fd
+        // soft limit as VMs are added); with no capability left it cannot
+        // raise a hard limit, and no other process's
+        prlimit_own()?,
         // the guest log, exit
         on_fd("write", libc::SYS_write, libc::STDERR_FILENO, "stderr")?,
         Allowed::any("exit_group", libc::SYS_exit_group),
@@ -319,20 +323,27 @@ fn prctl_set_name() -> Result<Allowed, FilterError> {
     })
 }
 
-/// `prlimit64(0, resource, NULL, old)`: reading its own limits only.
-fn prlimit_read_own() -> Result<Allowed, FilterError> {
+/// `name` only with argument 0 (a pid) == 0: the caller itself.
+fn on_self(name: &'static str, nr: i64, what: &str) -> Result<Allowed, FilterError> {
     Ok(Allowed {
-        name: "prlimit64",
-        nr: libc::SYS_prlimit64,
+        name,
+        nr,
         rules: vec![rule(
-            "prlimit64",
-            vec![
-                cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)?,
-                cond(2, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)?,
-            ],
+            name,
+            vec![cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)?],
         )?],
-        note: "pid == 0 (itself), new limit NULL (read only)".to_owned(),
+        note: format!("pid == 0 ({what})"),
     })
+}
+
+/// `prlimit64(0, ..)`: its own limits only.
+fn prlimit_own() -> Result<Allowed, FilterError> {
+    on_self("prlimit64", libc::SYS_prlimit64, "itself")
+}
+
+/// `sched_setaffinity(0, ..)`: pinning the calling pool thread only.
+fn sched_setaffinity_self() -> Result<Allowed, FilterError> {
+    on_self("sched_setaffinity", libc::SYS_sched_setaffinity, "the calling thread")
 }
 
 #[cfg(test)]
@@ -396,7 +407,6 @@ mod tests {
         ("ftruncate", libc::SYS_ftruncate),
         ("fchmod", libc::SYS_fchmod),
         ("setrlimit", libc::SYS_setrlimit),
-        ("sched_setaffinity", libc::SYS_sched_setaffinity),
         ("mbind", libc::SYS_mbind),
         ("move_pages", libc::SYS_move_pages),
         ("kcmp", libc::SYS_kcmp),
@@ -419,6 +429,11 @@ mod tests {
         assert!(text.contains("write            fd == 2 (stderr)"), "{text}");
         assert!(text.contains("mmap             prot without PROT_EXEC"), "{text}");
         assert!(text.contains("clone3           refused: errno 38"), "{text}");
+        assert!(text.contains("prlimit64        pid == 0 (itself)"), "{text}");
+        assert!(
+            text.contains("sched_setaffinity pid == 0 (the calling thread)"),
+            "{text}"
+        );
         assert!(p.identity.is_some() && p.no_new_privs && p.origin.is_none());
         assert_eq!(p.landlock.map(|l| l.deny_tcp && l.scoped), Some(true));
         let ns = p.namespaces.as_ref().expect("namespaces on");
