@@ -316,3 +316,17 @@ fn a_thread_started_before_entering_is_refused() {
     );
     assert!(run.get("applied").is_none(), "{run:?}");
 }
+
+/// A violation on one of the pool's threads kills the whole process
+/// (`SECCOMP_RET_KILL_PROCESS`, not just the thread): nothing of a
+/// compromised host process serves on.
+#[test]
+fn a_violation_on_a_pool_thread_kills_the_process() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let run = probe("thread-socket", ALL);
+    assert!(run.killed_by_sigsys(), "{run:?}");
+    assert!(run.get("result").is_none() && run.get("done").is_none(), "{run:?}");
+    check_control("thread-socket", NO_SECCOMP, Control::Succeeds);
+}

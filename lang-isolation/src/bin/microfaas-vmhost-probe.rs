@@ -157,6 +157,13 @@ fn main() {
     match case.as_str() {
         "kvm" => run_guest(kvm.as_raw_fd(), image.as_raw_fd()),
         "none" => {}
+        // A forbidden call on a pool thread: the whole process dies (the
+        // main thread would otherwise report after the join).
+        "thread-socket" => {
+            let t = std::thread::spawn(|| forbidden("socket"));
+            let r = t.join().unwrap_or_else(|_| "panicked".to_owned());
+            report("result", &r);
+        }
         other => report("result", &forbidden(other)),
     }
     drop((kvm, image, peer));
