@@ -186,7 +186,8 @@ fn allowlist(pid: u32, control_fd: i32) -> Result<Vec<Allowed>, FilterError> {
         on_fd("sendmsg", libc::SYS_sendmsg, control_fd, "the control socket")?,
         Allowed::any("poll", libc::SYS_poll),
         Allowed::any("ppoll", libc::SYS_ppoll),
-        // received fds: size and seals of an image or slab, closing them;
+        // received fds: size (lseek SEEK_END; raw fstat takes no path)
+        // and seals of an image or slab, closing them;
         // the vCPUs' binary statistics (`KVM_GET_STATS_FD`, read with
         // pread64: only fds it holds, none of them a file it opened)
         Allowed::any("fstat", libc::SYS_fstat),
@@ -244,10 +245,18 @@ fn refused() -> Vec<Refused> {
             libc::SYS_clone3,
             "glibc's pthread_create falls back to clone, whose flags the filter reads",
         ),
+        // Both take a path the filter cannot read (with AT_EMPTY_PATH too:
+        // a non-empty path is still resolved), and Landlock does not cover
+        // stat: allowed, they would show the metadata of any host file the
+        // uid can reach. std's File::metadata tries statx, then glibc's
+        // fstat (which is newfstatat(fd, "", AT_EMPTY_PATH)), and returns
+        // the ENOSYS instead of dying; the size of a received fd is
+        // lseek(fd, 0, SEEK_END).
+        Refused::enosys("statx", libc::SYS_statx, "takes a path; use lseek(SEEK_END) for a size"),
         Refused::enosys(
-            "statx",
-            libc::SYS_statx,
-            "std's File::metadata falls back to fstat, which takes no path",
+            "newfstatat",
+            libc::SYS_newfstatat,
+            "glibc's fstat; takes a path; use lseek(SEEK_END) for a size",
         ),
     ]
 }
@@ -410,6 +419,14 @@ mod tests {
         ("mbind", libc::SYS_mbind),
         ("move_pages", libc::SYS_move_pages),
         ("kcmp", libc::SYS_kcmp),
+        ("newfstatat", libc::SYS_newfstatat),
+        ("statx", libc::SYS_statx),
+        ("stat", libc::SYS_stat),
+        ("lstat", libc::SYS_lstat),
+        ("readlink", libc::SYS_readlink),
+        ("getdents64", libc::SYS_getdents64),
+        ("chdir", libc::SYS_chdir),
+        ("fchdir", libc::SYS_fchdir),
     ];
 
     #[test]
