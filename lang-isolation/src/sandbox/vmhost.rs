@@ -19,7 +19,9 @@
 //!                 (this allowlist), in apply's order
 //!  after apply    spawn the vCPU thread pool (threads inherit every layer), then
 //!                 serve: recvmsg memfds on the control socket, mmap them (never
-//!                 executable), KVM ioctls, futex parking, tgkill kicks, stderr log
+//!                 executable), KVM ioctls, futex parking, tgkill kicks, stderr log;
+//!                 a received fd's size by lseek(fd, 0, SEEK_END) (`Seek::seek`
+//!                 with `SeekFrom::End(0)`): `File::metadata` fails with ENOSYS
 //! ```
 //!
 //! What it can do after that is the allowlist below. What matters most:
@@ -42,10 +44,12 @@
 //!   `kill`, `memfd_create`; `tgkill` only to its own threads.
 //!
 //! Cost, once per host process (`microfaas-vmhost-probe none`, release, 41
-//! fresh processes each, medians on this nested host): ~125 us with every
-//! layer (p10 114, p90 172), ~50 us without the seccomp layer, so ~75 us for
-//! the filter of 147 instructions (longer than a runner's 74: more calls,
-//! and the 64-bit clone-flag check).
+//! fresh processes per setting, medians, on this nested 2-core host shared
+//! with other builds, so two runs): `enter` with every layer 125-170 us,
+//! without the seccomp layer 50-81 us, so ~75-90 us for the filter of 149
+//! instructions (a runner's has 74: more calls here, and the 64-bit
+//! clone-flag check); with no layer 2-21 us (the thread check reading
+//! `/proc/self/task`).
 //!
 //! A violation kills the process (`SECCOMP_RET_KILL_PROCESS`), as for a
 //! process runner. Its VMs die with it, but a violation means native code
