@@ -1,0 +1,582 @@
+//! `microfaas serve`: a FaaS node speaking the AWS Lambda REST API subset
+//! clients use (create/get/list/update/delete, invoke), over HTTP/1.1 with
+//! keep-alive, every request authenticated with SigV4, every backend behind
+//! one process. Backend calls block, so they run on tokio's blocking pool.
+//!
+//! Our own response headers on `Invoke`: `X-Microfaas-Backend`,
+//! `X-Microfaas-Start` (the start path), `X-Microfaas-Timings`
+//! (`start_ns=..;dispatch_ns=..;exec_ns=..;total_ns=..`, the backend's),
+//! `X-Microfaas-Server-Ns` (request fully read to response ready, in this
+//! server) and, on every response, `X-Microfaas-Node`. The request header
+//! `X-Microfaas-Start: cold|warm|hot|function|base|argument` forces a path.
+
+pub mod api;
+mod node;
+pub mod registry;
+pub mod sigv4;
+
+use api::{ApiError, InvocationType, InvokeFailure, Route};
+use base64::Engine as _;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use node::Node;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Semaphore, mpsc};
+
+/// The options of `microfaas serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The credentials file; `None` only with `--insecure-no-auth`.
+    pub credentials: Option<PathBuf>,
+    /// The function registry directory (shared by a cluster's nodes).
+    pub registry: PathBuf,
+    /// Where this node keeps vm snapshot stores (default: under the
+    /// registry, per node).
+    pub store: Option<PathBuf>,
+    /// `Event` invocations queued at most; more get 429.
+    pub event_queue: usize,
+    /// The node's name in `X-Microfaas-Node` and the access log.
+    pub node_name: Option<String>,
+    /// The region in ARNs.
+    pub region: String,
+    /// Connections served at once (more wait in the kernel's backlog).
+    pub max_connections: usize,
+    /// How long SIGTERM waits for in-flight requests and queued events.
+    pub drain_timeout: Duration,
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The credentials file.
+    #[error("credentials")]
+    Credentials(#[from] sigv4::CredentialsError),
+    /// The registry directory.
+    #[error("function registry")]
+    Registry(#[from] registry::RegistryError),
+    /// Socket, runtime or signal set-up.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An error and its causes on one line.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// One queued `Event` invocation.
+#[derive(Debug)]
+struct EventJob {
+    name: String,
+    payload: Vec<u8>,
+    request_id: String,
+}
+
+#[derive(Debug)]
+struct State {
+    node: Node,
+    credentials: Option<sigv4::Credentials>,
+    region: String,
+    node_name: String,
+    draining: AtomicBool,
+    events: Mutex<Option<mpsc::Sender<EventJob>>>,
+    uploads: Semaphore,
+    request_seq: AtomicU64,
+}
+
+/// Runs the server until SIGTERM or SIGINT; `on_listening` is told the
+/// bound address first.
+pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    let credentials = opts.credentials.as_deref().map(sigv4::Credentials::load).transpose()?;
+    let registry = registry::Registry::open(&opts.registry)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(256)
+        .enable_all()
+        .build()
+        .map_err(|source| ServeError::Io {
+            context: "starting the tokio runtime".into(),
+            source,
+        })?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ServeError::Io {
+                context: format!("listening on {}", opts.listen),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Io {
+            context: "reading the bound address".into(),
+            source,
+        })?;
+        let node_name = opts.node_name.clone().unwrap_or_else(|| addr.to_string());
+        let store = opts
+            .store
+            .clone()
+            .unwrap_or_else(|| opts.registry.join("nodes").join(sanitize(&node_name)).join("vm-store"));
+        let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
+        let state = Arc::new(State {
+            node: Node::new(registry, store, node_name.clone()),
+            credentials,
+            region: opts.region.clone(),
+            node_name,
+            draining: AtomicBool::new(false),
+            events: Mutex::new(Some(tx)),
+            uploads: Semaphore::new(2),
+            request_seq: AtomicU64::new(0),
+        });
+        let consumers = spawn_event_consumers(&state, rx, 2);
+        let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
+        on_listening(addr);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&connections).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    log_line(&serde_json::json!({ "event": "accept_error", "error": e.to_string() }));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let st = Arc::clone(&state);
+            let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&st), req, peer));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        state.draining.store(true, Ordering::SeqCst);
+        log_line(&serde_json::json!({ "event": "draining", "node": state.node_name }));
+        let drained = tokio::time::timeout(opts.drain_timeout, async {
+            graceful.shutdown().await;
+            // Accepted events still run: close the queue, let it empty.
+            drop(lock(&state.events).take());
+            for c in consumers {
+                let _ = c.await;
+            }
+        })
+        .await
+        .is_ok();
+        log_line(&serde_json::json!({ "event": "stopped", "node": state.node_name, "drained": drained }));
+        Ok(())
+    })
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, ServeError> {
+    tokio::signal::unix::signal(kind).map_err(|source| ServeError::Io {
+        context: "installing the signal handler".into(),
+        source,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect()
+}
+
+fn spawn_event_consumers(
+    state: &Arc<State>,
+    rx: mpsc::Receiver<EventJob>,
+    count: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    (0..count)
+        .map(|_| {
+            let rx = Arc::clone(&rx);
+            let state = Arc::clone(state);
+            tokio::spawn(async move {
+                loop {
+                    let job = rx.lock().await.recv().await;
+                    let Some(job) = job else { break };
+                    let st = Arc::clone(&state);
+                    let t0 = Instant::now();
+                    let name = job.name.clone();
+                    let outcome = tokio::task::spawn_blocking(move || {
+                        st.node.invoke(&job.name, &job.payload, crate::StartRequest::Auto)
+                    })
+                    .await;
+                    let outcome = match outcome {
+                        Ok(Ok(ran)) => match ran.result {
+                            Ok(inv) => format!("ok start={}", inv.start),
+                            Err(e) => format!("function error {:?}", e.kind()),
+                        },
+                        Ok(Err(e)) => format!("not run: {}", chain(&e)),
+                        Err(e) => format!("not run: {e}"),
+                    };
+                    log_line(&serde_json::json!({
+                        "event": "async_invoke", "node": state.node_name, "req": job.request_id,
+                        "fn": name, "outcome": outcome, "us": t0.elapsed().as_micros(),
+                    }));
+                }
+            })
+        })
+        .collect()
+}
+
+fn log_line(v: &serde_json::Value) {
+    eprintln!("{v}");
+}
+
+fn now_unix() -> i64 {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// What the access log records of one request besides method and path.
+#[derive(Debug, Default)]
+struct LogFields {
+    op: &'static str,
+    function: Option<String>,
+    key: Option<String>,
+    start: Option<&'static str>,
+    backend: Option<&'static str>,
+    error: Option<String>,
+    bytes_in: usize,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn response(status: u16, body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
+
+fn json_response(status: u16, v: &serde_json::Value) -> Resp {
+    let mut r = response(status, v.to_string().into_bytes());
+    set(&mut r, "content-type", "application/json");
+    r
+}
+
+fn set(r: &mut Resp, name: &'static str, value: &str) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+        r.headers_mut().insert(name, v);
+    }
+}
+
+fn error_response(e: &ApiError, f: &mut LogFields) -> Resp {
+    f.error = Some(e.error_type.to_owned());
+    let mut r = response(e.status, e.body());
+    set(&mut r, "content-type", "application/json");
+    set(&mut r, "x-amzn-errortype", e.error_type);
+    if e.status == 429 {
+        set(&mut r, "retry-after", "1");
+    }
+    r
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Result<Resp, Infallible> {
+    let t0 = Instant::now();
+    let seq = state.request_seq.fetch_add(1, Ordering::Relaxed);
+    let request_id = format!("{}-{seq:x}", sanitize(&state.node_name));
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let invocation_id = req
+        .headers()
+        .get("amz-sdk-invocation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut f = LogFields::default();
+    let mut resp = if state.draining.load(Ordering::SeqCst) {
+        let mut r = error_response(
+            &ApiError::new(503, "ServiceException", "the node is shutting down"),
+            &mut f,
+        );
+        set(&mut r, "connection", "close");
+        r
+    } else {
+        match serve(&state, req, &request_id, &mut f).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e, &mut f),
+        }
+    };
+    set(&mut resp, "x-amzn-requestid", &request_id);
+    set(&mut resp, "x-microfaas-node", &state.node_name);
+    let bytes_out = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+    log_line(&serde_json::json!({
+        "ts": now_unix(), "node": state.node_name, "req": request_id, "peer": peer.to_string(),
+        "method": method, "path": path, "op": f.op, "fn": f.function, "key": f.key,
+        "status": resp.status().as_u16(), "in": f.bytes_in, "out": bytes_out,
+        "us": t0.elapsed().as_micros(), "start": f.start, "backend": f.backend, "err": f.error,
+        "invocation_id": invocation_id,
+    }));
+    Ok(resp)
+}
+
+async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: &mut LogFields) -> Result<Resp, ApiError> {
+    let routed = api::route(req.method().as_str(), req.uri().path());
+    let limit = routed.as_ref().map_or(api::MAX_SMALL_BODY_BYTES, Route::body_limit);
+    if let Ok(r) = &routed {
+        f.op = r.op();
+        f.function = r.function().map(str::to_owned);
+    }
+    let too_large = || {
+        ApiError::new(
+            413,
+            "RequestTooLargeException",
+            format!("Request must be smaller than {limit} bytes for this operation"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(too_large());
+    }
+    let _upload = if limit > api::MAX_SYNC_PAYLOAD_BYTES {
+        Some(state.uploads.acquire().await.map_err(|_| ApiError::new(503, "ServiceException", "shutting down"))?)
+    } else {
+        None
+    };
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
+        Err(e) => return Err(ApiError::invalid(format!("reading the request body: {e}"))),
+    };
+    f.bytes_in = body.len();
+    let raw_query = parts.uri.query().unwrap_or("");
+    if let Some(creds) = &state.credentials {
+        let headers: Vec<(&str, &[u8])> = parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        let verified = sigv4::verify(
+            creds,
+            &sigv4::RequestParts {
+                method: parts.method.as_str(),
+                raw_path: parts.uri.path(),
+                raw_query,
+                headers: &headers,
+                body: &body,
+            },
+            now_unix(),
+        )
+        .map_err(|e| ApiError::new(403, e.error_type(), e.to_string()))?;
+        f.key = Some(verified.access_key_id);
+    }
+    let route = routed?;
+    let header = |name: &str| parts.headers.get(name).map(hyper::header::HeaderValue::as_bytes);
+    match route {
+        Route::Create => {
+            let req: api::CreateRequest = api::parse_json(&body)?;
+            f.function = Some(req.function_name.clone());
+            let st = Arc::clone(state);
+            let meta = blocking(move || st.node.create(&req)).await?;
+            Ok(json_response(201, &api::configuration(&meta, &state.region)))
+        }
+        Route::List => {
+            let st = Arc::clone(state);
+            let all = blocking(move || st.node.registry().list().map_err(ApiError::from)).await?;
+            Ok(json_response(200, &api::list_page(&all, raw_query, &state.region)?))
+        }
+        Route::Get(name) => {
+            api::check_qualifier(raw_query, &name)?;
+            let st = Arc::clone(state);
+            let meta = blocking(move || st.node.registry().get(&name).map_err(ApiError::from)).await?;
+            Ok(json_response(
+                200,
+                &serde_json::json!({
+                    "Configuration": api::configuration(&meta, &state.region),
+                    "Code": { "RepositoryType": "microfaas-registry" },
+                }),
+            ))
+        }
+        Route::Delete(name) => {
+            api::check_qualifier(raw_query, &name)?;
+            let st = Arc::clone(state);
+            blocking(move || st.node.delete(&name)).await?;
+            Ok(response(204, Vec::new()))
+        }
+        Route::UpdateCode(name) => {
+            let code: api::CodeRequest = api::parse_json(&body)?;
+            let st = Arc::clone(state);
+            let meta = blocking(move || st.node.update_code(&name, &code)).await?;
+            Ok(json_response(200, &api::configuration(&meta, &state.region)))
+        }
+        Route::Invoke(name) => {
+            api::check_qualifier(raw_query, &name)?;
+            let kind = api::invocation_type(header("x-amz-invocation-type"))?;
+            let start = api::start_request(header("x-microfaas-start"))?;
+            let tail = header("x-amz-log-type") == Some(b"Tail");
+            invoke(state, name, kind, start, tail, body, request_id, f).await
+        }
+    }
+}
+
+/// Runs `op` on the blocking pool.
+async fn blocking<T: Send + 'static>(op: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|e| ApiError::new(500, "ServiceException", format!("the operation failed: {e}")))?
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn invoke(
+    state: &Arc<State>,
+    name: String,
+    kind: InvocationType,
+    start: crate::StartRequest,
+    tail: bool,
+    body: Bytes,
+    request_id: &str,
+    f: &mut LogFields,
+) -> Result<Resp, ApiError> {
+    let received = Instant::now();
+    let to_api = |e: node::InvokeError| match e.failure() {
+        InvokeFailure::Api(a) => a,
+        InvokeFailure::Function(_) => ApiError::new(502, "ServiceException", chain(&e)),
+    };
+    match kind {
+        InvocationType::DryRun => {
+            let st = Arc::clone(state);
+            match tokio::task::spawn_blocking(move || st.node.check(&name)).await {
+                Ok(Ok(())) => Ok(response(204, Vec::new())),
+                Ok(Err(e)) => Err(to_api(e)),
+                Err(e) => Err(ApiError::new(500, "ServiceException", e.to_string())),
+            }
+        }
+        InvocationType::Event => {
+            if body.len() > api::MAX_EVENT_PAYLOAD_BYTES {
+                return Err(ApiError::new(
+                    413,
+                    "RequestTooLargeException",
+                    format!("an Event payload must be at most {} bytes", api::MAX_EVENT_PAYLOAD_BYTES),
+                ));
+            }
+            let st = Arc::clone(state);
+            let n = name.clone();
+            blocking(move || st.node.registry().version(&n).map(|_| ()).map_err(ApiError::from)).await?;
+            let sender = lock(&state.events).clone();
+            let sender = sender.ok_or_else(|| ApiError::new(503, "ServiceException", "the node is shutting down"))?;
+            let job = EventJob {
+                name,
+                payload: body.to_vec(),
+                request_id: request_id.to_owned(),
+            };
+            match sender.try_send(job) {
+                Ok(()) => Ok(response(202, Vec::new())),
+                Err(mpsc::error::TrySendError::Full(_)) => Err(ApiError::new(
+                    429,
+                    "TooManyRequestsException",
+                    "Rate Exceeded: the node's event queue is full",
+                )),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Err(ApiError::new(503, "ServiceException", "the node is shutting down"))
+                }
+            }
+        }
+        InvocationType::RequestResponse => {
+            let st = Arc::clone(state);
+            let ran = tokio::task::spawn_blocking(move || st.node.invoke(&name, &body, start))
+                .await
+                .map_err(|e| ApiError::new(500, "ServiceException", e.to_string()))?;
+            // A function whose init fails at deploy is the function's failure.
+            let ran = match ran {
+                Ok(r) => r,
+                Err(e) => match e.failure() {
+                    InvokeFailure::Api(a) => return Err(a),
+                    InvokeFailure::Function(b) => return Ok(function_error(b, f, None)),
+                },
+            };
+            f.backend = Some(ran.backend.as_str());
+            match ran.result {
+                Ok(inv) => {
+                    f.start = Some(inv.start.as_str());
+                    let t = inv.timings;
+                    let mut r = response(200, inv.output);
+                    set(&mut r, "content-type", "application/octet-stream");
+                    set(&mut r, "x-amz-executed-version", "$LATEST");
+                    set(&mut r, "x-microfaas-backend", ran.backend.as_str());
+                    set(&mut r, "x-microfaas-start", inv.start.as_str());
+                    set(
+                        &mut r,
+                        "x-microfaas-timings",
+                        &format!(
+                            "start_ns={};dispatch_ns={};exec_ns={};total_ns={}",
+                            t.start_ns, t.dispatch_ns, t.exec_ns, t.total_ns
+                        ),
+                    );
+                    set(&mut r, "x-microfaas-server-ns", &received.elapsed().as_nanos().to_string());
+                    if tail {
+                        let log = format!(
+                            "backend={} start={} total_ns={}\n",
+                            ran.backend, inv.start, t.total_ns
+                        );
+                        set(
+                            &mut r,
+                            "x-amz-log-result",
+                            &base64::engine::general_purpose::STANDARD.encode(log),
+                        );
+                    }
+                    Ok(r)
+                }
+                Err(e) => match api::invoke_failure(&e) {
+                    InvokeFailure::Api(a) => Err(a),
+                    InvokeFailure::Function(b) => Ok(function_error(b, f, Some(ran.backend))),
+                },
+            }
+        }
+    }
+}
+
+fn function_error(body: Vec<u8>, f: &mut LogFields, backend: Option<crate::BackendKind>) -> Resp {
+    f.error = Some("Unhandled".into());
+    let mut r = response(200, body);
+    set(&mut r, "content-type", "application/json");
+    set(&mut r, "x-amz-function-error", "Unhandled");
+    set(&mut r, "x-amz-executed-version", "$LATEST");
+    if let Some(b) = backend {
+        set(&mut r, "x-microfaas-backend", b.as_str());
+    }
+    r
+}
