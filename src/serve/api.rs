@@ -656,6 +656,7 @@ mod tests {
             .iter()
             .map(|n| FunctionMeta {
                 name: (*n).into(),
+                tenant: "default".into(),
                 runtime: String::new(),
                 role: String::new(),
                 handler: String::new(),

@@ -89,6 +89,7 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
 /// One queued `Event` invocation.
 #[derive(Debug)]
 struct EventJob {
+    tenant: crate::Tenant,
     name: String,
     payload: Vec<u8>,
     request_id: String,
@@ -242,7 +243,7 @@ fn spawn_event_consumers(
                     let t0 = Instant::now();
                     let name = job.name.clone();
                     let outcome = tokio::task::spawn_blocking(move || {
-                        st.node.invoke(&job.name, &job.payload, crate::StartRequest::Auto)
+                        st.node.invoke(&job.tenant, &job.name, &job.payload, crate::StartRequest::Auto)
                     })
                     .await;
                     let outcome = match outcome {
@@ -388,6 +389,7 @@ async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: 
     };
     f.bytes_in = body.len();
     let raw_query = parts.uri.query().unwrap_or("");
+    let mut tenant = crate::Tenant::default();
     if let Some(creds) = &state.credentials {
         let headers: Vec<(&str, &[u8])> = parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
         let verified = sigv4::verify(
@@ -403,6 +405,7 @@ async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: 
         )
         .map_err(|e| ApiError::new(403, e.error_type(), e.to_string()))?;
         f.key = Some(verified.access_key_id);
+        tenant = verified.profile;
     }
     let route = routed?;
     let header = |name: &str| parts.headers.get(name).map(hyper::header::HeaderValue::as_bytes);
@@ -411,18 +414,18 @@ async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: 
             let req: api::CreateRequest = api::parse_json(&body)?;
             f.function = Some(req.function_name.clone());
             let st = Arc::clone(state);
-            let meta = blocking(move || st.node.create(&req)).await?;
+            let meta = blocking(move || st.node.create(&tenant, &req)).await?;
             Ok(json_response(201, &api::configuration(&meta, &state.region)))
         }
         Route::List => {
             let st = Arc::clone(state);
-            let all = blocking(move || st.node.registry().list().map_err(ApiError::from)).await?;
+            let all = blocking(move || st.node.list(&tenant)).await?;
             Ok(json_response(200, &api::list_page(&all, raw_query, &state.region)?))
         }
         Route::Get(name) => {
             api::check_qualifier(raw_query, &name)?;
             let st = Arc::clone(state);
-            let meta = blocking(move || st.node.registry().get(&name).map_err(ApiError::from)).await?;
+            let meta = blocking(move || st.node.get(&tenant, &name)).await?;
             Ok(json_response(
                 200,
                 &serde_json::json!({
@@ -434,13 +437,13 @@ async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: 
         Route::Delete(name) => {
             api::check_qualifier(raw_query, &name)?;
             let st = Arc::clone(state);
-            blocking(move || st.node.delete(&name)).await?;
+            blocking(move || st.node.delete(&tenant, &name)).await?;
             Ok(response(204, Vec::new()))
         }
         Route::UpdateCode(name) => {
             let code: api::CodeRequest = api::parse_json(&body)?;
             let st = Arc::clone(state);
-            let meta = blocking(move || st.node.update_code(&name, &code)).await?;
+            let meta = blocking(move || st.node.update_code(&tenant, &name, &code)).await?;
             Ok(json_response(200, &api::configuration(&meta, &state.region)))
         }
         Route::Invoke(name) => {
@@ -448,7 +451,7 @@ async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: 
             let kind = api::invocation_type(header("x-amz-invocation-type"))?;
             let start = api::start_request(header("x-microfaas-start"))?;
             let tail = header("x-amz-log-type") == Some(b"Tail");
-            invoke(state, name, kind, start, tail, body, request_id, f).await
+            invoke(state, tenant, name, kind, start, tail, body, request_id, f).await
         }
     }
 }
@@ -463,6 +466,7 @@ async fn blocking<T: Send + 'static>(op: impl FnOnce() -> Result<T, ApiError> + 
 #[allow(clippy::too_many_arguments)]
 async fn invoke(
     state: &Arc<State>,
+    tenant: crate::Tenant,
     name: String,
     kind: InvocationType,
     start: crate::StartRequest,
@@ -479,7 +483,7 @@ async fn invoke(
     match kind {
         InvocationType::DryRun => {
             let st = Arc::clone(state);
-            match tokio::task::spawn_blocking(move || st.node.check(&name)).await {
+            match tokio::task::spawn_blocking(move || st.node.check(&tenant, &name)).await {
                 Ok(Ok(())) => Ok(response(204, Vec::new())),
                 Ok(Err(e)) => Err(to_api(e)),
                 Err(e) => Err(ApiError::new(500, "ServiceException", e.to_string())),
@@ -495,10 +499,12 @@ async fn invoke(
             }
             let st = Arc::clone(state);
             let n = name.clone();
-            blocking(move || st.node.registry().version(&n).map(|_| ()).map_err(ApiError::from)).await?;
+            let t = tenant.clone();
+            blocking(move || st.node.exists(&t, &n)).await?;
             let sender = lock(&state.events).clone();
             let sender = sender.ok_or_else(|| ApiError::new(503, "ServiceException", "the node is shutting down"))?;
             let job = EventJob {
+                tenant,
                 name,
                 payload: body.to_vec(),
                 request_id: request_id.to_owned(),
@@ -517,7 +523,7 @@ async fn invoke(
         }
         InvocationType::RequestResponse => {
             let st = Arc::clone(state);
-            let ran = tokio::task::spawn_blocking(move || st.node.invoke(&name, &body, start))
+            let ran = tokio::task::spawn_blocking(move || st.node.invoke(&tenant, &name, &body, start))
                 .await
                 .map_err(|e| ApiError::new(500, "ServiceException", e.to_string()))?;
             // A function whose init fails at deploy is the function's failure.

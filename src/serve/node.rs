@@ -4,7 +4,7 @@
 
 use super::api::{self, ApiError};
 use super::registry::{FunctionMeta, Registry, RegistryError, Version};
-use crate::{Artifact, Backend, BackendKind, Config, FunctionId, FunctionSpec, Invocation, StartRequest};
+use crate::{Artifact, Backend, BackendKind, Config, FunctionId, FunctionSpec, Invocation, StartRequest, Tenant};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, Clone)]
 struct Loaded {
     version: Version,
+    tenant: Tenant,
     backend: Arc<dyn Backend>,
     id: FunctionId,
 }
@@ -60,11 +61,6 @@ impl Node {
         }
     }
 
-    /// The registry.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     fn backend(&self, kind: BackendKind, heap_mib: u64) -> Result<Arc<dyn Backend>, crate::Error> {
         let mut backends = lock(&self.backends);
         if let Some(b) = backends.get(&(kind, heap_mib)) {
@@ -99,7 +95,15 @@ impl Node {
     /// The function deployed at the registry's current version (deploying it
     /// on this node first if needed: the first invoke after a create, an
     /// update, or a node failure).
-    fn loaded(&self, name: &str) -> Result<Loaded, InvokeError> {
+    fn loaded(&self, name: &str, caller: &Tenant) -> Result<Loaded, InvokeError> {
+        let l = self.loaded_any(name)?;
+        if &l.tenant != caller {
+            return Err(RegistryError::NotFound(name.to_owned()).into());
+        }
+        Ok(l)
+    }
+
+    fn loaded_any(&self, name: &str) -> Result<Loaded, InvokeError> {
         let version = match self.registry.version(name) {
             Ok(v) => v,
             Err(e) => {
@@ -116,6 +120,12 @@ impl Node {
         }
         let meta = self.registry.get(name)?;
         let kind = api::backend_of_runtime(&meta.runtime).map_err(InvokeError::Api)?;
+        let tenant = Tenant::new(&meta.tenant).map_err(|e| {
+            InvokeError::Registry(RegistryError::Corrupt {
+                path: self.registry.meta_path(name),
+                reason: e.to_string(),
+            })
+        })?;
         let artifact = self.artifact(&meta).map_err(InvokeError::Backend)?;
         let backend = self
             .backend(kind, api::heap_mib_of_memory_size(meta.memory_mib))
@@ -124,16 +134,23 @@ impl Node {
             // Its instances go; the backend keeps the (unreachable) spec.
             let _ = old.backend.evict(&old.id);
         }
-        let spec = FunctionSpec::new(name, artifact).with_budget(Duration::from_secs(meta.timeout_s));
+        let spec = FunctionSpec::new(name, artifact)
+            .with_budget(Duration::from_secs(meta.timeout_s))
+            .with_tenant(tenant.clone());
         let id = backend.deploy(&spec).map_err(InvokeError::Backend)?;
-        let l = Loaded { version, backend, id };
+        let l = Loaded {
+            version,
+            tenant,
+            backend,
+            id,
+        };
         *slot = Some(l.clone());
         Ok(l)
     }
 
     /// Runs `name` once on `input`.
-    pub fn invoke(&self, name: &str, input: &[u8], start: StartRequest) -> Result<Ran, InvokeError> {
-        let l = self.loaded(name)?;
+    pub fn invoke(&self, caller: &Tenant, name: &str, input: &[u8], start: StartRequest) -> Result<Ran, InvokeError> {
+        let l = self.loaded(name, caller)?;
         self.invocations.fetch_add(1, Ordering::Relaxed);
         let result = l.backend.invoke(&l.id, input, start);
         Ok(Ran {
@@ -143,8 +160,31 @@ impl Node {
     }
 
     /// Checks that `name` exists and can be deployed here (`DryRun`).
-    pub fn check(&self, name: &str) -> Result<(), InvokeError> {
-        self.loaded(name).map(|_| ())
+    pub fn check(&self, caller: &Tenant, name: &str) -> Result<(), InvokeError> {
+        self.loaded(name, caller).map(|_| ())
+    }
+
+    /// The function's configuration, if `caller` may see it (another
+    /// tenant's function is not found).
+    pub fn get(&self, caller: &Tenant, name: &str) -> Result<FunctionMeta, ApiError> {
+        let meta = self.registry.get(name)?;
+        if meta.tenant != caller.as_str() {
+            return Err(ApiError::not_found(name));
+        }
+        Ok(meta)
+    }
+
+    /// The functions `caller` may see, by name.
+    pub fn list(&self, caller: &Tenant) -> Result<Vec<FunctionMeta>, ApiError> {
+        let mut all = self.registry.list()?;
+        all.retain(|m| m.tenant == caller.as_str());
+        Ok(all)
+    }
+
+    /// Whether `caller` has a function `name` (one `stat` and, the first
+    /// time, a read).
+    pub fn exists(&self, caller: &Tenant, name: &str) -> Result<(), ApiError> {
+        self.get(caller, name).map(|_| ())
     }
 
     fn new_revision(&self) -> String {
@@ -175,11 +215,12 @@ impl Node {
     }
 
     /// `CreateFunction`.
-    pub fn create(&self, req: &api::CreateRequest) -> Result<FunctionMeta, ApiError> {
+    pub fn create(&self, caller: &Tenant, req: &api::CreateRequest) -> Result<FunctionMeta, ApiError> {
         let (kind, timeout_s, memory_mib) = api::check_create(req)?;
         let (code_sha256, code_size) = self.store_code(&req.code)?;
         let meta = FunctionMeta {
             name: req.function_name.clone(),
+            tenant: caller.as_str().to_owned(),
             runtime: format!("microfaas-{kind}"),
             role: req.role.clone().unwrap_or_default(),
             handler: req.handler.clone().unwrap_or_default(),
@@ -196,8 +237,8 @@ impl Node {
     }
 
     /// `UpdateFunctionCode`.
-    pub fn update_code(&self, name: &str, code: &api::CodeRequest) -> Result<FunctionMeta, ApiError> {
-        let mut meta = self.registry.get(name)?;
+    pub fn update_code(&self, caller: &Tenant, name: &str, code: &api::CodeRequest) -> Result<FunctionMeta, ApiError> {
+        let mut meta = self.get(caller, name)?;
         let (code_sha256, code_size) = self.store_code(code)?;
         if code.dry_run {
             return Ok(meta);
@@ -211,7 +252,8 @@ impl Node {
     }
 
     /// `DeleteFunction`.
-    pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+    pub fn delete(&self, caller: &Tenant, name: &str) -> Result<(), ApiError> {
+        self.get(caller, name)?;
         self.registry.delete(name)?;
         let slot = lock(&self.slots).remove(name);
         if let Some(slot) = slot

@@ -35,6 +35,10 @@ const MAX_META_BYTES: u64 = 64 << 10;
 pub struct FunctionMeta {
     /// Its name.
     pub name: String,
+    /// The tenant that created it (the credentials profile): only it sees
+    /// and runs the function, in its own trust domain.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// `microfaas-vm`, `microfaas-language` or `microfaas-process`.
     pub runtime: String,
     /// The role ARN the client sent (kept, not used).
@@ -55,6 +59,10 @@ pub struct FunctionMeta {
     pub last_modified: String,
     /// Changes on every create and update.
     pub revision_id: String,
+}
+
+fn default_tenant() -> String {
+    crate::Tenant::DEFAULT.to_owned()
 }
 
 /// What a registry operation failed with.
@@ -120,7 +128,8 @@ impl Registry {
         })
     }
 
-    fn meta_path(&self, name: &str) -> PathBuf {
+    /// Where the configuration of `name` is stored.
+    pub fn meta_path(&self, name: &str) -> PathBuf {
         self.dir.join("functions").join(format!("{name}.json"))
     }
 
@@ -272,6 +281,7 @@ mod tests {
     fn meta(name: &str, rev: &str) -> FunctionMeta {
         FunctionMeta {
             name: name.into(),
+            tenant: "default".into(),
             runtime: "microfaas-process".into(),
             role: String::new(),
             handler: String::new(),

@@ -35,7 +35,7 @@ pub struct Credentials {
 #[derive(Clone)]
 struct Key {
     secret: String,
-    profile: String,
+    profile: crate::Tenant,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -73,6 +73,9 @@ pub enum CredentialsError {
         /// The profile.
         profile: String,
     },
+    /// A profile name is not a tenant label (each profile is a tenant).
+    #[error("profile name: {0}")]
+    Tenant(#[from] crate::InvalidTenant),
     /// Two profiles share an access key id.
     #[error("access key id of profile `{profile}` is used by another profile too")]
     Duplicate {
@@ -96,7 +99,8 @@ impl Credentials {
 
     /// Parses the AWS shared-credentials format: `[profile]` sections with
     /// `aws_access_key_id` and `aws_secret_access_key` (other keys, such as
-    /// `region`, are ignored; `#` and `;` start comments).
+    /// `region`, are ignored; `#` and `;` start comments). Each profile is a
+    /// tenant: its name must be a tenant label (1 to 32 of `[a-z0-9_-]`).
     pub fn parse(text: &str) -> Result<Self, CredentialsError> {
         let mut keys = HashMap::new();
         let mut profile: Option<(String, Option<String>, Option<String>)> = None;
@@ -106,7 +110,8 @@ impl Credentials {
             match p {
                 None | Some((_, None, None)) => Ok(()),
                 Some((profile, Some(id), Some(secret))) => {
-                    if keys.insert(id, Key { secret, profile: profile.clone() }).is_some() {
+                    let tenant = crate::Tenant::new(&profile)?;
+                    if keys.insert(id, Key { secret, profile: tenant }).is_some() {
                         return Err(CredentialsError::Duplicate { profile });
                     }
                     Ok(())
@@ -219,8 +224,8 @@ impl RequestParts<'_> {
 pub struct Verified {
     /// The access key id.
     pub access_key_id: String,
-    /// Its profile in the credentials file.
-    pub profile: String,
+    /// Its profile in the credentials file: the tenant it acts for.
+    pub profile: crate::Tenant,
 }
 
 /// The fields of an `Authorization: AWS4-HMAC-SHA256 ...` header.
@@ -672,7 +677,7 @@ mod tests {
         let now = parse_amz_date(date).unwrap();
         let (h, body) = signed("s3cret", date, b"payload");
         let ok = check(&h, &body, now).unwrap();
-        assert_eq!(ok.profile, "default");
+        assert_eq!(ok.profile.as_str(), "default");
         assert_eq!(check(&h, &body, now + 299).unwrap().access_key_id, "AKID");
         assert!(matches!(check(&h, &body, now + 301), Err(AuthError::Expired { .. })));
         assert!(matches!(check(&h, &body, now - 301), Err(AuthError::Expired { .. })));
@@ -744,6 +749,10 @@ mod tests {
         assert!(matches!(
             Credentials::parse("[a]\naws_access_key_id=x\naws_secret_access_key=1\n[b]\naws_access_key_id=x\naws_secret_access_key=2\n"),
             Err(CredentialsError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            Credentials::parse("[Alice]\naws_access_key_id=x\naws_secret_access_key=1\n"),
+            Err(CredentialsError::Tenant(_))
         ));
         let c = creds();
         assert!(!format!("{c:?}").contains("s3cret"));

@@ -17,6 +17,8 @@ FUNCTIONS = os.environ["MICROFAAS_FUNCTIONS_DIR"]
 TMP = os.environ.get("MICROFAAS_TEST_TMP", tempfile.gettempdir())
 KEY_ID = "AKIDMICROFAASTEST"
 SECRET = "microfaas-test-secret-1"
+OTHER_KEY_ID = "AKIDOTHERTENANT"
+OTHER_SECRET = "microfaas-test-secret-2"
 ROLE = "arn:aws:iam::000000000000:role/microfaas"
 
 
@@ -95,7 +97,8 @@ def workdir():
 def creds(workdir):
     path = os.path.join(workdir, "credentials")
     with open(path, "w") as f:
-        f.write(f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
+        f.write(f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"
+                f"[other]\naws_access_key_id = {OTHER_KEY_ID}\naws_secret_access_key = {OTHER_SECRET}\n")
     return path
 
 

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 import pytest
 
-from conftest import ROLE, Server, artifact, client, create, wait_until
+from conftest import OTHER_KEY_ID, OTHER_SECRET, ROLE, Server, artifact, client, create, wait_until
 
 
 def test_create_from_zip_and_invoke_binary_payload_round_trip(lam, server):
@@ -262,3 +262,28 @@ def test_sigterm_finishes_in_flight_then_refuses(workdir, creds):
         client(s.url).invoke(FunctionName="fast", Payload=b"after")
     assert any(l.get("event") == "stopped" and l.get("drained") for l in s.log())
     s.stderr.close()
+
+
+def test_each_profile_is_a_tenant_that_sees_only_its_functions(lam, server):
+    create(lam, "mine")
+    other = client(server.url, key_id=OTHER_KEY_ID, secret=OTHER_SECRET)
+    before = len(ran(server, "mine"))
+    with pytest.raises(other.exceptions.ResourceNotFoundException):
+        other.invoke(FunctionName="mine", Payload=b"x")
+    with pytest.raises(other.exceptions.ResourceNotFoundException):
+        other.get_function(FunctionName="mine")
+    with pytest.raises(other.exceptions.ResourceNotFoundException):
+        other.update_function_code(FunctionName="mine", ZipFile=artifact("panics"))
+    with pytest.raises(other.exceptions.ResourceNotFoundException):
+        other.delete_function(FunctionName="mine")
+    with pytest.raises(other.exceptions.ResourceNotFoundException):
+        other.invoke(FunctionName="mine", InvocationType="Event", Payload=b"x")
+    assert "mine" not in [f["FunctionName"] for f in other.list_functions()["Functions"]]
+    with pytest.raises(other.exceptions.ResourceConflictException):
+        create(other, "mine")
+    assert len(ran(server, "mine")) == before
+    assert lam.invoke(FunctionName="mine", Payload=b"still mine")["Payload"].read() == b"still mine"
+    create(other, "theirs", runtime="microfaas-language")
+    assert other.invoke(FunctionName="theirs", Payload=b"t")["Payload"].read() == b"t"
+    line = [l for l in server.log() if l.get("fn") == "theirs" and l.get("op") == "Invoke"][-1]
+    assert line["key"] == OTHER_KEY_ID
