@@ -112,7 +112,9 @@ impl ApiError {
     /// Lambda's error body.
     pub fn body(&self) -> Vec<u8> {
         let kind = if self.status >= 500 { "Service" } else { "User" };
-        json!({ "Type": kind, "message": self.message }).to_string().into_bytes()
+        json!({ "Type": kind, "message": self.message })
+            .to_string()
+            .into_bytes()
     }
 }
 
@@ -132,7 +134,10 @@ impl From<RegistryError> for ApiError {
 
 /// Lambda's function names: 1 to 64 of `[a-zA-Z0-9_-]`.
 pub fn valid_function_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The function name of a path segment: a name, or a function ARN
@@ -162,7 +167,11 @@ fn function_name(segment: &str) -> Result<String, ApiError> {
                 [_region, _account, "function", name] | [_region, _account, "function", name, "$LATEST"] => {
                     (*name).to_owned()
                 }
-                _ => return Err(ApiError::invalid("a function ARN is arn:aws:lambda:REGION:ACCOUNT:function:NAME")),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "a function ARN is arn:aws:lambda:REGION:ACCOUNT:function:NAME",
+                    ));
+                }
             }
         }
         None => s,
@@ -182,7 +191,11 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         .strip_prefix("/2015-03-31/functions")
         .ok_or_else(|| ApiError::new(404, "UnknownOperationException", "Unknown operation"))?;
     let rest = rest.strip_prefix('/').unwrap_or(rest);
-    let segs: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+    let segs: Vec<&str> = if rest.is_empty() {
+        Vec::new()
+    } else {
+        rest.split('/').collect()
+    };
     let unknown = || ApiError::new(404, "UnknownOperationException", "Unknown operation");
     match (method, segs.as_slice()) {
         ("POST", []) => Ok(Route::Create),
@@ -511,10 +524,19 @@ mod tests {
         assert_eq!(route("POST", "/2015-03-31/functions/"), Ok(Route::Create));
         assert_eq!(route("GET", "/2015-03-31/functions/"), Ok(Route::List));
         assert_eq!(route("GET", "/2015-03-31/functions/f-1"), Ok(Route::Get("f-1".into())));
-        assert_eq!(route("DELETE", "/2015-03-31/functions/f"), Ok(Route::Delete("f".into())));
-        assert_eq!(route("PUT", "/2015-03-31/functions/f/code"), Ok(Route::UpdateCode("f".into())));
         assert_eq!(
-            route("POST", "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A1%3Afunction%3Ag/invocations"),
+            route("DELETE", "/2015-03-31/functions/f"),
+            Ok(Route::Delete("f".into()))
+        );
+        assert_eq!(
+            route("PUT", "/2015-03-31/functions/f/code"),
+            Ok(Route::UpdateCode("f".into()))
+        );
+        assert_eq!(
+            route(
+                "POST",
+                "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A1%3Afunction%3Ag/invocations"
+            ),
             Ok(Route::Invoke("g".into()))
         );
         for (m, p) in [
@@ -532,7 +554,11 @@ mod tests {
             "/2015-03-31/functions/%ff",
             &format!("/2015-03-31/functions/{}", "x".repeat(65)),
         ] {
-            assert_eq!(route("GET", p).unwrap_err().error_type, "InvalidParameterValueException", "{p}");
+            assert_eq!(
+                route("GET", p).unwrap_err().error_type,
+                "InvalidParameterValueException",
+                "{p}"
+            );
         }
     }
 
@@ -559,9 +585,24 @@ mod tests {
             (BackendKind::Vm, 3, 128)
         );
         assert_eq!(check_create(&req("python3.12", None, None)).unwrap_err().status, 400);
-        assert_eq!(check_create(&req("microfaas-process", Some(0), None)).unwrap_err().status, 400);
-        assert_eq!(check_create(&req("microfaas-process", Some(901), None)).unwrap_err().status, 400);
-        assert_eq!(check_create(&req("microfaas-process", None, Some(64))).unwrap_err().status, 400);
+        assert_eq!(
+            check_create(&req("microfaas-process", Some(0), None))
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            check_create(&req("microfaas-process", Some(901), None))
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            check_create(&req("microfaas-process", None, Some(64)))
+                .unwrap_err()
+                .status,
+            400
+        );
         assert_eq!(heap_mib_of_memory_size(128), 128);
         assert_eq!(heap_mib_of_memory_size(129), 256);
         assert_eq!(heap_mib_of_memory_size(10240), 16384);
@@ -626,7 +667,10 @@ mod tests {
         assert_eq!(invocation_type(Some(b"Event")), Ok(InvocationType::Event));
         assert_eq!(invocation_type(Some(b"DryRun")), Ok(InvocationType::DryRun));
         assert!(invocation_type(Some(b"event")).is_err());
-        assert_eq!(start_request(Some(b"cold")), Ok(crate::StartRequest::Force(StartPath::Cold)));
+        assert_eq!(
+            start_request(Some(b"cold")),
+            Ok(crate::StartRequest::Force(StartPath::Cold))
+        );
         assert!(start_request(Some(b"fast")).is_err());
         assert_eq!(check_qualifier("Qualifier=%24LATEST", "f"), Ok(()));
         assert_eq!(check_qualifier("Qualifier=1", "f").unwrap_err().status, 404);

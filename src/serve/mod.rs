@@ -221,7 +221,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -243,7 +249,8 @@ fn spawn_event_consumers(
                     let t0 = Instant::now();
                     let name = job.name.clone();
                     let outcome = tokio::task::spawn_blocking(move || {
-                        st.node.invoke(&job.tenant, &job.name, &job.payload, crate::StartRequest::Auto)
+                        st.node
+                            .invoke(&job.tenant, &job.name, &job.payload, crate::StartRequest::Auto)
                     })
                     .await;
                     let outcome = match outcome {
@@ -354,7 +361,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> 
     Ok(resp)
 }
 
-async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: &mut LogFields) -> Result<Resp, ApiError> {
+async fn serve(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    request_id: &str,
+    f: &mut LogFields,
+) -> Result<Resp, ApiError> {
     let routed = api::route(req.method().as_str(), req.uri().path());
     let limit = routed.as_ref().map_or(api::MAX_SMALL_BODY_BYTES, Route::body_limit);
     if let Ok(r) = &routed {
@@ -377,7 +389,13 @@ async fn serve(state: &Arc<State>, req: Request<Incoming>, request_id: &str, f: 
         return Err(too_large());
     }
     let _upload = if limit > api::MAX_SYNC_PAYLOAD_BYTES {
-        Some(state.uploads.acquire().await.map_err(|_| ApiError::new(503, "ServiceException", "shutting down"))?)
+        Some(
+            state
+                .uploads
+                .acquire()
+                .await
+                .map_err(|_| ApiError::new(503, "ServiceException", "shutting down"))?,
+        )
     } else {
         None
     };
@@ -494,7 +512,10 @@ async fn invoke(
                 return Err(ApiError::new(
                     413,
                     "RequestTooLargeException",
-                    format!("an Event payload must be at most {} bytes", api::MAX_EVENT_PAYLOAD_BYTES),
+                    format!(
+                        "an Event payload must be at most {} bytes",
+                        api::MAX_EVENT_PAYLOAD_BYTES
+                    ),
                 ));
             }
             let st = Arc::clone(state);
@@ -552,12 +573,13 @@ async fn invoke(
                             t.start_ns, t.dispatch_ns, t.exec_ns, t.total_ns
                         ),
                     );
-                    set(&mut r, "x-microfaas-server-ns", &received.elapsed().as_nanos().to_string());
+                    set(
+                        &mut r,
+                        "x-microfaas-server-ns",
+                        &received.elapsed().as_nanos().to_string(),
+                    );
                     if tail {
-                        let log = format!(
-                            "backend={} start={} total_ns={}\n",
-                            ran.backend, inv.start, t.total_ns
-                        );
+                        let log = format!("backend={} start={} total_ns={}\n", ran.backend, inv.start, t.total_ns);
                         set(
                             &mut r,
                             "x-amz-log-result",

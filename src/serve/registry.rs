@@ -312,7 +312,11 @@ mod tests {
         assert!(matches!(r.delete("f"), Err(RegistryError::NotFound(_))));
         assert!(matches!(r.get("f"), Err(RegistryError::NotFound(_))));
         assert!(matches!(r.version("f"), Err(RegistryError::NotFound(_))));
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporaries left");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0,
+            "no temporaries left"
+        );
     }
 
     #[test]

@@ -111,7 +111,16 @@ impl Credentials {
                 None | Some((_, None, None)) => Ok(()),
                 Some((profile, Some(id), Some(secret))) => {
                     let tenant = crate::Tenant::new(&profile)?;
-                    if keys.insert(id, Key { secret, profile: tenant }).is_some() {
+                    if keys
+                        .insert(
+                            id,
+                            Key {
+                                secret,
+                                profile: tenant,
+                            },
+                        )
+                        .is_some()
+                    {
                         return Err(CredentialsError::Duplicate { profile });
                     }
                     Ok(())
@@ -264,10 +273,15 @@ fn parse_auth_header(value: &str) -> Result<AuthHeader<'_>, AuthError> {
         scope.next(),
         scope.next(),
     ) else {
-        return Err(AuthError::Malformed("Credential is not KEY/DATE/REGION/SERVICE/aws4_request"));
+        return Err(AuthError::Malformed(
+            "Credential is not KEY/DATE/REGION/SERVICE/aws4_request",
+        ));
     };
     let signed_headers: Vec<&str> = signed.split(';').collect();
-    if signed_headers.iter().any(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase())) {
+    if signed_headers
+        .iter()
+        .any(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase()))
+    {
         return Err(AuthError::Malformed("SignedHeaders must be lowercase names"));
     }
     if !signed_headers.windows(2).all(|w| w[0] < w[1]) {
@@ -451,14 +465,17 @@ fn hex(bytes: &[u8]) -> String {
 
 fn hmac(key: &[u8], data: &[u8]) -> HmacSha256 {
     // HMAC takes a key of any length: new_from_slice cannot fail.
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    let mut mac =
+        <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
     mac.update(data);
     mac
 }
 
 /// The signing key of a secret for one date, region and service.
 fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> Vec<u8> {
-    let k = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes()).finalize().into_bytes();
+    let k = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes())
+        .finalize()
+        .into_bytes();
     let k = hmac(&k, region.as_bytes()).finalize().into_bytes();
     let k = hmac(&k, service.as_bytes()).finalize().into_bytes();
     hmac(&k, b"aws4_request").finalize().into_bytes().to_vec()
@@ -480,7 +497,11 @@ fn string_to_sign(
     canonical.push_str(&canonical_query(req.raw_query));
     canonical.push('\n');
     for name in signed_headers {
-        let mut values = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).peekable();
+        let mut values = req
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .peekable();
         if values.peek().is_none() {
             return Err(AuthError::Malformed("a signed header is missing"));
         }
@@ -570,7 +591,9 @@ pub fn sign(
     names.sort();
     names.dedup();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let date = amz_date.get(..8).ok_or(AuthError::Malformed("X-Amz-Date is too short"))?;
+    let date = amz_date
+        .get(..8)
+        .ok_or(AuthError::Malformed("X-Amz-Date is too short"))?;
     let scope = format!("{date}/{region}/{SERVICE}/aws4_request");
     let payload_hash = hex(&Sha256::digest(req.body));
     let sts = string_to_sign(req, &names, amz_date, &scope, &payload_hash)?;
@@ -650,8 +673,7 @@ mod tests {
             body,
         };
         let auth = sign("AKID", secret, "us-east-1", date, &req).unwrap();
-        let mut owned: Vec<(String, Vec<u8>)> =
-            headers.iter().map(|(n, v)| ((*n).to_owned(), v.to_vec())).collect();
+        let mut owned: Vec<(String, Vec<u8>)> = headers.iter().map(|(n, v)| ((*n).to_owned(), v.to_vec())).collect();
         owned.push(("Authorization".to_owned(), auth.into_bytes()));
         (owned, body.to_vec())
     }
@@ -690,7 +712,9 @@ mod tests {
         let missing: Vec<_> = h.iter().filter(|(n, _)| n != "Authorization").cloned().collect();
         assert_eq!(check(&missing, &body, now), Err(AuthError::Missing));
         let mut unknown = h.clone();
-        let a = String::from_utf8(unknown[3].1.clone()).unwrap().replace("AKID/", "NOPE/");
+        let a = String::from_utf8(unknown[3].1.clone())
+            .unwrap()
+            .replace("AKID/", "NOPE/");
         unknown[3].1 = a.into_bytes();
         assert_eq!(check(&unknown, &body, now), Err(AuthError::UnknownKey));
         let mut lying_hash = h.clone();
@@ -719,14 +743,24 @@ mod tests {
             assert_eq!(parse_amz_date(&format_amz_date(t)), Some(t), "{t}");
         }
         assert_eq!(parse_amz_date("20150830T123600Z"), Some(1_440_938_160));
-        for bad in ["", "20150830T123600", "2015083OT123600Z", "20151330T123600Z", "20150830T250000Z", "+0150830T123600Z"] {
+        for bad in [
+            "",
+            "20150830T123600",
+            "2015083OT123600Z",
+            "20151330T123600Z",
+            "20150830T250000Z",
+            "+0150830T123600Z",
+        ] {
             assert_eq!(parse_amz_date(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn canonical_uri_and_query_match_the_sdks() {
-        assert_eq!(canonical_uri("/2015-03-31/functions/f/invocations"), "/2015-03-31/functions/f/invocations");
+        assert_eq!(
+            canonical_uri("/2015-03-31/functions/f/invocations"),
+            "/2015-03-31/functions/f/invocations"
+        );
         assert_eq!(canonical_uri("/a/./b/../c//d/"), "/a/c/d/");
         assert_eq!(canonical_uri("/a%20b"), "/a%2520b");
         assert_eq!(canonical_uri(""), "/");
@@ -747,7 +781,9 @@ mod tests {
             Err(CredentialsError::Syntax { line: 1, .. })
         ));
         assert!(matches!(
-            Credentials::parse("[a]\naws_access_key_id=x\naws_secret_access_key=1\n[b]\naws_access_key_id=x\naws_secret_access_key=2\n"),
+            Credentials::parse(
+                "[a]\naws_access_key_id=x\naws_secret_access_key=1\n[b]\naws_access_key_id=x\naws_secret_access_key=2\n"
+            ),
             Err(CredentialsError::Duplicate { .. })
         ));
         assert!(matches!(
