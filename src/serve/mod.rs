@@ -11,6 +11,7 @@
 //! `X-Microfaas-Start: cold|warm|hot|function|base|argument` forces a path.
 
 pub mod api;
+pub mod client;
 mod node;
 pub mod registry;
 pub mod sigv4;
