@@ -131,6 +131,9 @@ enum Command {
         /// Seconds SIGTERM waits for in-flight requests and queued events.
         #[arg(long, default_value_t = 60)]
         drain_timeout_s: u64,
+        /// Append the access log to this file instead of stderr.
+        #[arg(long)]
+        access_log: Option<PathBuf>,
     },
 }
 
@@ -272,6 +275,7 @@ fn run(command: Command) -> Result<(), Failure> {
             region,
             max_connections,
             drain_timeout_s,
+            access_log,
         } => {
             let opts = microfaas::serve::ServeOptions {
                 listen,
@@ -283,8 +287,9 @@ fn run(command: Command) -> Result<(), Failure> {
                 region,
                 max_connections,
                 drain_timeout: Duration::from_secs(drain_timeout_s),
+                access_log,
             };
-            microfaas::serve::run(opts, |addr| outln!("listening http://{addr}")).map_err(|e| Failure {
+            microfaas::serve::run(opts, |addr, _| outln!("listening http://{addr}")).map_err(|e| Failure {
                 code: 1,
                 message: chain(&e),
                 kind: None,

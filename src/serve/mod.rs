@@ -53,6 +53,19 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long SIGTERM waits for in-flight requests and queued events.
     pub drain_timeout: Duration,
+    /// The access log file (appended to); `None` = stderr.
+    pub access_log: Option<PathBuf>,
+}
+
+/// Stops a running server as SIGTERM does (for servers run in-process).
+#[derive(Debug, Clone)]
+pub struct Stopper(Arc<tokio::sync::Notify>);
+
+impl Stopper {
+    /// Starts the graceful shutdown.
+    pub fn stop(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// Why the server could not start or stopped with an error.
@@ -106,12 +119,26 @@ struct State {
     events: Mutex<Option<mpsc::Sender<EventJob>>>,
     uploads: Semaphore,
     request_seq: AtomicU64,
+    log: LogSink,
 }
 
-/// Runs the server until SIGTERM or SIGINT; `on_listening` is told the
-/// bound address first.
-pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+/// Runs the server until SIGTERM, SIGINT or [`Stopper::stop`];
+/// `on_listening` is told the bound address (and given the stopper) first.
+pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr, Stopper)) -> Result<(), ServeError> {
     let credentials = opts.credentials.as_deref().map(sigv4::Credentials::load).transpose()?;
+    let log = match &opts.access_log {
+        None => LogSink::Stderr,
+        Some(path) => LogSink::File(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| ServeError::Io {
+                    context: format!("opening the access log {}", path.display()),
+                    source,
+                })?,
+        ),
+    };
     let registry = registry::Registry::open(&opts.registry)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -148,11 +175,14 @@ pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<
             events: Mutex::new(Some(tx)),
             uploads: Semaphore::new(2),
             request_seq: AtomicU64::new(0),
+            log,
         });
         let consumers = spawn_event_consumers(&state, rx, 2);
         let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
-        on_listening(addr);
+        let stopper = Stopper(Arc::new(tokio::sync::Notify::new()));
+        let stop = Arc::clone(&stopper.0);
+        on_listening(addr, stopper);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
         loop {
@@ -163,16 +193,20 @@ pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<
                 },
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = stop.notified() => break,
             };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = stop.notified() => break,
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    log_line(&serde_json::json!({ "event": "accept_error", "error": e.to_string() }));
+                    state
+                        .log
+                        .line(&serde_json::json!({ "event": "accept_error", "error": e.to_string() }));
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -193,7 +227,9 @@ pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<
         }
         drop(listener);
         state.draining.store(true, Ordering::SeqCst);
-        log_line(&serde_json::json!({ "event": "draining", "node": state.node_name }));
+        state
+            .log
+            .line(&serde_json::json!({ "event": "draining", "node": state.node_name }));
         let drained = tokio::time::timeout(opts.drain_timeout, async {
             graceful.shutdown().await;
             // Accepted events still run: close the queue, let it empty.
@@ -204,7 +240,9 @@ pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<
         })
         .await
         .is_ok();
-        log_line(&serde_json::json!({ "event": "stopped", "node": state.node_name, "drained": drained }));
+        state
+            .log
+            .line(&serde_json::json!({ "event": "stopped", "node": state.node_name, "drained": drained }));
         Ok(())
     })
 }
@@ -262,7 +300,7 @@ fn spawn_event_consumers(
                         Ok(Err(e)) => format!("not run: {}", chain(&e)),
                         Err(e) => format!("not run: {e}"),
                     };
-                    log_line(&serde_json::json!({
+                    state.log.line(&serde_json::json!({
                         "event": "async_invoke", "node": state.node_name, "req": job.request_id,
                         "fn": name, "outcome": outcome, "us": t0.elapsed().as_micros(),
                     }));
@@ -272,8 +310,24 @@ fn spawn_event_consumers(
         .collect()
 }
 
-fn log_line(v: &serde_json::Value) {
-    eprintln!("{v}");
+/// Where access-log lines go: one JSON object per line, one `write(2)` each.
+#[derive(Debug)]
+enum LogSink {
+    Stderr,
+    File(std::fs::File),
+}
+
+impl LogSink {
+    fn line(&self, v: &serde_json::Value) {
+        use std::io::Write as _;
+        let mut text = v.to_string();
+        text.push('\n');
+        // A log that cannot be written does not stop the server.
+        let _ = match self {
+            LogSink::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+            LogSink::File(f) => (&*f).write_all(text.as_bytes()),
+        };
+    }
 }
 
 fn now_unix() -> i64 {
@@ -352,7 +406,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> 
     set(&mut resp, "x-amzn-requestid", &request_id);
     set(&mut resp, "x-microfaas-node", &state.node_name);
     let bytes_out = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-    log_line(&serde_json::json!({
+    state.log.line(&serde_json::json!({
         "ts": now_unix(), "node": state.node_name, "req": request_id, "peer": peer.to_string(),
         "method": method, "path": path, "op": f.op, "fn": f.function, "key": f.key,
         "status": resp.status().as_u16(), "in": f.bytes_in, "out": bytes_out,
