@@ -29,6 +29,11 @@ mkdir -p "$MICROFAAS_TEST_TMP"
 tests=(tests/python/test_lambda_api.py)
 if [[ "${MICROFAAS_SKIP_CLUSTER:-0}" != 1 ]]; then
     tests+=(tests/python/test_cluster.py)
+    # The cluster's load balancer: Debian's nginx.
+    if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
+        apt-get install -y --no-install-recommends nginx-light \
+            || { apt-get update && apt-get install -y --no-install-recommends nginx-light; }
+    fi
 fi
 # pytest exits 0 only when tests ran and passed (5 = none collected): any
 # other status fails this script, and so does a run that passed fewer tests

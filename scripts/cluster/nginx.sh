@@ -10,7 +10,8 @@ fi
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 prefix="$1"
 if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
-    apt-get install -y --no-install-recommends nginx-light >&2
+    apt-get install -y --no-install-recommends nginx-light >&2 \
+        || { apt-get update >&2 && apt-get install -y --no-install-recommends nginx-light >&2; }
 fi
 mkdir -p "$prefix"/tmp/{client_body,proxy,fastcgi,uwsgi,scgi}
 # nginx's workers run as nobody when started by root.

@@ -6,8 +6,8 @@
 //! Our own response headers on `Invoke`: `X-Microfaas-Backend`,
 //! `X-Microfaas-Start` (the start path), `X-Microfaas-Timings`
 //! (`start_ns=..;dispatch_ns=..;exec_ns=..;total_ns=..`, the backend's),
-//! `X-Microfaas-Server-Ns` (request fully read to response ready, in this
-//! server) and, on every response, `X-Microfaas-Node`. The request header
+//! `X-Microfaas-Server-Ns` (from the request read and authenticated to the
+//! response ready, in this server) and, on every response, `X-Microfaas-Node`. The request header
 //! `X-Microfaas-Start: cold|warm|hot|function|base|argument` forces a path.
 
 pub mod api;
@@ -100,6 +100,13 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     msg
 }
 
+/// Request bodies held in memory at once over all connections, in MiB (a
+/// body takes its declared length, or its route's limit if undeclared,
+/// rounded up to whole MiB, before a byte of it is read).
+const BODY_BUDGET_MIB: usize = 512;
+/// How long a client may take to send a body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One queued `Event` invocation.
 #[derive(Debug)]
 struct EventJob {
@@ -118,6 +125,7 @@ struct State {
     draining: AtomicBool,
     events: Mutex<Option<mpsc::Sender<EventJob>>>,
     uploads: Semaphore,
+    body_budget: Semaphore,
     request_seq: AtomicU64,
     log: LogSink,
 }
@@ -174,6 +182,7 @@ pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr, Stopper)) -
             draining: AtomicBool::new(false),
             events: Mutex::new(Some(tx)),
             uploads: Semaphore::new(2),
+            body_budget: Semaphore::new(BODY_BUDGET_MIB),
             request_seq: AtomicU64::new(0),
             log,
         });
@@ -211,40 +220,60 @@ pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr, Stopper)) -
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
-            let st = Arc::clone(&state);
-            let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&st), req, peer));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            let conn = graceful.watch(conn);
+            let conn = graceful.watch(connection(Arc::clone(&state), stream, peer));
             tokio::spawn(async move {
                 let _ = conn.await;
                 drop(permit);
             });
         }
-        drop(listener);
         state.draining.store(true, Ordering::SeqCst);
         state
             .log
             .line(&serde_json::json!({ "event": "draining", "node": state.node_name }));
-        let drained = tokio::time::timeout(opts.drain_timeout, async {
+        let drain = async {
             graceful.shutdown().await;
             // Accepted events still run: close the queue, let it empty.
             drop(lock(&state.events).take());
             for c in consumers {
                 let _ = c.await;
             }
-        })
-        .await
-        .is_ok();
+        };
+        tokio::pin!(drain);
+        let deadline = tokio::time::sleep(opts.drain_timeout);
+        tokio::pin!(deadline);
+        // While in-flight requests finish, new connections are still
+        // accepted and each request on them answered 503 (and closed).
+        let drained = loop {
+            tokio::select! {
+                () = &mut drain => break true,
+                () = &mut deadline => break false,
+                a = listener.accept() => if let Ok((stream, peer)) = a {
+                    tokio::spawn(connection(Arc::clone(&state), stream, peer));
+                },
+            }
+        };
+        drop(listener);
         state
             .log
             .line(&serde_json::json!({ "event": "stopped", "node": state.node_name, "drained": drained }));
         Ok(())
     })
+}
+
+/// Serves one connection: HTTP/1.1, keep-alive, headers within 64 KiB and
+/// 30 s.
+fn connection(
+    state: Arc<State>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> impl hyper_util::server::graceful::GracefulConnection<Error = hyper::Error> + Send + 'static {
+    let _ = stream.set_nodelay(true);
+    let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req, peer));
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), svc)
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, ServeError> {
@@ -443,22 +472,34 @@ async fn serve(
     if declared.is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
         return Err(too_large());
     }
+    // Before reading a body: a request without a plausible signature (known
+    // key, fresh date) is refused now, so that only key holders make the
+    // server buffer bodies.
+    if let Some(creds) = &state.credentials {
+        let headers: Vec<(&str, &[u8])> = req.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        sigv4::precheck(creds, &headers, now_unix()).map_err(|e| ApiError::new(403, e.error_type(), e.to_string()))?;
+    }
+    let shutting_down = || ApiError::new(503, "ServiceException", "the node is shutting down");
     let _upload = if limit > api::MAX_SYNC_PAYLOAD_BYTES {
-        Some(
-            state
-                .uploads
-                .acquire()
-                .await
-                .map_err(|_| ApiError::new(503, "ServiceException", "shutting down"))?,
-        )
+        Some(state.uploads.acquire().await.map_err(|_| shutting_down())?)
     } else {
         None
     };
+    let reserve = declared.map_or(limit, |n| usize::try_from(n).unwrap_or(limit));
+    let mib = u32::try_from(reserve.div_ceil(1 << 20).clamp(1, BODY_BUDGET_MIB)).unwrap_or(1);
+    let _budget = state.body_budget.acquire_many(mib).await.map_err(|_| shutting_down())?;
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
-        Err(e) => return Err(ApiError::invalid(format!("reading the request body: {e}"))),
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                408,
+                "RequestTimeoutException",
+                "the request body took too long",
+            ));
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
+        Ok(Err(e)) => return Err(ApiError::invalid(format!("reading the request body: {e}"))),
     };
     f.bytes_in = body.len();
     let raw_query = parts.uri.query().unwrap_or("");

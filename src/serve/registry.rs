@@ -141,7 +141,15 @@ impl Registry {
     /// A new temporary file in `tmp/` holding `bytes`, synced.
     pub fn write_temp(&self, bytes: &[u8]) -> Result<PathBuf, RegistryError> {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join("tmp").join(format!("{}-{seq}", std::process::id()));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        // Unique among this directory's writers (create_new refuses a clash).
+        let path = self
+            .dir
+            .join("tmp")
+            .join(format!("{}-{nanos}-{seq}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -219,8 +219,8 @@ pub struct RequestParts<'a> {
     pub body: &'a [u8],
 }
 
-impl RequestParts<'_> {
-    fn header(&self, name: &str) -> Option<&[u8]> {
+impl<'a> RequestParts<'a> {
+    fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -526,18 +526,25 @@ fn string_to_sign(
     ))
 }
 
-/// Verifies the request's SigV4 signature against `creds` at time `now_unix`
-/// (seconds since the epoch). Only header authentication is accepted (no
-/// presigned query strings); the payload hash is the body's SHA-256 (an
-/// `x-amz-content-sha256` header, if sent, must equal it).
-pub fn verify(creds: &Credentials, req: &RequestParts<'_>, now_unix: i64) -> Result<Verified, AuthError> {
+/// The checks that need no body: an `Authorization` header that parses,
+/// a known access key and a fresh `X-Amz-Date`. [`verify`] repeats them.
+pub fn precheck(creds: &Credentials, headers: &[(&str, &[u8])], now_unix: i64) -> Result<(), AuthError> {
+    let req = RequestParts {
+        method: "",
+        raw_path: "",
+        raw_query: "",
+        headers,
+        body: b"",
+    };
     let auth = req.header("authorization").ok_or(AuthError::Missing)?;
     let auth = std::str::from_utf8(auth).map_err(|_| AuthError::Malformed("Authorization is not UTF-8"))?;
     let auth = parse_auth_header(auth)?;
-    let key = creds.get(auth.access_key_id).ok_or(AuthError::UnknownKey)?;
-    if auth.service != SERVICE {
-        return Err(AuthError::Malformed("the credential scope's service is not lambda"));
-    }
+    creds.get(auth.access_key_id).ok_or(AuthError::UnknownKey)?;
+    check_date(&req, &auth, now_unix).map(|_| ())
+}
+
+/// The request's `X-Amz-Date`, checked against the scope and our clock.
+fn check_date<'a>(req: &RequestParts<'a>, auth: &AuthHeader<'_>, now_unix: i64) -> Result<&'a str, AuthError> {
     let amz_date = req
         .header("x-amz-date")
         .ok_or(AuthError::Malformed("no X-Amz-Date header"))?;
@@ -554,6 +561,22 @@ pub fn verify(creds: &Credentials, req: &RequestParts<'_>, now_unix: i64) -> Res
             request: amz_date.to_owned(),
         });
     }
+    Ok(amz_date)
+}
+
+/// Verifies the request's SigV4 signature against `creds` at time `now_unix`
+/// (seconds since the epoch). Only header authentication is accepted (no
+/// presigned query strings); the payload hash is the body's SHA-256 (an
+/// `x-amz-content-sha256` header, if sent, must equal it).
+pub fn verify(creds: &Credentials, req: &RequestParts<'_>, now_unix: i64) -> Result<Verified, AuthError> {
+    let auth = req.header("authorization").ok_or(AuthError::Missing)?;
+    let auth = std::str::from_utf8(auth).map_err(|_| AuthError::Malformed("Authorization is not UTF-8"))?;
+    let auth = parse_auth_header(auth)?;
+    let key = creds.get(auth.access_key_id).ok_or(AuthError::UnknownKey)?;
+    if auth.service != SERVICE {
+        return Err(AuthError::Malformed("the credential scope's service is not lambda"));
+    }
+    let amz_date = check_date(req, &auth, now_unix)?;
     let payload_hash = hex(&Sha256::digest(req.body));
     if let Some(claimed) = req.header("x-amz-content-sha256")
         && claimed != payload_hash.as_bytes()
@@ -720,6 +743,22 @@ mod tests {
         let mut lying_hash = h.clone();
         lying_hash.push(("x-amz-content-sha256".into(), b"UNSIGNED-PAYLOAD".to_vec()));
         assert_eq!(check(&lying_hash, &body, now), Err(AuthError::Mismatch));
+    }
+
+    #[test]
+    fn precheck_needs_no_body_and_refuses_what_verify_would() {
+        let date = "20261202T021000Z";
+        let now = parse_amz_date(date).unwrap();
+        let (h, _) = signed("any-secret: precheck does not see it", date, b"body");
+        let view: Vec<(&str, &[u8])> = h.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        assert_eq!(precheck(&creds(), &view, now), Ok(()));
+        assert!(matches!(
+            precheck(&creds(), &view, now + 400),
+            Err(AuthError::Expired { .. })
+        ));
+        assert_eq!(precheck(&creds(), &view[..3], now), Err(AuthError::Missing));
+        let other = Credentials::parse("[x]\naws_access_key_id=ZZ\naws_secret_access_key=z\n").unwrap();
+        assert_eq!(precheck(&other, &view, now), Err(AuthError::UnknownKey));
     }
 
     #[test]

@@ -253,6 +253,12 @@ def test_sigterm_finishes_in_flight_then_refuses(workdir, creds):
     t.start()
     time.sleep(0.5)
     s.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: any(l.get("event") == "draining" for l in s.log()), 10)
+    # A new request while the in-flight one finishes: 503, nothing run.
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        client(s.url).invoke(FunctionName="fast", Payload=b"during")
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert e.value.response["Error"]["Code"] == "ServiceException"
     t.join(60)
     r = result["r"]
     assert r["StatusCode"] == 200 and r["FunctionError"] == "Unhandled"
