@@ -38,10 +38,16 @@ for backend in process language vm; do
         # Warm it up (deploy, first start) before measuring.
         curl -sf -o /dev/null -X POST --data-binary "$input" "$url/2015-03-31/functions/$name/invocations"
         for c in "${clients[@]}"; do
-            echo "== $backend $fn clients=$c (oha, ${secs}s)"
             "$oha" --no-tui -z "${secs}s" -c "$c" -m POST -d "$input" \
-                "$url/2015-03-31/functions/$name/invocations" \
-                | grep -E 'Requests/sec|Slowest|Fastest|Average|50.00%|99.00%|\[[0-9]{3}\] [0-9]+ responses' || true
+                "$url/2015-03-31/functions/$name/invocations" > "$work/oha.out"
+            # One line per run: req/s, p50, p99 and the status counts.
+            awk -v b="$backend" -v f="$fn" -v c="$c" '
+                /Requests\/sec/ { r = $2 }
+                /50.00% in/ { p50 = $3 * 1000 }
+                /99.00% in/ { p99 = $3 * 1000 }
+                /\[[0-9][0-9][0-9]\] [0-9]+ responses/ { codes = codes " " $1 "x" $2 }
+                END { printf "%-9s %-7s clients=%-3s %8.0f req/s  p50 %7.1f us  p99 %9.1f us %s\n", b, f, c, r, p50, p99, codes }
+            ' "$work/oha.out"
         done
     done
 done
