@@ -315,6 +315,16 @@ pub fn check_create(req: &CreateRequest) -> Result<(BackendKind, u64, u64), ApiE
     {
         return Err(ApiError::invalid("only PackageType Zip is supported"));
     }
+    // Lambda's own bounds on the strings we store.
+    for (field, value, max) in [
+        ("Role", req.role.as_deref(), 2048),
+        ("Handler", req.handler.as_deref(), 128),
+        ("Description", req.description.as_deref(), 256),
+    ] {
+        if value.is_some_and(|v| v.chars().count() > max) {
+            return Err(ApiError::invalid(format!("{field} must be at most {max} characters")));
+        }
+    }
     let kind = backend_of_runtime(req.runtime.as_deref().unwrap_or(""))?;
     let timeout = req.timeout.unwrap_or(3);
     if !(1..=900).contains(&timeout) {
@@ -585,6 +595,9 @@ mod tests {
             (BackendKind::Vm, 3, 128)
         );
         assert_eq!(check_create(&req("python3.12", None, None)).unwrap_err().status, 400);
+        let mut long = req("microfaas-process", None, None);
+        long.description = Some("d".repeat(257));
+        assert_eq!(check_create(&long).unwrap_err().status, 400);
         assert_eq!(
             check_create(&req("microfaas-process", Some(0), None))
                 .unwrap_err()

@@ -3,6 +3,7 @@ clients signed with the credentials file the server reads."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -88,9 +89,12 @@ def client(url, key_id=KEY_ID, secret=SECRET, read_timeout=120, pool=10):
 
 
 @pytest.fixture(scope="session")
-def workdir():
+def workdir(request):
     d = tempfile.mkdtemp(prefix="serve-", dir=TMP)
-    return d
+    yield d
+    # Kept for a look when a test failed (or MICROFAAS_KEEP_TEST_TMP=1).
+    if request.session.testsfailed == 0 and os.environ.get("MICROFAAS_KEEP_TEST_TMP") != "1":
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
