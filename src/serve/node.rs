@@ -196,7 +196,7 @@ impl Node {
     /// Verifies uploaded code exactly as `microfaas verify` does a file, and
     /// stores it: (digest, size).
     fn store_code(&self, code: &api::CodeRequest) -> Result<(String, u64), ApiError> {
-        let bytes = api::extract_code(code)?;
+        let bytes = super::code::extract_code(code)?;
         let temp = self.registry.write_temp(&bytes)?;
         let verified = Artifact::load(&temp);
         let artifact = match verified {
