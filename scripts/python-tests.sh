@@ -48,7 +48,8 @@ if [[ $status -ne 0 ]]; then
 fi
 defined=$(cat "${tests[@]}" | grep -c '^def test_')
 passed=$(grep -c '^PASSED ' "$MICROFAAS_TEST_TMP/pytest.out" || true)
-if [[ $passed -lt $defined ]]; then
+# (A run narrowed with pytest arguments, e.g. -k, is not held to the count.)
+if [[ $# -eq 0 && $passed -lt $defined ]]; then
     echo "python tests: $passed passed but $defined defined" >&2
     exit 1
 fi

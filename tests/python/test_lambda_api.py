@@ -249,9 +249,12 @@ def test_sigterm_finishes_in_flight_then_refuses(workdir, creds):
     def in_flight():
         result["r"] = c.invoke(FunctionName="slow", Payload=b"")
 
+    create(c, "queued", fn="spin", Timeout=1)
     t = threading.Thread(target=in_flight)
     t.start()
     time.sleep(0.5)
+    # Accepted before SIGTERM: runs before the server exits.
+    assert c.invoke(FunctionName="queued", InvocationType="Event", Payload=b"")["StatusCode"] == 202
     s.proc.send_signal(signal.SIGTERM)
     assert wait_until(lambda: any(l.get("event") == "draining" for l in s.log()), 10)
     # A new request while the in-flight one finishes: 503, nothing run.
@@ -266,7 +269,11 @@ def test_sigterm_finishes_in_flight_then_refuses(workdir, creds):
     assert s.proc.wait(60) == 0
     with pytest.raises(botocore.exceptions.EndpointConnectionError):
         client(s.url).invoke(FunctionName="fast", Payload=b"after")
-    assert any(l.get("event") == "stopped" and l.get("drained") for l in s.log())
+    log = s.log()
+    assert any(l.get("event") == "stopped" and l.get("drained") for l in log)
+    ran_queued = [i for i, l in enumerate(log) if l.get("event") == "async_invoke" and l.get("fn") == "queued"]
+    stopped = [i for i, l in enumerate(log) if l.get("event") == "stopped"]
+    assert ran_queued and "BudgetExceeded" in log[ran_queued[0]]["outcome"] and ran_queued[0] < stopped[0]
     s.stderr.close()
 
 
