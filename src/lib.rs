@@ -16,6 +16,7 @@ mod backend;
 pub mod backends;
 mod config;
 mod error;
+pub mod serve;
 
 pub use artifact::{Artifact, builtin, builtin_dir, builtin_names};
 pub use backend::{

@@ -97,6 +97,44 @@ enum Command {
     Functions,
     /// Inspect the vm backend's snapshot store: tree, show, diff, verify, gc.
     Snapshots(snapshots_cli::SnapshotsCommand),
+    /// Serve the AWS Lambda API (HTTP/1.1, SigV4) for every backend until
+    /// SIGTERM; prints `listening http://ADDR` on stdout once bound, one
+    /// JSON access-log line per request on stderr.
+    Serve {
+        /// Address to listen on (e.g. 127.0.0.1:9000; port 0 picks one).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// AWS shared-credentials file (INI) of the accepted access keys.
+        #[arg(long, required_unless_present = "insecure_no_auth")]
+        credentials: Option<PathBuf>,
+        /// Accept unsigned requests (benchmarks only).
+        #[arg(long, conflicts_with = "credentials")]
+        insecure_no_auth: bool,
+        /// The function registry directory (shared by a cluster's nodes).
+        #[arg(long, default_value = "microfaas-registry")]
+        registry: PathBuf,
+        /// Where the vm backend's snapshot stores go (default: REGISTRY/nodes/NODE/vm-store).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Event invocations queued at most (more get 429).
+        #[arg(long, default_value_t = 1024)]
+        event_queue: usize,
+        /// The node's name (default: the listen address).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// The region printed in ARNs.
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        /// Connections served at once.
+        #[arg(long, default_value_t = 4096)]
+        max_connections: usize,
+        /// Seconds SIGTERM waits for in-flight requests and queued events.
+        #[arg(long, default_value_t = 60)]
+        drain_timeout_s: u64,
+        /// Append the access log to this file instead of stderr.
+        #[arg(long)]
+        access_log: Option<PathBuf>,
+    },
 }
 
 /// A failure of the command, with the exit code it maps to.
@@ -226,6 +264,37 @@ fn run(command: Command) -> Result<(), Failure> {
             message: e.message,
             kind: None,
         }),
+        Command::Serve {
+            listen,
+            credentials,
+            insecure_no_auth: _,
+            registry,
+            store,
+            event_queue,
+            node_name,
+            region,
+            max_connections,
+            drain_timeout_s,
+            access_log,
+        } => {
+            let opts = microfaas::serve::ServeOptions {
+                listen,
+                credentials,
+                registry,
+                store,
+                event_queue,
+                node_name,
+                region,
+                max_connections,
+                drain_timeout: Duration::from_secs(drain_timeout_s),
+                access_log,
+            };
+            microfaas::serve::run(opts, |addr, _| outln!("listening http://{addr}")).map_err(|e| Failure {
+                code: 1,
+                message: chain(&e),
+                kind: None,
+            })
+        }
     }
 }
 

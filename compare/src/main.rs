@@ -7,6 +7,7 @@
 
 mod density;
 mod env;
+mod http;
 mod memory;
 mod plot;
 mod preemption;
@@ -36,6 +37,8 @@ enum Experiment {
     Preemption,
     /// SEUSS's view: vm start latency by snapshot level, deploy time, node sizes, idle memory.
     Snapshots,
+    /// The HTTP front end (`microfaas serve`) against the trait: latency per backend and start path, throughput per client count (not in `all`).
+    Http,
 }
 
 /// Head-to-head experiments: vm vs language vs process isolation.
@@ -135,6 +138,14 @@ fn run(cli: &Cli) -> Result<(), String> {
             report::snapshots_text(&r)
         );
         report.snapshots = Some(r);
+    }
+    if cli.experiment == Experiment::Http {
+        let r = http::run(&http::Options::new(cli.quick, cli.iterations));
+        println!(
+            "http: noop and sha512 (100 rounds) through `microfaas serve` (SigV4, keep-alive, in this process) and through the trait\n{}",
+            http::text(&r)
+        );
+        report.http = Some(r);
     }
     let json = serde_json::to_string_pretty(&report).map_err(|e| format!("serialising the report: {e}"))?;
     if let Some(path) = &cli.json {

@@ -31,7 +31,7 @@
 //! ```
 
 use crate::env::Environment;
-use crate::{density, memory, preemption, snapshots, table1};
+use crate::{density, http, memory, preemption, snapshots, table1};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -59,6 +59,9 @@ pub struct Report {
     /// `snapshots` results.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<snapshots::Report>,
+    /// `http` results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<http::Report>,
 }
 
 impl Report {
@@ -72,6 +75,7 @@ impl Report {
             memory: None,
             preemption: None,
             snapshots: None,
+            http: None,
         }
     }
 }
