@@ -41,9 +41,9 @@ pub enum VmmError {
     /// Writing guest memory failed.
     #[error("writing guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
-    /// The vCPU thread could not be spawned.
-    #[error("spawning the vCPU thread")]
-    Thread(#[source] std::io::Error),
+    /// The runner pool could not be started.
+    #[error(transparent)]
+    Runners(#[from] crate::runner::PoolError),
     /// The snapshot memory does not match the configured layout.
     #[error("snapshot memory is {got} bytes, the layout needs {expected}")]
     SnapshotSize {

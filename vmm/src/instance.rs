@@ -1,10 +1,11 @@
-//! One micro-VM instance: a KVM VM with one vCPU running our guest, its
-//! memory, and the vCPU thread that runs it. The caller's thread writes
-//! requests into the mailbox, wakes the vCPU thread (unless the guest is
+//! One micro-VM instance: a KVM VM with one vCPU running our guest and its
+//! memory; no thread of its own (a runner of the process's pool runs its
+//! vCPU, see [`crate::runner`]). The caller's thread writes requests into
+//! the mailbox, hands the instance to a runner (unless the guest is
 //! spinning on the mailbox), and waits for the reply with the request's
 //! deadline (the watchdog: on expiry the vCPU is kicked and the instance
-//! discarded). Dropping an instance leaves its teardown to the vCPU thread
-//! (or the caller's reaper), off the request path.
+//! discarded). Dropping an instance tears it down on the dropping thread
+//! (the backend's reaper), or on the runner if it is running.
 
 use crate::Vmm;
 use crate::channel::{self, CheckedReply, MAILBOX_BYTES, Status};
@@ -14,20 +15,20 @@ use crate::image;
 use crate::kick;
 use crate::layout::{Layout, LayoutConfig};
 use crate::memory::GuestRam;
+use crate::runner::{Pool, Queued};
 use crate::setup::{host_rdtsc, memory_slots, write_boot_info, write_system_state};
 use crate::stats::StatsFd;
-use crate::vcpu::{Event, IdleThread, StartAt, ThreadStart, Wake, spawn_thread};
+use crate::vcpu::{Cmd, Event, StartAt, Vcpu};
 
 mod snapshot;
 use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 pub use snapshot::{MapMemoryError, Shell};
+use std::collections::VecDeque;
 use std::mem::offset_of;
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -128,28 +129,62 @@ pub enum Progress {
     Checkpoint,
 }
 
-/// State shared by the instance handle and its vCPU thread.
+/// State shared by the instance handle and the runner running it.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    // Field order is drop order: the VM (and its memory slot) goes before
-    // the memory it maps.
-    #[allow(dead_code, reason = "owns the VM (and its memory slot) for the instance's life")]
+    // Field order is drop order: the vCPU and the VM (and its memory
+    // slots) go before the memory they map.
+    pub(crate) vcpu: Mutex<Vcpu>,
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
     pub(crate) layout: Layout,
     pub(crate) killed: AtomicBool,
     pub(crate) serial: Mutex<Vec<u8>>,
     pub(crate) serial_cap: usize,
+    /// Commands for the runner, in order.
+    pub(crate) cmds: Mutex<VecDeque<Cmd>>,
+    /// On a run queue or a runner.
+    pub(crate) queued: Queued,
+    /// The runner it last ran on (where it is queued next).
+    pub(crate) home: AtomicUsize,
+    /// The runner thread running it now (0: none): where a kick goes.
+    pub(crate) running_on: AtomicU64,
+    /// CPU time runners spent on it.
+    pub(crate) cpu_ns: AtomicU64,
+    /// What the runner reported, oldest first.
+    reports: Mutex<VecDeque<Event>>,
+    reported: Condvar,
+}
+
+impl Shared {
+    /// Records a runner's report and wakes the waiting caller.
+    pub(crate) fn report(&self, event: Event) {
+        if let Ok(mut q) = self.reports.lock() {
+            q.push_back(event);
+        }
+        self.reported.notify_all();
+    }
+
+    /// The next report, waiting up to `timeout` (None: timed out).
+    fn next_report(&self, timeout: Duration) -> Option<Event> {
+        let q = self.reports.lock().ok()?;
+        let (mut q, _) = self.reported.wait_timeout_while(q, timeout, |q| q.is_empty()).ok()?;
+        q.pop_front()
+    }
+
+    /// The next report if there is one.
+    fn try_report(&self) -> Option<Event> {
+        self.reports.lock().ok()?.pop_front()
+    }
 }
 
 /// A running micro-VM serving one function.
 #[derive(Debug)]
 pub struct Instance {
     shared: Arc<Shared>,
-    wake: Sender<Wake>,
-    events: Receiver<Event>,
-    /// Held (not detached) so that kicking it is always valid.
-    thread: std::thread::JoinHandle<()>,
+    /// Held so that its runners (which a kick may reach) outlive the
+    /// instance.
+    pool: Arc<Pool>,
     stats: Option<StatsFd>,
     seq: u32,
     dead: bool,
@@ -241,8 +276,9 @@ impl Instance {
         timings.vcpu_ns = ns_since(t);
 
         let t = Instant::now();
-        let mut instance = Self::spawn(vm, ram, layout, vcpu, config, stats, tsc_offset, StartAt::Run, 0, None)?;
-        // The guest starts running on spawn; it rings with seq 0 when ready.
+        let mut instance = Self::spawn(vmm, vm, ram, layout, vcpu, config, stats, tsc_offset, StartAt::Run, 0);
+        // The guest starts running now; it rings with seq 0 when ready.
+        instance.command(Cmd::Run);
         instance
             .wait(Instant::now() + Duration::from_secs(5))
             .map_err(VmmError::Boot)?;
@@ -253,6 +289,7 @@ impl Instance {
 
     #[allow(clippy::too_many_arguments, reason = "one private constructor's parts")]
     fn spawn(
+        vmm: &Vmm,
         vm: VmFd,
         ram: GuestRam,
         layout: Layout,
@@ -262,38 +299,27 @@ impl Instance {
         tsc_offset: u64,
         start: StartAt,
         seq: u32,
-        thread: Option<IdleThread>,
-    ) -> Result<Self, VmmError> {
+    ) -> Self {
+        let pool = Arc::clone(&vmm.pool);
         let shared = Arc::new(Shared {
+            vcpu: Mutex::new(Vcpu { fd: vcpu, at: start }),
             vm,
             ram,
             layout,
             killed: AtomicBool::new(false),
             serial: Mutex::new(Vec::new()),
             serial_cap: config.serial_cap_bytes,
+            cmds: Mutex::new(VecDeque::new()),
+            queued: Queued::default(),
+            home: AtomicUsize::new(pool.assign_home()),
+            running_on: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
+            reports: Mutex::new(VecDeque::new()),
+            reported: Condvar::new(),
         });
-        let (wake_tx, wake_rx) = mpsc::channel();
-        let (event_tx, event_rx) = mpsc::channel();
-        let thread_start = ThreadStart {
-            vcpu,
-            shared: Arc::clone(&shared),
-            wake: wake_rx,
-            events: event_tx,
-            start,
-        };
-        // A thread spawned in advance if there is one (and it is alive).
-        let handle = match thread {
-            Some(t) => match t.start(thread_start) {
-                Ok(handle) => handle,
-                Err(thread_start) => spawn_thread(thread_start).map_err(VmmError::Thread)?,
-            },
-            None => spawn_thread(thread_start).map_err(VmmError::Thread)?,
-        };
-        Ok(Self {
+        Self {
             shared,
-            wake: wake_tx,
-            events: event_rx,
-            thread: handle,
+            pool,
             stats,
             seq,
             dead: false,
@@ -301,7 +327,17 @@ impl Instance {
             tsc_offset,
             host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
             at_checkpoint: false,
-        })
+        }
+    }
+
+    /// Hands the instance a command (queued on a runner unless it already is).
+    pub(crate) fn command(&self, cmd: Cmd) {
+        if let Ok(mut q) = self.shared.cmds.lock() {
+            q.push_back(cmd);
+        }
+        if self.shared.queued.set() {
+            self.pool.submit(Arc::clone(&self.shared));
+        }
     }
 
     /// The layout of this instance's memory.
@@ -348,20 +384,10 @@ impl Instance {
         Ok(pages)
     }
 
-    /// CPU time the vCPU thread has used (guest and VMM time), in ns.
+    /// CPU time runners have spent running this instance's vCPU (guest and
+    /// VMM time), in ns, up to its last report.
     pub fn vcpu_cpu_time_ns(&self) -> Option<u64> {
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: the thread is alive or joinable (its handle is held), and
-        // `clock` is a valid out-pointer.
-        if unsafe { libc::pthread_getcpuclockid(self.thread.as_pthread_t(), &mut clock) } != 0 {
-            return None;
-        }
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid out-pointer.
-        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-            return None;
-        }
-        Some(u64::try_from(ts.tv_sec).ok()? * 1_000_000_000 + u64::try_from(ts.tv_nsec).ok()?)
+        Some(self.shared.cpu_ns.load(Ordering::Relaxed))
     }
 
     /// Host memory resident for this instance's guest RAM.
@@ -441,10 +467,8 @@ impl Instance {
             return Err(RunError::NotAtCheckpoint);
         }
         self.at_checkpoint = false;
-        let result = (|| {
-            self.wake.send(Wake::Resume).map_err(|_| RunError::Dead)?;
-            self.finish(deadline)
-        })();
+        self.command(Cmd::Resume);
+        let result = self.finish(deadline);
         self.after(&result);
         result
     }
@@ -525,7 +549,7 @@ impl Instance {
                 .load(GuestAddress(SPINNING_ADDR), Ordering::SeqCst)
                 .map_err(RunError::GuestMemory)?;
             if spinning == 0 {
-                self.wake.send(Wake::Run).map_err(|_| RunError::Dead)?;
+                self.command(Cmd::Run);
             }
             self.finish(deadline)
         })();
@@ -579,14 +603,11 @@ impl Instance {
                 return Err(RunError::BudgetExceeded);
             }
             let event = if now < spin_until {
-                match self.events.try_recv() {
-                    Ok(ev) => Some(ev),
-                    Err(TryRecvError::Empty) => {
-                        std::hint::spin_loop();
-                        None
-                    }
-                    Err(TryRecvError::Disconnected) => None.ok_or(RunError::Dead).inspect_err(|_| self.dead = true)?,
+                let ev = self.shared.try_report();
+                if ev.is_none() {
+                    std::hint::spin_loop();
                 }
+                ev
             } else {
                 let wait = deadline - now;
                 let wait = if self.host_spin.is_zero() {
@@ -594,14 +615,7 @@ impl Instance {
                 } else {
                     wait.min(SPIN_POLL)
                 };
-                match self.events.recv_timeout(wait) {
-                    Ok(ev) => Some(ev),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        self.dead = true;
-                        return Err(RunError::Dead);
-                    }
-                }
+                self.shared.next_report(wait)
             };
             match event {
                 // A doorbell (this reply's, or a stale one): the mailbox says.
@@ -620,19 +634,12 @@ impl Instance {
         }
     }
 
-    /// Waits for the vCPU thread's next report, kicking it at `deadline`.
+    /// Waits for the runner's next report, kicking the vCPU at `deadline`.
     fn wait(&mut self, deadline: Instant) -> Result<u32, RunError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let event = match self.events.recv_timeout(timeout) {
-            Ok(ev) => ev,
-            Err(RecvTimeoutError::Timeout) => {
-                self.kill();
-                return Err(RunError::BudgetExceeded);
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                self.dead = true;
-                return Err(RunError::Dead);
-            }
+        let Some(event) = self.shared.next_report(timeout) else {
+            self.kill();
+            return Err(RunError::BudgetExceeded);
         };
         match event {
             Event::Doorbell(seq) => Ok(seq),
@@ -644,12 +651,11 @@ impl Instance {
         }
     }
 
-    /// Stops the vCPU for good (it tears the VM down on its own thread).
+    /// Stops the vCPU for good.
     fn kill(&mut self) {
         if !self.dead {
             self.dead = true;
-            self.shared.killed.store(true, Ordering::SeqCst);
-            kick::kick(self.thread.as_pthread_t());
+            self.shared.stop();
         }
     }
 }
@@ -676,16 +682,26 @@ unsafe fn add_memory_slots(vm: &VmFd, host_addr: u64, layout: &Layout, dirty_log
     Ok(())
 }
 
+impl Shared {
+    /// Marks the instance killed and kicks the runner running it, if any:
+    /// the runner sees the flag before its next `KVM_RUN`, or the kick's
+    /// `immediate_exit` stops the one it is in. A kick that reaches the
+    /// runner after it moved on to another instance only makes that one's
+    /// `KVM_RUN` return early once (it is not killed, so it runs on).
+    fn stop(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        let runner = self.running_on.load(Ordering::SeqCst);
+        if runner != 0 {
+            kick::kick(runner);
+        }
+    }
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
-        // Wake or kick the vCPU thread so it exits and tears the VM down.
-        // An idle vCPU thread is parked on `wake`, and ends when that
-        // channel closes (right after this); a running one is kicked. The
-        // handle is dropped (detached) after the kick, so the kick is valid.
-        self.shared.killed.store(true, Ordering::SeqCst);
-        if !self.dead {
-            self.dead = true;
-            kick::kick(self.thread.as_pthread_t());
-        }
+        // A running vCPU is kicked; the runner drops its reference when it
+        // is done, and the last reference tears the VM down.
+        self.dead = true;
+        self.shared.stop();
     }
 }

@@ -16,15 +16,18 @@
 //! decoding ([`fault`]), the layout and page tables are pure and unit tested.
 //!
 //! ```text
-//!  caller thread                     vCPU thread (one per instance)
+//!  caller thread                     runner thread (a pool per process)
 //!  Instance::invoke                  KVM_RUN ... MMIO exit
 //!   write input -> I/O window          exit::handle (pure) -> Doorbell(seq)
-//!   write request, publish req_seq     report, park until a newer req_seq
-//!   wake (unless guest spinning) ---->  KVM_RUN: guest reads mailbox, runs fn,
+//!   write request, publish req_seq     report, take the next queued instance
+//!   queue it (unless guest spinning) ->  KVM_RUN: guest reads mailbox, runs fn,
 //!   poll resp_seq / wait for report <-  writes reply, rings doorbell (exit)
 //!   channel::check_reply (pure)
 //!   copy output (bounds-checked)      watchdog: kick = SIGRTMIN+5 + immediate_exit
 //! ```
+//!
+//! An idle instance holds no thread: its VM fd, its vCPU fd (with the
+//! `kvm_run` mapping) and its memory ([`runner`]).
 //!
 //! Snapshots: [`Instance::save`] reads a stopped guest's vCPU and channel
 //! state ([`state::SavedState`], a versioned blob), [`Instance::guest_memory`]
@@ -46,6 +49,7 @@ pub mod kick;
 pub mod layout;
 pub mod memory;
 pub mod paging;
+pub mod runner;
 mod setup;
 pub mod state;
 pub mod stats;
@@ -59,6 +63,7 @@ pub use guest_abi as abi;
 pub use instance::{BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Reply, Shell, now_ns};
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;
+pub use runner::{Placement, RunnerConfig};
 pub use state::{SavedState, StateError, VcpuState};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -74,12 +79,18 @@ pub struct Vmm {
     cpuid: CpuId,
     features: cpu::Features,
     xcr0: u64,
+    pool: std::sync::Arc<runner::Pool>,
 }
 
 impl Vmm {
-    /// Opens `/dev/kvm`, checks it is usable, and installs the vCPU kick
-    /// signal handler.
+    /// Opens `/dev/kvm`, checks it is usable, installs the vCPU kick
+    /// signal handler and starts the default runner pool.
     pub fn new() -> Result<Self, VmmError> {
+        Self::with_runners(RunnerConfig::default())
+    }
+
+    /// Like [`Vmm::new`] with a runner pool of `runners`.
+    pub fn with_runners(runners: RunnerConfig) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
         if kvm.get_api_version() != 12 {
             return Err(VmmError::KvmUnavailable(kvm_ioctls::Error::new(libc::ENOSYS)));
@@ -109,11 +120,18 @@ impl Vmm {
             op: "installing the vCPU kick handler",
             source,
         })?;
+        let pool = runner::Pool::new(runners).map_err(VmmError::Runners)?;
         Ok(Self {
             kvm,
             cpuid,
             features,
             xcr0,
+            pool,
         })
+    }
+
+    /// Runner threads of this VMM's pool.
+    pub fn runner_threads(&self) -> usize {
+        self.pool.threads()
     }
 }

@@ -11,7 +11,7 @@ use crate::memory::{ExternalMemory, GuestRam};
 use crate::setup::measure_tsc_offset;
 use crate::state::{SavedState, VcpuState};
 use crate::stats::StatsFd;
-use crate::vcpu::{IdleThread, StartAt, Wake};
+use crate::vcpu::{Cmd, StartAt};
 
 const ALIGN: usize = 2 << 20;
 use guest_abi::MAILBOX_ADDR;
@@ -23,8 +23,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// An empty VM with its vCPU (CPUID set), ready to be given memory and a
 /// saved state: creating one is most of a restore's fixed cost on this
-/// host (~0.3 ms, ~0.1 ms more for the memory slots, ~50 us for the vCPU
-/// thread, spawned in advance too), so callers keep a few
+/// host (~0.3 ms, ~0.1 ms more for the memory slots), so callers keep a few
 /// made in advance ([`Shell::with_memory`] also registers the memory slots
 /// over a reserved address range that the guest memory is later mapped
 /// over, see [`Instance::restore_into`]).
@@ -36,7 +35,6 @@ pub struct Shell {
     vcpu: VcpuFd,
     stats: Option<StatsFd>,
     reserved: Option<Reservation>,
-    thread: Option<IdleThread>,
 }
 
 /// An inaccessible anonymous address range owned by a shell.
@@ -69,7 +67,6 @@ impl Shell {
             vcpu,
             stats,
             reserved: None,
-            thread: IdleThread::spawn().ok(),
         })
     }
 
@@ -200,13 +197,7 @@ impl Instance {
                 got,
             });
         }
-        let Shell {
-            vm,
-            vcpu,
-            stats,
-            thread,
-            ..
-        } = match shell {
+        let Shell { vm, vcpu, stats, .. } = match shell {
             Some(shell) => shell,
             None => Shell::new(vmm, config.vcpu_stats)?,
         };
@@ -233,9 +224,7 @@ impl Instance {
         } else {
             StartAt::Idle(saved.seq)
         };
-        let mut instance = Self::spawn(
-            vm, ram, layout, vcpu, config, stats, tsc_offset, start, saved.seq, thread,
-        )?;
+        let mut instance = Self::spawn(vmm, vm, ram, layout, vcpu, config, stats, tsc_offset, start, saved.seq);
         instance.at_checkpoint = saved.at_checkpoint;
         Ok(instance)
     }
@@ -248,12 +237,10 @@ impl Instance {
             return Err(VmmError::Save("the instance is dead"));
         }
         let (tx, rx) = mpsc::channel();
-        self.wake
-            .send(Wake::Save(tx))
-            .map_err(|_| VmmError::Save("the vCPU thread is gone"))?;
+        self.command(Cmd::Save(tx));
         let vcpu = rx
             .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| VmmError::Save("the vCPU thread did not answer"))?
+            .map_err(|_| VmmError::Save("no runner answered"))?
             .map_err(kvm_err("saving the vCPU state"))?;
         Ok(SavedState {
             seq: self.seq,
