@@ -41,6 +41,9 @@ pub enum VmmError {
     /// Writing guest memory failed.
     #[error("writing guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// The channel slab could not give a slot.
+    #[error(transparent)]
+    Slab(#[from] crate::slab::SlabError),
     /// The runner pool could not be started.
     #[error(transparent)]
     Runners(#[from] crate::runner::PoolError),

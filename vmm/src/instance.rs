@@ -16,7 +16,8 @@ use crate::kick;
 use crate::layout::{Layout, LayoutConfig};
 use crate::memory::GuestRam;
 use crate::runner::{Pool, Queued};
-use crate::setup::{host_rdtsc, memory_slots, write_boot_info, write_system_state};
+use crate::setup::{channel_slots, host_rdtsc, memory_slots, write_boot_info, write_system_state};
+use crate::slab::SlabSlot;
 use crate::stats::StatsFd;
 use crate::vcpu::{Cmd, Event, StartAt, Vcpu};
 
@@ -137,6 +138,8 @@ pub(crate) struct Shared {
     pub(crate) vcpu: Mutex<Vcpu>,
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
+    /// The mailbox page and I/O window (in the process's channel slab).
+    pub(crate) chan: SlabSlot,
     pub(crate) layout: Layout,
     pub(crate) killed: AtomicBool,
     pub(crate) serial: Mutex<Vec<u8>>,
@@ -242,8 +245,10 @@ impl Instance {
             Vec::new()
         };
         let ram = GuestRam::new(mem_bytes, &huge)?;
-        // SAFETY: `ram` is moved into `Shared`, which drops it after the VM.
-        unsafe { add_memory_slots(&vm, ram.host_addr(), &layout, config.dirty_log) }?;
+        let chan = vmm.channel_slot(&layout)?;
+        // SAFETY: `ram` and `chan` are moved into `Shared`, which drops them
+        // after the VM.
+        unsafe { add_memory_slots(&vm, ram.host_addr(), &chan, &layout, config.dirty_log) }?;
         timings.memory_ns = ns_since(t);
 
         let t = Instant::now();
@@ -276,7 +281,18 @@ impl Instance {
         timings.vcpu_ns = ns_since(t);
 
         let t = Instant::now();
-        let mut instance = Self::spawn(vmm, vm, ram, layout, vcpu, config, stats, tsc_offset, StartAt::Run, 0);
+        let mut instance = Self::spawn(
+            vmm,
+            vm,
+            (ram, chan),
+            layout,
+            vcpu,
+            config,
+            stats,
+            tsc_offset,
+            StartAt::Run,
+            0,
+        );
         // The guest starts running now; it rings with seq 0 when ready.
         instance.command(Cmd::Run);
         instance
@@ -291,7 +307,7 @@ impl Instance {
     fn spawn(
         vmm: &Vmm,
         vm: VmFd,
-        ram: GuestRam,
+        (ram, chan): (GuestRam, SlabSlot),
         layout: Layout,
         vcpu: VcpuFd,
         config: &InstanceConfig,
@@ -305,6 +321,7 @@ impl Instance {
             vcpu: Mutex::new(Vcpu { fd: vcpu, at: start }),
             vm,
             ram,
+            chan,
             layout,
             killed: AtomicBool::new(false),
             serial: Mutex::new(Vec::new()),
@@ -366,7 +383,8 @@ impl Instance {
     /// itself (requests, payloads) are not included: KVM logs guest writes.
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmmError> {
         let mut pages = Vec::new();
-        for (slot, start, end) in memory_slots(&self.shared.layout) {
+        let layout = &self.shared.layout;
+        for (slot, start, end) in memory_slots(layout).into_iter().chain(channel_slots(layout)) {
             let size = usize::try_from(end - start).unwrap_or(0);
             let bitmap = self
                 .shared
@@ -490,7 +508,7 @@ impl Instance {
         let layout = self.shared.layout;
         let mut bytes = [0u8; MAILBOX_BYTES];
         self.shared
-            .ram
+            .chan
             .mem()
             .read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR))
             .map_err(RunError::GuestMemory)?;
@@ -515,7 +533,7 @@ impl Instance {
             });
         }
         let shared = Arc::clone(&self.shared);
-        let mem = shared.ram.mem();
+        let mem = shared.chan.mem();
         let result = (|| {
             self.seq = self.seq.wrapping_add(1).max(1);
             // The host never accepts a reply to a request it has not sent:
@@ -567,7 +585,7 @@ impl Instance {
         let mut data = vec![0u8; len];
         if len > 0 {
             self.shared
-                .ram
+                .chan
                 .mem()
                 .read_slice(&mut data, GuestAddress(r.addr))
                 .map_err(RunError::GuestMemory)?;
@@ -588,7 +606,7 @@ impl Instance {
     /// Returns true when the guest stopped at a checkpoint instead (its
     /// request's `checkpoint_seq` is cleared then, before any snapshot).
     fn wait_reply(&mut self, deadline: Instant) -> Result<bool, RunError> {
-        let mem = self.shared.ram.mem();
+        let mem = self.shared.chan.mem();
         let spin_until = Instant::now() + self.host_spin;
         loop {
             let resp: u32 = mem
@@ -660,23 +678,37 @@ impl Instance {
     }
 }
 
-/// Adds the two memory slots around the doorbell page.
+/// Adds the memory slots: guest RAM around the MMIO pages, the mailbox
+/// page and the I/O window (from the channel slab slot `chan`).
 ///
 /// # Safety
 /// `host_addr..host_addr + layout.mem_bytes` must be a mapping that stays
 /// mapped (or is replaced, in place, by the guest memory) for as long as
-/// the VM exists.
-unsafe fn add_memory_slots(vm: &VmFd, host_addr: u64, layout: &Layout, dirty_log: bool) -> Result<(), VmmError> {
-    for (slot, start, end) in memory_slots(layout) {
+/// the VM exists, and `chan` must outlive the VM.
+unsafe fn add_memory_slots(
+    vm: &VmFd,
+    host_addr: u64,
+    chan: &SlabSlot,
+    layout: &Layout,
+    dirty_log: bool,
+) -> Result<(), VmmError> {
+    let ram = memory_slots(layout).map(|(slot, start, end)| (slot, start, end, host_addr + start));
+    let [(mb_slot, mb_start, mb_end), (io_slot, io_start, io_end)] = channel_slots(layout);
+    let channel = [
+        (mb_slot, mb_start, mb_end, chan.mailbox_host_addr()),
+        (io_slot, io_start, io_end, chan.window_host_addr()),
+    ];
+    for (slot, start, end, userspace_addr) in ram.into_iter().chain(channel) {
         let region = kvm_userspace_memory_region {
             slot,
             flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: start,
             memory_size: end - start,
-            userspace_addr: host_addr + start,
+            userspace_addr,
         };
-        // SAFETY: the region lies inside the mapping the caller keeps
-        // alive for the VM's life (this function's contract).
+        // SAFETY: the region lies inside the guest memory mapping or the
+        // channel slot, which the caller keeps alive for the VM's life (this
+        // function's contract).
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())

@@ -51,6 +51,7 @@ pub mod memory;
 pub mod paging;
 pub mod runner;
 mod setup;
+pub mod slab;
 pub mod state;
 pub mod stats;
 mod vcpu;
@@ -80,6 +81,8 @@ pub struct Vmm {
     features: cpu::Features,
     xcr0: u64,
     pool: std::sync::Arc<runner::Pool>,
+    /// The channel slabs, by I/O window size.
+    slabs: std::sync::Mutex<Vec<std::sync::Arc<slab::Slab>>>,
 }
 
 impl Vmm {
@@ -127,7 +130,38 @@ impl Vmm {
             features,
             xcr0,
             pool,
+            slabs: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// A free channel slot (mailbox page + I/O window) for `layout`.
+    pub(crate) fn channel_slot(&self, layout: &layout::Layout) -> Result<slab::SlabSlot, VmmError> {
+        let slab = {
+            let mut slabs = self
+                .slabs
+                .lock()
+                .map_err(|_| VmmError::Shell("the slab list was poisoned"))?;
+            let stride = slab::slot_stride(layout.io_bytes);
+            match slabs.iter().find(|s| Some(s.stride()) == stride) {
+                Some(s) => std::sync::Arc::clone(s),
+                None => {
+                    let s = slab::Slab::new(layout.io_bytes)?;
+                    slabs.push(std::sync::Arc::clone(&s));
+                    s
+                }
+            }
+        };
+        let mut slot = slab.take()?;
+        slot.bind(layout.io_addr)?;
+        Ok(slot)
+    }
+
+    /// Channel slots in use (instances and shells holding one).
+    pub fn channel_slots_in_use(&self) -> usize {
+        self.slabs
+            .lock()
+            .map(|s| s.iter().map(|s| s.in_use()).sum())
+            .unwrap_or(0)
     }
 
     /// Runner threads of this VMM's pool.

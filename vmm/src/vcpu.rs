@@ -85,7 +85,7 @@ fn save_vcpu(vcpu: &mut VcpuFd) -> Result<VcpuState, kvm_ioctls::Error> {
 
 fn published(shared: &Shared) -> u32 {
     shared
-        .ram
+        .chan
         .mem()
         .load::<u32>(GuestAddress(REQ_SEQ_ADDR), Ordering::SeqCst)
         .unwrap_or(0)
@@ -208,7 +208,7 @@ fn append_log(shared: &Shared, len: u32) {
     // `len` was checked against LOG_BYTES by `exit::handle`.
     let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
     if shared
-        .ram
+        .chan
         .mem()
         .read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR + LOG_OFFSET))
         .is_err()

@@ -9,6 +9,7 @@ use crate::error::VmmError;
 use crate::layout::Layout;
 use crate::memory::{ExternalMemory, GuestRam};
 use crate::setup::measure_tsc_offset;
+use crate::slab::SlabSlot;
 use crate::state::{SavedState, VcpuState};
 use crate::stats::StatsFd;
 use crate::vcpu::{Cmd, StartAt};
@@ -35,6 +36,8 @@ pub struct Shell {
     vcpu: VcpuFd,
     stats: Option<StatsFd>,
     reserved: Option<Reservation>,
+    /// The channel slot the memory slots of a shell with memory point at.
+    chan: Option<SlabSlot>,
 }
 
 /// An inaccessible anonymous address range owned by a shell.
@@ -67,6 +70,7 @@ impl Shell {
             vcpu,
             stats,
             reserved: None,
+            chan: None,
         })
     }
 
@@ -111,11 +115,14 @@ impl Shell {
         }
         let addr = NonNull::new(aligned as *mut u8).ok_or_else(|| map_err(std::io::Error::other("null")))?;
         let reservation = Reservation { addr, len };
+        let chan = vmm.channel_slot(&layout)?;
         // SAFETY: the slots point into the reservation, which the shell
         // keeps until the VM is gone or hands over to the guest memory
-        // mapped in its place (`Instance::restore_into`).
-        unsafe { add_memory_slots(&shell.vm, aligned as u64, &layout, config.dirty_log) }?;
+        // mapped in its place (`Instance::restore_into`), and into `chan`,
+        // which the shell (then the instance) keeps until the VM is gone.
+        unsafe { add_memory_slots(&shell.vm, aligned as u64, &chan, &layout, config.dirty_log) }?;
         shell.reserved = Some(reservation);
+        shell.chan = Some(chan);
         Ok(shell)
     }
 }
@@ -197,7 +204,9 @@ impl Instance {
                 got,
             });
         }
-        let Shell { vm, vcpu, stats, .. } = match shell {
+        let Shell {
+            vm, vcpu, stats, chan, ..
+        } = match shell {
             Some(shell) => shell,
             None => Shell::new(vmm, config.vcpu_stats)?,
         };
@@ -212,11 +221,19 @@ impl Instance {
         saved
             .check_mailbox(&channel::parse(&mailbox))
             .map_err(VmmError::StateMismatch)?;
-        if !slots_ready {
-            // SAFETY: `ram` is moved into the instance's `Shared`, which
-            // drops it after the VM.
-            unsafe { add_memory_slots(&vm, ram.host_addr(), &layout, config.dirty_log) }?;
-        }
+        let chan = match chan {
+            Some(chan) if slots_ready => chan,
+            _ => {
+                let chan = vmm.channel_slot(&layout)?;
+                // SAFETY: `ram` and `chan` are moved into the instance's
+                // `Shared`, which drops them after the VM.
+                unsafe { add_memory_slots(&vm, ram.host_addr(), &chan, &layout, config.dirty_log) }?;
+                chan
+            }
+        };
+        // The snapshot's channel into the slot: its mailbox page, and at a
+        // checkpoint the input the stopped `handle()` still points at.
+        copy_channel(ram.mem(), chan.mem(), &layout, saved.at_checkpoint).map_err(VmmError::GuestMemory)?;
         apply_vcpu_state(&vcpu, &saved.vcpu)?;
         let tsc_offset = measure_tsc_offset(&vcpu)?;
         let start = if saved.at_checkpoint {
@@ -224,7 +241,18 @@ impl Instance {
         } else {
             StartAt::Idle(saved.seq)
         };
-        let mut instance = Self::spawn(vmm, vm, ram, layout, vcpu, config, stats, tsc_offset, start, saved.seq);
+        let mut instance = Self::spawn(
+            vmm,
+            vm,
+            (ram, chan),
+            layout,
+            vcpu,
+            config,
+            stats,
+            tsc_offset,
+            start,
+            saved.seq,
+        );
         instance.at_checkpoint = saved.at_checkpoint;
         Ok(instance)
     }
@@ -242,6 +270,16 @@ impl Instance {
             .recv_timeout(Duration::from_secs(5))
             .map_err(|_| VmmError::Save("no runner answered"))?
             .map_err(kvm_err("saving the vCPU state"))?;
+        // A snapshot is the guest's RAM: put the channel back into it (the
+        // mailbox page; at a checkpoint the input too), so that a node
+        // written from RAM has them and a restore copies them out again.
+        copy_channel(
+            self.shared.chan.mem(),
+            self.shared.ram.mem(),
+            &self.shared.layout,
+            self.at_checkpoint,
+        )
+        .map_err(|_| VmmError::Save("copying the channel into guest memory"))?;
         Ok(SavedState {
             seq: self.seq,
             at_checkpoint: self.at_checkpoint,
@@ -268,6 +306,29 @@ impl Instance {
     pub fn at_checkpoint(&self) -> bool {
         self.at_checkpoint
     }
+}
+
+/// Copies the mailbox page from `from` to `to` and, with `input`, the
+/// request's input (`arg_len` bytes, capped at the window) of the I/O
+/// window.
+fn copy_channel(
+    from: &vm_memory::GuestMemoryMmap,
+    to: &vm_memory::GuestMemoryMmap,
+    layout: &Layout,
+    input: bool,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut page = vec![0u8; usize::try_from(guest_abi::PAGE_BYTES).unwrap_or(4096)];
+    from.read_slice(&mut page, GuestAddress(MAILBOX_ADDR))?;
+    to.write_slice(&page, GuestAddress(MAILBOX_ADDR))?;
+    if input {
+        let mut mailbox = [0u8; channel::MAILBOX_BYTES];
+        mailbox.copy_from_slice(&page[..channel::MAILBOX_BYTES]);
+        let len = channel::parse(&mailbox).arg_len.min(layout.io_bytes);
+        let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        from.read_slice(&mut bytes, GuestAddress(layout.io_addr))?;
+        to.write_slice(&bytes, GuestAddress(layout.io_addr))?;
+    }
+    Ok(())
 }
 
 /// Loads a saved vCPU state into a fresh vCPU.
