@@ -11,6 +11,19 @@ pub enum VmmError {
     /// `/dev/kvm` cannot be opened or is unusable.
     #[error("/dev/kvm is unusable")]
     KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl that makes an fd failed with `EMFILE`: the process is at
+    /// its open-file limit (raised to the hard limit at start).
+    #[error(
+        "KVM {op} failed: the process is at its open-file limit of {limit} (raised to the hard limit of {hard}, which binds)"
+    )]
+    FdLimit {
+        /// The operation.
+        op: &'static str,
+        /// The soft `RLIMIT_NOFILE`.
+        limit: u64,
+        /// The hard `RLIMIT_NOFILE`.
+        hard: u64,
+    },
     /// A KVM ioctl failed.
     #[error("KVM {op} failed")]
     Kvm {

@@ -217,7 +217,13 @@ pub fn now_ns() -> u64 {
 }
 
 pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { op, source }
+    move |source| {
+        if source.errno() == libc::EMFILE {
+            let (limit, hard) = crate::limits::fd_limit().unwrap_or((0, 0));
+            return VmmError::FdLimit { op, limit, hard };
+        }
+        VmmError::Kvm { op, source }
+    }
 }
 
 impl Instance {

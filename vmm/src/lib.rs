@@ -47,6 +47,7 @@ pub mod image;
 pub mod instance;
 pub mod kick;
 pub mod layout;
+pub mod limits;
 pub mod memory;
 pub mod paging;
 pub mod runner;
@@ -119,6 +120,8 @@ impl Vmm {
             smap: leaf7 & (1 << 20) != 0,
         };
         let xcr0 = leaf(0xd, 0).map_or(0b11, |e| cpu::xcr0(e.eax));
+        // Two fds per VM (VM, vCPU): as many as the hard limit allows.
+        let _ = limits::raise_fd_limit();
         kick::install().map_err(|source| VmmError::Kvm {
             op: "installing the vCPU kick handler",
             source,
