@@ -14,7 +14,7 @@
 
 mod vm_common;
 
-use microfaas::{Backend, Config, FunctionSpec, StartPath, StartRequest, VmConfig};
+use microfaas::{Config, FunctionSpec, StartPath, StartRequest, VmConfig};
 use std::time::{Duration, Instant};
 
 fn count(dir: &str) -> usize {
