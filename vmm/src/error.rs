@@ -120,6 +120,10 @@ pub enum RunError {
     /// A request to a guest stopped at a checkpoint (resume it first).
     #[error("the instance is stopped at a checkpoint")]
     AtCheckpoint,
+    /// The process running the instance's VM died (or broke the report
+    /// protocol) with this request in flight.
+    #[error("the VMM host process running the instance was lost")]
+    Lost,
     /// The instance died earlier and cannot serve requests.
     #[error("instance is dead")]
     Dead,

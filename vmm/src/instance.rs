@@ -28,8 +28,8 @@ use kvm_ioctls::{VcpuFd, VmFd};
 pub use snapshot::{MapMemoryError, Shell};
 use std::collections::VecDeque;
 use std::mem::offset_of;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -141,7 +141,6 @@ pub(crate) struct Shared {
     /// The mailbox page and I/O window (in the process's channel slab).
     pub(crate) chan: SlabSlot,
     pub(crate) layout: Layout,
-    pub(crate) killed: AtomicBool,
     pub(crate) serial: Mutex<Vec<u8>>,
     pub(crate) serial_cap: usize,
     /// Commands for the runner, in order.
@@ -154,30 +153,17 @@ pub(crate) struct Shared {
     pub(crate) running_on: AtomicU64,
     /// CPU time runners spent on it.
     pub(crate) cpu_ns: AtomicU64,
-    /// What the runner reported, oldest first.
-    reports: Mutex<VecDeque<Event>>,
-    reported: Condvar,
 }
 
 impl Shared {
-    /// Records a runner's report and wakes the waiting caller.
+    /// Records a runner's report in the control block and wakes the caller.
     pub(crate) fn report(&self, event: Event) {
-        if let Ok(mut q) = self.reports.lock() {
-            q.push_back(event);
-        }
-        self.reported.notify_all();
+        crate::report::write(self.chan.control(), &event);
     }
 
-    /// The next report, waiting up to `timeout` (None: timed out).
-    fn next_report(&self, timeout: Duration) -> Option<Event> {
-        let q = self.reports.lock().ok()?;
-        let (mut q, _) = self.reported.wait_timeout_while(q, timeout, |q| q.is_empty()).ok()?;
-        q.pop_front()
-    }
-
-    /// The next report if there is one.
-    fn try_report(&self) -> Option<Event> {
-        self.reports.lock().ok()?.pop_front()
+    /// Whether the caller gave the instance up.
+    pub(crate) fn is_killed(&self) -> bool {
+        self.chan.control().kill.load(Ordering::SeqCst) != 0
     }
 }
 
@@ -189,6 +175,8 @@ pub struct Instance {
     /// instance.
     pool: Arc<Pool>,
     stats: Option<StatsFd>,
+    /// The last `report_seq` consumed.
+    reports_seen: u32,
     seq: u32,
     dead: bool,
     output_limit: u64,
@@ -329,7 +317,6 @@ impl Instance {
             ram,
             chan,
             layout,
-            killed: AtomicBool::new(false),
             serial: Mutex::new(Vec::new()),
             serial_cap: config.serial_cap_bytes,
             cmds: Mutex::new(VecDeque::new()),
@@ -337,13 +324,12 @@ impl Instance {
             home: AtomicUsize::new(pool.assign_home()),
             running_on: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
-            reports: Mutex::new(VecDeque::new()),
-            reported: Condvar::new(),
         });
         Self {
             shared,
             pool,
             stats,
+            reports_seen: 0,
             seq,
             dead: false,
             output_limit: config.output_limit_bytes,
@@ -612,7 +598,8 @@ impl Instance {
     /// Returns true when the guest stopped at a checkpoint instead (its
     /// request's `checkpoint_seq` is cleared then, before any snapshot).
     fn wait_reply(&mut self, deadline: Instant) -> Result<bool, RunError> {
-        let mem = self.shared.chan.mem();
+        let shared = Arc::clone(&self.shared);
+        let mem = shared.chan.mem();
         let spin_until = Instant::now() + self.host_spin;
         loop {
             let resp: u32 = mem
@@ -627,7 +614,7 @@ impl Instance {
                 return Err(RunError::BudgetExceeded);
             }
             let event = if now < spin_until {
-                let ev = self.shared.try_report();
+                let ev = self.try_report();
                 if ev.is_none() {
                     std::hint::spin_loop();
                 }
@@ -639,7 +626,7 @@ impl Instance {
                 } else {
                     wait.min(SPIN_POLL)
                 };
-                self.shared.next_report(wait)
+                self.next_report(wait)
             };
             match event {
                 // A doorbell (this reply's, or a stale one): the mailbox says.
@@ -654,6 +641,7 @@ impl Instance {
                 Some(Event::Crash(c)) => return Err(RunError::Crashed(c)),
                 Some(Event::RunFailed(e)) => return Err(RunError::Kvm(e)),
                 Some(Event::Killed) => return Err(RunError::BudgetExceeded),
+                Some(Event::Lost) => return Err(RunError::Lost),
             }
         }
     }
@@ -661,7 +649,7 @@ impl Instance {
     /// Waits for the runner's next report, kicking the vCPU at `deadline`.
     fn wait(&mut self, deadline: Instant) -> Result<u32, RunError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let Some(event) = self.shared.next_report(timeout) else {
+        let Some(event) = self.next_report(timeout) else {
             self.kill();
             return Err(RunError::BudgetExceeded);
         };
@@ -672,6 +660,34 @@ impl Instance {
             Event::Crash(c) => Err(RunError::Crashed(c)),
             Event::RunFailed(e) => Err(RunError::Kvm(e)),
             Event::Killed => Err(RunError::BudgetExceeded),
+            Event::Lost => Err(RunError::Lost),
+        }
+    }
+
+    /// The runner's next report if there is one.
+    fn try_report(&mut self) -> Option<Event> {
+        let control = self.shared.chan.control();
+        let seq = control.report_seq.load(Ordering::Acquire);
+        if seq == self.reports_seen {
+            return None;
+        }
+        self.reports_seen = seq;
+        Some(crate::report::read(control))
+    }
+
+    /// The runner's next report, waiting up to `timeout` (None: timed out).
+    fn next_report(&mut self, timeout: Duration) -> Option<Event> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(ev) = self.try_report() {
+                return Some(ev);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let word = &self.shared.chan.control().report_seq;
+            crate::futex::wait(word, self.reports_seen, Some(left));
         }
     }
 
@@ -727,7 +743,7 @@ impl Shared {
     /// runner after it moved on to another instance only makes that one's
     /// `KVM_RUN` return early once (it is not killed, so it runs on).
     fn stop(&self) {
-        self.killed.store(true, Ordering::SeqCst);
+        self.chan.control().kill.store(1, Ordering::SeqCst);
         let runner = self.running_on.load(Ordering::SeqCst);
         if runner != 0 {
             kick::kick(runner);

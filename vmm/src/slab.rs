@@ -1,8 +1,11 @@
 //! The channel slab: every instance's mailbox page and I/O window live in
 //! one shared memory file (a memfd) per process and window size, cut into
-//! fixed-size slots `[mailbox page | I/O window]`, each its own pair of KVM
-//! memory slots (guest-physical [`MAILBOX_ADDR`] and `layout.io_addr`, as
-//! before) pointing into one mapping of the file. The caller side of an
+//! fixed-size slots `[control page | mailbox page | I/O window]`; the
+//! mailbox page and the I/O window are each their own KVM
+//! memory slot (guest-physical [`MAILBOX_ADDR`] and `layout.io_addr`, as
+//! before) pointing into one mapping of the file; the control page
+//! ([`Control`]: the runner's report and its futex word, the kill flag) is
+//! never guest-mapped. The caller side of an
 //! instance (publish a request, wait for its reply, read it) touches only
 //! its slot, so it can live in another process that maps the same file;
 //! everything the guest can write there is checked by the caller
@@ -16,6 +19,7 @@ use guest_abi::{MAILBOX_ADDR, PAGE_BYTES};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, mmap::MmapRegionBuilder};
 
@@ -51,12 +55,32 @@ pub enum SlabError {
     Region(String),
 }
 
+/// The control block at the start of every slot: written by the caller
+/// (`kill`) and by the side running the VM (the report), never by the
+/// guest. Each side treats what the other wrote as untrusted.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Bumped after each report (the caller's futex word).
+    pub report_seq: AtomicU32,
+    /// The report's kind ([`crate::report`]).
+    pub kind: AtomicU32,
+    /// Its argument (a sequence number, a code).
+    pub arg: AtomicU64,
+    /// Its payload (a fault's fields).
+    pub words: [AtomicU64; 7],
+    /// Non-zero: the caller gave the instance up; the VM side stops it.
+    pub kill: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<Control>() as u64 <= PAGE_BYTES);
+
 /// Where slot `index` lies in the slab, in bytes from its start:
-/// (mailbox page, I/O window).
-pub fn slot_offsets(index: usize, stride: usize) -> Option<(usize, usize)> {
+/// (control page, mailbox page, I/O window).
+pub fn slot_offsets(index: usize, stride: usize) -> Option<(usize, usize, usize)> {
     let base = index.checked_mul(stride)?;
     let page = usize::try_from(PAGE_BYTES).ok()?;
-    Some((base, base.checked_add(page)?))
+    Some((base, base.checked_add(page)?, base.checked_add(2 * page)?))
 }
 
 /// Bytes per slot for an `io_bytes` window (the window page-aligned).
@@ -64,7 +88,7 @@ pub fn slot_stride(io_bytes: u64) -> Option<usize> {
     if io_bytes == 0 || !io_bytes.is_multiple_of(PAGE_BYTES) {
         return None;
     }
-    usize::try_from(io_bytes.checked_add(PAGE_BYTES)?).ok()
+    usize::try_from(io_bytes.checked_add(2 * PAGE_BYTES)?).ok()
 }
 
 #[derive(Debug, Default)]
@@ -193,6 +217,7 @@ pub struct SlabSlot {
     // `mem` (which never unmaps) before the slab it points into.
     mem: GuestMemoryMmap,
     index: usize,
+    control: *mut u8,
     mailbox: *mut u8,
     window: *mut u8,
     slab: Arc<Slab>,
@@ -218,12 +243,16 @@ fn raw_region(ptr: *mut u8, len: usize) -> Result<MmapRegion, SlabError> {
 impl SlabSlot {
     fn new(slab: Arc<Slab>, index: usize) -> Result<Self, SlabError> {
         let bad = || SlabError::Region("slot out of the slab".into());
-        let (mb_off, win_off) = slot_offsets(index, slab.stride).ok_or_else(bad)?;
+        let (ctl_off, mb_off, win_off) = slot_offsets(index, slab.stride).ok_or_else(bad)?;
         if win_off.checked_add(usize::try_from(slab.io_bytes).map_err(|_| bad())?) > Some(slab.reserved) {
             return Err(bad());
         }
-        // SAFETY: both offsets are inside the reservation (checked above).
-        let (mailbox, window) = unsafe { (slab.base.as_ptr().add(mb_off), slab.base.as_ptr().add(win_off)) };
+        // SAFETY: all three offsets are inside the reservation (checked
+        // above: the window, the last part, ends inside it).
+        let (control, mailbox, window) = unsafe {
+            let base = slab.base.as_ptr();
+            (base.add(ctl_off), base.add(mb_off), base.add(win_off))
+        };
         let page = usize::try_from(PAGE_BYTES).map_err(|_| bad())?;
         // The I/O window joins at its guest address in `bind` (a shell's
         // slot is made before its layout is used).
@@ -233,6 +262,7 @@ impl SlabSlot {
         Ok(Self {
             mem,
             index,
+            control,
             mailbox,
             window,
             slab,
@@ -259,6 +289,15 @@ impl SlabSlot {
         &self.mem
     }
 
+    /// The slot's control block.
+    pub fn control(&self) -> &Control {
+        // SAFETY: `control` is the page-aligned start of this slot's control
+        // page inside the slab's live mapping (kept by `self.slab`); every
+        // field of `Control` is an atomic, valid for any bytes, and all
+        // access to the page goes through these atomics.
+        unsafe { &*self.control.cast::<Control>() }
+    }
+
     /// Host address of the mailbox page (a memory slot's `userspace_addr`).
     pub fn mailbox_host_addr(&self) -> u64 {
         self.mailbox as u64
@@ -281,7 +320,7 @@ impl Drop for SlabSlot {
         // VM whose memory slots pointed here is gone: instances and shells
         // drop their VM before their slot.
         // SAFETY: the slot's own range inside the slab's shared mapping.
-        unsafe { libc::madvise(self.mailbox.cast(), self.slab.stride, libc::MADV_REMOVE) };
+        unsafe { libc::madvise(self.control.cast(), self.slab.stride, libc::MADV_REMOVE) };
         if let Ok(mut f) = self.slab.free.lock() {
             f.free.push(self.index);
         }
@@ -295,11 +334,14 @@ mod tests {
 
     #[test]
     fn strides_and_offsets() {
-        assert_eq!(slot_stride(4 << 20), Some((4 << 20) + 4096));
+        assert_eq!(slot_stride(4 << 20), Some((4 << 20) + 8192));
         assert_eq!(slot_stride(0), None);
         assert_eq!(slot_stride(100), None);
-        assert_eq!(slot_offsets(0, 8192), Some((0, 4096)));
-        assert_eq!(slot_offsets(3, 8192), Some((3 * 8192, 3 * 8192 + 4096)));
+        assert_eq!(slot_offsets(0, 12288), Some((0, 4096, 8192)));
+        assert_eq!(
+            slot_offsets(3, 12288),
+            Some((3 * 12288, 3 * 12288 + 4096, 3 * 12288 + 8192))
+        );
         assert_eq!(slot_offsets(usize::MAX, 8192), None);
     }
 
@@ -320,6 +362,8 @@ mod tests {
         // Outside the regions: refused.
         assert!(a.mem().write_slice(b"x", GuestAddress(io + (1 << 16))).is_err());
         assert!(a.mem().write_slice(b"x", GuestAddress(MAILBOX_ADDR + 4096)).is_err());
+        a.control().report_seq.store(9, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(b.control().report_seq.load(std::sync::atomic::Ordering::Relaxed), 0);
         let index = a.index();
         drop(a);
         assert_eq!(slab.in_use(), 1);
@@ -332,5 +376,6 @@ mod tests {
         let mut buf = [1u8; 8];
         c.mem().read_slice(&mut buf, GuestAddress(io + 100)).unwrap();
         assert_eq!(buf, [0; 8]);
+        assert_eq!(c.control().report_seq.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }

@@ -26,6 +26,8 @@ pub(crate) enum Event {
     Crash(Crash),
     Killed,
     RunFailed(kvm_ioctls::Error),
+    /// The process running the VM is gone (or its report was garbage).
+    Lost,
 }
 
 /// What a runner is asked to do with an instance.
@@ -167,7 +169,7 @@ fn run(vcpu: &mut Vcpu, shared: &Shared) {
 
 fn run_until_stop(vcpu: &mut VcpuFd, shared: &Shared) -> Event {
     loop {
-        if shared.killed.load(Ordering::SeqCst) {
+        if shared.is_killed() {
             return Event::Killed;
         }
         let exit = match vcpu.run() {
