@@ -137,8 +137,32 @@ enum Slot {
 /// are empty, else if any of its rules matches), `violation` for any other
 /// x86-64 or x32 call, `SECCOMP_RET_KILL_PROCESS` for any other ABI: what
 /// seccompiler's `SeccompFilter::new(rules, violation, Allow, x86_64)`
-/// returns, laid out for a cheap attach.
+/// returns, laid out for a cheap attach. (The policies compile through
+/// [`layout_refusing`]; this is its form without refusals, for the tests.)
+#[cfg(test)]
 pub fn layout(rules: BTreeMap<i64, Vec<SeccompRule>>, violation: u32) -> Result<BpfProgram, LayoutError> {
+    layout_refusing(rules, &[], violation)
+}
+
+/// [`layout`], with each `(nr, ret)` of `refused` returning `ret` (an
+/// errno return, `SECCOMP_RET_ERRNO | errno`) before the search: one `jeq
+/// nr ? +0 : +1; ret` pair per refused call, right after the x32 check
+/// (the accumulator holds the number there), so its number never reaches
+/// the search, whose range for it is the violation.
+pub fn layout_refusing(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    refused: &[(i64, u32)],
+    violation: u32,
+) -> Result<BpfProgram, LayoutError> {
+    let mut refusals = Vec::with_capacity(refused.len() * 2);
+    for &(nr, ret) in refused {
+        let native = u32::try_from(nr)
+            .ok()
+            .filter(|n| *n < X32_SYSCALL_BIT)
+            .ok_or(LayoutError::Number(nr))?;
+        refusals.push(jump(JMP_JEQ_K, native, 0, 1));
+        refusals.push(stmt(RET_K, ret));
+    }
     // The number line from 0 cut into ranges [start, next start) of one
     // action each; the last range runs to the x32 bit.
     let mut ranges: Vec<(u32, Action)> = Vec::new();
@@ -165,14 +189,16 @@ pub fn layout(rules: BTreeMap<i64, Vec<SeccompRule>>, violation: u32) -> Result<
     push_range(&mut ranges, next, Action::Deny);
 
     let preamble = || {
-        vec![
+        let mut slots = vec![
             Slot::Insn(stmt(LD_W_ABS, ARCH_OFFSET)),
             Slot::Insn(jump(JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0)),
             Slot::Insn(stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS)),
             Slot::Insn(stmt(LD_W_ABS, NR_OFFSET)),
             Slot::Insn(jump(JMP_JGE_K, X32_SYSCALL_BIT, 0, 1)),
             Slot::Insn(stmt(RET_K, violation)),
-        ]
+        ];
+        slots.extend(refusals.iter().cloned().map(Slot::Insn));
+        slots
     };
     // Compact where every jump reaches (the search no longer than ~250
     // instructions: up to ~120 ranges), else with a leaf per range.

@@ -1,6 +1,6 @@
 //! The process sandbox of every process that runs function code: what each
 //! kind of sandboxed process may do is data (a [`Policy`], one file per
-//! kind: [`worker`], [`runner`]), and [`apply`] enters it in one fixed order.
+//! kind: [`worker`], [`runner`], [`vmhost`]), and [`apply`] enters it in one fixed order.
 //!
 //! ```text
 //!  1 namespaces   join the host's empty net + ipc namespaces (setns)
@@ -39,11 +39,12 @@ pub mod origin;
 pub mod runner;
 mod seccomp;
 mod settings;
+pub mod vmhost;
 pub mod worker;
 
 pub use apply::{Applied, SandboxError, apply};
 pub use host::shared_namespaces;
-pub use seccomp::{Allowed, SeccompPolicy, Violation};
+pub use seccomp::{Allowed, Refused, SeccompPolicy, Violation};
 pub use settings::{
     DEFAULT_SANDBOX_GID, DEFAULT_SANDBOX_UID, DEFAULT_TENANT, DEFAULT_TENANT_UIDS, Layers, SandboxSettings,
     SandboxSpec, SpecError, TenantUids, UidRangeExhausted,

@@ -16,6 +16,7 @@ pub fn policy(spec: &SandboxSpec, pid: u32) -> Result<Policy, FilterError> {
         Some(SeccompPolicy {
             allowed: base_allowlist(pid)?,
             violation: Violation::KillProcess,
+            refused: Vec::new(),
         })
     } else {
         None

@@ -53,6 +53,37 @@ pub struct SeccompPolicy {
     pub allowed: Vec<Allowed>,
     /// What anything else does.
     pub violation: Violation,
+    /// Calls refused with an error instead of the violation (a library
+    /// that probes for a call and falls back when it is missing: glibc's
+    /// `clone3` before `clone`). Checked before the allowlist.
+    pub refused: Vec<Refused>,
+}
+
+/// A system call that fails with an errno instead of being a violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// Its name.
+    pub name: &'static str,
+    /// Its number (x86-64).
+    pub nr: i64,
+    /// The errno it returns (`ENOSYS`: "not implemented", the answer
+    /// callers fall back on).
+    pub errno: u16,
+    /// Why, for a reviewer.
+    pub note: &'static str,
+}
+
+impl Refused {
+    /// `name` fails with `ENOSYS`.
+    pub fn enosys(name: &'static str, nr: i64, note: &'static str) -> Self {
+        Self {
+            name,
+            nr,
+            // ENOSYS (38) fits the 16-bit errno of SECCOMP_RET_ERRNO.
+            errno: 38,
+            note,
+        }
+    }
 }
 
 /// Building or installing a filter failed.
@@ -103,12 +134,19 @@ impl SeccompPolicy {
     /// seccompiler.
     pub fn compile(&self) -> Result<BpfProgram, FilterError> {
         let (rules, mismatch) = self.rules();
-        bpf::layout(rules, u32::from(mismatch)).map_err(FilterError::Layout)
+        let refused: Vec<(i64, u32)> = self
+            .refused
+            .iter()
+            .map(|r| (r.nr, libc::SECCOMP_RET_ERRNO | u32::from(r.errno)))
+            .collect();
+        bpf::layout_refusing(rules, &refused, u32::from(mismatch)).map_err(FilterError::Layout)
     }
 
     /// The same filter as seccompiler lays it out (a linear chain of
     /// syscall numbers): the reference [`compile`](Self::compile) is proved
     /// equivalent to, and the baseline of the attach-cost measurements.
+    /// Without [`refused`](Self::refused) (seccompiler has one action per
+    /// filter): those calls are violations here.
     pub fn compile_linear(&self) -> Result<BpfProgram, FilterError> {
         let (rules, mismatch) = self.rules();
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
@@ -136,6 +174,13 @@ impl fmt::Display for SeccompPolicy {
             } else {
                 writeln!(f, "                 {:<16} {}", a.name, a.note)?;
             }
+        }
+        for r in &self.refused {
+            writeln!(
+                f,
+                "                 {:<16} refused: errno {} ({})",
+                r.name, r.errno, r.note
+            )?;
         }
         Ok(())
     }
@@ -288,6 +333,7 @@ mod tests {
                 Allowed::any("exit_group", libc::SYS_exit_group),
             ],
             violation: Violation::KillProcess,
+            refused: Vec::new(),
         };
         assert!(!p.compile().unwrap().is_empty());
         assert!(p.mentions(libc::SYS_tgkill));

@@ -41,6 +41,7 @@ pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, F
     let seccomp = layers.seccomp.then_some(SeccompPolicy {
         allowed,
         violation: Violation::Trap,
+        refused: Vec::new(),
     });
     // With keys and seccomp: memory-layout and signal calls only from the
     // code mapped now (before any function), see `super::origin`. If

@@ -326,6 +326,7 @@ fn policy() -> impl Strategy<Value = SeccompPolicy> {
             })
             .collect(),
         violation,
+        refused: Vec::new(),
     })
 }
 
@@ -392,6 +393,7 @@ fn long_searches_use_trampolines() {
     let policy = SeccompPolicy {
         allowed: (0..300).map(|nr| Allowed::any("any", nr * 2)).collect(),
         violation: Violation::Trap,
+        refused: Vec::new(),
     };
     let (ours, linear) = both(&policy);
     let trampolines = ours
@@ -412,6 +414,7 @@ fn empty_allowlist_denies_everything() {
     let policy = SeccompPolicy {
         allowed: Vec::new(),
         violation: Violation::KillProcess,
+        refused: Vec::new(),
     };
     let ours = policy.compile().unwrap();
     for nr in [0, 1, 60, 231, 0x4000_0001] {
@@ -486,6 +489,7 @@ fn runs_share_a_leaf() {
     let policy = SeccompPolicy {
         allowed: (100..140).map(|nr| Allowed::any("any", nr)).collect(),
         violation: Violation::KillProcess,
+        refused: Vec::new(),
     };
     let (ours, linear) = both(&policy);
     // the preamble (6), two nodes, the two shared returns
@@ -576,4 +580,42 @@ fn x32_getpid() {
 fn getuid() {
     // SAFETY: no arguments; not on either allowlist.
     unsafe { libc::syscall(libc::SYS_getuid) };
+}
+
+/// The VMM host process's program: its refused calls return their errno
+/// (x86-64 only: an x32 or i386 number is still the violation or the
+/// kill), every other call exactly what seccompiler's program of its
+/// allowlist returns.
+#[test]
+fn refused_calls_return_their_errno_and_nothing_else_changes() {
+    let policy = crate::sandbox::vmhost::policy(&spec(), PID).unwrap().seccomp.unwrap();
+    assert!(!policy.refused.is_empty());
+    let (ours, linear) = both(&policy);
+    let values = interesting();
+    let mut refused_seen = 0;
+    for nr in (0..=600).chain(0x4000_0000..=0x4000_0000 + 600).chain([-1, i32::MAX]) {
+        for arch in [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386] {
+            for v in &values {
+                let d = Data::new(nr, arch, [*v; 6]);
+                let got = run(&ours, &d).unwrap();
+                let refusal = policy
+                    .refused
+                    .iter()
+                    .find(|r| arch == AUDIT_ARCH_X86_64 && i64::from(nr) == r.nr);
+                match refusal {
+                    Some(r) => {
+                        assert_eq!(got, libc::SECCOMP_RET_ERRNO | u32::from(r.errno), "{d:?}");
+                        refused_seen += 1;
+                    }
+                    None => assert_eq!(got, run(&linear, &d).unwrap(), "{d:?}"),
+                }
+            }
+        }
+    }
+    assert_eq!(refused_seen, policy.refused.len() * values.len());
+    // Refusing numbers outside the native ABI is an error, as allowing them.
+    assert_eq!(
+        layout_refusing(BTreeMap::new(), &[(0x4000_0001, 0)], libc::SECCOMP_RET_TRAP),
+        Err(LayoutError::Number(0x4000_0001))
+    );
 }
