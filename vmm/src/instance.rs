@@ -138,8 +138,8 @@ pub(crate) struct Shared {
     pub(crate) vcpu: Mutex<Vcpu>,
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
-    /// The mailbox page and I/O window (in the process's channel slab).
-    pub(crate) chan: SlabSlot,
+    /// The mailbox page, I/O window and control block (in a channel slab).
+    pub(crate) chan: Arc<SlabSlot>,
     pub(crate) layout: Layout,
     pub(crate) serial: Mutex<Vec<u8>>,
     pub(crate) serial_cap: usize,
@@ -167,13 +167,54 @@ impl Shared {
     }
 }
 
+/// Where an instance's VM runs.
+#[derive(Debug)]
+enum Side {
+    /// In this process, on its runner pool.
+    Local {
+        shared: Arc<Shared>,
+        /// Held so that its runners (which a kick may reach) outlive the
+        /// instance.
+        pool: Arc<Pool>,
+    },
+    /// In another process (a VMM host process); this side only has the
+    /// slot, written and read as the caller.
+    Remote(Box<dyn Remote>),
+}
+
+/// The caller's handle on a VM that runs in another process (a VMM host
+/// process): its channel slot in a slab that process maps too, and how to
+/// queue a run there. Dropping it gives the VM up (the implementation
+/// frees the slot once that process has dropped the VM).
+pub trait Remote: Send + Sync + std::fmt::Debug {
+    /// The instance's channel slot.
+    fn chan(&self) -> &Arc<SlabSlot>;
+    /// Queues a run of the instance (`resume`: from its checkpoint) where
+    /// its VM runs; false if that process is gone.
+    fn submit(&self, resume: bool) -> bool;
+    /// Asks that process to kick the instance (its kill flag is set).
+    fn kick(&self);
+    /// Whether that process is alive.
+    fn alive(&self) -> bool;
+}
+
+/// How a remote instance starts: what the process running its VM reported
+/// when it restored it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteStart {
+    /// The saved state's request sequence number.
+    pub seq: u32,
+    /// Stopped at a checkpoint (resume it first).
+    pub at_checkpoint: bool,
+    /// Guest TSC minus host TSC.
+    pub tsc_offset: u64,
+}
+
 /// A running micro-VM serving one function.
 #[derive(Debug)]
 pub struct Instance {
-    shared: Arc<Shared>,
-    /// Held so that its runners (which a kick may reach) outlive the
-    /// instance.
-    pool: Arc<Pool>,
+    side: Side,
+    layout: Layout,
     stats: Option<StatsFd>,
     /// The last `report_seq` consumed.
     reports_seen: u32,
@@ -286,7 +327,7 @@ impl Instance {
             tsc_offset,
             StartAt::Run,
             0,
-        );
+        )?;
         // The guest starts running now; it rings with seq 0 when ready.
         instance.command(Cmd::Run);
         instance
@@ -309,13 +350,13 @@ impl Instance {
         tsc_offset: u64,
         start: StartAt,
         seq: u32,
-    ) -> Self {
-        let pool = Arc::clone(&vmm.pool);
+    ) -> Result<Self, VmmError> {
+        let pool = vmm.pool()?;
         let shared = Arc::new(Shared {
             vcpu: Mutex::new(Vcpu { fd: vcpu, at: start }),
             vm,
             ram,
-            chan,
+            chan: Arc::new(chan),
             layout,
             serial: Mutex::new(Vec::new()),
             serial_cap: config.serial_cap_bytes,
@@ -325,9 +366,9 @@ impl Instance {
             running_on: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
         });
-        Self {
-            shared,
-            pool,
+        Ok(Self {
+            side: Side::Local { shared, pool },
+            layout,
             stats,
             reports_seen: 0,
             seq,
@@ -336,32 +377,155 @@ impl Instance {
             tsc_offset,
             host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
             at_checkpoint: false,
+        })
+    }
+
+    /// Request sequence number of the last request (or the saved state's).
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// Guest TSC minus host TSC, as measured at boot or restore.
+    pub fn tsc_offset(&self) -> u64 {
+        self.tsc_offset
+    }
+
+    /// The VM side's host API: stops the instance and tears it down on this
+    /// thread, waiting (up to `limit`) for a runner still holding it to let
+    /// go: when this returns true the VM is gone and its channel slot may
+    /// be reused.
+    pub fn teardown(self, limit: Duration) -> bool {
+        let shared = self.local().map(Arc::clone);
+        drop(self); // kills it; a runner running it stops
+        let Some(mut shared) = shared else {
+            return true;
+        };
+        let until = Instant::now() + limit;
+        loop {
+            match Arc::try_unwrap(shared) {
+                Ok(inner) => {
+                    drop(inner);
+                    return true;
+                }
+                Err(back) if Instant::now() < until => {
+                    shared = back;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(_) => return false,
+            }
         }
     }
 
-    /// Hands the instance a command (queued on a runner unless it already is).
-    pub(crate) fn command(&self, cmd: Cmd) {
-        if let Ok(mut q) = self.shared.cmds.lock() {
-            q.push_back(cmd);
+    /// An instance whose VM runs in another process (`remote`), restored
+    /// there into `remote`'s slot as `start` says.
+    pub fn remote(remote: Box<dyn Remote>, config: &InstanceConfig, start: RemoteStart) -> Result<Self, VmmError> {
+        let layout = Layout::new(config.layout)?;
+        let reports_seen = remote.chan().control().report_seq.load(Ordering::Acquire);
+        Ok(Self {
+            side: Side::Remote(remote),
+            layout,
+            stats: None,
+            reports_seen,
+            seq: start.seq,
+            dead: false,
+            output_limit: config.output_limit_bytes,
+            tsc_offset: start.tsc_offset,
+            host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
+            at_checkpoint: start.at_checkpoint,
+        })
+    }
+
+    fn local(&self) -> Option<&Arc<Shared>> {
+        match &self.side {
+            Side::Local { shared, .. } => Some(shared),
+            Side::Remote(_) => None,
         }
-        if self.shared.queued.set() {
-            self.pool.submit(Arc::clone(&self.shared));
+    }
+
+    /// The instance's channel slot (mailbox, I/O window, control block).
+    fn chan(&self) -> &Arc<SlabSlot> {
+        match &self.side {
+            Side::Local { shared, .. } => &shared.chan,
+            Side::Remote(r) => r.chan(),
+        }
+    }
+
+    /// Whether the VM runs in another process.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.side, Side::Remote(_))
+    }
+
+    /// Hands the instance a command (queued on a runner unless it already
+    /// is); false if the process running its VM is gone.
+    pub(crate) fn command(&self, cmd: Cmd) -> bool {
+        match &self.side {
+            Side::Local { shared, pool } => {
+                if let Ok(mut q) = shared.cmds.lock() {
+                    q.push_back(cmd);
+                }
+                if shared.queued.set() {
+                    pool.submit(Arc::clone(shared));
+                }
+                true
+            }
+            Side::Remote(r) => match cmd {
+                Cmd::Run => r.submit(false),
+                Cmd::Resume => r.submit(true),
+                Cmd::Save(_) => false,
+            },
+        }
+    }
+
+    /// The VM side's host API: the caller side (in another process)
+    /// published a request in the slot, or asked to resume from the
+    /// checkpoint: queue the instance on a runner.
+    pub fn run_published(&self, resume: bool) {
+        self.command(if resume { Cmd::Resume } else { Cmd::Run });
+    }
+
+    /// The VM side's host API: if the caller side set the slot's kill flag,
+    /// stops the vCPU (kicking the runner running it); true if it did.
+    pub fn stop_if_killed(&self) -> bool {
+        match &self.side {
+            Side::Local { shared, .. } if shared.is_killed() => {
+                shared.stop();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the instance killed and stops its vCPU wherever it runs.
+    fn stop_vm(&self) {
+        match &self.side {
+            Side::Local { shared, .. } => shared.stop(),
+            Side::Remote(r) => {
+                r.chan().control().kill.store(1, Ordering::SeqCst);
+                r.kick();
+            }
         }
     }
 
     /// The layout of this instance's memory.
     pub fn layout(&self) -> &Layout {
-        &self.shared.layout
+        &self.layout
     }
 
     /// Whether the instance can still serve requests.
     pub fn is_alive(&self) -> bool {
         !self.dead
+            && match &self.side {
+                Side::Local { .. } => true,
+                Side::Remote(r) => r.alive(),
+            }
     }
 
-    /// The guest's log (the most recent bytes).
+    /// The guest's log (the most recent bytes; empty for a remote instance).
     pub fn serial_log(&self) -> String {
-        let log = self.shared.serial.lock().map(|l| l.clone()).unwrap_or_default();
+        let Some(shared) = self.local() else {
+            return String::new();
+        };
+        let log = shared.serial.lock().map(|l| l.clone()).unwrap_or_default();
         String::from_utf8_lossy(&log).into_owned()
     }
 
@@ -375,11 +539,13 @@ impl Instance {
     /// itself (requests, payloads) are not included: KVM logs guest writes.
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmmError> {
         let mut pages = Vec::new();
-        let layout = &self.shared.layout;
+        let Some(shared) = self.local() else {
+            return Err(VmmError::Shell("a remote instance's dirty log is its host process's"));
+        };
+        let layout = &self.layout;
         for (slot, start, end) in memory_slots(layout).into_iter().chain(channel_slots(layout)) {
             let size = usize::try_from(end - start).unwrap_or(0);
-            let bitmap = self
-                .shared
+            let bitmap = shared
                 .vm
                 .get_dirty_log(slot, size)
                 .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
@@ -397,12 +563,13 @@ impl Instance {
     /// CPU time runners have spent running this instance's vCPU (guest and
     /// VMM time), in ns, up to its last report.
     pub fn vcpu_cpu_time_ns(&self) -> Option<u64> {
-        Some(self.shared.cpu_ns.load(Ordering::Relaxed))
+        Some(self.local()?.cpu_ns.load(Ordering::Relaxed))
     }
 
-    /// Host memory resident for this instance's guest RAM.
+    /// Host memory resident for this instance's guest RAM (0 for a remote
+    /// instance: its host process's).
     pub fn resident_bytes(&self) -> u64 {
-        self.shared.ram.resident_bytes()
+        self.local().map_or(0, |s| s.ram.resident_bytes())
     }
 
     /// Loads a function artifact and runs its `init()`: the host loads and
@@ -418,13 +585,16 @@ impl Instance {
         if self.seq != 0 || self.at_checkpoint {
             return Err(RunError::AlreadyLoaded);
         }
-        let layout = self.shared.layout;
+        let layout = self.layout;
         let loaded = image::prepare(artifact, &layout).map_err(RunError::Load)?;
         let (tables, pdes) = image::mapping(&loaded, &layout).map_err(RunError::Load)?;
+        let Some(shared) = self.local().map(Arc::clone) else {
+            return Err(RunError::AlreadyLoaded);
+        };
         // The guest is stopped (idle after boot); it sees all of this when
         // it first touches the image, after the page-directory entries
         // (written last) make it present.
-        let mem = self.shared.ram.mem();
+        let mem = shared.ram.mem();
         let write = |bytes: &[u8], addr: u64| {
             mem.write_slice(bytes, GuestAddress(addr))
                 .map_err(RunError::GuestMemory)
@@ -477,8 +647,11 @@ impl Instance {
             return Err(RunError::NotAtCheckpoint);
         }
         self.at_checkpoint = false;
-        self.command(Cmd::Resume);
-        let result = self.finish(deadline);
+        let result = if self.command(Cmd::Resume) {
+            self.finish(deadline)
+        } else {
+            Err(RunError::Lost)
+        };
         self.after(&result);
         result
     }
@@ -497,10 +670,9 @@ impl Instance {
             self.at_checkpoint = true;
             return Ok(Progress::Checkpoint);
         }
-        let layout = self.shared.layout;
+        let layout = self.layout;
         let mut bytes = [0u8; MAILBOX_BYTES];
-        self.shared
-            .chan
+        self.chan()
             .mem()
             .read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR))
             .map_err(RunError::GuestMemory)?;
@@ -516,7 +688,7 @@ impl Instance {
         if self.at_checkpoint {
             return Err(RunError::AtCheckpoint);
         }
-        let layout = self.shared.layout;
+        let layout = self.layout;
         let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
         if len > layout.io_bytes {
             return Err(RunError::PayloadTooLarge {
@@ -524,8 +696,8 @@ impl Instance {
                 limit: layout.io_bytes,
             });
         }
-        let shared = Arc::clone(&self.shared);
-        let mem = shared.chan.mem();
+        let chan = Arc::clone(self.chan());
+        let mem = chan.mem();
         let result = (|| {
             self.seq = self.seq.wrapping_add(1).max(1);
             // The host never accepts a reply to a request it has not sent:
@@ -558,8 +730,8 @@ impl Instance {
             let spinning: u32 = mem
                 .load(GuestAddress(SPINNING_ADDR), Ordering::SeqCst)
                 .map_err(RunError::GuestMemory)?;
-            if spinning == 0 {
-                self.command(Cmd::Run);
+            if spinning == 0 && !self.command(Cmd::Run) {
+                return Err(RunError::Lost);
             }
             self.finish(deadline)
         })();
@@ -576,8 +748,7 @@ impl Instance {
         })?;
         let mut data = vec![0u8; len];
         if len > 0 {
-            self.shared
-                .chan
+            self.chan()
                 .mem()
                 .read_slice(&mut data, GuestAddress(r.addr))
                 .map_err(RunError::GuestMemory)?;
@@ -598,8 +769,8 @@ impl Instance {
     /// Returns true when the guest stopped at a checkpoint instead (its
     /// request's `checkpoint_seq` is cleared then, before any snapshot).
     fn wait_reply(&mut self, deadline: Instant) -> Result<bool, RunError> {
-        let shared = Arc::clone(&self.shared);
-        let mem = shared.chan.mem();
+        let chan = Arc::clone(self.chan());
+        let mem = chan.mem();
         let spin_until = Instant::now() + self.host_spin;
         loop {
             let resp: u32 = mem
@@ -666,7 +837,8 @@ impl Instance {
 
     /// The runner's next report if there is one.
     fn try_report(&mut self) -> Option<Event> {
-        let control = self.shared.chan.control();
+        let chan = Arc::clone(self.chan());
+        let control = chan.control();
         let seq = control.report_seq.load(Ordering::Acquire);
         if seq == self.reports_seen {
             return None;
@@ -686,7 +858,7 @@ impl Instance {
             if left.is_zero() {
                 return None;
             }
-            let word = &self.shared.chan.control().report_seq;
+            let word = &self.chan().control().report_seq;
             crate::futex::wait(word, self.reports_seen, Some(left));
         }
     }
@@ -695,7 +867,7 @@ impl Instance {
     fn kill(&mut self) {
         if !self.dead {
             self.dead = true;
-            self.shared.stop();
+            self.stop_vm();
         }
     }
 }
@@ -756,6 +928,6 @@ impl Drop for Instance {
         // A running vCPU is kicked; the runner drops its reference when it
         // is done, and the last reference tears the VM down.
         self.dead = true;
-        self.shared.stop();
+        self.stop_vm();
     }
 }

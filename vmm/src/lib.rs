@@ -83,14 +83,18 @@ pub struct Vmm {
     cpuid: CpuId,
     features: cpu::Features,
     xcr0: u64,
-    pool: std::sync::Arc<runner::Pool>,
+    /// The runner pool, started with the first instance (a VMM host
+    /// process enters its sandbox before any thread exists).
+    pool: std::sync::OnceLock<std::sync::Arc<runner::Pool>>,
+    runners: RunnerConfig,
     /// The channel slabs, by I/O window size.
     slabs: std::sync::Mutex<Vec<std::sync::Arc<slab::Slab>>>,
 }
 
 impl Vmm {
     /// Opens `/dev/kvm`, checks it is usable, installs the vCPU kick
-    /// signal handler and starts the default runner pool.
+    /// signal handler; the default runner pool starts with the first
+    /// instance.
     pub fn new() -> Result<Self, VmmError> {
         Self::with_runners(RunnerConfig::default())
     }
@@ -128,13 +132,13 @@ impl Vmm {
             op: "installing the vCPU kick handler",
             source,
         })?;
-        let pool = runner::Pool::new(runners).map_err(VmmError::Runners)?;
         Ok(Self {
             kvm,
             cpuid,
             features,
             xcr0,
-            pool,
+            pool: std::sync::OnceLock::new(),
+            runners,
             slabs: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -169,8 +173,17 @@ impl Vmm {
             .unwrap_or(0)
     }
 
-    /// Runner threads of this VMM's pool.
+    /// The runner pool (started now if it was not).
+    pub(crate) fn pool(&self) -> Result<std::sync::Arc<runner::Pool>, VmmError> {
+        if let Some(p) = self.pool.get() {
+            return Ok(std::sync::Arc::clone(p));
+        }
+        let pool = runner::Pool::new(self.runners)?;
+        Ok(std::sync::Arc::clone(self.pool.get_or_init(|| pool)))
+    }
+
+    /// Runner threads of this VMM's pool (0 before the first instance).
     pub fn runner_threads(&self) -> usize {
-        self.pool.threads()
+        self.pool.get().map_or(0, |p| p.threads())
     }
 }

@@ -117,8 +117,16 @@ unsafe impl Send for Slab {}
 unsafe impl Sync for Slab {}
 
 impl Slab {
-    /// Creates a slab for windows of `io_bytes`.
+    /// Creates a slab for windows of `io_bytes`, with as many slots as fit
+    /// the address space reserved for one.
     pub fn new(io_bytes: u64) -> Result<Arc<Self>, SlabError> {
+        let stride = slot_stride(io_bytes).ok_or(SlabError::BadWindow(io_bytes))?;
+        Self::with_slots(io_bytes, usize::try_from(RESERVE_BYTES).unwrap_or(usize::MAX) / stride)
+    }
+
+    /// Creates a slab of `slots` slots for windows of `io_bytes` (e.g. one
+    /// a VMM host process maps: [`Slab::from_fd`]).
+    pub fn with_slots(io_bytes: u64, slots: usize) -> Result<Arc<Self>, SlabError> {
         let stride = slot_stride(io_bytes).ok_or(SlabError::BadWindow(io_bytes))?;
         let os = |op| move |source| SlabError::Os { op, source };
         // SAFETY: a NUL-terminated name and valid flags; the fd returned is
@@ -129,10 +137,34 @@ impl Slab {
         }
         // SAFETY: `fd` is a fresh fd nobody else owns.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let slots = usize::try_from(RESERVE_BYTES).unwrap_or(usize::MAX) / stride;
-        let reserved = slots * stride;
+        let reserved = slots.checked_mul(stride).ok_or(SlabError::BadWindow(io_bytes))?;
         file.set_len(u64::try_from(reserved).unwrap_or(u64::MAX))
             .map_err(os("ftruncate"))?;
+        Self::map(file, io_bytes, slots)
+    }
+
+    /// Maps a slab made by another process (its memory file, received on a
+    /// socket): `slots` slots for windows of `io_bytes`; the file must be
+    /// at least that large.
+    pub fn from_fd(file: File, io_bytes: u64, slots: usize) -> Result<Arc<Self>, SlabError> {
+        let stride = slot_stride(io_bytes).ok_or(SlabError::BadWindow(io_bytes))?;
+        let reserved = slots.checked_mul(stride).ok_or(SlabError::BadWindow(io_bytes))?;
+        let size = file
+            .metadata()
+            .map_err(|source| SlabError::Os { op: "fstat", source })?
+            .len();
+        if size < u64::try_from(reserved).unwrap_or(u64::MAX) {
+            return Err(SlabError::BadWindow(io_bytes));
+        }
+        Self::map(file, io_bytes, slots)
+    }
+
+    fn map(file: File, io_bytes: u64, slots: usize) -> Result<Arc<Self>, SlabError> {
+        use std::os::fd::AsRawFd;
+        let stride = slot_stride(io_bytes).ok_or(SlabError::BadWindow(io_bytes))?;
+        let os = |op| move |source| SlabError::Os { op, source };
+        let reserved = slots.checked_mul(stride).ok_or(SlabError::BadWindow(io_bytes))?;
+        let fd = file.as_raw_fd();
         // SAFETY: a fresh shared mapping of our own file; no existing memory
         // is affected.
         let raw = unsafe {
@@ -173,6 +205,26 @@ impl Slab {
     /// Slots in use.
     pub fn in_use(&self) -> usize {
         self.free.lock().map_or(0, |f| f.next - f.free.len())
+    }
+
+    /// Slots in the slab.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// The slot at `index`, for the process that maps a slab another made
+    /// and is told which slot to use (it must not hold two views of one
+    /// slot; dropping this one clears the slot's pages).
+    pub fn slot_at(self: &Arc<Self>, index: usize) -> Result<SlabSlot, SlabError> {
+        if index >= self.slots {
+            return Err(SlabError::Full {
+                slots: self.slots,
+                stride: self.stride,
+            });
+        }
+        let mut slot = SlabSlot::new(Arc::clone(self), index)?;
+        slot.listed = false;
+        Ok(slot)
     }
 
     /// Takes a free (zeroed) slot.
@@ -221,6 +273,8 @@ pub struct SlabSlot {
     mailbox: *mut u8,
     window: *mut u8,
     slab: Arc<Slab>,
+    /// Taken from the free list (given back on drop).
+    listed: bool,
 }
 
 // SAFETY: the raw pointers are into the slab's mapping, kept alive by the
@@ -266,6 +320,7 @@ impl SlabSlot {
             mailbox,
             window,
             slab,
+            listed: true,
         })
     }
 
@@ -321,7 +376,9 @@ impl Drop for SlabSlot {
         // drop their VM before their slot.
         // SAFETY: the slot's own range inside the slab's shared mapping.
         unsafe { libc::madvise(self.control.cast(), self.slab.stride, libc::MADV_REMOVE) };
-        if let Ok(mut f) = self.slab.free.lock() {
+        if self.listed
+            && let Ok(mut f) = self.slab.free.lock()
+        {
             f.free.push(self.index);
         }
     }

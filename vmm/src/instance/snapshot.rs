@@ -38,6 +38,9 @@ pub struct Shell {
     reserved: Option<Reservation>,
     /// The channel slot the memory slots of a shell with memory point at.
     chan: Option<SlabSlot>,
+    /// Its memory slots are registered (over `reserved`, then over the
+    /// guest memory mapped there).
+    registered: bool,
 }
 
 /// An inaccessible anonymous address range owned by a shell.
@@ -71,6 +74,7 @@ impl Shell {
             stats,
             reserved: None,
             chan: None,
+            registered: false,
         })
     }
 
@@ -123,6 +127,7 @@ impl Shell {
         unsafe { add_memory_slots(&shell.vm, aligned as u64, &chan, &layout, config.dirty_log) }?;
         shell.reserved = Some(reservation);
         shell.chan = Some(chan);
+        shell.registered = true;
         Ok(shell)
     }
 }
@@ -147,7 +152,22 @@ impl Instance {
     ) -> Result<Self, VmmError> {
         // A shell with its own memory slots cannot take other memory.
         let shell = shell.filter(|s| s.reserved.is_none());
-        Self::restore_on(vmm, shell, config, memory, saved, false)
+        Self::restore_on(vmm, shell, config, memory, saved, None)
+    }
+
+    /// Like [`Instance::restore`] with the channel slot given (a VMM host
+    /// process restores into the slot the backend chose, in the slab the
+    /// backend shares with it).
+    pub fn restore_in_slot(
+        vmm: &Vmm,
+        shell: Option<Shell>,
+        config: &InstanceConfig,
+        memory: Box<dyn ExternalMemory>,
+        saved: &SavedState,
+        chan: SlabSlot,
+    ) -> Result<Self, VmmError> {
+        let shell = shell.filter(|s| s.reserved.is_none());
+        Self::restore_on(vmm, shell, config, memory, saved, Some(chan))
     }
 
     /// Like [`Instance::restore`] on a shell made by [`Shell::with_memory`]:
@@ -185,7 +205,8 @@ impl Instance {
         }
         // Handed over: the memory now owns the range.
         std::mem::forget(reservation);
-        Self::restore_on(vmm, Some(shell), config, memory, saved, true)
+        let chan = shell.chan.take();
+        Self::restore_on(vmm, Some(shell), config, memory, saved, chan)
     }
 
     fn restore_on(
@@ -194,8 +215,11 @@ impl Instance {
         config: &InstanceConfig,
         memory: Box<dyn ExternalMemory>,
         saved: &SavedState,
-        slots_ready: bool,
+        // With the memory slots already registered on it (a shell's), or
+        // to register them with.
+        chan: Option<SlabSlot>,
     ) -> Result<Self, VmmError> {
+        let slots_ready = chan.is_some() && shell.as_ref().is_some_and(|s| s.reserved.is_none() && s.registered);
         let layout = Layout::new(config.layout)?;
         let got = u64::try_from(memory.len()).unwrap_or(u64::MAX);
         if got != layout.mem_bytes {
@@ -204,9 +228,7 @@ impl Instance {
                 got,
             });
         }
-        let Shell {
-            vm, vcpu, stats, chan, ..
-        } = match shell {
+        let Shell { vm, vcpu, stats, .. } = match shell {
             Some(shell) => shell,
             None => Shell::new(vmm, config.vcpu_stats)?,
         };
@@ -223,8 +245,11 @@ impl Instance {
             .map_err(VmmError::StateMismatch)?;
         let chan = match chan {
             Some(chan) if slots_ready => chan,
-            _ => {
-                let chan = vmm.channel_slot(&layout)?;
+            given => {
+                let chan = match given {
+                    Some(chan) => chan,
+                    None => vmm.channel_slot(&layout)?,
+                };
                 // SAFETY: `ram` and `chan` are moved into the instance's
                 // `Shared`, which drops them after the VM.
                 unsafe { add_memory_slots(&vm, ram.host_addr(), &chan, &layout, config.dirty_log) }?;
@@ -252,7 +277,7 @@ impl Instance {
             tsc_offset,
             start,
             saved.seq,
-        );
+        )?;
         instance.at_checkpoint = saved.at_checkpoint;
         Ok(instance)
     }
@@ -273,13 +298,11 @@ impl Instance {
         // A snapshot is the guest's RAM: put the channel back into it (the
         // mailbox page; at a checkpoint the input too), so that a node
         // written from RAM has them and a restore copies them out again.
-        copy_channel(
-            self.shared.chan.mem(),
-            self.shared.ram.mem(),
-            &self.shared.layout,
-            self.at_checkpoint,
-        )
-        .map_err(|_| VmmError::Save("copying the channel into guest memory"))?;
+        let shared = self
+            .local()
+            .ok_or(VmmError::Save("a remote instance is saved by its host process"))?;
+        copy_channel(shared.chan.mem(), shared.ram.mem(), &shared.layout, self.at_checkpoint)
+            .map_err(|_| VmmError::Save("copying the channel into guest memory"))?;
         Ok(SavedState {
             seq: self.seq,
             at_checkpoint: self.at_checkpoint,
@@ -293,13 +316,16 @@ impl Instance {
     /// The guest must be stopped (idle without a request in flight, or at a
     /// checkpoint) while the slice lives.
     pub unsafe fn guest_memory(&self) -> &[u8] {
-        // SAFETY: forwarded: the caller keeps the guest stopped.
-        unsafe { self.shared.ram.as_bytes() }
+        match self.local() {
+            // SAFETY: forwarded: the caller keeps the guest stopped.
+            Some(s) => unsafe { s.ram.as_bytes() },
+            None => &[],
+        }
     }
 
     /// The memory this instance was restored onto, if any.
     pub fn external_memory(&self) -> Option<&dyn ExternalMemory> {
-        self.shared.ram.external()
+        self.local()?.ram.external()
     }
 
     /// Whether the guest is stopped at a checkpoint (resume it first).
