@@ -100,7 +100,9 @@ struct Free {
 /// One process's slab for one window size.
 #[derive(Debug)]
 pub struct Slab {
-    file: File,
+    /// The memory file (kept by its creator, to hand on; closed by a
+    /// process that only maps it).
+    file: Option<File>,
     base: NonNull<u8>,
     reserved: usize,
     stride: usize,
@@ -140,7 +142,7 @@ impl Slab {
         let reserved = slots.checked_mul(stride).ok_or(SlabError::BadWindow(io_bytes))?;
         file.set_len(u64::try_from(reserved).unwrap_or(u64::MAX))
             .map_err(os("ftruncate"))?;
-        Self::map(file, io_bytes, slots)
+        Self::map(file, io_bytes, slots, true)
     }
 
     /// Maps a slab made by another process (its memory file, received on a
@@ -156,10 +158,11 @@ impl Slab {
         if size < u64::try_from(reserved).unwrap_or(u64::MAX) {
             return Err(SlabError::BadWindow(io_bytes));
         }
-        Self::map(file, io_bytes, slots)
+        // Mapped, the fd is closed: nothing here maps it again.
+        Self::map(file, io_bytes, slots, false)
     }
 
-    fn map(file: File, io_bytes: u64, slots: usize) -> Result<Arc<Self>, SlabError> {
+    fn map(file: File, io_bytes: u64, slots: usize, keep: bool) -> Result<Arc<Self>, SlabError> {
         use std::os::fd::AsRawFd;
         let stride = slot_stride(io_bytes).ok_or(SlabError::BadWindow(io_bytes))?;
         let os = |op| move |source| SlabError::Os { op, source };
@@ -182,7 +185,7 @@ impl Slab {
         }
         let base = NonNull::new(raw.cast::<u8>()).ok_or_else(|| os("mmap")(std::io::Error::other("null")))?;
         Ok(Arc::new(Self {
-            file,
+            file: keep.then_some(file),
             base,
             reserved,
             stride,
@@ -192,9 +195,10 @@ impl Slab {
         }))
     }
 
-    /// The slab's memory file (to map it in another process).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+    /// The slab's memory file (to map it in another process; `None` in a
+    /// process that mapped one it was given).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(AsFd::as_fd)
     }
 
     /// Bytes per slot.
