@@ -17,6 +17,7 @@ use snapshots::{Label, Level, NodeId};
 
 mod arguments;
 mod errors;
+mod hosts;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -32,6 +33,11 @@ const DEFAULT_IDLE_PER_FUNCTION: usize = 16;
 const DEFAULT_SHELL_POOL: usize = 4;
 /// Default argument snapshots kept per function.
 const DEFAULT_ARGUMENTS_PER_FUNCTION: usize = 8;
+/// Default VMs per VMM host process: 2 fds each stays under this host's
+/// hard open-file limit (20,000) with room, and one `KVM_CREATE_VM` walks
+/// at most this many VMs' mappings (a start costs ~1.3 ms with none, ~1.7
+/// ms with 1,000 in the process here).
+const DEFAULT_VMS_PER_HOST: usize = 2048;
 
 /// Opens the `vm` backend.
 pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
@@ -77,6 +83,22 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
             }
         })
         .map_err(|e| Error::io("spawning the vm reaper thread", e))?;
+    let vms_per_host = config.vm.vms_per_host.unwrap_or(DEFAULT_VMS_PER_HOST);
+    let hosts = if vms_per_host == 0 {
+        None
+    } else {
+        let runners = config
+            .vm
+            .host_runners
+            .unwrap_or_else(|| vmm::RunnerConfig::default().runners);
+        let settings = hosts::HostSettings {
+            binary: std::path::PathBuf::from(env!("MICROFAAS_VMHOST_BIN")),
+            vms_per_host,
+            runners,
+            sandbox: config.sandbox.settings(),
+        };
+        Some(hosts::Hosts::new(settings, instance)?)
+    };
     let snapshots = Snapshots::open(
         config.vm.store_dir.clone(),
         &instance,
@@ -87,6 +109,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     )?;
     Ok(Box::new(VmBackend {
         vmm,
+        hosts,
         shells,
         snapshots,
         instance,
@@ -174,6 +197,7 @@ struct Pooled {
 #[derive(Debug)]
 struct Function {
     name: String,
+    tenant: String,
     artifact: Arc<Artifact>,
     budget: Duration,
     /// The function snapshot.
@@ -201,6 +225,8 @@ enum Chore {
 #[derive(Debug)]
 struct VmBackend {
     vmm: Arc<Vmm>,
+    /// The VMM host processes (`None`: every instance in this process).
+    hosts: Option<hosts::Hosts>,
     /// Pre-created VM shells for restores (refilled by the reaper thread).
     shells: Arc<Mutex<Vec<Shell>>>,
     snapshots: Snapshots,
@@ -334,8 +360,21 @@ impl VmBackend {
         }
     }
 
-    /// Restores `node` as an instance of `f`.
-    fn restore(&self, node: &Restorable) -> Result<Pooled, Error> {
+    /// Restores `node` as an instance serving `tenant`'s requests: in a
+    /// VMM host process of the tenant (or here, without host processes).
+    fn restore(&self, tenant: &str, node: &Restorable) -> Result<Pooled, Error> {
+        let Some(hosts) = &self.hosts else {
+            return self.restore_local(node);
+        };
+        Ok(Pooled {
+            instance: hosts.restore(tenant, node)?,
+            origin: Some(node.id),
+        })
+    }
+
+    /// Restores `node` in this process (an instance that makes snapshots:
+    /// saving and reading its memory need its VM here).
+    fn restore_local(&self, node: &Restorable) -> Result<Pooled, Error> {
         let instance = self
             .snapshots
             .restore(&self.vmm, self.take_shell(), &self.instance, node)?;
@@ -397,7 +436,7 @@ impl Backend for VmBackend {
             let ready = self
                 .snapshots
                 .restorable(node_id, Level::Function)
-                .and_then(|node| self.restore(&node).map(|first| (node, first)));
+                .and_then(|node| self.restore(spec.tenant.as_str(), &node).map(|first| (node, first)));
             match ready {
                 Ok(ready) => break ready,
                 Err(e @ Error::SnapshotCorrupt { .. }) if found.is_some() => self.snapshots.refuse(node_id, &e),
@@ -407,6 +446,7 @@ impl Backend for VmBackend {
         let has_arguments = AtomicBool::new(self.snapshots.has_arguments(node.id));
         let f = Arc::new(Function {
             name: spec.name.clone(),
+            tenant: spec.tenant.as_str().to_owned(),
             artifact: Arc::clone(&spec.artifact),
             budget,
             node,
@@ -451,6 +491,15 @@ impl Backend for VmBackend {
             f.idle
                 .lock()
                 .map(|mut idle| {
+                    // Instances of a host process that died are gone.
+                    let (alive, lost): (Vec<Pooled>, Vec<Pooled>) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|p| p.instance.is_alive());
+                    *idle = alive;
+                    if !lost.is_empty() {
+                        self.counters.discarded.fetch_add(lost.len() as u64, Ordering::Relaxed);
+                        self.reap(lost.into_iter().map(|p| p.instance).collect());
+                    }
                     let at = idle.iter().rposition(|p| p.origin == Some(f.node.id));
                     match at {
                         Some(i) => Some(idle.swap_remove(i)),
@@ -469,7 +518,7 @@ impl Backend for VmBackend {
                 let from_argument = match &known {
                     Some(arg) => {
                         self.snapshots.touch(arg.id);
-                        match self.restore(arg) {
+                        match self.restore(&f.tenant, arg) {
                             Ok(p) => Some(p),
                             Err(e @ Error::SnapshotCorrupt { .. }) => {
                                 self.snapshots.refuse(arg.id, &e);
@@ -489,14 +538,16 @@ impl Backend for VmBackend {
                 } else if let Some(p) = take_idle()? {
                     (p, StartPath::Hot, 0, invoked, invoked_ns)
                 } else {
-                    measured(self.restore(&f.node)?, StartPath::Function)
+                    measured(self.restore(&f.tenant, &f.node)?, StartPath::Function)
                 }
             }
             StartRequest::Force(StartPath::Cold) => measured(booted(self.start_cold(&f)?), StartPath::Cold),
             StartRequest::Force(StartPath::Base) => {
                 measured(booted(self.start_base(&f.name, &f.artifact)?), StartPath::Base)
             }
-            StartRequest::Force(StartPath::Function) => measured(self.restore(&f.node)?, StartPath::Function),
+            StartRequest::Force(StartPath::Function) => {
+                measured(self.restore(&f.tenant, &f.node)?, StartPath::Function)
+            }
             StartRequest::Force(StartPath::Argument) => {
                 let arg = match &known {
                     Some(arg) => Some(Arc::clone(arg)),
@@ -512,13 +563,13 @@ impl Backend for VmBackend {
                 };
                 self.snapshots.touch(arg.id);
                 let (t, t_ns) = (Instant::now(), vmm::now_ns());
-                let p = self.restore(&arg)?;
+                let p = self.restore(&f.tenant, &arg)?;
                 (p, StartPath::Argument, ns(t.elapsed()), t, t_ns)
             }
             StartRequest::Force(StartPath::Hot) => match take_idle()? {
                 Some(p) => (p, StartPath::Hot, 0, invoked, invoked_ns),
                 // Make an instance to be hot, outside the measured time.
-                None => unmeasured(self.restore(&f.node)?, StartPath::Hot),
+                None => unmeasured(self.restore(&f.tenant, &f.node)?, StartPath::Hot),
             },
             StartRequest::Force(other) => {
                 return Err(Error::UnsupportedStart {
@@ -538,6 +589,7 @@ impl Backend for VmBackend {
         // Only an instance whose memory maps the function snapshot can
         // write a child of it; argument starts already have theirs.
         let capture = pooled.origin == Some(f.node.id)
+            && !pooled.instance.is_remote()
             && known.is_none()
             && path != StartPath::Argument
             && self.snapshots.arguments_per_function > 0;
@@ -591,7 +643,7 @@ impl Backend for VmBackend {
         let mut took = Vec::with_capacity(count);
         for _ in 0..count {
             let started = Instant::now();
-            let pooled = self.restore(&f.node)?;
+            let pooled = self.restore(&f.tenant, &f.node)?;
             took.push(started.elapsed());
             let mut idle = f.idle.lock().map_err(|_| poisoned())?;
             idle.push(pooled);
@@ -629,6 +681,11 @@ impl Backend for VmBackend {
             }
         }
         let busy = self.counters.busy.load(Ordering::Relaxed);
+        let (host_list, (host_threads, host_private)) = match &self.hosts {
+            Some(h) => (h.list(), h.usage()),
+            None => (Vec::new(), (0, 0)),
+        };
+        memory_bytes += host_private;
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
@@ -652,7 +709,34 @@ impl Backend for VmBackend {
                 ("instances_busy".to_owned(), busy),
                 ("restored_idle_instances".to_owned(), restored),
                 ("restored_idle_private_bytes".to_owned(), restored_private),
-            ],
+                (
+                    "vm_host_processes".to_owned(),
+                    u64::try_from(host_list.len()).unwrap_or(u64::MAX),
+                ),
+                (
+                    "vm_host_threads".to_owned(),
+                    host_threads + u64::try_from(self.vmm.runner_threads()).unwrap_or(0),
+                ),
+                (
+                    "vm_idle_instances".to_owned(),
+                    u64::try_from(instances).unwrap_or(u64::MAX),
+                ),
+                (
+                    "vm_host_processes_spawned".to_owned(),
+                    self.hosts
+                        .as_ref()
+                        .map_or(0, |h| u64::try_from(h.spawned()).unwrap_or(0)),
+                ),
+                ("vm_host_private_bytes".to_owned(), host_private),
+            ]
+            .into_iter()
+            .chain(host_list.iter().enumerate().flat_map(|(i, h)| {
+                [
+                    (format!("vm_host{i}_pid"), u64::from(h.pid())),
+                    (format!("vm_host{i}_vms"), u64::try_from(h.vms()).unwrap_or(0)),
+                ]
+            }))
+            .collect(),
         }
     }
 }

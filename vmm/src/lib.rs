@@ -64,7 +64,9 @@ pub use error::{RunError, VmmError};
 pub use fault::GuestFault;
 /// The host<->guest ABI (layout constants, mailbox, reply codes).
 pub use guest_abi as abi;
-pub use instance::{BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Reply, Shell, now_ns};
+pub use instance::{
+    BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Remote, RemoteStart, Reply, Shell, now_ns,
+};
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;
 pub use runner::{Placement, RunnerConfig};

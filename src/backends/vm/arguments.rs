@@ -104,7 +104,8 @@ impl VmBackend {
         if self.snapshots.arguments_per_function == 0 {
             return Ok(None);
         }
-        let mut pooled = self.restore(&f.node)?;
+        // Made in this process: writing the node needs the VM's memory here.
+        let mut pooled = self.restore_local(&f.node)?;
         let result = self.run(f, &mut pooled, input, true);
         let failed = match result {
             Ok(reply) if reply.status == Status::Ok => None,
