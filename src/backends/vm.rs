@@ -589,12 +589,12 @@ impl Backend for VmBackend {
         // Only an instance whose memory maps the function snapshot can
         // write a child of it; argument starts already have theirs.
         let capture = pooled.origin == Some(f.node.id)
-            && !pooled.instance.is_remote()
             && known.is_none()
             && path != StartPath::Argument
             && self.snapshots.arguments_per_function > 0;
         self.counters.busy.fetch_add(1, Ordering::Relaxed);
-        let result = self.run(&f, &mut pooled, input, capture);
+        let mut checkpointed = false;
+        let result = self.run(&f, &mut pooled, input, capture, &mut checkpointed);
         self.counters.busy.fetch_sub(1, Ordering::Relaxed);
         let instance = &pooled.instance;
         let outcome = match result {
@@ -622,6 +622,11 @@ impl Backend for VmBackend {
             Err(e) => Err(self.run_error(&f.name, instance, e, f.budget)),
         };
         self.give_back(&f, pooled)?;
+        // A remote instance stopped at the checkpoint of a new input: its
+        // argument snapshot is made here (after the reply, not timed).
+        if checkpointed && outcome.is_ok() {
+            let _ = self.make_argument(&f, input);
+        }
         if path != StartPath::Hot {
             self.refill_shells();
         }
@@ -670,7 +675,8 @@ impl Backend for VmBackend {
                 instances += idle.len();
                 let mappings: Vec<_> = idle.iter().filter_map(|p| mapping_of(&p.instance)).collect();
                 let private: u64 = private_bytes(&mappings).iter().sum();
-                restored += u64::try_from(mappings.len()).unwrap_or(u64::MAX);
+                let remote = idle.iter().filter(|p| p.instance.is_remote()).count();
+                restored += u64::try_from(mappings.len() + remote).unwrap_or(u64::MAX);
                 restored_private += private;
                 memory_bytes += private;
                 memory_bytes += idle
@@ -686,6 +692,7 @@ impl Backend for VmBackend {
             None => (Vec::new(), (0, 0)),
         };
         memory_bytes += host_private;
+        restored_private += host_private;
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {

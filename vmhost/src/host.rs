@@ -95,6 +95,7 @@ fn map_image(image: &File, len: usize) -> std::io::Result<ImageMemory> {
 
 struct Host {
     vmm: Vmm,
+    io_addr: u64,
     slab: Arc<Slab>,
     ring: RunRing,
     config: InstanceConfig,
@@ -135,6 +136,7 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
     enter_sandbox(&args.sandbox)?;
     let host = Arc::new(Host {
         vmm,
+        io_addr: layout.io_addr,
         slab,
         ring,
         config,
@@ -287,7 +289,8 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
         let memory = map_image(&n.image, host.mem_bytes).map_err(|e| format!("mapping node {node}: {e}"))?;
         (memory, n.state.clone())
     };
-    let chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
+    let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
+    chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
     let instance = Instance::restore_in_slot(&host.vmm, None, &host.config, Box::new(memory), &state, chan)
         .map_err(|e| chain(&e))?;
     let reply = Reply::Restored {

@@ -253,7 +253,10 @@ impl Hosts {
             runners: self.settings.runners,
             sandbox: sandbox.to_arg(),
         };
-        let slab = Slab::with_slots(l.io_bytes, self.settings.vms_per_host).map_err(|e| io("a vm host slab", e))?;
+        let io_bytes = vmm::layout::Layout::new(l)
+            .map_err(|e| io("a vm host slab", e))?
+            .io_bytes;
+        let slab = Slab::with_slots(io_bytes, self.settings.vms_per_host).map_err(|e| io("a vm host slab", e))?;
         let region = SharedRegion::create("microfaas-vm-ring", vmhost::RingLayout::bytes())
             .map_err(|e| io("a vm host run ring", e))?;
         // SAFETY: this backend is the ring's only producer (pushes are
