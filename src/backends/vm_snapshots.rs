@@ -49,6 +49,11 @@ impl Restorable {
         self.image.path()
     }
 
+    /// The node's directory in the store.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// The node's saved state.
     pub(crate) fn state(&self) -> &SavedState {
         &self.state

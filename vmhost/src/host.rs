@@ -207,8 +207,12 @@ fn kicker(host: &Host) {
 fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
     let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + 1];
     loop {
-        let Some((len, fd)) = receive(control, &mut buf).map_err(HostError::Socket)? else {
-            return Ok(()); // the backend is gone
+        let (len, fd) = match receive(control, &mut buf) {
+            Ok(Some(m)) => m,
+            // The backend is gone.
+            Ok(None) => return Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) => return Ok(()),
+            Err(e) => return Err(HostError::Socket(e)),
         };
         let reply = match Request::decode(&buf[..len]) {
             Ok(request) => handle(host, request, fd),
@@ -291,8 +295,15 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     };
     let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
     chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
-    let instance = Instance::restore_in_slot(&host.vmm, None, &host.config, Box::new(memory), &state, chan)
-        .map_err(|e| chain(&e))?;
+    let instance = match Instance::restore_in_slot(&host.vmm, None, &host.config, Box::new(memory), &state, chan) {
+        Ok(i) => i,
+        // The node is at fault: KVM refused its registers, or its state
+        // does not match its memory.
+        Err(e @ (vmm::VmmError::Kvm { .. } | vmm::VmmError::StateMismatch(_) | vmm::VmmError::Save(_))) => {
+            return Ok(Reply::StateRefused(chain(&e)));
+        }
+        Err(e) => return Err(chain(&e)),
+    };
     let reply = Reply::Restored {
         seq: instance.seq(),
         at_checkpoint: instance.at_checkpoint(),

@@ -56,6 +56,9 @@ pub enum Reply {
     },
     /// Refused or failed (the text is the host's, cut to [`MAX_ERROR`]).
     Error(String),
+    /// KVM refused the node's saved state, or it does not match the
+    /// node's memory (the node is at fault, as the host process says).
+    StateRefused(String),
 }
 
 /// Bytes that are not a message of this version.
@@ -84,6 +87,7 @@ const DROP: u8 = 3;
 const OK: u8 = 10;
 const RESTORED: u8 = 11;
 const ERROR: u8 = 12;
+const STATE_REFUSED: u8 = 13;
 
 struct Reader<'a>(&'a [u8]);
 
@@ -199,8 +203,8 @@ impl Reply {
                 out.push(u8::from(*at_checkpoint));
                 out.extend_from_slice(&tsc_offset.to_le_bytes());
             }
-            Reply::Error(text) => {
-                out.push(ERROR);
+            Reply::Error(text) | Reply::StateRefused(text) => {
+                out.push(if matches!(self, Reply::Error(_)) { ERROR } else { STATE_REFUSED });
                 let cut = &text.as_bytes()[..text.len().min(MAX_ERROR)];
                 put_bytes(&mut out, cut);
             }
@@ -218,9 +222,14 @@ impl Reply {
                 at_checkpoint: r.u8()? != 0,
                 tsc_offset: r.u64()?,
             },
-            ERROR => {
+            ERROR | STATE_REFUSED => {
                 let text = r.bytes()?;
-                Reply::Error(String::from_utf8_lossy(&text[..text.len().min(MAX_ERROR)]).into_owned())
+                let text = String::from_utf8_lossy(&text[..text.len().min(MAX_ERROR)]).into_owned();
+                if tag == ERROR {
+                    Reply::Error(text)
+                } else {
+                    Reply::StateRefused(text)
+                }
             }
             t => return Err(ProtocolError::Tag(t)),
         };
@@ -253,6 +262,7 @@ mod tests {
                 tsc_offset: u64::MAX,
             },
             Reply::Error("no such node".into()),
+            Reply::StateRefused("KVM_SET_SREGS".into()),
         ] {
             assert_eq!(Reply::decode(&m.encode()), Ok(m));
         }

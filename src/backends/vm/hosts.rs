@@ -396,6 +396,15 @@ impl Hosts {
         let tsc_offset = match host.call(&Request::Restore { node: id, slot }, None) {
             Ok(Reply::Restored { tsc_offset, .. }) => tsc_offset,
             Ok(Reply::Error(e)) => return Err(fail(e)),
+            Ok(Reply::StateRefused(e)) => {
+                return Err(Error::SnapshotCorrupt {
+                    path: node.path().to_owned(),
+                    detail: format!(
+                        "restoring an instance from snapshot node {} in a vm host process: {e}",
+                        node.id
+                    ),
+                });
+            }
             Ok(other) => return Err(fail(format!("{other:?}"))),
             Err(e) => return Err(fail(e)),
         };
