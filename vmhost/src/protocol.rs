@@ -204,7 +204,11 @@ impl Reply {
                 out.extend_from_slice(&tsc_offset.to_le_bytes());
             }
             Reply::Error(text) | Reply::StateRefused(text) => {
-                out.push(if matches!(self, Reply::Error(_)) { ERROR } else { STATE_REFUSED });
+                out.push(if matches!(self, Reply::Error(_)) {
+                    ERROR
+                } else {
+                    STATE_REFUSED
+                });
                 let cut = &text.as_bytes()[..text.len().min(MAX_ERROR)];
                 put_bytes(&mut out, cut);
             }
