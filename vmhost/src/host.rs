@@ -1,7 +1,7 @@
 //! The host process itself: maps the slab and the run ring it was given,
 //! opens `/dev/kvm`, enters its sandbox, then serves: a dispatcher thread
 //! takes queued runs off the ring and hands the instances to the runner
-//! pool, a kicker thread stops instances whose callers gave up, and the
+//! pool, and stops instances whose callers gave up (a stop entry); the
 //! main thread answers control requests (register a node, restore into a
 //! slot, drop a slot). It exits when the backend closes the socket.
 
@@ -149,11 +149,6 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         .name("vmhost-dispatch".into())
         .spawn(move || dispatch(&h))
         .map_err(|e| setup("the dispatcher thread", &e))?;
-    let h = Arc::clone(&host);
-    std::thread::Builder::new()
-        .name("vmhost-kick".into())
-        .spawn(move || kicker(&h))
-        .map_err(|e| setup("the kicker thread", &e))?;
     serve(&host, std::os::fd::AsFd::as_fd(&control))
 }
 
@@ -167,7 +162,8 @@ fn enter_sandbox(spec: &str) -> Result<(), HostError> {
     Ok(())
 }
 
-/// Takes queued runs off the ring and hands the instances to runners.
+/// Takes queued runs off the ring and hands the instances to runners, or
+/// stops an instance whose caller set its kill flag (a `STOP` entry).
 fn dispatch(host: &Host) {
     let ring = host.ring.ring();
     loop {
@@ -181,26 +177,17 @@ fn dispatch(host: &Host) {
                     .flatten()
             });
             if let Some(instance) = instance {
-                instance.run_published(run.resume != 0);
+                match run.op {
+                    crate::RunEntry::STOP => {
+                        instance.stop_if_killed();
+                    }
+                    op => instance.run_published(op == crate::RunEntry::RESUME),
+                }
             }
         }
         if !took {
             futex::wait(ring.tail_word(), tail, Some(Duration::from_secs(1)));
         }
-    }
-}
-
-/// Stops the instances whose callers set their kill flag.
-fn kicker(host: &Host) {
-    let word = host.ring.kick_word();
-    loop {
-        let seen = word.load(Ordering::Acquire);
-        if let Ok(v) = host.instances.read() {
-            for instance in v.iter().flatten() {
-                instance.stop_if_killed();
-            }
-        }
-        futex::wait(word, seen, Some(Duration::from_secs(1)));
     }
 }
 

@@ -15,8 +15,8 @@
 //! writes the slot's mailbox and window, pushes the slot on the run ring
 //! and futex-wakes it; the host's dispatcher hands the instance to a
 //! runner; the runner's report (in the slot's control block) wakes the
-//! caller. A deadline kill sets the slot's kill flag and wakes the kick
-//! word; the host's kicker kicks whichever runner runs it.
+//! caller. A deadline kill sets the slot's kill flag and queues a stop of
+//! the slot; the dispatcher kicks whichever runner runs it.
 //!
 //! Trust: the host process runs hostile guests; a VM escape speaks for it.
 //! The backend reads nothing from it unchecked (replies are decoded by
@@ -29,7 +29,6 @@ pub mod protocol;
 
 use ipc::region::SharedRegion;
 use ipc::ring::{Entry, Ring, RingIndices};
-use std::sync::atomic::AtomicU32;
 
 /// The control socket's fd number in the host process.
 pub const CONTROL_FD: i32 = lang_isolation::sandbox::vmhost::CONTROL_FD;
@@ -41,15 +40,24 @@ pub const RING_FD: i32 = 5;
 /// Entries of a host's run ring (runs in flight at once, at most).
 pub const RING_CAPACITY: u32 = 4096;
 
-/// One queued run: the slot whose request was published, and whether it
-/// resumes from a checkpoint. Written by the backend (trusted by the host).
+/// One queued command: the slot, and what to do with it. Written by the
+/// backend (trusted by the host).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunEntry {
     /// Slab slot.
     pub slot: u32,
-    /// 1: resume from the checkpoint.
-    pub resume: u32,
+    /// [`RunEntry::RUN`], [`RunEntry::RESUME`] or [`RunEntry::STOP`].
+    pub op: u32,
+}
+
+impl RunEntry {
+    /// A request was published in the slot: run the guest.
+    pub const RUN: u32 = 0;
+    /// Resume the guest from its checkpoint.
+    pub const RESUME: u32 = 1;
+    /// The caller set the slot's kill flag: stop the guest (kick its runner).
+    pub const STOP: u32 = 2;
 }
 
 /// Where the ring's parts are in its region.
@@ -59,9 +67,8 @@ pub struct RingLayout;
 impl RingLayout {
     /// The ring's counters.
     pub const INDICES: usize = 0;
-    /// The kick word: bumped (and woken) by the backend after setting a
-    /// slot's kill flag.
-    pub const KICK: usize = 1024;
+    /// End of the counters (reserved up to here).
+    pub const INDICES_END: usize = 1024;
     /// The entries.
     pub const ENTRIES: usize = 4096;
 
@@ -71,7 +78,7 @@ impl RingLayout {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<RingIndices>() <= RingLayout::KICK);
+const _: () = assert!(std::mem::size_of::<RingIndices>() <= RingLayout::INDICES_END);
 
 /// A run ring over its region (the backend produces, the host consumes).
 #[derive(Debug)]
@@ -110,14 +117,6 @@ impl RunRing {
     /// The ring.
     pub fn ring(&self) -> &Ring<RunEntry> {
         &self.ring
-    }
-
-    /// The kick word.
-    pub fn kick_word(&self) -> &AtomicU32 {
-        // SAFETY: `KICK` is inside the region (`new` checked its size) and
-        // 4-aligned; an `AtomicU32` is valid for any bytes; the region lives
-        // as long as `self`.
-        unsafe { &*self.region.as_ptr().add(RingLayout::KICK).cast::<AtomicU32>() }
     }
 
     /// The region (its fd, to pass to the host).

@@ -134,10 +134,26 @@ impl vmm::Remote for RemoteVm {
     }
 
     fn submit(&self, resume: bool) -> bool {
-        let entry = RunEntry {
+        let op = if resume { RunEntry::RESUME } else { RunEntry::RUN };
+        self.push(RunEntry { slot: self.slot, op })
+    }
+
+    fn kick(&self) {
+        self.push(RunEntry {
             slot: self.slot,
-            resume: u32::from(resume),
-        };
+            op: RunEntry::STOP,
+        });
+    }
+
+    fn alive(&self) -> bool {
+        !self.host.is_dead()
+    }
+}
+
+impl RemoteVm {
+    /// Queues `entry` on the host's run ring and wakes its dispatcher;
+    /// false if the host process is gone.
+    fn push(&self, entry: RunEntry) -> bool {
         {
             let Ok(_one) = self.host.ring_lock.lock() else {
                 return false;
@@ -151,16 +167,6 @@ impl vmm::Remote for RemoteVm {
             }
         }
         futex::wake(self.host.ring.ring().tail_word(), 1);
-        !self.host.is_dead()
-    }
-
-    fn kick(&self) {
-        let word = self.host.ring.kick_word();
-        word.fetch_add(1, Ordering::SeqCst);
-        futex::wake(word, 1);
-    }
-
-    fn alive(&self) -> bool {
         !self.host.is_dead()
     }
 }
