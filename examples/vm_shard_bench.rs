@@ -4,7 +4,8 @@
 //! 1. Hot `noop` (total and dispatch), instances in host processes vs in
 //!    this process (`vms_per_host = 0`).
 //! 2. `function` start (restore from the function node) with 10, 1,000,
-//!    ... up to MAX (default 10,000) idle instances alive, in host processes.
+//!    ... up to MAX (default 10,000) idle instances alive, in host processes
+//!    of `VMS_PER_HOST` (default 2048) VMs. `SKIP_HOT=1` skips part 1.
 
 #[path = "../tests/vm_common/mod.rs"]
 mod vm_common;
@@ -30,7 +31,8 @@ fn config(vms_per_host: usize) -> Config {
     Config {
         vm: VmConfig {
             vms_per_host: Some(vms_per_host),
-            guest_mem_mib: Some(24),
+            guest_mem_mib: Some(16),
+            image_mib: Some(2),
             idle_per_function: Some(1),
             arguments_per_function: Some(0),
             ..base.vm
@@ -61,16 +63,23 @@ fn hot(label: &str, b: &dyn Backend) {
 
 fn main() {
     let max: usize = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let Some(b) = vm_common::open_vm(config(2048)) else {
-        return;
-    };
-    hot("host processes", b.as_ref());
-    drop(b);
-    let Some(b) = vm_common::open_vm(config(0)) else { return };
-    hot("in-process", b.as_ref());
-    drop(b);
-
-    let Some(b) = vm_common::open_vm(config(2048)) else {
+    if std::env::var("SKIP_HOT").is_err() {
+        let Some(b) = vm_common::open_vm(config(2048)) else {
+            return;
+        };
+        hot("host processes", b.as_ref());
+        drop(b);
+        let Some(b) = vm_common::open_vm(config(0)) else {
+            return;
+        };
+        hot("in-process", b.as_ref());
+        drop(b);
+    }
+    let per_host: usize = std::env::var("VMS_PER_HOST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let Some(b) = vm_common::open_vm(config(per_host)) else {
         return;
     };
     let noop = b

@@ -249,9 +249,9 @@ pub struct VmConfig {
     /// VMs per VMM host process: instances that serve requests (restores
     /// from function and argument snapshots, prestarts, the hot pool) run
     /// in host processes (`microfaas-vmhost`, per tenant) of at most this
-    /// many VMs each; `None` = 2048. 0 = every instance in the backend's
+    /// many VMs each; `None` = 512. 0 = every instance in the backend's
     /// own process (as before host processes).
     pub vms_per_host: Option<usize>,
-    /// Runner threads per VMM host process; `None` = one per CPU plus one.
+    /// Runner threads per VMM host process; `None` = 2.
     pub host_runners: Option<usize>,
 }

@@ -33,11 +33,19 @@ const DEFAULT_IDLE_PER_FUNCTION: usize = 16;
 const DEFAULT_SHELL_POOL: usize = 4;
 /// Default argument snapshots kept per function.
 const DEFAULT_ARGUMENTS_PER_FUNCTION: usize = 8;
-/// Default VMs per VMM host process: 2 fds each stays under this host's
-/// hard open-file limit (20,000) with room, and one `KVM_CREATE_VM` walks
-/// at most this many VMs' mappings (a start costs ~1.3 ms with none, ~1.7
-/// ms with 1,000 in the process here).
-const DEFAULT_VMS_PER_HOST: usize = 2048;
+/// Default VMs per VMM host process. Every VM of a process registers an MMU
+/// notifier on its address space: `KVM_CREATE_VM` walks all its mappings
+/// and every copy-on-write fault (a restored guest's first writes) calls
+/// every VM's notifier, so a start costs more as its process fills. Here
+/// (`examples/vm_shard_bench.rs`, 10,000 idle instances) a `function`
+/// start took 2.7 ms median with 2,048 per process, 0.96 ms with 512 (as
+/// with 10 idle); 512 also keeps 50,000 instances to ~100 processes.
+const DEFAULT_VMS_PER_HOST: usize = 512;
+/// Default runner threads per VMM host process: a process runs only its
+/// own share of the requests, and with many processes the host has far
+/// more runners than cores; two let one request block (a save, a slow
+/// exit) without holding up the others.
+const DEFAULT_HOST_RUNNERS: usize = 2;
 
 /// Opens the `vm` backend.
 pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
@@ -87,10 +95,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     let hosts = if vms_per_host == 0 {
         None
     } else {
-        let runners = config
-            .vm
-            .host_runners
-            .unwrap_or_else(|| vmm::RunnerConfig::default().runners);
+        let runners = config.vm.host_runners.unwrap_or(DEFAULT_HOST_RUNNERS);
         let settings = hosts::HostSettings {
             binary: std::path::PathBuf::from(env!("MICROFAAS_VMHOST_BIN")),
             vms_per_host,
@@ -488,25 +493,32 @@ impl Backend for VmBackend {
         // Prefer an idle instance on the function snapshot: only those can
         // write an argument snapshot of a new input at its checkpoint.
         let take_idle = || {
-            f.idle
+            let mut lost = Vec::new();
+            let taken = f
+                .idle
                 .lock()
                 .map(|mut idle| {
-                    // Instances of a host process that died are gone.
-                    let (alive, lost): (Vec<Pooled>, Vec<Pooled>) = std::mem::take(&mut *idle)
-                        .into_iter()
-                        .partition(|p| p.instance.is_alive());
-                    *idle = alive;
-                    if !lost.is_empty() {
-                        self.counters.discarded.fetch_add(lost.len() as u64, Ordering::Relaxed);
-                        self.reap(lost.into_iter().map(|p| p.instance).collect());
-                    }
-                    let at = idle.iter().rposition(|p| p.origin == Some(f.node.id));
-                    match at {
-                        Some(i) => Some(idle.swap_remove(i)),
-                        None => idle.pop(),
+                    loop {
+                        let at = idle.iter().rposition(|p| p.origin == Some(f.node.id));
+                        let p = match at {
+                            Some(i) => Some(idle.swap_remove(i)),
+                            None => idle.pop(),
+                        };
+                        match p {
+                            // An instance of a host process that died is gone.
+                            Some(p) if !p.instance.is_alive() => lost.push(p.instance),
+                            other => break other,
+                        }
                     }
                 })
-                .map_err(|_| poisoned())
+                .map_err(|_| poisoned());
+            if !lost.is_empty() {
+                self.counters
+                    .discarded
+                    .fetch_add(u64::try_from(lost.len()).unwrap_or(0), Ordering::Relaxed);
+                self.reap(lost);
+            }
+            taken
         };
         let booted = |instance| Pooled { instance, origin: None };
         let measured = |p: Pooled, path| (p, path, ns(invoked.elapsed()), invoked, invoked_ns);
