@@ -859,7 +859,7 @@ impl Instance {
                 return None;
             }
             let word = &self.chan().control().report_seq;
-            crate::futex::wait(word, self.reports_seen, Some(left));
+            ipc::futex::wait(word, self.reports_seen, Some(left));
         }
     }
 

@@ -43,7 +43,6 @@ pub mod cpu;
 pub mod error;
 pub mod exit;
 pub mod fault;
-mod futex;
 pub mod image;
 pub mod instance;
 pub mod kick;

@@ -119,7 +119,7 @@ pub(crate) fn write(control: &Control, event: &Event) {
         slot.store(v, Ordering::Relaxed);
     }
     control.report_seq.fetch_add(1, Ordering::Release);
-    crate::futex::wake(&control.report_seq, u32::MAX);
+    ipc::futex::wake(&control.report_seq, u32::MAX);
 }
 
 /// The caller's side, when the process running the VM died: reports the
