@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use vmm::slab::Slab;
-use vmm::{ExternalMemory, Instance, InstanceConfig, Placement, RunnerConfig, SavedState, Vmm};
+use vmm::{ExternalMemory, Instance, InstanceConfig, RunnerConfig, SavedState, Vmm};
 
 /// Why the host process stopped.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +130,7 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
     // with the first instance, inside the sandbox.
     let vmm = Vmm::with_runners(RunnerConfig {
         runners: args.runners.max(1),
-        placement: Placement::Sticky,
+        placement: RunnerConfig::default().placement,
     })
     .map_err(|e| setup("opening /dev/kvm", &e))?;
     enter_sandbox(&args.sandbox)?;
