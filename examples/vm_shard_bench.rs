@@ -31,6 +31,7 @@ fn config(vms_per_host: usize) -> Config {
     Config {
         vm: VmConfig {
             vms_per_host: Some(vms_per_host),
+            host_runners: std::env::var("HOST_RUNNERS").ok().and_then(|v| v.parse().ok()),
             guest_mem_mib: Some(16),
             image_mib: Some(2),
             idle_per_function: Some(1),

@@ -252,6 +252,8 @@ pub struct VmConfig {
     /// many VMs each; `None` = 512. 0 = every instance in the backend's
     /// own process (as before host processes).
     pub vms_per_host: Option<usize>,
-    /// Runner threads per VMM host process; `None` = 2.
+    /// Runner threads per VMM host process; `None` = 1 (the fastest hot
+    /// path measured here; a long request then holds up the other
+    /// instances of its process).
     pub host_runners: Option<usize>,
 }

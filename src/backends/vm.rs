@@ -41,11 +41,15 @@ const DEFAULT_ARGUMENTS_PER_FUNCTION: usize = 8;
 /// start took 2.7 ms median with 2,048 per process, 0.96 ms with 512 (as
 /// with 10 idle); 512 also keeps 50,000 instances to ~100 processes.
 const DEFAULT_VMS_PER_HOST: usize = 512;
-/// Default runner threads per VMM host process: a process runs only its
-/// own share of the requests, and with many processes the host has far
-/// more runners than cores; two let one request block (a save, a slow
-/// exit) without holding up the others.
-const DEFAULT_HOST_RUNNERS: usize = 2;
+/// Default runner threads per VMM host process. Measured here
+/// (`examples/vm_shard_bench.rs`, hot noop total p50): 84 us with one
+/// runner, 152 us with two and 133 us with three (round robin), 155 us
+/// with two and sticky placement; in this process 73-81 us. So one: the
+/// hot path keeps its figure. The price: a long request holds up the
+/// other instances of its host process until it ends or its budget
+/// expires (`vm.host_runners` raises it; with 512 VMs per process, a
+/// host has many processes and so many runners overall).
+const DEFAULT_HOST_RUNNERS: usize = 1;
 
 /// Opens the `vm` backend.
 pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
