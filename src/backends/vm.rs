@@ -7,6 +7,15 @@
 //! init) and `cold` (boot, load, init) are there to be forced. Instances go
 //! back to the pool unless they died; torn-down instances are dropped on a
 //! reaper thread, off the request path (teardown is slow on this host).
+//!
+//! Instances that serve requests (function and argument restores,
+//! prestarts, the hot pool) run in VMM host processes (`hosts`: per tenant,
+//! at most `vm.vms_per_host` VMs each, a function's instances packed where
+//! its node is registered); instances that make snapshots (the base and
+//! function nodes, argument snapshots) and forced `cold`/`base` starts run
+//! in this process: saving a VM and reading its memory need it here, and
+//! they are few. A remote instance that stops at a new input's checkpoint
+//! is resumed at once and the argument snapshot made here afterwards.
 
 use super::vm_snapshots::{ArgumentCache, Restorable, Snapshots, input_hash, mapping_of, private_bytes};
 use crate::{

@@ -27,7 +27,12 @@
 //! ```
 //!
 //! An idle instance holds no thread: its VM fd, its vCPU fd (with the
-//! `kvm_run` mapping) and its memory ([`runner`]).
+//! `kvm_run` mapping) and its memory ([`runner`]). Its mailbox page and I/O
+//! window are a slot of a shared memory file ([`slab`]), their own memory
+//! slots, next to a control page the guest never maps (the runner's report
+//! and its futex word, the kill flag, [`report`]): the caller side touches
+//! only the slot, so the VM can run in another process (a VMM host process,
+//! [`Remote`]) with the caller and the vCPU still meeting in shared memory.
 //!
 //! Snapshots: [`Instance::save`] reads a stopped guest's vCPU and channel
 //! state ([`state::SavedState`], a versioned blob), [`Instance::guest_memory`]
