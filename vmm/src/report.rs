@@ -1,8 +1,8 @@
 //! A runner's report in the slot's control block, as words: the runner
-//! ([`write`]) stores the event, then bumps `report_seq` (the caller's
-//! futex word) and wakes it; the caller ([`read`]) decodes whatever is
+//! (`write`) stores the event, then bumps `report_seq` (the caller's
+//! futex word) and wakes it; the caller (`read`) decodes whatever is
 //! there. The control block is written by the side that runs the VM (a
-//! VMM host process, which a VM escape may control), so [`decode`] is
+//! VMM host process, which a VM escape may control), so `decode` is
 //! pure and total: any words give some event, never a panic; what an event
 //! carries (a sequence number, a fault's fields) is only compared or shown.
 

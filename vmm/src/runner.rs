@@ -3,16 +3,16 @@
 //! `kvm_run` mapping, and its memory).
 //!
 //! A caller publishes a request in the mailbox and (unless the guest is
-//! spinning) hands the instance a command ([`Cmd`]); the instance is queued
+//! spinning) hands the instance a command (`Cmd`); the instance is queued
 //! on its *home* runner, which runs it until a stopping exit, reports the
-//! event ([`crate::vcpu::Event`]) and wakes the caller. Moving a vCPU to
+//! event (`vcpu::Event`) and wakes the caller. Moving a vCPU to
 //! another thread makes KVM update the vCPU's task on the next `KVM_RUN`;
 //! `examples/run_migration.rs` measures it: nothing measurable on this
 //! host, where keeping an instance on its runner ([`Placement::Sticky`]:
 //! taken over by another runner only while its own is busy with another
 //! instance) was slower than [`Placement::RoundRobin`], the default.
 //!
-//! Where to queue and whom to wake is [`choose`], a pure function.
+//! Where to queue and whom to wake is `choose`, a pure function.
 
 use crate::instance::Shared;
 use std::collections::VecDeque;
