@@ -225,6 +225,26 @@ fn instances_spread_over_several_host_processes_serve_correctly() {
         assert!((1..=3).contains(&vms), "host {i}: {vms} VMs: {stats:?}");
     }
     assert_eq!(stats.counter("vm_idle_instances"), Some(11), "{stats:?}");
+    // Each host process is in its sandbox: seccomp filter, no new
+    // privileges, no capabilities, not root.
+    for pid in host_pids(backend.as_ref()) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Seccomp:"), "2", "host {pid}: {status}");
+        assert_eq!(field("NoNewPrivs:"), "1", "host {pid}");
+        assert_eq!(field("CapEff:"), "0000000000000000", "host {pid}");
+        assert!(
+            !field("Uid:").starts_with("0\t"),
+            "host {pid} runs as root: {}",
+            field("Uid:")
+        );
+    }
     for i in 0..11 {
         let input = format!("instance {i}");
         let r = backend.invoke(&echo, input.as_bytes(), StartRequest::Auto).unwrap();
