@@ -9,6 +9,8 @@
 //!   check that its parent lives.
 //! - [`watch`]: one thread that calls back when any of many children dies, so
 //!   that callers parked on futexes can be woken and failed once.
+//! - [`robust`]: the child's side of a death notice without any thread: a
+//!   robust-futex word the kernel marks and wakes when the child dies.
 //!
 //! The trust rule: a child runs code the parent does not trust (a function,
 //! a guest), so **everything the parent reads from a region is untrusted**:
@@ -36,5 +38,6 @@
 pub mod futex;
 pub mod region;
 pub mod ring;
+pub mod robust;
 pub mod spawn;
 pub mod watch;

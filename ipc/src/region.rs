@@ -308,6 +308,10 @@ mod tests {
             Err(RegionError::WrongSize { .. })
         ));
         assert_eq!(SharedRegion::from_fd_any_size(dup(&a), 100).unwrap().len(), 8192);
+        let mut kept = SharedRegion::from_fd_keeping(dup(&a), 8192).unwrap();
+        assert!(kept.fd().is_some());
+        kept.close_fd();
+        assert!(kept.fd().is_none());
         assert!(matches!(SharedRegion::create("x", 0), Err(RegionError::Empty)));
         assert!(matches!(SharedRegion::create("x\0y", 1), Err(RegionError::Name(_))));
         assert!(matches!(

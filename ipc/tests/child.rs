@@ -12,6 +12,7 @@ use ipc::watch::DeathWatch;
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, mpsc};
@@ -205,4 +206,39 @@ fn a_child_refuses_a_region_of_the_wrong_size() {
     assert_eq!(status.code(), Some(2));
     assert_eq!(describe_status("child", Some(status)), "child exited with status 2");
     assert_eq!(header(&region).ready.load(Ordering::Acquire), 0);
+}
+
+#[test]
+fn a_killed_child_marks_its_death_notice_and_wakes_the_waiter_without_a_watcher() {
+    let region = SharedRegion::create("ipc-echo", REGION_BYTES).unwrap();
+    let mut child = spawn(&region);
+    wait_ready(&region, &child);
+    let alive = &header(&region).alive;
+    let registered = alive.load(Ordering::Acquire);
+    assert!(!ipc::robust::owner_died(registered));
+    assert_eq!(
+        registered & ipc::robust::FUTEX_TID_MASK,
+        u32::try_from(child.pid()).unwrap(),
+        "the main thread's TID is the child's pid"
+    );
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let deadline = futex::now_ns() + 60_000_000_000;
+            loop {
+                let v = alive.load(Ordering::Acquire);
+                if ipc::robust::owner_died(v) {
+                    return;
+                }
+                assert_ne!(
+                    futex::wait_any(&[(alive, v)], Some(deadline)),
+                    Woken::TimedOut,
+                    "never woken"
+                );
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        child.signal(libc::SIGKILL).unwrap();
+        waiter.join().unwrap();
+    });
+    assert_eq!(child.reap().unwrap().signal(), Some(libc::SIGKILL));
 }

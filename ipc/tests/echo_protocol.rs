@@ -25,6 +25,8 @@ pub struct Header {
     pub parked: CachePadded<AtomicU32>,
     /// Set by the parent's death watch when the child died.
     pub dead: CachePadded<AtomicU32>,
+    /// The child's robust-futex death notice (`ipc::robust`).
+    pub alive: CachePadded<AtomicU32>,
     /// Parent -> child.
     pub requests: RingIndices,
     /// Child -> parent.

@@ -51,6 +51,10 @@ fn main() {
     };
     let h = header(&region);
     let (requests, replies) = rings(&region);
+    if let Err(e) = ipc::robust::register_death_notice(&h.alive) {
+        eprintln!("ipc-echo-child: no death notice: {e}");
+        std::process::exit(3);
+    }
     h.ready.store(1, Ordering::Release);
     futex::wake_all(&h.ready);
     loop {

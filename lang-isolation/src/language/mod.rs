@@ -84,7 +84,8 @@ mod dispatcher;
 mod error;
 mod pool;
 pub mod protocol;
-pub mod ring;
+/// The SPSC rings of the shared region (the one copy, in `microfaas-ipc`).
+pub use ipc::ring;
 pub mod shm;
 mod signals;
 mod tenants;

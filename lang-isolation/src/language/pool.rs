@@ -9,10 +9,10 @@ use super::protocol::{Reply, Request, WorkerArgs};
 use super::shm::{Layout, Region, futex_wait, futex_wake_all, now_ns};
 use crate::runtime::SealedArtifact;
 use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
+use ipc::spawn::Child;
 use nix::sys::socket::{AddressFamily, Shutdown, SockFlag, SockType, setsockopt, shutdown, socketpair, sockopt};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -229,8 +229,6 @@ impl WorkerHandle {
             .region
             .fd()
             .ok_or_else(|| std::io::Error::other("the shared region has no fd"))?;
-        let (fds, _temporaries) = crate::process::child_fds(&[(shm, SHM_FD), (theirs.as_fd(), WORKER_SOCKET_FD)])?;
-        let mut command = Command::new(bin);
         // No rseq area for the worker: before Linux 6.15 the kernel's rseq
         // update, after the worker was scheduled, runs with the function's
         // PKRU and kills it (see `runtime::pkeys`); its sandbox refuses the
@@ -239,43 +237,25 @@ impl WorkerHandle {
             Ok(t) if !t.is_empty() => format!("{t}:glibc.pthread.rseq=0"),
             _ => "glibc.pthread.rseq=0".to_owned(),
         };
-        command
-            .env("GLIBC_TUNABLES", tunables)
-            .args(args.to_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let first_unused = libc::c_uint::try_from(WORKER_SOCKET_FD.max(SHM_FD) + 1).unwrap_or(libc::c_uint::MAX);
-        // SAFETY: the closure runs in the forked child before exec and makes
-        // only async-signal-safe system calls (dup2, close_range, getrlimit,
-        // setrlimit) on fds and a local struct; it allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                for &(src, dst) in &fds {
-                    if libc::dup2(src, dst) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                // Nothing else of the host's (fds it left inheritable).
-                if libc::close_range(first_unused, libc::c_uint::MAX, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // A worker holds one fd per artifact: allow as many as the
-                // hard limit does.
-                let mut lim = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-                    lim.rlim_cur = lim.rlim_max;
-                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                }
-                Ok(())
-            });
+        let argv: Vec<OsString> = args.to_args().into_iter().map(OsString::from).collect();
+        let argv: Vec<&OsStr> = argv.iter().map(OsString::as_os_str).collect();
+        let child = Child::spawn(
+            bin,
+            &argv,
+            &[(OsStr::new("GLIBC_TUNABLES"), OsStr::new(&tunables))],
+            &[(shm, SHM_FD), (theirs.as_fd(), WORKER_SOCKET_FD)],
+        )?;
+        // A worker holds one fd per artifact: allow as many as the hard
+        // limit does (set from here, before any artifact is sent, so the
+        // worker makes no system call for it).
+        if let Err(e) = child.raise_nofile(None) {
+            eprintln!(
+                "microfaas language: raising worker {}'s open-file limit: {e}",
+                self.index
+            );
         }
-        let child = command.spawn()?;
         drop(theirs);
-        let pid = child.id();
+        let pid = u32::try_from(child.pid()).unwrap_or(0);
         // Published before the worker can serve anything, so that anyone who
         // saw it answer also sees its pid.
         self.pid.store(pid, Ordering::SeqCst);
@@ -336,7 +316,7 @@ impl WorkerHandle {
     pub fn reap(&self) -> Option<String> {
         let mut guard = lock(&self.child);
         let child = guard.as_mut()?;
-        match child.try_wait() {
+        match child.try_reap() {
             Ok(Some(status)) => {
                 *guard = None;
                 self.pid.store(0, Ordering::SeqCst);
@@ -388,8 +368,7 @@ impl WorkerHandle {
         self.alive.store(false, Ordering::SeqCst);
         lock(&self.socket).take();
         if let Some(mut child) = lock(&self.child).take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = child.kill_and_reap();
         }
         self.pid.store(0, Ordering::SeqCst);
     }

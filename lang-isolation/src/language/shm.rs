@@ -13,10 +13,9 @@
 
 use super::protocol::{Reply, Request};
 use super::ring::{CachePadded, Entry, Ring, RingIndices};
-use std::ffi::CString;
-use std::fs::File;
+use ipc::region::SharedRegion;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Value of [`Header::magic`].
@@ -161,41 +160,26 @@ impl Layout {
     }
 }
 
-/// One mapped shared region with its rings.
+/// One mapped shared region with its rings (the mapping is a
+/// [`SharedRegion`] of `microfaas-ipc`).
 #[derive(Debug)]
 pub struct Region {
-    base: *mut u8,
+    map: SharedRegion,
     layout: Layout,
-    /// The memfd (dispatcher side; a worker closes its copy once mapped).
-    file: Option<File>,
     requests: Ring<Request>,
     replies: Ring<Reply>,
 }
 
-// SAFETY: the mapping is shared memory accessed only through atomics, the
-// SPSC rings (whose discipline the users keep) and slot areas owned by one
-// side at a time per the protocol.
-unsafe impl Send for Region {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for Region {}
-
 impl Region {
     /// Creates a zeroed region (dispatcher side) backed by a new memfd.
     pub fn create(name: &str, layout: Layout) -> io::Result<Self> {
-        let cname = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: a valid NUL-terminated name; the fd returned is owned below.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(u64::try_from(layout.total).map_err(io::Error::other)?)?;
-        let region = Self::map(file.as_raw_fd(), layout, Some(file))?;
+        let map = SharedRegion::create(name, layout.total)?;
+        let region = Self::with_rings(map, layout);
         // SAFETY: the header lies at offset 0 of a mapping at least its size;
-        // the fresh memfd reads as zero, which is a valid `Header`.
+        // the fresh memfd reads as zero, which is a valid `Header`, and no
+        // worker has the fd yet.
         unsafe {
-            let h = region.base.cast::<Header>();
+            let h = region.map.as_ptr().cast::<Header>();
             (*h).magic = MAGIC;
             (*h).depth = layout.depth;
         }
@@ -205,17 +189,8 @@ impl Region {
     /// Maps an inherited region (worker side), checking it against
     /// `layout`, and closes `fd`.
     pub fn open_fd(fd: OwnedFd, layout: Layout) -> io::Result<Self> {
-        // SAFETY: lseek on an fd we own only moves its (unused) offset.
-        let end = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
-        let len = u64::try_from(end).map_err(|_| io::Error::last_os_error())?;
-        if u64::try_from(layout.total).ok() != Some(len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("shared region is {len} bytes, expected {}", layout.total),
-            ));
-        }
-        let region = Self::map(fd.as_raw_fd(), layout, None)?;
-        drop(fd);
+        let map = SharedRegion::from_fd(fd, layout.total)?;
+        let region = Self::with_rings(map, layout);
         let h = region.header();
         if h.magic != MAGIC || h.depth != layout.depth {
             return Err(io::Error::new(
@@ -226,28 +201,14 @@ impl Region {
         Ok(region)
     }
 
-    fn map(fd: RawFd, layout: Layout, file: Option<File>) -> io::Result<Self> {
-        // SAFETY: a fresh shared mapping of the whole file at a kernel-chosen
-        // address; it aliases no Rust object and is unmapped in `drop`.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                layout.total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = p.cast::<u8>();
+    fn with_rings(map: SharedRegion, layout: Layout) -> Self {
+        let base = map.as_ptr();
         // SAFETY: the header is at offset 0, the entry arrays at the layout's
-        // offsets inside the mapping (checked arithmetic in `Layout::new`),
-        // all suitably aligned (page-aligned base, 64-aligned offsets), and
-        // they live as long as `self`, which owns the mapping. Who produces
-        // and consumes each ring is fixed by the protocol (see `dispatcher`).
+        // offsets inside the mapping (`layout.total` bytes, checked
+        // arithmetic in `Layout::new`), all suitably aligned (page-aligned
+        // base, 64-aligned offsets), and they live as long as `self`, which
+        // owns the mapping. Who produces and consumes each ring is fixed by
+        // the protocol (see `dispatcher`).
         let (requests, replies) = unsafe {
             let h = &*base.cast::<Header>();
             (
@@ -255,13 +216,12 @@ impl Region {
                 Ring::from_raw(&h.replies, base.add(layout.replies).cast(), layout.depth),
             )
         };
-        Ok(Self {
-            base,
+        Self {
+            map,
             layout,
-            file,
             requests,
             replies,
-        })
+        }
     }
 
     /// The control header.
@@ -269,7 +229,7 @@ impl Region {
         // SAFETY: offset 0 of the live mapping; every field another process
         // writes is atomic (`magic` and `depth` are written once before the
         // worker exists).
-        unsafe { &*self.base.cast::<Header>() }
+        unsafe { &*self.map.as_ptr().cast::<Header>() }
     }
 
     /// Dispatcher -> worker ring.
@@ -289,79 +249,42 @@ impl Region {
 
     /// The memfd (dispatcher side, to hand to a worker; `None` in a worker).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.file.as_ref().map(AsFd::as_fd)
+        self.map.fd()
     }
 
     /// Start of slot `slot`'s input area (`input_area` bytes).
     pub fn input_area(&self, slot: u32) -> Option<*mut u8> {
-        let off = self.layout.input_offset(slot)?;
-        // SAFETY: `off` is inside the mapping (checked layout arithmetic).
-        Some(unsafe { self.base.add(off) })
+        self.map.range(self.layout.input_offset(slot)?, self.layout.input_area)
     }
 
     /// Start of slot `slot`'s output area (`output_area` bytes).
     pub fn output_area(&self, slot: u32) -> Option<*mut u8> {
-        let off = self.layout.output_offset(slot)?;
-        // SAFETY: as in `input_area`.
-        Some(unsafe { self.base.add(off) })
+        self.map
+            .range(self.layout.output_offset(slot)?, self.layout.output_area)
     }
 
     /// Gives slot `slot`'s data pages back (after a large transfer).
     pub fn discard_slot(&self, slot: u32) {
         let len = self.layout.input_area.checked_add(self.layout.output_area);
-        if let (Some(p), Some(len)) = (self.input_area(slot), len) {
-            // SAFETY: the slot's areas lie inside the mapping; MADV_REMOVE
-            // frees the memfd pages, which then read as zero.
-            unsafe { libc::madvise(p.cast(), len, libc::MADV_REMOVE) };
+        if let (Some(off), Some(len)) = (self.layout.input_offset(slot), len) {
+            self.map.discard(off, len);
         }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping this value created; the rings
-        // and references handed out borrow `self` and are gone.
-        unsafe { libc::munmap(self.base.cast(), self.layout.total) };
     }
 }
 
 /// Sleeps while `word == expected`, at most `timeout_ns` (shared futex).
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: libc::time_t::try_from(timeout_ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::try_from(timeout_ns % 1_000_000_000).unwrap_or(0),
-    };
-    // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which is live
-    // for the call; the timespec lives on this stack.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-        );
-    }
+    ipc::futex::wait(word, expected, Some(std::time::Duration::from_nanos(timeout_ns)));
 }
 
 /// Wakes every sleeper on `word` (shared futex).
 pub fn futex_wake_all(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE only uses the address as a key.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
-    }
+    ipc::futex::wake_all(word);
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds (the clock functions see too).
 /// Async-signal-safe.
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes only `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let s = u64::try_from(ts.tv_sec).unwrap_or(0);
-    let ns = u64::try_from(ts.tv_nsec).unwrap_or(0);
-    s.saturating_mul(1_000_000_000).saturating_add(ns)
-}
+pub use ipc::futex::now_ns;
 
 #[cfg(test)]
 mod tests {

@@ -312,20 +312,13 @@ fn pin_to(cpu: usize) {
     }
 }
 
-fn parent_alive(parent: u32) -> bool {
-    // SAFETY: getppid has no preconditions.
-    let now = unsafe { libc::getppid() };
-    u32::try_from(now).ok() == Some(parent)
-}
-
 impl Worker {
     fn header(&self) -> &Header {
         self.region.header()
     }
 
     fn serve(&mut self, idle_spin: Duration) {
-        // SAFETY: getppid has no preconditions.
-        let parent = u32::try_from(unsafe { libc::getppid() }).unwrap_or(0);
+        let parent = ipc::spawn::ParentWatch::now();
         let idle_spin_ns = u64::try_from(idle_spin.as_nanos()).unwrap_or(u64::MAX);
         let mut idle_since = now_ns();
         let mut polls: u32 = 0;
@@ -349,7 +342,7 @@ impl Worker {
                 futex_wait(tail, seen, PARK_TIMEOUT_NS);
             }
             header.worker.parked.store(0, Ordering::Relaxed);
-            if !parent_alive(parent) {
+            if !parent.parent_alive() {
                 return;
             }
             // `idle_since` stays: woken without work (a timeout, or a timer

@@ -62,7 +62,6 @@
 //!  timeout: SIGKILL, BudgetExceeded; alive=OWNER_DIED: reap, Crashed
 //! ```
 
-mod futex;
 mod host;
 pub mod protocol;
 pub mod runner;
@@ -71,7 +70,6 @@ mod shm;
 mod spawn;
 
 pub use host::ProcessHost;
-pub(crate) use spawn::child_fds;
 
 use std::path::PathBuf;
 use std::time::Duration;

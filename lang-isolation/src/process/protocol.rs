@@ -41,15 +41,8 @@ pub mod state {
     pub const RUNNING: u32 = 4;
 }
 
-/// Kernel bits of a robust futex word.
-pub mod robust {
-    /// A waiter wants to be woken when the owner dies.
-    pub const FUTEX_WAITERS: u32 = 0x8000_0000;
-    /// The owner died.
-    pub const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
-    /// The owner's TID.
-    pub const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
-}
+/// Kernel bits of a robust futex word (the death notice of `microfaas-ipc`).
+pub use ipc::robust;
 
 /// Values of [`Header::reply_kind`].
 pub mod kind {

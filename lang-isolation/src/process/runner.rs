@@ -3,17 +3,17 @@
 //! fd 4 with [`crate::runtime`]'s loader (and close it), `init()` it, serve
 //! requests (warm) or the one posted request (once).
 
-use super::futex::{self, Woken};
-use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, robust, state};
+use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, state};
 use super::shm::SharedRegion;
 use super::spawn::{RUNNER_ARTIFACT_FD, SHM_FD};
 use crate::runtime::{
     ArtifactImage, Failure, Instance, InstanceConfig, LoadError, LoadedFunction, SealedArtifact, monotonic_ns,
 };
 use crate::sandbox::{self, SandboxError, SandboxSettings, SandboxSpec};
+use ipc::futex::{self, Woken};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// How often an idle runner checks that its host is still alive.
@@ -99,13 +99,14 @@ pub fn main() -> u8 {
             return EXIT_USAGE;
         }
     };
-    register_death_notice(&region.header().alive);
+    // Best effort: without it the host polls for an early exit (`alive` stays 0).
+    let _ = ipc::robust::register_death_notice(&region.header().alive);
     serve(&region, &args, artifact)
 }
 
 fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
     let h = region.header();
-    let parent = std::os::unix::process::parent_id();
+    let parent = ipc::spawn::ParentWatch::now();
     let config = InstanceConfig {
         heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
         stack_bytes: usize::try_from(h.stack_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
@@ -135,7 +136,7 @@ fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
         .compare_exchange(state::BOOTING, state::READY, Ordering::AcqRel, Ordering::Acquire)
         .is_ok()
     {
-        futex::wake(&h.state);
+        futex::wake(&h.state, 1);
     }
     loop {
         loop {
@@ -143,16 +144,14 @@ fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
             if s == state::REQUEST {
                 break;
             }
-            if futex::wait(&h.state, s, Some(PARENT_CHECK)) == Woken::TimedOut
-                && std::os::unix::process::parent_id() != parent
-            {
+            if futex::wait(&h.state, s, Some(PARENT_CHECK)) == Woken::TimedOut && !parent.parent_alive() {
                 return EXIT_OK;
             }
         }
         let sequence = h.sequence.load(Ordering::Acquire);
         h.state.store(state::RUNNING, Ordering::Release);
         if args.once {
-            futex::wake(&h.state);
+            futex::wake(&h.state, 1);
         }
         let len = usize::try_from(h.input_len.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
         let Some(input) = region.input(len) else {
@@ -262,56 +261,7 @@ fn post(
     h.fatal.store(u32::from(fatal), Ordering::Relaxed);
     h.reply_sequence.store(sequence, Ordering::Relaxed);
     h.state.store(state::REPLY, Ordering::Release);
-    futex::wake(&h.state);
-}
-
-/// `struct robust_list` of the kernel ABI.
-#[repr(C)]
-struct RobustList {
-    next: *mut RobustList,
-}
-
-/// `struct robust_list_head` of the kernel ABI.
-#[repr(C)]
-struct RobustListHead {
-    list: RobustList,
-    futex_offset: libc::c_long,
-    list_op_pending: *mut RobustList,
-}
-
-/// Makes the kernel mark `alive` FUTEX_OWNER_DIED and wake the host when this
-/// process dies, however it dies: `alive` holds our TID and is the one entry
-/// of this thread's robust futex list.
-fn register_death_notice(alive: &AtomicU32) {
-    let head: &'static mut RobustListHead = Box::leak(Box::new(RobustListHead {
-        list: RobustList {
-            next: std::ptr::null_mut(),
-        },
-        futex_offset: 0,
-        list_op_pending: std::ptr::null_mut(),
-    }));
-    let node: &'static mut RobustList = Box::leak(Box::new(RobustList {
-        next: std::ptr::null_mut(),
-    }));
-    let node_addr = std::ptr::from_mut(node).addr();
-    let offset = alive.as_ptr().addr().wrapping_sub(node_addr);
-    head.futex_offset = libc::c_long::from_ne_bytes(offset.to_ne_bytes());
-    node.next = &mut head.list;
-    head.list.next = node;
-    // SAFETY: gettid has no preconditions.
-    let tid = u32::try_from(unsafe { libc::gettid() }).unwrap_or(0) & robust::FUTEX_TID_MASK;
-    alive.store(tid | robust::FUTEX_WAITERS, Ordering::Release);
-    // SAFETY: `head` and `node` are leaked (live forever) and form a valid
-    // circular list whose one entry locates `alive`, which stays mapped until
-    // the process exits. This replaces libc's list, which the runner does not
-    // use (no robust pthread mutexes).
-    unsafe {
-        libc::syscall(
-            libc::SYS_set_robust_list,
-            head as *mut RobustListHead,
-            std::mem::size_of::<RobustListHead>(),
-        );
-    }
+    futex::wake(&h.state, 1);
 }
 
 #[cfg(test)]

@@ -2,14 +2,17 @@
 //! waiting for its reply or its death, killing and reaping it.
 
 use super::ProcessError;
-use super::futex::{self, Woken};
 use super::protocol::{Layout, RawReply, Reply, decode_reply, robust, state};
 use super::shm::SharedRegion;
 use super::spawn::{RunnerMode, spawn_runner};
 use crate::runtime::{SealedArtifact, monotonic_ns};
+use ipc::futex::{self, Woken};
+use ipc::spawn::Child;
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
+use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -18,13 +21,13 @@ use std::thread::JoinHandle;
 #[derive(Debug)]
 pub(crate) struct Tracker {
     live: Mutex<BTreeSet<libc::pid_t>>,
-    reaper: Mutex<Option<mpsc::Sender<libc::pid_t>>>,
+    reaper: Mutex<Option<mpsc::Sender<Child>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Tracker {
     pub fn new() -> std::io::Result<Arc<Self>> {
-        let (tx, rx) = mpsc::channel::<libc::pid_t>();
+        let (tx, rx) = mpsc::channel::<Child>();
         let tracker = Arc::new(Self {
             live: Mutex::new(BTreeSet::new()),
             reaper: Mutex::new(Some(tx)),
@@ -34,8 +37,9 @@ impl Tracker {
         let thread = std::thread::Builder::new()
             .name("microfaas-reaper".to_owned())
             .spawn(move || {
-                for pid in rx {
-                    wait_blocking(pid);
+                for mut child in rx {
+                    let pid = child.pid();
+                    let _ = child.reap();
                     if let Some(t) = weak.upgrade() {
                         t.forget(pid);
                     }
@@ -53,11 +57,15 @@ impl Tracker {
         lock(&self.live).remove(&pid);
     }
 
-    /// Reaps `pid` in the background (or now, if the reaper is gone).
-    fn reap_later(&self, pid: libc::pid_t) {
-        let sent = lock(&self.reaper).as_ref().is_some_and(|tx| tx.send(pid).is_ok());
-        if !sent {
-            wait_blocking(pid);
+    /// Reaps `child` in the background (or now, if the reaper is gone).
+    fn reap_later(&self, child: Child) {
+        let pid = child.pid();
+        let unsent = match lock(&self.reaper).as_ref() {
+            Some(tx) => tx.send(child).err().map(|e| e.0),
+            None => Some(child),
+        };
+        if let Some(mut child) = unsent {
+            let _ = child.reap();
             self.forget(pid);
         }
     }
@@ -82,37 +90,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn wait_blocking(pid: libc::pid_t) -> Option<libc::c_int> {
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child; `status` is writable.
-        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if rc == pid {
-            return Some(status);
-        }
-        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        return None;
-    }
-}
-
-/// A wait status in words.
-pub fn describe_status(status: Option<libc::c_int>) -> String {
-    match status {
-        Some(s) if libc::WIFSIGNALED(s) => {
-            let sig = libc::WTERMSIG(s);
-            // SAFETY: strsignal returns a pointer to a static or thread-local
-            // string for any signal number.
-            let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) };
-            format!("runner killed by signal {sig} ({})", name.to_string_lossy())
-        }
-        Some(s) if libc::WIFEXITED(s) => {
-            format!("runner exited with status {}", libc::WEXITSTATUS(s))
-        }
-        Some(s) => format!("runner ended with wait status {s:#x}"),
-        None => "runner vanished".to_owned(),
-    }
+/// A runner's exit status in words.
+fn describe_status(status: Option<ExitStatus>) -> String {
+    ipc::spawn::describe_status("runner", status)
 }
 
 /// How waiting on a runner ended.
@@ -139,10 +119,12 @@ pub(crate) struct RunnerLimits {
 /// One runner process and its region. Dropping it kills and reaps it.
 #[derive(Debug)]
 pub(crate) struct Runner {
-    pid: libc::pid_t,
+    /// The process; taken only by `drop` (to the reaper).
+    child: Option<Child>,
     region: SharedRegion,
     tracker: Arc<Tracker>,
-    reaped: Option<Option<libc::c_int>>,
+    /// How it ended, once reaped (`None` inside: it vanished).
+    reaped: Option<Option<ExitStatus>>,
     sequence: u64,
     /// The slot generation it was spawned in (see `host`).
     pub generation: u64,
@@ -174,11 +156,11 @@ impl Runner {
         let shm = region
             .fd()
             .ok_or_else(|| ProcessError::io("the runner's shared region", std::io::Error::other("no fd")))?;
-        let pid = spawn_runner(runner_bin, shm, artifact.as_fd(), mode, &limits.sandbox)
+        let child = spawn_runner(runner_bin, shm, artifact.as_fd(), mode, &limits.sandbox)
             .map_err(|e| ProcessError::io(format!("spawning {}", runner_bin.display()), e))?;
-        tracker.add(pid);
+        tracker.add(child.pid());
         Ok(Self {
-            pid,
+            child: Some(child),
             region,
             tracker: Arc::clone(tracker),
             reaped: None,
@@ -229,7 +211,7 @@ impl Runner {
                 deadline_ns
             };
             let h = self.region.header();
-            if futex::wait_either(&h.state, s, &h.alive, alive, slice_end) == Woken::TimedOut
+            if futex::wait_any(&[(&h.state, s), (&h.alive, alive)], Some(slice_end)) == Woken::TimedOut
                 && slice_end == deadline_ns
             {
                 return WaitEnd::TimedOut;
@@ -270,40 +252,42 @@ impl Runner {
         if self.reaped.is_some() {
             return true;
         }
-        let mut status = 0;
-        // SAFETY: polling our own child; `status` is writable.
-        let rc = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        if rc == self.pid {
-            self.reaped = Some(Some(status));
-            self.tracker.forget(self.pid);
-            true
-        } else {
-            false
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        match child.try_reap() {
+            Ok(Some(status)) => {
+                self.reaped = Some(Some(status));
+                self.tracker.forget(child.pid());
+                true
+            }
+            _ => false,
         }
     }
 
     /// Kills the runner (if alive) and reaps it; returns how it ended.
     pub fn kill_and_reap(&mut self) -> String {
-        if self.reaped.is_none() {
-            // SAFETY: `pid` is our unreaped child, so it cannot have been
-            // recycled for another process.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-            self.reaped = Some(wait_blocking(self.pid));
-            self.tracker.forget(self.pid);
+        if self.reaped.is_none()
+            && let Some(child) = self.child.as_mut()
+        {
+            self.reaped = Some(child.kill_and_reap().ok());
+            self.tracker.forget(child.pid());
         }
         describe_status(self.reaped.flatten())
     }
 
     /// Whether the reaped runner was killed by `signal`.
     pub fn killed_by(&self, signal: libc::c_int) -> bool {
-        matches!(self.reaped, Some(Some(s)) if libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == signal)
+        matches!(self.reaped, Some(Some(s)) if s.signal() == Some(signal))
     }
 
     /// Reaps a runner that died by itself; returns how it ended.
     pub fn reap_dead(&mut self) -> String {
-        if self.reaped.is_none() {
-            self.reaped = Some(wait_blocking(self.pid));
-            self.tracker.forget(self.pid);
+        if self.reaped.is_none()
+            && let Some(child) = self.child.as_mut()
+        {
+            self.reaped = Some(child.reap().ok());
+            self.tracker.forget(child.pid());
         }
         describe_status(self.reaped.flatten())
     }
@@ -311,10 +295,12 @@ impl Runner {
 
 impl Drop for Runner {
     fn drop(&mut self) {
-        if self.reaped.is_none() {
-            // SAFETY: as in `kill_and_reap`.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-            self.tracker.reap_later(self.pid);
+        if let Some(child) = self.child.take() {
+            if self.reaped.is_none() {
+                // Killed through its pidfd: it cannot hit a recycled pid.
+                let _ = child.signal(libc::SIGKILL);
+            }
+            self.tracker.reap_later(child);
         }
     }
 }
@@ -329,6 +315,6 @@ fn post_request(region: &SharedRegion, sequence: u64, input: &[u8]) -> Result<()
         .store(u64::try_from(input.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
     h.sequence.store(sequence, Ordering::Relaxed);
     h.state.store(state::REQUEST, Ordering::Release);
-    futex::wake(&h.state);
+    futex::wake(&h.state, 1);
     Ok(())
 }

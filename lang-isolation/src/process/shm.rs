@@ -5,49 +5,24 @@
 
 use super::protocol::{HEADER_BYTES, Header, Layout, MAGIC, PROTOCOL_VERSION};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
-/// A mapped region. Both processes may write it at any time, so it is only
-/// accessed through the header's atomics and raw byte copies.
+/// A mapped region (an `ipc` [`ipc::region::SharedRegion`] with this
+/// protocol's layout). Both processes may write it at any time, so it is
+/// only accessed through the header's atomics and raw byte copies.
 #[derive(Debug)]
 pub struct SharedRegion {
-    /// The memfd (host side only; the runner closes its copy once mapped).
-    fd: Option<OwnedFd>,
-    base: NonNull<u8>,
+    map: ipc::region::SharedRegion,
     layout: Layout,
 }
-
-// SAFETY: the region is plain shared memory accessed only through atomics and
-// raw copies; the owner may move between threads.
-unsafe impl Send for SharedRegion {}
-// SAFETY: as above; `&self` methods only use atomics and raw copies.
-unsafe impl Sync for SharedRegion {}
 
 impl SharedRegion {
     /// Creates a region (close-on-exec memfd) for `layout` and fills in the
     /// header's constant fields.
     pub fn create(layout: Layout, heap_limit_bytes: usize, stack_bytes: usize) -> io::Result<Self> {
-        // SAFETY: a NUL-terminated name and valid flags.
-        let raw = unsafe { libc::memfd_create(c"microfaas-runner".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let size = libc::off_t::try_from(layout.total)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "region too large"))?;
-        // SAFETY: resizing our own memfd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let base = Self::map(fd.as_fd(), layout.total)?;
-        let region = Self {
-            fd: Some(fd),
-            base,
-            layout,
-        };
+        let map = ipc::region::SharedRegion::create("microfaas-runner", layout.total)?;
+        let region = Self { map, layout };
         let h = region.header();
         let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         h.input_capacity.store(as_u64(layout.input_capacity), Ordering::Relaxed);
@@ -64,19 +39,13 @@ impl SharedRegion {
     /// version, derives the layout from the header, and closes `fd`.
     pub fn open(fd: OwnedFd) -> io::Result<Self> {
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-        // SAFETY: lseek on an fd we own only moves its (unused) offset.
-        let end = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
-        let file_size = usize::try_from(end).map_err(|_| io::Error::last_os_error())?;
-        if file_size < HEADER_BYTES {
-            return Err(bad("region smaller than its header"));
-        }
+        let map = ipc::region::SharedRegion::from_fd_any_size(fd, HEADER_BYTES)?;
         let header_layout = Layout::new(0, 0).ok_or_else(|| bad("layout"))?;
-        let header_only = Self {
-            fd: None,
-            base: Self::map(fd.as_fd(), header_layout.total)?,
+        let mut region = Self {
+            map,
             layout: header_layout,
         };
-        let h = header_only.header();
+        let h = region.header();
         if h.magic.load(Ordering::Acquire) != MAGIC || h.version.load(Ordering::Acquire) != PROTOCOL_VERSION {
             return Err(bad("region magic or version mismatch"));
         }
@@ -86,32 +55,11 @@ impl SharedRegion {
             cap(h.output_capacity.load(Ordering::Relaxed))?,
         )
         .ok_or_else(|| bad("capacities overflow"))?;
-        if layout.total > file_size {
+        if layout.total > region.map.len() {
             return Err(bad("region smaller than its layout"));
         }
-        drop(header_only);
-        let base = Self::map(fd.as_fd(), layout.total)?;
-        drop(fd);
-        Ok(Self { fd: None, base, layout })
-    }
-
-    fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<NonNull<u8>> {
-        // SAFETY: mapping `len` bytes of a memfd at least that large at a
-        // kernel-chosen address: no existing object is aliased.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
+        region.layout = layout;
+        Ok(region)
     }
 
     /// The layout.
@@ -121,7 +69,7 @@ impl SharedRegion {
 
     /// The memfd (host side, to hand to a runner; `None` in the runner).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.fd.as_ref().map(AsFd::as_fd)
+        self.map.fd()
     }
 
     /// The header.
@@ -129,7 +77,7 @@ impl SharedRegion {
         // SAFETY: the mapping is at least HEADER_BYTES long, page aligned,
         // lives as long as `self`, and the header consists of atomics only,
         // so concurrent writes by the other process are not data races.
-        unsafe { &*self.base.as_ptr().cast::<Header>() }
+        unsafe { &*self.map.as_ptr().cast::<Header>() }
     }
 
     /// Copies `bytes` into the input buffer. Panics never: the caller checks
@@ -140,7 +88,7 @@ impl SharedRegion {
         }
         // SAFETY: the input buffer spans `input_capacity` bytes inside the
         // mapping (Layout), which holds `bytes.len()`.
-        unsafe { copy_in(self.base.as_ptr().add(self.layout.input_offset), bytes) };
+        unsafe { copy_in(self.map.as_ptr().add(self.layout.input_offset), bytes) };
         Ok(())
     }
 
@@ -150,7 +98,7 @@ impl SharedRegion {
             return Err(self.layout.output_capacity);
         }
         // SAFETY: as in `write_input`, for the output buffer.
-        unsafe { copy_in(self.base.as_ptr().add(self.layout.output_offset), bytes) };
+        unsafe { copy_in(self.map.as_ptr().add(self.layout.output_offset), bytes) };
         Ok(())
     }
 
@@ -163,7 +111,7 @@ impl SharedRegion {
         // SAFETY: in bounds (checked); the host does not write the input
         // buffer while a request is in flight (protocol), and u8 has no
         // invalid values.
-        Some(unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(self.layout.input_offset), len) })
+        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.layout.input_offset), len) })
     }
 
     /// Copies the first `len` bytes of the output buffer out (host side;
@@ -177,7 +125,7 @@ impl SharedRegion {
         // child could still scribble on the buffer: we copy raw bytes, so a
         // torn copy is only wrong data, never undefined values.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(self.layout.output_offset), out.as_mut_ptr(), len);
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(self.layout.output_offset), out.as_mut_ptr(), len);
             out.set_len(len);
         }
         Some(out)
@@ -189,14 +137,4 @@ impl SharedRegion {
 unsafe fn copy_in(dst: *mut u8, bytes: &[u8]) {
     // SAFETY: caller contract.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
-}
-
-impl Drop for SharedRegion {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped; references handed out
-        // borrow `self`.
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.layout.total);
-        }
-    }
 }

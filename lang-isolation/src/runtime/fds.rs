@@ -8,9 +8,10 @@
 //! | runner             | 4  | [`RUNNER_ARTIFACT_FD`]: the artifact, a sealed memfd; **closed** once mapped |
 //! | worker             | 4  | [`WORKER_SOCKET_FD`]: `AF_UNIX` `SOCK_SEQPACKET` socket; artifacts arrive on it as sealed memfds (`SCM_RIGHTS`, one per message) |
 //!
-//! Nothing else is inherited: the spawners close every fd above 4 in the
-//! child (`close_range` / `posix_spawn_file_actions_addclosefrom_np`), even
-//! ones the host left inheritable. stderr (fd 2) is the host's own, shared
+//! Nothing else is inherited: both are spawned by `ipc::spawn::Child`
+//! (`posix_spawn`), which closes every fd above 4 in the child
+//! (`posix_spawn_file_actions_addclosefrom_np`), even ones the host left
+//! inheritable. stderr (fd 2) is the host's own, shared
 //! for diagnostics; the sandbox may want to replace it with a pipe. Once
 //! started, a worker holds only fds 0-2, its socket, and the sealed
 //! artifact memfds it received (at any free number, 3 included); a runner
