@@ -128,13 +128,17 @@ fn probe(case: &str, layers: Layers) -> Run {
     }
 }
 
-/// Under every layer the probe still does a host process's KVM work: the
+/// Under every layer the probe still does a host process's KVM work (std's
+/// `File::metadata` fails with ENOSYS, not a kill; lseek gives the size):
+/// the
 /// slab memfd received on the control socket and mapped MAP_SHARED, the
 /// image mapped MAP_PRIVATE, both as memory slots of a new VM, a vCPU and
 /// its kvm_run, registers, a run to the guest's port write on the creating
 /// thread and on to its HLT from a new thread (clone with thread flags
 /// after glibc's clone3 got ENOSYS), the guest's store seen in the shared
-/// slab, a realtime kick sent with tgkill and handled, a reply sent.
+/// slab, the vCPU's statistics header read (KVM_GET_STATS_FD, pread64),
+/// a realtime kick sent with tgkill and handled, its own fd soft limit
+/// raised and the thread pinned, a reply sent.
 #[test]
 fn sandboxed_host_process_still_runs_a_kvm_guest() {
     if !kvm_or_skip() {
@@ -147,11 +151,16 @@ fn sandboxed_host_process_still_runs_a_kvm_guest() {
         run.get("applied").is_some_and(|v| v.contains("instructions")),
         "{run:?}"
     );
+    assert_eq!(run.get("metadata"), Some("errno=38"), "{run:?}");
+    assert_eq!(run.get("size"), Some("ok=13"), "{run:?}");
     assert_eq!(run.get("api"), Some("ok=12"), "{run:?}");
     assert_eq!(run.get("exit1"), Some("io port=0x3f8 byte=0x4b"), "{run:?}");
     assert_eq!(run.get("exit2"), Some("hlt"), "{run:?}");
     assert_eq!(run.get("stored"), Some("0x42"), "{run:?}");
+    assert_eq!(run.get("stats"), Some("ok=24"), "{run:?}");
     assert_eq!(run.get("kick"), Some("ok=0 handled=1"), "{run:?}");
+    assert_eq!(run.get("rlimit"), Some("ok=0"), "{run:?}");
+    assert_eq!(run.get("pin"), Some("ok=0"), "{run:?}");
     assert_eq!(run.get("reply"), Some("sent"), "{run:?}");
     assert!(run.get("done").is_some(), "{run:?}");
 }
@@ -238,6 +247,15 @@ fn forbidden_calls_die_by_sigsys_and_work_without_the_filter() {
         ),
         ("write-stdout", Control::Succeeds, Some(Control::Succeeds)),
         ("memfd", Control::Succeeds, Some(Control::Succeeds)),
+        // Another uid: EPERM beneath; unconfined root reads init's limit.
+        (
+            "prlimit-init",
+            Control::Result("errno=1"),
+            as_root.then_some(Control::Result("ok=0")),
+        ),
+        // Another uid: EPERM beneath. Never unconfined (it would pin this
+        // test process).
+        ("setaffinity-parent", Control::Result("errno=1"), None),
     ];
     for &(case, no_seccomp, unconfined) in cases {
         let run = probe(case, ALL);
@@ -249,25 +267,30 @@ fn forbidden_calls_die_by_sigsys_and_work_without_the_filter() {
         check_control(case, NO_SECCOMP, no_seccomp);
         match unconfined {
             Some(want) => check_control(case, NONE, want),
-            None if case == "kill-init" => eprintln!("kill-init: unconfined control run skipped: not root"),
+            None if matches!(case, "kill-init" | "prlimit-init") => {
+                eprintln!("{case}: unconfined control run skipped: not root")
+            }
             None => {}
         }
     }
 }
 
-/// `clone3` is refused with ENOSYS, not killed (glibc falls back to
-/// `clone` on exactly that); without the filter the kernel itself answers
-/// (EINVAL for a missing argument struct).
+/// The refused calls fail with ENOSYS and the process lives: `clone3`
+/// (glibc falls back to `clone` on exactly that; without the filter the
+/// kernel itself answers, EINVAL for a missing argument struct) and a stat
+/// of a path (which Landlock would let through: the control run succeeds).
 #[test]
-fn clone3_fails_with_enosys_and_the_process_lives() {
+fn refused_calls_fail_with_enosys_and_the_process_lives() {
     if !kvm_or_skip() {
         return;
     }
-    let run = probe("clone3", ALL);
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert_eq!(run.get("result"), Some("errno=38"), "{run:?}");
-    assert!(run.get("done").is_some(), "{run:?}");
-    check_control("clone3", NO_SECCOMP, Control::Result("errno=22"));
+    for (case, control) in [("clone3", "errno=22"), ("stat-path", "ok=0")] {
+        let run = probe(case, ALL);
+        assert_eq!(run.code, Some(0), "{case}: {run:?}");
+        assert_eq!(run.get("result"), Some("errno=38"), "{case}: {run:?}");
+        assert!(run.get("done").is_some(), "{case}: {run:?}");
+        check_control(case, NO_SECCOMP, Control::Result(control));
+    }
 }
 
 /// Entering the policy with every layer and doing nothing else exits
@@ -283,4 +306,34 @@ fn entering_the_policy_and_exiting_is_clean() {
     let applied = run.get("applied").expect("applied line");
     println!("apply with every layer: {applied}");
     assert!(run.get("done").is_some(), "{run:?}");
+}
+
+/// A host process that started a thread before entering is refused (the
+/// thread would stay unconfined) and exits with the reason.
+#[test]
+fn a_thread_started_before_entering_is_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let run = probe("thread-first", ALL);
+    assert_eq!(run.code, Some(4), "{run:?}");
+    assert!(
+        run.get("error").is_some_and(|e| e.contains("2 threads in the process")),
+        "{run:?}"
+    );
+    assert!(run.get("applied").is_none(), "{run:?}");
+}
+
+/// A violation on one of the pool's threads kills the whole process
+/// (`SECCOMP_RET_KILL_PROCESS`, not just the thread): nothing of a
+/// compromised host process serves on.
+#[test]
+fn a_violation_on_a_pool_thread_kills_the_process() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let run = probe("thread-socket", ALL);
+    assert!(run.killed_by_sigsys(), "{run:?}");
+    assert!(run.get("result").is_none() && run.get("done").is_none(), "{run:?}");
+    check_control("thread-socket", NO_SECCOMP, Control::Succeeds);
 }

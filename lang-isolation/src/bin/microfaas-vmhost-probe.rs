@@ -6,14 +6,15 @@
 //! does before its sandbox (opens `/dev/kvm` and the guest image file it
 //! writes at the path `IMAGE`,
 //! installs the kick signal's handler, puts its control socket at fd 3 with
-//! a slab memfd waiting on it), enters `vmhost::policy` for `SPEC` (a
+//! a slab memfd waiting on it), enters `vmhost::policy` through `vmhost::enter` for `SPEC` (a
 //! `--sandbox` value), and then runs `CASE`:
 //!
 //! - `kvm`: the work of a host process: receive the slab memfd on the
 //!   control socket and map it MAP_SHARED, map the image MAP_PRIVATE, create
 //!   a VM with both as memory slots, create a vCPU, map its `kvm_run`, set
 //!   registers, run the guest to its port write on this thread and on to
-//!   its HLT from a new thread, kick itself with a realtime signal, reply
+//!   its HLT from a new thread, read the vCPU's statistics, kick itself,
+//!   raise its fd soft limit, pin itself to CPU 0, with a realtime signal, reply
 //!   on the control socket.
 //! - any other case: one forbidden system call, made raw.
 //!
@@ -21,7 +22,7 @@
 //! only fd it may write), e.g. `PROBE result errno=13` or `PROBE result
 //! ok=0`; a seccomp kill shows as the exit status instead.
 
-use lang_isolation::sandbox::{self, SandboxSpec, vmhost};
+use lang_isolation::sandbox::{SandboxSpec, vmhost};
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -40,6 +41,8 @@ const KVM_SET_REGS: u64 = 0x4090_ae82;
 /// `_IOR(KVMIO, 0x83, struct kvm_sregs)` (312 bytes), and `_IOW` of it.
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
 const KVM_SET_SREGS: u64 = 0x4138_ae84;
+/// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics fd.
+const KVM_GET_STATS_FD: u64 = 0xaece;
 const KVM_EXIT_IO: u32 = 2;
 const KVM_EXIT_HLT: u32 = 5;
 
@@ -137,9 +140,12 @@ fn main() {
         .seccomp
         .as_ref()
         .map_or(0, |s| s.compile().map_or(0, |p| p.len()));
+    // A host process that started a thread too early: refused.
+    let _early =
+        (case == "thread-first").then(|| std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(2))));
     let t0 = std::time::Instant::now();
-    if let Err(e) = sandbox::apply(&policy) {
-        report("error", &format!("apply: {e}"));
+    if let Err(e) = vmhost::enter(&spec, vmhost::CONTROL_FD) {
+        report("error", &format!("enter: {e}"));
         std::process::exit(4);
     }
     let took = t0.elapsed();
@@ -149,8 +155,27 @@ fn main() {
     );
 
     match case.as_str() {
-        "kvm" => run_guest(kvm.as_raw_fd(), image.as_raw_fd()),
+        "kvm" => {
+            // std's metadata: statx and glibc's fstat (newfstatat) refused
+            // with ENOSYS, an error and no kill; the size by lseek.
+            let meta = image.metadata().map_or_else(
+                |e| format!("errno={}", e.raw_os_error().unwrap_or(0)),
+                |m| format!("len={}", m.len()),
+            );
+            report("metadata", &meta);
+            // SAFETY: lseek on an fd this process holds.
+            let end = unsafe { libc::syscall(libc::SYS_lseek, image.as_raw_fd(), 0, libc::SEEK_END) };
+            report("size", &outcome(end));
+            run_guest(kvm.as_raw_fd(), image.as_raw_fd());
+        }
         "none" => {}
+        // A forbidden call on a pool thread: the whole process dies (the
+        // main thread would otherwise report after the join).
+        "thread-socket" => {
+            let t = std::thread::spawn(|| forbidden("socket"));
+            let r = t.join().unwrap_or_else(|_| "panicked".to_owned());
+            report("result", &r);
+        }
         other => report("result", &forbidden(other)),
     }
     drop((kvm, image, peer));
@@ -355,6 +380,17 @@ fn run_guest(kvm: libc::c_int, image_fd: libc::c_int) {
     let stored = unsafe { slab.add(STORE_AT).read_volatile() };
     report("stored", &format!("{stored:#x}"));
 
+    // The vCPU's statistics, as the VMM reads them: the header, by pread64.
+    let stats = ioctl(vcpu, KVM_GET_STATS_FD, 0);
+    let header = if stats < 0 {
+        format!("KVM_GET_STATS_FD {}", outcome(stats))
+    } else {
+        let mut header = [0u8; 24];
+        // SAFETY: pread64 into a local buffer of the length passed.
+        outcome(unsafe { libc::syscall(libc::SYS_pread64, stats, header.as_mut_ptr(), header.len(), 0) })
+    };
+    report("stats", &header);
+
     // The kick: a realtime signal to itself, through tgkill.
     // SAFETY: getpid/gettid have no preconditions; tgkill to this thread
     // with a signal whose handler only counts.
@@ -363,6 +399,48 @@ fn run_guest(kvm: libc::c_int, image_fd: libc::c_int) {
         "kick",
         &format!("{} handled={}", outcome(rc), KICKS.load(Ordering::SeqCst)),
     );
+
+    // Raising its own fd soft limit to the hard one, pinning itself.
+    let mut limit = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit64 on itself, reading into a local.
+    let mut rc = unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null::<libc::rlimit64>(),
+            &mut limit,
+        )
+    };
+    if rc == 0 {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: prlimit64 on itself from a local.
+        rc = unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut::<libc::rlimit64>(),
+            )
+        };
+    }
+    report("rlimit", &outcome(rc));
+    // SAFETY: an all-zero cpu_set_t with CPU 0 set, passed by reference.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::syscall(
+            libc::SYS_sched_setaffinity,
+            0,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        )
+    };
+    report("pin", &outcome(rc));
 
     // A reply on the control socket.
     let iov = [std::io::IoSlice::new(b"done")];
@@ -449,6 +527,34 @@ fn forbidden(case: &str) -> String {
                 if pid > 0 { 0 } else { pid }
             }
             "clone3" => libc::syscall(libc::SYS_clone3, 0, 0),
+            "stat-path" => {
+                let path = CString::new("/etc/passwd").unwrap_or_default();
+                let mut st: libc::stat = std::mem::zeroed();
+                libc::syscall(libc::SYS_newfstatat, libc::AT_FDCWD, path.as_ptr(), &mut st, 0)
+            }
+            "prlimit-init" => {
+                let mut old = libc::rlimit64 {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    1,
+                    libc::RLIMIT_NOFILE,
+                    std::ptr::null::<libc::rlimit64>(),
+                    &mut old,
+                )
+            }
+            "setaffinity-parent" => {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                libc::syscall(
+                    libc::SYS_sched_setaffinity,
+                    ppid,
+                    std::mem::size_of::<libc::cpu_set_t>(),
+                    &set,
+                )
+            }
             "recvmsg-other-fd" => libc::syscall(libc::SYS_recvmsg, libc::STDIN_FILENO, 0, 0),
             "write-stdout" => libc::syscall(libc::SYS_write, libc::STDOUT_FILENO, c"x".as_ptr(), 1),
             "memfd" => libc::syscall(libc::SYS_memfd_create, c"x".as_ptr(), 0),
