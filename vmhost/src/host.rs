@@ -152,13 +152,12 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
     serve(&host, std::os::fd::AsFd::as_fd(&control))
 }
 
-/// Enters the VMM host sandbox (`lang_isolation::sandbox::vmhost`).
+/// Enters the VMM host sandbox (`lang_isolation::sandbox::vmhost`), on
+/// the process's only thread.
 fn enter_sandbox(spec: &str) -> Result<(), HostError> {
-    use lang_isolation::sandbox::{self, SandboxSpec, vmhost};
+    use lang_isolation::sandbox::{SandboxSpec, vmhost};
     let spec = SandboxSpec::parse(spec).map_err(|e| HostError::Setup(format!("sandbox spec: {e}")))?;
-    let policy =
-        vmhost::policy(&spec, std::process::id()).map_err(|e| HostError::Setup(format!("sandbox policy: {e}")))?;
-    sandbox::apply(&policy).map_err(|e| HostError::Setup(format!("entering the sandbox: {e}")))?;
+    vmhost::enter(&spec, crate::CONTROL_FD).map_err(|e| HostError::Setup(format!("entering the sandbox: {e}")))?;
     Ok(())
 }
 

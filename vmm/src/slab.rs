@@ -151,10 +151,14 @@ impl Slab {
     pub fn from_fd(file: File, io_bytes: u64, slots: usize) -> Result<Arc<Self>, SlabError> {
         let stride = slot_stride(io_bytes).ok_or(SlabError::BadWindow(io_bytes))?;
         let reserved = slots.checked_mul(stride).ok_or(SlabError::BadWindow(io_bytes))?;
-        let size = file
-            .metadata()
-            .map_err(|source| SlabError::Os { op: "fstat", source })?
-            .len();
+        // Its size by seeking to its end (a sandboxed VMM host process has
+        // no stat calls).
+        let size = {
+            use std::io::Seek;
+            let mut f = &file;
+            f.seek(std::io::SeekFrom::End(0))
+                .map_err(|source| SlabError::Os { op: "lseek", source })?
+        };
         if size < u64::try_from(reserved).unwrap_or(u64::MAX) {
             return Err(SlabError::BadWindow(io_bytes));
         }
