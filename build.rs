@@ -3,7 +3,8 @@
 //! * every example function in `functions/` into a verified artifact
 //!   (`MICROFAAS_FUNCTIONS_DIR`, names in `MICROFAAS_FUNCTION_NAMES`);
 //! * the `lang-isolation` worker binaries the `process` and `language`
-//!   backends exec (`MICROFAAS_RUNNER_BIN`, `MICROFAAS_WORKER_BIN`), in
+//!   backends exec (`MICROFAAS_RUNNER_BIN`, `MICROFAAS_WORKER_BIN`) and the
+//!   VMM host process the `vm` backend execs (`MICROFAAS_VMHOST_BIN`), in
 //!   release mode so latency measurements are of optimised code.
 //!
 //! Both are nested cargo builds with their own target directories under the
@@ -19,7 +20,17 @@ fn main() {
         .find(|d| d.join("CACHEDIR.TAG").is_file())
         .unwrap_or(&out_dir)
         .to_owned();
-    for watched in ["functions", "sdk", "builder", "lang-isolation", "Cargo.lock"] {
+    for watched in [
+        "functions",
+        "sdk",
+        "builder",
+        "lang-isolation",
+        "vmm",
+        "vmhost",
+        "ipc",
+        "guest",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", manifest_dir.join(watched).display());
     }
     build_functions(&manifest_dir, &target_root);
@@ -59,7 +70,16 @@ fn build_worker_binaries(manifest_dir: &Path, target_root: &Path) {
     let mut cmd = microfaas_builder::clean_cargo();
     let status = cmd
         .current_dir(manifest_dir)
-        .args(["build", "--release", "-p", "lang-isolation", "--bins", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "lang-isolation",
+            "-p",
+            "microfaas-vmhost",
+            "--bins",
+            "--target-dir",
+        ])
         .arg(&bin_target)
         .status()
         .expect("running cargo for the lang-isolation binaries");
@@ -72,5 +92,9 @@ fn build_worker_binaries(manifest_dir: &Path, target_root: &Path) {
     println!(
         "cargo:rustc-env=MICROFAAS_WORKER_BIN={}",
         release.join("microfaas-worker").display()
+    );
+    println!(
+        "cargo:rustc-env=MICROFAAS_VMHOST_BIN={}",
+        release.join("microfaas-vmhost").display()
     );
 }

@@ -246,4 +246,14 @@ pub struct VmConfig {
     /// VM shells (VM + vCPU) created in advance for snapshot restores, off
     /// the start path; `None` = 4. 0 = create one per restore.
     pub shell_pool: Option<usize>,
+    /// VMs per VMM host process: instances that serve requests (restores
+    /// from function and argument snapshots, prestarts, the hot pool) run
+    /// in host processes (`microfaas-vmhost`, per tenant) of at most this
+    /// many VMs each; `None` = 512. 0 = every instance in the backend's
+    /// own process (as before host processes).
+    pub vms_per_host: Option<usize>,
+    /// Runner threads per VMM host process; `None` = 1 (the fastest hot
+    /// path measured here; a long request then holds up the other
+    /// instances of its process).
+    pub host_runners: Option<usize>,
 }

@@ -81,6 +81,16 @@ struct Fixture {
     echo: FunctionId,
     sha: FunctionId,
     checkpointed: FunctionId,
+    checkpoint_echo: FunctionId,
+}
+
+/// Builds the `checkpoint-echo` test fixture (reads its input only after
+/// `checkpoint()`).
+fn checkpoint_echo_artifact() -> std::sync::Arc<microfaas::Artifact> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-echo");
+    let opts = microfaas_builder::BuildOptions::new(Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-fixtures"));
+    let built = microfaas_builder::build(&dir, &opts).unwrap_or_else(|e| panic!("building checkpoint-echo: {e}"));
+    std::sync::Arc::new(microfaas::Artifact::load(&built.path).unwrap())
 }
 
 fn fixture() -> Option<&'static Fixture> {
@@ -90,11 +100,15 @@ fn fixture() -> Option<&'static Fixture> {
         let echo = deploy(backend.as_ref(), "echo");
         let sha = deploy(backend.as_ref(), "sha512");
         let checkpointed = deploy(backend.as_ref(), "checkpointed");
+        let checkpoint_echo = backend
+            .deploy(&FunctionSpec::new("checkpoint-echo", checkpoint_echo_artifact()))
+            .unwrap_or_else(|e| panic!("deploying checkpoint-echo: {e}"));
         Some(Fixture {
             backend,
             echo,
             sha,
             checkpointed,
+            checkpoint_echo,
         })
     })
     .as_ref()
@@ -114,6 +128,19 @@ proptest! {
     fn sha512_every_path_matches_cold(rounds in 0u32..64) {
         if let Some(f) = fixture() {
             check_every_path(f.backend.as_ref(), &f.sha, rounds.to_string().as_bytes(), false);
+        }
+    }
+
+    /// The input lives in the I/O window (the instance's channel slot, not
+    /// its snapshot memory): a resumed argument snapshot must find it there.
+    #[test]
+    fn input_read_after_checkpoint_every_path_matches_cold(input in proptest::collection::vec(any::<u8>(), 1..9000)) {
+        if let Some(f) = fixture() {
+            check_every_path(f.backend.as_ref(), &f.checkpoint_echo, &input, true);
+            let reversed: Vec<u8> = input.iter().rev().copied().collect();
+            let again = f.backend.invoke(&f.checkpoint_echo, &input, StartRequest::Auto).unwrap();
+            prop_assert_eq!(again.start, StartPath::Argument);
+            prop_assert_eq!(again.output, reversed);
         }
     }
 

@@ -7,6 +7,15 @@
 //! init) and `cold` (boot, load, init) are there to be forced. Instances go
 //! back to the pool unless they died; torn-down instances are dropped on a
 //! reaper thread, off the request path (teardown is slow on this host).
+//!
+//! Instances that serve requests (function and argument restores,
+//! prestarts, the hot pool) run in VMM host processes (`hosts`: per tenant,
+//! at most `vm.vms_per_host` VMs each, a function's instances packed where
+//! its node is registered); instances that make snapshots (the base and
+//! function nodes, argument snapshots) and forced `cold`/`base` starts run
+//! in this process: saving a VM and reading its memory need it here, and
+//! they are few. A remote instance that stops at a new input's checkpoint
+//! is resumed at once and the argument snapshot made here afterwards.
 
 use super::vm_snapshots::{ArgumentCache, Restorable, Snapshots, input_hash, mapping_of, private_bytes};
 use crate::{
@@ -17,6 +26,7 @@ use snapshots::{Label, Level, NodeId};
 
 mod arguments;
 mod errors;
+mod hosts;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -32,6 +42,23 @@ const DEFAULT_IDLE_PER_FUNCTION: usize = 16;
 const DEFAULT_SHELL_POOL: usize = 4;
 /// Default argument snapshots kept per function.
 const DEFAULT_ARGUMENTS_PER_FUNCTION: usize = 8;
+/// Default VMs per VMM host process. Every VM of a process registers an MMU
+/// notifier on its address space: `KVM_CREATE_VM` walks all its mappings
+/// and every copy-on-write fault (a restored guest's first writes) calls
+/// every VM's notifier, so a start costs more as its process fills. Here
+/// (`examples/vm_shard_bench.rs`, 10,000 idle instances) a `function`
+/// start took 2.7 ms median with 2,048 per process, 0.96 ms with 512 (as
+/// with 10 idle); 512 also keeps 50,000 instances to ~100 processes.
+const DEFAULT_VMS_PER_HOST: usize = 512;
+/// Default runner threads per VMM host process. Measured here
+/// (`examples/vm_shard_bench.rs`, hot noop total p50): 84 us with one
+/// runner, 152 us with two and 133 us with three (round robin), 155 us
+/// with two and sticky placement; in this process 73-81 us. So one: the
+/// hot path keeps its figure. The price: a long request holds up the
+/// other instances of its host process until it ends or its budget
+/// expires (`vm.host_runners` raises it; with 512 VMs per process, a
+/// host has many processes and so many runners overall).
+const DEFAULT_HOST_RUNNERS: usize = 1;
 
 /// Opens the `vm` backend.
 pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
@@ -77,6 +104,19 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
             }
         })
         .map_err(|e| Error::io("spawning the vm reaper thread", e))?;
+    let vms_per_host = config.vm.vms_per_host.unwrap_or(DEFAULT_VMS_PER_HOST);
+    let hosts = if vms_per_host == 0 {
+        None
+    } else {
+        let runners = config.vm.host_runners.unwrap_or(DEFAULT_HOST_RUNNERS);
+        let settings = hosts::HostSettings {
+            binary: std::path::PathBuf::from(env!("MICROFAAS_VMHOST_BIN")),
+            vms_per_host,
+            runners,
+            sandbox: config.sandbox.settings(),
+        };
+        Some(hosts::Hosts::new(settings, instance)?)
+    };
     let snapshots = Snapshots::open(
         config.vm.store_dir.clone(),
         &instance,
@@ -87,6 +127,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     )?;
     Ok(Box::new(VmBackend {
         vmm,
+        hosts,
         shells,
         snapshots,
         instance,
@@ -174,6 +215,7 @@ struct Pooled {
 #[derive(Debug)]
 struct Function {
     name: String,
+    tenant: String,
     artifact: Arc<Artifact>,
     budget: Duration,
     /// The function snapshot.
@@ -201,6 +243,8 @@ enum Chore {
 #[derive(Debug)]
 struct VmBackend {
     vmm: Arc<Vmm>,
+    /// The VMM host processes (`None`: every instance in this process).
+    hosts: Option<hosts::Hosts>,
     /// Pre-created VM shells for restores (refilled by the reaper thread).
     shells: Arc<Mutex<Vec<Shell>>>,
     snapshots: Snapshots,
@@ -334,8 +378,21 @@ impl VmBackend {
         }
     }
 
-    /// Restores `node` as an instance of `f`.
-    fn restore(&self, node: &Restorable) -> Result<Pooled, Error> {
+    /// Restores `node` as an instance serving `tenant`'s requests: in a
+    /// VMM host process of the tenant (or here, without host processes).
+    fn restore(&self, tenant: &str, node: &Restorable) -> Result<Pooled, Error> {
+        let Some(hosts) = &self.hosts else {
+            return self.restore_local(node);
+        };
+        Ok(Pooled {
+            instance: hosts.restore(tenant, node)?,
+            origin: Some(node.id),
+        })
+    }
+
+    /// Restores `node` in this process (an instance that makes snapshots:
+    /// saving and reading its memory need its VM here).
+    fn restore_local(&self, node: &Restorable) -> Result<Pooled, Error> {
         let instance = self
             .snapshots
             .restore(&self.vmm, self.take_shell(), &self.instance, node)?;
@@ -397,7 +454,7 @@ impl Backend for VmBackend {
             let ready = self
                 .snapshots
                 .restorable(node_id, Level::Function)
-                .and_then(|node| self.restore(&node).map(|first| (node, first)));
+                .and_then(|node| self.restore(spec.tenant.as_str(), &node).map(|first| (node, first)));
             match ready {
                 Ok(ready) => break ready,
                 Err(e @ Error::SnapshotCorrupt { .. }) if found.is_some() => self.snapshots.refuse(node_id, &e),
@@ -407,6 +464,7 @@ impl Backend for VmBackend {
         let has_arguments = AtomicBool::new(self.snapshots.has_arguments(node.id));
         let f = Arc::new(Function {
             name: spec.name.clone(),
+            tenant: spec.tenant.as_str().to_owned(),
             artifact: Arc::clone(&spec.artifact),
             budget,
             node,
@@ -448,16 +506,32 @@ impl Backend for VmBackend {
         // Prefer an idle instance on the function snapshot: only those can
         // write an argument snapshot of a new input at its checkpoint.
         let take_idle = || {
-            f.idle
+            let mut lost = Vec::new();
+            let taken = f
+                .idle
                 .lock()
                 .map(|mut idle| {
-                    let at = idle.iter().rposition(|p| p.origin == Some(f.node.id));
-                    match at {
-                        Some(i) => Some(idle.swap_remove(i)),
-                        None => idle.pop(),
+                    loop {
+                        let at = idle.iter().rposition(|p| p.origin == Some(f.node.id));
+                        let p = match at {
+                            Some(i) => Some(idle.swap_remove(i)),
+                            None => idle.pop(),
+                        };
+                        match p {
+                            // An instance of a host process that died is gone.
+                            Some(p) if !p.instance.is_alive() => lost.push(p.instance),
+                            other => break other,
+                        }
                     }
                 })
-                .map_err(|_| poisoned())
+                .map_err(|_| poisoned());
+            if !lost.is_empty() {
+                self.counters
+                    .discarded
+                    .fetch_add(u64::try_from(lost.len()).unwrap_or(0), Ordering::Relaxed);
+                self.reap(lost);
+            }
+            taken
         };
         let booted = |instance| Pooled { instance, origin: None };
         let measured = |p: Pooled, path| (p, path, ns(invoked.elapsed()), invoked, invoked_ns);
@@ -469,7 +543,7 @@ impl Backend for VmBackend {
                 let from_argument = match &known {
                     Some(arg) => {
                         self.snapshots.touch(arg.id);
-                        match self.restore(arg) {
+                        match self.restore(&f.tenant, arg) {
                             Ok(p) => Some(p),
                             Err(e @ Error::SnapshotCorrupt { .. }) => {
                                 self.snapshots.refuse(arg.id, &e);
@@ -489,14 +563,16 @@ impl Backend for VmBackend {
                 } else if let Some(p) = take_idle()? {
                     (p, StartPath::Hot, 0, invoked, invoked_ns)
                 } else {
-                    measured(self.restore(&f.node)?, StartPath::Function)
+                    measured(self.restore(&f.tenant, &f.node)?, StartPath::Function)
                 }
             }
             StartRequest::Force(StartPath::Cold) => measured(booted(self.start_cold(&f)?), StartPath::Cold),
             StartRequest::Force(StartPath::Base) => {
                 measured(booted(self.start_base(&f.name, &f.artifact)?), StartPath::Base)
             }
-            StartRequest::Force(StartPath::Function) => measured(self.restore(&f.node)?, StartPath::Function),
+            StartRequest::Force(StartPath::Function) => {
+                measured(self.restore(&f.tenant, &f.node)?, StartPath::Function)
+            }
             StartRequest::Force(StartPath::Argument) => {
                 let arg = match &known {
                     Some(arg) => Some(Arc::clone(arg)),
@@ -512,13 +588,13 @@ impl Backend for VmBackend {
                 };
                 self.snapshots.touch(arg.id);
                 let (t, t_ns) = (Instant::now(), vmm::now_ns());
-                let p = self.restore(&arg)?;
+                let p = self.restore(&f.tenant, &arg)?;
                 (p, StartPath::Argument, ns(t.elapsed()), t, t_ns)
             }
             StartRequest::Force(StartPath::Hot) => match take_idle()? {
                 Some(p) => (p, StartPath::Hot, 0, invoked, invoked_ns),
                 // Make an instance to be hot, outside the measured time.
-                None => unmeasured(self.restore(&f.node)?, StartPath::Hot),
+                None => unmeasured(self.restore(&f.tenant, &f.node)?, StartPath::Hot),
             },
             StartRequest::Force(other) => {
                 return Err(Error::UnsupportedStart {
@@ -542,7 +618,8 @@ impl Backend for VmBackend {
             && path != StartPath::Argument
             && self.snapshots.arguments_per_function > 0;
         self.counters.busy.fetch_add(1, Ordering::Relaxed);
-        let result = self.run(&f, &mut pooled, input, capture);
+        let mut checkpointed = false;
+        let result = self.run(&f, &mut pooled, input, capture, &mut checkpointed);
         self.counters.busy.fetch_sub(1, Ordering::Relaxed);
         let instance = &pooled.instance;
         let outcome = match result {
@@ -570,6 +647,11 @@ impl Backend for VmBackend {
             Err(e) => Err(self.run_error(&f.name, instance, e, f.budget)),
         };
         self.give_back(&f, pooled)?;
+        // A remote instance stopped at the checkpoint of a new input: its
+        // argument snapshot is made here (after the reply, not timed).
+        if checkpointed && outcome.is_ok() {
+            let _ = self.make_argument(&f, input);
+        }
         if path != StartPath::Hot {
             self.refill_shells();
         }
@@ -591,7 +673,7 @@ impl Backend for VmBackend {
         let mut took = Vec::with_capacity(count);
         for _ in 0..count {
             let started = Instant::now();
-            let pooled = self.restore(&f.node)?;
+            let pooled = self.restore(&f.tenant, &f.node)?;
             took.push(started.elapsed());
             let mut idle = f.idle.lock().map_err(|_| poisoned())?;
             idle.push(pooled);
@@ -618,7 +700,8 @@ impl Backend for VmBackend {
                 instances += idle.len();
                 let mappings: Vec<_> = idle.iter().filter_map(|p| mapping_of(&p.instance)).collect();
                 let private: u64 = private_bytes(&mappings).iter().sum();
-                restored += u64::try_from(mappings.len()).unwrap_or(u64::MAX);
+                let remote = idle.iter().filter(|p| p.instance.is_remote()).count();
+                restored += u64::try_from(mappings.len() + remote).unwrap_or(u64::MAX);
                 restored_private += private;
                 memory_bytes += private;
                 memory_bytes += idle
@@ -629,6 +712,12 @@ impl Backend for VmBackend {
             }
         }
         let busy = self.counters.busy.load(Ordering::Relaxed);
+        let (host_list, (host_threads, host_private)) = match &self.hosts {
+            Some(h) => (h.list(), h.usage()),
+            None => (Vec::new(), (0, 0)),
+        };
+        memory_bytes += host_private;
+        restored_private += host_private;
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
@@ -652,7 +741,34 @@ impl Backend for VmBackend {
                 ("instances_busy".to_owned(), busy),
                 ("restored_idle_instances".to_owned(), restored),
                 ("restored_idle_private_bytes".to_owned(), restored_private),
-            ],
+                (
+                    "vm_host_processes".to_owned(),
+                    u64::try_from(host_list.len()).unwrap_or(u64::MAX),
+                ),
+                (
+                    "vm_host_threads".to_owned(),
+                    host_threads + u64::try_from(self.vmm.runner_threads()).unwrap_or(0),
+                ),
+                (
+                    "vm_idle_instances".to_owned(),
+                    u64::try_from(instances).unwrap_or(u64::MAX),
+                ),
+                (
+                    "vm_host_processes_spawned".to_owned(),
+                    self.hosts
+                        .as_ref()
+                        .map_or(0, |h| u64::try_from(h.spawned()).unwrap_or(0)),
+                ),
+                ("vm_host_private_bytes".to_owned(), host_private),
+            ]
+            .into_iter()
+            .chain(host_list.iter().enumerate().flat_map(|(i, h)| {
+                [
+                    (format!("vm_host{i}_pid"), u64::from(h.pid())),
+                    (format!("vm_host{i}_vms"), u64::try_from(h.vms()).unwrap_or(0)),
+                ]
+            }))
+            .collect(),
         }
     }
 }

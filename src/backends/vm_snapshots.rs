@@ -43,6 +43,23 @@ pub(crate) struct Restorable {
     state: SavedState,
 }
 
+impl Restorable {
+    /// The node's merged image file (a VMM host process maps it itself).
+    pub(crate) fn image_path(&self) -> &std::path::Path {
+        self.image.path()
+    }
+
+    /// The node's directory in the store.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The node's saved state.
+    pub(crate) fn state(&self) -> &SavedState {
+        &self.state
+    }
+}
+
 /// Guest memory of a restored instance: a private mapping of a merged image.
 #[derive(Debug)]
 pub(crate) struct SnapshotMemory(pub(crate) GuestMapping);

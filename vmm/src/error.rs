@@ -11,6 +11,19 @@ pub enum VmmError {
     /// `/dev/kvm` cannot be opened or is unusable.
     #[error("/dev/kvm is unusable")]
     KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl that makes an fd failed with `EMFILE`: the process is at
+    /// its open-file limit (raised to the hard limit at start).
+    #[error(
+        "KVM {op} failed: the process is at its open-file limit of {limit} (raised to the hard limit of {hard}, which binds)"
+    )]
+    FdLimit {
+        /// The operation.
+        op: &'static str,
+        /// The soft `RLIMIT_NOFILE`.
+        limit: u64,
+        /// The hard `RLIMIT_NOFILE`.
+        hard: u64,
+    },
     /// A KVM ioctl failed.
     #[error("KVM {op} failed")]
     Kvm {
@@ -41,9 +54,12 @@ pub enum VmmError {
     /// Writing guest memory failed.
     #[error("writing guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
-    /// The vCPU thread could not be spawned.
-    #[error("spawning the vCPU thread")]
-    Thread(#[source] std::io::Error),
+    /// The channel slab could not give a slot.
+    #[error(transparent)]
+    Slab(#[from] crate::slab::SlabError),
+    /// The runner pool could not be started.
+    #[error(transparent)]
+    Runners(#[from] crate::runner::PoolError),
     /// The snapshot memory does not match the configured layout.
     #[error("snapshot memory is {got} bytes, the layout needs {expected}")]
     SnapshotSize {
@@ -104,6 +120,10 @@ pub enum RunError {
     /// A request to a guest stopped at a checkpoint (resume it first).
     #[error("the instance is stopped at a checkpoint")]
     AtCheckpoint,
+    /// The process running the instance's VM died (or broke the report
+    /// protocol) with this request in flight.
+    #[error("the VMM host process running the instance was lost")]
+    Lost,
     /// The instance died earlier and cannot serve requests.
     #[error("instance is dead")]
     Dead,

@@ -1,10 +1,11 @@
-//! One micro-VM instance: a KVM VM with one vCPU running our guest, its
-//! memory, and the vCPU thread that runs it. The caller's thread writes
-//! requests into the mailbox, wakes the vCPU thread (unless the guest is
+//! One micro-VM instance: a KVM VM with one vCPU running our guest and its
+//! memory; no thread of its own (a runner of the process's pool runs its
+//! vCPU, see [`crate::runner`]). The caller's thread writes requests into
+//! the mailbox, hands the instance to a runner (unless the guest is
 //! spinning on the mailbox), and waits for the reply with the request's
 //! deadline (the watchdog: on expiry the vCPU is kicked and the instance
-//! discarded). Dropping an instance leaves its teardown to the vCPU thread
-//! (or the caller's reaper), off the request path.
+//! discarded). Dropping an instance tears it down on the dropping thread
+//! (the backend's reaper), or on the runner if it is running.
 
 use crate::Vmm;
 use crate::channel::{self, CheckedReply, MAILBOX_BYTES, Status};
@@ -14,19 +15,20 @@ use crate::image;
 use crate::kick;
 use crate::layout::{Layout, LayoutConfig};
 use crate::memory::GuestRam;
-use crate::setup::{host_rdtsc, memory_slots, write_boot_info, write_system_state};
+use crate::runner::{Pool, Queued};
+use crate::setup::{channel_slots, host_rdtsc, memory_slots, write_boot_info, write_system_state};
+use crate::slab::SlabSlot;
 use crate::stats::StatsFd;
-use crate::vcpu::{Event, IdleThread, StartAt, ThreadStart, Wake, spawn_thread};
+use crate::vcpu::{Cmd, Event, StartAt, Vcpu};
 
 mod snapshot;
 use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 pub use snapshot::{MapMemoryError, Shell};
+use std::collections::VecDeque;
 use std::mem::offset_of;
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -128,29 +130,94 @@ pub enum Progress {
     Checkpoint,
 }
 
-/// State shared by the instance handle and its vCPU thread.
+/// State shared by the instance handle and the runner running it.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    // Field order is drop order: the VM (and its memory slot) goes before
-    // the memory it maps.
-    #[allow(dead_code, reason = "owns the VM (and its memory slot) for the instance's life")]
+    // Field order is drop order: the vCPU and the VM (and its memory
+    // slots) go before the memory they map.
+    pub(crate) vcpu: Mutex<Vcpu>,
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
+    /// The mailbox page, I/O window and control block (in a channel slab).
+    pub(crate) chan: Arc<SlabSlot>,
     pub(crate) layout: Layout,
-    pub(crate) killed: AtomicBool,
     pub(crate) serial: Mutex<Vec<u8>>,
     pub(crate) serial_cap: usize,
+    /// Commands for the runner, in order.
+    pub(crate) cmds: Mutex<VecDeque<Cmd>>,
+    /// On a run queue or a runner.
+    pub(crate) queued: Queued,
+    /// The runner it last ran on (where it is queued next).
+    pub(crate) home: AtomicUsize,
+    /// The runner thread running it now (0: none): where a kick goes.
+    pub(crate) running_on: AtomicU64,
+    /// CPU time runners spent on it.
+    pub(crate) cpu_ns: AtomicU64,
+}
+
+impl Shared {
+    /// Records a runner's report in the control block and wakes the caller.
+    pub(crate) fn report(&self, event: Event) {
+        crate::report::write(self.chan.control(), &event);
+    }
+
+    /// Whether the caller gave the instance up.
+    pub(crate) fn is_killed(&self) -> bool {
+        self.chan.control().kill.load(Ordering::SeqCst) != 0
+    }
+}
+
+/// Where an instance's VM runs.
+#[derive(Debug)]
+enum Side {
+    /// In this process, on its runner pool.
+    Local {
+        shared: Arc<Shared>,
+        /// Held so that its runners (which a kick may reach) outlive the
+        /// instance.
+        pool: Arc<Pool>,
+    },
+    /// In another process (a VMM host process); this side only has the
+    /// slot, written and read as the caller.
+    Remote(Box<dyn Remote>),
+}
+
+/// The caller's handle on a VM that runs in another process (a VMM host
+/// process): its channel slot in a slab that process maps too, and how to
+/// queue a run there. Dropping it gives the VM up (the implementation
+/// frees the slot once that process has dropped the VM).
+pub trait Remote: Send + Sync + std::fmt::Debug {
+    /// The instance's channel slot.
+    fn chan(&self) -> &Arc<SlabSlot>;
+    /// Queues a run of the instance (`resume`: from its checkpoint) where
+    /// its VM runs; false if that process is gone.
+    fn submit(&self, resume: bool) -> bool;
+    /// Asks that process to kick the instance (its kill flag is set).
+    fn kick(&self);
+    /// Whether that process is alive.
+    fn alive(&self) -> bool;
+}
+
+/// How a remote instance starts: what the process running its VM reported
+/// when it restored it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteStart {
+    /// The saved state's request sequence number.
+    pub seq: u32,
+    /// Stopped at a checkpoint (resume it first).
+    pub at_checkpoint: bool,
+    /// Guest TSC minus host TSC.
+    pub tsc_offset: u64,
 }
 
 /// A running micro-VM serving one function.
 #[derive(Debug)]
 pub struct Instance {
-    shared: Arc<Shared>,
-    wake: Sender<Wake>,
-    events: Receiver<Event>,
-    /// Held (not detached) so that kicking it is always valid.
-    thread: std::thread::JoinHandle<()>,
+    side: Side,
+    layout: Layout,
     stats: Option<StatsFd>,
+    /// The last `report_seq` consumed.
+    reports_seen: u32,
     seq: u32,
     dead: bool,
     output_limit: u64,
@@ -179,7 +246,13 @@ pub fn now_ns() -> u64 {
 }
 
 pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { op, source }
+    move |source| {
+        if source.errno() == libc::EMFILE {
+            let (limit, hard) = crate::limits::fd_limit().unwrap_or((0, 0));
+            return VmmError::FdLimit { op, limit, hard };
+        }
+        VmmError::Kvm { op, source }
+    }
 }
 
 impl Instance {
@@ -207,8 +280,10 @@ impl Instance {
             Vec::new()
         };
         let ram = GuestRam::new(mem_bytes, &huge)?;
-        // SAFETY: `ram` is moved into `Shared`, which drops it after the VM.
-        unsafe { add_memory_slots(&vm, ram.host_addr(), &layout, config.dirty_log) }?;
+        let chan = vmm.channel_slot(&layout)?;
+        // SAFETY: `ram` and `chan` are moved into `Shared`, which drops them
+        // after the VM.
+        unsafe { add_memory_slots(&vm, ram.host_addr(), &chan, &layout, config.dirty_log) }?;
         timings.memory_ns = ns_since(t);
 
         let t = Instant::now();
@@ -241,8 +316,20 @@ impl Instance {
         timings.vcpu_ns = ns_since(t);
 
         let t = Instant::now();
-        let mut instance = Self::spawn(vm, ram, layout, vcpu, config, stats, tsc_offset, StartAt::Run, 0, None)?;
-        // The guest starts running on spawn; it rings with seq 0 when ready.
+        let mut instance = Self::spawn(
+            vmm,
+            vm,
+            (ram, chan),
+            layout,
+            vcpu,
+            config,
+            stats,
+            tsc_offset,
+            StartAt::Run,
+            0,
+        )?;
+        // The guest starts running now; it rings with seq 0 when ready.
+        instance.command(Cmd::Run);
         instance
             .wait(Instant::now() + Duration::from_secs(5))
             .map_err(VmmError::Boot)?;
@@ -253,8 +340,9 @@ impl Instance {
 
     #[allow(clippy::too_many_arguments, reason = "one private constructor's parts")]
     fn spawn(
+        vmm: &Vmm,
         vm: VmFd,
-        ram: GuestRam,
+        (ram, chan): (GuestRam, SlabSlot),
         layout: Layout,
         vcpu: VcpuFd,
         config: &InstanceConfig,
@@ -262,39 +350,27 @@ impl Instance {
         tsc_offset: u64,
         start: StartAt,
         seq: u32,
-        thread: Option<IdleThread>,
     ) -> Result<Self, VmmError> {
+        let pool = vmm.pool()?;
         let shared = Arc::new(Shared {
+            vcpu: Mutex::new(Vcpu { fd: vcpu, at: start }),
             vm,
             ram,
+            chan: Arc::new(chan),
             layout,
-            killed: AtomicBool::new(false),
             serial: Mutex::new(Vec::new()),
             serial_cap: config.serial_cap_bytes,
+            cmds: Mutex::new(VecDeque::new()),
+            queued: Queued::default(),
+            home: AtomicUsize::new(pool.assign_home()),
+            running_on: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
         });
-        let (wake_tx, wake_rx) = mpsc::channel();
-        let (event_tx, event_rx) = mpsc::channel();
-        let thread_start = ThreadStart {
-            vcpu,
-            shared: Arc::clone(&shared),
-            wake: wake_rx,
-            events: event_tx,
-            start,
-        };
-        // A thread spawned in advance if there is one (and it is alive).
-        let handle = match thread {
-            Some(t) => match t.start(thread_start) {
-                Ok(handle) => handle,
-                Err(thread_start) => spawn_thread(thread_start).map_err(VmmError::Thread)?,
-            },
-            None => spawn_thread(thread_start).map_err(VmmError::Thread)?,
-        };
         Ok(Self {
-            shared,
-            wake: wake_tx,
-            events: event_rx,
-            thread: handle,
+            side: Side::Local { shared, pool },
+            layout,
             stats,
+            reports_seen: 0,
             seq,
             dead: false,
             output_limit: config.output_limit_bytes,
@@ -304,19 +380,152 @@ impl Instance {
         })
     }
 
+    /// Request sequence number of the last request (or the saved state's).
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// Guest TSC minus host TSC, as measured at boot or restore.
+    pub fn tsc_offset(&self) -> u64 {
+        self.tsc_offset
+    }
+
+    /// The VM side's host API: stops the instance and tears it down on this
+    /// thread, waiting (up to `limit`) for a runner still holding it to let
+    /// go: when this returns true the VM is gone and its channel slot may
+    /// be reused.
+    pub fn teardown(self, limit: Duration) -> bool {
+        let shared = self.local().map(Arc::clone);
+        drop(self); // kills it; a runner running it stops
+        let Some(mut shared) = shared else {
+            return true;
+        };
+        let until = Instant::now() + limit;
+        loop {
+            match Arc::try_unwrap(shared) {
+                Ok(inner) => {
+                    drop(inner);
+                    return true;
+                }
+                Err(back) if Instant::now() < until => {
+                    shared = back;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// An instance whose VM runs in another process (`remote`), restored
+    /// there into `remote`'s slot as `start` says.
+    pub fn remote(remote: Box<dyn Remote>, config: &InstanceConfig, start: RemoteStart) -> Result<Self, VmmError> {
+        let layout = Layout::new(config.layout)?;
+        let reports_seen = remote.chan().control().report_seq.load(Ordering::Acquire);
+        Ok(Self {
+            side: Side::Remote(remote),
+            layout,
+            stats: None,
+            reports_seen,
+            seq: start.seq,
+            dead: false,
+            output_limit: config.output_limit_bytes,
+            tsc_offset: start.tsc_offset,
+            host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
+            at_checkpoint: start.at_checkpoint,
+        })
+    }
+
+    fn local(&self) -> Option<&Arc<Shared>> {
+        match &self.side {
+            Side::Local { shared, .. } => Some(shared),
+            Side::Remote(_) => None,
+        }
+    }
+
+    /// The instance's channel slot (mailbox, I/O window, control block).
+    fn chan(&self) -> &Arc<SlabSlot> {
+        match &self.side {
+            Side::Local { shared, .. } => &shared.chan,
+            Side::Remote(r) => r.chan(),
+        }
+    }
+
+    /// Whether the VM runs in another process.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.side, Side::Remote(_))
+    }
+
+    /// Hands the instance a command (queued on a runner unless it already
+    /// is); false if the process running its VM is gone.
+    pub(crate) fn command(&self, cmd: Cmd) -> bool {
+        match &self.side {
+            Side::Local { shared, pool } => {
+                if let Ok(mut q) = shared.cmds.lock() {
+                    q.push_back(cmd);
+                }
+                if shared.queued.set() {
+                    pool.submit(Arc::clone(shared));
+                }
+                true
+            }
+            Side::Remote(r) => match cmd {
+                Cmd::Run => r.submit(false),
+                Cmd::Resume => r.submit(true),
+                Cmd::Save(_) => false,
+            },
+        }
+    }
+
+    /// The VM side's host API: the caller side (in another process)
+    /// published a request in the slot, or asked to resume from the
+    /// checkpoint: queue the instance on a runner.
+    pub fn run_published(&self, resume: bool) {
+        self.command(if resume { Cmd::Resume } else { Cmd::Run });
+    }
+
+    /// The VM side's host API: if the caller side set the slot's kill flag,
+    /// stops the vCPU (kicking the runner running it); true if it did.
+    pub fn stop_if_killed(&self) -> bool {
+        match &self.side {
+            Side::Local { shared, .. } if shared.is_killed() => {
+                shared.stop();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the instance killed and stops its vCPU wherever it runs.
+    fn stop_vm(&self) {
+        match &self.side {
+            Side::Local { shared, .. } => shared.stop(),
+            Side::Remote(r) => {
+                r.chan().control().kill.store(1, Ordering::SeqCst);
+                r.kick();
+            }
+        }
+    }
+
     /// The layout of this instance's memory.
     pub fn layout(&self) -> &Layout {
-        &self.shared.layout
+        &self.layout
     }
 
     /// Whether the instance can still serve requests.
     pub fn is_alive(&self) -> bool {
         !self.dead
+            && match &self.side {
+                Side::Local { .. } => true,
+                Side::Remote(r) => r.alive(),
+            }
     }
 
-    /// The guest's log (the most recent bytes).
+    /// The guest's log (the most recent bytes; empty for a remote instance).
     pub fn serial_log(&self) -> String {
-        let log = self.shared.serial.lock().map(|l| l.clone()).unwrap_or_default();
+        let Some(shared) = self.local() else {
+            return String::new();
+        };
+        let log = shared.serial.lock().map(|l| l.clone()).unwrap_or_default();
         String::from_utf8_lossy(&log).into_owned()
     }
 
@@ -330,10 +539,13 @@ impl Instance {
     /// itself (requests, payloads) are not included: KVM logs guest writes.
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, VmmError> {
         let mut pages = Vec::new();
-        for (slot, start, end) in memory_slots(&self.shared.layout) {
+        let Some(shared) = self.local() else {
+            return Err(VmmError::Shell("a remote instance's dirty log is its host process's"));
+        };
+        let layout = &self.layout;
+        for (slot, start, end) in memory_slots(layout).into_iter().chain(channel_slots(layout)) {
             let size = usize::try_from(end - start).unwrap_or(0);
-            let bitmap = self
-                .shared
+            let bitmap = shared
                 .vm
                 .get_dirty_log(slot, size)
                 .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
@@ -348,25 +560,16 @@ impl Instance {
         Ok(pages)
     }
 
-    /// CPU time the vCPU thread has used (guest and VMM time), in ns.
+    /// CPU time runners have spent running this instance's vCPU (guest and
+    /// VMM time), in ns, up to its last report.
     pub fn vcpu_cpu_time_ns(&self) -> Option<u64> {
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: the thread is alive or joinable (its handle is held), and
-        // `clock` is a valid out-pointer.
-        if unsafe { libc::pthread_getcpuclockid(self.thread.as_pthread_t(), &mut clock) } != 0 {
-            return None;
-        }
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid out-pointer.
-        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-            return None;
-        }
-        Some(u64::try_from(ts.tv_sec).ok()? * 1_000_000_000 + u64::try_from(ts.tv_nsec).ok()?)
+        Some(self.local()?.cpu_ns.load(Ordering::Relaxed))
     }
 
-    /// Host memory resident for this instance's guest RAM.
+    /// Host memory resident for this instance's guest RAM (0 for a remote
+    /// instance: its host process's).
     pub fn resident_bytes(&self) -> u64 {
-        self.shared.ram.resident_bytes()
+        self.local().map_or(0, |s| s.ram.resident_bytes())
     }
 
     /// Loads a function artifact and runs its `init()`: the host loads and
@@ -382,13 +585,16 @@ impl Instance {
         if self.seq != 0 || self.at_checkpoint {
             return Err(RunError::AlreadyLoaded);
         }
-        let layout = self.shared.layout;
+        let layout = self.layout;
         let loaded = image::prepare(artifact, &layout).map_err(RunError::Load)?;
         let (tables, pdes) = image::mapping(&loaded, &layout).map_err(RunError::Load)?;
+        let Some(shared) = self.local().map(Arc::clone) else {
+            return Err(RunError::AlreadyLoaded);
+        };
         // The guest is stopped (idle after boot); it sees all of this when
         // it first touches the image, after the page-directory entries
         // (written last) make it present.
-        let mem = self.shared.ram.mem();
+        let mem = shared.ram.mem();
         let write = |bytes: &[u8], addr: u64| {
             mem.write_slice(bytes, GuestAddress(addr))
                 .map_err(RunError::GuestMemory)
@@ -441,10 +647,11 @@ impl Instance {
             return Err(RunError::NotAtCheckpoint);
         }
         self.at_checkpoint = false;
-        let result = (|| {
-            self.wake.send(Wake::Resume).map_err(|_| RunError::Dead)?;
+        let result = if self.command(Cmd::Resume) {
             self.finish(deadline)
-        })();
+        } else {
+            Err(RunError::Lost)
+        };
         self.after(&result);
         result
     }
@@ -463,10 +670,9 @@ impl Instance {
             self.at_checkpoint = true;
             return Ok(Progress::Checkpoint);
         }
-        let layout = self.shared.layout;
+        let layout = self.layout;
         let mut bytes = [0u8; MAILBOX_BYTES];
-        self.shared
-            .ram
+        self.chan()
             .mem()
             .read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR))
             .map_err(RunError::GuestMemory)?;
@@ -482,7 +688,7 @@ impl Instance {
         if self.at_checkpoint {
             return Err(RunError::AtCheckpoint);
         }
-        let layout = self.shared.layout;
+        let layout = self.layout;
         let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
         if len > layout.io_bytes {
             return Err(RunError::PayloadTooLarge {
@@ -490,8 +696,8 @@ impl Instance {
                 limit: layout.io_bytes,
             });
         }
-        let shared = Arc::clone(&self.shared);
-        let mem = shared.ram.mem();
+        let chan = Arc::clone(self.chan());
+        let mem = chan.mem();
         let result = (|| {
             self.seq = self.seq.wrapping_add(1).max(1);
             // The host never accepts a reply to a request it has not sent:
@@ -524,8 +730,8 @@ impl Instance {
             let spinning: u32 = mem
                 .load(GuestAddress(SPINNING_ADDR), Ordering::SeqCst)
                 .map_err(RunError::GuestMemory)?;
-            if spinning == 0 {
-                self.wake.send(Wake::Run).map_err(|_| RunError::Dead)?;
+            if spinning == 0 && !self.command(Cmd::Run) {
+                return Err(RunError::Lost);
             }
             self.finish(deadline)
         })();
@@ -542,8 +748,7 @@ impl Instance {
         })?;
         let mut data = vec![0u8; len];
         if len > 0 {
-            self.shared
-                .ram
+            self.chan()
                 .mem()
                 .read_slice(&mut data, GuestAddress(r.addr))
                 .map_err(RunError::GuestMemory)?;
@@ -564,7 +769,8 @@ impl Instance {
     /// Returns true when the guest stopped at a checkpoint instead (its
     /// request's `checkpoint_seq` is cleared then, before any snapshot).
     fn wait_reply(&mut self, deadline: Instant) -> Result<bool, RunError> {
-        let mem = self.shared.ram.mem();
+        let chan = Arc::clone(self.chan());
+        let mem = chan.mem();
         let spin_until = Instant::now() + self.host_spin;
         loop {
             let resp: u32 = mem
@@ -579,14 +785,11 @@ impl Instance {
                 return Err(RunError::BudgetExceeded);
             }
             let event = if now < spin_until {
-                match self.events.try_recv() {
-                    Ok(ev) => Some(ev),
-                    Err(TryRecvError::Empty) => {
-                        std::hint::spin_loop();
-                        None
-                    }
-                    Err(TryRecvError::Disconnected) => None.ok_or(RunError::Dead).inspect_err(|_| self.dead = true)?,
+                let ev = self.try_report();
+                if ev.is_none() {
+                    std::hint::spin_loop();
                 }
+                ev
             } else {
                 let wait = deadline - now;
                 let wait = if self.host_spin.is_zero() {
@@ -594,14 +797,7 @@ impl Instance {
                 } else {
                     wait.min(SPIN_POLL)
                 };
-                match self.events.recv_timeout(wait) {
-                    Ok(ev) => Some(ev),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        self.dead = true;
-                        return Err(RunError::Dead);
-                    }
-                }
+                self.next_report(wait)
             };
             match event {
                 // A doorbell (this reply's, or a stale one): the mailbox says.
@@ -616,23 +812,17 @@ impl Instance {
                 Some(Event::Crash(c)) => return Err(RunError::Crashed(c)),
                 Some(Event::RunFailed(e)) => return Err(RunError::Kvm(e)),
                 Some(Event::Killed) => return Err(RunError::BudgetExceeded),
+                Some(Event::Lost) => return Err(RunError::Lost),
             }
         }
     }
 
-    /// Waits for the vCPU thread's next report, kicking it at `deadline`.
+    /// Waits for the runner's next report, kicking the vCPU at `deadline`.
     fn wait(&mut self, deadline: Instant) -> Result<u32, RunError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let event = match self.events.recv_timeout(timeout) {
-            Ok(ev) => ev,
-            Err(RecvTimeoutError::Timeout) => {
-                self.kill();
-                return Err(RunError::BudgetExceeded);
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                self.dead = true;
-                return Err(RunError::Dead);
-            }
+        let Some(event) = self.next_report(timeout) else {
+            self.kill();
+            return Err(RunError::BudgetExceeded);
         };
         match event {
             Event::Doorbell(seq) => Ok(seq),
@@ -641,51 +831,103 @@ impl Instance {
             Event::Crash(c) => Err(RunError::Crashed(c)),
             Event::RunFailed(e) => Err(RunError::Kvm(e)),
             Event::Killed => Err(RunError::BudgetExceeded),
+            Event::Lost => Err(RunError::Lost),
         }
     }
 
-    /// Stops the vCPU for good (it tears the VM down on its own thread).
+    /// The runner's next report if there is one.
+    fn try_report(&mut self) -> Option<Event> {
+        let chan = Arc::clone(self.chan());
+        let control = chan.control();
+        let seq = control.report_seq.load(Ordering::Acquire);
+        if seq == self.reports_seen {
+            return None;
+        }
+        self.reports_seen = seq;
+        Some(crate::report::read(control))
+    }
+
+    /// The runner's next report, waiting up to `timeout` (None: timed out).
+    fn next_report(&mut self, timeout: Duration) -> Option<Event> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(ev) = self.try_report() {
+                return Some(ev);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let word = &self.chan().control().report_seq;
+            ipc::futex::wait(word, self.reports_seen, Some(left));
+        }
+    }
+
+    /// Stops the vCPU for good.
     fn kill(&mut self) {
         if !self.dead {
             self.dead = true;
-            self.shared.killed.store(true, Ordering::SeqCst);
-            kick::kick(self.thread.as_pthread_t());
+            self.stop_vm();
         }
     }
 }
 
-/// Adds the two memory slots around the doorbell page.
+/// Adds the memory slots: guest RAM around the MMIO pages, the mailbox
+/// page and the I/O window (from the channel slab slot `chan`).
 ///
 /// # Safety
 /// `host_addr..host_addr + layout.mem_bytes` must be a mapping that stays
 /// mapped (or is replaced, in place, by the guest memory) for as long as
-/// the VM exists.
-unsafe fn add_memory_slots(vm: &VmFd, host_addr: u64, layout: &Layout, dirty_log: bool) -> Result<(), VmmError> {
-    for (slot, start, end) in memory_slots(layout) {
+/// the VM exists, and `chan` must outlive the VM.
+unsafe fn add_memory_slots(
+    vm: &VmFd,
+    host_addr: u64,
+    chan: &SlabSlot,
+    layout: &Layout,
+    dirty_log: bool,
+) -> Result<(), VmmError> {
+    let ram = memory_slots(layout).map(|(slot, start, end)| (slot, start, end, host_addr + start));
+    let [(mb_slot, mb_start, mb_end), (io_slot, io_start, io_end)] = channel_slots(layout);
+    let channel = [
+        (mb_slot, mb_start, mb_end, chan.mailbox_host_addr()),
+        (io_slot, io_start, io_end, chan.window_host_addr()),
+    ];
+    for (slot, start, end, userspace_addr) in ram.into_iter().chain(channel) {
         let region = kvm_userspace_memory_region {
             slot,
             flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: start,
             memory_size: end - start,
-            userspace_addr: host_addr + start,
+            userspace_addr,
         };
-        // SAFETY: the region lies inside the mapping the caller keeps
-        // alive for the VM's life (this function's contract).
+        // SAFETY: the region lies inside the guest memory mapping or the
+        // channel slot, which the caller keeps alive for the VM's life (this
+        // function's contract).
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
 
+impl Shared {
+    /// Marks the instance killed and kicks the runner running it, if any:
+    /// the runner sees the flag before its next `KVM_RUN`, or the kick's
+    /// `immediate_exit` stops the one it is in. A kick that reaches the
+    /// runner after it moved on to another instance only makes that one's
+    /// `KVM_RUN` return early once (it is not killed, so it runs on).
+    fn stop(&self) {
+        self.chan.control().kill.store(1, Ordering::SeqCst);
+        let runner = self.running_on.load(Ordering::SeqCst);
+        if runner != 0 {
+            kick::kick(runner);
+        }
+    }
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
-        // Wake or kick the vCPU thread so it exits and tears the VM down.
-        // An idle vCPU thread is parked on `wake`, and ends when that
-        // channel closes (right after this); a running one is kicked. The
-        // handle is dropped (detached) after the kick, so the kick is valid.
-        self.shared.killed.store(true, Ordering::SeqCst);
-        if !self.dead {
-            self.dead = true;
-            kick::kick(self.thread.as_pthread_t());
-        }
+        // A running vCPU is kicked; the runner drops its reference when it
+        // is done, and the last reference tears the VM down.
+        self.dead = true;
+        self.stop_vm();
     }
 }

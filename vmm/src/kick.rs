@@ -1,6 +1,9 @@
-//! Kicking a vCPU thread out of `KVM_RUN` (the host watchdog): a real-time
-//! signal whose handler sets `kvm_run.immediate_exit` through a thread-local
-//! pointer, so a signal that lands just before `KVM_RUN` still stops it.
+//! Kicking a runner thread out of `KVM_RUN` (the host watchdog): a real-time
+//! signal whose handler sets `kvm_run.immediate_exit` of the vCPU the runner
+//! runs now (a thread-local pointer, set while it runs one), so a signal
+//! that lands just before `KVM_RUN` still stops it. A kick that lands after
+//! the runner moved on to another instance stops that one's `KVM_RUN` once;
+//! the runner sees it was not killed and runs on.
 
 use kvm_bindings::kvm_run;
 use std::cell::Cell;
@@ -54,7 +57,8 @@ pub fn unregister_vcpu_thread() {
 
 /// Sends the kick signal to `thread`.
 pub fn kick(thread: libc::pthread_t) {
-    // SAFETY: `thread` is a live thread of this process (its JoinHandle is
-    // held by the caller); the handler is installed before any vCPU runs.
+    // SAFETY: `thread` is a live thread of this process (a runner of a
+    // pool the caller holds, so it has not exited); the handler is
+    // installed before any vCPU runs.
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }

@@ -16,15 +16,23 @@
 //! decoding ([`fault`]), the layout and page tables are pure and unit tested.
 //!
 //! ```text
-//!  caller thread                     vCPU thread (one per instance)
+//!  caller thread                     runner thread (a pool per process)
 //!  Instance::invoke                  KVM_RUN ... MMIO exit
 //!   write input -> I/O window          exit::handle (pure) -> Doorbell(seq)
-//!   write request, publish req_seq     report, park until a newer req_seq
-//!   wake (unless guest spinning) ---->  KVM_RUN: guest reads mailbox, runs fn,
+//!   write request, publish req_seq     report, take the next queued instance
+//!   queue it (unless guest spinning) ->  KVM_RUN: guest reads mailbox, runs fn,
 //!   poll resp_seq / wait for report <-  writes reply, rings doorbell (exit)
 //!   channel::check_reply (pure)
 //!   copy output (bounds-checked)      watchdog: kick = SIGRTMIN+5 + immediate_exit
 //! ```
+//!
+//! An idle instance holds no thread: its VM fd, its vCPU fd (with the
+//! `kvm_run` mapping) and its memory ([`runner`]). Its mailbox page and I/O
+//! window are a slot of a shared memory file ([`slab`]), their own memory
+//! slots, next to a control page the guest never maps (the runner's report
+//! and its futex word, the kill flag, [`report`]): the caller side touches
+//! only the slot, so the VM can run in another process (a VMM host process,
+//! [`Remote`]) with the caller and the vCPU still meeting in shared memory.
 //!
 //! Snapshots: [`Instance::save`] reads a stopped guest's vCPU and channel
 //! state ([`state::SavedState`], a versioned blob), [`Instance::guest_memory`]
@@ -44,9 +52,13 @@ pub mod image;
 pub mod instance;
 pub mod kick;
 pub mod layout;
+pub mod limits;
 pub mod memory;
 pub mod paging;
+pub mod report;
+pub mod runner;
 mod setup;
+pub mod slab;
 pub mod state;
 pub mod stats;
 mod vcpu;
@@ -56,9 +68,12 @@ pub use error::{RunError, VmmError};
 pub use fault::GuestFault;
 /// The host<->guest ABI (layout constants, mailbox, reply codes).
 pub use guest_abi as abi;
-pub use instance::{BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Reply, Shell, now_ns};
+pub use instance::{
+    BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Remote, RemoteStart, Reply, Shell, now_ns,
+};
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;
+pub use runner::{Placement, RunnerConfig};
 pub use state::{SavedState, StateError, VcpuState};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -74,12 +89,24 @@ pub struct Vmm {
     cpuid: CpuId,
     features: cpu::Features,
     xcr0: u64,
+    /// The runner pool, started with the first instance (a VMM host
+    /// process enters its sandbox before any thread exists).
+    pool: std::sync::OnceLock<std::sync::Arc<runner::Pool>>,
+    runners: RunnerConfig,
+    /// The channel slabs, by I/O window size.
+    slabs: std::sync::Mutex<Vec<std::sync::Arc<slab::Slab>>>,
 }
 
 impl Vmm {
-    /// Opens `/dev/kvm`, checks it is usable, and installs the vCPU kick
-    /// signal handler.
+    /// Opens `/dev/kvm`, checks it is usable, installs the vCPU kick
+    /// signal handler; the default runner pool starts with the first
+    /// instance.
     pub fn new() -> Result<Self, VmmError> {
+        Self::with_runners(RunnerConfig::default())
+    }
+
+    /// Like [`Vmm::new`] with a runner pool of `runners`.
+    pub fn with_runners(runners: RunnerConfig) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
         if kvm.get_api_version() != 12 {
             return Err(VmmError::KvmUnavailable(kvm_ioctls::Error::new(libc::ENOSYS)));
@@ -105,6 +132,8 @@ impl Vmm {
             smap: leaf7 & (1 << 20) != 0,
         };
         let xcr0 = leaf(0xd, 0).map_or(0b11, |e| cpu::xcr0(e.eax));
+        // Two fds per VM (VM, vCPU): as many as the hard limit allows.
+        let _ = limits::raise_fd_limit();
         kick::install().map_err(|source| VmmError::Kvm {
             op: "installing the vCPU kick handler",
             source,
@@ -114,6 +143,53 @@ impl Vmm {
             cpuid,
             features,
             xcr0,
+            pool: std::sync::OnceLock::new(),
+            runners,
+            slabs: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// A free channel slot (mailbox page + I/O window) for `layout`.
+    pub(crate) fn channel_slot(&self, layout: &layout::Layout) -> Result<slab::SlabSlot, VmmError> {
+        let slab = {
+            let mut slabs = self
+                .slabs
+                .lock()
+                .map_err(|_| VmmError::Shell("the slab list was poisoned"))?;
+            let stride = slab::slot_stride(layout.io_bytes);
+            match slabs.iter().find(|s| Some(s.stride()) == stride) {
+                Some(s) => std::sync::Arc::clone(s),
+                None => {
+                    let s = slab::Slab::new(layout.io_bytes)?;
+                    slabs.push(std::sync::Arc::clone(&s));
+                    s
+                }
+            }
+        };
+        let mut slot = slab.take()?;
+        slot.bind(layout.io_addr)?;
+        Ok(slot)
+    }
+
+    /// Channel slots in use (instances and shells holding one).
+    pub fn channel_slots_in_use(&self) -> usize {
+        self.slabs
+            .lock()
+            .map(|s| s.iter().map(|s| s.in_use()).sum())
+            .unwrap_or(0)
+    }
+
+    /// The runner pool (started now if it was not).
+    pub(crate) fn pool(&self) -> Result<std::sync::Arc<runner::Pool>, VmmError> {
+        if let Some(p) = self.pool.get() {
+            return Ok(std::sync::Arc::clone(p));
+        }
+        let pool = runner::Pool::new(self.runners)?;
+        Ok(std::sync::Arc::clone(self.pool.get_or_init(|| pool)))
+    }
+
+    /// Runner threads of this VMM's pool (0 before the first instance).
+    pub fn runner_threads(&self) -> usize {
+        self.pool.get().map_or(0, |p| p.threads())
     }
 }

@@ -20,12 +20,28 @@ use vm_memory::{Bytes, GuestAddress};
 
 const MSR_IA32_TSC: u32 = 0x10;
 
-/// The KVM memory slots (slot, start, end): all of guest memory but the
-/// fault-register and doorbell pages, which no slot backs so that writes to
-/// them exit.
-pub(crate) fn memory_slots(layout: &Layout) -> [(u32, u64, u64); 2] {
+/// The KVM memory slots backed by guest RAM (slot, start, end): all of
+/// guest memory but the fault-register and doorbell pages (which no slot
+/// backs, so that writes to them exit) and the mailbox page and I/O window
+/// (backed by the instance's channel slab slot, [`channel_slots`]).
+pub(crate) fn memory_slots(layout: &Layout) -> [(u32, u64, u64); 4] {
     const _: () = assert!(FAULT_MMIO_ADDR + PAGE_BYTES == MMIO_ADDR);
-    [(0, 0, FAULT_MMIO_ADDR), (1, MMIO_ADDR + PAGE_BYTES, layout.mem_bytes)]
+    const _: () = assert!(MAILBOX_ADDR + PAGE_BYTES < FAULT_MMIO_ADDR);
+    [
+        (0, 0, MAILBOX_ADDR),
+        (1, MAILBOX_ADDR + PAGE_BYTES, FAULT_MMIO_ADDR),
+        (2, MMIO_ADDR + PAGE_BYTES, layout.io_addr),
+        (3, layout.io_addr + layout.io_bytes, layout.mem_bytes),
+    ]
+}
+
+/// The KVM memory slots backed by the channel slab (slot, start, end): the
+/// mailbox page and the I/O window.
+pub(crate) fn channel_slots(layout: &Layout) -> [(u32, u64, u64); 2] {
+    [
+        (4, MAILBOX_ADDR, MAILBOX_ADDR + PAGE_BYTES),
+        (5, layout.io_addr, layout.io_addr + layout.io_bytes),
+    ]
 }
 
 /// Writes the GDT, IDT, TSS, page tables and the guest kernel; returns the
@@ -221,6 +237,34 @@ mod tests {
             guest::elf::static_symbol(k, "fault_stubs"),
             Ok(guest_abi::FAULT_STUBS_ADDR)
         );
+    }
+
+    #[test]
+    fn memory_slots_cover_guest_memory_but_the_mmio_pages_once() {
+        let layout = crate::layout::small_test_layout();
+        let mut ranges: Vec<(u64, u64)> = memory_slots(&layout)
+            .iter()
+            .chain(channel_slots(&layout).iter())
+            .map(|&(_, a, b)| (a, b))
+            .collect();
+        ranges.sort_unstable();
+        let mut at = 0;
+        for (a, b) in ranges {
+            assert!(a < b, "empty slot {a:#x}..{b:#x}");
+            if at == FAULT_MMIO_ADDR {
+                assert_eq!(a, MMIO_ADDR + PAGE_BYTES, "only the two MMIO pages are unbacked");
+            } else {
+                assert_eq!(a, at, "gap or overlap at {at:#x}");
+            }
+            at = b;
+        }
+        assert_eq!(at, layout.mem_bytes);
+        let slots: Vec<u32> = memory_slots(&layout)
+            .iter()
+            .chain(channel_slots(&layout).iter())
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(slots, [0, 1, 2, 3, 4, 5]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The vCPU thread of an instance: runs the guest until a stopping exit
-//! (decided by the pure [`crate::exit::handle`]), reports it, and parks
-//! until the next request is published.
+//! Running an instance's vCPU on a runner thread ([`crate::runner`]): runs
+//! the guest until a stopping exit (decided by the pure
+//! [`crate::exit::handle`]) and reports it; the vCPU then stays where it
+//! stopped, with no thread, until the next command.
 
 use crate::exit::{self, Action, Crash, Exit};
 use crate::fault::{self, GuestFault};
@@ -12,11 +13,10 @@ use guest_abi::{FaultFrame, LOG_OFFSET, MAILBOX_ADDR};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender};
-use std::thread::JoinHandle;
+use std::sync::mpsc::Sender;
 use vm_memory::{Bytes, GuestAddress};
 
-/// What the vCPU thread reports after running.
+/// What a runner reports after running an instance.
 #[derive(Debug)]
 pub(crate) enum Event {
     Doorbell(u32),
@@ -26,11 +26,13 @@ pub(crate) enum Event {
     Crash(Crash),
     Killed,
     RunFailed(kvm_ioctls::Error),
+    /// The process running the VM is gone (or its report was garbage).
+    Lost,
 }
 
-/// What the parked vCPU thread is asked to do.
+/// What a runner is asked to do with an instance.
 #[derive(Debug)]
-pub(crate) enum Wake {
+pub(crate) enum Cmd {
     /// A request may have been published: run if it is newer.
     Run,
     /// Resume a guest stopped at a checkpoint.
@@ -39,68 +41,24 @@ pub(crate) enum Wake {
     Save(Sender<Result<VcpuState, kvm_ioctls::Error>>),
 }
 
-/// Where a new vCPU thread starts.
+/// Where an instance's vCPU is between runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StartAt {
-    /// Run at once (a boot).
+    /// Never run (a boot): the first `Run` starts it.
     Run,
-    /// Parked idle after answering request `seq` (a restored idle guest).
+    /// Stopped after answering request `seq` (idle).
     Idle(u32),
-    /// Parked at a checkpoint (a restored argument snapshot).
+    /// Stopped at a checkpoint.
     Checkpoint,
+    /// Crashed, faulted or killed: never runs again.
+    Dead,
 }
 
-/// What a vCPU thread needs to run an instance.
-pub(crate) struct ThreadStart {
-    pub(crate) vcpu: VcpuFd,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) wake: Receiver<Wake>,
-    pub(crate) events: Sender<Event>,
-    pub(crate) start: StartAt,
-}
-
-/// Spawns the vCPU thread of an instance.
-pub(crate) fn spawn_thread(s: ThreadStart) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("vcpu".into())
-        .stack_size(VCPU_STACK_BYTES)
-        .spawn(move || vcpu_thread(s.vcpu, s.shared, s.wake, s.events, s.start))
-}
-
-/// Stack of a vCPU thread (it only runs the exit loop).
-const VCPU_STACK_BYTES: usize = 256 << 10;
-
-/// A vCPU thread spawned in advance (with a VM shell), parked until it is
-/// given its instance: spawning costs ~50 us on this host.
+/// An instance's vCPU and where it stopped (locked by the runner running it).
 #[derive(Debug)]
-pub(crate) struct IdleThread {
-    handle: JoinHandle<()>,
-    tx: Sender<ThreadStart>,
-}
-
-impl IdleThread {
-    /// Spawns a thread that waits for its instance (and ends if dropped).
-    pub(crate) fn spawn() -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<ThreadStart>();
-        let handle = std::thread::Builder::new()
-            .name("vcpu".into())
-            .stack_size(VCPU_STACK_BYTES)
-            .spawn(move || {
-                if let Ok(s) = rx.recv() {
-                    vcpu_thread(s.vcpu, s.shared, s.wake, s.events, s.start);
-                }
-            })?;
-        Ok(Self { handle, tx })
-    }
-
-    /// Hands the thread its instance; gives the start back if the thread
-    /// is gone.
-    pub(crate) fn start(self, s: ThreadStart) -> Result<JoinHandle<()>, ThreadStart> {
-        match self.tx.send(s) {
-            Ok(()) => Ok(self.handle),
-            Err(e) => Err(e.0),
-        }
-    }
+pub(crate) struct Vcpu {
+    pub(crate) fd: VcpuFd,
+    pub(crate) at: StartAt,
 }
 
 /// Completes any exit the vCPU is in the middle of (an MMIO write) without
@@ -127,99 +85,97 @@ fn save_vcpu(vcpu: &mut VcpuFd) -> Result<VcpuState, kvm_ioctls::Error> {
     })
 }
 
-/// Parks until woken with `Run` (true: go on) or `Resume` as `want`,
-/// answering `Save` requests meanwhile; false when the instance is going
-/// away.
-fn park(vcpu: &mut VcpuFd, shared: &Shared, wake: &Receiver<Wake>, mut done: impl FnMut(&Wake) -> bool) -> bool {
-    loop {
-        let Ok(w) = wake.recv() else { return false };
-        if shared.killed.load(Ordering::SeqCst) {
-            return false;
-        }
-        match w {
-            Wake::Save(reply) => {
-                let _ = reply.send(save_vcpu(vcpu));
-            }
-            other => {
-                if done(&other) {
-                    return true;
-                }
-            }
-        }
-    }
+fn published(shared: &Shared) -> u32 {
+    shared
+        .chan
+        .mem()
+        .load::<u32>(GuestAddress(REQ_SEQ_ADDR), Ordering::SeqCst)
+        .unwrap_or(0)
 }
 
-/// The vCPU thread: runs the guest until a stopping exit, reports it, and
-/// waits to be woken for the next request. Ends (tearing the VM down with
-/// the last reference) when killed, when the guest dies, or when the
-/// instance handle is dropped.
-pub(crate) fn vcpu_thread(
-    mut vcpu: VcpuFd,
-    shared: Arc<Shared>,
-    wake: Receiver<Wake>,
-    events: Sender<Event>,
-    start: StartAt,
-) {
-    // SAFETY: the kvm_run mapping lives as long as `vcpu`, which outlives
-    // the registration (cleared below before `vcpu` drops).
-    unsafe { kick::register_vcpu_thread(vcpu.get_kvm_run()) };
-    // The thread inherits its spawner's signal mask: make sure kicks arrive.
-    let _ = vmm_sys_util::signal::unblock_signal(kick::kick_signal());
-    let published = |shared: &Shared| {
-        shared
-            .ram
-            .mem()
-            .load::<u32>(GuestAddress(REQ_SEQ_ADDR), Ordering::SeqCst)
-            .unwrap_or(0)
-    };
-    let parked = match start {
-        StartAt::Run => true,
-        StartAt::Idle(seq) => park(&mut vcpu, &shared, &wake, |w| {
-            matches!(w, Wake::Run) && published(&shared) != seq
-        }),
-        StartAt::Checkpoint => park(&mut vcpu, &shared, &wake, |w| matches!(w, Wake::Resume)),
-    };
-    if parked {
-        loop {
-            let event = run_until_stop(&mut vcpu, &shared);
-            if let Event::Doorbell(seq) = event
-                && published(&shared) != seq
-            {
-                continue; // a request was published meanwhile: let the guest see it
+/// CPU time of the calling thread, in ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Runs `shared`'s pending commands on the calling runner thread (`thread`)
+/// until none is left, then marks the instance not queued.
+pub(crate) fn run_commands(shared: &Arc<Shared>, thread: libc::pthread_t) {
+    let mut vcpu = shared.vcpu.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: the kvm_run mapping lives as long as the vCPU fd, which this
+    // thread holds (locked) until the registration is cleared below.
+    unsafe { kick::register_vcpu_thread(vcpu.fd.get_kvm_run()) };
+    // Recorded after the registration, before the guest runs: a kick sent
+    // from now on reaches this thread and stops this vCPU.
+    shared.running_on.store(thread, Ordering::SeqCst);
+    let t0 = thread_cpu_ns();
+    loop {
+        let cmd = shared.cmds.lock().ok().and_then(|mut q| q.pop_front());
+        let Some(cmd) = cmd else {
+            shared.queued.clear();
+            // A command pushed after the pop but before the clear saw the
+            // instance queued and did not submit it: take it here.
+            let more = shared.cmds.lock().map(|q| !q.is_empty()).unwrap_or(false);
+            if more && shared.queued.set() {
+                continue;
             }
-            let next = match event {
-                Event::Doorbell(seq) => Some(StartAt::Idle(seq)),
-                Event::Checkpoint(_) => Some(StartAt::Checkpoint),
-                _ => None,
-            };
-            if events.send(event).is_err() {
-                break;
+            break;
+        };
+        match cmd {
+            Cmd::Save(reply) => {
+                let _ = reply.send(save_vcpu(&mut vcpu.fd));
             }
-            // Park until a request newer than `seq` is published (wake-ups
-            // for requests the spinning guest already took are stale), or
-            // until told to resume from the checkpoint.
-            let go_on = match next {
-                Some(StartAt::Idle(seq)) => park(&mut vcpu, &shared, &wake, |w| {
-                    matches!(w, Wake::Run) && published(&shared) != seq
-                }),
-                Some(StartAt::Checkpoint) => park(&mut vcpu, &shared, &wake, |w| matches!(w, Wake::Resume)),
-                _ => false,
-            };
-            if !go_on {
-                break;
-            }
+            Cmd::Run => match vcpu.at {
+                StartAt::Run => run(&mut vcpu, shared),
+                StartAt::Idle(seq) if published(shared) != seq => run(&mut vcpu, shared),
+                // Stale: a spinning guest already took the request.
+                StartAt::Idle(_) | StartAt::Checkpoint => {}
+                StartAt::Dead => shared.report(Event::Killed),
+            },
+            Cmd::Resume => match vcpu.at {
+                StartAt::Checkpoint => run(&mut vcpu, shared),
+                StartAt::Dead => shared.report(Event::Killed),
+                _ => {}
+            },
         }
     }
+    shared.running_on.store(0, Ordering::SeqCst);
     kick::unregister_vcpu_thread();
+    let used = thread_cpu_ns().saturating_sub(t0);
+    shared.cpu_ns.fetch_add(used, Ordering::Relaxed);
+}
+
+/// Runs the guest until a stopping exit and reports it.
+fn run(vcpu: &mut Vcpu, shared: &Shared) {
+    loop {
+        let event = run_until_stop(&mut vcpu.fd, shared);
+        if let Event::Doorbell(seq) = event
+            && published(shared) != seq
+        {
+            continue; // a request was published meanwhile: let the guest see it
+        }
+        vcpu.at = match event {
+            Event::Doorbell(seq) => StartAt::Idle(seq),
+            Event::Checkpoint(_) => StartAt::Checkpoint,
+            _ => StartAt::Dead,
+        };
+        shared.report(event);
+        return;
+    }
 }
 
 fn run_until_stop(vcpu: &mut VcpuFd, shared: &Shared) -> Event {
     loop {
-        if shared.killed.load(Ordering::SeqCst) {
+        if shared.is_killed() {
             return Event::Killed;
         }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
+            // A kick for another instance (it landed late, or this runner
+            // moved on): this one is not killed, so it runs on.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 continue;
@@ -254,7 +210,7 @@ fn append_log(shared: &Shared, len: u32) {
     // `len` was checked against LOG_BYTES by `exit::handle`.
     let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
     if shared
-        .ram
+        .chan
         .mem()
         .read_slice(&mut bytes, GuestAddress(MAILBOX_ADDR + LOG_OFFSET))
         .is_err()

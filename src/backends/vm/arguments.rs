@@ -61,13 +61,17 @@ impl VmBackend {
 
     /// Runs one invocation on `pooled`: resumes it if it is stopped at a
     /// checkpoint; otherwise runs `handle()`, and with `capture` stops at the
-    /// function's `checkpoint()` to write the input's argument snapshot.
+    /// function's `checkpoint()` to write the input's argument snapshot. An
+    /// instance in a VMM host process cannot be saved here: it only stops
+    /// there, is resumed at once, and `*checkpointed` says it did (the
+    /// caller makes the argument snapshot in this process afterwards).
     pub(super) fn run(
         &self,
         f: &Function,
         pooled: &mut Pooled,
         input: &[u8],
         capture: bool,
+        checkpointed: &mut bool,
     ) -> Result<Reply, RunError> {
         let instance = &mut pooled.instance;
         let mut deadline = Instant::now() + f.budget;
@@ -81,7 +85,9 @@ impl VmBackend {
             match progress {
                 Progress::Replied(reply) => return Ok(reply),
                 Progress::Checkpoint => {
-                    if capture && !captured {
+                    if instance.is_remote() {
+                        *checkpointed = true;
+                    } else if capture && !captured {
                         captured = true;
                         let t = Instant::now();
                         let hash = input_hash(f.artifact.digest(), input);
@@ -104,8 +110,9 @@ impl VmBackend {
         if self.snapshots.arguments_per_function == 0 {
             return Ok(None);
         }
-        let mut pooled = self.restore(&f.node)?;
-        let result = self.run(f, &mut pooled, input, true);
+        // Made in this process: writing the node needs the VM's memory here.
+        let mut pooled = self.restore_local(&f.node)?;
+        let result = self.run(f, &mut pooled, input, true, &mut false);
         let failed = match result {
             Ok(reply) if reply.status == Status::Ok => None,
             Ok(reply) => Some(self.reply_error(&f.name, &pooled.instance, reply.status, &reply.data, false)),

@@ -63,6 +63,10 @@ impl VmBackend {
                 detail: with_log(fault.to_string()),
             },
             RunError::BudgetExceeded => Error::BudgetExceeded { name, budget },
+            RunError::Lost => Error::WorkerLost {
+                name,
+                detail: "the VMM host process running the instance died".to_owned(),
+            },
             RunError::Malformed(vmm::channel::ReplyError::TooLarge { len, limit }) => Error::OutputTooLarge {
                 len: usize::try_from(len).unwrap_or(usize::MAX),
                 limit: usize::try_from(limit).unwrap_or(usize::MAX),

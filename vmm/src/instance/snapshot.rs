@@ -9,9 +9,10 @@ use crate::error::VmmError;
 use crate::layout::Layout;
 use crate::memory::{ExternalMemory, GuestRam};
 use crate::setup::measure_tsc_offset;
+use crate::slab::SlabSlot;
 use crate::state::{SavedState, VcpuState};
 use crate::stats::StatsFd;
-use crate::vcpu::{IdleThread, StartAt, Wake};
+use crate::vcpu::{Cmd, StartAt};
 
 const ALIGN: usize = 2 << 20;
 use guest_abi::MAILBOX_ADDR;
@@ -23,8 +24,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// An empty VM with its vCPU (CPUID set), ready to be given memory and a
 /// saved state: creating one is most of a restore's fixed cost on this
-/// host (~0.3 ms, ~0.1 ms more for the memory slots, ~50 us for the vCPU
-/// thread, spawned in advance too), so callers keep a few
+/// host (~0.3 ms, ~0.1 ms more for the memory slots), so callers keep a few
 /// made in advance ([`Shell::with_memory`] also registers the memory slots
 /// over a reserved address range that the guest memory is later mapped
 /// over, see [`Instance::restore_into`]).
@@ -36,7 +36,11 @@ pub struct Shell {
     vcpu: VcpuFd,
     stats: Option<StatsFd>,
     reserved: Option<Reservation>,
-    thread: Option<IdleThread>,
+    /// The channel slot the memory slots of a shell with memory point at.
+    chan: Option<SlabSlot>,
+    /// Its memory slots are registered (over `reserved`, then over the
+    /// guest memory mapped there).
+    registered: bool,
 }
 
 /// An inaccessible anonymous address range owned by a shell.
@@ -69,7 +73,8 @@ impl Shell {
             vcpu,
             stats,
             reserved: None,
-            thread: IdleThread::spawn().ok(),
+            chan: None,
+            registered: false,
         })
     }
 
@@ -114,11 +119,15 @@ impl Shell {
         }
         let addr = NonNull::new(aligned as *mut u8).ok_or_else(|| map_err(std::io::Error::other("null")))?;
         let reservation = Reservation { addr, len };
+        let chan = vmm.channel_slot(&layout)?;
         // SAFETY: the slots point into the reservation, which the shell
         // keeps until the VM is gone or hands over to the guest memory
-        // mapped in its place (`Instance::restore_into`).
-        unsafe { add_memory_slots(&shell.vm, aligned as u64, &layout, config.dirty_log) }?;
+        // mapped in its place (`Instance::restore_into`), and into `chan`,
+        // which the shell (then the instance) keeps until the VM is gone.
+        unsafe { add_memory_slots(&shell.vm, aligned as u64, &chan, &layout, config.dirty_log) }?;
         shell.reserved = Some(reservation);
+        shell.chan = Some(chan);
+        shell.registered = true;
         Ok(shell)
     }
 }
@@ -143,7 +152,22 @@ impl Instance {
     ) -> Result<Self, VmmError> {
         // A shell with its own memory slots cannot take other memory.
         let shell = shell.filter(|s| s.reserved.is_none());
-        Self::restore_on(vmm, shell, config, memory, saved, false)
+        Self::restore_on(vmm, shell, config, memory, saved, None)
+    }
+
+    /// Like [`Instance::restore`] with the channel slot given (a VMM host
+    /// process restores into the slot the backend chose, in the slab the
+    /// backend shares with it).
+    pub fn restore_in_slot(
+        vmm: &Vmm,
+        shell: Option<Shell>,
+        config: &InstanceConfig,
+        memory: Box<dyn ExternalMemory>,
+        saved: &SavedState,
+        chan: SlabSlot,
+    ) -> Result<Self, VmmError> {
+        let shell = shell.filter(|s| s.reserved.is_none());
+        Self::restore_on(vmm, shell, config, memory, saved, Some(chan))
     }
 
     /// Like [`Instance::restore`] on a shell made by [`Shell::with_memory`]:
@@ -181,7 +205,8 @@ impl Instance {
         }
         // Handed over: the memory now owns the range.
         std::mem::forget(reservation);
-        Self::restore_on(vmm, Some(shell), config, memory, saved, true)
+        let chan = shell.chan.take();
+        Self::restore_on(vmm, Some(shell), config, memory, saved, chan)
     }
 
     fn restore_on(
@@ -190,8 +215,11 @@ impl Instance {
         config: &InstanceConfig,
         memory: Box<dyn ExternalMemory>,
         saved: &SavedState,
-        slots_ready: bool,
+        // With the memory slots already registered on it (a shell's), or
+        // to register them with.
+        chan: Option<SlabSlot>,
     ) -> Result<Self, VmmError> {
+        let slots_ready = chan.is_some() && shell.as_ref().is_some_and(|s| s.reserved.is_none() && s.registered);
         let layout = Layout::new(config.layout)?;
         let got = u64::try_from(memory.len()).unwrap_or(u64::MAX);
         if got != layout.mem_bytes {
@@ -200,13 +228,7 @@ impl Instance {
                 got,
             });
         }
-        let Shell {
-            vm,
-            vcpu,
-            stats,
-            thread,
-            ..
-        } = match shell {
+        let Shell { vm, vcpu, stats, .. } = match shell {
             Some(shell) => shell,
             None => Shell::new(vmm, config.vcpu_stats)?,
         };
@@ -221,11 +243,22 @@ impl Instance {
         saved
             .check_mailbox(&channel::parse(&mailbox))
             .map_err(VmmError::StateMismatch)?;
-        if !slots_ready {
-            // SAFETY: `ram` is moved into the instance's `Shared`, which
-            // drops it after the VM.
-            unsafe { add_memory_slots(&vm, ram.host_addr(), &layout, config.dirty_log) }?;
-        }
+        let chan = match chan {
+            Some(chan) if slots_ready => chan,
+            given => {
+                let chan = match given {
+                    Some(chan) => chan,
+                    None => vmm.channel_slot(&layout)?,
+                };
+                // SAFETY: `ram` and `chan` are moved into the instance's
+                // `Shared`, which drops them after the VM.
+                unsafe { add_memory_slots(&vm, ram.host_addr(), &chan, &layout, config.dirty_log) }?;
+                chan
+            }
+        };
+        // The snapshot's channel into the slot: its mailbox page, and at a
+        // checkpoint the input the stopped `handle()` still points at.
+        copy_channel(ram.mem(), chan.mem(), &layout, saved.at_checkpoint).map_err(VmmError::GuestMemory)?;
         apply_vcpu_state(&vcpu, &saved.vcpu)?;
         let tsc_offset = measure_tsc_offset(&vcpu)?;
         let start = if saved.at_checkpoint {
@@ -234,7 +267,16 @@ impl Instance {
             StartAt::Idle(saved.seq)
         };
         let mut instance = Self::spawn(
-            vm, ram, layout, vcpu, config, stats, tsc_offset, start, saved.seq, thread,
+            vmm,
+            vm,
+            (ram, chan),
+            layout,
+            vcpu,
+            config,
+            stats,
+            tsc_offset,
+            start,
+            saved.seq,
         )?;
         instance.at_checkpoint = saved.at_checkpoint;
         Ok(instance)
@@ -248,13 +290,19 @@ impl Instance {
             return Err(VmmError::Save("the instance is dead"));
         }
         let (tx, rx) = mpsc::channel();
-        self.wake
-            .send(Wake::Save(tx))
-            .map_err(|_| VmmError::Save("the vCPU thread is gone"))?;
+        self.command(Cmd::Save(tx));
         let vcpu = rx
             .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| VmmError::Save("the vCPU thread did not answer"))?
+            .map_err(|_| VmmError::Save("no runner answered"))?
             .map_err(kvm_err("saving the vCPU state"))?;
+        // A snapshot is the guest's RAM: put the channel back into it (the
+        // mailbox page; at a checkpoint the input too), so that a node
+        // written from RAM has them and a restore copies them out again.
+        let shared = self
+            .local()
+            .ok_or(VmmError::Save("a remote instance is saved by its host process"))?;
+        copy_channel(shared.chan.mem(), shared.ram.mem(), &shared.layout, self.at_checkpoint)
+            .map_err(|_| VmmError::Save("copying the channel into guest memory"))?;
         Ok(SavedState {
             seq: self.seq,
             at_checkpoint: self.at_checkpoint,
@@ -268,19 +316,45 @@ impl Instance {
     /// The guest must be stopped (idle without a request in flight, or at a
     /// checkpoint) while the slice lives.
     pub unsafe fn guest_memory(&self) -> &[u8] {
-        // SAFETY: forwarded: the caller keeps the guest stopped.
-        unsafe { self.shared.ram.as_bytes() }
+        match self.local() {
+            // SAFETY: forwarded: the caller keeps the guest stopped.
+            Some(s) => unsafe { s.ram.as_bytes() },
+            None => &[],
+        }
     }
 
     /// The memory this instance was restored onto, if any.
     pub fn external_memory(&self) -> Option<&dyn ExternalMemory> {
-        self.shared.ram.external()
+        self.local()?.ram.external()
     }
 
     /// Whether the guest is stopped at a checkpoint (resume it first).
     pub fn at_checkpoint(&self) -> bool {
         self.at_checkpoint
     }
+}
+
+/// Copies the mailbox page from `from` to `to` and, with `input`, the
+/// request's input (`arg_len` bytes, capped at the window) of the I/O
+/// window.
+fn copy_channel(
+    from: &vm_memory::GuestMemoryMmap,
+    to: &vm_memory::GuestMemoryMmap,
+    layout: &Layout,
+    input: bool,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut page = vec![0u8; usize::try_from(guest_abi::PAGE_BYTES).unwrap_or(4096)];
+    from.read_slice(&mut page, GuestAddress(MAILBOX_ADDR))?;
+    to.write_slice(&page, GuestAddress(MAILBOX_ADDR))?;
+    if input {
+        let mut mailbox = [0u8; channel::MAILBOX_BYTES];
+        mailbox.copy_from_slice(&page[..channel::MAILBOX_BYTES]);
+        let len = channel::parse(&mailbox).arg_len.min(layout.io_bytes);
+        let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        from.read_slice(&mut bytes, GuestAddress(layout.io_addr))?;
+        to.write_slice(&bytes, GuestAddress(layout.io_addr))?;
+    }
+    Ok(())
 }
 
 /// Loads a saved vCPU state into a fresh vCPU.

@@ -1,0 +1,463 @@
+//! The `vm` backend's VMM host processes (`microfaas-vmhost`): instances
+//! that serve requests (function and argument restores, prestarts, the hot
+//! pool) run in them, so that no address space carries more than a bounded
+//! number of KVM MMU notifiers and no process more fds than its limit.
+//!
+//! Placement: host processes per tenant (a VM escape reaches one tenant's
+//! instances at most, the rule the language workers follow); a function's
+//! instances packed into the fewest processes (its node image registered,
+//! and its page cache mapped, once per process): a process where the node
+//! is registered and there is room, else any with room, else a new one;
+//! at most `vms_per_host` VMs each (a slab of that many slots).
+//!
+//! A host process that dies (its pidfd, `ipc`'s death watcher): every
+//! caller waiting on one of its slots is woken and fails once
+//! (`RunError::Lost` -> `Error::WorkerLost`); its idle instances report
+//! not alive and are dropped; the next restore spawns a new process, and
+//! the functions serve again from their nodes.
+//!
+//! Trust: a host process may be controlled by a guest that escaped its VM.
+//! Its replies are decoded by `vmhost::protocol` and only the TSC offset is
+//! taken from a restore reply (the sequence number and checkpoint state
+//! are the node's, known here); a slot is reused only after the process
+//! confirmed its VM is gone (or the process is dead).
+
+use super::super::vm_snapshots::Restorable;
+use crate::Error;
+use ipc::futex;
+use ipc::region::SharedRegion;
+use ipc::spawn::Child;
+use ipc::watch::DeathWatch;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vmhost::protocol::{Reply, Request};
+use vmhost::{HostArgs, RunEntry, RunRing};
+use vmm::slab::{Slab, SlabSlot};
+use vmm::{Instance, InstanceConfig, RemoteStart};
+
+/// How long a host process may take to answer a control request.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One VMM host process.
+#[derive(Debug)]
+pub(crate) struct Host {
+    tenant: String,
+    pid: u32,
+    child: Mutex<Option<Child>>,
+    control: Mutex<OwnedFd>,
+    slab: Arc<Slab>,
+    ring: RunRing,
+    /// Serialises the callers' pushes (the ring has one producer).
+    ring_lock: Mutex<()>,
+    dead: AtomicBool,
+    registered: Mutex<HashSet<u64>>,
+    /// Slots in use, for waking their callers if the process dies.
+    live: Mutex<HashMap<u32, Arc<SlabSlot>>>,
+    vms: AtomicUsize,
+}
+
+impl Host {
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// VMs in it.
+    pub(crate) fn vms(&self) -> usize {
+        self.vms.load(Ordering::Relaxed)
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// One control request and its reply.
+    fn call(&self, request: &Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Reply, String> {
+        if self.is_dead() {
+            return Err("the host process is gone".into());
+        }
+        let control = self.control.lock().map_err(|_| "poisoned".to_owned())?;
+        vmhost::host::send_with(control.as_fd(), &request.encode(), fd).map_err(|e| format!("sending: {e}"))?;
+        let mut buf = vec![0u8; vmhost::protocol::MAX_MESSAGE + 1];
+        match vmhost::host::receive(control.as_fd(), &mut buf) {
+            Ok(Some((len, _fd))) => Reply::decode(&buf[..len]).map_err(|e| format!("bad reply: {e}")),
+            Ok(None) => Err("the host process closed its socket".into()),
+            Err(e) => Err(format!("receiving: {e}")),
+        }
+    }
+
+    /// Marks the process dead and wakes every caller waiting on it.
+    fn lost(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        if let Ok(live) = self.live.lock() {
+            for chan in live.values() {
+                vmm::report::report_lost(chan.control());
+            }
+        }
+    }
+
+    /// Kills the process (for tests and teardown).
+    pub(crate) fn kill(&self) {
+        if let Ok(Some(child)) = self.child.lock().as_deref() {
+            let _ = child.signal(libc::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Closing the socket ends the process; reap it.
+        if let Ok(mut c) = self.child.lock()
+            && let Some(mut child) = c.take()
+        {
+            let _ = child.kill_and_reap();
+        }
+    }
+}
+
+/// The caller's handle on an instance in a host process.
+#[derive(Debug)]
+struct RemoteVm {
+    host: Arc<Host>,
+    chan: Arc<SlabSlot>,
+    slot: u32,
+}
+
+impl vmm::Remote for RemoteVm {
+    fn chan(&self) -> &Arc<SlabSlot> {
+        &self.chan
+    }
+
+    fn submit(&self, resume: bool) -> bool {
+        let op = if resume { RunEntry::RESUME } else { RunEntry::RUN };
+        self.push(RunEntry { slot: self.slot, op })
+    }
+
+    fn kick(&self) {
+        self.push(RunEntry {
+            slot: self.slot,
+            op: RunEntry::STOP,
+        });
+    }
+
+    fn alive(&self) -> bool {
+        !self.host.is_dead()
+    }
+}
+
+impl RemoteVm {
+    /// Queues `entry` on the host's run ring and wakes its dispatcher;
+    /// false if the host process is gone.
+    fn push(&self, entry: RunEntry) -> bool {
+        {
+            let Ok(_one) = self.host.ring_lock.lock() else {
+                return false;
+            };
+            let ring = self.host.ring.ring();
+            while ring.try_push(entry).is_err() {
+                if self.host.is_dead() {
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+        }
+        futex::wake(self.host.ring.ring().tail_word(), 1);
+        !self.host.is_dead()
+    }
+}
+
+impl Drop for RemoteVm {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.host.live.lock() {
+            live.remove(&self.slot);
+        }
+        if !self.host.is_dead() {
+            match self.host.call(&Request::Drop { slot: self.slot }, None) {
+                Ok(Reply::Ok) => {}
+                // Not confirmed gone: the slot is never reused (the process
+                // is misbehaving; it is killed).
+                _ if !self.host.is_dead() => {
+                    std::mem::forget(Arc::clone(&self.chan));
+                    self.host.kill();
+                }
+                _ => {}
+            }
+        }
+        self.host.vms.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Settings of the host processes.
+#[derive(Debug, Clone)]
+pub(crate) struct HostSettings {
+    /// The host binary.
+    pub(crate) binary: PathBuf,
+    /// VMs per host process.
+    pub(crate) vms_per_host: usize,
+    /// Runner threads per host process.
+    pub(crate) runners: usize,
+    /// Sandbox settings (made per tenant).
+    pub(crate) sandbox: lang_isolation::sandbox::SandboxSettings,
+}
+
+/// All host processes of a backend.
+#[derive(Debug)]
+pub(crate) struct Hosts {
+    settings: HostSettings,
+    config: InstanceConfig,
+    watch: DeathWatch,
+    hosts: Mutex<Vec<Arc<Host>>>,
+    spawned: AtomicUsize,
+    /// The protocol's key of each node.
+    keys: Mutex<HashMap<snapshots::NodeId, u64>>,
+}
+
+fn io(context: &'static str, detail: impl std::fmt::Display) -> Error {
+    Error::io(context, std::io::Error::other(detail.to_string()))
+}
+
+impl Hosts {
+    pub(crate) fn new(settings: HostSettings, config: InstanceConfig) -> Result<Self, Error> {
+        let watch = DeathWatch::new("vm-host-watch").map_err(|e| Error::io("starting the vm host watcher", e))?;
+        Ok(Self {
+            settings,
+            config,
+            watch,
+            hosts: Mutex::new(Vec::new()),
+            spawned: AtomicUsize::new(0),
+            keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The live host processes.
+    pub(crate) fn list(&self) -> Vec<Arc<Host>> {
+        self.hosts.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// Host processes spawned so far (respawns included).
+    pub(crate) fn spawned(&self) -> usize {
+        self.spawned.load(Ordering::Relaxed)
+    }
+
+    fn spawn(&self, tenant: &str) -> Result<Arc<Host>, Error> {
+        let sandbox = self
+            .settings
+            .sandbox
+            .for_tenant(tenant)
+            .map_err(|e| io("a vm host process's sandbox", e))?;
+        let l = self.config.layout;
+        let args = HostArgs {
+            layout: [l.stack_bytes, l.io_bytes, l.image_bytes, l.heap_bytes],
+            output_limit: self.config.output_limit_bytes,
+            spin_us: self.config.idle_spin_us,
+            slots: self.settings.vms_per_host,
+            runners: self.settings.runners,
+            sandbox: sandbox.to_arg(),
+        };
+        let io_bytes = vmm::layout::Layout::new(l)
+            .map_err(|e| io("a vm host slab", e))?
+            .io_bytes;
+        let slab = Slab::with_slots(io_bytes, self.settings.vms_per_host).map_err(|e| io("a vm host slab", e))?;
+        let region = SharedRegion::create("microfaas-vm-ring", vmhost::RingLayout::bytes())
+            .map_err(|e| io("a vm host run ring", e))?;
+        // SAFETY: this backend is the ring's only producer (pushes are
+        // serialised by `ring_lock`); it never consumes.
+        let ring = unsafe { RunRing::new(region) }.map_err(|e| Error::io("a vm host run ring", e))?;
+        let (ours, theirs) = socketpair()?;
+        let slab_fd = slab.fd().ok_or_else(|| io("a vm host slab", "no fd"))?;
+        let ring_fd = ring.region().fd().ok_or_else(|| io("a vm host run ring", "no fd"))?;
+        let argv: Vec<String> = args.to_args();
+        let argv: Vec<&OsStr> = argv.iter().map(OsStr::new).collect();
+        let child = Child::spawn(
+            &self.settings.binary,
+            &argv,
+            &[],
+            &[
+                (theirs.as_fd(), vmhost::CONTROL_FD),
+                (slab_fd, vmhost::SLAB_FD),
+                (ring_fd, vmhost::RING_FD),
+            ],
+        )
+        .map_err(|e| Error::io("spawning a vm host process", e))?;
+        drop(theirs);
+        let timeout = nix::sys::time::TimeVal::new(libc::time_t::try_from(CONTROL_TIMEOUT.as_secs()).unwrap_or(20), 0);
+        let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
+        let pid = u32::try_from(child.pid()).unwrap_or(0);
+        let host = Arc::new(Host {
+            tenant: tenant.to_owned(),
+            pid,
+            child: Mutex::new(None),
+            control: Mutex::new(ours),
+            slab,
+            ring,
+            ring_lock: Mutex::new(()),
+            dead: AtomicBool::new(false),
+            registered: Mutex::new(HashSet::new()),
+            live: Mutex::new(HashMap::new()),
+            vms: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&host);
+        self.watch
+            .watch(child.pidfd(), move || {
+                if let Some(h) = weak.upgrade() {
+                    h.lost();
+                }
+            })
+            .map_err(|e| Error::io("watching a vm host process", e))?;
+        if let Ok(mut c) = host.child.lock() {
+            *c = Some(child);
+        }
+        self.spawned.fetch_add(1, Ordering::Relaxed);
+        Ok(host)
+    }
+
+    /// A host process of `tenant` for an instance of `node`.
+    fn place(&self, tenant: &str, node: u64) -> Result<Arc<Host>, Error> {
+        let mut hosts = self.hosts.lock().map_err(|_| super::super::vm::poisoned())?;
+        hosts.retain(|h| !h.is_dead());
+        let room = |h: &&Arc<Host>| h.tenant == tenant && h.vms() < self.settings.vms_per_host;
+        let registered = |h: &&Arc<Host>| h.registered.lock().is_ok_and(|r| r.contains(&node));
+        let chosen = hosts
+            .iter()
+            .filter(room)
+            .find(registered)
+            .or_else(|| hosts.iter().find(room))
+            .cloned();
+        let host = match chosen {
+            Some(h) => h,
+            None => {
+                let h = self.spawn(tenant)?;
+                hosts.push(Arc::clone(&h));
+                h
+            }
+        };
+        host.vms.fetch_add(1, Ordering::Relaxed);
+        Ok(host)
+    }
+
+    /// Restores an instance of `node` (of `tenant`) in a host process.
+    pub(crate) fn restore(&self, tenant: &str, node: &Restorable) -> Result<Instance, Error> {
+        let id = {
+            let mut keys = self.keys.lock().map_err(|_| super::super::vm::poisoned())?;
+            let next = u64::try_from(keys.len()).unwrap_or(u64::MAX);
+            *keys.entry(node.id).or_insert(next)
+        };
+        let host = self.place(tenant, id)?;
+        let undo = |host: &Host| {
+            host.vms.fetch_sub(1, Ordering::Relaxed);
+        };
+        let fail = |detail: String| io("restoring an instance in a vm host process", detail);
+        let first = host.registered.lock().is_ok_and(|r| !r.contains(&id));
+        if first {
+            let image = std::fs::File::open(node.image_path()).map_err(|e| {
+                undo(&host);
+                Error::io("opening a snapshot image for a vm host process", e)
+            })?;
+            let request = Request::Register {
+                node: id,
+                state: node.state().encode(),
+            };
+            match host.call(&request, Some(image.as_fd())) {
+                Ok(Reply::Ok) => {
+                    if let Ok(mut r) = host.registered.lock() {
+                        r.insert(id);
+                    }
+                }
+                Ok(other) => {
+                    undo(&host);
+                    return Err(fail(format!("registering node {id}: {other:?}")));
+                }
+                Err(e) => {
+                    undo(&host);
+                    return Err(fail(format!("registering node {id}: {e}")));
+                }
+            }
+        }
+        let io_addr = vmm::layout::Layout::new(self.config.layout).map(|l| l.io_addr);
+        let chan = match host.slab.take().and_then(|mut c| {
+            c.bind(io_addr.unwrap_or(0))?;
+            Ok(c)
+        }) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                undo(&host);
+                return Err(fail(e.to_string()));
+            }
+        };
+        let slot = u32::try_from(chan.index()).unwrap_or(u32::MAX);
+        if let Ok(mut live) = host.live.lock() {
+            live.insert(slot, Arc::clone(&chan));
+        }
+        let remote = RemoteVm {
+            host: Arc::clone(&host),
+            chan,
+            slot,
+        };
+        // From here, dropping `remote` gives the slot back (and the VM up).
+        let tsc_offset = match host.call(&Request::Restore { node: id, slot }, None) {
+            Ok(Reply::Restored { tsc_offset, .. }) => tsc_offset,
+            Ok(Reply::Error(e)) => return Err(fail(e)),
+            Ok(Reply::StateRefused(e)) => {
+                return Err(Error::SnapshotCorrupt {
+                    path: node.path().to_owned(),
+                    detail: format!(
+                        "restoring an instance from snapshot node {} in a vm host process: {e}",
+                        node.id
+                    ),
+                });
+            }
+            Ok(other) => return Err(fail(format!("{other:?}"))),
+            Err(e) => return Err(fail(e)),
+        };
+        let start = RemoteStart {
+            seq: node.state().seq,
+            at_checkpoint: node.state().at_checkpoint,
+            tsc_offset,
+        };
+        Instance::remote(Box::new(remote), &self.config, start).map_err(|e| fail(e.to_string()))
+    }
+
+    /// Threads and private memory of the host processes, from `/proc`
+    /// (not from what they say).
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        let (mut threads, mut private) = (0u64, 0u64);
+        for h in self.list() {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).unwrap_or_default();
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            threads += field("Threads:");
+            private += field("RssAnon:") * 1024 + field("RssShmem:") * 1024;
+        }
+        (threads, private)
+    }
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd), Error> {
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair writes two fds into the local array; both are
+    // owned right after.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io("a vm host control socket", std::io::Error::last_os_error()));
+    }
+    // SAFETY: two fresh fds nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}

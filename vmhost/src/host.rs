@@ -1,0 +1,371 @@
+//! The host process itself: maps the slab and the run ring it was given,
+//! opens `/dev/kvm`, enters its sandbox, then serves: a dispatcher thread
+//! takes queued runs off the ring and hands the instances to the runner
+//! pool, and stops instances whose callers gave up (a stop entry); the
+//! main thread answers control requests (register a node, restore into a
+//! slot, drop a slot). It exits when the backend closes the socket.
+
+use crate::protocol::{Reply, Request};
+use crate::{HostArgs, RING_FD, RunRing, SLAB_FD};
+use ipc::futex;
+use ipc::region::SharedRegion;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use vmm::slab::Slab;
+use vmm::{ExternalMemory, Instance, InstanceConfig, RunnerConfig, SavedState, Vmm};
+
+/// Why the host process stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Its setup failed.
+    #[error("{0}")]
+    Setup(String),
+    /// The control socket failed.
+    #[error("the control socket")]
+    Socket(#[source] std::io::Error),
+}
+
+/// A node's image (mapped privately for each instance) and saved state.
+#[derive(Debug)]
+struct Node {
+    image: File,
+    state: SavedState,
+}
+
+/// Guest memory: a private mapping of a node's image.
+#[derive(Debug)]
+struct ImageMemory {
+    addr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the pointer is the base of a private mapping this value owns and
+// unmaps only on drop.
+unsafe impl Send for ImageMemory {}
+// SAFETY: as above; it is never dereferenced here.
+unsafe impl Sync for ImageMemory {}
+
+// SAFETY: one private read/write mapping of `len` bytes at `addr`, owned by
+// this value until it drops; the methods always return the same values.
+unsafe impl ExternalMemory for ImageMemory {
+    fn host_addr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for ImageMemory {
+    fn drop(&mut self) {
+        // SAFETY: our mapping; the instance that used it (and its VM) is
+        // gone before its memory drops.
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
+    }
+}
+
+fn map_image(image: &File, len: usize) -> std::io::Result<ImageMemory> {
+    // SAFETY: a fresh private mapping of a file we hold open; no existing
+    // memory is affected; never executable.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            image.as_raw_fd(),
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let addr = std::ptr::NonNull::new(raw.cast::<u8>()).ok_or_else(|| std::io::Error::other("null mapping"))?;
+    Ok(ImageMemory { addr, len })
+}
+
+struct Host {
+    vmm: Vmm,
+    io_addr: u64,
+    slab: Arc<Slab>,
+    ring: RunRing,
+    config: InstanceConfig,
+    mem_bytes: usize,
+    nodes: Mutex<HashMap<u64, Node>>,
+    instances: RwLock<Vec<Option<Arc<Instance>>>>,
+}
+
+/// Takes an fd the backend placed at `number`.
+fn inherited(number: RawFd) -> OwnedFd {
+    // SAFETY: the backend spawned this process with an open fd at
+    // `number` (see the crate doc); nothing else in it owns that fd.
+    unsafe { OwnedFd::from_raw_fd(number) }
+}
+
+/// Runs the host process (never returns while the backend is there).
+pub fn run(args: &HostArgs) -> Result<(), HostError> {
+    let setup = |what: &str, e: &dyn std::fmt::Display| HostError::Setup(format!("{what}: {e}"));
+    let control = inherited(crate::CONTROL_FD);
+    let config = args.instance_config();
+    let layout = vmm::layout::Layout::new(config.layout).map_err(|e| setup("layout", &e))?;
+    let mem_bytes = usize::try_from(layout.mem_bytes).map_err(|e| setup("layout", &e))?;
+    let slab = Slab::from_fd(File::from(inherited(SLAB_FD)), layout.io_bytes, args.slots)
+        .map_err(|e| setup("mapping the slab", &e))?;
+    let region = SharedRegion::from_fd(inherited(RING_FD), crate::RingLayout::bytes())
+        .map_err(|e| setup("mapping the run ring", &e))?;
+    // SAFETY: this process is the ring's only consumer (the dispatcher
+    // thread); it never produces.
+    let ring = unsafe { RunRing::new(region) }.map_err(|e| setup("the run ring", &e))?;
+    // Everything that needs a file or /proc happens before the sandbox:
+    // /dev/kvm, the fd limit, the kick handler. The runner pool starts
+    // with the first instance, inside the sandbox.
+    let vmm = Vmm::with_runners(RunnerConfig {
+        runners: args.runners.max(1),
+        placement: RunnerConfig::default().placement,
+    })
+    .map_err(|e| setup("opening /dev/kvm", &e))?;
+    enter_sandbox(&args.sandbox)?;
+    let host = Arc::new(Host {
+        vmm,
+        io_addr: layout.io_addr,
+        slab,
+        ring,
+        config,
+        mem_bytes,
+        nodes: Mutex::new(HashMap::new()),
+        instances: RwLock::new((0..args.slots).map(|_| None).collect()),
+    });
+    let h = Arc::clone(&host);
+    std::thread::Builder::new()
+        .name("vmhost-dispatch".into())
+        .spawn(move || dispatch(&h))
+        .map_err(|e| setup("the dispatcher thread", &e))?;
+    serve(&host, std::os::fd::AsFd::as_fd(&control))
+}
+
+/// Enters the VMM host sandbox (`lang_isolation::sandbox::vmhost`), on
+/// the process's only thread.
+fn enter_sandbox(spec: &str) -> Result<(), HostError> {
+    use lang_isolation::sandbox::{SandboxSpec, vmhost};
+    let spec = SandboxSpec::parse(spec).map_err(|e| HostError::Setup(format!("sandbox spec: {e}")))?;
+    vmhost::enter(&spec, crate::CONTROL_FD).map_err(|e| HostError::Setup(format!("entering the sandbox: {e}")))?;
+    Ok(())
+}
+
+/// Takes queued runs off the ring and hands the instances to runners, or
+/// stops an instance whose caller set its kill flag (a `STOP` entry).
+fn dispatch(host: &Host) {
+    let ring = host.ring.ring();
+    loop {
+        let tail = ring.tail_word().load(Ordering::Acquire);
+        let mut took = false;
+        while let Some(run) = ring.pop() {
+            took = true;
+            let instance = host.instances.read().ok().and_then(|v| {
+                v.get(usize::try_from(run.slot).unwrap_or(usize::MAX))
+                    .cloned()
+                    .flatten()
+            });
+            if let Some(instance) = instance {
+                match run.op {
+                    crate::RunEntry::STOP => {
+                        instance.stop_if_killed();
+                    }
+                    op => instance.run_published(op == crate::RunEntry::RESUME),
+                }
+            }
+        }
+        if !took {
+            futex::wait(ring.tail_word(), tail, Some(Duration::from_secs(1)));
+        }
+    }
+}
+
+fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
+    let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + 1];
+    loop {
+        let (len, fd) = match receive(control, &mut buf) {
+            Ok(Some(m)) => m,
+            // The backend is gone.
+            Ok(None) => return Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) => return Ok(()),
+            Err(e) => return Err(HostError::Socket(e)),
+        };
+        let reply = match Request::decode(&buf[..len]) {
+            Ok(request) => handle(host, request, fd),
+            Err(e) => Reply::Error(format!("bad request: {e}")),
+        };
+        send(control, &reply.encode()).map_err(HostError::Socket)?;
+    }
+}
+
+fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
+    match request {
+        Request::Register { node, state } => {
+            let Some(fd) = fd else {
+                return Reply::Error("register without an image fd".into());
+            };
+            match SavedState::decode(&state) {
+                Ok(state) => {
+                    if let Ok(mut nodes) = host.nodes.lock() {
+                        nodes.insert(
+                            node,
+                            Node {
+                                image: File::from(fd),
+                                state,
+                            },
+                        );
+                    }
+                    Reply::Ok
+                }
+                Err(e) => Reply::Error(format!("node {node}: bad saved state: {e}")),
+            }
+        }
+        Request::Restore { node, slot } => match restore(host, node, slot) {
+            Ok(reply) => reply,
+            Err(e) => Reply::Error(e),
+        },
+        Request::Drop { slot } => {
+            let taken = host.instances.write().ok().and_then(|mut v| {
+                v.get_mut(usize::try_from(slot).unwrap_or(usize::MAX))
+                    .and_then(Option::take)
+            });
+            if let Some(mut instance) = taken {
+                // The dispatcher may hold it a moment.
+                let instance = loop {
+                    match Arc::try_unwrap(instance) {
+                        Ok(i) => break i,
+                        Err(back) => {
+                            instance = back;
+                            std::thread::sleep(Duration::from_micros(100));
+                        }
+                    }
+                };
+                if !instance.teardown(Duration::from_secs(10)) {
+                    return Reply::Error(format!("slot {slot}: the VM did not stop"));
+                }
+            }
+            Reply::Ok
+        }
+    }
+}
+
+fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
+    let index = usize::try_from(slot).map_err(|_| "slot out of range".to_owned())?;
+    if host
+        .instances
+        .read()
+        .map_err(|_| "poisoned".to_owned())?
+        .get(index)
+        .ok_or_else(|| format!("slot {slot} out of range"))?
+        .is_some()
+    {
+        return Err(format!("slot {slot} is in use"));
+    }
+    let (memory, state) = {
+        let nodes = host.nodes.lock().map_err(|_| "poisoned".to_owned())?;
+        let n = nodes
+            .get(&node)
+            .ok_or_else(|| format!("node {node} is not registered"))?;
+        let memory = map_image(&n.image, host.mem_bytes).map_err(|e| format!("mapping node {node}: {e}"))?;
+        (memory, n.state.clone())
+    };
+    let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
+    chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
+    let instance = match Instance::restore_in_slot(&host.vmm, None, &host.config, Box::new(memory), &state, chan) {
+        Ok(i) => i,
+        // The node is at fault: KVM refused its registers, or its state
+        // does not match its memory.
+        Err(e @ (vmm::VmmError::Kvm { .. } | vmm::VmmError::StateMismatch(_) | vmm::VmmError::Save(_))) => {
+            return Ok(Reply::StateRefused(chain(&e)));
+        }
+        Err(e) => return Err(chain(&e)),
+    };
+    let reply = Reply::Restored {
+        seq: instance.seq(),
+        at_checkpoint: instance.at_checkpoint(),
+        tsc_offset: instance.tsc_offset(),
+    };
+    if let Ok(mut v) = host.instances.write()
+        && let Some(place) = v.get_mut(index)
+    {
+        *place = Some(Arc::new(instance));
+    }
+    Ok(reply)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Receives one message and at most one fd; `None` at end of stream.
+pub fn receive(socket: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<Option<(usize, Option<OwnedFd>)>> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            // SAFETY: the kernel just installed these fds in
+                            // this process for us; nothing else owns them.
+                            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+                        }
+                    }
+                }
+                if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+                    return Err(std::io::Error::other("a control message was cut"));
+                }
+                if msg.bytes == 0 {
+                    return Ok(None);
+                }
+                let fd = fds.into_iter().next(); // more than one: the rest close
+                return Ok(Some((msg.bytes, fd)));
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends one message (with `fd` if given).
+pub fn send_with(socket: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    let iov = [IoSlice::new(bytes)];
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage<'_>> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
+    loop {
+        match sendmsg::<()>(socket.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) if n == bytes.len() => return Ok(()),
+            Ok(_) => return Err(std::io::Error::other("short control message")),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn send(socket: BorrowedFd<'_>, bytes: &[u8]) -> std::io::Result<()> {
+    send_with(socket, bytes, None)
+}
