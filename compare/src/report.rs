@@ -255,8 +255,9 @@ pub fn density_text(d: &density::Density) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "density: idle {} instances started from its function node (per instance: KiB of host memory; start latency us)",
-        d.function
+        "density: idle {} instances ({} MiB guests) started from its function node (per instance: KiB of host memory; start latency us)",
+        d.function,
+        crate::snapshots::DENSITY_GUEST_MIB
     );
     if let Some(reason) = &d.skipped {
         let _ = writeln!(s, "skipped: {reason}");

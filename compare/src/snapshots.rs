@@ -159,14 +159,33 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
     report
 }
 
-/// The density curve on a backend of its own over the same store (the
-/// `noop` function node exists), without pre-created VM shells: a pool of
-/// a few shells cannot serve thousands of starts anyway, and shells made
-/// before the baseline would hide their memory from the first instances.
+/// Guest memory of the density curve's instances, MiB: a small guest, as
+/// SEUSS's unikernel instances are (`noop` needs a few pages of heap). KVM's
+/// per-VM bookkeeping grows with the guest's size (reverse maps per 4 KiB
+/// page of every memory slot), so the default 80 MiB guest would cost ~200
+/// KiB of kernel memory per idle instance where this one costs less.
+pub const DENSITY_GUEST_MIB: usize = 16;
+/// Function image region of the density curve's guest, MiB (`noop` is a
+/// few KiB; 16 MiB of guest memory leaves no heap with the default 8).
+pub const DENSITY_IMAGE_MIB: usize = 2;
+/// Input and output limits of the density curve's instances, bytes.
+const DENSITY_IO_LIMIT_BYTES: usize = 64 << 10;
+
+/// The density curve on a backend of its own over the same store (its own
+/// base and `noop` function node, for the smaller guest), without
+/// pre-created VM shells: a pool of a few shells cannot serve thousands of
+/// starts anyway, and shells made before the baseline would hide their
+/// memory from the first instances.
 fn run_density(store: &std::path::Path, max_instances: usize, base: &Config) -> Density {
     let mut config = base.clone();
     config.vm.store_dir = Some(store.to_owned());
     config.vm.shell_pool = Some(0);
+    config.vm.guest_mem_mib = Some(DENSITY_GUEST_MIB);
+    config.vm.image_mib = Some(DENSITY_IMAGE_MIB);
+    // The I/O window holds the larger of the two limits (rounded to 2 MiB):
+    // `noop` takes and returns nothing, and the default 4 MiB would not fit.
+    config.input_limit_bytes = DENSITY_IO_LIMIT_BYTES;
+    config.output_limit_bytes = DENSITY_IO_LIMIT_BYTES;
     let skipped = |reason: String| Density {
         skipped: Some(reason),
         ..Density::default()
