@@ -96,4 +96,4 @@ pub use dispatcher::{
     Completed, DEFAULT_MAX_WORKERS, Dispatcher, DispatcherConfig, DispatcherStats, FunctionIndex, Start, TenantStats,
 };
 pub use error::LanguageError;
-pub use protocol::Preemption;
+pub use protocol::{ColdStart, Preemption};

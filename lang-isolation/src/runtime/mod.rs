@@ -58,12 +58,13 @@ mod loader;
 mod memfns;
 mod mmap;
 pub mod pkeys;
+pub mod prelinked;
 mod services;
 mod stack;
 mod trap;
 
 pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
-pub use heap::{Arena, HeapMemory, InstanceHeap};
+pub use heap::{Arena, HeapMemory, InstanceHeap, PersistentState};
 pub use instance::{Instance, InstanceShell, Output};
 pub use loader::{ArtifactImage, LoadError, LoadedFunction, MAX_ARTIFACT_BYTES, REQUIRED_SEALS, SealedArtifact};
 pub use services::monotonic_ns;
