@@ -573,12 +573,13 @@ impl Worker {
             }
         };
         let instance = match (from, pre.snapshot_state()) {
-            // SAFETY: the range now holds the snapshot's writable pages and
-            // the shell's persistent arena its heap (`enter` with
-            // `StartFrom::Snapshot`), taken in this shell
-            // (`can_start_from_snapshot`) right after init.
             (StartFrom::Snapshot, Some(state)) => {
-                match unsafe { Instance::from_shell_initialised(function, shell, state) } {
+                // SAFETY: the range now holds the snapshot's writable pages
+                // and the shell's persistent arena its heap (`enter` with
+                // `StartFrom::Snapshot`), taken in this shell
+                // (`can_start_from_snapshot`) right after init.
+                let made = unsafe { Instance::from_shell_initialised(function, shell, state) };
+                match made {
                     Ok(Ok(instance)) => Ok(instance),
                     Ok(Err(shell)) => {
                         self.cold_shell = Some(shell);
