@@ -362,10 +362,18 @@ impl InstanceHeap {
     ///
     /// Every pointer into the heap is dangling afterwards.
     pub fn reset_state(&mut self, memory: &HeapMemory, limit_bytes: usize) {
+        // (A fresh allocator writes its first hole's header into the arena.)
+        self.persistent = ArenaHeap::over(&memory.persistent);
+        self.reset_invocation_state(memory, limit_bytes);
+    }
+
+    /// [`InstanceHeap::reset_state`] for the invocation arena only: the
+    /// persistent arena's bytes are not touched (a post-init snapshot's
+    /// state is installed next, [`InstanceHeap::restore_persistent`]).
+    pub fn reset_invocation_state(&mut self, memory: &HeapMemory, limit_bytes: usize) {
         self.limit_bytes = limit_bytes;
         self.persistent_region = Region::of(&memory.persistent);
         self.invocation_region = Region::of(&memory.invocation);
-        self.persistent = ArenaHeap::over(&memory.persistent);
         self.invocation = ArenaHeap::over(&memory.invocation);
         self.invocation_high_water = 0;
         self.persistent_high_water = 0;

@@ -542,10 +542,24 @@ impl Instance {
     /// reset and the stack is reused. Like [`Instance::new`], `init` has not
     /// run.
     /// A keyed shell keys the new image with its key too.
-    pub fn from_shell(function: LoadedFunction, mut shell: InstanceShell) -> Result<Self, RuntimeError> {
+    pub fn from_shell(function: LoadedFunction, shell: InstanceShell) -> Result<Self, RuntimeError> {
+        Self::from_shell_with(function, shell, true)
+    }
+
+    /// [`Instance::from_shell`]; `reset_persistent: false` leaves the
+    /// persistent arena's bytes and allocator alone (for a snapshot's).
+    fn from_shell_with(
+        function: LoadedFunction,
+        mut shell: InstanceShell,
+        reset_persistent: bool,
+    ) -> Result<Self, RuntimeError> {
         let memory = &shell.heap_memory;
         let ctx = shell.ctx.get_mut();
-        ctx.heap.reset_state(memory, shell.limit_bytes);
+        if reset_persistent {
+            ctx.heap.reset_state(memory, shell.limit_bytes);
+        } else {
+            ctx.heap.reset_invocation_state(memory, shell.limit_bytes);
+        }
         ctx.checkpoints = 0;
         ctx.clock_reads = 0;
         let mut instance = Self {
@@ -583,7 +597,7 @@ impl Instance {
         shell: InstanceShell,
         state: &PersistentState,
     ) -> Result<Result<Self, InstanceShell>, RuntimeError> {
-        let mut instance = Self::from_shell(function, shell)?;
+        let mut instance = Self::from_shell_with(function, shell, false)?;
         let memory = &instance.heap_memory;
         // SAFETY: caller contract: the arena holds the captured bytes, and
         // nothing points into it (the instance is new).

@@ -706,6 +706,11 @@ impl ImageSpace {
         self.reservation.addr()
     }
 
+    /// The reserved address range.
+    pub fn range(&self) -> Range<usize> {
+        self.addr()..self.addr() + self.reservation.len()
+    }
+
     /// Images mapped now.
     pub fn mapped(&self) -> usize {
         self.held.len()
