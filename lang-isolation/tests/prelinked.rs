@@ -167,8 +167,8 @@ proptest! {
 #[test]
 fn the_first_cold_start_snapshots_and_the_next_start_from_it() {
     let mut cold = Cold::new(&["snapshot-probe", "init-heavy"], Teardown::Discard, 8, true);
-    for i in 0..2 {
-        let reference = fresh(&image(NAMES[i]), b"abc");
+    for (i, name) in NAMES.iter().take(2).enumerate() {
+        let reference = fresh(&image(name), b"abc");
         let (first, from_snapshot) = cold.call(i, b"abc");
         assert!(!from_snapshot, "the first runs init");
         assert!(cold.images[i].1.has_snapshot());
