@@ -7,6 +7,7 @@
 
 mod density;
 mod env;
+mod language;
 mod memory;
 mod plot;
 mod preemption;
@@ -36,6 +37,9 @@ enum Experiment {
     Preemption,
     /// SEUSS's view: vm start latency by snapshot level, deploy time, node sizes, idle memory.
     Snapshots,
+    /// The language backend: cold start by path (load, pre-linked, post-init snapshot) for noop and
+    /// init-heavy, warm serial and saturated throughput, mappings and memory per function (100 and 5,000).
+    Language,
 }
 
 /// Head-to-head experiments: vm vs language vs process isolation.
@@ -135,6 +139,15 @@ fn run(cli: &Cli) -> Result<(), String> {
             report::snapshots_text(&r)
         );
         report.snapshots = Some(r);
+    }
+    if all || cli.experiment == Experiment::Language {
+        let opts = language::Options::new(cli.quick, cli.iterations, cli.functions);
+        let r = language::run(&opts, &config);
+        println!(
+            "language: one worker; latency from dispatch to the function's first timestamp\n{}",
+            language::text(&r)
+        );
+        report.language = Some(r);
     }
     let json = serde_json::to_string_pretty(&report).map_err(|e| format!("serialising the report: {e}"))?;
     if let Some(path) = &cli.json {

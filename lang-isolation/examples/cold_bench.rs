@@ -90,7 +90,7 @@ fn main() {
     }
     s.print("load: map + relocate + init (K images)");
 
-    for teardown in [Teardown::Discard, Teardown::Remap] {
+    for teardown in [Teardown::Restore, Teardown::Discard, Teardown::Remap] {
         for (label, snapshots, images_used) in [
             ("prelinked + init, 1 image", false, 1),
             ("prelinked + init, K images", false, k),
@@ -135,7 +135,7 @@ fn main() {
                 let t1 = monotonic_ns();
                 let entered = instance.handle(input).expect("handle").entered_ns;
                 let sh = instance.into_shell();
-                window.leave(&sh).expect("leave");
+                window.leave(&sh, Some(&pre[j])).expect("leave");
                 shell = Some(sh);
                 let t2 = monotonic_ns();
                 if i >= n / 10 {

@@ -122,7 +122,7 @@ impl Cold {
         };
         let out = outcome(instance.handle(input).map(|o| o.bytes().to_vec()));
         let shell = instance.into_shell();
-        self.space.leave(&shell).unwrap();
+        self.space.leave(&shell, Some(&self.images[i].1)).unwrap();
         self.shell = Some(shell);
         (out, from == StartFrom::Snapshot)
     }
@@ -146,10 +146,9 @@ proptest! {
     #[test]
     fn snapshot_started_instances_answer_like_fresh_ones(
         calls in proptest::collection::vec((0usize..NAMES.len(), input()), 1..24),
-        remap in any::<bool>(),
+        teardown in prop_oneof![Just(Teardown::Restore), Just(Teardown::Discard), Just(Teardown::Remap)],
         max_mapped in 1usize..4,
     ) {
-        let teardown = if remap { Teardown::Remap } else { Teardown::Discard };
         let mut cold = Cold::new(&NAMES, teardown, max_mapped, true);
         let references: Vec<ArtifactImage> = NAMES.iter().map(|n| image(n)).collect();
         let mut expected: HashMap<(usize, Vec<u8>), Result<Vec<u8>, String>> = HashMap::new();
@@ -166,7 +165,7 @@ proptest! {
 
 #[test]
 fn the_first_cold_start_snapshots_and_the_next_start_from_it() {
-    let mut cold = Cold::new(&["snapshot-probe", "init-heavy"], Teardown::Discard, 8, true);
+    let mut cold = Cold::new(&["snapshot-probe", "init-heavy"], Teardown::Restore, 8, true);
     for (i, name) in NAMES.iter().take(2).enumerate() {
         let reference = fresh(&image(name), b"abc");
         let (first, from_snapshot) = cold.call(i, b"abc");
@@ -192,7 +191,7 @@ fn the_first_cold_start_snapshots_and_the_next_start_from_it() {
 /// snapshot-started call sees init's state exactly.
 #[test]
 fn a_fault_in_a_snapshot_started_call_leaves_the_next_call_fresh() {
-    for teardown in [Teardown::Discard, Teardown::Remap] {
+    for teardown in [Teardown::Restore, Teardown::Discard, Teardown::Remap] {
         let mut cold = Cold::new(&["snapshot-probe"], teardown, 8, true);
         let (good, _) = cold.call(0, b"hello");
         let good = good.unwrap();
@@ -211,7 +210,7 @@ fn a_fault_in_a_snapshot_started_call_leaves_the_next_call_fresh() {
 /// like a fresh instance.
 #[test]
 fn prelinked_without_snapshots_runs_init_every_time() {
-    let mut cold = Cold::new(&["snapshot-probe", "stateful"], Teardown::Discard, 8, false);
+    let mut cold = Cold::new(&["snapshot-probe", "stateful"], Teardown::Restore, 8, false);
     for i in [0, 1, 0, 0, 1] {
         let (got, from_snapshot) = cold.call(i, b"xyz");
         assert!(!from_snapshot);

@@ -143,6 +143,8 @@ struct ColdImages {
     images: IdMap<u64, PrelinkedImage>,
     /// Start from post-init snapshots.
     snapshots: bool,
+    /// The image of the last cold start (its pages are restored after it).
+    last: Option<u64>,
 }
 
 impl ColdImages {
@@ -166,6 +168,7 @@ impl ColdImages {
                 space,
                 images: IdMap::default(),
                 snapshots: mode == ColdStart::Snapshot,
+                last: None,
             }),
             Err(e) => {
                 eprintln!("microfaas-worker: no pre-linked cold starts: {}", error_chain(&e));
@@ -566,7 +569,10 @@ impl Worker {
             StartFrom::Pristine
         };
         let function = match c.space.enter(pre, artifact, &c.arena, &shell, from) {
-            Ok(function) => function,
+            Ok(function) => {
+                c.last = Some(image);
+                function
+            }
             Err(e) => {
                 self.cold_shell = Some(shell);
                 return Some((Ran::fail(Outcome::InitFailed, error_chain(&e), 0), 0));
@@ -805,7 +811,7 @@ impl Worker {
             // Whatever path the instance took, the image space's pages and the
             // shell's snapshot heap read as their image's again.
             if let Some(c) = self.prelinked.as_mut()
-                && let Err(e) = c.space.leave(&shell)
+                && let Err(e) = c.space.leave(&shell, c.last.take().and_then(|i| c.images.get(&i)))
             {
                 eprintln!("microfaas-worker: dropping a cold instance's pages: {e}");
             }
