@@ -157,7 +157,7 @@ impl ColdImages {
             let space = ImageSpace::new(
                 prelinked::DEFAULT_SPACE_BYTES,
                 prelinked::DEFAULT_MAX_MAPPED,
-                Teardown::Discard,
+                Teardown::Restore,
             )
             .map_err(prelinked::PrelinkError::Map)?;
             Ok((arena, space))
