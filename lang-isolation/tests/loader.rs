@@ -436,9 +436,9 @@ fn runner_pids() -> Vec<u32> {
 /// Once started, a worker holds stdio, its catalog socket, sealed artifact
 /// memfds and its own image arena only (its shared region's fd is closed
 /// once mapped), and a runner that loaded its function holds stdio only:
-/// no fd they keep is writable and mappable but the worker's image arena,
-/// which its seccomp policy never lets it map executable (see
-/// `sandbox::bpf` tests) and which the host never maps.
+/// no fd they keep is writable and mappable (the worker's image arena is
+/// sealed against new writable mappings and writes: `F_SEAL_FUTURE_WRITE`,
+/// see `tests/prelinked.rs`).
 #[test]
 fn started_workers_and_runners_keep_no_mappable_writable_fd() {
     let d = dispatcher();
@@ -454,7 +454,10 @@ fn started_workers_and_runners_keep_no_mappable_writable_fd() {
         match fd {
             0..=2 => {}
             4 => assert!(target.starts_with("socket:"), "fd 4: {target}"),
-            _ if target.starts_with("/memfd:microfaas-images") => arenas += 1,
+            _ if target.starts_with("/memfd:microfaas-images") => {
+                assert_ne!(seals.unwrap() & libc::F_SEAL_FUTURE_WRITE, 0, "fd {fd}: {seals:?}");
+                arenas += 1;
+            }
             _ => {
                 assert!(target.starts_with("/memfd:microfaas-artifact:"), "fd {fd}: {target}");
                 assert_eq!(

@@ -270,6 +270,37 @@ fn mapped_images_stay_within_their_cap() {
     assert!(after <= 3, "released: {after}");
 }
 
+/// The arena's fd cannot be mapped writable-shared (or written) once
+/// created: only the arena's own view, made before the seal, writes it.
+#[test]
+fn the_image_arena_fd_is_never_writable_again() {
+    use std::os::fd::{AsFd, AsRawFd};
+    let arena = ImageArena::create(1 << 20).unwrap();
+    let fd = arena.as_fd().as_raw_fd();
+    let map = |prot, flags| {
+        // SAFETY: a fresh mapping at an address the kernel picks, unmapped
+        // right away.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, fd, 0) };
+        if p != libc::MAP_FAILED {
+            // SAFETY: the mapping just made.
+            unsafe { libc::munmap(p, 4096) };
+        }
+        p != libc::MAP_FAILED
+    };
+    assert!(map(libc::PROT_READ, libc::MAP_PRIVATE), "private mappings work");
+    assert!(map(libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE));
+    assert!(
+        !map(libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+        "no new writer"
+    );
+    // SAFETY: a write of one byte from a live local.
+    let wrote = unsafe { libc::pwrite(fd, b"x".as_ptr().cast(), 1, 0) };
+    assert_eq!(wrote, -1, "no write");
+    // SAFETY: F_GET_SEALS only reads the fd's state.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    assert_ne!(seals & libc::F_SEAL_FUTURE_WRITE, 0, "seals {seals:#x}");
+}
+
 fn dispatcher(cold_start: ColdStart) -> Dispatcher {
     let mut config = DispatcherConfig::new(env!("CARGO_BIN_EXE_microfaas-worker"));
     config.workers = Some(1);

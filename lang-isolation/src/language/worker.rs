@@ -293,8 +293,7 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     // The sandbox is in place before any function is loaded or initialised
     // (after the worker's own set-up: its maps took their random keys).
     let policy =
-        sandbox::worker::policy_with_images(&spec, std::process::id(), worker.socket.as_raw_fd(), worker.images_fd())
-            .map_err(SandboxError::from)?;
+        sandbox::worker::policy(&spec, std::process::id(), worker.socket.as_raw_fd()).map_err(SandboxError::from)?;
     sandbox::apply(&policy)?;
     // A function whose artifact or init fails now is simply not resident;
     // its next warm request reports `NotLoaded`. The end marker (or a
@@ -364,11 +363,6 @@ fn pin_to(cpu: usize) {
 }
 
 impl Worker {
-    /// The image arena's fd, if the worker has one.
-    fn images_fd(&self) -> Option<RawFd> {
-        self.prelinked.as_ref().map(|c| c.arena.as_fd().as_raw_fd())
-    }
-
     fn header(&self) -> &Header {
         self.region.header()
     }

@@ -173,24 +173,38 @@ struct Region {
 }
 
 /// The worker's image store: one memfd of [`DEFAULT_ARENA_BYTES`] (sparse),
-/// created before the sandbox, written through short-lived shared views.
+/// created before the sandbox together with the one writable view the
+/// worker ever has of it, then sealed with `F_SEAL_FUTURE_WRITE`: from then
+/// on the fd maps only read-only or private (no new writable shared view,
+/// no `write`), so like every other fd a worker holds it cannot be made
+/// into memory that is both writable and executable. Code is never mapped
+/// from it (only the images' writable pages). The view is `PROT_NONE` but
+/// while a store writes a region of it.
 #[derive(Debug)]
 pub struct ImageArena {
     fd: OwnedFd,
+    /// The shared read-write view of the whole arena.
+    view: SharedView,
     space: OffsetAllocator,
-    /// Bytes of regions in use (written pages may be fewer).
+    /// Bytes of regions in use.
     used: u64,
+    /// End of the highest region ever handed out: regions from here on are
+    /// holes (read as zero); a reused region below may hold old bytes.
+    touched_end: u64,
 }
 
-/// A shared read-write view of part of the arena, unmapped on drop.
+/// A shared read-write view of the arena, unmapped on drop.
+#[derive(Debug)]
 struct SharedView {
     ptr: *mut u8,
     len: usize,
 }
 
+// SAFETY: plain shared memory owned by this value (the arena's view).
+unsafe impl Send for SharedView {}
+
 impl SharedView {
-    fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("arena offset"))?;
+    fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
         // SAFETY: a fresh shared mapping at an address the kernel picks; it
         // aliases no Rust object (only this view reaches it).
         let ptr = unsafe {
@@ -198,15 +212,29 @@ impl SharedView {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
                 fd.as_raw_fd(),
-                off,
+                0,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         Ok(Self { ptr: ptr.cast(), len })
+    }
+}
+
+impl SharedView {
+    fn protect(&self, offset: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::other("range outside the view"));
+        }
+        // SAFETY: a range of this view; no Rust reference into it lives
+        // across the change (stores write through raw pointers only).
+        if unsafe { libc::mprotect(self.ptr.add(offset).cast(), len, prot) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
@@ -218,12 +246,13 @@ impl Drop for SharedView {
 }
 
 impl ImageArena {
-    /// A new arena of `len` bytes (`memfd_create` + `ftruncate`: call it
-    /// before the sandbox, which allows neither).
+    /// A new arena of `len` bytes (`memfd_create`, `ftruncate`, the view,
+    /// `F_ADD_SEALS`: call it before the sandbox, which allows none of them).
     pub fn create(len: u64) -> Result<Self, PrelinkError> {
         let name = c"microfaas-images";
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         // SAFETY: a NUL-terminated name and valid flags; the fd is owned below.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), flags) };
         if raw < 0 {
             return Err(PrelinkError::Create(io::Error::last_os_error()));
         }
@@ -234,10 +263,22 @@ impl ImageArena {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(PrelinkError::Create(io::Error::last_os_error()));
         }
+        let view_len = usize::try_from(len).map_err(|_| PrelinkError::Create(io::Error::other("arena size")))?;
+        let view = SharedView::new(fd.as_fd(), view_len).map_err(PrelinkError::Create)?;
+        let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on our own memfd takes an integer argument.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(PrelinkError::Create(io::Error::last_os_error()));
+        }
+        // Inaccessible but while a store writes it.
+        view.protect(0, view_len, libc::PROT_NONE)
+            .map_err(PrelinkError::Create)?;
         Ok(Self {
             fd,
+            view,
             space: OffsetAllocator::new(len),
             used: 0,
+            touched_end: 0,
         })
     }
 
@@ -254,25 +295,27 @@ impl AsFd for ImageArena {
 }
 
 impl ImageArena {
-    fn alloc(&mut self, len: usize) -> Result<Region, PrelinkError> {
+    fn alloc(&mut self, len: usize) -> Result<(Region, bool), PrelinkError> {
         let len = round_up_to_page(len).ok_or(PrelinkError::ArenaFull { want: u64::MAX })?;
         let want = u64::try_from(len).unwrap_or(u64::MAX);
         if want == 0 {
-            return Ok(Region { offset: 0, len: 0 });
+            return Ok((Region { offset: 0, len: 0 }, true));
         }
         let offset = self.space.alloc(want).ok_or(PrelinkError::ArenaFull { want })?;
+        let fresh = offset >= self.touched_end;
+        self.touched_end = self.touched_end.max(offset + want);
         self.used += want;
-        Ok(Region { offset, len: want })
+        Ok((Region { offset, len: want }, fresh))
     }
 
-    /// Writes the non-zero pages of `parts` (each `(offset in the region,
-    /// bytes)`, page-aligned offsets) into a fresh region of `len` bytes.
+    /// Writes `parts` (each `(offset in the region, bytes)`, page-aligned
+    /// offsets) into a new region of `len` bytes; the rest reads as zero.
     fn store(&mut self, len: usize, parts: &[(usize, &[u8])]) -> Result<Region, PrelinkError> {
-        let region = self.alloc(len)?;
+        let (region, fresh) = self.alloc(len)?;
         if region.len == 0 {
             return Ok(region);
         }
-        let result = self.write(region, parts);
+        let result = self.write(region, fresh, parts);
         if let Err(e) = result {
             self.release(region);
             return Err(e);
@@ -280,38 +323,56 @@ impl ImageArena {
         Ok(region)
     }
 
-    fn write(&self, region: Region, parts: &[(usize, &[u8])]) -> Result<(), PrelinkError> {
+    fn write(&self, region: Region, fresh: bool, parts: &[(usize, &[u8])]) -> Result<(), PrelinkError> {
         let len = usize::try_from(region.len).map_err(|_| PrelinkError::Write(io::Error::other("region size")))?;
-        let view = SharedView::new(self.fd.as_fd(), region.offset, len).map_err(PrelinkError::Write)?;
+        let start = usize::try_from(region.offset).map_err(|_| PrelinkError::Write(io::Error::other("offset")))?;
+        if start.checked_add(len).is_none_or(|end| end > self.view.len) {
+            return Err(PrelinkError::Write(io::Error::other("region outside the arena")));
+        }
+        self.view
+            .protect(start, len, libc::PROT_READ | libc::PROT_WRITE)
+            .map_err(PrelinkError::Write)?;
+        let written = self.write_open(start, len, fresh, parts);
+        let closed = self
+            .view
+            .protect(start, len, libc::PROT_NONE)
+            .map_err(PrelinkError::Write);
+        written.and(closed)
+    }
+
+    /// [`ImageArena::write`] with the region's view open (read-write).
+    fn write_open(&self, start: usize, len: usize, fresh: bool, parts: &[(usize, &[u8])]) -> Result<(), PrelinkError> {
+        // SAFETY: `[start, start + len)` lies in the view (checked by the
+        // caller); the region is this call's alone (just allocated).
+        let base = unsafe { self.view.ptr.add(start) };
+        if !fresh {
+            // A reused region: old bytes must not show through.
+            // SAFETY: as above.
+            unsafe { std::ptr::write_bytes(base, 0, len) };
+        }
         let page = page_size();
         for &(at, bytes) in parts {
             if at.checked_add(bytes.len()).is_none_or(|end| end > len) {
                 return Err(PrelinkError::Write(io::Error::other("part outside its region")));
             }
             for (i, chunk) in bytes.chunks(page).enumerate() {
-                // The region is fresh (holes read as zero): zero pages stay holes.
+                // Zero pages stay holes (they cost nothing).
                 if chunk.iter().all(|&b| b == 0) {
                     continue;
                 }
                 // SAFETY: `at + i * page + chunk.len()` <= `len` (checked
-                // above), inside the view, which nothing else references.
-                unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), view.ptr.add(at + i * page), chunk.len()) };
+                // above), inside the region.
+                unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), base.add(at + i * page), chunk.len()) };
             }
         }
         Ok(())
     }
 
-    /// Frees a region: its pages go back to the kernel (`MADV_REMOVE`
-    /// through a shared view), its offsets to the allocator.
+    /// Frees a region: its offsets go back to the allocator. (Its pages
+    /// stay until reused: the future-write seal refuses to punch holes.)
     fn release(&mut self, region: Region) {
         if region.len == 0 {
             return;
-        }
-        if let Ok(len) = usize::try_from(region.len)
-            && let Ok(view) = SharedView::new(self.fd.as_fd(), region.offset, len)
-        {
-            // SAFETY: the view's own pages; nothing references them.
-            unsafe { libc::madvise(view.ptr.cast(), len, libc::MADV_REMOVE) };
         }
         self.space.release(region.offset, region.len);
         self.used = self.used.saturating_sub(region.len);

@@ -247,7 +247,6 @@ mod tests {
         let pid = 4242;
         for policy in [
             worker::policy(&full(), pid, 4).unwrap(),
-            worker::policy_with_images(&full(), pid, 4, Some(7)).unwrap(),
             runner::policy(&full(), pid).unwrap(),
         ] {
             let text = policy.to_string();

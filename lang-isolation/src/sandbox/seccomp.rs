@@ -226,33 +226,6 @@ pub fn mmap_w_xor_x() -> Result<Allowed, FilterError> {
     })
 }
 
-/// [`mmap_w_xor_x`], and never `PROT_EXEC` from `fd` (a language worker's
-/// image arena: a memfd it writes, which must never become code).
-pub fn mmap_w_xor_x_not_from(fd: i32) -> Result<Allowed, FilterError> {
-    use SeccompCmpArgLen::Dword;
-    let exec = bits(libc::PROT_EXEC);
-    let write_exec = bits(libc::PROT_EXEC | libc::PROT_WRITE);
-    let kind_mask = 0x0f | bits(libc::MAP_ANONYMOUS);
-    Ok(Allowed {
-        name: "mmap",
-        nr: libc::SYS_mmap,
-        rules: vec![
-            rule("mmap", vec![cond(2, Dword, SeccompCmpOp::MaskedEq(exec), 0)?])?,
-            rule(
-                "mmap",
-                vec![
-                    cond(2, Dword, SeccompCmpOp::MaskedEq(write_exec), exec)?,
-                    cond(3, Dword, SeccompCmpOp::MaskedEq(kind_mask), bits(libc::MAP_PRIVATE))?,
-                    cond(4, Dword, SeccompCmpOp::Ne, bits(fd))?,
-                ],
-            )?,
-        ],
-        note: format!(
-            "prot without PROT_EXEC; or PROT_EXEC without PROT_WRITE, MAP_PRIVATE, not MAP_ANONYMOUS, fd != {fd} (the image arena)"
-        ),
-    })
-}
-
 /// `mprotect` / `pkey_mprotect`: never `PROT_EXEC`.
 pub fn mprotect_no_exec(name: &'static str, nr: i64) -> Result<Allowed, FilterError> {
     Ok(Allowed {

@@ -8,35 +8,14 @@
 
 use super::common::{base_allowlist, confined, worker_extras};
 use super::origin::OriginFilter;
-use super::seccomp::{
-    Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, mmap_w_xor_x_not_from, mprotect_no_exec, on_fd,
-};
+use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, mprotect_no_exec, on_fd};
 use super::{Policy, SandboxSpec};
 
 /// The worker's policy for `spec`, for the process `pid` (itself), whose
 /// catalog socket is `catalog_fd`.
 pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, FilterError> {
-    policy_with_images(spec, pid, catalog_fd, None)
-}
-
-/// [`policy`] for a worker that holds an image arena at `images_fd`
-/// (pre-linked images, see `crate::runtime::prelinked`): a memfd the
-/// worker writes its images' writable pages into and maps copy-on-write.
-/// It never holds code, and the policy makes sure it never becomes code:
-/// `mmap` with `PROT_EXEC` from it is refused (code comes only from the
-/// sealed artifact memfds).
-pub fn policy_with_images(
-    spec: &SandboxSpec,
-    pid: u32,
-    catalog_fd: i32,
-    images_fd: Option<i32>,
-) -> Result<Policy, FilterError> {
     let layers = spec.settings.layers;
     let mut allowed = base_allowlist(pid)?;
-    if let Some(fd) = images_fd {
-        allowed.retain(|a| a.nr != libc::SYS_mmap);
-        allowed.push(mmap_w_xor_x_not_from(fd)?);
-    }
     allowed.extend(worker_extras());
     allowed.extend([
         on_fd("recvmsg", libc::SYS_recvmsg, catalog_fd, "the catalog socket")?,

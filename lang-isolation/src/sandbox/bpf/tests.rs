@@ -16,7 +16,6 @@ const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 const NATIVE_NRS: i32 = 512;
 const PID: u32 = 4242;
 const CATALOG_FD: i32 = 4;
-const IMAGES_FD: i32 = 7;
 
 /// `struct seccomp_data`.
 #[derive(Debug, Clone, Copy)]
@@ -131,10 +130,6 @@ fn spec() -> SandboxSpec {
 fn policies() -> Vec<SeccompPolicy> {
     vec![
         worker::policy(&spec(), PID, CATALOG_FD).unwrap().seccomp.unwrap(),
-        worker::policy_with_images(&spec(), PID, CATALOG_FD, Some(IMAGES_FD))
-            .unwrap()
-            .seccomp
-            .unwrap(),
         runner::policy(&spec(), PID).unwrap().seccomp.unwrap(),
     ]
 }
@@ -180,37 +175,6 @@ fn arch() -> impl Strategy<Value = u32> {
 
 fn data() -> impl Strategy<Value = Data> {
     (nr(), arch(), prop::array::uniform6(arg())).prop_map(|(nr, arch, args)| Data::new(nr, arch, args))
-}
-
-/// A worker with an image arena may map code from any private file but the
-/// arena (a memfd it writes): W^X holds for the arena too.
-#[test]
-fn the_image_arena_is_never_mapped_executable() {
-    let policy = worker::policy_with_images(&spec(), PID, CATALOG_FD, Some(IMAGES_FD))
-        .unwrap()
-        .seccomp
-        .unwrap();
-    let program = policy.compile().unwrap();
-    let mmap = |prot: i32, fd: i32| {
-        let flags = u64::from(libc::MAP_PRIVATE.unsigned_abs());
-        let fd = u64::from(fd.unsigned_abs());
-        let data = Data::new(
-            i32::try_from(libc::SYS_mmap).unwrap(),
-            AUDIT_ARCH_X86_64,
-            [0, 4096, u64::from(prot.unsigned_abs()), flags, fd, 0],
-        );
-        run(&program, &data).unwrap()
-    };
-    let allow = 0x7fff_0000;
-    let rx = libc::PROT_READ | libc::PROT_EXEC;
-    assert_eq!(mmap(rx, 5), allow, "code from a sealed artifact memfd");
-    assert_ne!(mmap(rx, IMAGES_FD), allow, "code from the image arena");
-    assert_eq!(
-        mmap(libc::PROT_READ | libc::PROT_WRITE, IMAGES_FD),
-        allow,
-        "data from the arena"
-    );
-    assert_eq!(mmap(libc::PROT_READ, IMAGES_FD), allow);
 }
 
 #[test]
