@@ -2,8 +2,10 @@
 //! `Backend` trait, with tables, versioned JSON and SVG plots.
 //!
 //! `cargo run --release -p compare` runs the default suite; `compare
-//! EXPERIMENT [--quick] [--iterations N] [--json FILE] [--out DIR]` one
-//! experiment. See `report.rs` for the JSON schema.
+//! EXPERIMENT [--quick] [--iterations N] [--functions N] [--json FILE] [--out DIR]`
+//! one experiment (`compare table1 --functions 5000`: Table 1 at the paper's
+//! scale; `compare language`: the language backend's cold-start paths and
+//! post-init snapshots). See `report.rs` for the JSON schema.
 
 mod density;
 mod env;
@@ -55,7 +57,8 @@ struct Cli {
     /// Measured invocations per row (default 10,000 warm/hot, 1,000 cold and snapshot starts).
     #[arg(long)]
     iterations: Option<u64>,
-    /// Functions deployed for table1.
+    /// Functions deployed for table1 (default 100; `--functions 5000` is the paper's scale) and for
+    /// language (default both 100 and 5,000). On language and process each is its own artifact.
     #[arg(long)]
     functions: Option<usize>,
     /// Function counts the memory experiment deploys, comma-separated (default 100,1000; 10,50 with --quick).

@@ -689,6 +689,9 @@ impl PrelinkedImage {
             heap_addr: heap_range.start,
             ctx_addr,
         });
+        // Cold starts run from the snapshot now; a start from the pristine
+        // pages (another shell) maps them copy-on-write from the arena.
+        self.pristine_rw = None;
         Ok(true)
     }
 
