@@ -9,7 +9,7 @@ use std::time::Duration;
 pub mod op {
     /// Run a preloaded function (warm).
     pub const INVOKE_WARM: u32 = 1;
-    /// Map a fresh private image, init, run, unmap (cold).
+    /// A cold start: a fresh instance (by the worker's `ColdStart` path), run, dropped.
     pub const INVOKE_COLD: u32 = 2;
     /// Load and init a function; its catalog message (with the artifact
     /// memfd) was sent on the worker's socket before the request.

@@ -7,7 +7,10 @@
 //! It needs no filesystem: its shared region is inherited at fd 3 (mapped,
 //! then closed) and its artifacts arrive as sealed memfds on the catalog
 //! socket at fd 4 ([`crate::runtime::fds`]), mapped by the runtime's own
-//! loader — a cold start maps a fresh private image of the same memfd.
+//! loader. A cold start maps the function's pre-linked image (or its
+//! post-init snapshot) copy-on-write in its own range, see
+//! [`crate::runtime::prelinked`]; the image arena that holds them is made
+//! before the sandbox.
 //!
 //! With protection keys (`Layers::pkeys`, where the CPU has PKU) the worker
 //! allocates the kernel's 15 keys before entering its sandbox and gives

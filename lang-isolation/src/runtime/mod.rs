@@ -6,6 +6,8 @@
 //!  SealedArtifact::from_fd(fd)         a sealed memfd from the host (seals checked)
 //!  ArtifactImage::parse(sealed)        read + check once: the LoadPlan (elf.rs)
 //!  LoadedFunction::load(&image)        map a fresh private copy, relocate (loader.rs)
+//!  (or ImageSpace::enter(&prelinked)   the pre-linked image / post-init snapshot,
+//!                                      copy-on-write, no relocation: prelinked.rs)
 //!        |
 //!  Instance::new(function, &config)    heap (persistent + invocation arenas,
 //!        |                             one byte limit) + guarded stack +

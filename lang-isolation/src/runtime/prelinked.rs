@@ -909,7 +909,9 @@ impl ImageSpace {
         self.tick += 1;
         let tick = self.tick;
         match self.held.get_mut(&at) {
-            Some(h) if h.uid == uid => {
+            // (Without copies of the wanted version, pages holding another
+            // version's bytes are mapped again.)
+            Some(h) if h.uid == uid && (copies.is_some() || h.version == version) => {
                 self.lru.remove(&h.tick);
                 h.tick = tick;
                 if let Some(copies) = copies
@@ -1061,10 +1063,11 @@ impl ImageSpace {
                 if h.uid != image.uid {
                     return None;
                 }
+                // The snapshot's bytes once there is one (the next start
+                // runs from it), else the pristine ones.
                 match &image.snapshot {
-                    Some(s) if s.uid == h.version => s.rw.as_deref(),
-                    _ if h.version == image.uid => image.pristine_rw.as_deref(),
-                    _ => None,
+                    Some(s) => s.rw.as_deref().map(|c| (s.uid, c)),
+                    None => image.pristine_rw.as_deref().map(|c| (image.uid, c)),
                 }
             });
             let restore_by_copy = self.teardown == Teardown::Restore
@@ -1074,9 +1077,14 @@ impl ImageSpace {
                     .is_some_and(|h| image.is_some_and(|i| h.uid == i.uid));
             match self.teardown {
                 Teardown::Restore if restore_by_copy => match copies {
-                    // SAFETY: the image's read-write pieces (held with
-                    // copies), mapped; its instance is gone (`shell`).
-                    Some(copies) => unsafe { Self::copy_in(&self.reservation, at, copies) },
+                    Some((version, copies)) => {
+                        // SAFETY: the image's read-write pieces (held with
+                        // copies), mapped; its instance is gone (`shell`).
+                        unsafe { Self::copy_in(&self.reservation, at, copies) };
+                        if let Some(h) = self.held.get_mut(&at) {
+                            h.version = version;
+                        }
+                    }
                     None => {
                         if let Err(e) = self.evict(at) {
                             result = Err(e);
