@@ -84,6 +84,25 @@ pub struct LanguageConfig {
     /// heaps) and, while busy, a core: 16 keeps a 2-core host's memory
     /// small while holding 16 tenants warm with one worker each.
     pub max_workers: Option<usize>,
+    /// How a cold start gets its instance: by default from the function's
+    /// pre-linked image and its post-init snapshot (no relocation, `init()`
+    /// once per worker).
+    pub cold_start: LanguageColdStart,
+}
+
+/// How a `language` cold start gets its instance (see
+/// `lang_isolation::runtime::prelinked`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LanguageColdStart {
+    /// Map and relocate a fresh private copy of the artifact, run `init()`.
+    Load,
+    /// Map the function's pre-linked image copy-on-write (no relocation;
+    /// nothing at all if it is still mapped), run `init()`.
+    Prelinked,
+    /// Like `Prelinked`, from the image's snapshot after its first
+    /// `init()`: later cold starts skip `init()`.
+    #[default]
+    Snapshot,
 }
 
 impl Default for LanguageConfig {
@@ -99,6 +118,7 @@ impl Default for LanguageConfig {
             blacklist_after: 3,
             start_timeout: Duration::from_secs(20),
             max_workers: None,
+            cold_start: LanguageColdStart::default(),
         }
     }
 }

@@ -24,5 +24,7 @@ pub use backend::{
     Timings,
 };
 pub use backends::open;
-pub use config::{Config, DEFAULT_IO_LIMIT_BYTES, LanguageConfig, LanguagePreemption, SandboxConfig, VmConfig};
+pub use config::{
+    Config, DEFAULT_IO_LIMIT_BYTES, LanguageColdStart, LanguageConfig, LanguagePreemption, SandboxConfig, VmConfig,
+};
 pub use error::{Error, ErrorKind};

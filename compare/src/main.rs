@@ -2,12 +2,15 @@
 //! `Backend` trait, with tables, versioned JSON and SVG plots.
 //!
 //! `cargo run --release -p compare` runs the default suite; `compare
-//! EXPERIMENT [--quick] [--iterations N] [--json FILE] [--out DIR]` one
-//! experiment. See `report.rs` for the JSON schema.
+//! EXPERIMENT [--quick] [--iterations N] [--functions N] [--json FILE] [--out DIR]`
+//! one experiment (`compare table1 --functions 5000`: Table 1 at the paper's
+//! scale; `compare language`: the language backend's cold-start paths and
+//! post-init snapshots). See `report.rs` for the JSON schema.
 
 mod density;
 mod env;
 mod http;
+mod language;
 mod memory;
 mod plot;
 mod preemption;
@@ -39,6 +42,9 @@ enum Experiment {
     Snapshots,
     /// The HTTP front end (`microfaas serve`) against the trait: latency per backend and start path, throughput per client count (not in `all`).
     Http,
+    /// The language backend: cold start by path (load, pre-linked, post-init snapshot) for noop and
+    /// init-heavy, warm serial and saturated throughput, mappings and memory per function (100 and 5,000).
+    Language,
 }
 
 /// Head-to-head experiments: vm vs language vs process isolation.
@@ -54,7 +60,8 @@ struct Cli {
     /// Measured invocations per row (default 10,000 warm/hot, 1,000 cold and snapshot starts).
     #[arg(long)]
     iterations: Option<u64>,
-    /// Functions deployed for table1.
+    /// Functions deployed for table1 (default 100; `--functions 5000` is the paper's scale) and for
+    /// language (default both 100 and 5,000). On language and process each is its own artifact.
     #[arg(long)]
     functions: Option<usize>,
     /// Function counts the memory experiment deploys, comma-separated (default 100,1000; 10,50 with --quick).
@@ -146,6 +153,15 @@ fn run(cli: &Cli) -> Result<(), String> {
             http::text(&r)
         );
         report.http = Some(r);
+    }
+    if all || cli.experiment == Experiment::Language {
+        let opts = language::Options::new(cli.quick, cli.iterations, cli.functions);
+        let r = language::run(&opts, &config);
+        println!(
+            "language: one worker; latency from dispatch to the function's first timestamp\n{}",
+            language::text(&r)
+        );
+        report.language = Some(r);
     }
     let json = serde_json::to_string_pretty(&report).map_err(|e| format!("serialising the report: {e}"))?;
     if let Some(path) = &cli.json {

@@ -12,6 +12,10 @@
 //!   "snapshots": { levels: [ { function, start, end_to_end: {..} | null, skipped } ],
 //!                  deploy_ms: [ [function, ms] ], nodes: [ { level, label, own_pages, bytes_on_disk } ],
 //!                  idle_private_kib, density: density | null, skipped }  // present when snapshots ran
+//!   "language": { rows: [ { function, start, mode, functions_deployed, dispatch: {..} | null,
+//!                           throughput_per_s, errors, skipped } ],
+//!                 footprints: [ { functions_deployed, functions_started_cold, worker_mappings,
+//!                                 worker_pss_kib, pss_per_function_kib } ] }  // present when language ran
 //! }
 //! table1 row: { backend: "process"|"language"|"vm",
 //!               start: "warm"|"cold"|"hot"|"argument"|"function"|"base",
@@ -31,7 +35,7 @@
 //! ```
 
 use crate::env::Environment;
-use crate::{density, http, memory, preemption, snapshots, table1};
+use crate::{density, http, language, memory, preemption, snapshots, table1};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -62,6 +66,9 @@ pub struct Report {
     /// `http` results.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<http::Report>,
+    /// `language` results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<language::Report>,
 }
 
 impl Report {
@@ -76,6 +83,7 @@ impl Report {
             preemption: None,
             snapshots: None,
             http: None,
+            language: None,
         }
     }
 }
@@ -355,6 +363,13 @@ pub fn markdown(report: &Report, plots: &[(String, String)]) -> String {
             s,
             "## snapshots: vm start latency by snapshot level, deploy time, node sizes, density\n\n```text\n{}```\n",
             snapshots_text(r)
+        );
+    }
+    if let Some(r) = &report.language {
+        let _ = writeln!(
+            s,
+            "## language: cold start by path, init-heavy with and without its post-init snapshot, warm serial and saturated\n\n```text\n{}```\n",
+            language::text(r)
         );
     }
     for (title, file) in plots {

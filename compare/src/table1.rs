@@ -157,7 +157,18 @@ fn run_backend(kind: BackendKind, opts: &Options, config: &Config) -> Vec<Row> {
     );
     let mut ids = Vec::with_capacity(opts.functions);
     for i in 0..opts.functions {
-        match backend.deploy(&FunctionSpec::new(format!("noop-{i}"), artifact.clone())) {
+        // On `language` and `process` each function is its own artifact (as
+        // the paper's are each their own shared object): in a language worker
+        // its own image. The vm rows share one artifact (one snapshot chain).
+        let artifact = if kind == BackendKind::Vm {
+            artifact.clone()
+        } else {
+            match microfaas::Artifact::load(artifact.path()) {
+                Ok(a) => Arc::new(a),
+                Err(_) => artifact.clone(),
+            }
+        };
+        match backend.deploy(&FunctionSpec::new(format!("noop-{i}"), artifact)) {
             Ok(id) => ids.push(id),
             Err(e) => {
                 deploy.finish_and_clear();

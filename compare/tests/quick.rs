@@ -202,6 +202,40 @@ fn quick_suite_writes_a_valid_report() {
         );
     }
 
+    // language: cold starts by path (snapshot, pre-linked, load) with both
+    // function counts, init-heavy with and without its snapshot, warm rows
+    // with throughput, and the worker's footprint.
+    let lang = &doc["language"];
+    let lrows = lang["rows"].as_array().expect("language rows");
+    let lfind = |function: &str, start: &str, mode: &str, fns: u64| {
+        lrows
+            .iter()
+            .find(|r| {
+                r["function"] == function && r["start"] == start && r["mode"] == mode && r["functions_deployed"] == fns
+            })
+            .unwrap_or_else(|| panic!("no language row {function} {start} {mode} {fns} in {lang}"))
+    };
+    for fns in [8, 200] {
+        let row = lfind("noop", "cold", "snapshot", fns);
+        assert!(row["skipped"].is_null(), "{row}");
+        assert!(row["dispatch"]["median_us"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        let warm = lfind("noop", "warm", "serial", fns);
+        assert!(warm["throughput_per_s"].as_f64().unwrap() > 0.0, "{warm}");
+    }
+    for mode in ["snapshot", "prelinked", "load"] {
+        let row = lfind("init-heavy", "cold", mode, 1);
+        assert!(row["dispatch"]["median_us"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let footprints = lang["footprints"].as_array().expect("language footprints");
+    assert!(
+        footprints
+            .iter()
+            .any(|f| f["functions_deployed"] == 200 && f["worker_mappings"].as_u64().unwrap() > 200),
+        "each of 200 functions is its own image: {lang}"
+    );
+    assert!(md.contains("## language"), "{md}");
+
     assert!(md.contains("latency-cdf.svg"));
     let svg = std::fs::read_to_string(report.join("latency-cdf.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("latency"), "not an SVG plot");

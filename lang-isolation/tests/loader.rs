@@ -433,10 +433,12 @@ fn runner_pids() -> Vec<u32> {
     pids
 }
 
-/// Once started, a worker holds stdio, its catalog socket and sealed
-/// artifact memfds only (its shared region's fd is closed once mapped), and
-/// a runner that loaded its function holds stdio only: no fd they keep is
-/// writable and mappable.
+/// Once started, a worker holds stdio, its catalog socket, sealed artifact
+/// memfds and its own image arena only (its shared region's fd is closed
+/// once mapped), and a runner that loaded its function holds stdio only:
+/// no fd they keep is writable and mappable (the worker's image arena is
+/// sealed against new writable mappings and writes: `F_SEAL_FUTURE_WRITE`,
+/// see `tests/prelinked.rs`).
 #[test]
 fn started_workers_and_runners_keep_no_mappable_writable_fd() {
     let d = dispatcher();
@@ -447,10 +449,15 @@ fn started_workers_and_runners_keep_no_mappable_writable_fd() {
     let fds = fds_of(pid);
     eprintln!("worker fds: {fds:?}");
     let mut artifacts = 0;
+    let mut arenas = 0;
     for (fd, target, seals) in &fds {
         match fd {
             0..=2 => {}
             4 => assert!(target.starts_with("socket:"), "fd 4: {target}"),
+            _ if target.starts_with("/memfd:microfaas-images") => {
+                assert_ne!(seals.unwrap() & libc::F_SEAL_FUTURE_WRITE, 0, "fd {fd}: {seals:?}");
+                arenas += 1;
+            }
             _ => {
                 assert!(target.starts_with("/memfd:microfaas-artifact:"), "fd {fd}: {target}");
                 assert_eq!(
@@ -462,6 +469,7 @@ fn started_workers_and_runners_keep_no_mappable_writable_fd() {
         }
     }
     assert_eq!(artifacts, 2, "one memfd per deployed artifact: {fds:?}");
+    assert_eq!(arenas, 1, "one image arena: {fds:?}");
 
     let host = process_host();
     host.deploy("stateful-fds", sealed("stateful"), Duration::from_millis(100))

@@ -1,16 +1,19 @@
 //! The `language` backend adapter: maps `lang_isolation::language`'s
 //! dispatcher (per-core worker processes running preloaded shared objects)
-//! onto the [`Backend`] trait. Warm = the preloaded copy; cold = a fresh
-//! private image of the artifact's sealed memfd mapped, initialised, called
-//! and unmapped per request. Each tenant has its own workers (under its own
+//! onto the [`Backend`] trait. Warm = the preloaded copy; cold = the
+//! function's pre-linked image mapped copy-on-write, from its post-init
+//! snapshot after the first (`LanguageConfig::cold_start`), called, and its
+//! written pages dropped per request. Each tenant has its own workers (under its own
 //! uid), so functions of different tenants never share a process.
 
 use crate::{
-    Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, LanguagePreemption, StartPath,
-    StartRequest, Stats, Timings,
+    Backend, BackendKind, Config, Error, FunctionId, FunctionSpec, Invocation, LanguageColdStart, LanguagePreemption,
+    StartPath, StartRequest, Stats, Timings,
 };
 use lang_isolation::language::shm::now_ns;
-use lang_isolation::language::{Dispatcher, DispatcherConfig, FunctionIndex, LanguageError, Preemption, Start};
+use lang_isolation::language::{
+    ColdStart, Dispatcher, DispatcherConfig, FunctionIndex, LanguageError, Preemption, Start,
+};
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::Duration;
@@ -34,6 +37,11 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     dc.blacklist_after = lang.blacklist_after;
     dc.sandbox = config.sandbox.settings();
     dc.start_timeout = lang.start_timeout;
+    dc.cold_start = match lang.cold_start {
+        LanguageColdStart::Load => ColdStart::Load,
+        LanguageColdStart::Prelinked => ColdStart::Prelinked,
+        LanguageColdStart::Snapshot => ColdStart::Snapshot,
+    };
     dc.input_limit_bytes = config.input_limit_bytes;
     dc.output_limit_bytes = config.output_limit_bytes;
     dc.heap_limit_bytes = config.heap_limit_bytes;

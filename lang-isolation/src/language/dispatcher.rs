@@ -7,7 +7,7 @@
 use super::LanguageError;
 use super::catalog::CatalogEntry;
 use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
-use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
+use super::protocol::{ColdStart, Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
 use super::tenants::TenantWorkers;
 use crate::runtime::SealedArtifact;
@@ -69,6 +69,9 @@ pub struct DispatcherConfig {
     /// between short checks), so that a loaded host does not delay
     /// preemption by whole scheduler slices. Falls back silently.
     pub watchdog_realtime: bool,
+    /// How a worker's cold start gets its instance (default: the
+    /// pre-linked image's post-init snapshot).
+    pub cold_start: ColdStart,
 }
 
 impl DispatcherConfig {
@@ -93,6 +96,7 @@ impl DispatcherConfig {
             sandbox: crate::sandbox::SandboxSettings::default(),
             start_timeout: Duration::from_secs(20),
             watchdog_realtime: true,
+            cold_start: ColdStart::default(),
         }
     }
 }
@@ -262,6 +266,7 @@ impl Dispatcher {
             init_budget: config.init_budget,
             preemption: config.preemption,
             sandbox: config.sandbox.to_arg(),
+            cold_start: config.cold_start,
         };
         let inner = Arc::new(Inner {
             config,

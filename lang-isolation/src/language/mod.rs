@@ -65,8 +65,21 @@
 //! a sealed memfd over its catalog socket (the initial catalog at start,
 //! later deploys before their `LOAD`, see `catalog`), and the runtime's own
 //! ELF loader maps it ([`crate::runtime`]): code only from the memfd,
-//! never writable and executable. A cold start maps a fresh private image
-//! of the same memfd (its statics as built) and unmaps it afterwards.
+//! never writable and executable.
+//!
+//! # Cold starts: pre-linked images and post-init snapshots
+//! At deploy the worker relocates each artifact's writable pages once for a
+//! range of its own in the worker's image space and stores them in its
+//! image arena ([`crate::runtime::prelinked`]). A cold start maps that
+//! image copy-on-write (code and rodata from the sealed artifact memfd), or
+//! nothing at all if it is still mapped; the first one runs `init()` and
+//! captures the writable pages, the persistent heap and the allocator state
+//! as the image's post-init snapshot, and every later one starts from it
+//! without running `init()`. After the reply the instance's written pages
+//! are restored (by copy for small writable parts, `MADV_DONTNEED` of the
+//! copy-on-write heap otherwise). `DispatcherConfig::cold_start` selects
+//! the path (`Load`: the loader's fresh private copy, relocated, `init()`
+//! every time; `Prelinked`; `Snapshot`, the default).
 //!
 //! # Faults and recovery
 //! Panics and heap exhaustion leave through `fail()`, stack overflow through
@@ -96,4 +109,4 @@ pub use dispatcher::{
     Completed, DEFAULT_MAX_WORKERS, Dispatcher, DispatcherConfig, DispatcherStats, FunctionIndex, Start, TenantStats,
 };
 pub use error::LanguageError;
-pub use protocol::Preemption;
+pub use protocol::{ColdStart, Preemption};

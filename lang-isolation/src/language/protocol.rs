@@ -9,7 +9,7 @@ use std::time::Duration;
 pub mod op {
     /// Run a preloaded function (warm).
     pub const INVOKE_WARM: u32 = 1;
-    /// Map a fresh private image, init, run, unmap (cold).
+    /// A cold start: a fresh instance (by the worker's `ColdStart` path), run, dropped.
     pub const INVOKE_COLD: u32 = 2;
     /// Load and init a function; its catalog message (with the artifact
     /// memfd) was sent on the worker's socket before the request.
@@ -181,6 +181,44 @@ pub struct WorkerArgs {
     /// The sandbox to enter (a [`crate::sandbox::SandboxSettings::to_arg`]
     /// value) before any function is loaded.
     pub sandbox: String,
+    /// How a cold start gets its instance.
+    pub cold_start: ColdStart,
+}
+
+/// How a worker's cold start gets its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ColdStart {
+    /// Map and relocate a fresh private copy of the artifact, run `init()`
+    /// (the loader's path, before pre-linked images).
+    Load,
+    /// Map the artifact's pre-linked image copy-on-write into the cold
+    /// window (no relocation), run `init()`.
+    Prelinked,
+    /// Like `Prelinked`, but from the image's post-init snapshot once it has
+    /// one: `init()` runs only at the first cold start.
+    #[default]
+    Snapshot,
+}
+
+impl ColdStart {
+    /// Its command-line value.
+    pub fn to_arg(self) -> &'static str {
+        match self {
+            Self::Load => "load",
+            Self::Prelinked => "prelinked",
+            Self::Snapshot => "snapshot",
+        }
+    }
+
+    /// Parses [`ColdStart::to_arg`]'s value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "load" => Some(Self::Load),
+            "prelinked" => Some(Self::Prelinked),
+            "snapshot" => Some(Self::Snapshot),
+            _ => None,
+        }
+    }
 }
 
 /// A malformed worker command line.
@@ -230,6 +268,8 @@ impl WorkerArgs {
             self.preemption.to_arg(),
             "--sandbox".into(),
             self.sandbox.clone(),
+            "--cold-start".into(),
+            self.cold_start.to_arg().into(),
         ];
         if let Some(cpu) = self.cpu {
             v.push("--cpu".into());
@@ -258,6 +298,7 @@ impl WorkerArgs {
             init_budget: Duration::ZERO,
             preemption: Preemption::Watchdog,
             sandbox: String::new(),
+            cold_start: ColdStart::default(),
         };
         let mut it = args.into_iter();
         while let Some(flag) = it.next() {
@@ -280,6 +321,12 @@ impl WorkerArgs {
                     })?;
                 }
                 "--sandbox" => a.sandbox = value,
+                "--cold-start" => {
+                    a.cold_start = ColdStart::parse(&value).ok_or_else(|| ArgsError::BadValue {
+                        flag: flag.clone(),
+                        value: value.clone(),
+                    })?;
+                }
                 _ => return Err(ArgsError::Unknown(flag)),
             }
         }
@@ -312,6 +359,7 @@ mod tests {
                 quantum: Duration::from_micros(20),
             },
             sandbox: "uid=1,gid=1,layers=inls".into(),
+            cold_start: ColdStart::Prelinked,
         }
     }
 
@@ -330,6 +378,11 @@ mod tests {
         }
         assert!(Preemption::parse("periodic:0").is_none());
         assert!(Preemption::parse("sometimes").is_none());
+        for cold_start in [ColdStart::Load, ColdStart::Prelinked, ColdStart::Snapshot] {
+            let c = WorkerArgs { cold_start, ..sample() };
+            assert_eq!(WorkerArgs::parse(c.to_args()).unwrap(), c);
+        }
+        assert!(ColdStart::parse("eager").is_none());
     }
 
     #[test]

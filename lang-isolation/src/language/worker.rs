@@ -7,7 +7,10 @@
 //! It needs no filesystem: its shared region is inherited at fd 3 (mapped,
 //! then closed) and its artifacts arrive as sealed memfds on the catalog
 //! socket at fd 4 ([`crate::runtime::fds`]), mapped by the runtime's own
-//! loader — a cold start maps a fresh private image of the same memfd.
+//! loader. A cold start maps the function's pre-linked image (or its
+//! post-init snapshot) copy-on-write in its own range, see
+//! [`crate::runtime::prelinked`]; the image arena that holds them is made
+//! before the sandbox.
 //!
 //! With protection keys (`Layers::pkeys`, where the CPU has PKU) the worker
 //! allocates the kernel's 15 keys before entering its sandbox and gives
@@ -18,11 +21,12 @@
 //! in the shared header (`pkeys_state`, `pkeys_keys`).
 
 use super::catalog::{self, CatalogEntry, Message};
-use super::protocol::{Outcome, Preemption, Reply, Request, WorkerArgs, op};
+use super::protocol::{ColdStart, Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
 use super::signals;
 use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
 use crate::runtime::pkeys::{self, KeyPool, PkeysState};
+use crate::runtime::prelinked::{self, ImageArena, ImageSpace, PrelinkedImage, StartFrom, Teardown};
 use crate::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
 use crate::sandbox::{self, SandboxError, SandboxSpec};
 use std::collections::HashMap;
@@ -119,6 +123,8 @@ struct Worker {
     stale: Vec<u64>,
     /// Cold instances to unmap once the reply is out.
     retired: Vec<Instance>,
+    /// The pre-linked cold path (`None`: cold starts load a private copy).
+    prelinked: Option<ColdImages>,
     /// Memory of the last closed cold instance, reused by the next one.
     cold_shell: Option<InstanceShell>,
     /// Protection keys for new instances (`None`: no keys; see
@@ -129,6 +135,50 @@ struct Worker {
     /// gate, in its copy without PKRU writes (no isolation from keys, the
     /// same code path as with them; `pkeys_state` says unavailable).
     gate_without_keys: bool,
+}
+
+/// The pre-linked cold path: the arena the images live in, the address
+/// space they are mapped in, and each deployed artifact's image (see
+/// [`crate::runtime::prelinked`]).
+struct ColdImages {
+    arena: ImageArena,
+    space: ImageSpace,
+    images: IdMap<u64, PrelinkedImage>,
+    /// Start from post-init snapshots.
+    snapshots: bool,
+    /// The image of the last cold start (its pages are restored after it).
+    last: Option<u64>,
+}
+
+impl ColdImages {
+    /// Made before the sandbox (`memfd_create`, `ftruncate`).
+    fn new(mode: ColdStart) -> Option<Self> {
+        if mode == ColdStart::Load {
+            return None;
+        }
+        let made = ImageArena::create(prelinked::DEFAULT_ARENA_BYTES).and_then(|arena| {
+            let space = ImageSpace::new(
+                prelinked::DEFAULT_SPACE_BYTES,
+                prelinked::DEFAULT_MAX_MAPPED,
+                Teardown::Restore,
+            )
+            .map_err(prelinked::PrelinkError::Map)?;
+            Ok((arena, space))
+        });
+        match made {
+            Ok((arena, space)) => Some(Self {
+                arena,
+                space,
+                images: IdMap::default(),
+                snapshots: mode == ColdStart::Snapshot,
+                last: None,
+            }),
+            Err(e) => {
+                eprintln!("microfaas-worker: no pre-linked cold starts: {}", error_chain(&e));
+                None
+            }
+        }
+    }
 }
 
 /// Why a function could not be made ready (loaded and initialised).
@@ -207,6 +257,8 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     let spec = SandboxSpec::parse(&args.sandbox)?;
     // Keys are allocated before the sandbox (which has no pkey_alloc).
     let (keys, pkeys_state) = set_up_keys(spec.settings.layers.pkeys);
+    // The image arena too (the sandbox has no memfd_create).
+    let prelinked = ColdImages::new(args.cold_start);
     let mut worker = Worker {
         region,
         socket,
@@ -222,6 +274,7 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
         pending: IdMap::default(),
         stale: Vec::new(),
         retired: Vec::new(),
+        prelinked,
         cold_shell: None,
         gate_without_keys: keys.is_none()
             && matches!(pkeys_state, PkeysState::Unavailable { .. })
@@ -470,6 +523,9 @@ impl Worker {
         let Some(image) = self.functions.get(&request.func).map(|f| f.image) else {
             return (Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0), 0);
         };
+        if let Some(done) = self.invoke_prelinked(image, request, input, t0) {
+            return done;
+        }
         let shell = self.cold_shell.take();
         let mut instance = match self.instantiate(image, shell) {
             Ok(instance) => instance,
@@ -479,6 +535,106 @@ impl Worker {
         let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header());
         self.retired.push(instance);
         (ran, start_ns)
+    }
+
+    /// A cold start from `image`'s pre-linked image: mapped copy-on-write
+    /// into its range, from its post-init snapshot if it has one (no
+    /// `init`), else `init` (and, the first time, the snapshot is taken).
+    /// `None` if the image has no pre-linked form (then the loader's path
+    /// runs).
+    fn invoke_prelinked(&mut self, image: u64, request: &Request, input: &[u8], t0: u64) -> Option<(Ran, u64)> {
+        if !self.prelinked.as_ref()?.images.contains_key(&image) {
+            return None;
+        }
+        let mut shell = match self.cold_shell.take() {
+            Some(shell) => shell,
+            None => match self.new_shell() {
+                Ok(shell) => shell,
+                Err(e) => return Some((Ran::fail(e.outcome, e.message, e.detail), 0)),
+            },
+        };
+        let header = self.region.header();
+        let init_budget_ns = self.init_budget_ns;
+        let c = self.prelinked.as_mut()?;
+        let (Some(pre), Some(artifact)) = (c.images.get_mut(&image), self.images.get(&image)) else {
+            self.cold_shell = Some(shell);
+            return None;
+        };
+        let from = if c.snapshots && pre.can_start_from_snapshot(&mut shell) {
+            StartFrom::Snapshot
+        } else {
+            StartFrom::Pristine
+        };
+        let function = match c.space.enter(pre, artifact, &c.arena, &shell, from) {
+            Ok(function) => {
+                c.last = Some(image);
+                function
+            }
+            Err(e) => {
+                self.cold_shell = Some(shell);
+                return Some((Ran::fail(Outcome::InitFailed, error_chain(&e), 0), 0));
+            }
+        };
+        let instance = match (from, pre.snapshot_state()) {
+            (StartFrom::Snapshot, Some(state)) => {
+                // SAFETY: the range now holds the snapshot's writable pages
+                // and the shell's persistent arena its heap (`enter` with
+                // `StartFrom::Snapshot`), taken in this shell
+                // (`can_start_from_snapshot`) right after init.
+                let made = unsafe { Instance::from_shell_initialised(function, shell, state) };
+                match made {
+                    Ok(Ok(instance)) => Ok(instance),
+                    Ok(Err(shell)) => {
+                        self.cold_shell = Some(shell);
+                        return Some((Ran::fail(Outcome::InitFailed, "snapshot of another heap".into(), 0), 0));
+                    }
+                    Err(e) => Err(NotReady::from(error_chain(&e))),
+                }
+            }
+            _ => match Instance::from_shell(function, shell) {
+                Ok(mut instance) => {
+                    let result = with_deadline(header, init_budget_ns, || instance.init());
+                    match result {
+                        Ok(()) => {
+                            if c.snapshots
+                                && let Err(e) = pre.capture(&mut instance, &mut c.arena)
+                            {
+                                eprintln!("microfaas-worker: no post-init snapshot: {}", error_chain(&e));
+                            }
+                            Ok(instance)
+                        }
+                        Err(failure) => {
+                            // Its memory goes back to the cold shell.
+                            self.retired.push(instance);
+                            Err(init_not_ready(failure, init_budget_ns))
+                        }
+                    }
+                }
+                Err(e) => Err(NotReady::from(error_chain(&e))),
+            },
+        };
+        let mut instance = match instance {
+            Ok(instance) => instance,
+            Err(e) => return Some((Ran::fail(e.outcome, e.message, e.detail), 0)),
+        };
+        let start_ns = now_ns().saturating_sub(t0);
+        let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header());
+        self.retired.push(instance);
+        Some((ran, start_ns))
+    }
+
+    /// Memory for cold instances, of the kind the worker's instances are.
+    fn new_shell(&mut self) -> Result<InstanceShell, NotReady> {
+        match self.keys.as_mut().and_then(KeyPool::acquire) {
+            Some(key) => InstanceShell::new_keyed(&self.config, key).map_err(|e| {
+                self.release_key(Some(key));
+                NotReady::from(error_chain(&e))
+            }),
+            None if self.gate_without_keys => {
+                InstanceShell::new_gated_without_keys(&self.config).map_err(|e| error_chain(&e).into())
+            }
+            None => InstanceShell::new(&self.config).map_err(|e| error_chain(&e).into()),
+        }
     }
 
     /// Maps a fresh copy of `image` (reusing `shell`'s memory if given) and
@@ -526,22 +682,7 @@ impl Worker {
         }
         match result {
             Ok(()) => Ok(instance),
-            Err(Failure::Preempted) => Err(match signals::take_policy_violation() {
-                // The sandbox was in place before init() ran.
-                Some(nr) => NotReady {
-                    outcome: Outcome::PolicyViolation,
-                    message: format!("init() made the forbidden system call {nr}"),
-                    detail: nr,
-                },
-                None => format!("init() exceeded its budget of {} us", self.init_budget_ns / 1000).into(),
-            }),
-            Err(Failure::FunctionError { message }) => Err(format!("init() returned an error: {message}").into()),
-            Err(failure @ Failure::KeyViolation { addr, .. }) => Err(NotReady {
-                outcome: Outcome::PolicyViolation,
-                message: format!("init(): {failure}"),
-                detail: u64::try_from(addr).unwrap_or(0),
-            }),
-            Err(failure) => Err(failure.to_string().into()),
+            Err(failure) => Err(init_not_ready(failure, self.init_budget_ns)),
         }
     }
 
@@ -585,6 +726,18 @@ impl Worker {
             let artifact = SealedArtifact::from_fd(fd)
                 .and_then(ArtifactImage::parse)
                 .map_err(|e| error_chain(&e))?;
+            // Pre-linked once, at deploy; without it (a failure is only
+            // reported) its cold starts take the loader's path.
+            if let Some(c) = self.prelinked.as_mut() {
+                match PrelinkedImage::build(&artifact, &mut c.space, &mut c.arena) {
+                    Ok(pre) => {
+                        if let Some(old) = c.images.insert(image, pre) {
+                            old.release(&mut c.arena, &mut c.space);
+                        }
+                    }
+                    Err(e) => eprintln!("microfaas-worker: image {image} not pre-linked: {}", error_chain(&e)),
+                }
+            }
             slot.insert(artifact);
         }
         if self.functions.get(&entry.func).is_some_and(|f| f.image != image) {
@@ -640,13 +793,26 @@ impl Worker {
         if !self.functions.values().any(|f| f.image == image) {
             // Nobody can start it any more: close its memfd.
             self.images.remove(&image);
+            if let Some(c) = self.prelinked.as_mut()
+                && let Some(pre) = c.images.remove(&image)
+            {
+                pre.release(&mut c.arena, &mut c.space);
+            }
         }
     }
 
     /// Closes retired cold instances (off the reply's critical path).
     fn close_retired(&mut self) {
         while let Some(instance) = self.retired.pop() {
-            if let Some(old) = self.cold_shell.replace(instance.into_shell()) {
+            let shell = instance.into_shell();
+            // Whatever path the instance took, the image space's pages and the
+            // shell's snapshot heap read as their image's again.
+            if let Some(c) = self.prelinked.as_mut()
+                && let Err(e) = c.space.leave(&shell, c.last.take().and_then(|i| c.images.get(&i)))
+            {
+                eprintln!("microfaas-worker: dropping a cold instance's pages: {e}");
+            }
+            if let Some(old) = self.cold_shell.replace(shell) {
                 self.release_key(old.key());
             }
         }
@@ -665,6 +831,28 @@ impl Worker {
         if let Ok(instance) = self.instantiate(image, Some(shell)) {
             self.resident.insert(image, instance);
         }
+    }
+}
+
+/// What a failed `init()` makes of a function's start.
+fn init_not_ready(failure: Failure, init_budget_ns: u64) -> NotReady {
+    match failure {
+        Failure::Preempted => match signals::take_policy_violation() {
+            // The sandbox was in place before init() ran.
+            Some(nr) => NotReady {
+                outcome: Outcome::PolicyViolation,
+                message: format!("init() made the forbidden system call {nr}"),
+                detail: nr,
+            },
+            None => format!("init() exceeded its budget of {} us", init_budget_ns / 1000).into(),
+        },
+        Failure::FunctionError { message } => format!("init() returned an error: {message}").into(),
+        failure @ Failure::KeyViolation { addr, .. } => NotReady {
+            outcome: Outcome::PolicyViolation,
+            message: format!("init(): {failure}"),
+            detail: u64::try_from(addr).unwrap_or(0),
+        },
+        failure => failure.to_string().into(),
     }
 }
 

@@ -13,8 +13,11 @@
 //! (`posix_spawn_file_actions_addclosefrom_np`), even ones the host left
 //! inheritable. stderr (fd 2) is the host's own, shared
 //! for diagnostics; the sandbox may want to replace it with a pipe. Once
-//! started, a worker holds only fds 0-2, its socket, and the sealed
-//! artifact memfds it received (at any free number, 3 included); a runner
+//! started, a worker holds only fds 0-2, its socket, the sealed
+//! artifact memfds it received (at any free number, 3 included), and its
+//! own image arena (a memfd it made before its sandbox, sealed with
+//! `F_SEAL_FUTURE_WRITE` once its one writable view was mapped: see
+//! `super::prelinked`); a runner
 //! that has loaded its function holds only 0-2. No fd a started worker or runner holds
 //! is writable and mappable: the shared region is mapped before the
 //! sandbox's seccomp filter matters and its fd closed, and a memfd sealed

@@ -21,6 +21,7 @@ use linked_list_allocator::Heap;
 use std::alloc::Layout;
 use std::io;
 use std::ops::Range;
+use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 
 /// Invocation memory kept resident across resets (first touched pages are
@@ -76,6 +77,34 @@ impl HeapMemory {
         route(addr, len, &range_of(&self.persistent), &range_of(&self.invocation))
     }
 
+    /// Address and length of the persistent arena.
+    pub fn persistent_range(&self) -> Range<usize> {
+        range_of(&self.persistent)
+    }
+
+    /// Maps `len` bytes of `fd` from `file_offset` copy-on-write over the
+    /// start of the persistent arena (a post-init snapshot's heap).
+    pub fn map_persistent_prefix(&self, len: usize, fd: BorrowedFd<'_>, file_offset: u64) -> io::Result<()> {
+        self.persistent
+            .map_file_fixed(0, len, libc::PROT_READ | libc::PROT_WRITE, fd, file_offset)
+    }
+
+    /// Puts fresh anonymous zero pages over `[offset, offset + len)` of the
+    /// persistent arena (undoing [`HeapMemory::map_persistent_prefix`]).
+    pub fn clear_persistent(&self, offset: usize, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.persistent
+            .map_anonymous_fixed(offset, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Drops the private pages of `[0, len)` of the persistent arena
+    /// (a snapshot's copy-on-write pages read as the snapshot again).
+    pub fn discard_persistent(&self, len: usize) -> io::Result<()> {
+        self.persistent.discard(0, len)
+    }
+
     /// Gives both arenas `key` (read-write).
     pub fn set_key(&self, key: u32) -> io::Result<()> {
         for m in [&self.persistent, &self.invocation] {
@@ -125,6 +154,9 @@ pub struct InstanceHeap {
     /// Highest byte offset of the invocation region handed out since the last
     /// reset: the touched pages.
     invocation_high_water: usize,
+    /// Highest byte offset of the persistent region handed out since the
+    /// last full reset (what a post-init snapshot captures).
+    persistent_high_water: usize,
     /// Frees of pointers outside both arenas (ignored).
     stray_frees: u64,
 }
@@ -166,6 +198,7 @@ impl InstanceHeap {
             invocation: ArenaHeap::over(&memory.invocation),
             active: Arena::Persistent,
             invocation_high_water: 0,
+            persistent_high_water: 0,
             stray_frees: 0,
         }
     }
@@ -225,13 +258,16 @@ impl InstanceHeap {
         let Ok(ptr) = heap.0.allocate_first_fit(layout) else {
             return std::ptr::null_mut();
         };
-        if arena == Arena::Invocation {
-            let end = ptr
-                .as_ptr()
-                .addr()
-                .saturating_add(layout.size())
-                .saturating_sub(self.invocation_region.start);
-            self.invocation_high_water = self.invocation_high_water.max(end);
+        let end = ptr.as_ptr().addr().saturating_add(layout.size());
+        match arena {
+            Arena::Invocation => {
+                let end = end.saturating_sub(self.invocation_region.start);
+                self.invocation_high_water = self.invocation_high_water.max(end);
+            }
+            Arena::Persistent => {
+                let end = end.saturating_sub(self.persistent_region.start);
+                self.persistent_high_water = self.persistent_high_water.max(end);
+            }
         }
         ptr.as_ptr()
     }
@@ -307,17 +343,113 @@ impl InstanceHeap {
     ///
     /// Every pointer into the heap is dangling afterwards.
     pub fn reset_all(&mut self, memory: &HeapMemory, limit_bytes: usize) {
+        let touched = super::mmap::round_up_to_page(self.persistent_high_water)
+            .unwrap_or(memory.persistent.len())
+            .min(memory.persistent.len());
         self.reset_invocation(memory, limit_bytes);
-        self.persistent = ArenaHeap::over(&memory.persistent);
-        let len = memory.persistent.len();
-        if len > KEEP_RESIDENT_BYTES {
+        self.reset_state(memory, limit_bytes);
+        if touched > KEEP_RESIDENT_BYTES {
             // A failure leaves the pages resident: harmless.
             let _ = memory
                 .persistent
-                .discard(KEEP_RESIDENT_BYTES, len - KEEP_RESIDENT_BYTES);
+                .discard(KEEP_RESIDENT_BYTES, touched - KEEP_RESIDENT_BYTES);
         }
+    }
+
+    /// Empties both arenas' allocator state without touching their memory
+    /// (no system call: the pages were given back by the last
+    /// [`InstanceHeap::reset_all`]).
+    ///
+    /// Every pointer into the heap is dangling afterwards.
+    pub fn reset_state(&mut self, memory: &HeapMemory, limit_bytes: usize) {
+        // (A fresh allocator writes its first hole's header into the arena.)
+        self.persistent = ArenaHeap::over(&memory.persistent);
+        self.reset_invocation_state(memory, limit_bytes);
+    }
+
+    /// [`InstanceHeap::reset_state`] for the invocation arena only: the
+    /// persistent arena's bytes are not touched (a post-init snapshot's
+    /// state is installed next, [`InstanceHeap::restore_persistent`]).
+    pub fn reset_invocation_state(&mut self, memory: &HeapMemory, limit_bytes: usize) {
+        self.limit_bytes = limit_bytes;
+        self.persistent_region = Region::of(&memory.persistent);
+        self.invocation_region = Region::of(&memory.invocation);
+        self.invocation = ArenaHeap::over(&memory.invocation);
+        self.invocation_high_water = 0;
+        self.persistent_high_water = 0;
         self.active = Arena::Persistent;
         self.stray_frees = 0;
+    }
+
+    /// The persistent arena's allocator state, to be put back with
+    /// [`InstanceHeap::restore_persistent`] into a heap over the same
+    /// `memory` whose persistent arena holds the same bytes again (a
+    /// post-init snapshot). `None` if this state is not over `memory` (it
+    /// lives where the function can write it).
+    pub fn persistent_state(&self, memory: &HeapMemory) -> Option<PersistentState> {
+        if self.persistent_region != Region::of(&memory.persistent) || self.invocation.0.used() != 0 {
+            return None;
+        }
+        // SAFETY: `Heap` is plain data (sizes and raw pointers into the
+        // arena, no `Drop`: asserted below); the copy is inert until
+        // `restore_persistent` installs it over the same arena, whose
+        // bytes (the holes it points into) are then the ones it describes.
+        let heap = unsafe { std::ptr::read(&raw const self.persistent.0) };
+        Some(PersistentState {
+            heap: ArenaHeap(heap),
+            region: self.persistent_region,
+            high_water: self.persistent_high_water.min(memory.persistent.len()),
+            used: self.persistent.0.used(),
+        })
+    }
+
+    /// Installs a captured persistent state (see
+    /// [`InstanceHeap::persistent_state`]); refused (`false`, nothing
+    /// changed) if it was captured over another arena.
+    ///
+    /// # Safety
+    /// The persistent arena of `memory` must hold, from its start to
+    /// `state.high_water()`, the bytes it held when `state` was captured,
+    /// and nothing may point into the arena.
+    pub unsafe fn restore_persistent(&mut self, memory: &HeapMemory, state: &PersistentState) -> bool {
+        if state.region != Region::of(&memory.persistent) {
+            return false;
+        }
+        // SAFETY: as in `persistent_state`: a bitwise copy of inert plain
+        // data, now describing the arena the caller restored.
+        self.persistent = ArenaHeap(unsafe { std::ptr::read(&raw const state.heap.0) });
+        self.persistent_high_water = state.high_water;
+        self.active = Arena::Persistent;
+        true
+    }
+}
+
+const _: () = assert!(!std::mem::needs_drop::<Heap>());
+
+/// The persistent arena's allocator state after `init()` (see
+/// [`InstanceHeap::persistent_state`]).
+#[derive(Debug)]
+pub struct PersistentState {
+    heap: ArenaHeap,
+    region: Region,
+    high_water: usize,
+    used: usize,
+}
+
+impl PersistentState {
+    /// Bytes of the arena from its start that the state's blocks lie in.
+    pub fn high_water(&self) -> usize {
+        self.high_water
+    }
+
+    /// Bytes allocated.
+    pub fn used_bytes(&self) -> usize {
+        self.used
+    }
+
+    /// Address of the arena it was captured over.
+    pub fn arena_addr(&self) -> usize {
+        self.region.start
     }
 }
 

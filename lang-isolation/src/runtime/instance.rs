@@ -1,7 +1,7 @@
 //! One loaded, initialised function: its heap, its stack, and the entry
 //! calls made on that stack.
 
-use super::heap::{Arena, HeapMemory, InstanceHeap};
+use super::heap::{Arena, HeapMemory, InstanceHeap, PersistentState};
 use super::loader::LoadedFunction;
 use super::pkeys::{self, GateCall, GateExit};
 use super::services::{Context, ContextBox, GATED_WITH_KEYS, GATED_WITHOUT_KEYS, MAX_MESSAGE_BYTES, Reported, bail};
@@ -450,18 +450,74 @@ pub struct InstanceShell {
 }
 
 impl InstanceShell {
+    /// Fresh memory for instances like [`Instance::new`]'s.
+    pub fn new(config: &InstanceConfig) -> Result<Self, RuntimeError> {
+        trap::prepare_thread().map_err(RuntimeError::Signals)?;
+        let heap_memory = HeapMemory::new(config.heap_limit_bytes).map_err(RuntimeError::Heap)?;
+        let heap = InstanceHeap::over(&heap_memory, config.heap_limit_bytes);
+        let stack = GuardedStack::new(config.stack_bytes).map_err(RuntimeError::Stack)?;
+        let ctx = ContextBox::new(heap).map_err(RuntimeError::Heap)?;
+        Ok(Self {
+            ctx,
+            heap_memory,
+            limit_bytes: config.heap_limit_bytes,
+            stack,
+            key: None,
+            gated: false,
+        })
+    }
+
+    /// Fresh memory for instances like [`Instance::new_gated_without_keys`]'s.
+    pub fn new_gated_without_keys(config: &InstanceConfig) -> Result<Self, RuntimeError> {
+        pkeys::claim_gate_for_this_thread().map_err(RuntimeError::Keys)?;
+        let mut shell = Self::new(config)?;
+        shell.ctx.get_mut().gated = GATED_WITHOUT_KEYS;
+        shell.gated = true;
+        Ok(shell)
+    }
+
+    /// Fresh memory for instances like [`Instance::new_keyed`]'s (the
+    /// image of each instance made in it gets `key` too).
+    pub fn new_keyed(config: &InstanceConfig, key: u32) -> Result<Self, RuntimeError> {
+        if !pkeys::cpu_has_ospke() {
+            return Err(RuntimeError::Keys(std::io::Error::other("the CPU has no OSPKE")));
+        }
+        pkeys::claim_for_this_thread().map_err(RuntimeError::Keys)?;
+        let mut shell = Self::new(config)?;
+        shell.heap_memory.set_key(key).map_err(RuntimeError::Keys)?;
+        shell.stack.set_key(key).map_err(RuntimeError::Keys)?;
+        shell.ctx.set_key(key).map_err(RuntimeError::Keys)?;
+        shell.ctx.get_mut().gated = GATED_WITH_KEYS;
+        shell.key = Some(key);
+        shell.gated = true;
+        Ok(shell)
+    }
+
     /// The protection key of the shell's memory, if any.
     pub fn key(&self) -> Option<u32> {
         self.key
+    }
+
+    /// The heap's memory.
+    pub fn heap_memory(&self) -> &HeapMemory {
+        &self.heap_memory
+    }
+
+    /// Address of the host-services context (a snapshot's `init` saw it).
+    pub fn context_addr(&mut self) -> usize {
+        self.ctx.as_ptr().addr()
     }
 }
 
 impl Instance {
     /// Unmaps the function's image and keeps the memory for
     /// [`Instance::from_shell`].
+    /// Both heap arenas are reset here (the pages beyond the first 256 KiB
+    /// of each given back), so that [`Instance::from_shell`] makes no
+    /// system call.
     pub fn into_shell(self) -> InstanceShell {
         let Instance {
-            ctx,
+            mut ctx,
             heap_memory,
             limit_bytes,
             stack,
@@ -471,6 +527,7 @@ impl Instance {
             ..
         } = self;
         drop(function);
+        ctx.get_mut().heap.reset_all(&heap_memory, limit_bytes);
         InstanceShell {
             ctx,
             heap_memory,
@@ -485,11 +542,26 @@ impl Instance {
     /// reset and the stack is reused. Like [`Instance::new`], `init` has not
     /// run.
     /// A keyed shell keys the new image with its key too.
-    pub fn from_shell(function: LoadedFunction, mut shell: InstanceShell) -> Result<Self, RuntimeError> {
+    pub fn from_shell(function: LoadedFunction, shell: InstanceShell) -> Result<Self, RuntimeError> {
+        Self::from_shell_with(function, shell, true)
+    }
+
+    /// [`Instance::from_shell`]; `reset_persistent: false` leaves the
+    /// persistent arena's bytes and allocator alone (for a snapshot's).
+    fn from_shell_with(
+        function: LoadedFunction,
+        mut shell: InstanceShell,
+        reset_persistent: bool,
+    ) -> Result<Self, RuntimeError> {
         let memory = &shell.heap_memory;
         let ctx = shell.ctx.get_mut();
-        ctx.heap.reset_all(memory, shell.limit_bytes);
+        if reset_persistent {
+            ctx.heap.reset_state(memory, shell.limit_bytes);
+        } else {
+            ctx.heap.reset_invocation_state(memory, shell.limit_bytes);
+        }
         ctx.checkpoints = 0;
+        ctx.clock_reads = 0;
         let mut instance = Self {
             ctx: shell.ctx,
             heap_memory: shell.heap_memory,
@@ -505,6 +577,65 @@ impl Instance {
             instance.apply_key(key)?;
         }
         Ok(instance)
+    }
+}
+
+impl Instance {
+    /// An instance of `function` in recycled memory whose `init` has
+    /// already run: its image and the persistent arena of `shell`'s heap
+    /// hold a post-init snapshot's bytes, and `state` is the allocator
+    /// state captured with them. Refused (`None`, the shell given back) if
+    /// `state` was captured over another heap.
+    ///
+    /// # Safety
+    /// `function`'s writable pages and the persistent arena from its start
+    /// to `state.high_water()` must hold the bytes they held right after
+    /// the `init` that `state` was captured after, in the same shell
+    /// (heap, context) at the same image address.
+    pub unsafe fn from_shell_initialised(
+        function: LoadedFunction,
+        shell: InstanceShell,
+        state: &PersistentState,
+    ) -> Result<Result<Self, InstanceShell>, RuntimeError> {
+        let mut instance = Self::from_shell_with(function, shell, false)?;
+        let memory = &instance.heap_memory;
+        // SAFETY: caller contract: the arena holds the captured bytes, and
+        // nothing points into it (the instance is new).
+        if !unsafe { instance.ctx.get_mut().heap.restore_persistent(memory, state) } {
+            return Ok(Err(instance.into_shell()));
+        }
+        instance.initialised = true;
+        Ok(Ok(instance))
+    }
+
+    /// Whether `init` has run (successfully).
+    pub fn initialised(&self) -> bool {
+        self.initialised
+    }
+
+    /// `clock_ns()` calls made since the instance was set up (the count is
+    /// kept where the function can write it).
+    pub fn clock_reads(&self) -> u64 {
+        self.ctx.get().clock_reads
+    }
+
+    /// The heap's memory.
+    pub fn heap_memory(&self) -> &HeapMemory {
+        &self.heap_memory
+    }
+
+    /// The persistent arena's allocator state, right after `init` (no
+    /// invocation in progress): see [`InstanceHeap::persistent_state`].
+    pub fn persistent_state(&self) -> Option<PersistentState> {
+        if !self.initialised || self.poisoned {
+            return None;
+        }
+        self.ctx.get().heap.persistent_state(&self.heap_memory)
+    }
+
+    /// Address of the host-services context.
+    pub fn context_addr(&mut self) -> usize {
+        self.ctx.as_ptr().addr()
     }
 }
 

@@ -182,7 +182,7 @@ impl AsFd for SealedArtifact {
 
 /// The non-executable ranges of `plan`'s image with their final protection
 /// (RELRO read-only inside its writable segment). Pure.
-fn data_ranges(plan: &LoadPlan) -> Vec<(usize, usize, libc::c_int)> {
+pub(crate) fn data_ranges(plan: &LoadPlan) -> Vec<(usize, usize, libc::c_int)> {
     let mut out = Vec::new();
     for seg in plan.segments.iter().filter(|s| s.protection != Protection::ReadExec) {
         let (start, end) = (seg.start, seg.end());
@@ -254,7 +254,7 @@ impl ArtifactImage {
     }
 }
 
-fn prot_of(p: Protection) -> libc::c_int {
+pub(crate) fn prot_of(p: Protection) -> libc::c_int {
     match p {
         Protection::Read => libc::PROT_READ,
         Protection::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
@@ -262,7 +262,7 @@ fn prot_of(p: Protection) -> libc::c_int {
     }
 }
 
-fn import_addr(import: Import) -> u64 {
+pub(crate) fn import_addr(import: Import) -> u64 {
     if super::pkeys::key_safe_imports() {
         // glibc's read libc globals (key 0): see `super::memfns`.
         let [memcpy, memmove, memset, memcmp] = super::memfns::addresses();
@@ -295,7 +295,46 @@ pub struct LoadedFunction {
     /// protection): what a protection key covers.
     data_ranges: Vec<(usize, usize, libc::c_int)>,
     // Last: unmapped after the pointers above are gone.
-    image: Mapping,
+    image: ImageMemory,
+}
+
+/// Where a loaded image's pages are.
+#[derive(Debug)]
+enum ImageMemory {
+    /// A private copy this value maps and unmaps.
+    Owned(Mapping),
+    /// A pre-linked image mapped in its range of an image space
+    /// ([`super::prelinked::ImageSpace`]), which keeps it mapped while the
+    /// token lives (it refuses to map anything until then).
+    Window {
+        addr: usize,
+        len: usize,
+        _token: std::sync::Arc<()>,
+    },
+}
+
+impl ImageMemory {
+    fn addr(&self) -> usize {
+        match self {
+            Self::Owned(m) => m.addr(),
+            Self::Window { addr, .. } => *addr,
+        }
+    }
+
+    fn start(&self) -> *const u8 {
+        match self {
+            Self::Owned(m) => m.start().cast_const(),
+            // The window's reservation exposed its provenance when mapped.
+            Self::Window { addr, .. } => std::ptr::with_exposed_provenance(*addr),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Owned(m) => m.len(),
+            Self::Window { len, .. } => *len,
+        }
+    }
 }
 
 impl LoadedFunction {
@@ -340,23 +379,50 @@ impl LoadedFunction {
         if let Some((offset, len)) = plan.relro {
             image.protect(offset, len, libc::PROT_READ).map_err(LoadError::Map)?;
         }
+        // SAFETY: the image was mapped and relocated above by the plan, and
+        // `self` keeps it mapped (dropping it last).
+        Ok(unsafe { Self::over(plan, ImageMemory::Owned(image)) })
+    }
+
+    /// The function of a pre-linked image mapped at `addr` (`plan.span`
+    /// bytes) in an image space, which keeps it mapped while `token` lives.
+    ///
+    /// # Safety
+    /// `[addr, addr + plan.span)` must hold `plan`'s image relocated for
+    /// `addr` and stay mapped so while the token (kept in the value) lives.
+    pub(crate) unsafe fn in_window(plan: &LoadPlan, addr: usize, token: std::sync::Arc<()>) -> Self {
+        let memory = ImageMemory::Window {
+            addr,
+            len: plan.span,
+            _token: token,
+        };
+        // SAFETY: forwarded caller contract.
+        unsafe { Self::over(plan, memory) }
+    }
+
+    /// # Safety
+    /// `image` must hold `plan`'s image, mapped and relocated for its
+    /// address, for as long as it lives.
+    unsafe fn over(plan: &LoadPlan, image: ImageMemory) -> Self {
+        let base = image.start();
         // SAFETY: the plan puts both entry symbols inside an executable
-        // segment, mapped above; the ABI (version checked by the plan) gives
-        // them these types. They stay valid while `image` is mapped, which
-        // `self` guarantees by dropping `image` last.
+        // segment of the image (caller contract: mapped); the ABI (version
+        // checked by the plan) gives them these types. They stay valid
+        // while `image` is mapped, which `self` guarantees by dropping
+        // `image` last.
         let (init, handle) = unsafe {
             (
-                std::mem::transmute::<*const u8, InitFn>(image.start().add(plan.init).cast_const()),
-                std::mem::transmute::<*const u8, HandleFn>(image.start().add(plan.handle).cast_const()),
+                std::mem::transmute::<*const u8, InitFn>(base.add(plan.init)),
+                std::mem::transmute::<*const u8, HandleFn>(base.add(plan.handle)),
             )
         };
-        Ok(Self {
+        Self {
             init,
             handle,
             mappings: plan.max_mappings(),
             data_ranges: data_ranges(plan),
             image,
-        })
+        }
     }
 
     /// Gives every non-executable page of the image (rodata, RELRO/GOT,

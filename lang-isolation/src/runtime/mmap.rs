@@ -140,7 +140,8 @@ impl Mapping {
     }
 
     /// Gives the pages of `[offset, offset + len)` back to the kernel; they
-    /// read as zero afterwards.
+    /// read as zero afterwards (anonymous pages) or as the file's again
+    /// (private file mappings).
     pub fn discard(&self, offset: usize, len: usize) -> io::Result<()> {
         if len == 0 {
             return Ok(());
@@ -149,6 +150,23 @@ impl Mapping {
         // SAFETY: the range lies inside this private anonymous mapping; the
         // caller guarantees nothing live is stored there (the heap was reset).
         let rc = unsafe { libc::madvise(self.start().add(offset).cast(), len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Faults in `[offset, offset + len)` for writing (`MADV_POPULATE_WRITE`:
+    /// a private file mapping's pages become private copies now, not at
+    /// the first write).
+    pub fn populate_write(&self, offset: usize, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(offset, len)?;
+        // SAFETY: the range lies inside this mapping; populating changes no
+        // byte a Rust object could observe (only when pages are allocated).
+        let rc = unsafe { libc::madvise(self.start().add(offset).cast(), len, libc::MADV_POPULATE_WRITE) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

@@ -6,6 +6,8 @@
 //!  SealedArtifact::from_fd(fd)         a sealed memfd from the host (seals checked)
 //!  ArtifactImage::parse(sealed)        read + check once: the LoadPlan (elf.rs)
 //!  LoadedFunction::load(&image)        map a fresh private copy, relocate (loader.rs)
+//!  (or ImageSpace::enter(&prelinked)   the pre-linked image / post-init snapshot,
+//!                                      copy-on-write, no relocation: prelinked.rs)
 //!        |
 //!  Instance::new(function, &config)    heap (persistent + invocation arenas,
 //!        |                             one byte limit) + guarded stack +
@@ -58,12 +60,13 @@ mod loader;
 mod memfns;
 mod mmap;
 pub mod pkeys;
+pub mod prelinked;
 mod services;
 mod stack;
 mod trap;
 
 pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
-pub use heap::{Arena, HeapMemory, InstanceHeap};
+pub use heap::{Arena, HeapMemory, InstanceHeap, PersistentState};
 pub use instance::{Instance, InstanceShell, Output};
 pub use loader::{ArtifactImage, LoadError, LoadedFunction, MAX_ARTIFACT_BYTES, REQUIRED_SEALS, SealedArtifact};
 pub use services::monotonic_ns;

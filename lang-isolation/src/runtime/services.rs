@@ -59,6 +59,9 @@ pub(crate) struct Context {
     pub preempt_pending: AtomicBool,
     pub torn: AtomicBool,
     pub checkpoints: u64,
+    /// `clock_ns()` calls seen (an `init()` that read the clock may depend
+    /// on the time: no post-init snapshot of it).
+    pub clock_reads: u64,
 }
 
 impl Context {
@@ -139,6 +142,7 @@ impl ContextBox {
             preempt_pending: AtomicBool::new(false),
             torn: AtomicBool::new(false),
             checkpoints: 0,
+            clock_reads: 0,
         };
         // SAFETY: the mapping is fresh, read-write, page aligned (enough for
         // `Context`) and at least `size_of::<Context>()` bytes.
@@ -271,6 +275,13 @@ unsafe extern "C" fn host_realloc(
 }
 
 unsafe extern "C" fn host_clock_ns(ctx: *mut c_void) -> u64 {
+    // SAFETY: the table's ctx is the live context during entry calls; a
+    // plain counter (the function may write it too: it only decides
+    // whether its own init is snapshotted).
+    unsafe {
+        let reads = &raw mut (*ctx.cast::<Context>()).clock_reads;
+        *reads = (*reads).wrapping_add(1);
+    }
     // SAFETY: the table's ctx is the live context during entry calls.
     if unsafe { (*ctx.cast::<Context>()).gated } == GATED_WITH_KEYS {
         // The vDSO reads the kernel's clock page, which carries key 0: open
