@@ -171,14 +171,17 @@ pub const DENSITY_IMAGE_MIB: usize = 2;
 /// Input and output limits of the density curve's instances, bytes.
 const DENSITY_IO_LIMIT_BYTES: usize = 64 << 10;
 
-/// The density curve on a backend of its own over the same store (its own
-/// base and `noop` function node, for the smaller guest), without
+/// The density curve on a backend of its own, in a store of its own under
+/// the experiment's (its own base and `noop` function node, for the smaller
+/// guest), without
 /// pre-created VM shells: a pool of a few shells cannot serve thousands of
 /// starts anyway, and shells made before the baseline would hide their
 /// memory from the first instances.
 fn run_density(store: &std::path::Path, max_instances: usize, base: &Config) -> Density {
     let mut config = base.clone();
-    config.vm.store_dir = Some(store.to_owned());
+    // A store of its own: the other experiments' nodes are of the default
+    // guest size, which this backend's store checks refuse as too large.
+    config.vm.store_dir = Some(store.join("density"));
     config.vm.shell_pool = Some(0);
     config.vm.guest_mem_mib = Some(DENSITY_GUEST_MIB);
     config.vm.image_mib = Some(DENSITY_IMAGE_MIB);
