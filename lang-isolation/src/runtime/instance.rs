@@ -40,18 +40,21 @@ impl Instance {
     /// Sets up the heap and stack for `function` and prepares this thread's
     /// fault handling. Does not run `init`; see [`Instance::init`].
     pub fn new(function: LoadedFunction, config: &InstanceConfig) -> Result<Self, RuntimeError> {
-        trap::prepare_thread().map_err(RuntimeError::Signals)?;
-        let heap_memory = HeapMemory::new(config.heap_limit_bytes).map_err(RuntimeError::Heap)?;
-        let heap = InstanceHeap::over(&heap_memory, config.heap_limit_bytes);
-        let stack = GuardedStack::new(config.stack_bytes).map_err(RuntimeError::Stack)?;
-        let ctx = ContextBox::new(heap).map_err(RuntimeError::Heap)?;
+        let InstanceShell {
+            ctx,
+            heap_memory,
+            limit_bytes,
+            stack,
+            key,
+            gated,
+        } = InstanceShell::new(config)?;
         Ok(Self {
             ctx,
             heap_memory,
-            limit_bytes: config.heap_limit_bytes,
+            limit_bytes,
             stack,
-            key: None,
-            gated: false,
+            key,
+            gated,
             initialised: false,
             poisoned: false,
             function,
