@@ -191,10 +191,12 @@ impl fmt::Display for Policy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn full() -> SandboxSpec {
+    /// A spec with every layer on and both namespaces given (shared by the
+    /// policy tests of each kind of sandboxed process).
+    pub(crate) fn full() -> SandboxSpec {
         SandboxSpec {
             settings: SandboxSettings::default(),
             netns: Some("/proc/1/fd/7".into()),

@@ -362,15 +362,8 @@ fn sched_setaffinity_self() -> Result<Allowed, FilterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::tests::full;
     use crate::sandbox::{Layers, SandboxSettings};
-
-    fn full() -> SandboxSpec {
-        SandboxSpec {
-            settings: SandboxSettings::default(),
-            netns: Some("/proc/1/fd/7".into()),
-            ipcns: Some("/proc/1/fd/8".into()),
-        }
-    }
 
     /// Never allowed in a VMM host process, with any arguments.
     const FORBIDDEN: &[(&str, i64)] = &[
