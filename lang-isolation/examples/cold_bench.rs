@@ -11,6 +11,7 @@
 //! cold request including teardown, all in microseconds, p50 / p99.
 
 use lang_isolation::runtime::monotonic_ns;
+use lang_isolation::runtime::pagescan::PageScan;
 use lang_isolation::runtime::prelinked::{self, ImageArena, ImageSpace, PrelinkedImage, StartFrom, Teardown};
 use lang_isolation::runtime::{ArtifactImage, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
 use std::path::Path;
@@ -37,7 +38,7 @@ impl Samples {
 
     fn print(mut self, what: &str) {
         println!(
-            "{what:<44} {:>7.2} {:>7.2}  {:>7.2} {:>7.2}  {:>7.2} {:>7.2}",
+            "{what:<56} {:>7.2} {:>7.2}  {:>7.2} {:>7.2}  {:>7.2} {:>7.2}",
             pct(&mut self.start, 50),
             pct(&mut self.start, 99),
             pct(&mut self.entry, 50),
@@ -46,6 +47,17 @@ impl Samples {
             pct(&mut self.total, 99),
         );
     }
+}
+
+/// How a snapshot's heap is dropped after a call (each step of #14's fix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeapDrop {
+    /// The instance's reset drops it beyond 256 KiB, then `leave` all of it.
+    Twice,
+    /// `leave` alone drops all of it.
+    Once,
+    /// `leave` alone drops the pages the call wrote (`PAGEMAP_SCAN`).
+    Scan,
 }
 
 fn main() {
@@ -91,15 +103,21 @@ fn main() {
     s.print("load: map + relocate + init (K images)");
 
     for teardown in [Teardown::Restore, Teardown::Discard, Teardown::Remap] {
-        for (label, snapshots, images_used) in [
-            ("prelinked + init, 1 image", false, 1),
-            ("prelinked + init, K images", false, k),
-            ("snapshot, 1 image", true, 1),
-            ("snapshot, K images", true, k),
+        for (label, snapshots, images_used, heap) in [
+            ("prelinked + init, 1 image", false, 1, HeapDrop::Scan),
+            ("prelinked + init, K images", false, k, HeapDrop::Scan),
+            ("snapshot, 1 image, heap dropped twice", true, 1, HeapDrop::Twice),
+            ("snapshot, 1 image, heap dropped once", true, 1, HeapDrop::Once),
+            ("snapshot, 1 image", true, 1, HeapDrop::Scan),
+            ("snapshot, K images, heap dropped twice", true, k, HeapDrop::Twice),
+            ("snapshot, K images", true, k, HeapDrop::Scan),
         ] {
             let mut arena = ImageArena::create(prelinked::DEFAULT_ARENA_BYTES).expect("arena");
             let mut window = ImageSpace::new(prelinked::DEFAULT_SPACE_BYTES, prelinked::DEFAULT_MAX_MAPPED, teardown)
                 .expect("space");
+            if heap == HeapDrop::Scan {
+                window.use_page_scan(PageScan::open().expect("PAGEMAP_SCAN"));
+            }
             let mut pre: Vec<PrelinkedImage> = images[..images_used]
                 .iter()
                 .map(|a| PrelinkedImage::build(a, &mut window, &mut arena).expect("prelink"))
@@ -134,7 +152,10 @@ fn main() {
                 };
                 let t1 = monotonic_ns();
                 let entered = instance.handle(input).expect("handle").entered_ns;
-                let sh = instance.into_shell();
+                let sh = match heap {
+                    HeapDrop::Twice => instance.into_shell(),
+                    _ => instance.into_shell_sparing(window.snapshot_heap_bytes()),
+                };
                 window.leave(&sh, Some(&pre[j])).expect("leave");
                 shell = Some(sh);
                 let t2 = monotonic_ns();

@@ -25,6 +25,7 @@ use super::protocol::{ColdStart, Outcome, Preemption, Reply, Request, WorkerArgs
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
 use super::signals;
 use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
+use crate::runtime::pagescan::PageScan;
 use crate::runtime::pkeys::{self, KeyPool, PkeysState};
 use crate::runtime::prelinked::{self, ImageArena, ImageSpace, PrelinkedImage, StartFrom, Teardown};
 use crate::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
@@ -166,13 +167,21 @@ impl ColdImages {
             Ok((arena, space))
         });
         match made {
-            Ok((arena, space)) => Some(Self {
-                arena,
-                space,
-                images: IdMap::default(),
-                snapshots: mode == ColdStart::Snapshot,
-                last: None,
-            }),
+            Ok((arena, mut space)) => {
+                // Before the sandbox too (it has no `open`): without it a
+                // snapshot's whole heap is dropped after every call.
+                match PageScan::open() {
+                    Ok(scan) => space.use_page_scan(scan),
+                    Err(e) => eprintln!("microfaas-worker: no page scan: {}", error_chain(&e)),
+                }
+                Some(Self {
+                    arena,
+                    space,
+                    images: IdMap::default(),
+                    snapshots: mode == ColdStart::Snapshot,
+                    last: None,
+                })
+            }
             Err(e) => {
                 eprintln!("microfaas-worker: no pre-linked cold starts: {}", error_chain(&e));
                 None
@@ -295,8 +304,9 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     }
     // The sandbox is in place before any function is loaded or initialised
     // (after the worker's own set-up: its maps took their random keys).
-    let policy =
-        sandbox::worker::policy(&spec, std::process::id(), worker.socket.as_raw_fd()).map_err(SandboxError::from)?;
+    let pagemap = worker.prelinked.as_ref().and_then(|c| c.space.page_scan_fd());
+    let policy = sandbox::worker::policy_with_pagemap(&spec, std::process::id(), worker.socket.as_raw_fd(), pagemap)
+        .map_err(SandboxError::from)?;
     sandbox::apply(&policy)?;
     // A function whose artifact or init fails now is simply not resident;
     // its next warm request reports `NotLoaded`. The end marker (or a
@@ -804,7 +814,9 @@ impl Worker {
     /// Closes retired cold instances (off the reply's critical path).
     fn close_retired(&mut self) {
         while let Some(instance) = self.retired.pop() {
-            let shell = instance.into_shell();
+            // A snapshot's heap is dropped by `leave` (its written pages only).
+            let spared = self.prelinked.as_ref().map_or(0, |c| c.space.snapshot_heap_bytes());
+            let shell = instance.into_shell_sparing(spared);
             // Whatever path the instance took, the image space's pages and the
             // shell's snapshot heap read as their image's again.
             if let Some(c) = self.prelinked.as_mut()

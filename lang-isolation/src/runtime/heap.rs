@@ -105,6 +105,13 @@ impl HeapMemory {
         self.persistent.discard(0, len)
     }
 
+    /// Drops the private pages of `[offset, offset + len)` of the
+    /// persistent arena (page aligned), like
+    /// [`HeapMemory::discard_persistent`] for part of it.
+    pub fn discard_persistent_range(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.persistent.discard(offset, len)
+    }
+
     /// Gives both arenas `key` (read-write).
     pub fn set_key(&self, key: u32) -> io::Result<()> {
         for m in [&self.persistent, &self.invocation] {
@@ -343,16 +350,24 @@ impl InstanceHeap {
     ///
     /// Every pointer into the heap is dangling afterwards.
     pub fn reset_all(&mut self, memory: &HeapMemory, limit_bytes: usize) {
+        self.reset_all_sparing(memory, limit_bytes, 0);
+    }
+
+    /// [`InstanceHeap::reset_all`], leaving the persistent arena's first
+    /// `spared` bytes alone (a post-init snapshot's heap, whose written
+    /// pages its image space drops itself: one drop, of those pages only).
+    pub fn reset_all_sparing(&mut self, memory: &HeapMemory, limit_bytes: usize, spared: usize) {
         let touched = super::mmap::round_up_to_page(self.persistent_high_water)
             .unwrap_or(memory.persistent.len())
             .min(memory.persistent.len());
         self.reset_invocation(memory, limit_bytes);
         self.reset_state(memory, limit_bytes);
-        if touched > KEEP_RESIDENT_BYTES {
+        let from = super::mmap::round_up_to_page(spared)
+            .unwrap_or(usize::MAX)
+            .max(KEEP_RESIDENT_BYTES);
+        if touched > from {
             // A failure leaves the pages resident: harmless.
-            let _ = memory
-                .persistent
-                .discard(KEEP_RESIDENT_BYTES, touched - KEEP_RESIDENT_BYTES);
+            let _ = memory.persistent.discard(from, touched - from);
         }
     }
 

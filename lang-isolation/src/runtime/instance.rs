@@ -519,6 +519,14 @@ impl Instance {
     /// of each given back), so that [`Instance::from_shell`] makes no
     /// system call.
     pub fn into_shell(self) -> InstanceShell {
+        self.into_shell_sparing(0)
+    }
+
+    /// [`Instance::into_shell`], leaving the persistent arena's first
+    /// `spared` bytes mapped as they are (see
+    /// [`super::InstanceHeap::reset_all_sparing`]): for a snapshot-started
+    /// instance whose heap pages `ImageSpace::leave` drops.
+    pub fn into_shell_sparing(self, spared: usize) -> InstanceShell {
         let Instance {
             mut ctx,
             heap_memory,
@@ -530,7 +538,7 @@ impl Instance {
             ..
         } = self;
         drop(function);
-        ctx.get_mut().heap.reset_all(&heap_memory, limit_bytes);
+        ctx.get_mut().heap.reset_all_sparing(&heap_memory, limit_bytes, spared);
         InstanceShell {
             ctx,
             heap_memory,

@@ -59,6 +59,7 @@ mod instance;
 mod loader;
 mod memfns;
 mod mmap;
+pub mod pagescan;
 pub mod pkeys;
 pub mod prelinked;
 mod services;

@@ -58,13 +58,14 @@
 //! the context's addresses) and used only with that shell.
 
 use super::elf::{LoadPlan, Protection, RelocValue};
-use super::heap::PersistentState;
+use super::heap::{HeapMemory, PersistentState};
 use super::instance::{Instance, InstanceShell};
 use super::loader::{ArtifactImage, LoadError, LoadedFunction, import_addr, prot_of};
 use super::mmap::{Mapping, page_size, round_up_to_page};
+use super::pagescan::PageScan;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -793,6 +794,10 @@ pub struct ImageSpace {
     /// arena: (snapshot uid, bytes).
     heap: Option<(u64, usize)>,
     teardown: Teardown,
+    /// Finds the snapshot heap's written pages (else all are dropped).
+    scan: Option<PageScan>,
+    /// The scan's answer (kept: no allocation per call).
+    written: Vec<Range<usize>>,
 }
 
 impl ImageSpace {
@@ -811,7 +816,53 @@ impl ImageSpace {
             last: None,
             heap: None,
             teardown,
+            scan: None,
+            written: Vec::new(),
         })
+    }
+
+    /// Drops only the pages a call wrote of a snapshot's heap after it
+    /// (found with `scan`), instead of the whole heap: pages only read stay
+    /// mapped to the arena's page cache, so the next cold start does not
+    /// fault them in again.
+    pub fn use_page_scan(&mut self, scan: PageScan) {
+        self.scan = Some(scan);
+    }
+
+    /// The page scan's pagemap fd, if one is in use (for the sandbox).
+    pub fn page_scan_fd(&self) -> Option<RawFd> {
+        self.scan.as_ref().map(PageScan::fd)
+    }
+
+    /// Bytes of a snapshot's heap mapped over the cold shell's persistent
+    /// arena now ([`ImageSpace::leave`] drops their written pages; the
+    /// instance's own reset can spare them:
+    /// [`Instance::into_shell_sparing`]).
+    pub fn snapshot_heap_bytes(&self) -> usize {
+        self.heap.map_or(0, |(_, len)| len)
+    }
+
+    /// Drops the written pages of the first `len` bytes of `memory`'s
+    /// persistent arena (a snapshot's heap): only those the scan finds, or
+    /// all of them without a scan or if it fails.
+    fn drop_heap(&mut self, memory: &HeapMemory, len: usize) -> io::Result<()> {
+        let base = memory.persistent_range().start;
+        if let Some(scan) = self.scan.as_mut() {
+            self.written.clear();
+            match scan.written(base..base + len, &mut self.written) {
+                Ok(()) => {
+                    for r in &self.written {
+                        memory.discard_persistent_range(r.start - base, r.len())?;
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    eprintln!("microfaas: page scan failed, dropping whole heaps from now on: {e}");
+                    self.scan = None;
+                }
+            }
+        }
+        memory.discard_persistent(len)
     }
 
     /// Address of the reservation.
@@ -1112,7 +1163,7 @@ impl ImageSpace {
         }
         if let Some((_, len)) = self.heap {
             let r = match self.teardown {
-                Teardown::Discard | Teardown::Restore => shell.heap_memory().discard_persistent(len),
+                Teardown::Discard | Teardown::Restore => self.drop_heap(shell.heap_memory(), len),
                 Teardown::Remap => {
                     self.heap = None;
                     shell.heap_memory().clear_persistent(0, len)

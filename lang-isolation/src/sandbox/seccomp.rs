@@ -298,6 +298,36 @@ pub fn on_fd(name: &'static str, nr: i64, fd: i32, what: &str) -> Result<Allowed
     })
 }
 
+/// `name` on any file descriptor but `fd` (argument 0).
+pub fn not_on_fd(name: &'static str, nr: i64, fd: i32, what: &str) -> Result<Allowed, FilterError> {
+    Ok(Allowed {
+        name,
+        nr,
+        rules: vec![rule(
+            name,
+            vec![cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, bits(fd))?],
+        )?],
+        note: format!("fd != {fd} ({what})"),
+    })
+}
+
+/// `name` (an `ioctl`) only on file descriptor `fd` with request `request`
+/// (the kernel reads the request as a 32-bit `unsigned int`).
+pub fn ioctl_on_fd(name: &'static str, nr: i64, fd: i32, request: u64, what: &str) -> Result<Allowed, FilterError> {
+    Ok(Allowed {
+        name,
+        nr,
+        rules: vec![rule(
+            name,
+            vec![
+                cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, bits(fd))?,
+                cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request & 0xffff_ffff)?,
+            ],
+        )?],
+        note: format!("fd == {fd}, request == {request:#x} ({what})"),
+    })
+}
+
 /// `fcntl(fd, F_GET_SEALS)` (checking a delivered artifact) and
 /// `fcntl(fd, F_GETFD)` (std's check, in builds with debug assertions, that
 /// an `OwnedFd` it closes is open) only: both just read.

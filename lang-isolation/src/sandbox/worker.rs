@@ -8,12 +8,32 @@
 
 use super::common::{base_allowlist, confined, worker_extras};
 use super::origin::OriginFilter;
-use super::seccomp::{Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, mprotect_no_exec, on_fd};
+use super::seccomp::{
+    Allowed, FilterError, SeccompPolicy, Violation, fcntl_get_seals, ioctl_on_fd, mprotect_no_exec, not_on_fd, on_fd,
+};
 use super::{Policy, SandboxSpec};
+use crate::runtime::pagescan::PAGEMAP_SCAN;
 
 /// The worker's policy for `spec`, for the process `pid` (itself), whose
 /// catalog socket is `catalog_fd`.
 pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, FilterError> {
+    policy_with_pagemap(spec, pid, catalog_fd, None)
+}
+
+/// [`policy`] for a worker that also holds `/proc/self/pagemap` open at
+/// `pagemap_fd` (opened before the sandbox, by a process that may still
+/// have had `CAP_SYS_ADMIN`: see `crate::runtime::pagescan`): on that fd
+/// only `ioctl(PAGEMAP_SCAN)` (which reports page ranges and categories of
+/// its own address space, never frame numbers, and with the flags the
+/// worker uses changes nothing; write-protecting needs a userfaultfd
+/// registration the worker cannot make), and no `pread64` (which would
+/// read the pagemap's entries, frame numbers included for such an opener).
+pub fn policy_with_pagemap(
+    spec: &SandboxSpec,
+    pid: u32,
+    catalog_fd: i32,
+    pagemap_fd: Option<i32>,
+) -> Result<Policy, FilterError> {
     let layers = spec.settings.layers;
     let mut allowed = base_allowlist(pid)?;
     allowed.extend(worker_extras());
@@ -21,9 +41,21 @@ pub fn policy(spec: &SandboxSpec, pid: u32, catalog_fd: i32) -> Result<Policy, F
         on_fd("recvmsg", libc::SYS_recvmsg, catalog_fd, "the catalog socket")?,
         fcntl_get_seals()?,
         Allowed::any("lseek", libc::SYS_lseek),
-        Allowed::any("pread64", libc::SYS_pread64),
         Allowed::any("close", libc::SYS_close),
     ]);
+    match pagemap_fd {
+        Some(fd) => allowed.extend([
+            not_on_fd("pread64", libc::SYS_pread64, fd, "the pagemap")?,
+            ioctl_on_fd(
+                "ioctl",
+                libc::SYS_ioctl,
+                fd,
+                PAGEMAP_SCAN,
+                "the pagemap, PAGEMAP_SCAN only",
+            )?,
+        ]),
+        None => allowed.push(Allowed::any("pread64", libc::SYS_pread64)),
+    }
     if layers.pkeys {
         // Keying an instance's memory (never executable, like mprotect).
         allowed.push(mprotect_no_exec("pkey_mprotect", libc::SYS_pkey_mprotect)?);
