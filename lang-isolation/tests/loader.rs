@@ -434,7 +434,7 @@ fn runner_pids() -> Vec<u32> {
 }
 
 /// Once started, a worker holds stdio, its catalog socket, sealed artifact
-/// memfds and its own image arena only (its shared region's fd is closed
+/// memfds, its own image arena and its read-only pagemap only (its shared region's fd is closed
 /// once mapped), and a runner that loaded its function holds stdio only:
 /// no fd they keep is writable and mappable (the worker's image arena is
 /// sealed against new writable mappings and writes: `F_SEAL_FUTURE_WRITE`,
@@ -450,10 +450,22 @@ fn started_workers_and_runners_keep_no_mappable_writable_fd() {
     eprintln!("worker fds: {fds:?}");
     let mut artifacts = 0;
     let mut arenas = 0;
+    let mut pagemaps = 0;
     for (fd, target, seals) in &fds {
         match fd {
             0..=2 => {}
             4 => assert!(target.starts_with("socket:"), "fd 4: {target}"),
+            // Its page scan's pagemap (read-only; a proc file maps nothing).
+            _ if *target == format!("/proc/{pid}/pagemap") => {
+                let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+                let flags = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| i32::from_str_radix(f.trim(), 8).ok())
+                    .unwrap();
+                assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY, "fd {fd}: {info}");
+                pagemaps += 1;
+            }
             _ if target.starts_with("/memfd:microfaas-images") => {
                 assert_ne!(seals.unwrap() & libc::F_SEAL_FUTURE_WRITE, 0, "fd {fd}: {seals:?}");
                 arenas += 1;
@@ -470,6 +482,7 @@ fn started_workers_and_runners_keep_no_mappable_writable_fd() {
     }
     assert_eq!(artifacts, 2, "one memfd per deployed artifact: {fds:?}");
     assert_eq!(arenas, 1, "one image arena: {fds:?}");
+    assert!(pagemaps <= 1, "at most one pagemap: {fds:?}");
 
     let host = process_host();
     host.deploy("stateful-fds", sealed("stateful"), Duration::from_millis(100))

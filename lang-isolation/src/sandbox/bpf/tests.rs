@@ -16,6 +16,8 @@ const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 const NATIVE_NRS: i32 = 512;
 const PID: u32 = 4242;
 const CATALOG_FD: i32 = 4;
+/// The pagemap fd of a worker with a page scan.
+const PAGEMAP_FD: i32 = 5;
 
 /// `struct seccomp_data`.
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +132,10 @@ fn spec() -> SandboxSpec {
 fn policies() -> Vec<SeccompPolicy> {
     vec![
         worker::policy(&spec(), PID, CATALOG_FD).unwrap().seccomp.unwrap(),
+        worker::policy_with_pagemap(&spec(), PID, CATALOG_FD, Some(PAGEMAP_FD))
+            .unwrap()
+            .seccomp
+            .unwrap(),
         runner::policy(&spec(), PID).unwrap().seccomp.unwrap(),
     ]
 }
@@ -146,6 +152,8 @@ fn interesting() -> Vec<u64> {
     ];
     v.extend([0x80, 0x81, 0x89, 0x8a, 0x100, 0x101, 0x180, 0x189, 1033, 1034, 1035]);
     v.extend([u64::from(PID), u64::from(PID) + 1, u64::from(CATALOG_FD.unsigned_abs())]);
+    let scan = crate::runtime::pagescan::PAGEMAP_SCAN;
+    v.extend([u64::from(PAGEMAP_FD.unsigned_abs()), scan, scan + 1, scan - 1, scan | (1 << 32)]);
     v.extend([u64::from(u32::MAX), u64::MAX, 1 << 32, (1 << 32) | 2, (1 << 32) | 4]);
     v
 }
