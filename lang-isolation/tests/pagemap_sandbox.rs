@@ -22,7 +22,10 @@ fn program(pagemap_fd: i32) -> BpfProgram {
     let pid = std::process::id();
     let policy = worker::policy_with_pagemap(&spec, pid, CATALOG_FD, Some(pagemap_fd)).unwrap();
     let text = policy.to_string();
-    assert!(text.contains(&format!("fd == {pagemap_fd}, request == {PAGEMAP_SCAN:#x}")), "{text}");
+    assert!(
+        text.contains(&format!("fd == {pagemap_fd}, request == {PAGEMAP_SCAN:#x}")),
+        "{text}"
+    );
     assert!(text.contains(&format!("fd != {pagemap_fd}")), "{text}");
     policy.seccomp.unwrap().compile().unwrap()
 }
@@ -79,7 +82,10 @@ impl Written {
         // SAFETY: a fresh fd.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: our own memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), libc::off_t::try_from(len).unwrap()) }, 0);
+        assert_eq!(
+            unsafe { libc::ftruncate(fd.as_raw_fd(), libc::off_t::try_from(len).unwrap()) },
+            0
+        );
         // SAFETY: a fresh private mapping at an address the kernel picks;
         // it is never unmapped (the test process ends).
         let p = unsafe {

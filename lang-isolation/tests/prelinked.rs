@@ -7,6 +7,7 @@
 //! a fresh in-process instance, and thousands of functions fit one worker.
 
 use lang_isolation::language::{ColdStart, Dispatcher, DispatcherConfig, Start};
+use lang_isolation::runtime::pagescan::PageScan;
 use lang_isolation::runtime::prelinked::{ImageArena, ImageSpace, PrelinkedImage, StartFrom, Teardown};
 use lang_isolation::runtime::{
     ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact,
@@ -70,6 +71,9 @@ struct Cold {
     images: Vec<(ArtifactImage, PrelinkedImage)>,
     shell: Option<InstanceShell>,
     snapshots: bool,
+    /// The worker's way: a snapshot's heap dropped once, by `leave`, only
+    /// the pages the call wrote (`PAGEMAP_SCAN`).
+    scan: bool,
 }
 
 impl Cold {
@@ -90,7 +94,18 @@ impl Cold {
             images,
             shell: Some(InstanceShell::new(&InstanceConfig::default()).unwrap()),
             snapshots,
+            scan: false,
         }
+    }
+
+    /// Drops a snapshot heap's written pages only (the worker's teardown).
+    fn scanning(mut self, scan: bool) -> Self {
+        if scan {
+            self.space
+                .use_page_scan(PageScan::open().expect("PAGEMAP_SCAN (Linux 6.7+)"));
+        }
+        self.scan = scan;
+        self
     }
 
     /// One cold start of image `i`; whether it started from a snapshot.
@@ -121,7 +136,11 @@ impl Cold {
             }
         };
         let out = outcome(instance.handle(input).map(|o| o.bytes().to_vec()));
-        let shell = instance.into_shell();
+        let shell = if self.scan {
+            instance.into_shell_sparing(self.space.snapshot_heap_bytes())
+        } else {
+            instance.into_shell()
+        };
         self.space.leave(&shell, Some(&self.images[i].1)).unwrap();
         self.shell = Some(shell);
         (out, from == StartFrom::Snapshot)
@@ -148,8 +167,9 @@ proptest! {
         calls in proptest::collection::vec((0usize..NAMES.len(), input()), 1..24),
         teardown in prop_oneof![Just(Teardown::Restore), Just(Teardown::Discard), Just(Teardown::Remap)],
         max_mapped in 1usize..4,
+        scan in any::<bool>(),
     ) {
-        let mut cold = Cold::new(&NAMES, teardown, max_mapped, true);
+        let mut cold = Cold::new(&NAMES, teardown, max_mapped, true).scanning(scan);
         let references: Vec<ArtifactImage> = NAMES.iter().map(|n| image(n)).collect();
         let mut expected: HashMap<(usize, Vec<u8>), Result<Vec<u8>, String>> = HashMap::new();
         for (i, input) in calls {
@@ -191,8 +211,14 @@ fn the_first_cold_start_snapshots_and_the_next_start_from_it() {
 /// snapshot-started call sees init's state exactly.
 #[test]
 fn a_fault_in_a_snapshot_started_call_leaves_the_next_call_fresh() {
-    for teardown in [Teardown::Restore, Teardown::Discard, Teardown::Remap] {
-        let mut cold = Cold::new(&["snapshot-probe"], teardown, 8, true);
+    for (teardown, scan) in [
+        (Teardown::Restore, false),
+        (Teardown::Restore, true),
+        (Teardown::Discard, true),
+        (Teardown::Discard, false),
+        (Teardown::Remap, false),
+    ] {
+        let mut cold = Cold::new(&["snapshot-probe"], teardown, 8, true).scanning(scan);
         let (good, _) = cold.call(0, b"hello");
         let good = good.unwrap();
         assert_eq!(&good[..9], &[0, 0, 0, 0, 0, 0, 0, 0, 0x11], "calls 0, init's mark");
@@ -201,8 +227,50 @@ fn a_fault_in_a_snapshot_started_call_leaves_the_next_call_fresh() {
             assert!(from_snapshot);
             assert!(bad.is_err(), "{bad:?}");
             let (after, _) = cold.call(0, b"hello");
-            assert_eq!(after.unwrap(), good, "{teardown:?} after {attack:?}");
+            assert_eq!(after.unwrap(), good, "{teardown:?} (scan {scan}) after {attack:?}");
         }
+    }
+}
+
+/// Present pages of `range` (from `/proc/self/pagemap`: bit 63).
+fn present_pages(range: std::ops::Range<usize>) -> usize {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let pages = range.len() / 4096;
+    let mut entries = vec![0u8; pages * 8];
+    pagemap
+        .read_exact_at(&mut entries, u64::try_from(range.start / 4096 * 8).unwrap())
+        .unwrap();
+    entries
+        .chunks(8)
+        .filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1)
+        .count()
+}
+
+/// With the page scan, a snapshot's heap pages that a call only read stay
+/// mapped after it (the next start does not fault them in again), and a
+/// write is still undone; without it, every page is dropped.
+#[test]
+fn the_page_scan_keeps_pages_only_read_and_drops_pages_written() {
+    for scan in [false, true] {
+        let mut cold = Cold::new(&["snapshot-probe", "init-heavy"], Teardown::Restore, 8, true).scanning(scan);
+        let reference = fresh(&image("init-heavy"), b"abc");
+        for _ in 0..3 {
+            assert_eq!(cold.call(1, b"abc").0, reference);
+        }
+        let heap = cold.shell.as_ref().unwrap().heap_memory().persistent_range();
+        let present = present_pages(heap.start..heap.start + (8 << 20));
+        if scan {
+            assert!(present > 0, "pages read stay mapped");
+        } else {
+            assert_eq!(present, 0, "all dropped");
+        }
+        // snapshot-probe tears its heap; init-heavy's then maps again.
+        let (good, _) = cold.call(0, b"hello");
+        let (bad, _) = cold.call(0, b"!x");
+        assert!(bad.is_err());
+        assert_eq!(cold.call(0, b"hello").0, good);
+        assert_eq!(cold.call(1, b"abc").0, reference);
     }
 }
 

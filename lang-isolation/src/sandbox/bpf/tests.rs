@@ -153,7 +153,13 @@ fn interesting() -> Vec<u64> {
     v.extend([0x80, 0x81, 0x89, 0x8a, 0x100, 0x101, 0x180, 0x189, 1033, 1034, 1035]);
     v.extend([u64::from(PID), u64::from(PID) + 1, u64::from(CATALOG_FD.unsigned_abs())]);
     let scan = crate::runtime::pagescan::PAGEMAP_SCAN;
-    v.extend([u64::from(PAGEMAP_FD.unsigned_abs()), scan, scan + 1, scan - 1, scan | (1 << 32)]);
+    v.extend([
+        u64::from(PAGEMAP_FD.unsigned_abs()),
+        scan,
+        scan + 1,
+        scan - 1,
+        scan | (1 << 32),
+    ]);
     v.extend([u64::from(u32::MAX), u64::MAX, 1 << 32, (1 << 32) | 2, (1 << 32) | 4]);
     v
 }
