@@ -8,7 +8,8 @@
 //! Columns: `start` = from the start of the cold path to just before
 //! `handle` (map [+ relocate] [+ init]), `entry` = to the function's first
 //! timestamp (what table1 reports as the cold start), `total` = the whole
-//! cold request including teardown, all in microseconds, p50 / p99.
+//! cold request including teardown, `teardown` = after the reply
+//! (`into_shell` + `leave`), all in microseconds, p50 / p99.
 
 use lang_isolation::runtime::monotonic_ns;
 use lang_isolation::runtime::pagescan::PageScan;
@@ -25,6 +26,7 @@ struct Samples {
     start: Vec<u64>,
     entry: Vec<u64>,
     total: Vec<u64>,
+    teardown: Vec<u64>,
 }
 
 impl Samples {
@@ -33,18 +35,21 @@ impl Samples {
             start: Vec::new(),
             entry: Vec::new(),
             total: Vec::new(),
+            teardown: Vec::new(),
         }
     }
 
     fn print(mut self, what: &str) {
         println!(
-            "{what:<56} {:>7.2} {:>7.2}  {:>7.2} {:>7.2}  {:>7.2} {:>7.2}",
+            "{what:<56} {:>7.2} {:>7.2}  {:>7.2} {:>7.2}  {:>7.2} {:>7.2}  {:>7.2} {:>7.2}",
             pct(&mut self.start, 50),
             pct(&mut self.start, 99),
             pct(&mut self.entry, 50),
             pct(&mut self.entry, 99),
             pct(&mut self.total, 50),
             pct(&mut self.total, 99),
+            pct(&mut self.teardown, 50),
+            pct(&mut self.teardown, 99),
         );
     }
 }
@@ -78,7 +83,7 @@ fn main() {
     let input = b"0123456789abcdef";
     let config = InstanceConfig::default();
     println!(
-        "{name}: {} rounds, {k} images; us: start p50 p99 | to first timestamp p50 p99 | whole request p50 p99",
+        "{name}: {} rounds, {k} images; us: start p50 p99 | to first timestamp p50 p99 | whole request p50 p99 | teardown p50 p99",
         n
     );
 
@@ -92,12 +97,14 @@ fn main() {
         instance.init().expect("init");
         let t1 = monotonic_ns();
         let entered = instance.handle(input).expect("handle").entered_ns;
+        let t_handled = monotonic_ns();
         shell = Some(instance.into_shell());
         let t2 = monotonic_ns();
         if i >= n / 10 {
             s.start.push(t1 - t0);
             s.entry.push(entered.saturating_sub(t0));
             s.total.push(t2 - t0);
+            s.teardown.push(t2 - t_handled);
         }
     }
     s.print("load: map + relocate + init (K images)");
@@ -152,6 +159,7 @@ fn main() {
                 };
                 let t1 = monotonic_ns();
                 let entered = instance.handle(input).expect("handle").entered_ns;
+                let t_handled = monotonic_ns();
                 let sh = match heap {
                     HeapDrop::Twice => instance.into_shell(),
                     _ => instance.into_shell_sparing(window.snapshot_heap_bytes()),
@@ -163,6 +171,7 @@ fn main() {
                     s.start.push(t1 - t0);
                     s.entry.push(entered.saturating_sub(t0));
                     s.total.push(t2 - t0);
+                    s.teardown.push(t2 - t_handled);
                 }
             }
             s.print(&format!("{label} ({teardown:?})"));

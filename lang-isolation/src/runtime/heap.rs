@@ -361,7 +361,15 @@ impl InstanceHeap {
             .unwrap_or(memory.persistent.len())
             .min(memory.persistent.len());
         self.reset_invocation(memory, limit_bytes);
-        self.reset_state(memory, limit_bytes);
+        if spared > 0 {
+            // A fresh allocator would write its first hole's header into
+            // the spared pages (a copy-on-write fault, and a page the
+            // teardown must drop); the next instance installs its own state
+            // anyway (`Instance::from_shell*`).
+            self.reset_invocation_state(memory, limit_bytes);
+        } else {
+            self.reset_state(memory, limit_bytes);
+        }
         let from = super::mmap::round_up_to_page(spared)
             .unwrap_or(usize::MAX)
             .max(KEEP_RESIDENT_BYTES);
