@@ -23,7 +23,9 @@
 //!               median_us, p99_us, p999_us,      // see latency_basis; null if skipped
 //!               latency_basis: "dispatch" (invoke -> function's first timestamp) | "end_to_end" (argument starts),
 //!               end_to_end: { count, median_us, p99_us, p999_us, max_us } | null,
-//!               throughput_per_s,                // warm/hot rows only, else null
+//!               throughput_per_s,                // warm/hot rows only, else null (language: saturated,
+//!                                                // callers + workers <= cores; else a caller per core)
+//!               throughput_serial_per_s,         // language warm only: one pinned caller, one at a time
 //!               samples, errors, skipped: null | "reason" }
 //! memory row: { backend, functions, tenants, workers, memory_mib, per_function_kib, per_tenant_mib, workers_pss_mib, instances, skipped }
 //! density: { function, steps: [ { instances, start_us: {..}, per_instance, mem_available_mib, host_processes } ],
@@ -118,10 +120,10 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
             opt(e2e.map(|e| e.p99_us), 1),
             opt(r.throughput_per_s, 0),
             r.functions_deployed,
-            if r.latency_basis == "dispatch" {
-                ""
-            } else {
-                "  (latency: end to end)"
+            match (r.latency_basis == "dispatch", r.throughput_serial_per_s) {
+                (true, None) => String::new(),
+                (false, _) => "  (latency: end to end)".to_owned(),
+                (true, Some(serial)) => format!("  (throughput saturated; serial {serial:.0}/s)"),
             },
             if r.errors > 0 {
                 format!("  ({} errors)", r.errors)

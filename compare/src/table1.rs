@@ -1,7 +1,11 @@
 //! `table1`: the paper's Table 1 on this host, with the `vm` rows added.
 //! For each backend and start path: latency from dispatch to the function's
 //! first timestamp and end to end (median, p99, p99.9), and throughput with
-//! every worker busy for the warm paths, with N functions deployed.
+//! every worker busy for the warm paths, with N functions deployed. The
+//! language backend runs one worker (core 1); its warm throughput is
+//! measured saturated without oversubscribing (callers + worker <= cores,
+//! callers pinned apart from the worker) and serial (one pinned caller, one
+//! request at a time: the paper's way), each reported as such.
 
 use crate::progress::bar;
 use crate::stats::{Latencies, Summary, ratio};
@@ -61,7 +65,14 @@ pub struct Row {
     /// End-to-end latency (invoke call to return), percentiles in µs.
     pub end_to_end: Option<Summary>,
     /// Invocations per second with every worker busy (warm paths only).
+    /// On `language`: saturated without oversubscribing (callers + workers
+    /// <= cores, each caller pinned apart from the worker); elsewhere one
+    /// caller thread per core.
     pub throughput_per_s: Option<f64>,
+    /// `language` warm only: serial requests per second, the paper's way
+    /// (one caller pinned to core 0, the one worker on core 1, one request
+    /// at a time).
+    pub throughput_serial_per_s: Option<f64>,
     /// Measured invocations.
     pub samples: u64,
     /// Invocations that failed (should be 0).
@@ -89,6 +100,7 @@ impl Row {
             p999_us: None,
             end_to_end: None,
             throughput_per_s: None,
+            throughput_serial_per_s: None,
             samples: 0,
             errors: 0,
             skipped: Some(reason),
@@ -133,6 +145,9 @@ fn run_backend(kind: BackendKind, opts: &Options, config: &Config) -> Vec<Row> {
     // gets slower with every VM alive (`vmm` example `create_vm_scaling`):
     // the later rows would measure that growth rather than their start.
     config.vm.idle_per_function.get_or_insert(1);
+    // Language: one worker (on core 1), as Boucher et al. measure theirs;
+    // the callers are pinned apart from it (see `throughput`).
+    config.language.workers.get_or_insert(1);
     let backend: Arc<dyn Backend> = match microfaas::open(kind, config) {
         Ok(b) => Arc::from(b),
         Err(e) => {
@@ -266,7 +281,19 @@ fn measure(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let throughput_per_s = is_warm(start).then(|| throughput(backend, ids, request, opts.throughput_time));
+    let language = kind == BackendKind::Language;
+    let throughput_per_s = is_warm(start).then(|| {
+        if language {
+            // Callers + the one worker <= cores, none on the worker's core 1.
+            let callers = cores().saturating_sub(1).max(1);
+            throughput(backend, ids, request, opts.throughput_time, callers, true)
+        } else {
+            throughput(backend, ids, request, opts.throughput_time, cores(), false)
+        }
+    });
+    let throughput_serial_per_s = (language && is_warm(start))
+        .then(|| throughput(backend, ids, request, opts.throughput_time, 1, true))
+        .flatten();
     // A start that resumes a function after its checkpoint has no entry
     // timestamp of its own (the function was entered before the snapshot):
     // its start latency is the end-to-end time.
@@ -287,6 +314,7 @@ fn measure(
         p999_us: Some(d.p999_us),
         end_to_end: Some(e2e.summary()),
         throughput_per_s: throughput_per_s.flatten(),
+        throughput_serial_per_s,
         samples: dispatch.len(),
         errors,
         skipped: None,
@@ -294,9 +322,29 @@ fn measure(
     }
 }
 
-/// Invocations per second with one caller thread per core, all busy.
-fn throughput(backend: &dyn Backend, ids: &[FunctionId], request: StartRequest, time: Duration) -> Option<f64> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Pins the calling thread to `cpu` (best effort).
+fn pin(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Invocations per second with `threads` caller threads, all busy; with
+/// `pinned` each on its own core, skipping core 1 (a language worker's),
+/// each issuing one request at a time.
+fn throughput(
+    backend: &dyn Backend,
+    ids: &[FunctionId],
+    request: StartRequest,
+    time: Duration,
+    threads: usize,
+    pinned: bool,
+) -> Option<f64> {
     let done = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -305,6 +353,9 @@ fn throughput(backend: &dyn Backend, ids: &[FunctionId], request: StartRequest, 
         for t in 0..threads {
             let (done, failed, stop) = (&done, &failed, &stop);
             s.spawn(move || {
+                if pinned {
+                    pin(if t == 0 { 0 } else { t + 1 });
+                }
                 let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ u64::try_from(t).unwrap_or(0).wrapping_add(1));
                 while !stop.load(Ordering::Relaxed) {
                     match backend.invoke(&ids[rng.next(ids.len())], b"", request) {

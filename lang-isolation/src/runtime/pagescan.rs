@@ -225,7 +225,7 @@ mod tests {
         assert!(raw >= 0);
         // SAFETY: a fresh fd.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let file: Vec<u8> = (0..len).map(|i| (i / page) as u8 ^ 0x5a).collect();
+        let file: Vec<u8> = (0..len).map(|i| u8::try_from(i / page % 256).unwrap() ^ 0x5a).collect();
         // SAFETY: writing our own buffer to our own memfd.
         let wrote = unsafe { libc::pwrite(fd.as_raw_fd(), file.as_ptr().cast(), len, 0) };
         assert_eq!(usize::try_from(wrote).unwrap(), len);
