@@ -88,6 +88,12 @@ pub struct LanguageConfig {
     /// pre-linked image and its post-init snapshot (no relocation, `init()`
     /// once per worker).
     pub cold_start: LanguageColdStart,
+    /// Make a function resident (its warm instance) on its first warm or
+    /// automatic request instead of at deploy, so that a function only ever
+    /// started cold keeps no instance (memory per deployed function); its
+    /// `init()` then first runs at its first start, not at deploy. Default
+    /// `false`.
+    pub lazy_resident: bool,
 }
 
 /// How a `language` cold start gets its instance (see
@@ -119,6 +125,7 @@ impl Default for LanguageConfig {
             start_timeout: Duration::from_secs(20),
             max_workers: None,
             cold_start: LanguageColdStart::default(),
+            lazy_resident: false,
         }
     }
 }

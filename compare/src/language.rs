@@ -78,6 +78,9 @@ pub struct Footprint {
     pub functions_deployed: usize,
     /// Functions started cold at least once (their images mapped).
     pub functions_started_cold: usize,
+    /// Functions resident (a warm instance each): 0 with lazy residency
+    /// before any warm request, all of them after.
+    pub functions_resident: usize,
     /// Lines of the worker's `/proc/PID/maps`.
     pub worker_mappings: Option<usize>,
     /// The worker's proportional set size, KiB.
@@ -107,6 +110,9 @@ fn open(cold_start: LanguageColdStart, config: &Config) -> Result<Box<dyn Backen
     let mut config = config.clone();
     config.language.workers = Some(1);
     config.language.cold_start = cold_start;
+    // A function becomes resident (its warm instance) at its first warm
+    // request: one only started cold keeps no instance.
+    config.language.lazy_resident = true;
     microfaas::open(BackendKind::Language, config).map_err(|e| e.to_string())
 }
 
@@ -363,15 +369,25 @@ fn noop_rows(opts: &Options, config: &Config, n: usize, report: &mut Report) {
         if mode != LanguageColdStart::Snapshot {
             continue;
         }
-        report.footprints.push(Footprint {
+        let footprint = |resident: usize, pss: Option<u64>, maps: Option<usize>| Footprint {
             functions_deployed: n,
             functions_started_cold: n,
+            functions_resident: resident,
             worker_mappings: maps,
             worker_pss_kib: pss,
             pss_per_function_kib: pss
                 .zip(base_pss)
                 .map(|(p, b)| ratio(p.saturating_sub(b), 1) / ratio(u64::try_from(n).unwrap_or(1).max(1), 1)),
-        });
+        };
+        report.footprints.push(footprint(0, pss, maps));
+        // Every function's first warm request makes it resident (init runs
+        // in its warm instance): not measured.
+        for id in &ids {
+            let _ = backend.invoke(id, b"", StartRequest::Force(StartPath::Warm));
+        }
+        report
+            .footprints
+            .push(footprint(n, pid.and_then(pss_kib), pid.and_then(mappings)));
         let (lat, rate, errors) = serial(
             backend.as_ref(),
             &ids,
@@ -467,8 +483,9 @@ pub fn text(r: &Report) -> String {
     }
     for f in &r.footprints {
         s.push_str(&format!(
-            "footprint: {} functions deployed, all started cold once: worker mappings {}, PSS {} KiB ({} KiB per function over the fresh worker)\n",
+            "footprint: {} functions deployed, all started cold once, {} resident: worker mappings {}, PSS {} KiB ({} KiB per function over the fresh worker)\n",
             f.functions_deployed,
+            f.functions_resident,
             f.worker_mappings.map_or("?".to_owned(), |m| m.to_string()),
             f.worker_pss_kib.map_or("?".to_owned(), |m| m.to_string()),
             f.pss_per_function_kib.map_or("?".to_owned(), |m| format!("{m:.1}")),

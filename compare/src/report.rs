@@ -14,7 +14,7 @@
 //!                  idle_private_kib, density: density | null, skipped }  // present when snapshots ran
 //!   "language": { rows: [ { function, start, mode, functions_deployed, dispatch: {..} | null,
 //!                           throughput_per_s, errors, skipped } ],
-//!                 footprints: [ { functions_deployed, functions_started_cold, worker_mappings,
+//!                 footprints: [ { functions_deployed, functions_started_cold, functions_resident, worker_mappings,
 //!                                 worker_pss_kib, pss_per_function_kib } ] }  // present when language ran
 //! }
 //! table1 row: { backend: "process"|"language"|"vm",

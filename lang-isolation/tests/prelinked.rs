@@ -27,7 +27,7 @@ fn artifacts() -> &'static HashMap<&'static str, Vec<u8>> {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         NAMES
             .iter()
-            .chain(["noop"].iter())
+            .chain(["noop", "init-fails"].iter())
             .map(|&name| {
                 let dir = if matches!(name, "stateful" | "snapshot-probe") {
                     repo.join("tests/fixtures").join(name)
@@ -425,6 +425,78 @@ fn worker_cold_starts_by_every_path_answer_like_fresh_instances() {
             fresh(&reference, b"w")
         );
     }
+}
+
+/// Lazily resident functions (`DispatcherConfig::lazy_resident`): a deploy
+/// makes no instance (no resident function, fewer worker mappings than an
+/// eager deploy), cold starts answer like fresh instances, the first warm
+/// request makes the function resident (then its own state moves on), and a
+/// failing `init()` shows at the first start, typed, with the worker
+/// serving on.
+#[test]
+fn lazily_resident_functions_keep_no_instance_until_their_first_warm_request() {
+    let deploy_all = |lazy: bool| {
+        let mut config = DispatcherConfig::new(env!("CARGO_BIN_EXE_microfaas-worker"));
+        config.workers = Some(1);
+        config.lazy_resident = lazy;
+        let d = Dispatcher::start(config).unwrap();
+        let ids: Vec<_> = (0..20)
+            .map(|i| {
+                let a = SealedArtifact::create(&format!("noop-{i}"), &artifacts()["noop"]).unwrap();
+                d.deploy(Arc::new(a), Duration::from_secs(2)).unwrap()
+            })
+            .collect();
+        let vmas = worker_vmas(d.stats().worker_pids[0]);
+        (d, ids, vmas)
+    };
+    let (eager, _, eager_vmas) = deploy_all(false);
+    assert_eq!(eager.stats().resident, 20);
+    let (d, ids, lazy_vmas) = deploy_all(true);
+    assert_eq!(d.stats().resident, 0, "no instance at deploy");
+    assert!(lazy_vmas < eager_vmas, "lazy {lazy_vmas} VMAs, eager {eager_vmas}");
+    for id in &ids {
+        let got = d.invoke(*id, b"", Start::Cold).unwrap();
+        assert!(got.cold);
+        assert_eq!(got.output.len(), 8, "noop returns its timestamp");
+    }
+    assert_eq!(d.stats().resident, 0, "cold starts make no resident instance");
+
+    let reference = image("snapshot-probe");
+    let probe = d
+        .deploy(
+            Arc::new(SealedArtifact::create("probe", &artifacts()["snapshot-probe"]).unwrap()),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    for input in [&b"one"[..], b"two", b"one"] {
+        let got = d.invoke(probe, input, Start::Cold).unwrap();
+        assert_eq!(Ok(got.output), fresh(&reference, input), "{input:?}");
+    }
+    let w0 = d.invoke(probe, b"w", Start::Warm).unwrap();
+    assert!(!w0.cold);
+    assert_eq!(d.stats().resident, 1, "made resident by its first warm request");
+    let w1 = d.invoke(probe, b"w", Start::Warm).unwrap();
+    assert_eq!(
+        (w0.output[0], w1.output[0]),
+        (0, 1),
+        "the resident instance's own state"
+    );
+
+    let fails = d
+        .deploy(
+            Arc::new(SealedArtifact::create("fails", &artifacts()["init-fails"]).unwrap()),
+            Duration::from_secs(2),
+        )
+        .expect("a lazy deploy runs no init()");
+    let err = d.invoke(fails, b"", Start::Cold).unwrap_err();
+    assert!(err.to_string().contains("init"), "{err}");
+    let err = d.invoke(fails, b"", Start::Warm).unwrap_err();
+    assert!(err.to_string().contains("init"), "{err}");
+    assert_eq!(
+        Ok(d.invoke(probe, b"one", Start::Cold).unwrap().output),
+        fresh(&reference, b"one"),
+        "the worker serves on"
+    );
 }
 
 fn worker_vmas(pid: u32) -> usize {

@@ -42,6 +42,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         LanguageColdStart::Prelinked => ColdStart::Prelinked,
         LanguageColdStart::Snapshot => ColdStart::Snapshot,
     };
+    dc.lazy_resident = lang.lazy_resident;
     dc.input_limit_bytes = config.input_limit_bytes;
     dc.output_limit_bytes = config.output_limit_bytes;
     dc.heap_limit_bytes = config.heap_limit_bytes;

@@ -7,7 +7,7 @@
 use super::LanguageError;
 use super::catalog::CatalogEntry;
 use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
-use super::protocol::{ColdStart, Outcome, Preemption, Reply, Request, WorkerArgs, op};
+use super::protocol::{ColdStart, LOAD_REGISTER_ONLY, Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
 use super::tenants::TenantWorkers;
 use crate::runtime::SealedArtifact;
@@ -72,6 +72,13 @@ pub struct DispatcherConfig {
     /// How a worker's cold start gets its instance (default: the
     /// pre-linked image's post-init snapshot).
     pub cold_start: ColdStart,
+    /// Make a function resident (its warm instance, `init()` run) on its
+    /// first warm or automatic request instead of at deploy: a deploy then
+    /// only delivers and pre-links it, and a function only ever started
+    /// cold keeps no instance in its workers (memory per function). Its
+    /// `init()` first runs at its first start, so a failing `init()` shows
+    /// there, not at deploy. Default `false`.
+    pub lazy_resident: bool,
 }
 
 impl DispatcherConfig {
@@ -97,6 +104,7 @@ impl DispatcherConfig {
             start_timeout: Duration::from_secs(20),
             watchdog_realtime: true,
             cold_start: ColdStart::default(),
+            lazy_resident: false,
         }
     }
 }
@@ -328,17 +336,42 @@ impl Dispatcher {
             tenant: workers,
             artifact,
             budget,
-            resident: AtomicBool::new(true),
+            resident: AtomicBool::new(!inner.config.lazy_resident),
             strikes: AtomicU32::new(0),
         });
         inner.write_functions().insert(index, Arc::clone(&function));
         let id = FunctionIndex(index);
-        let loaded = inner.pin(&function.tenant).and_then(|_pin| self.preload(id, &function));
+        let loaded = inner.pin(&function.tenant).and_then(|_pin| {
+            if inner.config.lazy_resident {
+                self.register(id, &function)
+            } else {
+                self.preload(id, &function)
+            }
+        });
         if let Err(e) = loaded {
             self.remove(id);
             return Err(e);
         }
         Ok(id)
+    }
+
+    /// Delivers the function to its tenant's workers (which the caller has
+    /// pinned) without making it resident ([`DispatcherConfig::lazy_resident`]).
+    fn register(&self, id: FunctionIndex, function: &Function) -> Result<(), LanguageError> {
+        let entry = self.inner.catalog_entry(id.0, function, false);
+        for w in function.tenant.live_workers() {
+            if let Err(e) = w.deliver(&entry, &function.artifact)
+                && w.alive.load(Ordering::SeqCst)
+            {
+                return Err(LanguageError::io("sending an artifact to a worker", e));
+            }
+            match self.inner.control_with(w, op::LOAD, id.0, &[], LOAD_REGISTER_ONLY)? {
+                (Outcome::InitFailed, msg) => return Err(LanguageError::InitFailed { message: msg }),
+                (Outcome::PolicyViolation, detail) => return Err(LanguageError::PolicyViolation { detail }),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Loads the function into its tenant's workers (which the caller has

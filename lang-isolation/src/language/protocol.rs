@@ -18,6 +18,11 @@ pub mod op {
     pub const UNLOAD: u32 = 4;
 }
 
+/// `Request::reserved` of a [`op::LOAD`]: register (and pre-link) the
+/// function only, make no resident instance and run no `init()` (a lazily
+/// resident function: `DispatcherConfig::lazy_resident`).
+pub const LOAD_REGISTER_ONLY: u32 = 1;
+
 /// One request: dispatcher -> worker.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -21,7 +21,7 @@
 //! in the shared header (`pkeys_state`, `pkeys_keys`).
 
 use super::catalog::{self, CatalogEntry, Message};
-use super::protocol::{ColdStart, Outcome, Preemption, Reply, Request, WorkerArgs, op};
+use super::protocol::{ColdStart, LOAD_REGISTER_ONLY, Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Header, Layout, Region, futex_wait, futex_wake_all, now_ns};
 use super::signals;
 use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
@@ -461,7 +461,7 @@ impl Worker {
                 reply.start_ns = start_ns;
                 ran
             }
-            op::LOAD => match self.load(request.func) {
+            op::LOAD => match self.load(request.func, request.reserved != LOAD_REGISTER_ONLY) {
                 Ok(()) => Ran::fail(Outcome::Ok, String::new(), 0),
                 Err(e) => Ran::fail(e.outcome, e.message, e.detail),
             },
@@ -700,7 +700,7 @@ impl Worker {
     /// the socket before the request) and makes it resident. A function
     /// already registered (e.g. from this worker's initial catalog) needs no
     /// message.
-    fn load(&mut self, func: u32) -> Result<(), NotReady> {
+    fn load(&mut self, func: u32, resident: bool) -> Result<(), NotReady> {
         loop {
             match catalog::recv(self.socket.as_fd(), true) {
                 Ok(Some(Message::Function(entry, fd))) => {
@@ -712,13 +712,19 @@ impl Worker {
             }
         }
         match self.pending.remove(&func) {
-            Some((entry, fd)) => self.register(CatalogEntry { preload: true, ..entry }, fd),
+            Some((entry, fd)) => self.register(
+                CatalogEntry {
+                    preload: resident,
+                    ..entry
+                },
+                fd,
+            ),
             None => match self.functions.get(&func).map(|f| f.image) {
                 Some(image) => self.register(
                     CatalogEntry {
                         func,
                         image,
-                        preload: true,
+                        preload: resident,
                     },
                     None,
                 ),
