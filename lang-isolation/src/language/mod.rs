@@ -76,10 +76,15 @@
 //! captures the writable pages, the persistent heap and the allocator state
 //! as the image's post-init snapshot, and every later one starts from it
 //! without running `init()`. After the reply the instance's written pages
-//! are restored (by copy for small writable parts, `MADV_DONTNEED` of the
-//! copy-on-write heap otherwise). `DispatcherConfig::cold_start` selects
-//! the path (`Load`: the loader's fresh private copy, relocated, `init()`
-//! every time; `Prelinked`; `Snapshot`, the default).
+//! are restored (by copy for small writable parts; of the copy-on-write
+//! snapshot heap only the pages the call wrote are dropped, found with one
+//! `ioctl(PAGEMAP_SCAN)` on the worker's `/proc/self/pagemap`, opened
+//! before the sandbox: [`crate::runtime::pagescan`]; pages only read stay
+//! mapped). `DispatcherConfig::cold_start` selects the path (`Load`: the
+//! loader's fresh private copy, relocated, `init()` every time;
+//! `Prelinked`; `Snapshot`, the default). With
+//! `DispatcherConfig::lazy_resident` a deploy makes no warm instance: a
+//! function only ever started cold costs its image and snapshot only.
 //!
 //! # Faults and recovery
 //! Panics and heap exhaustion leave through `fail()`, stack overflow through

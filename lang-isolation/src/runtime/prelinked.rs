@@ -13,9 +13,14 @@
 //!                allocator's state, become the image's snapshot
 //!  every cold    ImageSpace::enter maps the snapshot (nothing at all if the range
 //!                holds it already), no init; handle; after the reply
-//!                ImageSpace::leave drops the private pages (MADV_DONTNEED: they
-//!                read as the snapshot again) and faults them in again
-//!                (MADV_POPULATE_WRITE), or unmaps the image (Teardown::Remap)
+//!                ImageSpace::leave copies the writable pages back (Restore),
+//!                or drops the private pages (MADV_DONTNEED: they read as the
+//!                snapshot again) and faults them in again (MADV_POPULATE_WRITE),
+//!                or unmaps the image (Teardown::Remap); of the snapshot's heap
+//!                it drops only the pages the call wrote (found with
+//!                PAGEMAP_SCAN, `super::pagescan`, if the space has one: pages
+//!                only read stay mapped to the arena's page cache), once (the
+//!                instance's own reset spares them: Instance::into_shell_sparing)
 //! ```
 //!
 //! # One address space, one arena

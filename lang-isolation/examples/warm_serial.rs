@@ -1,0 +1,48 @@
+//! Warm `noop` requests one at a time through a real worker (the
+//! dispatcher's own API, no `Backend` trait), 100 functions deployed: the
+//! serial round trip. (Valgrind cannot run it: it lacks a system call the
+//! worker's spawn makes.)
+//!
+//! `cargo build --release -p lang-isolation --bins --example warm_serial &&
+//!  taskset -c 0 target/release/examples/warm_serial [N]`
+//!
+//! Prints requests per second and the dispatch latency p50 / p99 (us).
+
+use lang_isolation::language::{Dispatcher, DispatcherConfig, Start};
+use lang_isolation::runtime::SealedArtifact;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let root = std::env::temp_dir().join("microfaas-warm-serial");
+    let functions = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions");
+    let mut opts = microfaas_builder::BuildOptions::new(root.join("cache"));
+    opts.out = Some(root.join("noop.so"));
+    let built = microfaas_builder::build(&functions.join("noop"), &opts).expect("building noop");
+    let bytes = std::fs::read(built.path).expect("reading noop");
+    let worker = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/microfaas-worker");
+    let mut config = DispatcherConfig::new(&worker);
+    config.workers = Some(1);
+    let d = Dispatcher::start(config).expect("dispatcher");
+    let ids: Vec<_> = (0..100)
+        .map(|i| {
+            let a = Arc::new(SealedArtifact::create(&format!("noop-{i}"), &bytes).expect("memfd"));
+            d.deploy(a, Duration::from_secs(1)).expect("deploy")
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let done = d.invoke(ids[i % ids.len()], b"", Start::Warm).expect("invoke");
+        lat.push(done.dispatch_ns);
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    println!(
+        "{n} warm requests: {rate:.0}/s serial, dispatch p50 {:.2} us p99 {:.2} us",
+        lat[n / 2] as f64 / 1000.0,
+        lat[n * 99 / 100] as f64 / 1000.0
+    );
+}
