@@ -4,6 +4,9 @@
 // start path).
 #![allow(dead_code)]
 
+#[path = "../test_store/mod.rs"]
+mod test_store;
+
 use microfaas::{Backend, BackendKind, Config, ErrorKind, FunctionId, FunctionSpec, StartPath, StartRequest};
 use sha2::{Digest, Sha512};
 use std::time::{Duration, Instant};
@@ -13,18 +16,12 @@ const BUDGET: Duration = Duration::from_millis(300);
 
 pub fn config() -> Config {
     // The vm backend's snapshots go to a store private to this test process.
-    static STORE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    let store = STORE.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("microfaas-conformance")
-            .tempdir()
-            .unwrap()
-    });
+    let store = test_store::process_store("microfaas-conformance");
     Config {
         default_budget: Duration::from_secs(5),
         heap_limit_bytes: 32 << 20,
         vm: microfaas::VmConfig {
-            store_dir: Some(store.path().to_owned()),
+            store_dir: Some(store),
             ..microfaas::VmConfig::default()
         },
         ..Config::default()

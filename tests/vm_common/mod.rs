@@ -3,24 +3,18 @@
 // not required (`MICROFAAS_REQUIRE_KVM=1`, as CI sets it).
 #![allow(dead_code)]
 
+#[path = "../test_store/mod.rs"]
+mod test_store;
+
 use microfaas::{Backend, BackendKind, Config, ErrorKind, VmConfig};
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 /// A snapshot store private to this test process (never the user's cache),
-/// in the temp dir.
+/// under cargo's target tmp dir; stores of finished test processes are
+/// removed when the next one starts.
 pub fn test_store() -> PathBuf {
-    static STORE: OnceLock<tempfile::TempDir> = OnceLock::new();
-    STORE
-        .get_or_init(|| {
-            tempfile::Builder::new()
-                .prefix("microfaas-test-store")
-                .tempdir()
-                .unwrap()
-        })
-        .path()
-        .to_owned()
+    test_store::process_store("microfaas-test-store")
 }
 
 /// A fresh, empty snapshot store (for tests that inspect or damage it).
