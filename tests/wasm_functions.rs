@@ -60,12 +60,7 @@ fn large_reference(input: &[u8]) -> Vec<u8> {
 fn start_paths(kind: BackendKind) -> &'static [StartPath] {
     match kind {
         BackendKind::Process | BackendKind::Language => &[StartPath::Cold, StartPath::Warm],
-        BackendKind::Vm => &[
-            StartPath::Cold,
-            StartPath::Base,
-            StartPath::Function,
-            StartPath::Hot,
-        ],
+        BackendKind::Vm => &[StartPath::Cold, StartPath::Base, StartPath::Function, StartPath::Hot],
     }
 }
 
@@ -98,7 +93,12 @@ fn same_output(b: &dyn Backend) {
             assert_eq!(run(b, &echo, input, path), input, "{}: wasm-echo {path}", b.kind());
         }
         for input in [&b""[..], b"abc", b"interpreted"] {
-            assert_eq!(run(b, &hash, input, path), hash_reference(input), "{}: wasm-hash", b.kind());
+            assert_eq!(
+                run(b, &hash, input, path),
+                hash_reference(input),
+                "{}: wasm-hash",
+                b.kind()
+            );
             assert_eq!(
                 run(b, &large, input, path),
                 large_reference(input),
@@ -130,10 +130,19 @@ fn same_output(b: &dyn Backend) {
         let expected = checkpointed_reference(input);
         assert_eq!(b.invoke(&cp, input, StartRequest::Auto).unwrap().output, expected);
         let again = b.invoke(&cp, input, StartRequest::Auto).unwrap();
-        assert_eq!(again.output, expected, "{}: wasm-checkpointed from {}", b.kind(), again.start);
+        assert_eq!(
+            again.output,
+            expected,
+            "{}: wasm-checkpointed from {}",
+            b.kind(),
+            again.start
+        );
         if b.kind() == BackendKind::Vm {
             let resumed = run(b, &cp, input, StartPath::Argument);
-            assert_eq!(resumed, expected, "vm: wasm-checkpointed resumed from its argument snapshot");
+            assert_eq!(
+                resumed, expected,
+                "vm: wasm-checkpointed resumed from its argument snapshot"
+            );
         }
     }
 }
@@ -146,7 +155,11 @@ fn now_ns() -> u64 {
 
 fn expect_error(b: &dyn Backend, id: &FunctionId, kind: ErrorKind) -> microfaas::Error {
     match b.invoke(id, b"abc", StartRequest::Auto) {
-        Ok(inv) => panic!("{}: `{id}` should fail with {kind:?}, returned {:?}", b.kind(), inv.output),
+        Ok(inv) => panic!(
+            "{}: `{id}` should fail with {kind:?}, returned {:?}",
+            b.kind(),
+            inv.output
+        ),
         Err(e) => {
             assert_eq!(e.kind(), kind, "{}: `{id}` gave `{e}`", b.kind());
             e
@@ -227,10 +240,13 @@ backends! {
     vm => BackendKind::Vm;
 }
 
+/// A backend and its `wasm-echo`, `wasm-hash` and `wasm-large`.
+type Deployed = (Arc<dyn Backend>, [FunctionId; 3]);
+
 /// Every backend that can be opened here, each with the generated-input
 /// examples deployed, shared by the proptest's cases.
-fn all_backends() -> &'static [(Arc<dyn Backend>, [FunctionId; 3])] {
-    static ALL: OnceLock<Vec<(Arc<dyn Backend>, [FunctionId; 3])>> = OnceLock::new();
+fn all_backends() -> &'static [Deployed] {
+    static ALL: OnceLock<Vec<Deployed>> = OnceLock::new();
     ALL.get_or_init(|| {
         BackendKind::ALL
             .into_iter()

@@ -213,7 +213,11 @@ fn instantiate(prepared: &Prepared, input: Vec<u8>) -> Result<(Store<Host>, Type
     };
     store.data_mut().memory = match instance.get_export(&store, "memory") {
         Some(Extern::Memory(memory)) => Some(memory),
-        _ => return Err(Fault::Invalid("the wasm module exports no memory named `memory`".into())),
+        _ => {
+            return Err(Fault::Invalid(
+                "the wasm module exports no memory named `memory`".into(),
+            ));
+        }
     };
     let handle = instance
         .get_typed_func::<(), ()>(&store, "handle")
