@@ -10,51 +10,11 @@
 mod conformance_cases;
 
 use conformance_cases::open;
+use conformance_cases::wasm::{checkpointed_reference, hash_reference, large_reference};
 use microfaas::{Backend, BackendKind, ErrorKind, FunctionId, FunctionSpec, StartPath, StartRequest};
 use proptest::prelude::*;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-
-/// Mirrors `functions/wasm/generate.rs`.
-const LARGE_FUNCS: u32 = 48;
-const LARGE_GROUPS: u32 = 5000;
-
-fn fnv1a(input: &[u8], passes: u32) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for _ in 0..passes {
-        for &b in input {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    h
-}
-
-fn hash_reference(input: &[u8]) -> Vec<u8> {
-    fnv1a(input, 1000).to_le_bytes().to_vec()
-}
-
-fn checkpointed_reference(input: &[u8]) -> Vec<u8> {
-    let mut x = fnv1a(input, 1);
-    for _ in 0..3_000_000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-    }
-    let mut out = x.to_le_bytes().to_vec();
-    out.extend_from_slice(&(input.len() as u64).to_le_bytes());
-    out
-}
-
-fn large_reference(input: &[u8]) -> Vec<u8> {
-    let n = u32::try_from(input.len()).unwrap();
-    let k = n % LARGE_FUNCS;
-    let mut x = n;
-    for j in 0..LARGE_GROUPS {
-        let c = u32::try_from((u64::from(k * LARGE_GROUPS + j) * 2_654_435_761) % (1 << 31)).unwrap();
-        x = (x ^ c).wrapping_mul(16_777_619);
-    }
-    x.to_le_bytes().to_vec()
-}
 
 /// The start paths each backend serves the interpreted examples from.
 fn start_paths(kind: BackendKind) -> &'static [StartPath] {
