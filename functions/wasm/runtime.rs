@@ -267,6 +267,8 @@ pub fn init(module: &[u8]) -> Result<(), Error> {
     let mut config = Config::default();
     config.compilation_mode(CompilationMode::Eager);
     config.set_max_cached_stacks(0);
+    // Small memories (1-byte pages) for modules that need a few bytes.
+    config.wasm_custom_page_sizes(true);
     let engine = Engine::new(&config);
     let linker = linker(&engine).map_err(|e| Error::new(format!("wasm runtime: {e}")))?;
     let module = Module::new(&engine, module).map_err(|e| Error::new(format!("invalid wasm module: {e}")))?;
