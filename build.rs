@@ -1,7 +1,11 @@
 //! Builds what the `microfaas` crate needs at run time, so that no manual
 //! step precedes `cargo test` or `cargo run`:
 //! * every example function in `functions/` into a verified artifact
-//!   (`MICROFAAS_FUNCTIONS_DIR`, names in `MICROFAAS_FUNCTION_NAMES`);
+//!   (`MICROFAAS_FUNCTIONS_DIR`, names in `MICROFAAS_FUNCTION_NAMES`), and
+//!   every interpreted example (`functions/wasm/*.wat`, plus one large
+//!   generated module) into a `wasm-*` artifact: the WAT is compiled to
+//!   WebAssembly here, on the host, and wrapped in a generated function crate
+//!   around the wasmi runtime (`functions/wasm/runtime.rs`);
 //! * the `lang-isolation` worker binaries the `process` and `language`
 //!   backends exec (`MICROFAAS_RUNNER_BIN`, `MICROFAAS_WORKER_BIN`) and the
 //!   VMM host process the `vm` backend execs (`MICROFAAS_VMHOST_BIN`), in
@@ -11,6 +15,9 @@
 //! workspace target directory (the outer build holds the lock of its own).
 
 use std::path::{Path, PathBuf};
+
+#[path = "functions/wasm/generate.rs"]
+mod wasm;
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -46,6 +53,7 @@ fn build_functions(manifest_dir: &Path, target_root: &Path) {
         .filter(|p| p.join("Cargo.toml").is_file())
         .collect();
     dirs.sort();
+    dirs.extend(wasm::generate_crates(manifest_dir, &target_root.join("microfaas-wasm")));
     for dir in dirs {
         let name = dir.file_name().expect("dir name").to_string_lossy().into_owned();
         let mut opts = microfaas_builder::BuildOptions::new(fn_root.join("cache"));

@@ -40,6 +40,19 @@ pub const ALLOWED_CRATES: &[AllowedCrate] = &[
     allow("cpufeatures", ">=0.2, <0.4"),
     allow("cfg-if", ">=1, <2"),
     allow("hybrid-array", ">=0.2, <0.5"),
+    // The wasmi WebAssembly interpreter (`no_std` + alloc, stable Rust) of
+    // the interpreted functions, and its dependencies with the features
+    // they use (`validate`, `libm`, no `std`). wasmi, wasmi_ir, wasmparser
+    // and libm have build scripts; like typenum's and generic-array's they
+    // run inside the build sandbox, never on the host.
+    allow("wasmi", ">=2.0, <2.1"),
+    allow("wasmi_core", ">=2.0, <2.1"),
+    allow("wasmi_ir", ">=2.0, <2.1"),
+    allow("wasmi_collections", ">=2.0, <2.1"),
+    allow("wasmparser", ">=0.228, <0.229"),
+    allow("spin", ">=0.9, <0.10"),
+    allow("libm", ">=0.2, <0.3"),
+    allow("bitflags", ">=2, <3"),
 ];
 
 /// The source ids cargo reports for crates.io (git and sparse protocol).

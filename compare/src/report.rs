@@ -104,13 +104,17 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
     );
     for r in rows {
         if let Some(reason) = &r.skipped {
-            let _ = writeln!(s, "{:<9} {:<9} skipped: {}", r.backend, r.start, reason);
+            let _ = writeln!(
+                s,
+                "{:<9} {:<9} skipped ({}): {}",
+                r.backend, r.start, r.function, reason
+            );
             continue;
         }
         let e2e = r.end_to_end.as_ref();
         let _ = writeln!(
             s,
-            "{:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>6}{}{}",
+            "{:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>6}{}{}{}",
             r.backend,
             r.start,
             opt(r.median_us, 1),
@@ -127,6 +131,11 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
             },
             if r.errors > 0 {
                 format!("  ({} errors)", r.errors)
+            } else {
+                String::new()
+            },
+            if r.function.starts_with("wasm-") {
+                format!("  (interpreted: {})", r.function)
             } else {
                 String::new()
             }
@@ -214,7 +223,7 @@ pub fn snapshots_text(r: &snapshots::Report) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<13} {:<9} {:>12} {:>10} {:>10}",
+        "{:<17} {:<9} {:>12} {:>10} {:>10}",
         "function", "start", "median us", "p99 us", "samples"
     );
     for l in &r.levels {
@@ -222,14 +231,14 @@ pub fn snapshots_text(r: &snapshots::Report) -> String {
             (Some(e), _) => {
                 let _ = writeln!(
                     s,
-                    "{:<13} {:<9} {:>12.1} {:>10.1} {:>10}",
+                    "{:<17} {:<9} {:>12.1} {:>10.1} {:>10}",
                     l.function, l.start, e.median_us, e.p99_us, e.count
                 );
             }
             (None, reason) => {
                 let _ = writeln!(
                     s,
-                    "{:<13} {:<9} skipped: {}",
+                    "{:<17} {:<9} skipped: {}",
                     l.function,
                     l.start,
                     reason.as_deref().unwrap_or("-")
@@ -239,7 +248,7 @@ pub fn snapshots_text(r: &snapshots::Report) -> String {
     }
     let _ = writeln!(s, "\ndeploy (creates the function node):");
     for (f, ms) in &r.deploy_ms {
-        let _ = writeln!(s, "  {f:<13} {ms:>9.1} ms");
+        let _ = writeln!(s, "  {f:<17} {ms:>9.1} ms");
     }
     let _ = writeln!(s, "\nnodes:\n{:<9} {:>10} {:>12}  label", "level", "own pages", "bytes");
     for n in &r.nodes {

@@ -12,8 +12,20 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Functions deployed (each gets a function node).
-const FUNCTIONS: [&str; 5] = ["noop", "echo", "sha512", "init-heavy", "checkpointed"];
+/// Functions deployed (each gets a function node). The `wasm-*` ones are
+/// interpreted: the wasmi runtime artifact with a WebAssembly module, whose
+/// function node holds the module parsed, validated and compiled
+/// (`wasm-large`: 4 MiB of WebAssembly).
+const FUNCTIONS: [&str; 8] = [
+    "noop",
+    "echo",
+    "sha512",
+    "init-heavy",
+    "checkpointed",
+    "wasm-noop",
+    "wasm-large",
+    "wasm-checkpointed",
+];
 
 /// Start latency of one function from one level.
 #[derive(Debug, Clone, Serialize)]
@@ -110,11 +122,11 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
     };
     for (name, id) in &ids {
         let (starts, input): (&[StartPath], &[u8]) = match *name {
-            "noop" | "init-heavy" => (
+            "noop" | "init-heavy" | "wasm-noop" | "wasm-large" => (
                 &[StartPath::Cold, StartPath::Base, StartPath::Function, StartPath::Hot],
                 b"",
             ),
-            "checkpointed" => (&[StartPath::Function, StartPath::Argument], b"snapshots"),
+            "checkpointed" | "wasm-checkpointed" => (&[StartPath::Function, StartPath::Argument], b"snapshots"),
             _ => continue,
         };
         for &start in starts {

@@ -217,6 +217,46 @@ fn run_backend(kind: BackendKind, opts: &Options, config: &Config) -> Vec<Row> {
                 measure(backend.as_ref(), kind, start, &ids, &NOOP, opts)
             }
         })
+        .chain(interpreted_rows(backend.as_ref(), kind, opts))
+        .collect()
+}
+
+/// The interpreted `noop` (`wasm-noop`: the same function as WebAssembly,
+/// run by the wasmi runtime artifact), one deployment, on the paths that
+/// show what an interpreter costs per request: warm/hot (instantiate and
+/// run the compiled module) and the start that skips its compile
+/// (`function` on vm; on process and language a cold start compiles it).
+pub fn interpreted_paths(kind: BackendKind) -> &'static [StartPath] {
+    match kind {
+        BackendKind::Process | BackendKind::Language => &[StartPath::Warm, StartPath::Cold],
+        BackendKind::Vm => &[StartPath::Hot, StartPath::Function],
+    }
+}
+
+fn interpreted_rows(backend: &dyn Backend, kind: BackendKind, opts: &Options) -> Vec<Row> {
+    let id = match microfaas::builtin(WASM_NOOP.function)
+        .and_then(|a| backend.deploy(&FunctionSpec::new(WASM_NOOP.function, a)))
+    {
+        Ok(id) => id,
+        Err(e) => {
+            return interpreted_paths(kind)
+                .iter()
+                .map(|&s| Row {
+                    function: WASM_NOOP.function.to_owned(),
+                    ..Row::skipped(kind, s, 1, e.to_string())
+                })
+                .collect();
+        }
+    };
+    interpreted_paths(kind)
+        .iter()
+        .map(|&start| {
+            let row = measure(backend, kind, start, std::slice::from_ref(&id), &WASM_NOOP, opts);
+            Row {
+                function: WASM_NOOP.function.to_owned(),
+                ..row
+            }
+        })
         .collect()
 }
 
@@ -229,6 +269,12 @@ struct Workload {
 /// The paper's microbenchmark.
 const NOOP: Workload = Workload {
     function: "noop",
+    input: b"",
+};
+
+/// The interpreted microbenchmark: `noop` as a WebAssembly module.
+const WASM_NOOP: Workload = Workload {
+    function: "wasm-noop",
     input: b"",
 };
 

@@ -37,6 +37,16 @@ pub(crate) fn checkpoint() {
     }
 }
 
+pub(crate) fn out_of_memory(message: &str) -> ! {
+    if let Some(h) = host() {
+        // SAFETY: as in `clock_ns`; `message` is valid for the call, and
+        // `fail` copies it before leaving the function for good.
+        unsafe { (h.fail)(h.ctx, fail_kind::OUT_OF_MEMORY, message.as_ptr(), message.len()) }
+    }
+    #[allow(clippy::empty_loop)]
+    loop {}
+}
+
 /// Items the exported macros need; not part of the public API.
 pub mod __private {
     use super::*;

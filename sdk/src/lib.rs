@@ -224,6 +224,15 @@ pub fn checkpoint() {
     guest_support::checkpoint()
 }
 
+/// Leaves the function for good, reporting that memory ran out (the caller
+/// sees `OutOfMemory`, as when an allocation the heap limit refused ends a
+/// native function). For runtimes inside a function that manage memory of
+/// their own (an interpreter's linear memory) and see the refusal as an
+/// error rather than a failed allocation.
+pub fn out_of_memory(message: &str) -> ! {
+    guest_support::out_of_memory(message)
+}
+
 /// Declares a function crate's entry points. `handle` is a
 /// `fn(&[u8]) -> Result<Vec<u8>, Error>`; `init`, if given, a
 /// `fn() -> Result<(), Error>` run once after load.

@@ -6,6 +6,7 @@
 
 #[path = "../test_store/mod.rs"]
 mod test_store;
+pub mod wasm;
 
 use microfaas::{Backend, BackendKind, Config, ErrorKind, FunctionId, FunctionSpec, StartPath, StartRequest};
 use sha2::{Digest, Sha512};
@@ -177,6 +178,7 @@ pub fn same_output(b: &dyn Backend) {
         b.invoke(&cp, b"seed", StartRequest::Auto).unwrap().output,
         checkpointed_reference(b"seed")
     );
+    wasm::same_output(b);
 }
 
 /// CLOCK_MONOTONIC in ns, the clock the runtimes give functions.
@@ -248,6 +250,8 @@ pub fn bad_cases(b: &dyn Backend) {
 
     // The failing functions keep failing the same way; nothing was left broken.
     expect_error(b, &panics, b"abc", ErrorKind::Panicked);
+    assert_serves(b);
+    wasm::bad_cases(b);
     assert_serves(b);
 }
 

@@ -1,0 +1,20 @@
+;; wasm-echo: returns its input unchanged (growing its memory to fit it).
+(module
+  (import "microfaas" "input_len" (func $input_len (result i32)))
+  (import "microfaas" "input_read" (func $input_read (param i32 i32 i32)))
+  (import "microfaas" "output_write" (func $output_write (param i32 i32)))
+  (import "microfaas" "fail" (func $fail (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "wasm-echo: no memory for the input")
+  (func (export "handle")
+    (local $len i32) (local $pages i32)
+    (local.set $len (call $input_len))
+    ;; pages needed for the input at offset 64 KiB (page 0 holds the data)
+    (local.set $pages (i32.add (i32.const 1)
+      (i32.shr_u (i32.add (local.get $len) (i32.const 65535)) (i32.const 16))))
+    (if (i32.gt_u (local.get $pages) (memory.size))
+      (then
+        (if (i32.eq (memory.grow (i32.sub (local.get $pages) (memory.size))) (i32.const -1))
+          (then (call $fail (i32.const 0) (i32.const 34)) (return)))))
+    (call $input_read (i32.const 65536) (i32.const 0) (local.get $len))
+    (call $output_write (i32.const 65536) (local.get $len))))

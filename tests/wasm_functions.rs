@@ -1,0 +1,238 @@
+//! The interpreted (WebAssembly, wasmi) example functions on every backend
+//! and every start path it has: the same output as a reference computed
+//! here, for fixed and generated inputs, and the same typed errors as the
+//! native functions for traps, an endless loop, `fail`, linear memory
+//! beyond the heap limit and a module that is not valid WebAssembly.
+//!
+//! KVM is required as in the conformance suite (`MICROFAAS_REQUIRE_KVM=1`
+//! makes an unusable `/dev/kvm` a failure rather than a skip).
+
+mod conformance_cases;
+
+use conformance_cases::open;
+use conformance_cases::wasm::{checkpointed_reference, hash_reference, large_reference};
+use microfaas::{Backend, BackendKind, ErrorKind, FunctionId, FunctionSpec, StartPath, StartRequest};
+use proptest::prelude::*;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// The start paths each backend serves the interpreted examples from.
+fn start_paths(kind: BackendKind) -> &'static [StartPath] {
+    match kind {
+        BackendKind::Process | BackendKind::Language => &[StartPath::Cold, StartPath::Warm],
+        BackendKind::Vm => &[StartPath::Cold, StartPath::Base, StartPath::Function, StartPath::Hot],
+    }
+}
+
+fn deploy(b: &dyn Backend, name: &str) -> FunctionId {
+    let spec = FunctionSpec::new(name, microfaas::builtin(name).expect("example function"));
+    b.deploy(&spec)
+        .unwrap_or_else(|e| panic!("deploying {name} on {}: {e}", b.kind()))
+}
+
+/// Invokes `id` with `input` from `path` and returns the output, checking
+/// that `path` served it.
+fn run(b: &dyn Backend, id: &FunctionId, input: &[u8], path: StartPath) -> Vec<u8> {
+    let inv = b
+        .invoke(id, input, StartRequest::Force(path))
+        .unwrap_or_else(|e| panic!("{}: {id} from {path}: {e}", b.kind()));
+    assert_eq!(inv.start, path, "{}: {id} forced {path}", b.kind());
+    inv.output
+}
+
+/// Every example with a reference, on every start path of `b`.
+fn same_output(b: &dyn Backend) {
+    let echo = deploy(b, "wasm-echo");
+    let hash = deploy(b, "wasm-hash");
+    let large = deploy(b, "wasm-large");
+    let big: Vec<u8> = (0..(1usize << 20))
+        .map(|i| u8::try_from(i * 7 % 251).unwrap())
+        .collect();
+    for &path in start_paths(b.kind()) {
+        for input in [&b""[..], b"hello", &[0xff, 0x00, 0x80], &big] {
+            assert_eq!(run(b, &echo, input, path), input, "{}: wasm-echo {path}", b.kind());
+        }
+        for input in [&b""[..], b"abc", b"interpreted"] {
+            assert_eq!(
+                run(b, &hash, input, path),
+                hash_reference(input),
+                "{}: wasm-hash",
+                b.kind()
+            );
+            assert_eq!(
+                run(b, &large, input, path),
+                large_reference(input),
+                "{}: wasm-large",
+                b.kind()
+            );
+        }
+    }
+    let auto = b.invoke(&echo, b"auto", StartRequest::Auto).unwrap();
+    assert_eq!(auto.output, b"auto");
+
+    let noop = deploy(b, "wasm-noop");
+    for &path in start_paths(b.kind()) {
+        let before = now_ns();
+        let out = run(b, &noop, b"", path);
+        let after = now_ns();
+        let stamp = u64::from_le_bytes(out.as_slice().try_into().expect("8-byte timestamp"));
+        assert!(
+            before <= stamp && stamp <= after,
+            "{}: wasm-noop {path}: {stamp} not within [{before}, {after}]",
+            b.kind()
+        );
+    }
+
+    // Argument snapshots are taken where `checkpoint()` is called (vm):
+    // the first run records one, the second resumes from it.
+    let cp = deploy(b, "wasm-checkpointed");
+    for input in [&b"seed"[..], b"other seed"] {
+        let expected = checkpointed_reference(input);
+        assert_eq!(b.invoke(&cp, input, StartRequest::Auto).unwrap().output, expected);
+        let again = b.invoke(&cp, input, StartRequest::Auto).unwrap();
+        assert_eq!(
+            again.output,
+            expected,
+            "{}: wasm-checkpointed from {}",
+            b.kind(),
+            again.start
+        );
+        if b.kind() == BackendKind::Vm {
+            let resumed = run(b, &cp, input, StartPath::Argument);
+            assert_eq!(
+                resumed, expected,
+                "vm: wasm-checkpointed resumed from its argument snapshot"
+            );
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock the runtimes give functions.
+fn now_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    u64::try_from(ts.tv_sec()).unwrap() * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap()
+}
+
+fn expect_error(b: &dyn Backend, id: &FunctionId, kind: ErrorKind) -> microfaas::Error {
+    match b.invoke(id, b"abc", StartRequest::Auto) {
+        Ok(inv) => panic!(
+            "{}: `{id}` should fail with {kind:?}, returned {:?}",
+            b.kind(),
+            inv.output
+        ),
+        Err(e) => {
+            assert_eq!(e.kind(), kind, "{}: `{id}` gave `{e}`", b.kind());
+            e
+        }
+    }
+}
+
+fn assert_serves(b: &dyn Backend) {
+    let echo = deploy(b, "wasm-echo");
+    let out = b.invoke(&echo, b"still serving", StartRequest::Auto).unwrap();
+    assert_eq!(out.output, b"still serving", "{}: after a failure", b.kind());
+}
+
+/// Faults inside the interpreter give the native functions' typed errors,
+/// twice in a row (nothing is left broken), and the backend keeps serving.
+fn bad_cases(b: &dyn Backend) {
+    let trap = deploy(b, "wasm-trap");
+    for _ in 0..2 {
+        let e = expect_error(b, &trap, ErrorKind::Panicked);
+        assert!(e.to_string().contains("wasm trap"), "{e}");
+    }
+    assert_serves(b);
+
+    let spec = FunctionSpec::new("wasm-spin", microfaas::builtin("wasm-spin").unwrap())
+        .with_budget(Duration::from_millis(300));
+    let spin = b.deploy(&spec).unwrap();
+    for _ in 0..2 {
+        expect_error(b, &spin, ErrorKind::BudgetExceeded);
+    }
+    assert_serves(b);
+
+    let fail = deploy(b, "wasm-fail");
+    for _ in 0..2 {
+        let e = expect_error(b, &fail, ErrorKind::FunctionFailed);
+        assert!(e.to_string().contains("wasm-fail: request refused"), "{e}");
+    }
+    assert_serves(b);
+
+    let hog = deploy(b, "wasm-memory-hog");
+    for _ in 0..2 {
+        expect_error(b, &hog, ErrorKind::OutOfMemory);
+    }
+    assert_serves(b);
+
+    let spec = FunctionSpec::new("wasm-invalid", microfaas::builtin("wasm-invalid").unwrap());
+    let e = match b.deploy(&spec) {
+        Err(e) => e,
+        Ok(id) => b
+            .invoke(&id, b"", StartRequest::Auto)
+            .expect_err("wasm-invalid answered although its module is invalid"),
+    };
+    assert_eq!(e.kind(), ErrorKind::InitFailed, "{}: {e}", b.kind());
+    assert!(e.to_string().contains("invalid wasm module"), "{}: {e}", b.kind());
+    assert_serves(b);
+    // A trap after all that still is a trap.
+    expect_error(b, &trap, ErrorKind::Panicked);
+}
+
+macro_rules! backends {
+    ($($module:ident => $kind:expr;)*) => {$(
+        mod $module {
+            use super::*;
+            #[test]
+            fn same_output() {
+                if let Some(b) = open($kind) { super::same_output(b.as_ref()) }
+            }
+            #[test]
+            fn bad_cases() {
+                if let Some(b) = open($kind) { super::bad_cases(b.as_ref()) }
+            }
+        }
+    )*};
+}
+
+backends! {
+    process => BackendKind::Process;
+    language => BackendKind::Language;
+    vm => BackendKind::Vm;
+}
+
+/// A backend and its `wasm-echo`, `wasm-hash` and `wasm-large`.
+type Deployed = (Arc<dyn Backend>, [FunctionId; 3]);
+
+/// Every backend that can be opened here, each with the generated-input
+/// examples deployed, shared by the proptest's cases.
+fn all_backends() -> &'static [Deployed] {
+    static ALL: OnceLock<Vec<Deployed>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        BackendKind::ALL
+            .into_iter()
+            .filter_map(open)
+            .map(|b| {
+                let b: Arc<dyn Backend> = Arc::from(b);
+                let ids = ["wasm-echo", "wasm-hash", "wasm-large"].map(|n| deploy(b.as_ref(), n));
+                (b, ids)
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Generated inputs: every backend, every start path, the reference's
+    /// output (so all of them give the same output).
+    #[test]
+    fn identical_output_on_every_backend_and_path(input in proptest::collection::vec(any::<u8>(), 0..300)) {
+        for (b, [echo, hash, large]) in all_backends() {
+            for &path in start_paths(b.kind()) {
+                prop_assert_eq!(run(b.as_ref(), echo, &input, path), input.clone());
+                prop_assert_eq!(run(b.as_ref(), hash, &input, path), hash_reference(&input));
+                prop_assert_eq!(run(b.as_ref(), large, &input, path), large_reference(&input));
+            }
+        }
+    }
+}
