@@ -1,5 +1,6 @@
 // A snapshot store private to one test process, under cargo's
-// `CARGO_TARGET_TMPDIR` (never the user's cache, never `/tmp`). A store
+// `CARGO_TARGET_TMPDIR` for tests (the temp dir for examples; never the
+// user's cache). A store
 // lives as long as its process, so a `static` holds it and it is never
 // dropped: instead, each new test process first removes the stores of test
 // processes that are gone (their pid is in the name), so repeated runs do
@@ -17,7 +18,9 @@ pub fn process_store(prefix: &'static str) -> PathBuf {
     if let Some((_, path)) = stores.iter().find(|(p, _)| *p == prefix) {
         return path.clone();
     }
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    // Examples that share these helpers have no CARGO_TARGET_TMPDIR.
+    let root = option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let root = root.as_path();
     std::fs::create_dir_all(root).unwrap();
     remove_stale(root, prefix);
     let path = root.join(format!("{prefix}-{}", std::process::id()));
