@@ -69,7 +69,8 @@ pub use fault::GuestFault;
 /// The host<->guest ABI (layout constants, mailbox, reply codes).
 pub use guest_abi as abi;
 pub use instance::{
-    BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Remote, RemoteStart, Reply, Shell, now_ns,
+    BootTimings, Instance, InstanceConfig, MapMemoryError, MemoryPlan, Pristine, Progress, Remote, RemoteStart, Reply,
+    ResetError, ResetSource, ResetStats, Shell, now_ns,
 };
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;
@@ -95,6 +96,9 @@ pub struct Vmm {
     runners: RunnerConfig,
     /// The channel slabs, by I/O window size.
     slabs: std::sync::Mutex<Vec<std::sync::Arc<slab::Slab>>>,
+    /// `/proc/self/pagemap`, opened now (before any sandbox) for resets
+    /// ([`Instance::reset`]); `None` if it cannot be opened.
+    pagemap: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl Vmm {
@@ -146,6 +150,7 @@ impl Vmm {
             pool: std::sync::OnceLock::new(),
             runners,
             slabs: std::sync::Mutex::new(Vec::new()),
+            pagemap: std::fs::File::open("/proc/self/pagemap").ok().map(std::sync::Arc::new),
         })
     }
 
