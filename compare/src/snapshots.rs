@@ -102,8 +102,8 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
     }
     let n = |start: StartPath| -> u32 {
         match (start, quick) {
-            (StartPath::Hot, false) => 1000,
-            (StartPath::Hot, true) => 50,
+            (StartPath::Hot | StartPath::Reset, false) => 1000,
+            (StartPath::Hot | StartPath::Reset, true) => 50,
             (_, false) => 40,
             (_, true) => 4,
         }
@@ -111,7 +111,13 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
     for (name, id) in &ids {
         let (starts, input): (&[StartPath], &[u8]) = match *name {
             "noop" | "init-heavy" => (
-                &[StartPath::Cold, StartPath::Base, StartPath::Function, StartPath::Hot],
+                &[
+                    StartPath::Cold,
+                    StartPath::Base,
+                    StartPath::Function,
+                    StartPath::Hot,
+                    StartPath::Reset,
+                ],
                 b"",
             ),
             "checkpointed" => (&[StartPath::Function, StartPath::Argument], b"snapshots"),

@@ -104,6 +104,7 @@ pub fn start_paths(kind: BackendKind) -> &'static [StartPath] {
         BackendKind::Process | BackendKind::Language => &[StartPath::Warm, StartPath::Cold],
         BackendKind::Vm => &[
             StartPath::Hot,
+            StartPath::Reset,
             StartPath::Argument,
             StartPath::Function,
             StartPath::Base,
@@ -112,8 +113,10 @@ pub fn start_paths(kind: BackendKind) -> &'static [StartPath] {
     }
 }
 
+/// Paths measured like warm ones (many iterations, throughput): a `reset`
+/// start reuses a resident instance too, reset to its function snapshot.
 fn is_warm(start: StartPath) -> bool {
-    matches!(start, StartPath::Warm | StartPath::Hot)
+    matches!(start, StartPath::Warm | StartPath::Hot | StartPath::Reset)
 }
 
 /// Runs the experiment on every backend.

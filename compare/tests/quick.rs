@@ -44,7 +44,7 @@ fn quick_suite_writes_a_valid_report() {
     let expected: &[(&str, &[&str])] = &[
         ("process", &["warm", "cold"]),
         ("language", &["warm", "cold"]),
-        ("vm", &["hot", "argument", "function", "base", "cold"]),
+        ("vm", &["hot", "reset", "argument", "function", "base", "cold"]),
     ];
     for (backend, starts) in expected {
         for start in *starts {

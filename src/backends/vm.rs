@@ -71,6 +71,11 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         },
     })?;
     let instance = instance_config(&config)?;
+    let mut vmm = vmm;
+    // Instances in this process find a reset's written pages in one ioctl
+    // (a VMM host process's seccomp filter allows only KVM's ioctls: its
+    // resets read the pagemap).
+    vmm.use_pagemap_scan();
     let vmm = Arc::new(vmm);
     let shells = Arc::new(Mutex::new(Vec::new()));
     let shell_target = config.vm.shell_pool.unwrap_or(DEFAULT_SHELL_POOL);
@@ -414,7 +419,7 @@ impl VmBackend {
     /// `reset` start); an instance that cannot be reset, or whose reset
     /// fails, is discarded and `None` returned.
     fn reset_instance(&self, f: &Function, mut p: Pooled) -> Option<Pooled> {
-        if p.origin == Some(f.node.id) && p.instance.can_reset() {
+        if p.origin == Some(f.node.id) && (p.instance.reset_pending() || p.instance.can_reset()) {
             let deadline = Instant::now() + f.budget.max(Duration::from_secs(1));
             if p.instance.reset(deadline).is_ok() {
                 p.used = false;
@@ -591,7 +596,9 @@ impl Backend for VmBackend {
                 let idle = match take_idle()? {
                     // Isolation between requests: a used instance is reset
                     // first (or, if it cannot be, a fresh one restored).
-                    Some(p) if f.fresh && p.used => self.reset_instance(&f, p).map(|p| (p, true)),
+                    Some(p) if f.fresh && (p.used || p.instance.reset_pending()) => {
+                        self.reset_instance(&f, p).map(|p| (p, true))
+                    }
                     other => other.map(|p| (p, false)),
                 };
                 if let Some(p) = from_argument {
@@ -635,7 +642,7 @@ impl Backend for VmBackend {
                 // An instance of the function node, used or not (made
                 // first, outside the measured time, if none is idle).
                 let p = match take_idle()? {
-                    Some(p) if p.origin == Some(f.node.id) && p.instance.can_reset() => p,
+                    Some(p) if p.origin == Some(f.node.id) && (p.instance.reset_pending() || p.instance.can_reset()) => p,
                     Some(other) => {
                         self.give_back(&f, other)?;
                         self.restore(&f.tenant, &f.node)?
@@ -838,10 +845,14 @@ impl Backend for VmBackend {
 
 impl VmBackend {
     /// Returns an instance to the idle pool (or to the reaper).
-    fn give_back(&self, f: &Function, pooled: Pooled) -> Result<(), Error> {
+    fn give_back(&self, f: &Function, mut pooled: Pooled) -> Result<(), Error> {
         // A used instance of a fresh-per-request function is kept only if
-        // a reset can make it fresh again.
-        let keep = !(f.fresh && pooled.used) || pooled.instance.can_reset();
+        // a reset can make it fresh again; the reset starts now, on its
+        // runner, so that the next request finds it (nearly) done.
+        let keep = !(f.fresh && pooled.used)
+            || (pooled.instance.is_alive()
+                && !pooled.instance.at_checkpoint()
+                && pooled.instance.begin_reset().is_ok());
         if keep && pooled.instance.is_alive() && !pooled.instance.at_checkpoint() {
             let mut idle = f.idle.lock().map_err(|_| poisoned())?;
             if idle.len() < self.idle_cap.max(f.reserved.load(Ordering::Relaxed)) {

@@ -26,6 +26,7 @@ mod snapshot;
 use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
+pub(crate) use reset::pagemap_scan_works;
 pub use reset::{MemoryPlan, Pristine, ResetError, ResetSource, ResetStats};
 pub use snapshot::{MapMemoryError, Shell};
 use std::collections::VecDeque;
@@ -159,6 +160,8 @@ pub(crate) struct Shared {
     pub(crate) reset: Mutex<Option<Arc<ResetSource>>>,
     /// `/proc/self/pagemap`, opened with the VMM (for resets).
     pub(crate) pagemap: Option<Arc<std::fs::File>>,
+    /// Resets may use the `PAGEMAP_SCAN` ioctl on it.
+    pub(crate) pagemap_scan: bool,
     /// What the last reset did.
     pub(crate) reset_stats: Mutex<ResetStats>,
 }
@@ -243,6 +246,8 @@ pub struct Instance {
     /// The request sequence number of the idle node it was restored from
     /// (what a reset returns it to); `None`: booted, or at a checkpoint.
     origin_seq: Option<u32>,
+    /// A reset was queued and its report not yet consumed.
+    reset_pending: bool,
 }
 
 fn ns_since(t: Instant) -> u64 {
@@ -383,6 +388,7 @@ impl Instance {
             cpu_ns: AtomicU64::new(0),
             reset: Mutex::new(None),
             pagemap: vmm.pagemap.clone(),
+            pagemap_scan: vmm.pagemap_scan,
             reset_stats: Mutex::new(ResetStats::default()),
         });
         Ok(Self {
@@ -397,6 +403,7 @@ impl Instance {
             host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
             at_checkpoint: false,
             origin_seq: None,
+            reset_pending: false,
         })
     }
 
@@ -453,6 +460,7 @@ impl Instance {
             host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
             at_checkpoint: start.at_checkpoint,
             origin_seq: (!start.at_checkpoint).then_some(start.seq),
+            reset_pending: false,
         })
     }
 
@@ -537,22 +545,51 @@ impl Instance {
     /// mailbox and vCPU registers, wherever its VM runs. Waits for it up to
     /// `deadline`; a failure discards the instance.
     pub fn reset(&mut self, deadline: Instant) -> Result<(), RunError> {
+        self.begin_reset()?;
+        self.finish_reset(deadline)
+    }
+
+    /// Queues a reset (see [`Instance::reset`]) without waiting for it: the
+    /// runner does it while the caller moves on (e.g. right after a reply,
+    /// so that the next request finds the instance fresh). The next request
+    /// or [`Instance::finish_reset`] waits for it.
+    pub fn begin_reset(&mut self) -> Result<(), RunError> {
         if self.dead {
             return Err(RunError::Dead);
         }
         if self.at_checkpoint {
             return Err(RunError::AtCheckpoint);
         }
-        let Some(expect) = self.origin_seq else {
-            return Err(RunError::NotResettable);
-        };
-        if !self.can_reset() {
+        if self.reset_pending {
+            return Ok(());
+        }
+        if self.origin_seq.is_none() || !self.can_reset() {
             return Err(RunError::NotResettable);
         }
         if !self.command(Cmd::Reset) {
             self.kill();
             return Err(RunError::Lost);
         }
+        self.reset_pending = true;
+        Ok(())
+    }
+
+    /// Whether a reset was queued and not yet waited for.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending
+    }
+
+    /// Waits (up to `deadline`) for the reset [`Instance::begin_reset`]
+    /// queued; nothing if none is pending. A failure discards the instance.
+    pub fn finish_reset(&mut self, deadline: Instant) -> Result<(), RunError> {
+        if !self.reset_pending {
+            return Ok(());
+        }
+        self.reset_pending = false;
+        let Some(expect) = self.origin_seq else {
+            self.kill();
+            return Err(RunError::NotResettable);
+        };
         loop {
             match self.wait(deadline) {
                 Ok(seq) if seq == expect => break,
@@ -776,6 +813,8 @@ impl Instance {
         if self.dead {
             return Err(RunError::Dead);
         }
+        // A queued reset rewrites the channel: it must be done first.
+        self.finish_reset(deadline)?;
         if self.at_checkpoint {
             return Err(RunError::AtCheckpoint);
         }

@@ -99,6 +99,9 @@ pub struct Vmm {
     /// `/proc/self/pagemap`, opened now (before any sandbox) for resets
     /// ([`Instance::reset`]); `None` if it cannot be opened.
     pagemap: Option<std::sync::Arc<std::fs::File>>,
+    /// Resets find written pages with the `PAGEMAP_SCAN` ioctl instead of
+    /// reading the pagemap ([`Vmm::use_pagemap_scan`]).
+    pagemap_scan: bool,
 }
 
 impl Vmm {
@@ -151,7 +154,22 @@ impl Vmm {
             runners,
             slabs: std::sync::Mutex::new(Vec::new()),
             pagemap: std::fs::File::open("/proc/self/pagemap").ok().map(std::sync::Arc::new),
+            pagemap_scan: false,
         })
+    }
+
+    /// Lets resets of this VMM's instances find the pages a guest wrote
+    /// with the `PAGEMAP_SCAN` ioctl (Linux 6.7+; one call returns the
+    /// written ranges) rather than by reading 8 bytes of pagemap per guest
+    /// page, if the kernel has it: true if it does. Not for a process whose
+    /// seccomp filter refuses that ioctl (a VMM host process's allows only
+    /// KVM's).
+    pub fn use_pagemap_scan(&mut self) -> bool {
+        self.pagemap_scan = self
+            .pagemap
+            .as_deref()
+            .is_some_and(instance::pagemap_scan_works);
+        self.pagemap_scan
     }
 
     /// A free channel slot (mailbox page + I/O window) for `layout`.
