@@ -59,9 +59,24 @@ fn run(label: &str, b: &dyn Backend, function: &str, n: usize) {
     // (label, function, request, the path it must take)
     let rows = [
         ("hot", &plain, StartRequest::Force(StartPath::Hot), StartPath::Hot),
-        ("reset (forced, synchronous)", &plain, StartRequest::Force(StartPath::Reset), StartPath::Reset),
-        ("reset (fresh, on release)", &fresh, StartRequest::Auto, StartPath::Reset),
-        ("function", &plain, StartRequest::Force(StartPath::Function), StartPath::Function),
+        (
+            "reset (forced, synchronous)",
+            &plain,
+            StartRequest::Force(StartPath::Reset),
+            StartPath::Reset,
+        ),
+        (
+            "reset (fresh, on release)",
+            &fresh,
+            StartRequest::Auto,
+            StartPath::Reset,
+        ),
+        (
+            "function",
+            &plain,
+            StartRequest::Force(StartPath::Function),
+            StartPath::Function,
+        ),
     ];
     let mut total: Vec<Vec<u64>> = vec![Vec::new(); rows.len()];
     let mut start: Vec<Vec<u64>> = vec![Vec::new(); rows.len()];

@@ -642,7 +642,11 @@ impl Backend for VmBackend {
                 // An instance of the function node, used or not (made
                 // first, outside the measured time, if none is idle).
                 let p = match take_idle()? {
-                    Some(p) if p.origin == Some(f.node.id) && (p.instance.reset_pending() || p.instance.can_reset()) => p,
+                    Some(p)
+                        if p.origin == Some(f.node.id) && (p.instance.reset_pending() || p.instance.can_reset()) =>
+                    {
+                        p
+                    }
                     Some(other) => {
                         self.give_back(&f, other)?;
                         self.restore(&f.tenant, &f.node)?

@@ -165,10 +165,7 @@ impl Vmm {
     /// seccomp filter refuses that ioctl (a VMM host process's allows only
     /// KVM's).
     pub fn use_pagemap_scan(&mut self) -> bool {
-        self.pagemap_scan = self
-            .pagemap
-            .as_deref()
-            .is_some_and(instance::pagemap_scan_works);
+        self.pagemap_scan = self.pagemap.as_deref().is_some_and(instance::pagemap_scan_works);
         self.pagemap_scan
     }
 

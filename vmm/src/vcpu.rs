@@ -139,9 +139,6 @@ pub(crate) fn run_commands(shared: &Arc<Shared>, thread: libc::pthread_t) {
             }
             Cmd::Reset => match shared.reset_to(&mut vcpu) {
                 Ok((seq, stats)) => {
-                    if std::env::var_os("MICROFAAS_RESET_TRACE").is_some() {
-                        eprintln!("reset {stats:?}");
-                    }
                     if let Ok(mut s) = shared.reset_stats.lock() {
                         *s = stats;
                     }

@@ -131,10 +131,11 @@ impl ResetError {
 /// changed (setting them makes KVM drop its shadow page tables, which the
 /// next request would rebuild fault by fault); XCR0 never (the guest runs at
 /// CPL3 and cannot change it: `xsetbv` is privileged).
-fn reset_vcpu(vcpu: &kvm_ioctls::VcpuFd, state: &crate::state::VcpuState) -> Result<(), crate::VmmError> {
+fn reset_vcpu(vcpu: &kvm_ioctls::VcpuFd, state: &crate::state::VcpuState) -> Result<bool, crate::VmmError> {
     use super::kvm_err;
     let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-    if !crate::state::sregs_eq(&sregs, &state.sregs) {
+    let changed = !crate::state::sregs_eq(&sregs, &state.sregs);
+    if changed {
         vcpu.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     }
     vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -152,7 +153,7 @@ fn reset_vcpu(vcpu: &kvm_ioctls::VcpuFd, state: &crate::state::VcpuState) -> Res
         }
         None => vcpu.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?,
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// Whether a `/proc/PID/pagemap` entry of a private file mapping is a page
@@ -216,6 +217,8 @@ pub struct ResetStats {
     pub exit_ns: u64,
     /// Time spent setting the registers, ns.
     pub vcpu_ns: u64,
+    /// The segment/control registers had changed and were set.
+    pub sregs_set: bool,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ResetError {
@@ -264,7 +267,7 @@ impl Shared {
             .map_err(ResetError::Mismatch)?;
         stats.channel_ns = super::ns_since(t);
         let t = std::time::Instant::now();
-        reset_vcpu(&vcpu.fd, &source.state.vcpu).map_err(|e| ResetError::Vcpu(Box::new(e)))?;
+        stats.sregs_set = reset_vcpu(&vcpu.fd, &source.state.vcpu).map_err(|e| ResetError::Vcpu(Box::new(e)))?;
         stats.vcpu_ns = super::ns_since(t);
         if let Ok(mut log) = self.serial.lock() {
             log.clear();
@@ -316,7 +319,9 @@ impl Shared {
                     // private file mapping: MADV_DONTNEED drops the private
                     // copies and the next access maps the image's page again;
                     // KVM's MMU notifier drops its mappings of them first.
-                    let rc = unsafe { libc::madvise((base + page * PAGE) as *mut libc::c_void, n * PAGE, libc::MADV_DONTNEED) };
+                    let rc = unsafe {
+                        libc::madvise((base + page * PAGE) as *mut libc::c_void, n * PAGE, libc::MADV_DONTNEED)
+                    };
                     if rc != 0 {
                         return Err(io("madvise(MADV_DONTNEED)")(std::io::Error::last_os_error()));
                     }
