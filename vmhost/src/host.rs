@@ -135,6 +135,10 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         placement: RunnerConfig::default().placement,
     })
     .map_err(|e| setup("opening /dev/kvm", &e))?;
+    // Resets find a guest's written pages with PAGEMAP_SCAN (the sandbox
+    // allows that one ioctl besides KVM's).
+    let mut vmm = vmm;
+    vmm.use_pagemap_scan();
     enter_sandbox(&args.sandbox)?;
     let host = Arc::new(Host {
         vmm,

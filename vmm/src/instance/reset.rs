@@ -554,6 +554,14 @@ mod tests {
     }
 
     #[test]
+    fn pagemap_scan_is_the_number_linux_defines() {
+        // _IOWR('f', 16, struct pm_scan_arg) with a 96-byte argument: the
+        // VMM host sandbox allows exactly this request.
+        assert_eq!(size_of::<PmScanArg>(), 96);
+        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+    }
+
+    #[test]
     fn plan_copies_up_to_the_limit_and_drops_beyond() {
         assert_eq!(plan(&[], 4), MemoryPlan::Copy);
         assert_eq!(plan(&[(0, 2), (9, 2)], 4), MemoryPlan::Copy);
