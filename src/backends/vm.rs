@@ -16,6 +16,17 @@
 //! in this process: saving a VM and reading its memory need it here, and
 //! they are few. A remote instance that stops at a new input's checkpoint
 //! is resumed at once and the argument snapshot made here afterwards.
+//!
+//! `reset`: a function deployed `fresh_per_request` never serves two
+//! requests from one instance state. When a request gives its instance
+//! back, a reset to the function node is queued on the instance's runner
+//! (`vmm::Instance::begin_reset`: the pages it wrote get the node's bytes
+//! again, its I/O window is zeroed, its mailbox and registers are the
+//! node's); the next request waits for that reset (`StartPath::Reset`,
+//! usually done by then) instead of taking the instance `hot`. An instance
+//! that cannot be reset is dropped and a fresh one restored.
+//! `Force(Reset)` resets an idle instance of any function on the request
+//! path.
 
 use super::vm_snapshots::{ArgumentCache, Restorable, Snapshots, input_hash, mapping_of, private_bytes};
 use crate::{
