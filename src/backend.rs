@@ -67,6 +67,10 @@ pub enum StartPath {
     Function,
     /// Restored from the base snapshot, then load + init (vm).
     Base,
+    /// An idle VM instance that served earlier requests, reset to its
+    /// function snapshot first (the pages it wrote, its I/O window, mailbox
+    /// and registers): fresh, nothing of an earlier request left (vm).
+    Reset,
 }
 
 impl StartPath {
@@ -79,6 +83,7 @@ impl StartPath {
             StartPath::Argument => "argument",
             StartPath::Function => "function",
             StartPath::Base => "base",
+            StartPath::Reset => "reset",
         }
     }
 }
@@ -188,6 +193,11 @@ pub struct FunctionSpec {
     pub budget: Option<Duration>,
     /// Whose function it is ([`Tenant::DEFAULT`] unless set).
     pub tenant: Tenant,
+    /// Every invocation gets an instance with nothing left of an earlier
+    /// request (isolation between requests): where a backend would reuse a
+    /// used instance, it resets it first (`vm`: [`StartPath::Reset`]
+    /// instead of `hot`). Off by default.
+    pub fresh_per_request: bool,
 }
 
 impl FunctionSpec {
@@ -198,7 +208,15 @@ impl FunctionSpec {
             artifact,
             budget: None,
             tenant: Tenant::default(),
+            fresh_per_request: false,
         }
+    }
+
+    /// The same spec asking for a fresh instance per request
+    /// ([`FunctionSpec::fresh_per_request`]).
+    pub fn with_fresh_per_request(mut self, fresh: bool) -> Self {
+        self.fresh_per_request = fresh;
+        self
     }
 
     /// The same spec for `tenant`.

@@ -1,5 +1,5 @@
 //! The `vm` backend's snapshot start paths (SEUSS): every path (`cold`,
-//! `base`, `function`, `argument`, `hot`) gives the output a cold boot
+//! `base`, `function`, `argument`, `hot`, `reset`) gives the output a cold boot
 //! gives; instances restored from one node never see each other's writes;
 //! the snapshot files never change however many instances run from them;
 //! a corrupt node is refused with the file named; `stats()` shows restored
@@ -13,12 +13,13 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-const PATHS: [StartPath; 5] = [
+const PATHS: [StartPath; 6] = [
     StartPath::Cold,
     StartPath::Base,
     StartPath::Function,
     StartPath::Argument,
     StartPath::Hot,
+    StartPath::Reset,
 ];
 
 fn config_with_store(dir: &Path) -> Config {

@@ -18,7 +18,7 @@
 //!                                 worker_pss_kib, pss_per_function_kib } ] }  // present when language ran
 //! }
 //! table1 row: { backend: "process"|"language"|"vm",
-//!               start: "warm"|"cold"|"hot"|"argument"|"function"|"base",
+//!               start: "warm"|"cold"|"hot"|"reset"|"argument"|"function"|"base",
 //!               function, functions_deployed,
 //!               median_us, p99_us, p999_us,      // see latency_basis; null if skipped
 //!               latency_basis: "dispatch" (invoke -> function's first timestamp) | "end_to_end" (argument starts),

@@ -114,8 +114,8 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
     }
     let n = |start: StartPath| -> u32 {
         match (start, quick) {
-            (StartPath::Hot, false) => 1000,
-            (StartPath::Hot, true) => 50,
+            (StartPath::Hot | StartPath::Reset, false) => 1000,
+            (StartPath::Hot | StartPath::Reset, true) => 50,
             (_, false) => 40,
             (_, true) => 4,
         }
@@ -123,7 +123,13 @@ pub fn run(quick: bool, max_instances: usize, base: &Config) -> Report {
     for (name, id) in &ids {
         let (starts, input): (&[StartPath], &[u8]) = match *name {
             "noop" | "init-heavy" | "wasm-noop" | "wasm-large" => (
-                &[StartPath::Cold, StartPath::Base, StartPath::Function, StartPath::Hot],
+                &[
+                    StartPath::Cold,
+                    StartPath::Base,
+                    StartPath::Function,
+                    StartPath::Hot,
+                    StartPath::Reset,
+                ],
                 b"",
             ),
             "checkpointed" | "wasm-checkpointed" => (&[StartPath::Function, StartPath::Argument], b"snapshots"),

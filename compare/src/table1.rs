@@ -116,6 +116,7 @@ pub fn start_paths(kind: BackendKind) -> &'static [StartPath] {
         BackendKind::Process | BackendKind::Language => &[StartPath::Warm, StartPath::Cold],
         BackendKind::Vm => &[
             StartPath::Hot,
+            StartPath::Reset,
             StartPath::Argument,
             StartPath::Function,
             StartPath::Base,
@@ -124,8 +125,10 @@ pub fn start_paths(kind: BackendKind) -> &'static [StartPath] {
     }
 }
 
+/// Paths measured like warm ones (many iterations, throughput): a `reset`
+/// start reuses a resident instance too, reset to its function snapshot.
 fn is_warm(start: StartPath) -> bool {
-    matches!(start, StartPath::Warm | StartPath::Hot)
+    matches!(start, StartPath::Warm | StartPath::Hot | StartPath::Reset)
 }
 
 /// Runs the experiment on every backend.
@@ -213,6 +216,8 @@ fn run_backend(kind: BackendKind, opts: &Options, config: &Config) -> Vec<Row> {
                     Ok(id) => measure(backend.as_ref(), kind, start, &[id], &workload, opts),
                     Err(e) => Row::skipped(kind, start, ids.len(), e.to_string()),
                 }
+            } else if start == StartPath::Reset {
+                reset_row(backend.as_ref(), kind, &artifact, ids.len(), opts)
             } else {
                 measure(backend.as_ref(), kind, start, &ids, &NOOP, opts)
             }
@@ -260,6 +265,33 @@ fn interpreted_rows(backend: &dyn Backend, kind: BackendKind, opts: &Options) ->
         .collect()
 }
 
+/// The `reset` row: as many copies of `noop` deployed
+/// `fresh_per_request`, invoked `Auto`: each request after a function's
+/// first gets its instance reset to the function snapshot (the reset queued
+/// when the previous request gave the instance back). The copies are
+/// evicted after the row, so that their VMs do not slow the later rows.
+fn reset_row(
+    backend: &dyn Backend,
+    kind: BackendKind,
+    artifact: &Arc<microfaas::Artifact>,
+    n: usize,
+    opts: &Options,
+) -> Row {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let spec = FunctionSpec::new(format!("noop-fresh-{i}"), Arc::clone(artifact)).with_fresh_per_request(true);
+        match backend.deploy(&spec) {
+            Ok(id) => ids.push(id),
+            Err(e) => return Row::skipped(kind, StartPath::Reset, i, format!("deploying noop-fresh #{i}: {e}")),
+        }
+    }
+    let row = measure(backend, kind, StartPath::Reset, &ids, &NOOP, opts);
+    for id in &ids {
+        let _ = backend.evict(id);
+    }
+    row
+}
+
 /// What a row invokes.
 struct Workload {
     function: &'static str,
@@ -304,7 +336,13 @@ fn measure(
         opts.cold_iterations
     };
     let warmup = (iterations / 10).clamp(1, 500);
-    let request = StartRequest::Force(start);
+    // `reset` is what a fresh-per-request function's requests take by
+    // themselves (after each function's first, which is `hot`).
+    let request = if start == StartPath::Reset {
+        StartRequest::Auto
+    } else {
+        StartRequest::Force(start)
+    };
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     // Probe once: a path the backend lacks is a skipped row, not an error count.
     if let Err(e) = backend.invoke(&ids[rng.next(ids.len())], workload.input, request) {
@@ -317,7 +355,7 @@ fn measure(
     for i in 0..warmup + iterations {
         let id = &ids[rng.next(ids.len())];
         match backend.invoke(id, workload.input, request) {
-            Ok(inv) if i >= warmup => {
+            Ok(inv) if i >= warmup && (start != StartPath::Reset || inv.start == start) => {
                 dispatch.record_ns(inv.timings.dispatch_ns);
                 e2e.record_ns(inv.timings.total_ns);
             }

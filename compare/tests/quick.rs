@@ -44,7 +44,7 @@ fn quick_suite_writes_a_valid_report() {
     let expected: &[(&str, &[&str])] = &[
         ("process", &["warm", "cold"]),
         ("language", &["warm", "cold"]),
-        ("vm", &["hot", "argument", "function", "base", "cold"]),
+        ("vm", &["hot", "reset", "argument", "function", "base", "cold"]),
     ];
     for (backend, starts) in expected {
         for start in *starts {
@@ -66,7 +66,7 @@ fn quick_suite_writes_a_valid_report() {
                     assert!(m > 0.0 && m <= p && p <= pp, "{row}");
                     assert_eq!(row["errors"], 0, "{row}");
                     assert!(row["samples"].as_u64().unwrap() > 0);
-                    if *start == "warm" || *start == "hot" {
+                    if *start == "warm" || *start == "hot" || *start == "reset" {
                         assert!(tput.unwrap() > 0.0, "{row}");
                     } else {
                         assert!(tput.is_none(), "{row}");

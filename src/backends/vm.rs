@@ -16,6 +16,17 @@
 //! in this process: saving a VM and reading its memory need it here, and
 //! they are few. A remote instance that stops at a new input's checkpoint
 //! is resumed at once and the argument snapshot made here afterwards.
+//!
+//! `reset`: a function deployed `fresh_per_request` never serves two
+//! requests from one instance state. When a request gives its instance
+//! back, a reset to the function node is queued on the instance's runner
+//! (`vmm::Instance::begin_reset`: the pages it wrote get the node's bytes
+//! again, its I/O window is zeroed, its mailbox and registers are the
+//! node's); the next request waits for that reset (`StartPath::Reset`,
+//! usually done by then) instead of taking the instance `hot`. An instance
+//! that cannot be reset is dropped and a fresh one restored.
+//! `Force(Reset)` resets an idle instance of any function on the request
+//! path.
 
 use super::vm_snapshots::{ArgumentCache, Restorable, Snapshots, input_hash, mapping_of, private_bytes};
 use crate::{
@@ -71,6 +82,11 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         },
     })?;
     let instance = instance_config(&config)?;
+    let mut vmm = vmm;
+    // Instances in this process find a reset's written pages in one ioctl
+    // (a VMM host process's seccomp filter allows only KVM's ioctls: its
+    // resets read the pagemap).
+    vmm.use_pagemap_scan();
     let vmm = Arc::new(vmm);
     let shells = Arc::new(Mutex::new(Vec::new()));
     let shell_target = config.vm.shell_pool.unwrap_or(DEFAULT_SHELL_POOL);
@@ -198,6 +214,7 @@ struct Counters {
     function: AtomicU64,
     argument: AtomicU64,
     hot: AtomicU64,
+    reset: AtomicU64,
     prestarted: AtomicU64,
     argument_nodes: AtomicU64,
     snapshot_failures: AtomicU64,
@@ -210,6 +227,8 @@ struct Counters {
 struct Pooled {
     instance: Instance,
     origin: Option<NodeId>,
+    /// It served a request since it was restored or reset.
+    used: bool,
 }
 
 #[derive(Debug)]
@@ -218,6 +237,9 @@ struct Function {
     tenant: String,
     artifact: Arc<Artifact>,
     budget: Duration,
+    /// Every request gets an instance with nothing of an earlier one
+    /// (`FunctionSpec::fresh_per_request`): used instances are reset.
+    fresh: bool,
     /// The function snapshot.
     node: Arc<Restorable>,
     /// Its argument snapshots in use, by input hash.
@@ -387,6 +409,7 @@ impl VmBackend {
         Ok(Pooled {
             instance: hosts.restore(tenant, node)?,
             origin: Some(node.id),
+            used: false,
         })
     }
 
@@ -399,7 +422,24 @@ impl VmBackend {
         Ok(Pooled {
             instance,
             origin: Some(node.id),
+            used: false,
         })
+    }
+
+    /// Resets an idle instance of `f`'s function node to that node (the
+    /// `reset` start); an instance that cannot be reset, or whose reset
+    /// fails, is discarded and `None` returned.
+    fn reset_instance(&self, f: &Function, mut p: Pooled) -> Option<Pooled> {
+        if p.origin == Some(f.node.id) && (p.instance.reset_pending() || p.instance.can_reset()) {
+            let deadline = Instant::now() + f.budget.max(Duration::from_secs(1));
+            if p.instance.reset(deadline).is_ok() {
+                p.used = false;
+                return Some(p);
+            }
+        }
+        self.counters.discarded.fetch_add(1, Ordering::Relaxed);
+        self.reap(vec![p.instance]);
+        None
     }
 }
 
@@ -423,6 +463,7 @@ impl Backend for VmBackend {
         if let Ok(existing) = self.function(&id)
             && existing.artifact.digest() == spec.artifact.digest()
             && existing.budget == budget
+            && existing.fresh == spec.fresh_per_request
         {
             return Ok(id);
         }
@@ -467,6 +508,7 @@ impl Backend for VmBackend {
             tenant: spec.tenant.as_str().to_owned(),
             artifact: Arc::clone(&spec.artifact),
             budget,
+            fresh: spec.fresh_per_request,
             node,
             arguments: Mutex::new(HashMap::new()),
             has_arguments,
@@ -533,7 +575,11 @@ impl Backend for VmBackend {
             }
             taken
         };
-        let booted = |instance| Pooled { instance, origin: None };
+        let booted = |instance| Pooled {
+            instance,
+            origin: None,
+            used: false,
+        };
         let measured = |p: Pooled, path| (p, path, ns(invoked.elapsed()), invoked, invoked_ns);
         let unmeasured = |p: Pooled, path| (p, path, 0, Instant::now(), vmm::now_ns());
         let (mut pooled, path, start_ns, invoked, invoked_ns) = match start {
@@ -558,10 +604,22 @@ impl Backend for VmBackend {
                     }
                     None => None,
                 };
+                let idle = match take_idle()? {
+                    // Isolation between requests: a used instance is reset
+                    // first (or, if it cannot be, a fresh one restored).
+                    Some(p) if f.fresh && (p.used || p.instance.reset_pending()) => {
+                        self.reset_instance(&f, p).map(|p| (p, true))
+                    }
+                    other => other.map(|p| (p, false)),
+                };
                 if let Some(p) = from_argument {
                     measured(p, StartPath::Argument)
-                } else if let Some(p) = take_idle()? {
-                    (p, StartPath::Hot, 0, invoked, invoked_ns)
+                } else if let Some((p, reset)) = idle {
+                    if reset {
+                        measured(p, StartPath::Reset)
+                    } else {
+                        (p, StartPath::Hot, 0, invoked, invoked_ns)
+                    }
                 } else {
                     measured(self.restore(&f.tenant, &f.node)?, StartPath::Function)
                 }
@@ -591,6 +649,30 @@ impl Backend for VmBackend {
                 let p = self.restore(&f.tenant, &arg)?;
                 (p, StartPath::Argument, ns(t.elapsed()), t, t_ns)
             }
+            StartRequest::Force(StartPath::Reset) => {
+                // An instance of the function node, used or not (made
+                // first, outside the measured time, if none is idle).
+                let p = match take_idle()? {
+                    Some(p)
+                        if p.origin == Some(f.node.id) && (p.instance.reset_pending() || p.instance.can_reset()) =>
+                    {
+                        p
+                    }
+                    Some(other) => {
+                        self.give_back(&f, other)?;
+                        self.restore(&f.tenant, &f.node)?
+                    }
+                    None => self.restore(&f.tenant, &f.node)?,
+                };
+                let (t, t_ns) = (Instant::now(), vmm::now_ns());
+                let Some(p) = self.reset_instance(&f, p) else {
+                    return Err(Error::Crashed {
+                        name: f.name.clone(),
+                        detail: "resetting the instance to its function snapshot failed".to_owned(),
+                    });
+                };
+                (p, StartPath::Reset, ns(t.elapsed()), t, t_ns)
+            }
             StartRequest::Force(StartPath::Hot) => match take_idle()? {
                 Some(p) => (p, StartPath::Hot, 0, invoked, invoked_ns),
                 // Make an instance to be hot, outside the measured time.
@@ -608,6 +690,7 @@ impl Backend for VmBackend {
             StartPath::Base => &self.counters.base,
             StartPath::Function => &self.counters.function,
             StartPath::Argument => &self.counters.argument,
+            StartPath::Reset => &self.counters.reset,
             _ => &self.counters.hot,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -620,6 +703,7 @@ impl Backend for VmBackend {
         self.counters.busy.fetch_add(1, Ordering::Relaxed);
         let mut checkpointed = false;
         let result = self.run(&f, &mut pooled, input, capture, &mut checkpointed);
+        pooled.used = true;
         self.counters.busy.fetch_sub(1, Ordering::Relaxed);
         let instance = &pooled.instance;
         let outcome = match result {
@@ -730,6 +814,7 @@ impl Backend for VmBackend {
                 ("function_starts".to_owned(), load(&c.function)),
                 ("argument_starts".to_owned(), load(&c.argument)),
                 ("hot_starts".to_owned(), load(&c.hot)),
+                ("reset_starts".to_owned(), load(&c.reset)),
                 ("instances_prestarted".to_owned(), load(&c.prestarted)),
                 ("argument_snapshots_made".to_owned(), load(&c.argument_nodes)),
                 ("snapshot_failures".to_owned(), load(&c.snapshot_failures)),
@@ -775,8 +860,15 @@ impl Backend for VmBackend {
 
 impl VmBackend {
     /// Returns an instance to the idle pool (or to the reaper).
-    fn give_back(&self, f: &Function, pooled: Pooled) -> Result<(), Error> {
-        if pooled.instance.is_alive() && !pooled.instance.at_checkpoint() {
+    fn give_back(&self, f: &Function, mut pooled: Pooled) -> Result<(), Error> {
+        // A used instance of a fresh-per-request function is kept only if
+        // a reset can make it fresh again; the reset starts now, on its
+        // runner, so that the next request finds it (nearly) done.
+        let keep = !(f.fresh && pooled.used)
+            || (pooled.instance.is_alive()
+                && !pooled.instance.at_checkpoint()
+                && pooled.instance.begin_reset().is_ok());
+        if keep && pooled.instance.is_alive() && !pooled.instance.at_checkpoint() {
             let mut idle = f.idle.lock().map_err(|_| poisoned())?;
             if idle.len() < self.idle_cap.max(f.reserved.load(Ordering::Relaxed)) {
                 idle.push(pooled);

@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use vmm::{ExternalMemory, Instance, InstanceConfig, SavedState, Shell, Vmm};
+use vmm::{ExternalMemory, Instance, InstanceConfig, Pristine, ResetSource, SavedState, Shell, Vmm};
 
 /// A node ready to start instances from: its merged image (mapped per
 /// instance) and its decoded state, both loaded once.
@@ -41,6 +41,19 @@ pub(crate) struct Restorable {
     path: PathBuf,
     image: Arc<MergedImage>,
     state: SavedState,
+    /// What an instance of an idle node is reset to (`None` at a
+    /// checkpoint).
+    reset: Option<Arc<ResetSource>>,
+}
+
+/// A node's merged image as the pristine memory a reset reads.
+#[derive(Debug)]
+struct ImagePristine(Arc<MergedImage>);
+
+impl Pristine for ImagePristine {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
 }
 
 impl Restorable {
@@ -273,11 +286,15 @@ impl Snapshots {
         state
             .check_mailbox(&vmm::channel::parse(&mailbox))
             .map_err(|e| corrupt(format!("the saved state does not match its memory: {e}")))?;
+        let reset = ResetSource::new(state.clone(), Box::new(ImagePristine(Arc::clone(&image))))
+            .ok()
+            .map(Arc::new);
         Ok(Arc::new(Restorable {
             id,
             path: node.path().to_owned(),
             image,
             state,
+            reset,
         }))
     }
 
@@ -369,6 +386,9 @@ impl Snapshots {
                 Instance::restore(vmm, None, config, Box::new(SnapshotMemory(mapping)), &node.state)
             }
         };
+        if let (Ok(instance), Some(reset)) = (&restored, &node.reset) {
+            instance.set_reset_source(Arc::clone(reset));
+        }
         restored.map_err(|e| match e {
             vmm::VmmError::KvmUnavailable(_) => Error::KvmUnavailable {
                 detail: super::vm::error_chain(&e),

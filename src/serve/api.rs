@@ -405,9 +405,10 @@ pub fn start_request(header: Option<&[u8]>) -> Result<crate::StartRequest, ApiEr
         b"argument" => StartPath::Argument,
         b"function" => StartPath::Function,
         b"base" => StartPath::Base,
+        b"reset" => StartPath::Reset,
         _ => {
             return Err(ApiError::invalid(
-                "X-Microfaas-Start must be auto, warm, cold, hot, argument, function or base",
+                "X-Microfaas-Start must be auto, warm, cold, hot, argument, function, base or reset",
             ));
         }
     };

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use vmm::slab::Slab;
-use vmm::{ExternalMemory, Instance, InstanceConfig, RunnerConfig, SavedState, Vmm};
+use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, RunnerConfig, SavedState, Vmm};
 
 /// Why the host process stopped.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +34,10 @@ pub enum HostError {
 /// A node's image (mapped privately for each instance) and saved state.
 #[derive(Debug)]
 struct Node {
-    image: File,
+    image: Arc<File>,
     state: SavedState,
+    /// What its instances are reset to (an idle node's).
+    reset: Option<Arc<ResetSource>>,
 }
 
 /// Guest memory: a private mapping of a node's image.
@@ -133,6 +135,10 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         placement: RunnerConfig::default().placement,
     })
     .map_err(|e| setup("opening /dev/kvm", &e))?;
+    // Resets find a guest's written pages with PAGEMAP_SCAN (the sandbox
+    // allows that one ioctl besides KVM's).
+    let mut vmm = vmm;
+    vmm.use_pagemap_scan();
     enter_sandbox(&args.sandbox)?;
     let host = Arc::new(Host {
         vmm,
@@ -180,6 +186,7 @@ fn dispatch(host: &Host) {
                     crate::RunEntry::STOP => {
                         instance.stop_if_killed();
                     }
+                    crate::RunEntry::RESET => instance.reset_published(),
                     op => instance.run_published(op == crate::RunEntry::RESUME),
                 }
             }
@@ -216,14 +223,12 @@ fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
             };
             match SavedState::decode(&state) {
                 Ok(state) => {
+                    let image = Arc::new(File::from(fd));
+                    let reset = ResetSource::new(state.clone(), Box::new(Arc::clone(&image)))
+                        .ok()
+                        .map(Arc::new);
                     if let Ok(mut nodes) = host.nodes.lock() {
-                        nodes.insert(
-                            node,
-                            Node {
-                                image: File::from(fd),
-                                state,
-                            },
-                        );
+                        nodes.insert(node, Node { image, state, reset });
                     }
                     Reply::Ok
                 }
@@ -271,13 +276,13 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     {
         return Err(format!("slot {slot} is in use"));
     }
-    let (memory, state) = {
+    let (memory, state, reset) = {
         let nodes = host.nodes.lock().map_err(|_| "poisoned".to_owned())?;
         let n = nodes
             .get(&node)
             .ok_or_else(|| format!("node {node} is not registered"))?;
         let memory = map_image(&n.image, host.mem_bytes).map_err(|e| format!("mapping node {node}: {e}"))?;
-        (memory, n.state.clone())
+        (memory, n.state.clone(), n.reset.clone())
     };
     let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
     chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
@@ -290,6 +295,9 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
         }
         Err(e) => return Err(chain(&e)),
     };
+    if let Some(reset) = reset {
+        instance.set_reset_source(reset);
+    }
     let reply = Reply::Restored {
         seq: instance.seq(),
         at_checkpoint: instance.at_checkpoint(),

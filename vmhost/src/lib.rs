@@ -47,7 +47,8 @@ pub const RING_CAPACITY: u32 = 4096;
 pub struct RunEntry {
     /// Slab slot.
     pub slot: u32,
-    /// [`RunEntry::RUN`], [`RunEntry::RESUME`] or [`RunEntry::STOP`].
+    /// [`RunEntry::RUN`], [`RunEntry::RESUME`], [`RunEntry::STOP`] or
+    /// [`RunEntry::RESET`].
     pub op: u32,
 }
 
@@ -58,6 +59,10 @@ impl RunEntry {
     pub const RESUME: u32 = 1;
     /// The caller set the slot's kill flag: stop the guest (kick its runner).
     pub const STOP: u32 = 2;
+    /// Reset the idle guest to the node it was restored from
+    /// (`vmm::Instance::reset`); its runner reports the node's sequence
+    /// number when done.
+    pub const RESET: u32 = 3;
 }
 
 /// Where the ring's parts are in its region.

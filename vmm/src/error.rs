@@ -133,6 +133,10 @@ pub enum RunError {
     /// A load into an instance that already served a request.
     #[error("a function is loaded only into a freshly booted instance")]
     AlreadyLoaded,
+    /// A reset of an instance that has no idle node to go back to (booted,
+    /// or restored at a checkpoint) or no reset source.
+    #[error("the instance cannot be reset")]
+    NotResettable,
 }
 
 impl RunError {
@@ -145,6 +149,7 @@ impl RunError {
                 | RunError::AtCheckpoint
                 | RunError::Load(_)
                 | RunError::AlreadyLoaded
+                | RunError::NotResettable
         )
     }
 }

@@ -21,10 +21,13 @@ use crate::slab::SlabSlot;
 use crate::stats::StatsFd;
 use crate::vcpu::{Cmd, Event, StartAt, Vcpu};
 
+mod reset;
 mod snapshot;
 use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
+pub(crate) use reset::pagemap_scan_works;
+pub use reset::{MemoryPlan, Pristine, ResetError, ResetSource, ResetStats};
 pub use snapshot::{MapMemoryError, Shell};
 use std::collections::VecDeque;
 use std::mem::offset_of;
@@ -153,6 +156,14 @@ pub(crate) struct Shared {
     pub(crate) running_on: AtomicU64,
     /// CPU time runners spent on it.
     pub(crate) cpu_ns: AtomicU64,
+    /// What a reset puts back (set for instances restored from an idle node).
+    pub(crate) reset: Mutex<Option<Arc<ResetSource>>>,
+    /// `/proc/self/pagemap`, opened with the VMM (for resets).
+    pub(crate) pagemap: Option<Arc<std::fs::File>>,
+    /// Resets may use the `PAGEMAP_SCAN` ioctl on it.
+    pub(crate) pagemap_scan: bool,
+    /// What the last reset did.
+    pub(crate) reset_stats: Mutex<ResetStats>,
 }
 
 impl Shared {
@@ -194,6 +205,11 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     fn submit(&self, resume: bool) -> bool;
     /// Asks that process to kick the instance (its kill flag is set).
     fn kick(&self);
+    /// Queues a reset of the instance to its node's state where its VM
+    /// runs; false if that process is gone or cannot reset.
+    fn submit_reset(&self) -> bool {
+        false
+    }
     /// Whether that process is alive.
     fn alive(&self) -> bool;
 }
@@ -227,6 +243,11 @@ pub struct Instance {
     host_spin: Duration,
     /// Stopped inside `checkpoint()` of request `seq`: resume before use.
     at_checkpoint: bool,
+    /// The request sequence number of the idle node it was restored from
+    /// (what a reset returns it to); `None`: booted, or at a checkpoint.
+    origin_seq: Option<u32>,
+    /// A reset was queued and its report not yet consumed.
+    reset_pending: bool,
 }
 
 fn ns_since(t: Instant) -> u64 {
@@ -365,6 +386,10 @@ impl Instance {
             home: AtomicUsize::new(pool.assign_home()),
             running_on: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
+            reset: Mutex::new(None),
+            pagemap: vmm.pagemap.clone(),
+            pagemap_scan: vmm.pagemap_scan,
+            reset_stats: Mutex::new(ResetStats::default()),
         });
         Ok(Self {
             side: Side::Local { shared, pool },
@@ -377,6 +402,8 @@ impl Instance {
             tsc_offset,
             host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
             at_checkpoint: false,
+            origin_seq: None,
+            reset_pending: false,
         })
     }
 
@@ -432,6 +459,8 @@ impl Instance {
             tsc_offset: start.tsc_offset,
             host_spin: Duration::from_micros(u64::from(config.idle_spin_us)),
             at_checkpoint: start.at_checkpoint,
+            origin_seq: (!start.at_checkpoint).then_some(start.seq),
+            reset_pending: false,
         })
     }
 
@@ -471,6 +500,7 @@ impl Instance {
             Side::Remote(r) => match cmd {
                 Cmd::Run => r.submit(false),
                 Cmd::Resume => r.submit(true),
+                Cmd::Reset => r.submit_reset(),
                 Cmd::Save(_) => false,
             },
         }
@@ -481,6 +511,104 @@ impl Instance {
     /// checkpoint: queue the instance on a runner.
     pub fn run_published(&self, resume: bool) {
         self.command(if resume { Cmd::Resume } else { Cmd::Run });
+    }
+
+    /// The VM side's host API: the caller side asked for a reset of the
+    /// (idle) instance to its node: queue it on a runner, which reports
+    /// the node's sequence number when done.
+    pub fn reset_published(&self) {
+        self.command(Cmd::Reset);
+    }
+
+    /// Gives the instance what [`Instance::reset`] puts back: the idle
+    /// node it was restored from.
+    pub fn set_reset_source(&self, source: Arc<ResetSource>) {
+        if let Some(shared) = self.local()
+            && let Ok(mut r) = shared.reset.lock()
+        {
+            *r = Some(source);
+        }
+    }
+
+    /// Whether [`Instance::reset`] can be asked of this instance (restored
+    /// from an idle node, with its reset source where its VM runs here).
+    pub fn can_reset(&self) -> bool {
+        self.origin_seq.is_some()
+            && match self.local() {
+                Some(s) => s.pagemap.is_some() && s.reset.lock().is_ok_and(|r| r.is_some()),
+                None => true,
+            }
+    }
+
+    /// Resets the idle instance to the state of the node it was restored
+    /// from (see [`reset`](self::reset)): its written pages, I/O window,
+    /// mailbox and vCPU registers, wherever its VM runs. Waits for it up to
+    /// `deadline`; a failure discards the instance.
+    pub fn reset(&mut self, deadline: Instant) -> Result<(), RunError> {
+        self.begin_reset()?;
+        self.finish_reset(deadline)
+    }
+
+    /// Queues a reset (see [`Instance::reset`]) without waiting for it: the
+    /// runner does it while the caller moves on (e.g. right after a reply,
+    /// so that the next request finds the instance fresh). The next request
+    /// or [`Instance::finish_reset`] waits for it.
+    pub fn begin_reset(&mut self) -> Result<(), RunError> {
+        if self.dead {
+            return Err(RunError::Dead);
+        }
+        if self.at_checkpoint {
+            return Err(RunError::AtCheckpoint);
+        }
+        if self.reset_pending {
+            return Ok(());
+        }
+        if self.origin_seq.is_none() || !self.can_reset() {
+            return Err(RunError::NotResettable);
+        }
+        if !self.command(Cmd::Reset) {
+            self.kill();
+            return Err(RunError::Lost);
+        }
+        self.reset_pending = true;
+        Ok(())
+    }
+
+    /// Whether a reset was queued and not yet waited for.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending
+    }
+
+    /// Waits (up to `deadline`) for the reset [`Instance::begin_reset`]
+    /// queued; nothing if none is pending. A failure discards the instance.
+    pub fn finish_reset(&mut self, deadline: Instant) -> Result<(), RunError> {
+        if !self.reset_pending {
+            return Ok(());
+        }
+        self.reset_pending = false;
+        let Some(expect) = self.origin_seq else {
+            self.kill();
+            return Err(RunError::NotResettable);
+        };
+        loop {
+            match self.wait(deadline) {
+                Ok(seq) if seq == expect => break,
+                // The doorbell of the request before (reported after its
+                // reply was read): the reset's report follows.
+                Ok(_) => {}
+                Err(e) => {
+                    self.kill();
+                    return Err(e);
+                }
+            }
+        }
+        self.seq = expect;
+        Ok(())
+    }
+
+    /// What the last reset of this (local) instance did.
+    pub fn last_reset_stats(&self) -> Option<ResetStats> {
+        self.local()?.reset_stats.lock().ok().map(|s| *s)
     }
 
     /// The VM side's host API: if the caller side set the slot's kill flag,
@@ -685,6 +813,8 @@ impl Instance {
         if self.dead {
             return Err(RunError::Dead);
         }
+        // A queued reset rewrites the channel: it must be done first.
+        self.finish_reset(deadline)?;
         if self.at_checkpoint {
             return Err(RunError::AtCheckpoint);
         }

@@ -69,7 +69,8 @@ pub use fault::GuestFault;
 /// The host<->guest ABI (layout constants, mailbox, reply codes).
 pub use guest_abi as abi;
 pub use instance::{
-    BootTimings, Instance, InstanceConfig, MapMemoryError, Progress, Remote, RemoteStart, Reply, Shell, now_ns,
+    BootTimings, Instance, InstanceConfig, MapMemoryError, MemoryPlan, Pristine, Progress, Remote, RemoteStart, Reply,
+    ResetError, ResetSource, ResetStats, Shell, now_ns,
 };
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;
@@ -95,6 +96,12 @@ pub struct Vmm {
     runners: RunnerConfig,
     /// The channel slabs, by I/O window size.
     slabs: std::sync::Mutex<Vec<std::sync::Arc<slab::Slab>>>,
+    /// `/proc/self/pagemap`, opened now (before any sandbox) for resets
+    /// ([`Instance::reset`]); `None` if it cannot be opened.
+    pagemap: Option<std::sync::Arc<std::fs::File>>,
+    /// Resets find written pages with the `PAGEMAP_SCAN` ioctl instead of
+    /// reading the pagemap ([`Vmm::use_pagemap_scan`]).
+    pagemap_scan: bool,
 }
 
 impl Vmm {
@@ -146,7 +153,20 @@ impl Vmm {
             pool: std::sync::OnceLock::new(),
             runners,
             slabs: std::sync::Mutex::new(Vec::new()),
+            pagemap: std::fs::File::open("/proc/self/pagemap").ok().map(std::sync::Arc::new),
+            pagemap_scan: false,
         })
+    }
+
+    /// Lets resets of this VMM's instances find the pages a guest wrote
+    /// with the `PAGEMAP_SCAN` ioctl (Linux 6.7+; one call returns the
+    /// written ranges) rather than by reading 8 bytes of pagemap per guest
+    /// page, if the kernel has it: true if it does. Not for a process whose
+    /// seccomp filter refuses that ioctl (a VMM host process's allows only
+    /// KVM's).
+    pub fn use_pagemap_scan(&mut self) -> bool {
+        self.pagemap_scan = self.pagemap.as_deref().is_some_and(instance::pagemap_scan_works);
+        self.pagemap_scan
     }
 
     /// A free channel slot (mailbox page + I/O window) for `layout`.

@@ -44,6 +44,11 @@ fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
+/// Whether two segment/control register sets are the same, byte for byte.
+pub(crate) fn sregs_eq(a: &kvm_sregs, b: &kvm_sregs) -> bool {
+    pod_bytes(a) == pod_bytes(b)
+}
+
 fn pod_from<T: Pod>(b: &[u8]) -> Option<T> {
     if b.len() != size_of::<T>() {
         return None;

@@ -39,6 +39,9 @@ pub(crate) enum Cmd {
     Resume,
     /// Save the (stopped) vCPU's registers and send them back.
     Save(Sender<Result<VcpuState, kvm_ioctls::Error>>),
+    /// Reset the (idle) instance to its node (`instance::reset`) and
+    /// report the node's sequence number.
+    Reset,
 }
 
 /// Where an instance's vCPU is between runs.
@@ -64,13 +67,7 @@ pub(crate) struct Vcpu {
 /// Completes any exit the vCPU is in the middle of (an MMIO write) without
 /// running the guest, so that its registers are consistent, then reads them.
 fn save_vcpu(vcpu: &mut VcpuFd) -> Result<VcpuState, kvm_ioctls::Error> {
-    vcpu.set_kvm_immediate_exit(1);
-    let r = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
-    match r {
-        Err(e) if e.errno() != libc::EINTR && e.errno() != libc::EAGAIN => return Err(e),
-        _ => {}
-    }
+    complete_exit(vcpu)?;
     let xsave = if vcpu.get_xcrs().is_ok() {
         Some(vcpu.get_xsave()?.region.to_vec())
     } else {
@@ -83,6 +80,18 @@ fn save_vcpu(vcpu: &mut VcpuFd) -> Result<VcpuState, kvm_ioctls::Error> {
         xcrs: vcpu.get_xcrs().ok(),
         xsave,
     })
+}
+
+/// Completes any exit the vCPU is in the middle of, without running the
+/// guest (`immediate_exit`).
+pub(crate) fn complete_exit(vcpu: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    vcpu.set_kvm_immediate_exit(1);
+    let r = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() != libc::EINTR && e.errno() != libc::EAGAIN => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn published(shared: &Shared) -> u32 {
@@ -128,6 +137,18 @@ pub(crate) fn run_commands(shared: &Arc<Shared>, thread: libc::pthread_t) {
             Cmd::Save(reply) => {
                 let _ = reply.send(save_vcpu(&mut vcpu.fd));
             }
+            Cmd::Reset => match shared.reset_to(&mut vcpu) {
+                Ok((seq, stats)) => {
+                    if let Ok(mut s) = shared.reset_stats.lock() {
+                        *s = stats;
+                    }
+                    shared.report(Event::Doorbell(seq));
+                }
+                Err(e) => {
+                    vcpu.at = StartAt::Dead;
+                    shared.report(Event::RunFailed(kvm_ioctls::Error::new(e.errno())));
+                }
+            },
             Cmd::Run => match vcpu.at {
                 StartAt::Run => run(&mut vcpu, shared),
                 StartAt::Idle(seq) if published(shared) != seq => run(&mut vcpu, shared),

@@ -276,21 +276,36 @@ fn rule(name: &'static str, conditions: Vec<SeccompCondition>) -> Result<Seccomp
     SeccompRule::new(conditions).map_err(|source| FilterError::Rule { name, source })
 }
 
-/// `ioctl(fd, request)` only with `_IOC_TYPE(request) == KVMIO`.
+/// `PAGEMAP_SCAN` (`_IOWR('f', 16, struct pm_scan_arg)`, `linux/fs.h`):
+/// reads which pages of its own memory a guest wrote, on the
+/// `/proc/self/pagemap` fd the VMM opened before the sandbox (an instance
+/// reset, `vmm::Instance::reset`). No other driver's ioctl has this number.
+pub const PAGEMAP_SCAN: u64 = 0xc060_6610;
+
+/// `ioctl(fd, request)` only with `_IOC_TYPE(request) == KVMIO`, or exactly
+/// [`PAGEMAP_SCAN`].
 fn kvm_ioctl() -> Result<Allowed, FilterError> {
     Ok(Allowed {
         name: "ioctl",
         nr: libc::SYS_ioctl,
-        rules: vec![rule(
-            "ioctl",
-            vec![cond(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::MaskedEq(IOC_TYPE_MASK),
-                KVMIO << IOC_TYPE_SHIFT,
-            )?],
-        )?],
-        note: format!("request type == {KVMIO:#x} (KVMIO: KVM's ioctls only)"),
+        rules: vec![
+            rule(
+                "ioctl",
+                vec![cond(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(IOC_TYPE_MASK),
+                    KVMIO << IOC_TYPE_SHIFT,
+                )?],
+            )?,
+            rule(
+                "ioctl",
+                vec![cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, PAGEMAP_SCAN)?],
+            )?,
+        ],
+        note: format!(
+            "request type == {KVMIO:#x} (KVMIO: KVM's ioctls only), or request == {PAGEMAP_SCAN:#x} (PAGEMAP_SCAN)"
+        ),
     })
 }
 

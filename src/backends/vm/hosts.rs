@@ -148,6 +148,13 @@ impl vmm::Remote for RemoteVm {
     fn alive(&self) -> bool {
         !self.host.is_dead()
     }
+
+    fn submit_reset(&self) -> bool {
+        self.push(RunEntry {
+            slot: self.slot,
+            op: RunEntry::RESET,
+        })
+    }
 }
 
 impl RemoteVm {

@@ -279,6 +279,7 @@ impl Instance {
             saved.seq,
         )?;
         instance.at_checkpoint = saved.at_checkpoint;
+        instance.origin_seq = (!saved.at_checkpoint).then_some(saved.seq);
         Ok(instance)
     }
 
@@ -337,7 +338,7 @@ impl Instance {
 /// Copies the mailbox page from `from` to `to` and, with `input`, the
 /// request's input (`arg_len` bytes, capped at the window) of the I/O
 /// window.
-fn copy_channel(
+pub(super) fn copy_channel(
     from: &vm_memory::GuestMemoryMmap,
     to: &vm_memory::GuestMemoryMmap,
     layout: &Layout,
@@ -358,7 +359,7 @@ fn copy_channel(
 }
 
 /// Loads a saved vCPU state into a fresh vCPU.
-fn apply_vcpu_state(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VmmError> {
+pub(super) fn apply_vcpu_state(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VmmError> {
     vcpu.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
     if let Some(xcrs) = &state.xcrs {
