@@ -276,4 +276,13 @@ pub struct VmConfig {
     /// path measured here; a long request then holds up the other
     /// instances of its process).
     pub host_runners: Option<usize>,
+    /// The VMM host binary to exec; `None` = the `microfaas-vmhost` built
+    /// with this crate. For tests and deployments that install it
+    /// elsewhere (the hostile-host tests point it at a fixture); set by
+    /// the operator only, never by a function.
+    pub host_binary: Option<PathBuf>,
+    /// How long a VMM host process may take to answer a control request
+    /// (register, restore, drop) before it is condemned (killed, its
+    /// requests failed once); `None` = 20,000 ms.
+    pub host_reply_timeout_ms: Option<u64>,
 }

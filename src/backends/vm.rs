@@ -110,10 +110,18 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     } else {
         let runners = config.vm.host_runners.unwrap_or(DEFAULT_HOST_RUNNERS);
         let settings = hosts::HostSettings {
-            binary: std::path::PathBuf::from(env!("MICROFAAS_VMHOST_BIN")),
+            binary: config
+                .vm
+                .host_binary
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(env!("MICROFAAS_VMHOST_BIN"))),
             vms_per_host,
             runners,
             sandbox: config.sandbox.settings(),
+            reply_timeout: config
+                .vm
+                .host_reply_timeout_ms
+                .map_or(hosts::DEFAULT_REPLY_TIMEOUT, std::time::Duration::from_millis),
         };
         Some(hosts::Hosts::new(settings, instance)?)
     };

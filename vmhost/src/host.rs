@@ -191,7 +191,7 @@ fn dispatch(host: &Host) {
 }
 
 fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
-    let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + 1];
+    let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + crate::protocol::FRAME_HEADER + 1];
     loop {
         let (len, fd) = match receive(control, &mut buf) {
             Ok(Some(m)) => m,
@@ -200,11 +200,17 @@ fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) => return Ok(()),
             Err(e) => return Err(HostError::Socket(e)),
         };
-        let reply = match Request::decode(&buf[..len]) {
-            Ok(request) => handle(host, request, fd),
-            Err(e) => Reply::Error(format!("bad request: {e}")),
+        let (id, reply) = match crate::protocol::unframe(&buf[..len]) {
+            Ok((id, message)) => (
+                id,
+                match Request::decode(message) {
+                    Ok(request) => handle(host, request, fd),
+                    Err(e) => Reply::Error(format!("bad request: {e}")),
+                },
+            ),
+            Err(e) => (0, Reply::Error(format!("bad frame: {e}"))),
         };
-        send(control, &reply.encode()).map_err(HostError::Socket)?;
+        send(control, &crate::protocol::frame(id, &reply.encode())).map_err(HostError::Socket)?;
     }
 }
 

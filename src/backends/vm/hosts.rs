@@ -20,7 +20,17 @@
 //! Its replies are decoded by `vmhost::protocol` and only the TSC offset is
 //! taken from a restore reply (the sequence number and checkpoint state
 //! are the node's, known here); a slot is reused only after the process
-//! confirmed its VM is gone (or the process is dead).
+//! confirmed its VM is gone (or the process is dead). A process that
+//! breaks the protocol is *condemned*: killed at once, its waiting callers
+//! fail once (`WorkerLost`), and it is never used again (the next restore
+//! spawns a fresh one). Breaking the protocol is: no reply within
+//! `reply_timeout`, a closed socket, bytes that are no reply, a reply to
+//! another request (each request carries an id the reply must echo: a
+//! late, doubled or unsolicited reply is caught), a reply of the wrong
+//! kind, a run ring it stops draining, and a report word in a slot's
+//! control block that no runner writes. A process that refuses a restore
+//! (`Reply::Error`) is retired instead: no new instance is placed there,
+//! its instances serve on.
 
 use super::super::vm_snapshots::Restorable;
 use crate::Error;
@@ -32,7 +42,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmhost::protocol::{Reply, Request};
@@ -40,8 +50,9 @@ use vmhost::{HostArgs, RunEntry, RunRing};
 use vmm::slab::{Slab, SlabSlot};
 use vmm::{Instance, InstanceConfig, RemoteStart};
 
-/// How long a host process may take to answer a control request.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a host process may take to answer a control request, by
+/// default (`vm.host_reply_timeout_ms`).
+pub(crate) const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One VMM host process.
 #[derive(Debug)]
@@ -55,6 +66,14 @@ pub(crate) struct Host {
     /// Serialises the callers' pushes (the ring has one producer).
     ring_lock: Mutex<()>,
     dead: AtomicBool,
+    /// Refused a restore: no new instance is placed here.
+    retired: AtomicBool,
+    /// Why it was condemned (the first reason).
+    condemned: Mutex<Option<String>>,
+    /// The last control request's id.
+    last_id: AtomicU32,
+    /// How long a reply (or a full ring's drain) may take.
+    reply_timeout: Duration,
     registered: Mutex<HashSet<u64>>,
     /// Slots in use, for waking their callers if the process dies.
     live: Mutex<HashMap<u32, Arc<SlabSlot>>>,
@@ -76,18 +95,42 @@ impl Host {
         self.dead.load(Ordering::SeqCst)
     }
 
-    /// One control request and its reply.
+    /// One control request and its reply. Any failure condemns the
+    /// process ([`Host::condemn`]): an exchange out of step is never
+    /// trusted to get back in step.
     fn call(&self, request: &Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Reply, String> {
         if self.is_dead() {
             return Err("the host process is gone".into());
         }
-        let control = self.control.lock().map_err(|_| "poisoned".to_owned())?;
-        vmhost::host::send_with(control.as_fd(), &request.encode(), fd).map_err(|e| format!("sending: {e}"))?;
-        let mut buf = vec![0u8; vmhost::protocol::MAX_MESSAGE + 1];
-        match vmhost::host::receive(control.as_fd(), &mut buf) {
-            Ok(Some((len, _fd))) => Reply::decode(&buf[..len]).map_err(|e| format!("bad reply: {e}")),
-            Ok(None) => Err("the host process closed its socket".into()),
-            Err(e) => Err(format!("receiving: {e}")),
+        let result = {
+            let control = self.control.lock().map_err(|_| "poisoned".to_owned())?;
+            let id = self.last_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            exchange(control.as_fd(), id, request, fd)
+        };
+        if let Err(e) = &result {
+            self.condemn(e);
+        }
+        result
+    }
+
+    /// The process broke the protocol: kill it, fail its waiting callers
+    /// once, and never use it again.
+    fn condemn(&self, why: &str) {
+        if let Ok(mut c) = self.condemned.lock()
+            && c.is_none()
+        {
+            *c = Some(why.to_owned());
+        }
+        self.kill();
+        self.lost();
+    }
+
+    /// A control request got `reply` instead of its success: a refusal
+    /// retires the process, any other reply (of the wrong kind) condemns it.
+    fn refused(&self, reply: &Reply) {
+        match reply {
+            Reply::Error(_) | Reply::StateRefused(_) => self.retired.store(true, Ordering::Relaxed),
+            other => self.condemn(&format!("a reply of the wrong kind: {other:?}")),
         }
     }
 
@@ -107,6 +150,31 @@ impl Host {
             let _ = child.signal(libc::SIGKILL);
         }
     }
+}
+
+/// Sends `request` as request `id` and takes its reply, which must echo
+/// `id` (pure protocol checks; the socket has a receive timeout).
+fn exchange(
+    control: std::os::fd::BorrowedFd<'_>,
+    id: u32,
+    request: &Request,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Reply, String> {
+    use vmhost::protocol::{FRAME_HEADER, MAX_MESSAGE, frame, unframe};
+    vmhost::host::send_with(control, &frame(id, &request.encode()), fd).map_err(|e| format!("sending: {e}"))?;
+    let mut buf = vec![0u8; MAX_MESSAGE + FRAME_HEADER + 1];
+    let len = match vmhost::host::receive(control, &mut buf) {
+        // A passed fd (the protocol has none in replies) closes here.
+        Ok(Some((len, _fd))) => len,
+        Ok(None) => return Err("the host process closed its socket".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err("no reply in time".into()),
+        Err(e) => return Err(format!("receiving: {e}")),
+    };
+    let (got, message) = unframe(&buf[..len]).map_err(|e| format!("bad reply: {e}"))?;
+    if got != id {
+        return Err(format!("a reply to request {got} when {id} was asked"));
+    }
+    Reply::decode(message).map_err(|e| format!("bad reply: {e}"))
 }
 
 impl Drop for Host {
@@ -159,8 +227,16 @@ impl RemoteVm {
                 return false;
             };
             let ring = self.host.ring.ring();
+            let mut waited: Option<std::time::Instant> = None;
             while ring.try_push(entry).is_err() {
                 if self.host.is_dead() {
+                    return false;
+                }
+                // Full: the process is not draining its ring (4,096 runs
+                // queued). It gets as long as a control reply.
+                let since = *waited.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > self.host.reply_timeout {
+                    self.host.condemn("its run ring stayed full");
                     return false;
                 }
                 std::thread::yield_now();
@@ -176,16 +252,19 @@ impl Drop for RemoteVm {
         if let Ok(mut live) = self.host.live.lock() {
             live.remove(&self.slot);
         }
+        // A report no runner writes: the process forged it.
+        if !self.host.is_dead() && vmm::report::forged(self.chan.control()) {
+            self.host.condemn("a forged report in a slot");
+        }
         if !self.host.is_dead() {
             match self.host.call(&Request::Drop { slot: self.slot }, None) {
                 Ok(Reply::Ok) => {}
                 // Not confirmed gone: the slot is never reused (the process
-                // is misbehaving; it is killed).
-                _ if !self.host.is_dead() => {
+                // is misbehaving; it is condemned).
+                other => {
                     std::mem::forget(Arc::clone(&self.chan));
-                    self.host.kill();
+                    self.host.condemn(&format!("dropping slot {}: {other:?}", self.slot));
                 }
-                _ => {}
             }
         }
         self.host.vms.fetch_sub(1, Ordering::Relaxed);
@@ -203,6 +282,8 @@ pub(crate) struct HostSettings {
     pub(crate) runners: usize,
     /// Sandbox settings (made per tenant).
     pub(crate) sandbox: lang_isolation::sandbox::SandboxSettings,
+    /// How long a host process may take to answer a control request.
+    pub(crate) reply_timeout: Duration,
 }
 
 /// All host processes of a backend.
@@ -285,7 +366,11 @@ impl Hosts {
         )
         .map_err(|e| Error::io("spawning a vm host process", e))?;
         drop(theirs);
-        let timeout = nix::sys::time::TimeVal::new(libc::time_t::try_from(CONTROL_TIMEOUT.as_secs()).unwrap_or(20), 0);
+        let reply_timeout = self.settings.reply_timeout.max(Duration::from_millis(1));
+        let timeout = nix::sys::time::TimeVal::new(
+            libc::time_t::try_from(reply_timeout.as_secs()).unwrap_or(20),
+            libc::suseconds_t::from(reply_timeout.subsec_micros()),
+        );
         let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
         let pid = u32::try_from(child.pid()).unwrap_or(0);
         let host = Arc::new(Host {
@@ -297,6 +382,10 @@ impl Hosts {
             ring,
             ring_lock: Mutex::new(()),
             dead: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            last_id: AtomicU32::new(0),
+            condemned: Mutex::new(None),
+            reply_timeout,
             registered: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
             vms: AtomicUsize::new(0),
@@ -320,7 +409,9 @@ impl Hosts {
     fn place(&self, tenant: &str, node: u64) -> Result<Arc<Host>, Error> {
         let mut hosts = self.hosts.lock().map_err(|_| super::super::vm::poisoned())?;
         hosts.retain(|h| !h.is_dead());
-        let room = |h: &&Arc<Host>| h.tenant == tenant && h.vms() < self.settings.vms_per_host;
+        let room = |h: &&Arc<Host>| {
+            h.tenant == tenant && h.vms() < self.settings.vms_per_host && !h.retired.load(Ordering::Relaxed)
+        };
         let registered = |h: &&Arc<Host>| h.registered.lock().is_ok_and(|r| r.contains(&node));
         let chosen = hosts
             .iter()
@@ -370,6 +461,7 @@ impl Hosts {
                 }
                 Ok(other) => {
                     undo(&host);
+                    host.refused(&other);
                     return Err(fail(format!("registering node {id}: {other:?}")));
                 }
                 Err(e) => {
@@ -401,8 +493,12 @@ impl Hosts {
         // From here, dropping `remote` gives the slot back (and the VM up).
         let tsc_offset = match host.call(&Request::Restore { node: id, slot }, None) {
             Ok(Reply::Restored { tsc_offset, .. }) => tsc_offset,
-            Ok(Reply::Error(e)) => return Err(fail(e)),
+            Ok(Reply::Error(e)) => {
+                host.retired.store(true, Ordering::Relaxed);
+                return Err(fail(e));
+            }
             Ok(Reply::StateRefused(e)) => {
+                host.retired.store(true, Ordering::Relaxed);
                 return Err(Error::SnapshotCorrupt {
                     path: node.path().to_owned(),
                     detail: format!(
@@ -411,7 +507,10 @@ impl Hosts {
                     ),
                 });
             }
-            Ok(other) => return Err(fail(format!("{other:?}"))),
+            Ok(other) => {
+                host.refused(&other);
+                return Err(fail(format!("{other:?}")));
+            }
             Err(e) => return Err(fail(e)),
         };
         let start = RemoteStart {
