@@ -285,4 +285,14 @@ pub struct VmConfig {
     /// (register, restore, drop) before it is condemned (killed, its
     /// requests failed once); `None` = 20,000 ms.
     pub host_reply_timeout_ms: Option<u64>,
+    /// How long a VMM host process's runner polls its run ring after
+    /// finishing a request before it sleeps, in microseconds, so a hot
+    /// back-to-back request is taken with no sleep, wake or hand-off;
+    /// `None` = the backend's default (see `DEFAULT_HOST_POLL_US`), 0 =
+    /// off. Costs up to that much busy CPU after each request, only after
+    /// activity (an idle process burns nothing).
+    pub host_poll_us: Option<u32>,
+    /// How long a VMM host process may hold no instance before it exits
+    /// (its VMs, being torn down, go with it at once); `None` = 1,000 ms.
+    pub host_idle_exit_ms: Option<u64>,
 }

@@ -122,6 +122,11 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
                 .vm
                 .host_reply_timeout_ms
                 .map_or(hosts::DEFAULT_REPLY_TIMEOUT, std::time::Duration::from_millis),
+            poll_us: config.vm.host_poll_us.unwrap_or(hosts::DEFAULT_HOST_POLL_US),
+            idle_exit: config
+                .vm
+                .host_idle_exit_ms
+                .map_or(hosts::DEFAULT_IDLE_EXIT, std::time::Duration::from_millis),
         };
         Some(hosts::Hosts::new(settings, instance)?)
     };
@@ -766,6 +771,12 @@ impl Backend for VmBackend {
                     self.hosts
                         .as_ref()
                         .map_or(0, |h| u64::try_from(h.spawned()).unwrap_or(0)),
+                ),
+                (
+                    "vm_host_processes_exited".to_owned(),
+                    self.hosts
+                        .as_ref()
+                        .map_or(0, |h| u64::try_from(h.exited()).unwrap_or(0)),
                 ),
                 ("vm_host_private_bytes".to_owned(), host_private),
             ]

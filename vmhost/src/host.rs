@@ -98,6 +98,9 @@ struct Host {
     io_addr: u64,
     slab: Arc<Slab>,
     ring: RunRing,
+    /// Held by whoever consumes the ring (the dispatcher, or an idle
+    /// runner polling it): one consumer at a time.
+    consumer: Mutex<()>,
     config: InstanceConfig,
     mem_bytes: usize,
     nodes: Mutex<HashMap<u64, Node>>,
@@ -139,11 +142,18 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         io_addr: layout.io_addr,
         slab,
         ring,
+        consumer: Mutex::new(()),
         config,
         mem_bytes,
         nodes: Mutex::new(HashMap::new()),
         instances: RwLock::new((0..args.slots).map(|_| None).collect()),
     });
+    if args.poll_us > 0 {
+        vmm::runner::set_idle_poll(
+            Box::new(RingPoll(Arc::clone(&host))),
+            Duration::from_micros(u64::from(args.poll_us)),
+        );
+    }
     let h = Arc::clone(&host);
     std::thread::Builder::new()
         .name("vmhost-dispatch".into())
@@ -161,31 +171,76 @@ fn enter_sandbox(spec: &str) -> Result<(), HostError> {
     Ok(())
 }
 
-/// Takes queued runs off the ring and hands the instances to runners, or
-/// stops an instance whose caller set its kill flag (a `STOP` entry).
+/// Takes every queued run off the ring (as its one consumer at a time:
+/// `wait` for the consumer lock, else give up if another holds it) and
+/// hands the instances to runners, or stops an instance whose caller set
+/// its kill flag (a `STOP` entry). True if it took any.
+fn drain(host: &Host, wait: bool) -> bool {
+    let _consumer = if wait {
+        match host.consumer.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    } else {
+        match host.consumer.try_lock() {
+            Ok(g) => g,
+            Err(_) => return false,
+        }
+    };
+    let ring = host.ring.ring();
+    let mut took = false;
+    while let Some(run) = ring.pop() {
+        took = true;
+        let instance = host.instances.read().ok().and_then(|v| {
+            v.get(usize::try_from(run.slot).unwrap_or(usize::MAX))
+                .cloned()
+                .flatten()
+        });
+        if let Some(instance) = instance {
+            match run.op {
+                crate::RunEntry::STOP => {
+                    instance.stop_if_killed();
+                }
+                op => instance.run_published(op == crate::RunEntry::RESUME),
+            }
+        }
+    }
+    took
+}
+
+/// The dispatcher thread: drains the ring whenever the backend wakes it
+/// (it does when no runner is polling the ring).
 fn dispatch(host: &Host) {
     let ring = host.ring.ring();
     loop {
         let tail = ring.tail_word().load(Ordering::Acquire);
-        let mut took = false;
-        while let Some(run) = ring.pop() {
-            took = true;
-            let instance = host.instances.read().ok().and_then(|v| {
-                v.get(usize::try_from(run.slot).unwrap_or(usize::MAX))
-                    .cloned()
-                    .flatten()
-            });
-            if let Some(instance) = instance {
-                match run.op {
-                    crate::RunEntry::STOP => {
-                        instance.stop_if_killed();
-                    }
-                    op => instance.run_published(op == crate::RunEntry::RESUME),
-                }
-            }
-        }
-        if !took {
+        if !drain(host, true) {
             futex::wait(ring.tail_word(), tail, Some(Duration::from_secs(1)));
+        }
+    }
+}
+
+/// An idle runner's poll of the run ring (`vm.host_poll_us`): while it
+/// polls, the backend does not wake the dispatcher, and the runner takes
+/// the next request itself (no sleep, no wake, no hand-off).
+struct RingPoll(Arc<Host>);
+
+impl vmm::runner::IdlePoll for RingPoll {
+    fn enter(&self) {
+        self.0.ring.pollers().fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn poll(&self) -> bool {
+        // Cheap while empty: one load, no lock.
+        !self.0.ring.ring().is_empty() && drain(&self.0, false)
+    }
+
+    fn leave(&self) {
+        self.0.ring.pollers().fetch_sub(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // A push that saw this poller and did not wake the dispatcher.
+        if !self.0.ring.ring().is_empty() {
+            drain(&self.0, true);
         }
     }
 }

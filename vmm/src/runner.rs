@@ -13,11 +13,51 @@
 //! instance) was slower than [`Placement::RoundRobin`], the default.
 //!
 //! Where to queue and whom to wake is `choose`, a pure function.
+//!
+//! A process whose work arrives from elsewhere (a VMM host process's run
+//! ring) can install an [`IdlePoll`] ([`set_idle_poll`]): a runner that
+//! just finished a command polls it for up to its spin time before it
+//! sleeps, so a hot back-to-back request is picked up with no sleep, no
+//! wake and no hand-off to another thread. Only after activity: a runner
+//! idle since its last spin sleeps at once, so idle processes burn nothing.
 
 use crate::instance::Shared;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Work an idle runner polls for before it sleeps (see the module doc).
+pub trait IdlePoll: Send + Sync {
+    /// A runner starts polling (e.g. it tells producers a poller is awake,
+    /// so they need not wake anyone).
+    fn enter(&self);
+    /// Takes whatever work is waiting and submits it; true if it found any.
+    fn poll(&self) -> bool;
+    /// The runner stops polling (and re-checks, so nothing queued while it
+    /// was leaving is missed).
+    fn leave(&self);
+}
+
+static IDLE: OnceLock<(Box<dyn IdlePoll>, Duration)> = OnceLock::new();
+
+/// Installs the process's idle poll, polled for up to `spin` after each
+/// command a runner finishes; false if one was installed already.
+pub fn set_idle_poll(poll: Box<dyn IdlePoll>, spin: Duration) -> bool {
+    !spin.is_zero() && IDLE.set((poll, spin)).is_ok()
+}
+
+/// Polls the idle poll until it finds work or `until`.
+fn spin_idle(poll: &dyn IdlePoll, until: Instant) {
+    poll.enter();
+    loop {
+        if poll.poll() || Instant::now() >= until {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    poll.leave();
+}
 
 /// Stack of a runner thread (it only runs the exit loop).
 const RUNNER_STACK_BYTES: usize = 256 << 10;
@@ -218,11 +258,20 @@ fn runner(pool: &PoolInner, me: usize) {
     // SAFETY: `pthread_self` has no preconditions.
     let thread = unsafe { libc::pthread_self() };
     let mut st = lock(&pool.state);
+    // When this runner last finished a command (it polls for work once
+    // after each).
+    let mut done: Option<Instant> = None;
     loop {
         let lens: Vec<usize> = st.queues.iter().map(VecDeque::len).collect();
         let Some(q) = pick(me, &lens, &st.busy) else {
             if st.stop {
                 return;
+            }
+            if let (Some((poll, spin)), Some(at)) = (IDLE.get(), done.take()) {
+                drop(st);
+                spin_idle(poll.as_ref(), at + *spin);
+                st = lock(&pool.state);
+                continue;
             }
             st = pool.wakers[me]
                 .wait(st)
@@ -238,6 +287,7 @@ fn runner(pool: &PoolInner, me: usize) {
         instance.home.store(me, Ordering::Relaxed);
         crate::vcpu::run_commands(&instance, thread);
         drop(instance); // a killed instance may tear down here, off the caller
+        done = Some(Instant::now());
         st = lock(&pool.state);
         st.busy[me] = false;
         st.current[me] = 0;

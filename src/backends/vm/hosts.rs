@@ -10,6 +10,16 @@
 //! is registered and there is room, else any with room, else a new one;
 //! at most `vms_per_host` VMs each (a slab of that many slots).
 //!
+//! Teardown: dropping an instance costs its caller nothing: its slot is
+//! queued on its host, and the backend's dropper thread asks the host to
+//! drop those VMs (one request each) while the host still serves other
+//! instances. A host left with no instance is not asked at all: once it
+//! has been empty for `vm.host_idle_exit_ms` it is killed, and its VMs go
+//! with it at once (the kernel tears them down in the dying process, in
+//! parallel over dying processes); so is one whose backend is dropped.
+//! That is what makes evicting 50,000 instances fast, and what shrinks
+//! the set of host processes when load goes down.
+//!
 //! A host process that dies (its pidfd, `ipc`'s death watcher): every
 //! caller waiting on one of its slots is woken and fails once
 //! (`RunError::Lost` -> `Error::WorkerLost`); its idle instances report
@@ -50,6 +60,14 @@ use vmhost::{HostArgs, RunEntry, RunRing};
 use vmm::slab::{Slab, SlabSlot};
 use vmm::{Instance, InstanceConfig, RemoteStart};
 
+/// How long a host's runner polls its run ring after a request, by
+/// default (`vm.host_poll_us`; measured in `examples/vm_shard_bench.rs`).
+pub(crate) const DEFAULT_HOST_POLL_US: u32 = 0;
+
+/// How long a host process may hold no instance before it exits, by
+/// default (`vm.host_idle_exit_ms`).
+pub(crate) const DEFAULT_IDLE_EXIT: Duration = Duration::from_millis(1000);
+
 /// How long a host process may take to answer a control request, by
 /// default (`vm.host_reply_timeout_ms`).
 pub(crate) const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -77,7 +95,41 @@ pub(crate) struct Host {
     registered: Mutex<HashSet<u64>>,
     /// Slots in use, for waking their callers if the process dies.
     live: Mutex<HashMap<u32, Arc<SlabSlot>>>,
+    /// Slots in use (instances, and dropped ones not yet confirmed gone).
     vms: AtomicUsize,
+    /// Instances the backend holds here (placed and not dropped).
+    instances: AtomicUsize,
+    /// Dropped instances whose VMs the host has not dropped yet.
+    pending: Mutex<Vec<(u32, Arc<SlabSlot>)>>,
+    /// Since when it holds no instance.
+    empty_since: Mutex<Option<std::time::Instant>>,
+    /// Wakes the dropper thread.
+    dropper: Arc<Signal>,
+}
+
+/// A wake-up flag for the dropper thread.
+#[derive(Debug, Default)]
+struct Signal {
+    raised: Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl Signal {
+    fn raise(&self) {
+        if let Ok(mut r) = self.raised.lock() {
+            *r = true;
+        }
+        self.cond.notify_one();
+    }
+
+    /// Waits until raised or `timeout`.
+    fn wait(&self, timeout: Duration) {
+        if let Ok(r) = self.raised.lock()
+            && let Ok((mut r, _)) = self.cond.wait_timeout_while(r, timeout, |r| !*r)
+        {
+            *r = false;
+        }
+    }
 }
 
 impl Host {
@@ -242,7 +294,11 @@ impl RemoteVm {
                 std::thread::yield_now();
             }
         }
-        futex::wake(self.host.ring.ring().tail_word(), 1);
+        // A runner polling the ring takes it; else wake the dispatcher.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.host.ring.pollers().load(Ordering::SeqCst) == 0 {
+            futex::wake(self.host.ring.ring().tail_word(), 1);
+        }
         !self.host.is_dead()
     }
 }
@@ -256,18 +312,52 @@ impl Drop for RemoteVm {
         if !self.host.is_dead() && vmm::report::forged(self.chan.control()) {
             self.host.condemn("a forged report in a slot");
         }
-        if !self.host.is_dead() {
-            match self.host.call(&Request::Drop { slot: self.slot }, None) {
-                Ok(Reply::Ok) => {}
-                // Not confirmed gone: the slot is never reused (the process
-                // is misbehaving; it is condemned).
+        // The dropper thread drops the VM (or the whole process, once it
+        // holds no instance); the slot is reused only after that.
+        if let Ok(mut p) = self.host.pending.lock() {
+            p.push((self.slot, Arc::clone(&self.chan)));
+        }
+        self.host.released();
+        self.host.dropper.raise();
+    }
+}
+
+impl Host {
+    /// One instance fewer (dropped, or its restore undone).
+    fn released(&self) {
+        if self.instances.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Ok(mut e) = self.empty_since.lock()
+        {
+            *e = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Asks the process to drop the VMs of dropped instances (it holds
+    /// others still); a slot is free once its VM is confirmed gone.
+    fn drop_pending(&self) {
+        loop {
+            let next = self.pending.lock().ok().and_then(|mut p| p.pop());
+            let Some((slot, chan)) = next else {
+                return;
+            };
+            if self.is_dead() {
+                // Gone with the process (the slab with it).
+                self.vms.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            match self.call(&Request::Drop { slot }, None) {
+                Ok(Reply::Ok) => {
+                    drop(chan);
+                    self.vms.fetch_sub(1, Ordering::Relaxed);
+                }
+                // Not confirmed gone: the slot is never reused (the
+                // process is misbehaving; it is condemned).
                 other => {
-                    std::mem::forget(Arc::clone(&self.chan));
-                    self.host.condemn(&format!("dropping slot {}: {other:?}", self.slot));
+                    std::mem::forget(chan);
+                    self.condemn(&format!("dropping slot {slot}: {other:?}"));
                 }
             }
         }
-        self.host.vms.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -282,18 +372,34 @@ pub(crate) struct HostSettings {
     pub(crate) runners: usize,
     /// Sandbox settings (made per tenant).
     pub(crate) sandbox: lang_isolation::sandbox::SandboxSettings,
+    /// How long a host process may hold no instance before it exits.
+    pub(crate) idle_exit: Duration,
     /// How long a host process may take to answer a control request.
     pub(crate) reply_timeout: Duration,
+    /// How long a host's runner polls its run ring after a request, in
+    /// microseconds.
+    pub(crate) poll_us: u32,
 }
 
 /// All host processes of a backend.
 #[derive(Debug)]
 pub(crate) struct Hosts {
+    shared: Arc<Shared>,
+    dropper: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the backend and its dropper thread share.
+#[derive(Debug)]
+pub(crate) struct Shared {
     settings: HostSettings,
     config: InstanceConfig,
     watch: DeathWatch,
     hosts: Mutex<Vec<Arc<Host>>>,
     spawned: AtomicUsize,
+    /// Host processes that exited empty.
+    exited: AtomicUsize,
+    signal: Arc<Signal>,
+    stop: AtomicBool,
     /// The protocol's key of each node.
     keys: Mutex<HashMap<snapshots::NodeId, u64>>,
 }
@@ -302,17 +408,101 @@ fn io(context: &'static str, detail: impl std::fmt::Display) -> Error {
     Error::io(context, std::io::Error::other(detail.to_string()))
 }
 
+impl std::ops::Deref for Hosts {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.signal.raise();
+        if let Some(t) = self.dropper.take() {
+            let _ = t.join();
+        }
+        // Every host process goes now, with its VMs: killed first, all of
+        // them, so that they tear down in parallel; reaped as they drop.
+        let hosts = self
+            .shared
+            .hosts
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
+        for h in &hosts {
+            h.kill();
+        }
+    }
+}
+
 impl Hosts {
     pub(crate) fn new(settings: HostSettings, config: InstanceConfig) -> Result<Self, Error> {
         let watch = DeathWatch::new("vm-host-watch").map_err(|e| Error::io("starting the vm host watcher", e))?;
-        Ok(Self {
+        let shared = Arc::new(Shared {
             settings,
             config,
             watch,
             hosts: Mutex::new(Vec::new()),
             spawned: AtomicUsize::new(0),
+            exited: AtomicUsize::new(0),
+            signal: Arc::new(Signal::default()),
+            stop: AtomicBool::new(false),
             keys: Mutex::new(HashMap::new()),
+        });
+        let s = Arc::clone(&shared);
+        let dropper = std::thread::Builder::new()
+            .name("vm-host-dropper".into())
+            .spawn(move || s.drop_loop())
+            .map_err(|e| Error::io("starting the vm host dropper", e))?;
+        Ok(Self {
+            shared,
+            dropper: Some(dropper),
         })
+    }
+}
+
+impl Shared {
+    /// The dropper thread: drops the VMs of dropped instances in hosts that
+    /// still serve, and ends hosts that have held no instance for
+    /// `idle_exit` (or died).
+    fn drop_loop(&self) {
+        let tick = (self.settings.idle_exit / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        while !self.stop.load(Ordering::SeqCst) {
+            self.signal.wait(tick);
+            let now = std::time::Instant::now();
+            // Empty too long (decided under the lock `place` takes, so no
+            // instance is being placed there).
+            let ending: Vec<Arc<Host>> = match self.hosts.lock() {
+                Ok(mut hosts) => {
+                    let (end, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *hosts).into_iter().partition(|h| {
+                        h.is_dead()
+                            || (h.instances.load(Ordering::SeqCst) == 0
+                                && h.empty_since
+                                    .lock()
+                                    .ok()
+                                    .and_then(|e| *e)
+                                    .is_some_and(|t| now.duration_since(t) >= self.settings.idle_exit))
+                    });
+                    *hosts = keep;
+                    end
+                }
+                Err(_) => Vec::new(),
+            };
+            for h in &ending {
+                if !h.is_dead() {
+                    self.exited.fetch_add(1, Ordering::Relaxed);
+                }
+                h.kill();
+            }
+            // Reaped (and their slabs freed) as they drop here.
+            drop(ending);
+            for h in self.list() {
+                if h.instances.load(Ordering::SeqCst) > 0 || h.is_dead() {
+                    h.drop_pending();
+                }
+            }
+        }
     }
 
     /// The live host processes.
@@ -323,6 +513,12 @@ impl Hosts {
     /// Host processes spawned so far (respawns included).
     pub(crate) fn spawned(&self) -> usize {
         self.spawned.load(Ordering::Relaxed)
+    }
+
+    /// Host processes that exited after holding no instance for the grace
+    /// period.
+    pub(crate) fn exited(&self) -> usize {
+        self.exited.load(Ordering::Relaxed)
     }
 
     fn spawn(&self, tenant: &str) -> Result<Arc<Host>, Error> {
@@ -336,6 +532,7 @@ impl Hosts {
             layout: [l.stack_bytes, l.io_bytes, l.image_bytes, l.heap_bytes],
             output_limit: self.config.output_limit_bytes,
             spin_us: self.config.idle_spin_us,
+            poll_us: self.settings.poll_us,
             slots: self.settings.vms_per_host,
             runners: self.settings.runners,
             sandbox: sandbox.to_arg(),
@@ -389,6 +586,10 @@ impl Hosts {
             registered: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
             vms: AtomicUsize::new(0),
+            instances: AtomicUsize::new(0),
+            pending: Mutex::new(Vec::new()),
+            empty_since: Mutex::new(None),
+            dropper: Arc::clone(&self.signal),
         });
         let weak = Arc::downgrade(&host);
         self.watch
@@ -428,6 +629,10 @@ impl Hosts {
             }
         };
         host.vms.fetch_add(1, Ordering::Relaxed);
+        host.instances.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut e) = host.empty_since.lock() {
+            *e = None;
+        }
         Ok(host)
     }
 
@@ -441,6 +646,7 @@ impl Hosts {
         let host = self.place(tenant, id)?;
         let undo = |host: &Host| {
             host.vms.fetch_sub(1, Ordering::Relaxed);
+            host.released();
         };
         let fail = |detail: String| io("restoring an instance in a vm host process", detail);
         let first = host.registered.lock().is_ok_and(|r| !r.contains(&id));
