@@ -11,7 +11,8 @@
 //! `HOT_SPIN_US` (`vm.hot_spin_us`: the guest polls its mailbox after a
 //! reply and the caller polls for the reply), `DEFAULT_LAYOUT=1` (table1's
 //! guest layout instead of the density run's 16 MiB guest and 64 KiB
-//! window), `HOST_POLL_US` (`vm.host_poll_us`), `FUNCTIONS=N` (N noop functions picked at random, as table1
+//! window), `HOST_POLL_US` (`vm.host_poll_us`), `CALLER_SPIN_US`
+//! (`vm.caller_spin_us`), `FUNCTIONS=N` (N noop functions picked at random, as table1
 //! does with 100).
 
 #[path = "../tests/vm_common/mod.rs"]
@@ -43,6 +44,7 @@ fn config(vms_per_host: usize) -> Config {
                 host_runners: std::env::var("HOST_RUNNERS").ok().and_then(|v| v.parse().ok()),
                 hot_spin_us: std::env::var("HOT_SPIN_US").ok().and_then(|v| v.parse().ok()),
                 host_poll_us: std::env::var("HOST_POLL_US").ok().and_then(|v| v.parse().ok()),
+                caller_spin_us: std::env::var("CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()),
                 ..base.vm
             },
             ..base
@@ -54,6 +56,7 @@ fn config(vms_per_host: usize) -> Config {
             host_runners: std::env::var("HOST_RUNNERS").ok().and_then(|v| v.parse().ok()),
             hot_spin_us: std::env::var("HOT_SPIN_US").ok().and_then(|v| v.parse().ok()),
             host_poll_us: std::env::var("HOST_POLL_US").ok().and_then(|v| v.parse().ok()),
+            caller_spin_us: std::env::var("CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()),
             guest_mem_mib: Some(16),
             image_mib: Some(2),
             idle_per_function: Some(1),

@@ -295,4 +295,10 @@ pub struct VmConfig {
     /// How long a VMM host process may hold no instance before it exits
     /// (its VMs, being torn down, go with it at once); `None` = 1,000 ms.
     pub host_idle_exit_ms: Option<u64>,
+    /// How long a caller polls for the reply of an instance in a VMM host
+    /// process before it sleeps on it, in microseconds (the guest need not
+    /// spin: `hot_spin_us` makes both spin); `None` = the backend's
+    /// default (`DEFAULT_CALLER_SPIN_US`), 0 = sleep at once. Costs the
+    /// caller's thread busy CPU for up to that long per request.
+    pub caller_spin_us: Option<u32>,
 }

@@ -47,11 +47,12 @@ pub fn set_idle_poll(poll: Box<dyn IdlePoll>, spin: Duration) -> bool {
     !spin.is_zero() && IDLE.set((poll, spin)).is_ok()
 }
 
-/// Polls the idle poll until it finds work or `until`.
-fn spin_idle(poll: &dyn IdlePoll, until: Instant) {
+/// Polls the idle poll until it finds work, work is queued on the pool
+/// (another thread took it off the ring), or `until`.
+fn spin_idle(poll: &dyn IdlePoll, pool: &PoolInner, until: Instant) {
     poll.enter();
     loop {
-        if poll.poll() || Instant::now() >= until {
+        if poll.poll() || pool.queued.load(Ordering::Acquire) > 0 || Instant::now() >= until {
             break;
         }
         std::hint::spin_loop();
@@ -160,6 +161,8 @@ pub(crate) struct PoolInner {
     next_home: AtomicUsize,
     /// Runner threads started (for statistics).
     threads: AtomicUsize,
+    /// Instances on the queues (read without the lock by polling runners).
+    queued: AtomicUsize,
 }
 
 /// A process's runner pool. Instances hold it, so its threads live as long
@@ -201,6 +204,7 @@ impl Pool {
             rr: AtomicUsize::new(0),
             next_home: AtomicUsize::new(0),
             threads: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
         });
         for index in 0..n {
             let pool = Arc::clone(&inner);
@@ -237,6 +241,7 @@ impl Pool {
         let home_has_it = st.current.get(home % n) == Some(&(Arc::as_ptr(&instance) as usize));
         let choice = choose(self.inner.placement, home, rr, &st.busy, home_has_it);
         st.queues[choice.queue].push_back(instance);
+        self.inner.queued.fetch_add(1, Ordering::Release);
         drop(st);
         if let Some(k) = choice.wake {
             self.inner.wakers[k].notify_one();
@@ -269,7 +274,7 @@ fn runner(pool: &PoolInner, me: usize) {
             }
             if let (Some((poll, spin)), Some(at)) = (IDLE.get(), done.take()) {
                 drop(st);
-                spin_idle(poll.as_ref(), at + *spin);
+                spin_idle(poll.as_ref(), pool, at + *spin);
                 st = lock(&pool.state);
                 continue;
             }
@@ -281,6 +286,7 @@ fn runner(pool: &PoolInner, me: usize) {
         let Some(instance) = st.queues[q].pop_front() else {
             continue;
         };
+        pool.queued.fetch_sub(1, Ordering::Relaxed);
         st.busy[me] = true;
         st.current[me] = Arc::as_ptr(&instance) as usize;
         drop(st);

@@ -64,6 +64,11 @@ use vmm::{Instance, InstanceConfig, RemoteStart};
 /// default (`vm.host_poll_us`; measured in `examples/vm_shard_bench.rs`).
 pub(crate) const DEFAULT_HOST_POLL_US: u32 = 0;
 
+/// How long a caller polls for the reply of an instance in a host process
+/// before it sleeps, by default (`vm.caller_spin_us`; measured in
+/// `examples/vm_shard_bench.rs`).
+pub(crate) const DEFAULT_CALLER_SPIN_US: u32 = 0;
+
 /// How long a host process may hold no instance before it exits, by
 /// default (`vm.host_idle_exit_ms`).
 pub(crate) const DEFAULT_IDLE_EXIT: Duration = Duration::from_millis(1000);
@@ -294,9 +299,10 @@ impl RemoteVm {
                 std::thread::yield_now();
             }
         }
-        // A runner polling the ring takes it; else wake the dispatcher.
+        // A runner polling the ring takes it; else wake the dispatcher (a
+        // stop always: a kill must not wait for a poller).
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.host.ring.pollers().load(Ordering::SeqCst) == 0 {
+        if entry.op == RunEntry::STOP || self.host.ring.pollers().load(Ordering::SeqCst) == 0 {
             futex::wake(self.host.ring.ring().tail_word(), 1);
         }
         !self.host.is_dead()
@@ -379,6 +385,9 @@ pub(crate) struct HostSettings {
     /// How long a host's runner polls its run ring after a request, in
     /// microseconds.
     pub(crate) poll_us: u32,
+    /// How long a caller polls for its reply before it sleeps, in
+    /// microseconds.
+    pub(crate) caller_spin_us: u32,
 }
 
 /// All host processes of a backend.
@@ -724,7 +733,13 @@ impl Shared {
             at_checkpoint: node.state().at_checkpoint,
             tsc_offset,
         };
-        Instance::remote(Box::new(remote), &self.config, start).map_err(|e| fail(e.to_string()))
+        // The caller polls for its reply (`caller_spin_us`) before it
+        // sleeps, whether or not the guest spins.
+        let caller = InstanceConfig {
+            idle_spin_us: self.config.idle_spin_us.max(self.settings.caller_spin_us),
+            ..self.config
+        };
+        Instance::remote(Box::new(remote), &caller, start).map_err(|e| fail(e.to_string()))
     }
 
     /// Threads and private memory of the host processes, from `/proc`
