@@ -12,7 +12,8 @@
 //! reply and the caller polls for the reply), `DEFAULT_LAYOUT=1` (table1's
 //! guest layout instead of the density run's 16 MiB guest and 64 KiB
 //! window), `HOST_POLL_US` (`vm.host_poll_us`), `CALLER_SPIN_US`
-//! (`vm.caller_spin_us`), `FUNCTIONS=N` (N noop functions picked at random, as table1
+//! (`vm.caller_spin_us`), `SHELL_POOL` (`vm.shell_pool`, which also sets
+//! the shells each host process makes in advance, up to 2), `FUNCTIONS=N` (N noop functions picked at random, as table1
 //! does with 100).
 
 #[path = "../tests/vm_common/mod.rs"]
@@ -45,6 +46,7 @@ fn config(vms_per_host: usize) -> Config {
                 hot_spin_us: std::env::var("HOT_SPIN_US").ok().and_then(|v| v.parse().ok()),
                 host_poll_us: std::env::var("HOST_POLL_US").ok().and_then(|v| v.parse().ok()),
                 caller_spin_us: std::env::var("CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()),
+                shell_pool: std::env::var("SHELL_POOL").ok().and_then(|v| v.parse().ok()),
                 ..base.vm
             },
             ..base
@@ -57,6 +59,7 @@ fn config(vms_per_host: usize) -> Config {
             hot_spin_us: std::env::var("HOT_SPIN_US").ok().and_then(|v| v.parse().ok()),
             host_poll_us: std::env::var("HOST_POLL_US").ok().and_then(|v| v.parse().ok()),
             caller_spin_us: std::env::var("CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()),
+            shell_pool: std::env::var("SHELL_POOL").ok().and_then(|v| v.parse().ok()),
             guest_mem_mib: Some(16),
             image_mib: Some(2),
             idle_per_function: Some(1),

@@ -123,6 +123,9 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
                 .host_reply_timeout_ms
                 .map_or(hosts::DEFAULT_REPLY_TIMEOUT, std::time::Duration::from_millis),
             poll_us: config.vm.host_poll_us.unwrap_or(hosts::DEFAULT_HOST_POLL_US),
+            // As many as this process keeps, at most 2 per host process
+            // (each is a VM: an MMU notifier in its address space).
+            shells: shell_target.min(2),
             caller_spin_us: config.vm.caller_spin_us.unwrap_or(hosts::DEFAULT_CALLER_SPIN_US),
             idle_exit: config
                 .vm

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use vmm::slab::Slab;
-use vmm::{ExternalMemory, Instance, InstanceConfig, RunnerConfig, SavedState, Vmm};
+use vmm::{ExternalMemory, Instance, InstanceConfig, RunnerConfig, SavedState, Shell, Vmm};
 
 /// Why the host process stopped.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,10 @@ struct Host {
     mem_bytes: usize,
     nodes: Mutex<HashMap<u64, Node>>,
     instances: RwLock<Vec<Option<Arc<Instance>>>>,
+    /// VM shells made while no control request waits.
+    shells: Mutex<Vec<Shell>>,
+    /// How many to keep.
+    shell_target: usize,
 }
 
 /// Takes an fd the backend placed at `number`.
@@ -147,6 +151,8 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         mem_bytes,
         nodes: Mutex::new(HashMap::new()),
         instances: RwLock::new((0..args.slots).map(|_| None).collect()),
+        shells: Mutex::new(Vec::new()),
+        shell_target: args.shells,
     });
     if args.poll_us > 0 {
         vmm::runner::set_idle_poll(
@@ -248,6 +254,7 @@ impl vmm::runner::IdlePoll for RingPoll {
 fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
     let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + crate::protocol::FRAME_HEADER + 1];
     loop {
+        refill_shells(host, control);
         let (len, fd) = match receive(control, &mut buf) {
             Ok(Some(m)) => m,
             // The backend is gone.
@@ -320,6 +327,39 @@ fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
     }
 }
 
+/// Makes VM shells (KVM_CREATE_VM, the vCPU, its CPUID: most of a
+/// restore's fixed cost) up to the target while no control request waits,
+/// so that restores find one made.
+fn refill_shells(host: &Host, control: BorrowedFd<'_>) {
+    loop {
+        let short = host.shells.lock().is_ok_and(|s| s.len() < host.shell_target);
+        if !short || waiting(control) {
+            return;
+        }
+        match Shell::new(&host.vmm, host.config.vcpu_stats) {
+            Ok(shell) => {
+                if let Ok(mut s) = host.shells.lock() {
+                    s.push(shell);
+                }
+            }
+            // Out of VMs or fds: restores make their own (and say why).
+            Err(_) => return,
+        }
+    }
+}
+
+/// Whether a message waits on the socket (or it is closed).
+fn waiting(control: BorrowedFd<'_>) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: control.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd in a local array; no timeout.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n != 0
+}
+
 fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     let index = usize::try_from(slot).map_err(|_| "slot out of range".to_owned())?;
     if host
@@ -342,7 +382,8 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     };
     let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
     chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
-    let instance = match Instance::restore_in_slot(&host.vmm, None, &host.config, Box::new(memory), &state, chan) {
+    let shell = host.shells.lock().ok().and_then(|mut s| s.pop());
+    let instance = match Instance::restore_in_slot(&host.vmm, shell, &host.config, Box::new(memory), &state, chan) {
         Ok(i) => i,
         // The node is at fault: KVM refused its registers, or its state
         // does not match its memory.

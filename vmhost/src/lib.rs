@@ -162,6 +162,8 @@ pub struct HostArgs {
     pub poll_us: u32,
     /// Slots in the slab (the bound of VMs of this process).
     pub slots: usize,
+    /// VM shells (VM + vCPU) kept made in advance, off the restore path.
+    pub shells: usize,
     /// Runner threads.
     pub runners: usize,
     /// The sandbox to enter (`SandboxSettings::to_arg`).
@@ -183,6 +185,8 @@ impl HostArgs {
             self.poll_us.to_string(),
             "--slots".into(),
             self.slots.to_string(),
+            "--shells".into(),
+            self.shells.to_string(),
             "--runners".into(),
             self.runners.to_string(),
             "--sandbox".into(),
@@ -196,6 +200,7 @@ impl HostArgs {
         let (mut layout, mut output_limit, mut spin_us, mut slots, mut runners, mut sandbox) =
             (None, None, None, None, None, None);
         let mut poll_us = None;
+        let mut shells = None;
         while let Some(flag) = it.next() {
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
             let bad = |_| format!("bad value for {flag}: {value}");
@@ -212,6 +217,7 @@ impl HostArgs {
                 "--output-limit" => output_limit = Some(value.parse().map_err(bad)?),
                 "--spin-us" => spin_us = Some(value.parse().map_err(bad)?),
                 "--poll-us" => poll_us = Some(value.parse().map_err(bad)?),
+                "--shells" => shells = Some(value.parse().map_err(bad)?),
                 "--slots" => slots = Some(value.parse().map_err(bad)?),
                 "--runners" => runners = Some(value.parse().map_err(bad)?),
                 "--sandbox" => sandbox = Some(value.clone()),
@@ -223,6 +229,7 @@ impl HostArgs {
             output_limit: output_limit.ok_or("--output-limit missing")?,
             spin_us: spin_us.unwrap_or(0),
             poll_us: poll_us.unwrap_or(0),
+            shells: shells.unwrap_or(0),
             slots: slots.ok_or("--slots missing")?,
             runners: runners.ok_or("--runners missing")?,
             sandbox: sandbox.ok_or("--sandbox missing")?,
@@ -260,6 +267,7 @@ mod tests {
             spin_us: 0,
             poll_us: 50,
             slots: 3000,
+            shells: 2,
             runners: 3,
             sandbox: "layers=all,uid=64901".into(),
         };

@@ -380,6 +380,8 @@ pub(crate) struct HostSettings {
     pub(crate) sandbox: lang_isolation::sandbox::SandboxSettings,
     /// How long a host process may hold no instance before it exits.
     pub(crate) idle_exit: Duration,
+    /// VM shells each host process keeps made in advance.
+    pub(crate) shells: usize,
     /// How long a host process may take to answer a control request.
     pub(crate) reply_timeout: Duration,
     /// How long a host's runner polls its run ring after a request, in
@@ -542,6 +544,7 @@ impl Shared {
             output_limit: self.config.output_limit_bytes,
             spin_us: self.config.idle_spin_us,
             poll_us: self.settings.poll_us,
+            shells: self.settings.shells,
             slots: self.settings.vms_per_host,
             runners: self.settings.runners,
             sandbox: sandbox.to_arg(),
