@@ -135,9 +135,13 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
     // Everything that needs a file or /proc happens before the sandbox:
     // /dev/kvm, the fd limit, the kick handler. The runner pool starts
     // with the first instance, inside the sandbox.
+    // Grows, when every runner is busy (a long request), to about one per
+    // core plus one (read before the sandbox).
+    let defaults = RunnerConfig::default();
     let vmm = Vmm::with_runners(RunnerConfig {
         runners: args.runners.max(1),
-        placement: RunnerConfig::default().placement,
+        placement: defaults.placement,
+        grow_to: defaults.grow_to.max(args.runners),
     })
     .map_err(|e| setup("opening /dev/kvm", &e))?;
     enter_sandbox(&args.sandbox)?;
