@@ -273,8 +273,9 @@ pub struct VmConfig {
     /// own process (as before host processes).
     pub vms_per_host: Option<usize>,
     /// Runner threads per VMM host process; `None` = 1 (the fastest hot
-    /// path measured here; a long request then holds up the other
-    /// instances of its process).
+    /// path measured here). A process whose runners have all been busy
+    /// for 1 ms (a long request) starts more, up to about one per core
+    /// plus one, so a long request does not hold up its other instances.
     pub host_runners: Option<usize>,
     /// The VMM host binary to exec; `None` = the `microfaas-vmhost` built
     /// with this crate. For tests and deployments that install it

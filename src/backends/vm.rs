@@ -54,10 +54,10 @@ const DEFAULT_VMS_PER_HOST: usize = 512;
 /// (`examples/vm_shard_bench.rs`, hot noop total p50): 84 us with one
 /// runner, 152 us with two and 133 us with three (round robin), 155 us
 /// with two and sticky placement; in this process 73-81 us. So one: the
-/// hot path keeps its figure. The price: a long request holds up the
-/// other instances of its host process until it ends or its budget
-/// expires (`vm.host_runners` raises it; with 512 VMs per process, a
-/// host has many processes and so many runners overall).
+/// hot path keeps its figure. A long request does not hold up the other
+/// instances of its host process: once every runner has been busy for
+/// 1 ms, the pool grows (to about one runner per core plus one; grown
+/// runners end after 2 s idle; `vmm::runner::GROW_AFTER`).
 const DEFAULT_HOST_RUNNERS: usize = 1;
 
 /// Opens the `vm` backend.
