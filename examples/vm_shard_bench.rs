@@ -6,6 +6,15 @@
 //! 2. `function` start (restore from the function node) with 10, 1,000,
 //!    ... up to MAX (default 10,000) idle instances alive, in host processes
 //!    of `VMS_PER_HOST` (default 2048) VMs. `SKIP_HOT=1` skips part 1.
+//!
+//! Knobs for A/B runs of the hot path: `HOST_RUNNERS` (`vm.host_runners`),
+//! `HOT_SPIN_US` (`vm.hot_spin_us`: the guest polls its mailbox after a
+//! reply and the caller polls for the reply), `DEFAULT_LAYOUT=1` (table1's
+//! guest layout instead of the density run's 16 MiB guest and 64 KiB
+//! window), `HOST_POLL_US` (`vm.host_poll_us`), `CALLER_SPIN_US`
+//! (`vm.caller_spin_us`), `SHELL_POOL` (`vm.shell_pool`, which also sets
+//! the shells each host process makes in advance, up to 2), `FUNCTIONS=N` (N noop functions picked at random, as table1
+//! does with 100).
 
 #[path = "../tests/vm_common/mod.rs"]
 mod vm_common;
@@ -28,10 +37,29 @@ fn summary(name: &str, mut ns: Vec<u64>) {
 
 fn config(vms_per_host: usize) -> Config {
     let base = vm_common::config();
+    if std::env::var("DEFAULT_LAYOUT").is_ok() {
+        // table1's layout (the defaults: an 80 MiB guest, a 4 MiB window).
+        return Config {
+            vm: VmConfig {
+                vms_per_host: Some(vms_per_host),
+                host_runners: std::env::var("HOST_RUNNERS").ok().and_then(|v| v.parse().ok()),
+                hot_spin_us: std::env::var("HOT_SPIN_US").ok().and_then(|v| v.parse().ok()),
+                host_poll_us: std::env::var("HOST_POLL_US").ok().and_then(|v| v.parse().ok()),
+                caller_spin_us: std::env::var("CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()),
+                shell_pool: std::env::var("SHELL_POOL").ok().and_then(|v| v.parse().ok()),
+                ..base.vm
+            },
+            ..base
+        };
+    }
     Config {
         vm: VmConfig {
             vms_per_host: Some(vms_per_host),
             host_runners: std::env::var("HOST_RUNNERS").ok().and_then(|v| v.parse().ok()),
+            hot_spin_us: std::env::var("HOT_SPIN_US").ok().and_then(|v| v.parse().ok()),
+            host_poll_us: std::env::var("HOST_POLL_US").ok().and_then(|v| v.parse().ok()),
+            caller_spin_us: std::env::var("CALLER_SPIN_US").ok().and_then(|v| v.parse().ok()),
+            shell_pool: std::env::var("SHELL_POOL").ok().and_then(|v| v.parse().ok()),
             guest_mem_mib: Some(16),
             image_mib: Some(2),
             idle_per_function: Some(1),
@@ -45,15 +73,32 @@ fn config(vms_per_host: usize) -> Config {
 }
 
 fn hot(label: &str, b: &dyn Backend) {
-    let noop = b
-        .deploy(&FunctionSpec::new("noop", microfaas::builtin("noop").unwrap()))
-        .unwrap();
-    for _ in 0..300 {
-        b.invoke(&noop, b"", StartRequest::Auto).unwrap();
+    // `FUNCTIONS=N`: N noop functions invoked in turn (table1 picks among
+    // 100 at random: every request then runs another VM).
+    let n: usize = std::env::var("FUNCTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let ids: Vec<_> = (0..n.max(1))
+        .map(|i| {
+            b.deploy(&FunctionSpec::new(
+                format!("noop-{i}"),
+                microfaas::builtin("noop").unwrap(),
+            ))
+            .unwrap()
+        })
+        .collect();
+    for i in 0..300 {
+        b.invoke(&ids[i % ids.len()], b"", StartRequest::Auto).unwrap();
     }
     let (mut total, mut dispatch) = (Vec::new(), Vec::new());
+    let mut x = 0x2545_f491_4f6c_dd1du64;
     for _ in 0..5000 {
-        let r = b.invoke(&noop, b"", StartRequest::Auto).unwrap();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let noop = &ids[usize::try_from(x % ids.len() as u64).unwrap_or(0)];
+        let r = b.invoke(noop, b"", StartRequest::Auto).unwrap();
         assert_eq!(r.start, StartPath::Hot);
         total.push(r.timings.total_ns);
         dispatch.push(r.timings.dispatch_ns);

@@ -280,7 +280,33 @@ pub struct VmConfig {
     /// own process (as before host processes).
     pub vms_per_host: Option<usize>,
     /// Runner threads per VMM host process; `None` = 1 (the fastest hot
-    /// path measured here; a long request then holds up the other
-    /// instances of its process).
+    /// path measured here). A process whose runners have all been busy
+    /// for 1 ms (a long request) starts more, up to about one per core
+    /// plus one, so a long request does not hold up its other instances.
     pub host_runners: Option<usize>,
+    /// The VMM host binary to exec; `None` = the `microfaas-vmhost` built
+    /// with this crate. For tests and deployments that install it
+    /// elsewhere (the hostile-host tests point it at a fixture); set by
+    /// the operator only, never by a function.
+    pub host_binary: Option<PathBuf>,
+    /// How long a VMM host process may take to answer a control request
+    /// (register, restore, drop) before it is condemned (killed, its
+    /// requests failed once); `None` = 20,000 ms.
+    pub host_reply_timeout_ms: Option<u64>,
+    /// How long a VMM host process's runner polls its run ring after
+    /// finishing a request before it sleeps, in microseconds, so a hot
+    /// back-to-back request is taken with no sleep, wake or hand-off;
+    /// `None` = the backend's default (see `DEFAULT_HOST_POLL_US`), 0 =
+    /// off. Costs up to that much busy CPU after each request, only after
+    /// activity (an idle process burns nothing).
+    pub host_poll_us: Option<u32>,
+    /// How long a VMM host process may hold no instance before it exits
+    /// (its VMs, being torn down, go with it at once); `None` = 1,000 ms.
+    pub host_idle_exit_ms: Option<u64>,
+    /// How long a caller polls for the reply of an instance in a VMM host
+    /// process before it sleeps on it, in microseconds (the guest need not
+    /// spin: `hot_spin_us` makes both spin); `None` = the backend's
+    /// default (`DEFAULT_CALLER_SPIN_US`), 0 = sleep at once. Costs the
+    /// caller's thread busy CPU for up to that long per request.
+    pub caller_spin_us: Option<u32>,
 }

@@ -252,3 +252,82 @@ fn instances_spread_over_several_host_processes_serve_correctly() {
         assert_eq!(r.output, input.as_bytes());
     }
 }
+
+/// A host process left with no instance exits after its grace period
+/// (`vm.host_idle_exit_ms`), with its VMs, without being asked to drop
+/// them one by one; the backend counts it, and the function serves again
+/// from a new host process.
+#[test]
+fn an_empty_host_process_exits_after_its_grace_period() {
+    let mut config = vm_common::config();
+    config.vm.host_idle_exit_ms = Some(200);
+    let Some(backend) = vm_common::open_vm(config) else {
+        return;
+    };
+    let echo = deploy(backend.as_ref(), "echo", Duration::from_secs(5));
+    backend.prestart(&echo, 3).unwrap();
+    assert_eq!(backend.invoke(&echo, b"a", StartRequest::Auto).unwrap().output, b"a");
+    let pids = host_pids(backend.as_ref());
+    assert_eq!(pids.len(), 1, "{:?}", backend.stats());
+    // Serving: it stays, past its grace period.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        host_pids(backend.as_ref()),
+        pids,
+        "a host process with instances exited"
+    );
+    backend.evict(&echo).unwrap();
+    let proc = format!("/proc/{}", pids[0]);
+    let until = Instant::now() + Duration::from_secs(30);
+    while (!host_pids(backend.as_ref()).is_empty() || std::path::Path::new(&proc).exists()) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = backend.stats();
+    assert_eq!(stats.counter("vm_host_processes"), Some(0), "{stats:?}");
+    assert_eq!(stats.counter("vm_host_processes_exited"), Some(1), "{stats:?}");
+    // Reaped: no such process any more.
+    assert!(
+        !std::path::Path::new(&proc).exists(),
+        "host process {} still there",
+        pids[0]
+    );
+    for i in 0..3 {
+        let input = format!("again {i}");
+        let r = backend.invoke(&echo, input.as_bytes(), StartRequest::Auto).unwrap();
+        assert_eq!(r.output, input.as_bytes());
+    }
+    assert_eq!(backend.stats().counter("vm_host_processes_spawned"), Some(2));
+}
+
+/// A long request does not hold up the other instances of its host
+/// process: with one runner per process (the default), a `spin` request
+/// keeps that runner busy until its budget ends, and the process starts
+/// another runner for `echo`, which is served, correctly, while `spin`
+/// still runs.
+#[test]
+fn a_long_request_does_not_block_its_host_processs_other_instances() {
+    let Some(backend) = vm_common::open_vm(vm_common::config()) else {
+        return;
+    };
+    let backend: Arc<dyn Backend> = Arc::from(backend);
+    let spin = deploy(backend.as_ref(), "spin", Duration::from_secs(4));
+    let echo = deploy(backend.as_ref(), "echo", Duration::from_secs(5));
+    assert_eq!(
+        backend.invoke(&echo, b"warm", StartRequest::Auto).unwrap().output,
+        b"warm"
+    );
+    assert_eq!(host_pids(backend.as_ref()).len(), 1, "one tenant: one host process");
+    let b = Arc::clone(&backend);
+    let s = spin.clone();
+    let in_flight = std::thread::spawn(move || b.invoke(&s, b"", StartRequest::Auto));
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..5 {
+        let input = format!("while spinning {i}");
+        let r = backend.invoke(&echo, input.as_bytes(), StartRequest::Auto).unwrap();
+        assert_eq!(r.output, input.as_bytes());
+    }
+    assert!(!in_flight.is_finished(), "echo was served only after spin ended");
+    let err = in_flight.join().unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BudgetExceeded, "{err}");
+    assert_eq!(host_pids(backend.as_ref()).len(), 1, "{:?}", backend.stats());
+}

@@ -65,10 +65,10 @@ const DEFAULT_VMS_PER_HOST: usize = 512;
 /// (`examples/vm_shard_bench.rs`, hot noop total p50): 84 us with one
 /// runner, 152 us with two and 133 us with three (round robin), 155 us
 /// with two and sticky placement; in this process 73-81 us. So one: the
-/// hot path keeps its figure. The price: a long request holds up the
-/// other instances of its host process until it ends or its budget
-/// expires (`vm.host_runners` raises it; with 512 VMs per process, a
-/// host has many processes and so many runners overall).
+/// hot path keeps its figure. A long request does not hold up the other
+/// instances of its host process: once every runner has been busy for
+/// 1 ms, the pool grows (to about one runner per core plus one; grown
+/// runners end after 2 s idle; `vmm::runner::GROW_AFTER`).
 const DEFAULT_HOST_RUNNERS: usize = 1;
 
 /// Opens the `vm` backend.
@@ -126,10 +126,27 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     } else {
         let runners = config.vm.host_runners.unwrap_or(DEFAULT_HOST_RUNNERS);
         let settings = hosts::HostSettings {
-            binary: std::path::PathBuf::from(env!("MICROFAAS_VMHOST_BIN")),
+            binary: config
+                .vm
+                .host_binary
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(env!("MICROFAAS_VMHOST_BIN"))),
             vms_per_host,
             runners,
             sandbox: config.sandbox.settings(),
+            reply_timeout: config
+                .vm
+                .host_reply_timeout_ms
+                .map_or(hosts::DEFAULT_REPLY_TIMEOUT, std::time::Duration::from_millis),
+            poll_us: config.vm.host_poll_us.unwrap_or(hosts::DEFAULT_HOST_POLL_US),
+            // As many as this process keeps, at most 2 per host process
+            // (each is a VM: an MMU notifier in its address space).
+            shells: shell_target.min(2),
+            caller_spin_us: config.vm.caller_spin_us.unwrap_or(hosts::DEFAULT_CALLER_SPIN_US),
+            idle_exit: config
+                .vm
+                .host_idle_exit_ms
+                .map_or(hosts::DEFAULT_IDLE_EXIT, std::time::Duration::from_millis),
         };
         Some(hosts::Hosts::new(settings, instance)?)
     };
@@ -843,6 +860,12 @@ impl Backend for VmBackend {
                     self.hosts
                         .as_ref()
                         .map_or(0, |h| u64::try_from(h.spawned()).unwrap_or(0)),
+                ),
+                (
+                    "vm_host_processes_exited".to_owned(),
+                    self.hosts
+                        .as_ref()
+                        .map_or(0, |h| u64::try_from(h.exited()).unwrap_or(0)),
                 ),
                 ("vm_host_private_bytes".to_owned(), host_private),
             ]

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use vmm::slab::Slab;
-use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, RunnerConfig, SavedState, Vmm};
+use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, RunnerConfig, SavedState, Shell, Vmm};
 
 /// Why the host process stopped.
 #[derive(Debug, thiserror::Error)]
@@ -100,10 +100,17 @@ struct Host {
     io_addr: u64,
     slab: Arc<Slab>,
     ring: RunRing,
+    /// Held by whoever consumes the ring (the dispatcher, or an idle
+    /// runner polling it): one consumer at a time.
+    consumer: Mutex<()>,
     config: InstanceConfig,
     mem_bytes: usize,
     nodes: Mutex<HashMap<u64, Node>>,
     instances: RwLock<Vec<Option<Arc<Instance>>>>,
+    /// VM shells made while no control request waits.
+    shells: Mutex<Vec<Shell>>,
+    /// How many to keep.
+    shell_target: usize,
 }
 
 /// Takes an fd the backend placed at `number`.
@@ -130,9 +137,13 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
     // Everything that needs a file or /proc happens before the sandbox:
     // /dev/kvm, the fd limit, the kick handler. The runner pool starts
     // with the first instance, inside the sandbox.
+    // Grows, when every runner is busy (a long request), to about one per
+    // core plus one (read before the sandbox).
+    let defaults = RunnerConfig::default();
     let vmm = Vmm::with_runners(RunnerConfig {
         runners: args.runners.max(1),
-        placement: RunnerConfig::default().placement,
+        placement: defaults.placement,
+        grow_to: defaults.grow_to.max(args.runners),
     })
     .map_err(|e| setup("opening /dev/kvm", &e))?;
     // Resets find a guest's written pages with PAGEMAP_SCAN (the sandbox
@@ -145,11 +156,20 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         io_addr: layout.io_addr,
         slab,
         ring,
+        consumer: Mutex::new(()),
         config,
         mem_bytes,
         nodes: Mutex::new(HashMap::new()),
         instances: RwLock::new((0..args.slots).map(|_| None).collect()),
+        shells: Mutex::new(Vec::new()),
+        shell_target: args.shells,
     });
+    if args.poll_us > 0 {
+        vmm::runner::set_idle_poll(
+            Box::new(RingPoll(Arc::clone(&host))),
+            Duration::from_micros(u64::from(args.poll_us)),
+        );
+    }
     let h = Arc::clone(&host);
     std::thread::Builder::new()
         .name("vmhost-dispatch".into())
@@ -167,39 +187,85 @@ fn enter_sandbox(spec: &str) -> Result<(), HostError> {
     Ok(())
 }
 
-/// Takes queued runs off the ring and hands the instances to runners, or
-/// stops an instance whose caller set its kill flag (a `STOP` entry).
+/// Takes every queued run off the ring (as its one consumer at a time:
+/// `wait` for the consumer lock, else give up if another holds it) and
+/// hands the instances to runners, or stops an instance whose caller set
+/// its kill flag (a `STOP` entry). True if it took any.
+fn drain(host: &Host, wait: bool) -> bool {
+    let _consumer = if wait {
+        match host.consumer.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    } else {
+        match host.consumer.try_lock() {
+            Ok(g) => g,
+            Err(_) => return false,
+        }
+    };
+    let ring = host.ring.ring();
+    let mut took = false;
+    while let Some(run) = ring.pop() {
+        took = true;
+        let instance = host.instances.read().ok().and_then(|v| {
+            v.get(usize::try_from(run.slot).unwrap_or(usize::MAX))
+                .cloned()
+                .flatten()
+        });
+        if let Some(instance) = instance {
+            match run.op {
+                crate::RunEntry::STOP => {
+                    instance.stop_if_killed();
+                }
+                crate::RunEntry::RESET => instance.reset_published(),
+                op => instance.run_published(op == crate::RunEntry::RESUME),
+            }
+        }
+    }
+    took
+}
+
+/// The dispatcher thread: drains the ring whenever the backend wakes it
+/// (it does when no runner is polling the ring).
 fn dispatch(host: &Host) {
     let ring = host.ring.ring();
     loop {
         let tail = ring.tail_word().load(Ordering::Acquire);
-        let mut took = false;
-        while let Some(run) = ring.pop() {
-            took = true;
-            let instance = host.instances.read().ok().and_then(|v| {
-                v.get(usize::try_from(run.slot).unwrap_or(usize::MAX))
-                    .cloned()
-                    .flatten()
-            });
-            if let Some(instance) = instance {
-                match run.op {
-                    crate::RunEntry::STOP => {
-                        instance.stop_if_killed();
-                    }
-                    crate::RunEntry::RESET => instance.reset_published(),
-                    op => instance.run_published(op == crate::RunEntry::RESUME),
-                }
-            }
-        }
-        if !took {
+        if !drain(host, true) {
             futex::wait(ring.tail_word(), tail, Some(Duration::from_secs(1)));
         }
     }
 }
 
+/// An idle runner's poll of the run ring (`vm.host_poll_us`): while it
+/// polls, the backend does not wake the dispatcher, and the runner takes
+/// the next request itself (no sleep, no wake, no hand-off).
+struct RingPoll(Arc<Host>);
+
+impl vmm::runner::IdlePoll for RingPoll {
+    fn enter(&self) {
+        self.0.ring.pollers().fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn poll(&self) -> bool {
+        // Cheap while empty: one load, no lock.
+        !self.0.ring.ring().is_empty() && drain(&self.0, false)
+    }
+
+    fn leave(&self) {
+        self.0.ring.pollers().fetch_sub(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // A push that saw this poller and did not wake the dispatcher.
+        if !self.0.ring.ring().is_empty() {
+            drain(&self.0, true);
+        }
+    }
+}
+
 fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
-    let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + 1];
+    let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + crate::protocol::FRAME_HEADER + 1];
     loop {
+        refill_shells(host, control);
         let (len, fd) = match receive(control, &mut buf) {
             Ok(Some(m)) => m,
             // The backend is gone.
@@ -207,11 +273,17 @@ fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) => return Ok(()),
             Err(e) => return Err(HostError::Socket(e)),
         };
-        let reply = match Request::decode(&buf[..len]) {
-            Ok(request) => handle(host, request, fd),
-            Err(e) => Reply::Error(format!("bad request: {e}")),
+        let (id, reply) = match crate::protocol::unframe(&buf[..len]) {
+            Ok((id, message)) => (
+                id,
+                match Request::decode(message) {
+                    Ok(request) => handle(host, request, fd),
+                    Err(e) => Reply::Error(format!("bad request: {e}")),
+                },
+            ),
+            Err(e) => (0, Reply::Error(format!("bad frame: {e}"))),
         };
-        send(control, &reply.encode()).map_err(HostError::Socket)?;
+        send(control, &crate::protocol::frame(id, &reply.encode())).map_err(HostError::Socket)?;
     }
 }
 
@@ -264,6 +336,39 @@ fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
     }
 }
 
+/// Makes VM shells (KVM_CREATE_VM, the vCPU, its CPUID: most of a
+/// restore's fixed cost) up to the target while no control request waits,
+/// so that restores find one made.
+fn refill_shells(host: &Host, control: BorrowedFd<'_>) {
+    loop {
+        let short = host.shells.lock().is_ok_and(|s| s.len() < host.shell_target);
+        if !short || waiting(control) {
+            return;
+        }
+        match Shell::new(&host.vmm, host.config.vcpu_stats) {
+            Ok(shell) => {
+                if let Ok(mut s) = host.shells.lock() {
+                    s.push(shell);
+                }
+            }
+            // Out of VMs or fds: restores make their own (and say why).
+            Err(_) => return,
+        }
+    }
+}
+
+/// Whether a message waits on the socket (or it is closed).
+fn waiting(control: BorrowedFd<'_>) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: control.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd in a local array; no timeout.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n != 0
+}
+
 fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     let index = usize::try_from(slot).map_err(|_| "slot out of range".to_owned())?;
     if host
@@ -286,7 +391,8 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     };
     let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
     chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
-    let instance = match Instance::restore_in_slot(&host.vmm, None, &host.config, Box::new(memory), &state, chan) {
+    let shell = host.shells.lock().ok().and_then(|mut s| s.pop());
+    let instance = match Instance::restore_in_slot(&host.vmm, shell, &host.config, Box::new(memory), &state, chan) {
         Ok(i) => i,
         // The node is at fault: KVM refused its registers, or its state
         // does not match its memory.

@@ -72,6 +72,12 @@ pub struct RingLayout;
 impl RingLayout {
     /// The ring's counters.
     pub const INDICES: usize = 0;
+    /// The host's count of runners polling the ring (an `AtomicU32`): the
+    /// backend wakes the dispatcher after a push only when it reads 0.
+    /// Written by the host (untrusted: a wrong count only delays that
+    /// host's own requests, to their deadline at worst, and the
+    /// dispatcher also polls every second).
+    pub const POLLERS: usize = 512;
     /// End of the counters (reserved up to here).
     pub const INDICES_END: usize = 1024;
     /// The entries.
@@ -83,7 +89,8 @@ impl RingLayout {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<RingIndices>() <= RingLayout::INDICES_END);
+const _: () = assert!(std::mem::size_of::<RingIndices>() <= RingLayout::POLLERS);
+const _: () = assert!(RingLayout::POLLERS + 4 <= RingLayout::INDICES_END);
 
 /// A run ring over its region (the backend produces, the host consumes).
 #[derive(Debug)]
@@ -124,6 +131,22 @@ impl RunRing {
         &self.ring
     }
 
+    /// The count of host runners polling the ring ([`RingLayout::POLLERS`]).
+    pub fn pollers(&self) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: the offset is inside the region (checked at `new`: the
+        // region holds the entries, which start after it), 4-aligned (the
+        // region is page-aligned), and an atomic is valid for any bytes;
+        // the reference lives no longer than `self`, which keeps the
+        // mapping.
+        unsafe {
+            &*self
+                .region
+                .as_ptr()
+                .add(RingLayout::POLLERS)
+                .cast::<std::sync::atomic::AtomicU32>()
+        }
+    }
+
     /// The region (its fd, to pass to the host).
     pub fn region(&self) -> &SharedRegion {
         &self.region
@@ -139,8 +162,13 @@ pub struct HostArgs {
     pub output_limit: u64,
     /// Hot spinning of idle guests, in microseconds.
     pub spin_us: u32,
+    /// How long a runner polls the run ring after finishing a command
+    /// before it sleeps, in microseconds (0: it sleeps at once).
+    pub poll_us: u32,
     /// Slots in the slab (the bound of VMs of this process).
     pub slots: usize,
+    /// VM shells (VM + vCPU) kept made in advance, off the restore path.
+    pub shells: usize,
     /// Runner threads.
     pub runners: usize,
     /// The sandbox to enter (`SandboxSettings::to_arg`).
@@ -158,8 +186,12 @@ impl HostArgs {
             self.output_limit.to_string(),
             "--spin-us".into(),
             self.spin_us.to_string(),
+            "--poll-us".into(),
+            self.poll_us.to_string(),
             "--slots".into(),
             self.slots.to_string(),
+            "--shells".into(),
+            self.shells.to_string(),
             "--runners".into(),
             self.runners.to_string(),
             "--sandbox".into(),
@@ -172,6 +204,8 @@ impl HostArgs {
         let mut it = args.iter();
         let (mut layout, mut output_limit, mut spin_us, mut slots, mut runners, mut sandbox) =
             (None, None, None, None, None, None);
+        let mut poll_us = None;
+        let mut shells = None;
         while let Some(flag) = it.next() {
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
             let bad = |_| format!("bad value for {flag}: {value}");
@@ -187,6 +221,8 @@ impl HostArgs {
                 }
                 "--output-limit" => output_limit = Some(value.parse().map_err(bad)?),
                 "--spin-us" => spin_us = Some(value.parse().map_err(bad)?),
+                "--poll-us" => poll_us = Some(value.parse().map_err(bad)?),
+                "--shells" => shells = Some(value.parse().map_err(bad)?),
                 "--slots" => slots = Some(value.parse().map_err(bad)?),
                 "--runners" => runners = Some(value.parse().map_err(bad)?),
                 "--sandbox" => sandbox = Some(value.clone()),
@@ -197,6 +233,8 @@ impl HostArgs {
             layout: layout.ok_or("--layout missing")?,
             output_limit: output_limit.ok_or("--output-limit missing")?,
             spin_us: spin_us.unwrap_or(0),
+            poll_us: poll_us.unwrap_or(0),
+            shells: shells.unwrap_or(0),
             slots: slots.ok_or("--slots missing")?,
             runners: runners.ok_or("--runners missing")?,
             sandbox: sandbox.ok_or("--sandbox missing")?,
@@ -232,7 +270,9 @@ mod tests {
             layout: [1 << 20, 64 << 10, 2 << 20, 8 << 20],
             output_limit: 65536,
             spin_us: 0,
+            poll_us: 50,
             slots: 3000,
+            shells: 2,
             runners: 3,
             sandbox: "layers=all,uid=64901".into(),
         };

@@ -5,6 +5,12 @@
 //! trusts nothing a host process says (a VM escape may speak for it):
 //! every reply is decoded here, bounded, and only compared or shown.
 //!
+//! Every message travels in a frame, `[id (u32 LE), message]`: the
+//! backend numbers its requests and the host process echoes the number in
+//! its reply, so a reply that answers another request (late, doubled,
+//! forged) is told apart from the answer to this one ([`frame`],
+//! [`unframe`]).
+//!
 //! The request path does not use the socket: callers write the slot and
 //! queue it on the process's run ring ([`crate::RingLayout`]).
 
@@ -88,6 +94,27 @@ const OK: u8 = 10;
 const RESTORED: u8 = 11;
 const ERROR: u8 = 12;
 const STATE_REFUSED: u8 = 13;
+
+/// Bytes of a frame's header (the request id).
+pub const FRAME_HEADER: usize = 4;
+
+/// A framed message: `id` then `message`.
+pub fn frame(id: u32, message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER + message.len());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// Splits a frame into its id and message (pure, total).
+pub fn unframe(b: &[u8]) -> Result<(u32, &[u8]), ProtocolError> {
+    if b.len() > MAX_MESSAGE + FRAME_HEADER {
+        return Err(ProtocolError::TooLarge(b.len()));
+    }
+    let mut r = Reader(b);
+    let id = r.u32()?;
+    Ok((id, r.0))
+}
 
 struct Reader<'a>(&'a [u8]);
 
@@ -270,6 +297,17 @@ mod tests {
         ] {
             assert_eq!(Reply::decode(&m.encode()), Ok(m));
         }
+    }
+
+    #[test]
+    fn frames_carry_their_id() {
+        let m = Reply::Ok.encode();
+        let f = frame(77, &m);
+        assert_eq!(unframe(&f), Ok((77, &m[..])));
+        assert_eq!(unframe(&[1, 2, 3]), Err(ProtocolError::Truncated));
+        assert_eq!(unframe(&[]), Err(ProtocolError::Truncated));
+        let big = vec![0u8; MAX_MESSAGE + FRAME_HEADER + 1];
+        assert_eq!(unframe(&big), Err(ProtocolError::TooLarge(big.len())));
     }
 
     #[test]

@@ -16,7 +16,11 @@ fn percentile(v: &mut [u64], per_mille: usize) -> u64 {
 
 fn measure(artifact: &[u8], placement: Placement, n: usize) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     let runners = std::env::var("RUNNERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-    let vmm = Vmm::with_runners(RunnerConfig { runners, placement })?;
+    let vmm = Vmm::with_runners(RunnerConfig {
+        runners,
+        placement,
+        grow_to: runners,
+    })?;
     let config = InstanceConfig {
         vcpu_stats: false,
         ..InstanceConfig::default()

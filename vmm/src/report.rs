@@ -129,6 +129,22 @@ pub fn report_lost(control: &Control) {
     write(control, &Event::Lost);
 }
 
+/// Caller: whether the control block holds a report no runner writes (a
+/// kind or crash code outside the encoding): the process running the VM
+/// forged it (a guest cannot reach the control page).
+pub fn forged(control: &Control) -> bool {
+    let kind = control.kind.load(Ordering::Relaxed);
+    let arg = control.arg.load(Ordering::Relaxed);
+    match kind {
+        // Never reported: a fresh slot.
+        0 if control.report_seq.load(Ordering::Relaxed) == 0 => false,
+        DOORBELL | CHECKPOINT => u32::try_from(arg).is_err(),
+        FAULT | KILLED | LOST | RUN_FAILED => false,
+        CRASH => !(CRASH_TRIPLE..=CRASH_KVM).contains(&arg),
+        _ => true,
+    }
+}
+
 /// Caller: the event in the control block now (after `report_seq` moved).
 pub(crate) fn read(control: &Control) -> Event {
     let w = std::array::from_fn(|i| control.words[i].load(Ordering::Relaxed));
@@ -193,6 +209,32 @@ mod tests {
             let _ = decode(kind, arg, w);
         }
         assert!(matches!(decode(0, 0, [0; 7]), Event::Lost));
+    }
+
+    #[test]
+    fn forged_reports_are_told_from_written_ones() {
+        let control = Control::default();
+        assert!(!forged(&control), "a fresh slot");
+        for e in [
+            Event::Doorbell(7),
+            Event::Crash(Crash::Halt),
+            Event::Killed,
+            Event::RunFailed(kvm_ioctls::Error::new(libc::EFAULT)),
+        ] {
+            write(&control, &e);
+            assert!(!forged(&control), "{e:?}");
+        }
+        control.kind.store(99, Ordering::Relaxed);
+        assert!(forged(&control));
+        control.kind.store(CRASH, Ordering::Relaxed);
+        control.arg.store(42, Ordering::Relaxed);
+        assert!(forged(&control));
+        control.kind.store(DOORBELL, Ordering::Relaxed);
+        control.arg.store(u64::MAX, Ordering::Relaxed);
+        assert!(forged(&control));
+        control.kind.store(0, Ordering::Relaxed);
+        control.arg.store(0, Ordering::Relaxed);
+        assert!(forged(&control), "kind 0 after a report");
         assert!(matches!(decode(99, 0, [0; 7]), Event::Lost));
     }
 }

@@ -10,6 +10,16 @@
 //! is registered and there is room, else any with room, else a new one;
 //! at most `vms_per_host` VMs each (a slab of that many slots).
 //!
+//! Teardown: dropping an instance costs its caller nothing: its slot is
+//! queued on its host, and the backend's dropper thread asks the host to
+//! drop those VMs (one request each) while the host still serves other
+//! instances. A host left with no instance is not asked at all: once it
+//! has been empty for `vm.host_idle_exit_ms` it is killed, and its VMs go
+//! with it at once (the kernel tears them down in the dying process, in
+//! parallel over dying processes); so is one whose backend is dropped.
+//! That is what makes evicting 50,000 instances fast, and what shrinks
+//! the set of host processes when load goes down.
+//!
 //! A host process that dies (its pidfd, `ipc`'s death watcher): every
 //! caller waiting on one of its slots is woken and fails once
 //! (`RunError::Lost` -> `Error::WorkerLost`); its idle instances report
@@ -20,7 +30,17 @@
 //! Its replies are decoded by `vmhost::protocol` and only the TSC offset is
 //! taken from a restore reply (the sequence number and checkpoint state
 //! are the node's, known here); a slot is reused only after the process
-//! confirmed its VM is gone (or the process is dead).
+//! confirmed its VM is gone (or the process is dead). A process that
+//! breaks the protocol is *condemned*: killed at once, its waiting callers
+//! fail once (`WorkerLost`), and it is never used again (the next restore
+//! spawns a fresh one). Breaking the protocol is: no reply within
+//! `reply_timeout`, a closed socket, bytes that are no reply, a reply to
+//! another request (each request carries an id the reply must echo: a
+//! late, doubled or unsolicited reply is caught), a reply of the wrong
+//! kind, a run ring it stops draining, and a report word in a slot's
+//! control block that no runner writes. A process that refuses a restore
+//! (`Reply::Error`) is retired instead: no new instance is placed there,
+//! its instances serve on.
 
 use super::super::vm_snapshots::Restorable;
 use crate::Error;
@@ -32,7 +52,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmhost::protocol::{Reply, Request};
@@ -40,8 +60,22 @@ use vmhost::{HostArgs, RunEntry, RunRing};
 use vmm::slab::{Slab, SlabSlot};
 use vmm::{Instance, InstanceConfig, RemoteStart};
 
-/// How long a host process may take to answer a control request.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a host's runner polls its run ring after a request, by
+/// default (`vm.host_poll_us`; measured in `examples/vm_shard_bench.rs`).
+pub(crate) const DEFAULT_HOST_POLL_US: u32 = 0;
+
+/// How long a caller polls for the reply of an instance in a host process
+/// before it sleeps, by default (`vm.caller_spin_us`; measured in
+/// `examples/vm_shard_bench.rs`).
+pub(crate) const DEFAULT_CALLER_SPIN_US: u32 = 0;
+
+/// How long a host process may hold no instance before it exits, by
+/// default (`vm.host_idle_exit_ms`).
+pub(crate) const DEFAULT_IDLE_EXIT: Duration = Duration::from_millis(1000);
+
+/// How long a host process may take to answer a control request, by
+/// default (`vm.host_reply_timeout_ms`).
+pub(crate) const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One VMM host process.
 #[derive(Debug)]
@@ -55,10 +89,52 @@ pub(crate) struct Host {
     /// Serialises the callers' pushes (the ring has one producer).
     ring_lock: Mutex<()>,
     dead: AtomicBool,
+    /// Refused a restore: no new instance is placed here.
+    retired: AtomicBool,
+    /// Why it was condemned (the first reason).
+    condemned: Mutex<Option<String>>,
+    /// The last control request's id.
+    last_id: AtomicU32,
+    /// How long a reply (or a full ring's drain) may take.
+    reply_timeout: Duration,
     registered: Mutex<HashSet<u64>>,
     /// Slots in use, for waking their callers if the process dies.
     live: Mutex<HashMap<u32, Arc<SlabSlot>>>,
+    /// Slots in use (instances, and dropped ones not yet confirmed gone).
     vms: AtomicUsize,
+    /// Instances the backend holds here (placed and not dropped).
+    instances: AtomicUsize,
+    /// Dropped instances whose VMs the host has not dropped yet.
+    pending: Mutex<Vec<(u32, Arc<SlabSlot>)>>,
+    /// Since when it holds no instance.
+    empty_since: Mutex<Option<std::time::Instant>>,
+    /// Wakes the dropper thread.
+    dropper: Arc<Signal>,
+}
+
+/// A wake-up flag for the dropper thread.
+#[derive(Debug, Default)]
+struct Signal {
+    raised: Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl Signal {
+    fn raise(&self) {
+        if let Ok(mut r) = self.raised.lock() {
+            *r = true;
+        }
+        self.cond.notify_one();
+    }
+
+    /// Waits until raised or `timeout`.
+    fn wait(&self, timeout: Duration) {
+        if let Ok(r) = self.raised.lock()
+            && let Ok((mut r, _)) = self.cond.wait_timeout_while(r, timeout, |r| !*r)
+        {
+            *r = false;
+        }
+    }
 }
 
 impl Host {
@@ -76,18 +152,42 @@ impl Host {
         self.dead.load(Ordering::SeqCst)
     }
 
-    /// One control request and its reply.
+    /// One control request and its reply. Any failure condemns the
+    /// process ([`Host::condemn`]): an exchange out of step is never
+    /// trusted to get back in step.
     fn call(&self, request: &Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Reply, String> {
         if self.is_dead() {
             return Err("the host process is gone".into());
         }
-        let control = self.control.lock().map_err(|_| "poisoned".to_owned())?;
-        vmhost::host::send_with(control.as_fd(), &request.encode(), fd).map_err(|e| format!("sending: {e}"))?;
-        let mut buf = vec![0u8; vmhost::protocol::MAX_MESSAGE + 1];
-        match vmhost::host::receive(control.as_fd(), &mut buf) {
-            Ok(Some((len, _fd))) => Reply::decode(&buf[..len]).map_err(|e| format!("bad reply: {e}")),
-            Ok(None) => Err("the host process closed its socket".into()),
-            Err(e) => Err(format!("receiving: {e}")),
+        let result = {
+            let control = self.control.lock().map_err(|_| "poisoned".to_owned())?;
+            let id = self.last_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            exchange(control.as_fd(), id, request, fd)
+        };
+        if let Err(e) = &result {
+            self.condemn(e);
+        }
+        result
+    }
+
+    /// The process broke the protocol: kill it, fail its waiting callers
+    /// once, and never use it again.
+    fn condemn(&self, why: &str) {
+        if let Ok(mut c) = self.condemned.lock()
+            && c.is_none()
+        {
+            *c = Some(why.to_owned());
+        }
+        self.kill();
+        self.lost();
+    }
+
+    /// A control request got `reply` instead of its success: a refusal
+    /// retires the process, any other reply (of the wrong kind) condemns it.
+    fn refused(&self, reply: &Reply) {
+        match reply {
+            Reply::Error(_) | Reply::StateRefused(_) => self.retired.store(true, Ordering::Relaxed),
+            other => self.condemn(&format!("a reply of the wrong kind: {other:?}")),
         }
     }
 
@@ -107,6 +207,31 @@ impl Host {
             let _ = child.signal(libc::SIGKILL);
         }
     }
+}
+
+/// Sends `request` as request `id` and takes its reply, which must echo
+/// `id` (pure protocol checks; the socket has a receive timeout).
+fn exchange(
+    control: std::os::fd::BorrowedFd<'_>,
+    id: u32,
+    request: &Request,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Reply, String> {
+    use vmhost::protocol::{FRAME_HEADER, MAX_MESSAGE, frame, unframe};
+    vmhost::host::send_with(control, &frame(id, &request.encode()), fd).map_err(|e| format!("sending: {e}"))?;
+    let mut buf = vec![0u8; MAX_MESSAGE + FRAME_HEADER + 1];
+    let len = match vmhost::host::receive(control, &mut buf) {
+        // A passed fd (the protocol has none in replies) closes here.
+        Ok(Some((len, _fd))) => len,
+        Ok(None) => return Err("the host process closed its socket".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err("no reply in time".into()),
+        Err(e) => return Err(format!("receiving: {e}")),
+    };
+    let (got, message) = unframe(&buf[..len]).map_err(|e| format!("bad reply: {e}"))?;
+    if got != id {
+        return Err(format!("a reply to request {got} when {id} was asked"));
+    }
+    Reply::decode(message).map_err(|e| format!("bad reply: {e}"))
 }
 
 impl Drop for Host {
@@ -166,14 +291,27 @@ impl RemoteVm {
                 return false;
             };
             let ring = self.host.ring.ring();
+            let mut waited: Option<std::time::Instant> = None;
             while ring.try_push(entry).is_err() {
                 if self.host.is_dead() {
+                    return false;
+                }
+                // Full: the process is not draining its ring (4,096 runs
+                // queued). It gets as long as a control reply.
+                let since = *waited.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > self.host.reply_timeout {
+                    self.host.condemn("its run ring stayed full");
                     return false;
                 }
                 std::thread::yield_now();
             }
         }
-        futex::wake(self.host.ring.ring().tail_word(), 1);
+        // A runner polling the ring takes it; else wake the dispatcher (a
+        // stop always: a kill must not wait for a poller).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if entry.op == RunEntry::STOP || self.host.ring.pollers().load(Ordering::SeqCst) == 0 {
+            futex::wake(self.host.ring.ring().tail_word(), 1);
+        }
         !self.host.is_dead()
     }
 }
@@ -183,19 +321,56 @@ impl Drop for RemoteVm {
         if let Ok(mut live) = self.host.live.lock() {
             live.remove(&self.slot);
         }
-        if !self.host.is_dead() {
-            match self.host.call(&Request::Drop { slot: self.slot }, None) {
-                Ok(Reply::Ok) => {}
-                // Not confirmed gone: the slot is never reused (the process
-                // is misbehaving; it is killed).
-                _ if !self.host.is_dead() => {
-                    std::mem::forget(Arc::clone(&self.chan));
-                    self.host.kill();
+        // A report no runner writes: the process forged it.
+        if !self.host.is_dead() && vmm::report::forged(self.chan.control()) {
+            self.host.condemn("a forged report in a slot");
+        }
+        // The dropper thread drops the VM (or the whole process, once it
+        // holds no instance); the slot is reused only after that.
+        if let Ok(mut p) = self.host.pending.lock() {
+            p.push((self.slot, Arc::clone(&self.chan)));
+        }
+        self.host.released();
+        self.host.dropper.raise();
+    }
+}
+
+impl Host {
+    /// One instance fewer (dropped, or its restore undone).
+    fn released(&self) {
+        if self.instances.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Ok(mut e) = self.empty_since.lock()
+        {
+            *e = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Asks the process to drop the VMs of dropped instances (it holds
+    /// others still); a slot is free once its VM is confirmed gone.
+    fn drop_pending(&self) {
+        loop {
+            let next = self.pending.lock().ok().and_then(|mut p| p.pop());
+            let Some((slot, chan)) = next else {
+                return;
+            };
+            if self.is_dead() {
+                // Gone with the process (the slab with it).
+                self.vms.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            match self.call(&Request::Drop { slot }, None) {
+                Ok(Reply::Ok) => {
+                    drop(chan);
+                    self.vms.fetch_sub(1, Ordering::Relaxed);
                 }
-                _ => {}
+                // Not confirmed gone: the slot is never reused (the
+                // process is misbehaving; it is condemned).
+                other => {
+                    std::mem::forget(chan);
+                    self.condemn(&format!("dropping slot {slot}: {other:?}"));
+                }
             }
         }
-        self.host.vms.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -210,16 +385,39 @@ pub(crate) struct HostSettings {
     pub(crate) runners: usize,
     /// Sandbox settings (made per tenant).
     pub(crate) sandbox: lang_isolation::sandbox::SandboxSettings,
+    /// How long a host process may hold no instance before it exits.
+    pub(crate) idle_exit: Duration,
+    /// VM shells each host process keeps made in advance.
+    pub(crate) shells: usize,
+    /// How long a host process may take to answer a control request.
+    pub(crate) reply_timeout: Duration,
+    /// How long a host's runner polls its run ring after a request, in
+    /// microseconds.
+    pub(crate) poll_us: u32,
+    /// How long a caller polls for its reply before it sleeps, in
+    /// microseconds.
+    pub(crate) caller_spin_us: u32,
 }
 
 /// All host processes of a backend.
 #[derive(Debug)]
 pub(crate) struct Hosts {
+    shared: Arc<Shared>,
+    dropper: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the backend and its dropper thread share.
+#[derive(Debug)]
+pub(crate) struct Shared {
     settings: HostSettings,
     config: InstanceConfig,
     watch: DeathWatch,
     hosts: Mutex<Vec<Arc<Host>>>,
     spawned: AtomicUsize,
+    /// Host processes that exited empty.
+    exited: AtomicUsize,
+    signal: Arc<Signal>,
+    stop: AtomicBool,
     /// The protocol's key of each node.
     keys: Mutex<HashMap<snapshots::NodeId, u64>>,
 }
@@ -228,17 +426,101 @@ fn io(context: &'static str, detail: impl std::fmt::Display) -> Error {
     Error::io(context, std::io::Error::other(detail.to_string()))
 }
 
+impl std::ops::Deref for Hosts {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.signal.raise();
+        if let Some(t) = self.dropper.take() {
+            let _ = t.join();
+        }
+        // Every host process goes now, with its VMs: killed first, all of
+        // them, so that they tear down in parallel; reaped as they drop.
+        let hosts = self
+            .shared
+            .hosts
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
+        for h in &hosts {
+            h.kill();
+        }
+    }
+}
+
 impl Hosts {
     pub(crate) fn new(settings: HostSettings, config: InstanceConfig) -> Result<Self, Error> {
         let watch = DeathWatch::new("vm-host-watch").map_err(|e| Error::io("starting the vm host watcher", e))?;
-        Ok(Self {
+        let shared = Arc::new(Shared {
             settings,
             config,
             watch,
             hosts: Mutex::new(Vec::new()),
             spawned: AtomicUsize::new(0),
+            exited: AtomicUsize::new(0),
+            signal: Arc::new(Signal::default()),
+            stop: AtomicBool::new(false),
             keys: Mutex::new(HashMap::new()),
+        });
+        let s = Arc::clone(&shared);
+        let dropper = std::thread::Builder::new()
+            .name("vm-host-dropper".into())
+            .spawn(move || s.drop_loop())
+            .map_err(|e| Error::io("starting the vm host dropper", e))?;
+        Ok(Self {
+            shared,
+            dropper: Some(dropper),
         })
+    }
+}
+
+impl Shared {
+    /// The dropper thread: drops the VMs of dropped instances in hosts that
+    /// still serve, and ends hosts that have held no instance for
+    /// `idle_exit` (or died).
+    fn drop_loop(&self) {
+        let tick = (self.settings.idle_exit / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        while !self.stop.load(Ordering::SeqCst) {
+            self.signal.wait(tick);
+            let now = std::time::Instant::now();
+            // Empty too long (decided under the lock `place` takes, so no
+            // instance is being placed there).
+            let ending: Vec<Arc<Host>> = match self.hosts.lock() {
+                Ok(mut hosts) => {
+                    let (end, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *hosts).into_iter().partition(|h| {
+                        h.is_dead()
+                            || (h.instances.load(Ordering::SeqCst) == 0
+                                && h.empty_since
+                                    .lock()
+                                    .ok()
+                                    .and_then(|e| *e)
+                                    .is_some_and(|t| now.duration_since(t) >= self.settings.idle_exit))
+                    });
+                    *hosts = keep;
+                    end
+                }
+                Err(_) => Vec::new(),
+            };
+            for h in &ending {
+                if !h.is_dead() {
+                    self.exited.fetch_add(1, Ordering::Relaxed);
+                }
+                h.kill();
+            }
+            // Reaped (and their slabs freed) as they drop here.
+            drop(ending);
+            for h in self.list() {
+                if h.instances.load(Ordering::SeqCst) > 0 || h.is_dead() {
+                    h.drop_pending();
+                }
+            }
+        }
     }
 
     /// The live host processes.
@@ -249,6 +531,12 @@ impl Hosts {
     /// Host processes spawned so far (respawns included).
     pub(crate) fn spawned(&self) -> usize {
         self.spawned.load(Ordering::Relaxed)
+    }
+
+    /// Host processes that exited after holding no instance for the grace
+    /// period.
+    pub(crate) fn exited(&self) -> usize {
+        self.exited.load(Ordering::Relaxed)
     }
 
     fn spawn(&self, tenant: &str) -> Result<Arc<Host>, Error> {
@@ -262,6 +550,8 @@ impl Hosts {
             layout: [l.stack_bytes, l.io_bytes, l.image_bytes, l.heap_bytes],
             output_limit: self.config.output_limit_bytes,
             spin_us: self.config.idle_spin_us,
+            poll_us: self.settings.poll_us,
+            shells: self.settings.shells,
             slots: self.settings.vms_per_host,
             runners: self.settings.runners,
             sandbox: sandbox.to_arg(),
@@ -292,7 +582,11 @@ impl Hosts {
         )
         .map_err(|e| Error::io("spawning a vm host process", e))?;
         drop(theirs);
-        let timeout = nix::sys::time::TimeVal::new(libc::time_t::try_from(CONTROL_TIMEOUT.as_secs()).unwrap_or(20), 0);
+        let reply_timeout = self.settings.reply_timeout.max(Duration::from_millis(1));
+        let timeout = nix::sys::time::TimeVal::new(
+            libc::time_t::try_from(reply_timeout.as_secs()).unwrap_or(20),
+            libc::suseconds_t::from(reply_timeout.subsec_micros()),
+        );
         let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
         let pid = u32::try_from(child.pid()).unwrap_or(0);
         let host = Arc::new(Host {
@@ -304,9 +598,17 @@ impl Hosts {
             ring,
             ring_lock: Mutex::new(()),
             dead: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            last_id: AtomicU32::new(0),
+            condemned: Mutex::new(None),
+            reply_timeout,
             registered: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
             vms: AtomicUsize::new(0),
+            instances: AtomicUsize::new(0),
+            pending: Mutex::new(Vec::new()),
+            empty_since: Mutex::new(None),
+            dropper: Arc::clone(&self.signal),
         });
         let weak = Arc::downgrade(&host);
         self.watch
@@ -327,7 +629,9 @@ impl Hosts {
     fn place(&self, tenant: &str, node: u64) -> Result<Arc<Host>, Error> {
         let mut hosts = self.hosts.lock().map_err(|_| super::super::vm::poisoned())?;
         hosts.retain(|h| !h.is_dead());
-        let room = |h: &&Arc<Host>| h.tenant == tenant && h.vms() < self.settings.vms_per_host;
+        let room = |h: &&Arc<Host>| {
+            h.tenant == tenant && h.vms() < self.settings.vms_per_host && !h.retired.load(Ordering::Relaxed)
+        };
         let registered = |h: &&Arc<Host>| h.registered.lock().is_ok_and(|r| r.contains(&node));
         let chosen = hosts
             .iter()
@@ -344,6 +648,10 @@ impl Hosts {
             }
         };
         host.vms.fetch_add(1, Ordering::Relaxed);
+        host.instances.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut e) = host.empty_since.lock() {
+            *e = None;
+        }
         Ok(host)
     }
 
@@ -357,6 +665,7 @@ impl Hosts {
         let host = self.place(tenant, id)?;
         let undo = |host: &Host| {
             host.vms.fetch_sub(1, Ordering::Relaxed);
+            host.released();
         };
         let fail = |detail: String| io("restoring an instance in a vm host process", detail);
         let first = host.registered.lock().is_ok_and(|r| !r.contains(&id));
@@ -377,6 +686,7 @@ impl Hosts {
                 }
                 Ok(other) => {
                     undo(&host);
+                    host.refused(&other);
                     return Err(fail(format!("registering node {id}: {other:?}")));
                 }
                 Err(e) => {
@@ -408,8 +718,12 @@ impl Hosts {
         // From here, dropping `remote` gives the slot back (and the VM up).
         let tsc_offset = match host.call(&Request::Restore { node: id, slot }, None) {
             Ok(Reply::Restored { tsc_offset, .. }) => tsc_offset,
-            Ok(Reply::Error(e)) => return Err(fail(e)),
+            Ok(Reply::Error(e)) => {
+                host.retired.store(true, Ordering::Relaxed);
+                return Err(fail(e));
+            }
             Ok(Reply::StateRefused(e)) => {
+                host.retired.store(true, Ordering::Relaxed);
                 return Err(Error::SnapshotCorrupt {
                     path: node.path().to_owned(),
                     detail: format!(
@@ -418,7 +732,10 @@ impl Hosts {
                     ),
                 });
             }
-            Ok(other) => return Err(fail(format!("{other:?}"))),
+            Ok(other) => {
+                host.refused(&other);
+                return Err(fail(format!("{other:?}")));
+            }
             Err(e) => return Err(fail(e)),
         };
         let start = RemoteStart {
@@ -426,7 +743,13 @@ impl Hosts {
             at_checkpoint: node.state().at_checkpoint,
             tsc_offset,
         };
-        Instance::remote(Box::new(remote), &self.config, start).map_err(|e| fail(e.to_string()))
+        // The caller polls for its reply (`caller_spin_us`) before it
+        // sleeps, whether or not the guest spins.
+        let caller = InstanceConfig {
+            idle_spin_us: self.config.idle_spin_us.max(self.settings.caller_spin_us),
+            ..self.config
+        };
+        Instance::remote(Box::new(remote), &caller, start).map_err(|e| fail(e.to_string()))
     }
 
     /// Threads and private memory of the host processes, from `/proc`
