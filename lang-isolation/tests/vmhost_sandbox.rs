@@ -153,6 +153,7 @@ fn sandboxed_host_process_still_runs_a_kvm_guest() {
     );
     assert_eq!(run.get("metadata"), Some("errno=38"), "{run:?}");
     assert_eq!(run.get("size"), Some("ok=13"), "{run:?}");
+    assert_eq!(run.get("scan"), Some("ok=1"), "{run:?}");
     assert_eq!(run.get("api"), Some("ok=12"), "{run:?}");
     assert_eq!(run.get("exit1"), Some("io port=0x3f8 byte=0x4b"), "{run:?}");
     assert_eq!(run.get("exit2"), Some("hlt"), "{run:?}");
@@ -239,6 +240,15 @@ fn forbidden_calls_die_by_sigsys_and_work_without_the_filter() {
             Some(Control::Result("errno=25")),
         ),
         ("fork", Control::Succeeds, Some(Control::Succeeds)),
+        // The pagemap (opened before the sandbox, for resets) read: one
+        // 8-byte entry, frame number included for a privileged opener.
+        ("pagemap-pread", Control::Result("ok=8"), Some(Control::Result("ok=8"))),
+        // PAGEMAP_SCAN on a regular file: ENOTTY beneath.
+        (
+            "pagemap-scan-other-fd",
+            Control::Result("errno=25"),
+            Some(Control::Result("errno=25")),
+        ),
         // The socket layer answers (ENOTSOCK: stdin is /dev/null).
         (
             "recvmsg-other-fd",

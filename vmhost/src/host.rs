@@ -146,11 +146,12 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         grow_to: defaults.grow_to.max(args.runners),
     })
     .map_err(|e| setup("opening /dev/kvm", &e))?;
-    // Resets find a guest's written pages with PAGEMAP_SCAN (the sandbox
-    // allows that one ioctl besides KVM's).
+    // Resets find a guest's written pages with PAGEMAP_SCAN, the one ioctl
+    // the sandbox allows besides KVM's, on the pagemap fd only; nothing may
+    // read that fd (frame numbers).
     let mut vmm = vmm;
-    vmm.use_pagemap_scan();
-    enter_sandbox(&args.sandbox)?;
+    let pagemap_fd = vmm.pagemap_scan_only();
+    enter_sandbox(&args.sandbox, pagemap_fd)?;
     let host = Arc::new(Host {
         vmm,
         io_addr: layout.io_addr,
@@ -180,10 +181,11 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
 
 /// Enters the VMM host sandbox (`lang_isolation::sandbox::vmhost`), on
 /// the process's only thread.
-fn enter_sandbox(spec: &str) -> Result<(), HostError> {
+fn enter_sandbox(spec: &str, pagemap_fd: Option<RawFd>) -> Result<(), HostError> {
     use lang_isolation::sandbox::{SandboxSpec, vmhost};
     let spec = SandboxSpec::parse(spec).map_err(|e| HostError::Setup(format!("sandbox spec: {e}")))?;
-    vmhost::enter(&spec, crate::CONTROL_FD).map_err(|e| HostError::Setup(format!("entering the sandbox: {e}")))?;
+    vmhost::enter(&spec, crate::CONTROL_FD, pagemap_fd)
+        .map_err(|e| HostError::Setup(format!("entering the sandbox: {e}")))?;
     Ok(())
 }
 

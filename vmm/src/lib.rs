@@ -169,6 +169,21 @@ impl Vmm {
         self.pagemap_scan
     }
 
+    /// For a sandboxed process whose filter refuses reading the pagemap
+    /// (a VMM host process: the fd was opened with the privileges the
+    /// process had before its sandbox, so reading it would show physical
+    /// frame numbers): resets use `PAGEMAP_SCAN` if the kernel has it,
+    /// else the pagemap is closed and instances of this VMM cannot be reset
+    /// (`RunError::NotResettable`: the backend restores instead). Returns
+    /// the pagemap's fd number, for the filter, if it stays open.
+    pub fn pagemap_scan_only(&mut self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        if !self.use_pagemap_scan() {
+            self.pagemap = None;
+        }
+        self.pagemap.as_deref().map(std::fs::File::as_raw_fd)
+    }
+
     /// A free channel slot (mailbox page + I/O window) for `layout`.
     pub(crate) fn channel_slot(&self, layout: &layout::Layout) -> Result<slab::SlabSlot, VmmError> {
         let slab = {

@@ -26,7 +26,7 @@ use lang_isolation::sandbox::{SandboxSpec, vmhost};
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 const KVM_GET_API_VERSION: u64 = 0xae00;
 const KVM_CREATE_VM: u64 = 0xae01;
@@ -62,6 +62,58 @@ const GUEST: [u8; 13] = [
 ];
 
 static KICKS: AtomicU32 = AtomicU32::new(0);
+
+/// `/proc/self/pagemap`, opened before the sandbox as a host process
+/// opens it (for instance resets), and the image fd: for the pagemap cases.
+static PAGEMAP_FD: AtomicI32 = AtomicI32::new(-1);
+static IMAGE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// `PAGEMAP_SCAN` (`linux/fs.h`).
+const PAGEMAP_SCAN: u64 = 0xc060_6610;
+/// `PAGE_IS_PRESENT` (`linux/fs.h`).
+const PAGE_IS_PRESENT: u64 = 1 << 5;
+
+/// `struct pm_scan_arg` (`linux/fs.h`): ask for present pages of `[start,
+/// end)` into `regions` (of `len` 16-byte `page_region`s).
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// One `PAGEMAP_SCAN` of this probe's own first stack page on `fd`.
+fn pagemap_scan(fd: libc::c_int) -> libc::c_long {
+    let local = 0u64;
+    let page = (&raw const local as u64) & !(PAGE as u64 - 1);
+    let mut regions = [0u64; 2 * 4];
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: 0,
+        start: page,
+        end: page + PAGE as u64,
+        walk_end: 0,
+        vec: regions.as_mut_ptr() as u64,
+        vec_len: 4,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: PAGE_IS_PRESENT,
+        category_anyof_mask: 0,
+        return_mask: PAGE_IS_PRESENT,
+    };
+    // SAFETY: PAGEMAP_SCAN with a pm_scan_arg of the kernel's layout whose
+    // output vector is the live local `regions` (4 entries of 16 bytes).
+    unsafe { libc::syscall(libc::SYS_ioctl, fd, PAGEMAP_SCAN, &raw mut arg) }
+}
 
 extern "C" fn on_kick(_: libc::c_int) {
     KICKS.fetch_add(1, Ordering::SeqCst);
@@ -132,10 +184,14 @@ fn main() {
         }
     }
 
-    let policy = vmhost::policy(&spec, std::process::id()).unwrap_or_else(|e| {
-        eprintln!("policy: {e}");
-        std::process::exit(2)
-    });
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap_or_else(|_| fail("open /proc/self/pagemap"));
+    PAGEMAP_FD.store(pagemap.as_raw_fd(), Ordering::Relaxed);
+    IMAGE_FD.store(image.as_raw_fd(), Ordering::Relaxed);
+    let policy = vmhost::policy_on(&spec, std::process::id(), vmhost::CONTROL_FD, Some(pagemap.as_raw_fd()))
+        .unwrap_or_else(|e| {
+            eprintln!("policy: {e}");
+            std::process::exit(2)
+        });
     let instructions = policy
         .seccomp
         .as_ref()
@@ -144,7 +200,7 @@ fn main() {
     let _early =
         (case == "thread-first").then(|| std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(2))));
     let t0 = std::time::Instant::now();
-    if let Err(e) = vmhost::enter(&spec, vmhost::CONTROL_FD) {
+    if let Err(e) = vmhost::enter(&spec, vmhost::CONTROL_FD, Some(pagemap.as_raw_fd())) {
         report("error", &format!("enter: {e}"));
         std::process::exit(4);
     }
@@ -166,6 +222,8 @@ fn main() {
             // SAFETY: lseek on an fd this process holds.
             let end = unsafe { libc::syscall(libc::SYS_lseek, image.as_raw_fd(), 0, libc::SEEK_END) };
             report("size", &outcome(end));
+            // What a reset does: PAGEMAP_SCAN on the pagemap.
+            report("scan", &outcome(pagemap_scan(pagemap.as_raw_fd())));
             run_guest(kvm.as_raw_fd(), image.as_raw_fd());
         }
         "none" => {}
@@ -515,6 +573,19 @@ fn forbidden(case: &str) -> String {
                 let p = map(PAGE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, "mmap");
                 libc::syscall(libc::SYS_mprotect, p, PAGE, libc::PROT_READ | libc::PROT_EXEC)
             }
+            // Frame numbers: reading the pagemap a privileged opener holds.
+            "pagemap-pread" => {
+                let mut entry = 0u64;
+                libc::syscall(
+                    libc::SYS_pread64,
+                    PAGEMAP_FD.load(Ordering::Relaxed),
+                    &raw mut entry,
+                    8,
+                    0,
+                )
+            }
+            // The scan's ioctl number on another fd than the pagemap.
+            "pagemap-scan-other-fd" => pagemap_scan(IMAGE_FD.load(Ordering::Relaxed)),
             "ioctl-tcgets" => {
                 let mut termios: libc::termios = std::mem::zeroed();
                 libc::syscall(libc::SYS_ioctl, libc::STDERR_FILENO, libc::TCGETS, &mut termios)

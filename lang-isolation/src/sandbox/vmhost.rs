@@ -64,8 +64,8 @@
 
 use super::common::confined;
 use super::seccomp::{
-    Allowed, FilterError, Refused, SeccompPolicy, Violation, fcntl_get_seals, futex_wait_wake, mprotect_no_exec, on_fd,
-    tgkill_self,
+    Allowed, FilterError, Refused, SeccompPolicy, Violation, fcntl_get_seals, futex_wait_wake, mprotect_no_exec,
+    not_on_fd, on_fd, tgkill_self,
 };
 use super::{Applied, SandboxError, apply};
 use super::{Policy, SandboxSpec};
@@ -109,14 +109,25 @@ const fn bits64(v: libc::c_int) -> u64 {
 /// The host process's policy for `spec`, for the process `pid` (itself),
 /// whose control socket is [`CONTROL_FD`].
 pub fn policy(spec: &SandboxSpec, pid: u32) -> Result<Policy, FilterError> {
-    policy_on(spec, pid, CONTROL_FD)
+    policy_on(spec, pid, CONTROL_FD, None)
 }
 
-/// [`policy`] with the control socket at `control_fd`.
-pub fn policy_on(spec: &SandboxSpec, pid: u32, control_fd: i32) -> Result<Policy, FilterError> {
+/// [`policy`] with the control socket at `control_fd` and, if the process
+/// holds one, its `/proc/self/pagemap` at `pagemap_fd` (opened before the
+/// sandbox for instance resets, by a process that may still have had
+/// `CAP_SYS_ADMIN`, so that reading it would show physical frame numbers,
+/// a help to Rowhammer-style attacks): on that fd only `PAGEMAP_SCAN`
+/// (page ranges and categories, never frame numbers), and no `pread64`;
+/// `PAGEMAP_SCAN` on no other fd.
+pub fn policy_on(
+    spec: &SandboxSpec,
+    pid: u32,
+    control_fd: i32,
+    pagemap_fd: Option<i32>,
+) -> Result<Policy, FilterError> {
     let seccomp = if spec.settings.layers.seccomp {
         Some(SeccompPolicy {
-            allowed: allowlist(pid, control_fd)?,
+            allowed: allowlist(pid, control_fd, pagemap_fd)?,
             violation: Violation::KillProcess,
             refused: refused(),
         })
@@ -146,16 +157,16 @@ pub enum EnterError {
     Apply(#[source] SandboxError),
 }
 
-/// Enters [`policy_on`]`(spec, this process, control_fd)`, after checking
+/// Enters [`policy_on`]`(spec, this process, control_fd, pagemap_fd)`, after checking
 /// that the calling thread is the process's only one (the check reads
 /// `/proc/self/task`, so it comes before Landlock). What a host process
 /// calls once, after its preparations and before its thread pool.
-pub fn enter(spec: &SandboxSpec, control_fd: i32) -> Result<Applied, EnterError> {
+pub fn enter(spec: &SandboxSpec, control_fd: i32, pagemap_fd: Option<i32>) -> Result<Applied, EnterError> {
     let threads = thread_count().map_err(EnterError::Proc)?;
     if threads != 1 {
         return Err(EnterError::Threads(threads));
     }
-    let policy = policy_on(spec, std::process::id(), control_fd).map_err(EnterError::Policy)?;
+    let policy = policy_on(spec, std::process::id(), control_fd, pagemap_fd).map_err(EnterError::Policy)?;
     apply(&policy).map_err(EnterError::Apply)
 }
 
@@ -170,11 +181,15 @@ fn thread_count() -> std::io::Result<usize> {
 }
 
 /// Everything the host process does after entering the sandbox.
-fn allowlist(pid: u32, control_fd: i32) -> Result<Vec<Allowed>, FilterError> {
+fn allowlist(pid: u32, control_fd: i32, pagemap_fd: Option<i32>) -> Result<Vec<Allowed>, FilterError> {
+    let pread = match pagemap_fd {
+        Some(fd) => not_on_fd("pread64", libc::SYS_pread64, fd, "the pagemap: frame numbers")?,
+        None => Allowed::any("pread64", libc::SYS_pread64),
+    };
     Ok(vec![
         // KVM: the only device, opened before; every VM and vCPU fd comes
         // from its ioctls.
-        kvm_ioctl()?,
+        kvm_ioctl(pagemap_fd)?,
         // memory: guest RAM on the slab memfd (MAP_SHARED) and on snapshot
         // images (MAP_PRIVATE), kvm_run areas, heaps, thread stacks and
         // their guards; never executable
@@ -195,7 +210,7 @@ fn allowlist(pid: u32, control_fd: i32) -> Result<Vec<Allowed>, FilterError> {
         // the vCPUs' binary statistics (`KVM_GET_STATS_FD`, read with
         // pread64: only fds it holds, none of them a file it opened)
         Allowed::any("fstat", libc::SYS_fstat),
-        Allowed::any("pread64", libc::SYS_pread64),
+        pread,
         Allowed::any("lseek", libc::SYS_lseek),
         fcntl_get_seals()?,
         Allowed::any("close", libc::SYS_close),
@@ -282,30 +297,36 @@ fn rule(name: &'static str, conditions: Vec<SeccompCondition>) -> Result<Seccomp
 /// reset, `vmm::Instance::reset`). No other driver's ioctl has this number.
 pub const PAGEMAP_SCAN: u64 = 0xc060_6610;
 
-/// `ioctl(fd, request)` only with `_IOC_TYPE(request) == KVMIO`, or exactly
-/// [`PAGEMAP_SCAN`].
-fn kvm_ioctl() -> Result<Allowed, FilterError> {
+/// `ioctl(fd, request)` only with `_IOC_TYPE(request) == KVMIO`, or
+/// exactly [`PAGEMAP_SCAN`] on `pagemap_fd`.
+fn kvm_ioctl(pagemap_fd: Option<i32>) -> Result<Allowed, FilterError> {
+    let mut rules = vec![rule(
+        "ioctl",
+        vec![cond(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(IOC_TYPE_MASK),
+            KVMIO << IOC_TYPE_SHIFT,
+        )?],
+    )?];
+    let mut note = format!("request type == {KVMIO:#x} (KVMIO: KVM's ioctls only)");
+    if let Some(fd) = pagemap_fd {
+        rules.push(rule(
+            "ioctl",
+            vec![
+                cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, bits64(fd))?,
+                cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, PAGEMAP_SCAN)?,
+            ],
+        )?);
+        note.push_str(&format!(
+            ", or fd == {fd} and request == {PAGEMAP_SCAN:#x} (PAGEMAP_SCAN on the pagemap)"
+        ));
+    }
     Ok(Allowed {
         name: "ioctl",
         nr: libc::SYS_ioctl,
-        rules: vec![
-            rule(
-                "ioctl",
-                vec![cond(
-                    1,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::MaskedEq(IOC_TYPE_MASK),
-                    KVMIO << IOC_TYPE_SHIFT,
-                )?],
-            )?,
-            rule(
-                "ioctl",
-                vec![cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, PAGEMAP_SCAN)?],
-            )?,
-        ],
-        note: format!(
-            "request type == {KVMIO:#x} (KVMIO: KVM's ioctls only), or request == {PAGEMAP_SCAN:#x} (PAGEMAP_SCAN)"
-        ),
+        rules,
+        note,
     })
 }
 
@@ -480,7 +501,7 @@ mod tests {
     #[test]
     fn enter_refuses_a_process_with_threads() {
         let helper = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
-        match enter(&full(), CONTROL_FD) {
+        match enter(&full(), CONTROL_FD, None) {
             Err(EnterError::Threads(n)) => assert!(n >= 2, "{n}"),
             other => panic!("entered with threads: {other:?}"),
         }
@@ -491,7 +512,7 @@ mod tests {
 
     #[test]
     fn control_fd_is_the_one_given() {
-        let p = policy_on(&full(), 7, 9).unwrap();
+        let p = policy_on(&full(), 7, 9, None).unwrap();
         let text = p.to_string();
         assert!(text.contains("recvmsg          fd == 9"), "{text}");
         assert!(!text.contains("fd == 3"), "{text}");
