@@ -71,7 +71,7 @@ static IMAGE_FD: AtomicI32 = AtomicI32::new(-1);
 /// `PAGEMAP_SCAN` (`linux/fs.h`).
 const PAGEMAP_SCAN: u64 = 0xc060_6610;
 /// `PAGE_IS_PRESENT` (`linux/fs.h`).
-const PAGE_IS_PRESENT: u64 = 1 << 5;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
 
 /// `struct pm_scan_arg` (`linux/fs.h`): ask for present pages of `[start,
 /// end)` into `regions` (of `len` 16-byte `page_region`s).
