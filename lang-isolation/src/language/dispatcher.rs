@@ -232,6 +232,10 @@ struct Inner {
     respawns: AtomicU64,
     watchdog_parked: AtomicBool,
     watchdog_bell: (Mutex<()>, Condvar),
+    /// The smallest budget of any request (function budgets deployed,
+    /// and `init_budget`): the watchdog sleeps at most this long while
+    /// nothing is armed. Only ever lowered, under `watchdog_bell`'s lock.
+    min_budget_ns: AtomicU64,
 }
 
 /// The language backend's dispatcher: deploy, invoke, evict. `Send + Sync`;
@@ -276,6 +280,7 @@ impl Dispatcher {
             sandbox: config.sandbox.to_arg(),
             cold_start: config.cold_start,
         };
+        let init_budget = config.init_budget;
         let inner = Arc::new(Inner {
             config,
             args,
@@ -293,6 +298,7 @@ impl Dispatcher {
             respawns: AtomicU64::new(0),
             watchdog_parked: AtomicBool::new(false),
             watchdog_bell: (Mutex::new(()), Condvar::new()),
+            min_budget_ns: AtomicU64::new(nanos(init_budget)),
         });
         // The default tenant's workers start now, so that a host that cannot
         // run workers at all fails here rather than on a first request.
@@ -331,6 +337,7 @@ impl Dispatcher {
     ) -> Result<FunctionIndex, LanguageError> {
         let inner = &self.inner;
         let workers = inner.tenant(tenant)?;
+        inner.lower_min_budget(nanos(budget));
         let index = inner.next_func.fetch_add(1, Ordering::Relaxed);
         let function = Arc::new(Function {
             tenant: workers,
@@ -786,6 +793,15 @@ impl Inner {
     fn bell(&self) {
         if self.watchdog_parked.load(Ordering::SeqCst) {
             self.ring_bell();
+        }
+    }
+
+    /// Makes `budget_ns` the smallest budget if it is, and then wakes the
+    /// watchdog (which may be asleep for longer than that).
+    fn lower_min_budget(&self, budget_ns: u64) {
+        let _g = lock(&self.watchdog_bell.0);
+        if self.min_budget_ns.fetch_min(budget_ns, Ordering::SeqCst) > budget_ns {
+            self.watchdog_bell.1.notify_all();
         }
     }
 

@@ -35,8 +35,9 @@
 //! Every invocation has a budget; the worker publishes the deadline in
 //! shared memory. In the default **watchdog** mode nothing ticks in the
 //! worker: the dispatcher's watchdog thread (on core 0, `SCHED_FIFO` when
-//! permitted, checking every `watchdog_interval` only while work is
-//! outstanding) sends SIGUSR1 only to a worker whose current invocation is
+//! permitted, asleep until the earliest deadline that could fall, looking
+//! again `watchdog_interval` after one passed, and every millisecond for
+//! dead workers while work is outstanding) sends SIGUSR1 only to a worker whose current invocation is
 //! past its deadline, so a function within budget pays nothing. The **periodic**
 //! mode is the paper's per-worker POSIX timer (SIGALRM every quantum, with
 //! `SA_RESTART`), kept for the Figure 2 experiment. In both, the handler

@@ -8,10 +8,14 @@ use crate::language::protocol::Preemption;
 use crate::language::shm::now_ns;
 use crate::language::signals::PREEMPT_SIGNAL;
 use crate::language::tenants::{RUNNING, STOPPED, TenantWorkers};
-use crate::language::watchdog::{Overdue, WatchAction, decide};
+use crate::language::watchdog::{Overdue, WatchAction, decide, next_wake};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+/// While work is outstanding, dead workers are looked for this often (a
+/// caller whose worker died waits at most about this long for its answer).
+const REAP_EVERY_NS: u64 = 1_000_000;
 
 impl Inner {
     /// The watchdog thread: deadlines, hangs, deaths, over every tenant's
@@ -27,7 +31,7 @@ impl Inner {
         let signals = self.config.preemption == Preemption::Watchdog;
         let enforce = self.config.preemption != Preemption::Disabled;
         let grace = nanos(self.config.hang_grace);
-        let interval = self.config.watchdog_interval;
+        let interval_ns = nanos(self.config.watchdog_interval);
         // A copy of the tenant list (tenants are only ever appended),
         // refreshed when it grows, and each worker's overdue track.
         let mut groups: Vec<Arc<TenantWorkers>> = Vec::new();
@@ -35,6 +39,7 @@ impl Inner {
         let mut version = u64::MAX;
         let mut last_busy = now_ns();
         let mut last_reap = 0;
+        let mut deadlines: Vec<u64> = Vec::new();
         while !self.shutdown.load(Ordering::SeqCst) {
             let current = self.tenants_version.load(Ordering::SeqCst);
             if current != version {
@@ -47,6 +52,7 @@ impl Inner {
             }
             let now = now_ns();
             let mut busy = false;
+            deadlines.clear();
             for (g, gt) in groups.iter().zip(tracks.iter_mut()) {
                 for (w, track) in g.workers.iter().zip(gt.iter_mut()) {
                     if w.gone.load(Ordering::Relaxed) {
@@ -62,6 +68,9 @@ impl Inner {
                     if !enforce {
                         continue;
                     }
+                    if seq != 0 {
+                        deadlines.push(deadline);
+                    }
                     match decide(signals, seq, deadline, now, grace, track) {
                         WatchAction::Nothing => {}
                         WatchAction::Signal => w.signal(PREEMPT_SIGNAL),
@@ -71,7 +80,7 @@ impl Inner {
             }
             // Deaths: checked every millisecond while busy, and on every
             // idle wake-up.
-            if now.saturating_sub(last_reap) > 1_000_000 || !busy {
+            if now.saturating_sub(last_reap) > REAP_EVERY_NS || !busy {
                 last_reap = now;
                 for (g, gt) in groups.iter().zip(tracks.iter_mut()) {
                     for (i, (w, track)) in g.workers.iter().zip(gt.iter_mut()).enumerate() {
@@ -82,11 +91,26 @@ impl Inner {
                     }
                 }
             }
-            if busy {
-                last_busy = now;
-                std::thread::sleep(interval);
-            } else if now.saturating_sub(last_busy) < 2_000_000 {
-                std::thread::sleep(interval);
+            if busy || now.saturating_sub(last_busy) < 2_000_000 {
+                if busy {
+                    last_busy = now;
+                }
+                // Asleep until the next deadline could fall (see
+                // `next_wake`), not every interval: each wake takes the
+                // dispatcher's core from its callers. A deploy that lowers
+                // the smallest budget rings the bell (under its lock, so
+                // that the ring is not lost between reading and sleeping).
+                let guard = lock(&self.watchdog_bell.0);
+                let min_budget = if enforce {
+                    self.min_budget_ns.load(Ordering::SeqCst)
+                } else {
+                    u64::MAX
+                };
+                let wake = next_wake(now, deadlines.iter().copied(), min_budget, interval_ns, REAP_EVERY_NS);
+                let nap = wake.saturating_sub(now_ns());
+                if nap > 0 {
+                    let _ = self.watchdog_bell.1.wait_timeout(guard, Duration::from_nanos(nap));
+                }
             } else {
                 let guard = lock(&self.watchdog_bell.0);
                 self.watchdog_parked.store(true, Ordering::SeqCst);
