@@ -6,12 +6,12 @@
 
 use super::LanguageError;
 use super::catalog::CatalogEntry;
+use super::idmap::IdMap;
 use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
 use super::protocol::{ColdStart, LOAD_REGISTER_ONLY, Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
 use super::tenants::TenantWorkers;
 use crate::runtime::SealedArtifact;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -225,7 +225,7 @@ struct Inner {
     /// Held while a tenant's workers start, stop or respawn.
     starts: Mutex<()>,
     tenant_evictions: AtomicU64,
-    functions: RwLock<HashMap<u32, Arc<Function>>>,
+    functions: RwLock<IdMap<u32, Arc<Function>>>,
     next_func: AtomicU32,
     next_seq: AtomicU64,
     shutdown: AtomicBool,
@@ -291,7 +291,7 @@ impl Dispatcher {
             tenants_version: AtomicU64::new(0),
             starts: Mutex::new(()),
             tenant_evictions: AtomicU64::new(0),
-            functions: RwLock::new(HashMap::new()),
+            functions: RwLock::new(IdMap::default()),
             next_func: AtomicU32::new(1),
             next_seq: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
@@ -601,7 +601,7 @@ impl Drop for Dispatcher {
 }
 
 impl Inner {
-    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Arc<Function>>> {
+    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, IdMap<u32, Arc<Function>>> {
         self.functions
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -101,6 +101,7 @@
 mod catalog;
 mod dispatcher;
 mod error;
+mod idmap;
 mod pool;
 pub mod protocol;
 /// The SPSC rings of the shared region (the one copy, in `microfaas-ipc`).

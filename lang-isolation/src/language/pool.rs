@@ -13,7 +13,7 @@ use ipc::spawn::Child;
 use nix::sys::socket::{AddressFamily, Shutdown, SockFlag, SockType, setsockopt, shutdown, socketpair, sockopt};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -54,7 +54,9 @@ pub(crate) struct WorkerHandle {
     pub region: Region,
     producer: Mutex<()>,
     reply_consumer: Mutex<()>,
-    free_slots: Mutex<Vec<u32>>,
+    /// Free slots, one bit each (set = free): taken and given back with
+    /// one atomic operation, no lock on the request path.
+    free_slots: Vec<AtomicU64>,
     slots: Vec<SlotCell>,
     /// Requests submitted and not yet collected.
     pub outstanding: AtomicUsize,
@@ -81,7 +83,7 @@ impl WorkerHandle {
             region,
             producer: Mutex::new(()),
             reply_consumer: Mutex::new(()),
-            free_slots: Mutex::new((0..depth).rev().collect()),
+            free_slots: free_bits(depth),
             slots: (0..depth).map(|_| SlotCell::default()).collect(),
             outstanding: AtomicUsize::new(0),
             child: Mutex::new(None),
@@ -92,14 +94,27 @@ impl WorkerHandle {
         })
     }
 
-    /// Takes a free slot, if any.
+    /// Takes a free slot (the lowest), if any.
     pub fn try_acquire(&self) -> Option<u32> {
-        lock(&self.free_slots).pop()
+        for (w, word) in self.free_slots.iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
+            while bits != 0 {
+                let bit = bits.trailing_zeros();
+                match word.compare_exchange_weak(bits, bits & !(1u64 << bit), Ordering::Acquire, Ordering::Relaxed) {
+                    Ok(_) => return u32::try_from(w).ok()?.checked_mul(64)?.checked_add(bit),
+                    Err(now) => bits = now,
+                }
+            }
+        }
+        None
     }
 
     /// Returns a slot whose result was collected.
     pub fn release(&self, slot: u32) {
-        lock(&self.free_slots).push(slot);
+        let (word, bit) = (slot_index(slot) / 64, slot % 64);
+        if let Some(word) = self.free_slots.get(word) {
+            word.fetch_or(1u64 << bit, Ordering::Release);
+        }
     }
 
     /// Submits `request` (its slot acquired, its input written).
@@ -166,7 +181,9 @@ impl WorkerHandle {
             return SlotResult::Lost("bad slot".into());
         };
         let spin_ns = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
-        let start = now_ns();
+        // Read at the first clock check (after 32 polls), not before the
+        // first poll: a short request is answered without a clock read.
+        let mut start: Option<u64> = None;
         let header = self.region.header();
         let tail = self.region.replies().tail_word();
         let mut polls: u32 = 0;
@@ -181,7 +198,7 @@ impl WorkerHandle {
                 continue;
             }
             polls = polls.wrapping_add(1);
-            if !polls.is_multiple_of(32) || now_ns().saturating_sub(start) < spin_ns {
+            if !polls.is_multiple_of(32) || now_ns().saturating_sub(*start.get_or_insert_with(now_ns)) < spin_ns {
                 std::hint::spin_loop();
                 continue;
             }
@@ -374,6 +391,16 @@ impl WorkerHandle {
     }
 }
 
+/// `depth` free slots as bits (set = free), 64 to a word.
+fn free_bits(depth: u32) -> Vec<AtomicU64> {
+    (0..depth.div_ceil(64))
+        .map(|w| {
+            let left = depth.saturating_sub(w * 64);
+            AtomicU64::new(if left >= 64 { u64::MAX } else { (1u64 << left) - 1 })
+        })
+        .collect()
+}
+
 fn slot_index(slot: u32) -> usize {
     usize::try_from(slot).unwrap_or(usize::MAX)
 }
@@ -453,6 +480,27 @@ mod tests {
             .unwrap();
         assert_eq!(w.recover("died"), None);
         assert!(matches!(w.wait(b, Duration::ZERO), SlotResult::Reply(r) if r.seq == 2));
+    }
+
+    #[test]
+    fn every_slot_is_handed_out_once_until_released() {
+        for depth in [1u32, 4, 64, 128, 256] {
+            let w = WorkerHandle::new(0, "test", Layout::new(depth, 4096, 4096).unwrap()).unwrap();
+            let mut got: Vec<u32> = std::iter::from_fn(|| w.try_acquire()).collect();
+            assert_eq!(got.len(), usize::try_from(depth).unwrap(), "depth {depth}");
+            got.sort_unstable();
+            assert_eq!(got, (0..depth).collect::<Vec<_>>());
+            assert_eq!(w.try_acquire(), None);
+            w.release(depth - 1);
+            assert_eq!(w.try_acquire(), Some(depth - 1));
+            w.release(0);
+            w.release(0);
+            assert_eq!(w.try_acquire(), Some(0));
+            assert_eq!(w.try_acquire(), None, "a double release gives the slot out once");
+            // A slot number past the depth is ignored.
+            w.release(depth + 64);
+            assert_eq!(w.try_acquire(), None);
+        }
     }
 
     #[test]

@@ -30,7 +30,6 @@ use crate::runtime::pkeys::{self, KeyPool, PkeysState};
 use crate::runtime::prelinked::{self, ImageArena, ImageSpace, PrelinkedImage, StartFrom, Teardown};
 use crate::runtime::{ArtifactImage, Failure, Instance, InstanceConfig, InstanceShell, LoadedFunction, SealedArtifact};
 use crate::sandbox::{self, SandboxError, SandboxSpec};
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{Ordering, fence};
 use std::time::Duration;
@@ -74,33 +73,7 @@ struct Registered {
     loaded: bool,
 }
 
-/// A cheap hasher for the worker's integer keys (function indices and image
-/// ids, chosen by the trusted dispatcher and the worker itself): the warm
-/// path's lookups cost a multiply, not SipHash over a path's components.
-#[derive(Debug, Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(u64::from(v));
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+use super::idmap::IdMap;
 
 struct Worker {
     region: Region,
