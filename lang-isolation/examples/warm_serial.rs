@@ -6,7 +6,10 @@
 //! `cargo build --release -p lang-isolation --bins --example warm_serial &&
 //!  taskset -c 0 target/release/examples/warm_serial [N]`
 //!
-//! Prints requests per second and the dispatch latency p50 / p99 (us).
+//! Prints requests per second, the dispatch latency p50 / p99 (us), the
+//! function's own time and the return leg (the function's last timestamp
+//! to the caller's answer). `WATCHDOG_US=N` sets the watchdog interval
+//! (the promised preemption latency) for an A/B.
 
 use lang_isolation::language::{Dispatcher, DispatcherConfig, Start};
 use lang_isolation::runtime::SealedArtifact;
@@ -25,7 +28,7 @@ fn main() {
     let worker = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/microfaas-worker");
     let mut config = DispatcherConfig::new(&worker);
     config.workers = Some(1);
-    if let Some(us) = std::env::var("WD_US").ok().and_then(|v| v.parse().ok()) {
+    if let Some(us) = std::env::var("WATCHDOG_US").ok().and_then(|v| v.parse().ok()) {
         config.watchdog_interval = Duration::from_micros(us);
     }
     let d = Dispatcher::start(config).expect("dispatcher");
@@ -43,7 +46,11 @@ fn main() {
         let done = d.invoke(ids[i % ids.len()], b"", Start::Warm).expect("invoke");
         lat.push(done.dispatch_ns);
         exec.push(done.exec_ns);
-        back.push(done.total_ns.saturating_sub(done.dispatch_ns).saturating_sub(done.exec_ns));
+        back.push(
+            done.total_ns
+                .saturating_sub(done.dispatch_ns)
+                .saturating_sub(done.exec_ns),
+        );
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let us = |v: &mut Vec<u64>, p: usize| {

@@ -107,7 +107,10 @@ mod tests {
     #[test]
     fn it_wakes_at_the_earliest_armed_deadline() {
         let now = 5 * MS;
-        assert_eq!(next_wake(now, [now + 400_000, now + 7_000], 10 * MS, 50_000, MS), now + 7_000);
+        assert_eq!(
+            next_wake(now, [now + 400_000, now + 7_000], 10 * MS, 50_000, MS),
+            now + 7_000
+        );
         assert_eq!(next_wake(now, [now + 2 * MS], 10 * MS, 50_000, MS), now + MS);
     }
 
