@@ -27,7 +27,7 @@ use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 pub(crate) use reset::pagemap_scan_works;
-pub use reset::{MemoryPlan, Pristine, ResetError, ResetSource, ResetStats};
+pub use reset::{MemoryPlan, Pristine, ResetError, ResetSource, ResetStats, WORKING_SET_LIMIT_PAGES};
 pub use snapshot::{MapMemoryError, Shell};
 use std::collections::VecDeque;
 use std::mem::offset_of;
@@ -164,6 +164,8 @@ pub(crate) struct Shared {
     pub(crate) pagemap_scan: bool,
     /// What the last reset did.
     pub(crate) reset_stats: Mutex<ResetStats>,
+    /// Working-set pages pre-copied at restore.
+    pub(crate) prefaulted: AtomicU64,
 }
 
 impl Shared {
@@ -390,6 +392,7 @@ impl Instance {
             pagemap: vmm.pagemap.clone(),
             pagemap_scan: vmm.pagemap_scan,
             reset_stats: Mutex::new(ResetStats::default()),
+            prefaulted: AtomicU64::new(0),
         });
         Ok(Self {
             side: Side::Local { shared, pool },
@@ -522,12 +525,26 @@ impl Instance {
 
     /// Gives the instance what [`Instance::reset`] puts back: the idle
     /// node it was restored from.
+    ///
+    /// Where the VM runs here and the node has a recorded first-run working
+    /// set (see [`ResetSource::working_set`]), its pages are pre-copied into
+    /// the instance now, before its first request.
     pub fn set_reset_source(&self, source: Arc<ResetSource>) {
-        if let Some(shared) = self.local()
-            && let Ok(mut r) = shared.reset.lock()
-        {
-            *r = Some(source);
+        if let Some(shared) = self.local() {
+            if let Some(runs) = source.working_set() {
+                let pages = shared.prefault(runs);
+                shared.prefaulted.store(u64::try_from(pages).unwrap_or(u64::MAX), Ordering::Relaxed);
+            }
+            if let Ok(mut r) = shared.reset.lock() {
+                *r = Some(source);
+            }
         }
+    }
+
+    /// Pages of its node's working set pre-copied into this instance when
+    /// it was given its reset source (0 for a remote instance).
+    pub fn prefaulted_pages(&self) -> u64 {
+        self.local().map_or(0, |s| s.prefaulted.load(Ordering::Relaxed))
     }
 
     /// Whether [`Instance::reset`] can be asked of this instance (restored
@@ -1058,6 +1075,9 @@ impl Drop for Instance {
         // A running vCPU is kicked; the runner drops its reference when it
         // is done, and the last reference tears the VM down.
         self.dead = true;
+        if let Some(shared) = self.local() {
+            shared.record_working_set();
+        }
         self.stop_vm();
     }
 }
