@@ -120,7 +120,9 @@ fn the_first_run_working_set_is_recorded_and_prefaulted() {
         // The first instance finds nothing recorded; dropping it records.
         let (out_first, faults_first, pre_first) = first_request(&vmm, &config, &file, len, &saved, &source, b"100");
         assert_eq!(pre_first, 0, "{name}: nothing recorded before the first instance went");
-        let ws = source.working_set().unwrap_or_else(|| panic!("{name}: no working set recorded"));
+        let ws = source
+            .working_set()
+            .unwrap_or_else(|| panic!("{name}: no working set recorded"));
         let pages: usize = ws.iter().map(|&(_, n)| n).sum();
         assert!(pages > 0 && pages <= WORKING_SET_LIMIT_PAGES, "{name}: {pages} pages");
         // Later instances get it pre-copied: same output, fewer faults.

@@ -104,7 +104,9 @@ impl ResetSource {
     /// served nothing says nothing).
     pub(crate) fn record_working_set(&self, runs: &[(usize, usize)]) {
         if self.working_set.get().is_none() && !runs.is_empty() {
-            let _ = self.working_set.set(cap_runs(runs, WORKING_SET_LIMIT_PAGES).into_boxed_slice());
+            let _ = self
+                .working_set
+                .set(cap_runs(runs, WORKING_SET_LIMIT_PAGES).into_boxed_slice());
         }
     }
 
@@ -367,13 +369,7 @@ impl Shared {
             // (checked above against its length); MADV_POPULATE_WRITE only
             // faults the pages in for writing (copy-on-write of the node's
             // bytes into private pages): their contents do not change.
-            let rc = unsafe {
-                libc::madvise(
-                    (base + page * PAGE) as *mut libc::c_void,
-                    n * PAGE,
-                    MADV_POPULATE_WRITE,
-                )
-            };
+            let rc = unsafe { libc::madvise((base + page * PAGE) as *mut libc::c_void, n * PAGE, MADV_POPULATE_WRITE) };
             if rc == 0 {
                 done += n;
             }
@@ -622,9 +618,15 @@ mod tests {
         source.record_working_set(&[]);
         assert!(source.working_set().is_none());
         source.record_working_set(&[(5, 2), (100, WORKING_SET_LIMIT_PAGES)]);
-        assert_eq!(source.working_set(), Some(&[(5, 2), (100, WORKING_SET_LIMIT_PAGES - 2)][..]));
+        assert_eq!(
+            source.working_set(),
+            Some(&[(5, 2), (100, WORKING_SET_LIMIT_PAGES - 2)][..])
+        );
         source.record_working_set(&[(1, 1)]);
-        assert_eq!(source.working_set(), Some(&[(5, 2), (100, WORKING_SET_LIMIT_PAGES - 2)][..]));
+        assert_eq!(
+            source.working_set(),
+            Some(&[(5, 2), (100, WORKING_SET_LIMIT_PAGES - 2)][..])
+        );
     }
 
     #[test]
