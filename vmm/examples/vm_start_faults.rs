@@ -170,6 +170,9 @@ struct Start {
     prefaulted: u64,
 }
 
+/// A row of the table: its name and the value it shows of a start.
+type Column = (&'static str, fn(&Start) -> u64);
+
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -237,7 +240,7 @@ fn function_starts(
         );
     }
     println!("\n{starts} function starts (restore on a fresh VM + first request), us:");
-    let cols: [(&str, fn(&Start) -> u64); 7] = [
+    let cols: [Column; 7] = [
         ("restore", |s| s.restore_ns),
         ("  vm+vcpu", |s| s.restore.shell_ns),
         ("  slots", |s| s.restore.slots_ns),
