@@ -5,13 +5,20 @@
 //! invocation of an instance restored from a copy-on-write copy of that
 //! loaded guest (a function snapshot's start).
 //!
+//! Then STARTS (default 200) function starts from that node (a restore
+//! on a fresh VM and its first request), the first without and the rest
+//! with the node's recorded first-run working set (pre-copied at restore;
+//! `NO_WORKING_SET=1`: never), with the faults, the restore's steps and
+//! the first request's time of each: medians, p99, max and the slowest.
+//!
 //! ```text
-//! cargo run --release -p vmm --example vm_start_faults -- ART.so [INPUT]
+//! cargo run --release -p vmm --example vm_start_faults -- ART.so [INPUT [STARTS]]
 //! ```
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::{ExternalMemory, Instance, InstanceConfig, Vmm};
+use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, RestoreTimings, Vmm};
 
 const STATS: [&str; 6] = [
     "pf_taken",
@@ -68,9 +75,9 @@ impl Drop for CowCopy {
     }
 }
 
-fn cow_copy(bytes: &[u8]) -> std::io::Result<CowCopy> {
+fn image(bytes: &[u8]) -> std::io::Result<std::fs::File> {
     use std::io::Write;
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::FromRawFd;
     // SAFETY: a fresh memfd; the name is a NUL-terminated literal.
     let fd = unsafe { libc::memfd_create(c"guest-copy".as_ptr(), 0) };
     if fd < 0 {
@@ -79,11 +86,16 @@ fn cow_copy(bytes: &[u8]) -> std::io::Result<CowCopy> {
     // SAFETY: `fd` is a new descriptor owned by nothing else.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.write_all(bytes)?;
+    Ok(file)
+}
+
+fn cow_copy(file: &std::fs::File, len: usize) -> std::io::Result<CowCopy> {
+    use std::os::fd::AsRawFd;
     // SAFETY: maps the whole file privately; no existing mapping is touched.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            bytes.len(),
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE,
             file.as_raw_fd(),
@@ -94,7 +106,7 @@ fn cow_copy(bytes: &[u8]) -> std::io::Result<CowCopy> {
         return Err(std::io::Error::last_os_error());
     }
     let addr = NonNull::new(addr.cast()).ok_or_else(|| std::io::Error::other("null mapping"))?;
-    Ok(CowCopy { addr, len: bytes.len() })
+    Ok(CowCopy { addr, len })
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -108,6 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..InstanceConfig::default()
     };
     let deadline = || Instant::now() + Duration::from_secs(10);
+    let starts: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
     for round in 0..3 {
         println!("round {round}");
         let (mut booted, _) = Instance::boot(&vmm, &config)?;
@@ -129,7 +142,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fresh.load(&artifact, deadline())?;
         let saved = fresh.save()?;
         // SAFETY: `fresh` is idle (no request in flight) while we copy.
-        let memory = cow_copy(unsafe { fresh.guest_memory() })?;
+        let file = image(unsafe { fresh.guest_memory() })?;
+        let len = usize::try_from(file.metadata()?.len())?;
+        let memory = cow_copy(&file, len)?;
         let t = Instant::now();
         let mut restored = Instance::restore(&vmm, None, &config, Box::new(memory), &saved)?;
         let restore_took = t.elapsed();
@@ -141,6 +156,120 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{:>28}: load + init {load_took:?}; restore {restore_took:?}, its first invoke {took:?}",
             "times"
+        );
+    }
+    function_starts(&vmm, &config, &artifact, input.as_bytes(), starts)
+}
+
+/// One function start's numbers.
+struct Start {
+    faults: Vec<u64>,
+    restore: RestoreTimings,
+    restore_ns: u64,
+    first_ns: u64,
+    prefaulted: u64,
+}
+
+/// A row of the table: its name and the value it shows of a start.
+type Column = (&'static str, fn(&Start) -> u64);
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn pct(v: &mut [u64], p: usize) -> u64 {
+    v.sort_unstable();
+    v.get((v.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0)
+}
+
+fn function_starts(
+    vmm: &Vmm,
+    config: &InstanceConfig,
+    artifact: &[u8],
+    input: &[u8],
+    starts: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let (mut fresh, _) = Instance::boot(vmm, config)?;
+    fresh.load(artifact, deadline())?;
+    let saved = fresh.save()?;
+    // SAFETY: `fresh` is idle (no request in flight) while we copy.
+    let file = image(unsafe { fresh.guest_memory() })?;
+    drop(fresh);
+    let len = usize::try_from(file.metadata()?.len())?;
+    let source = Arc::new(ResetSource::new(saved.clone(), Box::new(file.try_clone()?))?);
+    let use_ws = std::env::var_os("NO_WORKING_SET").is_none();
+    let mut all = Vec::with_capacity(starts);
+    for _ in 0..starts {
+        let memory = cow_copy(&file, len)?;
+        let t = Instant::now();
+        let mut restored = Instance::restore(vmm, None, config, Box::new(memory), &saved)?;
+        if use_ws {
+            restored.set_reset_source(Arc::clone(&source));
+        }
+        let restore_ns = ns(t.elapsed());
+        let before = stats(&restored);
+        let t = Instant::now();
+        restored.invoke(input, deadline())?;
+        let first_ns = ns(t.elapsed());
+        let after = stats(&restored);
+        all.push(Start {
+            faults: after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b)).collect(),
+            restore: restored.restore_timings().unwrap_or_default(),
+            restore_ns,
+            first_ns,
+            prefaulted: restored.prefaulted_pages(),
+        });
+        // Teardown (and the working set's record) off the clock.
+        drop(restored);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let us = |v: u64| v as f64 / 1e3;
+    let Some(first) = all.first() else {
+        return Ok(());
+    };
+    print("start 1 (nothing recorded)", &vec![0; STATS.len()], &first.faults);
+    if let Some(rest) = all.get(1..).filter(|r| !r.is_empty()) {
+        let med: Vec<u64> = (0..STATS.len())
+            .map(|i| pct(&mut rest.iter().map(|s| s.faults[i]).collect::<Vec<_>>(), 50))
+            .collect();
+        print(
+            &format!("starts 2.. (median, {} pre-copied)", rest[0].prefaulted),
+            &vec![0; STATS.len()],
+            &med,
+        );
+    }
+    println!("\n{starts} function starts (restore on a fresh VM + first request), us:");
+    let cols: [Column; 7] = [
+        ("restore", |s| s.restore_ns),
+        ("  vm+vcpu", |s| s.restore.shell_ns),
+        ("  slots", |s| s.restore.slots_ns),
+        ("  state", |s| s.restore.state_ns),
+        ("  spawn", |s| s.restore.spawn_ns),
+        ("first req", |s| s.first_ns),
+        ("total", |s| s.restore_ns + s.first_ns),
+    ];
+    for (name, f) in cols {
+        let mut v: Vec<u64> = all.iter().map(f).collect();
+        println!(
+            "{name:>10}: median {:8.1}  p99 {:8.1}  max {:8.1}",
+            us(pct(&mut v, 50)),
+            us(pct(&mut v, 99)),
+            us(pct(&mut v, 100))
+        );
+    }
+    let mut slow: Vec<&Start> = all.iter().collect();
+    slow.sort_by_key(|s| std::cmp::Reverse(s.restore_ns + s.first_ns));
+    println!("slowest 5 (us: vm+vcpu, slots, state, spawn | first request; pf_taken):");
+    for s in slow.iter().take(5) {
+        println!(
+            "  {:8.1} {:8.1} {:8.1} {:8.1} | {:8.1}; {}",
+            us(s.restore.shell_ns),
+            us(s.restore.slots_ns),
+            us(s.restore.state_ns),
+            us(s.restore.spawn_ns),
+            us(s.first_ns),
+            s.faults[0]
         );
     }
     Ok(())

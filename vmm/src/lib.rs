@@ -70,7 +70,7 @@ pub use fault::GuestFault;
 pub use guest_abi as abi;
 pub use instance::{
     BootTimings, Instance, InstanceConfig, MapMemoryError, MemoryPlan, Pristine, Progress, Remote, RemoteStart, Reply,
-    ResetError, ResetSource, ResetStats, Shell, now_ns,
+    ResetError, ResetSource, ResetStats, RestoreTimings, Shell, WORKING_SET_LIMIT_PAGES, now_ns,
 };
 pub use layout::LayoutConfig;
 pub use memory::ExternalMemory;

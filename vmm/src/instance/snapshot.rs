@@ -2,7 +2,7 @@
 //! from a saved state onto memory the caller mapped, and saving a stopped
 //! instance's state.
 
-use super::{Instance, InstanceConfig, add_memory_slots, kvm_err};
+use super::{Instance, InstanceConfig, RestoreTimings, add_memory_slots, kvm_err, ns_since};
 use crate::Vmm;
 use crate::channel;
 use crate::error::VmmError;
@@ -19,7 +19,7 @@ use guest_abi::MAILBOX_ADDR;
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::ptr::NonNull;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 /// An empty VM with its vCPU (CPUID set), ready to be given memory and a
@@ -219,6 +219,12 @@ impl Instance {
         // to register them with.
         chan: Option<SlabSlot>,
     ) -> Result<Self, VmmError> {
+        let mut timings = RestoreTimings::default();
+        let mut t = Instant::now();
+        let mut step = |into: &mut u64| {
+            *into = ns_since(t);
+            t = Instant::now();
+        };
         let slots_ready = chan.is_some() && shell.as_ref().is_some_and(|s| s.reserved.is_none() && s.registered);
         let layout = Layout::new(config.layout)?;
         let got = u64::try_from(memory.len()).unwrap_or(u64::MAX);
@@ -232,6 +238,7 @@ impl Instance {
             Some(shell) => shell,
             None => Shell::new(vmm, config.vcpu_stats)?,
         };
+        step(&mut timings.shell_ns);
         let ram = GuestRam::from_external(memory)?;
         // The state must match its memory before the guest runs or the host
         // sends anything: otherwise a stale reply in the mailbox could be
@@ -256,11 +263,13 @@ impl Instance {
                 chan
             }
         };
+        step(&mut timings.slots_ns);
         // The snapshot's channel into the slot: its mailbox page, and at a
         // checkpoint the input the stopped `handle()` still points at.
         copy_channel(ram.mem(), chan.mem(), &layout, saved.at_checkpoint).map_err(VmmError::GuestMemory)?;
         apply_vcpu_state(&vcpu, &saved.vcpu)?;
         let tsc_offset = measure_tsc_offset(&vcpu)?;
+        step(&mut timings.state_ns);
         let start = if saved.at_checkpoint {
             StartAt::Checkpoint
         } else {
@@ -278,6 +287,8 @@ impl Instance {
             start,
             saved.seq,
         )?;
+        step(&mut timings.spawn_ns);
+        instance.restore_timings = Some(timings);
         instance.at_checkpoint = saved.at_checkpoint;
         instance.origin_seq = (!saved.at_checkpoint).then_some(saved.seq);
         Ok(instance)
