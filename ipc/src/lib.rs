@@ -9,6 +9,9 @@
 //!   check that its parent lives.
 //! - [`watch`]: one thread that calls back when any of many children dies, so
 //!   that callers parked on futexes can be woken and failed once.
+//! - [`pagemap`]: which pages of a private file mapping were written, by
+//!   `ioctl(PAGEMAP_SCAN)` (a snapshot's heap in a worker, a VM's memory at
+//!   reset).
 //! - [`robust`]: the child's side of a death notice without any thread: a
 //!   robust-futex word the kernel marks and wakes when the child dies.
 //!
@@ -36,6 +39,7 @@
 //! ```
 
 pub mod futex;
+pub mod pagemap;
 pub mod region;
 pub mod ring;
 pub mod robust;

@@ -291,11 +291,10 @@ fn rule(name: &'static str, conditions: Vec<SeccompCondition>) -> Result<Seccomp
     SeccompRule::new(conditions).map_err(|source| FilterError::Rule { name, source })
 }
 
-/// `PAGEMAP_SCAN` (`_IOWR('f', 16, struct pm_scan_arg)`, `linux/fs.h`):
-/// reads which pages of its own memory a guest wrote, on the
+/// `PAGEMAP_SCAN`: which pages of its own memory a guest wrote, on the
 /// `/proc/self/pagemap` fd the VMM opened before the sandbox (an instance
 /// reset, `vmm::Instance::reset`). No other driver's ioctl has this number.
-pub const PAGEMAP_SCAN: u64 = 0xc060_6610;
+pub use ipc::pagemap::PAGEMAP_SCAN;
 
 /// `ioctl(fd, request)` only with `_IOC_TYPE(request) == KVMIO`, or
 /// exactly [`PAGEMAP_SCAN`] on `pagemap_fd`.

@@ -498,92 +498,26 @@ fn read_private(pagemap: &File, base: usize, pages: usize) -> Result<Vec<(usize,
     Ok(runs)
 }
 
-/// `struct page_region` of `linux/fs.h`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-/// `struct pm_scan_arg` of `linux/fs.h`.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-const PAGE_IS_FILE: u64 = 1 << 2;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-const PAGE_IS_SWAPPED: u64 = 1 << 4;
-/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: u64 = (3 << 30) | ((size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
-const SCAN_REGIONS: usize = 64;
-
-/// One `PAGEMAP_SCAN` call over `start..end` for private pages (present
-/// or swapped, not file pages) into `regions`; returns the regions filled
-/// and where the walk ended.
-fn scan_once(pagemap: &File, start: u64, end: u64, regions: &mut [PageRegion]) -> std::io::Result<(usize, u64)> {
-    use std::os::fd::AsRawFd;
-    let mut arg = PmScanArg {
-        size: size_of::<PmScanArg>() as u64,
-        start,
-        end,
-        vec: regions.as_mut_ptr() as u64,
-        vec_len: regions.len() as u64,
-        category_inverted: PAGE_IS_FILE,
-        category_mask: PAGE_IS_FILE,
-        category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        return_mask: PAGE_IS_FILE,
-        ..PmScanArg::default()
-    };
-    // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
-    // regions into `regions` (ours, live for the call) and `walk_end` into
-    // `arg`; it only reads this process's page tables.
-    let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as libc::c_ulong, &raw mut arg) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((usize::try_from(n).unwrap_or(0).min(regions.len()), arg.walk_end))
-}
-
-/// Runs of private pages as [`read_private`] finds them, by `PAGEMAP_SCAN`.
+/// Runs of private pages as [`read_private`] finds them, by `PAGEMAP_SCAN`
+/// (`ipc::pagemap`, which checks every kernel answer).
 fn scan_private(pagemap: &File, base: usize, pages: usize) -> Result<Vec<(usize, usize)>, ResetError> {
-    let (start, end) = (base as u64, (base + pages * PAGE) as u64);
-    let mut regions = [PageRegion::default(); SCAN_REGIONS];
+    use std::os::fd::AsFd;
+    let mut regions = [ipc::pagemap::PageRegion::default(); ipc::pagemap::REGIONS];
+    let mut ranges = Vec::new();
+    ipc::pagemap::written_in(pagemap.as_fd(), base..base + pages * PAGE, &mut regions, &mut ranges).map_err(|e| {
+        ResetError::Io {
+            what: "PAGEMAP_SCAN",
+            source: std::io::Error::other(e),
+        }
+    })?;
     let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut at = start;
-    while at < end {
-        let (n, walk_end) = scan_once(pagemap, at, end, &mut regions).map_err(io("PAGEMAP_SCAN"))?;
-        for r in &regions[..n] {
-            // Bounds from the kernel, checked anyway.
-            let (s, e) = (r.start.clamp(start, end), r.end.clamp(start, end));
-            if e <= s {
-                continue;
-            }
-            let first = usize::try_from((s - start) / PAGE as u64).unwrap_or(0);
-            let len = usize::try_from((e - s).div_ceil(PAGE as u64)).unwrap_or(0);
-            match runs.last_mut() {
-                Some((p, l)) if *p + *l == first => *l += len,
-                _ => runs.push((first, len)),
-            }
+    for r in ranges {
+        let first = (r.start - base) / PAGE;
+        let len = r.len().div_ceil(PAGE);
+        match runs.last_mut() {
+            Some((p, l)) if *p + *l == first => *l += len,
+            _ => runs.push((first, len)),
         }
-        if walk_end <= at {
-            break;
-        }
-        at = walk_end;
     }
     Ok(runs)
 }
@@ -592,9 +526,8 @@ fn scan_private(pagemap: &File, base: usize, pages: usize) -> Result<Vec<(usize,
 /// process's own memory).
 pub(crate) fn pagemap_scan_works(pagemap: &File) -> bool {
     let probe = [0u8; PAGE * 2];
-    let at = (probe.as_ptr() as u64).next_multiple_of(PAGE as u64);
-    let mut regions = [PageRegion::default(); 1];
-    scan_once(pagemap, at, at + PAGE as u64, &mut regions).is_ok()
+    let at = (probe.as_ptr() as usize).next_multiple_of(PAGE);
+    scan_private(pagemap, at, 1).is_ok()
 }
 
 #[cfg(test)]
@@ -704,8 +637,7 @@ mod tests {
     fn pagemap_scan_is_the_number_linux_defines() {
         // _IOWR('f', 16, struct pm_scan_arg) with a 96-byte argument: the
         // VMM host sandbox allows exactly this request.
-        assert_eq!(size_of::<PmScanArg>(), 96);
-        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+        assert_eq!(ipc::pagemap::PAGEMAP_SCAN, 0xc060_6610);
     }
 
     #[test]
