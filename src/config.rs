@@ -60,9 +60,11 @@ pub struct LanguageConfig {
     pub pin_workers: bool,
     /// How over-budget invocations are stopped.
     pub preemption: LanguagePreemption,
-    /// How often the dispatcher's watchdog checks deadlines while work is
-    /// outstanding: an over-budget invocation stops within its budget plus
-    /// this (plus signal delivery).
+    /// The dispatcher watchdog's promised preemption latency: it sleeps
+    /// until the earliest deadline that could fall (not on a fixed tick),
+    /// and looks again at most this often at a deadline that has passed,
+    /// so an over-budget invocation stops within its budget plus this
+    /// (plus signal delivery).
     pub watchdog_interval: Duration,
     /// A worker whose invocation is this far past its deadline and still
     /// running is killed (worker-lost; a strike for the function).

@@ -143,6 +143,44 @@ fn a_host_process_refusing_restores_is_retired_and_a_new_one_takes_new_instances
     control_attack("refuse-restore", &[ErrorKind::Io], false);
 }
 
+/// A host process that has run guests claims KVM refused a node's state
+/// (its second restore): not believed, since the node is shared by every
+/// tenant that deploys the same function. The process is retired, the
+/// restore goes to a fresh one, and the node is not refused.
+#[test]
+fn a_forged_state_refusal_does_not_condemn_the_node() {
+    let mode = "state-refused-restore";
+    let Some((backend, dir)) = attacked(mode) else {
+        return;
+    };
+    let echo = deploy(backend.as_ref(), "echo", Duration::from_secs(5));
+    serves(backend.as_ref(), &echo, 2, mode);
+    assert!(hostile_spawned(&dir), "{mode}: the first host process is the fixture");
+    let before = spawned(backend.as_ref());
+    assert_eq!(before, 1, "{mode}");
+    backend
+        .prestart(&echo, 3)
+        .unwrap_or_else(|e| panic!("{mode}: the prestart was not retried elsewhere: {e}"));
+    assert!(fired(&dir), "{mode}: the attack did not happen");
+    assert!(spawned(backend.as_ref()) > before, "{mode}: no fresh host process");
+    let stats = backend.stats();
+    assert_eq!(
+        stats.counter("snapshot_files_refused"),
+        Some(0),
+        "{mode}: the node was refused"
+    );
+    serves(backend.as_ref(), &echo, 5, mode);
+    // Another tenant deploying the same function uses the same node.
+    let spec = FunctionSpec::new("echo", microfaas::builtin("echo").unwrap())
+        .with_budget(Duration::from_secs(5))
+        .with_tenant(microfaas::Tenant::new("other").unwrap());
+    let other = backend
+        .deploy(&spec)
+        .unwrap_or_else(|e| panic!("{mode}: other tenant: {e}"));
+    serves(backend.as_ref(), &other, 3, mode);
+    assert_eq!(backend.stats().counter("snapshot_files_refused"), Some(0), "{mode}");
+}
+
 /// A run attack on the first host process's second run: that request
 /// fails with one of `kinds` (or, where the attack may lose its race,
 /// succeeds, if `may_succeed`), answered once; then the function serves.

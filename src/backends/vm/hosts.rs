@@ -91,6 +91,10 @@ pub(crate) struct Host {
     dead: AtomicBool,
     /// Refused a restore: no new instance is placed here.
     retired: AtomicBool,
+    /// A restore succeeded here, so guest code may have run in this
+    /// process (and, after an escape, may speak for it): its refusal of a
+    /// node's state is not believed (see `Shared::restore`).
+    guests_ran: AtomicBool,
     /// Why it was condemned (the first reason).
     condemned: Mutex<Option<String>>,
     /// The last control request's id.
@@ -422,6 +426,21 @@ pub(crate) struct Shared {
     keys: Mutex<HashMap<snapshots::NodeId, u64>>,
 }
 
+/// How one restore attempt in a host process ended, when it did not.
+enum Attempt {
+    /// The restore failed: the request fails with this.
+    Failed(Error),
+    /// A process that had run guests refused the node's state: retired,
+    /// not believed; another process is tried.
+    Disbelieved(String),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
 fn io(context: &'static str, detail: impl std::fmt::Display) -> Error {
     Error::io(context, std::io::Error::other(detail.to_string()))
 }
@@ -599,6 +618,7 @@ impl Shared {
             ring_lock: Mutex::new(()),
             dead: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            guests_ran: AtomicBool::new(false),
             last_id: AtomicU32::new(0),
             condemned: Mutex::new(None),
             reply_timeout,
@@ -656,7 +676,39 @@ impl Shared {
     }
 
     /// Restores an instance of `node` (of `tenant`) in a host process.
+    ///
+    /// A host process's `StateRefused` (KVM refused the node's state) makes
+    /// the node corrupt for every tenant (the caller refuses it), so it is
+    /// believed only from a process in which no guest has run yet: freshly
+    /// exec'd, nothing a function controls has spoken for it. A process
+    /// that has run guests and refuses is retired and the restore tried
+    /// again elsewhere (in the end in a fresh process, whose answer
+    /// stands), so an escaped guest cannot condemn a node other tenants
+    /// share.
     pub(crate) fn restore(&self, tenant: &str, node: &Restorable) -> Result<Instance, Error> {
+        // Each disbelieved refusal retires a process, so retries reach a
+        // fresh process once the tenant's others are retired; the bound is
+        // for a tenant with very many processes.
+        const ATTEMPTS: usize = 4;
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            match self.restore_once(tenant, node) {
+                Ok(instance) => return Ok(instance),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Disbelieved(detail)) => last = Some(detail),
+            }
+        }
+        Err(io(
+            "restoring an instance in a vm host process",
+            format!(
+                "{ATTEMPTS} host processes that had run guests refused the state of node {}; not believed (last: {})",
+                node.id,
+                last.unwrap_or_default()
+            ),
+        ))
+    }
+
+    fn restore_once(&self, tenant: &str, node: &Restorable) -> Result<Instance, Attempt> {
         let id = {
             let mut keys = self.keys.lock().map_err(|_| super::super::vm::poisoned())?;
             let next = u64::try_from(keys.len()).unwrap_or(u64::MAX);
@@ -667,7 +719,7 @@ impl Shared {
             host.vms.fetch_sub(1, Ordering::Relaxed);
             host.released();
         };
-        let fail = |detail: String| io("restoring an instance in a vm host process", detail);
+        let fail = |detail: String| Attempt::Failed(io("restoring an instance in a vm host process", detail));
         let first = host.registered.lock().is_ok_and(|r| !r.contains(&id));
         if first {
             let image = std::fs::File::open(node.image_path()).map_err(|e| {
@@ -717,20 +769,26 @@ impl Shared {
         };
         // From here, dropping `remote` gives the slot back (and the VM up).
         let tsc_offset = match host.call(&Request::Restore { node: id, slot }, None) {
-            Ok(Reply::Restored { tsc_offset, .. }) => tsc_offset,
+            Ok(Reply::Restored { tsc_offset, .. }) => {
+                host.guests_ran.store(true, Ordering::SeqCst);
+                tsc_offset
+            }
             Ok(Reply::Error(e)) => {
                 host.retired.store(true, Ordering::Relaxed);
                 return Err(fail(e));
             }
             Ok(Reply::StateRefused(e)) => {
                 host.retired.store(true, Ordering::Relaxed);
-                return Err(Error::SnapshotCorrupt {
+                if host.guests_ran.load(Ordering::SeqCst) {
+                    return Err(Attempt::Disbelieved(e));
+                }
+                return Err(Attempt::Failed(Error::SnapshotCorrupt {
                     path: node.path().to_owned(),
                     detail: format!(
                         "restoring an instance from snapshot node {} in a vm host process: {e}",
                         node.id
                     ),
-                });
+                }));
             }
             Ok(other) => {
                 host.refused(&other);

@@ -19,7 +19,8 @@
 //!
 //! Control attacks hit the reply to the process's second `Restore`:
 //! `garbage-restore`, `wrong-kind-restore`, `twice-restore`,
-//! `silent-restore`, `exit-on-restore`, `refuse-restore`. Run attacks hit
+//! `silent-restore`, `exit-on-restore`, `refuse-restore`,
+//! `state-refused-restore` (claims KVM refused the node's state). Run attacks hit
 //! the process's second queued run: `garbage-report`, `forged-reply`,
 //! `toctou`, `stray-reports`, `double-report`, `never-run`,
 //! `exit-mid-run`. Any other name relays honestly.
@@ -269,6 +270,9 @@ fn relay_control(mode: &str, attack: &AtomicBool, backend: BorrowedFd<'_>, child
                 "garbage-restore" => reply = vec![0xff; 37],
                 "wrong-kind-restore" => reply = frame(id, &Reply::Ok.encode()),
                 "refuse-restore" => reply = frame(id, &Reply::Error("refused".into()).encode()),
+                "state-refused-restore" => {
+                    reply = frame(id, &Reply::StateRefused("KVM_SET_SREGS (forged)".into()).encode());
+                }
                 "twice-restore" => times = 2,
                 "silent-restore" => times = 0,
                 "exit-on-restore" => std::process::exit(6),
