@@ -40,7 +40,9 @@
 //! kind, a run ring it stops draining, and a report word in a slot's
 //! control block that no runner writes. A process that refuses a restore
 //! (`Reply::Error`) is retired instead: no new instance is placed there,
-//! its instances serve on.
+//! its instances serve on. Its claim that KVM refused a node's state
+//! (`Reply::StateRefused`) is believed only if no guest has run in it yet
+//! (see `Shared::restore`).
 
 use super::super::vm_snapshots::Restorable;
 use crate::Error;
