@@ -82,18 +82,26 @@ fn replaced(b: &dyn Backend, id: &FunctionId, n: u64) -> bool {
     false
 }
 
+/// A backend whose first host process is the fixture in `mode`, `echo`
+/// deployed and served twice there (its first restore), nothing attacked
+/// yet.
+fn before_a_control_attack(mode: &str) -> Option<(Box<dyn Backend>, tempfile::TempDir, FunctionId)> {
+    let (backend, dir) = attacked(mode)?;
+    let echo = deploy(backend.as_ref(), "echo", Duration::from_secs(5));
+    serves(backend.as_ref(), &echo, 2, mode);
+    assert!(hostile_spawned(&dir), "{mode}: the first host process is the fixture");
+    assert_eq!(spawned(backend.as_ref()), 1, "{mode}");
+    Some((backend, dir, echo))
+}
+
 /// A control attack on the second restore of the first host process (a
 /// prestart): the prestart fails with a typed error, the process is
 /// condemned (or retired) and replaced, and the function serves.
 fn control_attack(mode: &str, kinds: &[ErrorKind], condemned: bool) {
-    let Some((backend, dir)) = attacked(mode) else {
+    let Some((backend, dir, echo)) = before_a_control_attack(mode) else {
         return;
     };
-    let echo = deploy(backend.as_ref(), "echo", Duration::from_secs(5));
-    serves(backend.as_ref(), &echo, 2, mode);
-    assert!(hostile_spawned(&dir), "{mode}: the first host process is the fixture");
-    let before = spawned(backend.as_ref());
-    assert_eq!(before, 1, "{mode}");
+    let before = 1;
     // Restores #2 and #3 (twice-restore's duplicate is read by #3).
     let err = backend.prestart(&echo, 3).expect_err(mode);
     assert!(kinds.contains(&err.kind()), "{mode}: {:?}: {err}", err.kind());
@@ -150,14 +158,10 @@ fn a_host_process_refusing_restores_is_retired_and_a_new_one_takes_new_instances
 #[test]
 fn a_forged_state_refusal_does_not_condemn_the_node() {
     let mode = "state-refused-restore";
-    let Some((backend, dir)) = attacked(mode) else {
+    let Some((backend, dir, echo)) = before_a_control_attack(mode) else {
         return;
     };
-    let echo = deploy(backend.as_ref(), "echo", Duration::from_secs(5));
-    serves(backend.as_ref(), &echo, 2, mode);
-    assert!(hostile_spawned(&dir), "{mode}: the first host process is the fixture");
-    let before = spawned(backend.as_ref());
-    assert_eq!(before, 1, "{mode}");
+    let before = 1;
     backend
         .prestart(&echo, 3)
         .unwrap_or_else(|e| panic!("{mode}: the prestart was not retried elsewhere: {e}"));
