@@ -247,9 +247,7 @@ impl WorkerHandle {
             if state != PENDING {
                 self.outstanding.fetch_sub(1, Ordering::SeqCst);
                 return if state == REPLIED {
-                    SlotResult::Reply(reply_of(std::array::from_fn(|i| {
-                        cell.reply[i].load(Ordering::Relaxed)
-                    })))
+                    SlotResult::Reply(reply_of(std::array::from_fn(|i| cell.reply[i].load(Ordering::Relaxed))))
                 } else {
                     SlotResult::Lost(lock(&cell.lost).take().unwrap_or_else(|| "result vanished".into()))
                 };
