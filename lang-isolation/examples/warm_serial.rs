@@ -9,7 +9,8 @@
 //! Prints requests per second, the dispatch latency p50 / p99 (us), the
 //! function's own time and the return leg (the function's last timestamp
 //! to the caller's answer). `WATCHDOG_US=N` sets the watchdog interval
-//! (the promised preemption latency) for an A/B.
+//! (the promised preemption latency) for an A/B; `FUNCTIONS=N` deploys N
+//! functions instead of 100 (each its own artifact, called round robin).
 
 use lang_isolation::language::{Dispatcher, DispatcherConfig, Start};
 use lang_isolation::runtime::SealedArtifact;
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
-    let root = std::env::temp_dir().join("microfaas-warm-serial");
+    // Build products under the workspace target, not /tmp.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/warm-serial");
     let functions = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions");
     let mut opts = microfaas_builder::BuildOptions::new(root.join("cache"));
     opts.out = Some(root.join("noop.so"));
@@ -32,12 +34,20 @@ fn main() {
         config.watchdog_interval = Duration::from_micros(us);
     }
     let d = Dispatcher::start(config).expect("dispatcher");
-    let ids: Vec<_> = (0..100)
+    let functions_n: usize = std::env::var("FUNCTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let ids: Vec<_> = (0..functions_n)
         .map(|i| {
             let a = Arc::new(SealedArtifact::create(&format!("noop-{i}"), &bytes).expect("memfd"));
             d.deploy(a, Duration::from_secs(1)).expect("deploy")
         })
         .collect();
+    // Every function's first call (its instance's pages) is not measured.
+    for &id in &ids {
+        d.invoke(id, b"", Start::Warm).expect("warm-up");
+    }
     let mut lat = Vec::with_capacity(n);
     let mut exec = Vec::with_capacity(n);
     let mut back = Vec::with_capacity(n);
@@ -58,7 +68,7 @@ fn main() {
         v[(v.len() - 1) * p / 100] as f64 / 1000.0
     };
     println!(
-        "{n} warm requests: {rate:.0}/s serial, dispatch p50 {:.2} us p99 {:.2} us; function p50 {:.2} us; \
+        "{n} warm requests over {functions_n} functions: {rate:.0}/s serial, dispatch p50 {:.2} us p99 {:.2} us; function p50 {:.2} us; \
          return (function's last timestamp to the caller's answer) p50 {:.2} us p99 {:.2} us",
         us(&mut lat, 50),
         us(&mut lat, 99),

@@ -13,7 +13,7 @@ use ipc::spawn::Child;
 use nix::sys::socket::{AddressFamily, Shutdown, SockFlag, SockType, setsockopt, shutdown, socketpair, sockopt};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -34,17 +34,56 @@ pub(crate) enum SlotResult {
     Lost(String),
 }
 
-#[derive(Debug, Default)]
-struct SlotState {
-    expected_seq: u64,
-    result: Option<SlotResult>,
-}
+/// `SlotCell::state`: no result yet.
+const PENDING: u8 = 0;
+/// `SlotCell::state`: a reply is in `reply`.
+const REPLIED: u8 = 1;
+/// `SlotCell::state`: the request was lost; the detail is in `lost`.
+const LOST: u8 = 2;
 
-/// Host-side completion cell of one slot.
+/// Host-side completion cell of one slot, without a lock: a completer
+/// claims the cell by swapping `expected` from the request's `seq` to 0
+/// (so a slot is answered at most once per request), writes the reply's
+/// words and then publishes `state` (release); the slot's owner reads them
+/// after seeing `state` (acquire). The owner submits on a slot again only
+/// after `wait` returned (the dispatcher releases a slot after waiting).
 #[derive(Debug, Default)]
 struct SlotCell {
-    ready: AtomicBool,
-    state: Mutex<SlotState>,
+    /// `seq` of the request this slot waits for; 0 once answered.
+    expected: AtomicU64,
+    state: AtomicU8,
+    /// The reply's words ([`reply_words`]).
+    reply: [AtomicU64; REPLY_WORDS],
+    /// Why the request was lost (the failure path only).
+    lost: Mutex<Option<String>>,
+}
+
+const REPLY_WORDS: usize = 7;
+
+fn reply_words(r: &Reply) -> [u64; REPLY_WORDS] {
+    [
+        r.seq,
+        r.out_len,
+        r.start_ns,
+        r.entered_ns,
+        r.returned_ns,
+        r.detail,
+        u64::from(r.slot) | (u64::from(r.outcome) << 32),
+    ]
+}
+
+fn reply_of(w: [u64; REPLY_WORDS]) -> Reply {
+    Reply {
+        seq: w[0],
+        out_len: w[1],
+        start_ns: w[2],
+        entered_ns: w[3],
+        returned_ns: w[4],
+        detail: w[5],
+        // The low and high halves of the packed word (lossless).
+        slot: (w[6] & 0xffff_ffff) as u32,
+        outcome: (w[6] >> 32) as u32,
+    }
 }
 
 /// One worker process and its shared region.
@@ -120,10 +159,10 @@ impl WorkerHandle {
     /// Submits `request` (its slot acquired, its input written).
     pub fn submit(&self, request: Request) {
         if let Some(cell) = self.slots.get(slot_index(request.slot)) {
-            let mut st = lock(&cell.state);
-            st.expected_seq = request.seq;
-            st.result = None;
-            cell.ready.store(false, Ordering::Release);
+            // The previous request's result was taken by `wait`; the
+            // ring's release publishes `expected` to the completers.
+            cell.state.store(PENDING, Ordering::Relaxed);
+            cell.expected.store(request.seq, Ordering::Release);
         }
         self.outstanding.fetch_add(1, Ordering::SeqCst);
         {
@@ -164,12 +203,28 @@ impl WorkerHandle {
         let Some(cell) = self.slots.get(slot_index(slot)) else {
             return false;
         };
-        let mut st = lock(&cell.state);
-        if st.expected_seq != seq || st.result.is_some() {
+        if seq == 0
+            || cell
+                .expected
+                .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
             return false;
         }
-        st.result = Some(result);
-        cell.ready.store(true, Ordering::Release);
+        // Claimed: this thread alone writes the cell until `state` is set.
+        let state = match result {
+            SlotResult::Reply(reply) => {
+                for (word, v) in cell.reply.iter().zip(reply_words(&reply)) {
+                    word.store(v, Ordering::Relaxed);
+                }
+                REPLIED
+            }
+            SlotResult::Lost(detail) => {
+                *lock(&cell.lost) = Some(detail);
+                LOST
+            }
+        };
+        cell.state.store(state, Ordering::Release);
         true
     }
 
@@ -188,13 +243,17 @@ impl WorkerHandle {
         let tail = self.region.replies().tail_word();
         let mut polls: u32 = 0;
         loop {
-            if cell.ready.load(Ordering::Acquire) {
-                let result = lock(&cell.state).result.take();
+            let state = cell.state.load(Ordering::Acquire);
+            if state != PENDING {
                 self.outstanding.fetch_sub(1, Ordering::SeqCst);
-                return result.unwrap_or_else(|| SlotResult::Lost("result vanished".into()));
+                return if state == REPLIED {
+                    SlotResult::Reply(reply_of(std::array::from_fn(|i| cell.reply[i].load(Ordering::Relaxed))))
+                } else {
+                    SlotResult::Lost(lock(&cell.lost).take().unwrap_or_else(|| "result vanished".into()))
+                };
             }
             self.drain(false);
-            if cell.ready.load(Ordering::Acquire) {
+            if cell.state.load(Ordering::Acquire) != PENDING {
                 continue;
             }
             polls = polls.wrapping_add(1);
@@ -205,7 +264,7 @@ impl WorkerHandle {
             header.reply_waiters.fetch_add(1, Ordering::SeqCst);
             let seen = tail.load(Ordering::SeqCst);
             self.drain(false);
-            if !cell.ready.load(Ordering::Acquire) {
+            if cell.state.load(Ordering::Acquire) == PENDING {
                 futex_wait(tail, seen, WAIT_SLICE_NS);
             }
             header.reply_waiters.fetch_sub(1, Ordering::SeqCst);
@@ -447,6 +506,34 @@ mod tests {
             SlotResult::Reply(_) => panic!("expected the first result"),
         }
         assert_eq!(w.outstanding.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_reply_reaches_its_waiter_whole_and_a_slot_is_reused_cleanly() {
+        let w = handle();
+        let slot = w.try_acquire().unwrap();
+        for seq in [1u64, 2, u64::MAX - 1] {
+            w.submit(request(seq, slot));
+            let reply = Reply {
+                seq,
+                out_len: 3,
+                start_ns: 11,
+                entered_ns: u64::MAX,
+                returned_ns: 1 << 40,
+                detail: 7,
+                slot,
+                outcome: u32::MAX,
+            };
+            assert!(!w.complete(slot, 0, SlotResult::Reply(reply)), "seq 0 never matches");
+            assert!(w.complete(slot, seq, SlotResult::Reply(reply)));
+            match w.wait(slot, Duration::ZERO) {
+                SlotResult::Reply(got) => assert_eq!(got, reply),
+                SlotResult::Lost(d) => panic!("lost: {d}"),
+            }
+            // A late duplicate after the wait is dropped too.
+            assert!(!w.complete(slot, seq, SlotResult::Lost("late".into())));
+        }
+        w.release(slot);
     }
 
     #[test]

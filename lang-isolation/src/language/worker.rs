@@ -192,6 +192,9 @@ impl From<&str> for NotReady {
 struct Ran {
     outcome: Outcome,
     bytes: Vec<u8>,
+    /// Output bytes already in the slot's output area (a successful run
+    /// writes there directly: no copy through `bytes`, no allocation).
+    written: usize,
     detail: u64,
     entered_ns: u64,
     returned_ns: u64,
@@ -202,6 +205,7 @@ impl Ran {
         Self {
             outcome,
             bytes: message.into_bytes(),
+            written: 0,
             detail,
             entered_ns: 0,
             returned_ns: 0,
@@ -407,7 +411,9 @@ impl Worker {
         }
         let header = self.header();
         header.inflight.seq.store(0, Ordering::Release);
-        header.worker.completed.fetch_add(1, Ordering::Relaxed);
+        // Only this worker writes it: no locked read-modify-write.
+        let completed = &header.worker.completed;
+        completed.store(completed.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if header.reply_waiters.load(Ordering::Relaxed) > 0 {
             futex_wake_all(replies.tail_word());
@@ -462,27 +468,48 @@ impl Worker {
 
     /// Writes `ran`'s bytes to the slot's output area and fills the reply.
     fn finish(&self, mut reply: Reply, mut ran: Ran, slot: u32) -> Reply {
-        let area = self.region.layout().output_area.min(self.output_limit);
+        let area = self.out_area(slot).len;
         if ran.outcome == Outcome::Ok && ran.bytes.len() > area {
             ran.detail = u64::try_from(ran.bytes.len()).unwrap_or(u64::MAX);
             ran.outcome = Outcome::OutputTooLarge;
             ran.bytes.clear();
         }
         let n = ran.bytes.len().min(area);
-        if let (Some(out), true) = (self.region.output_area(slot), n > 0) {
+        if ran.written > 0 {
+            // `run_handle` put it in place (within `area`).
+            reply.out_len = u64::try_from(ran.written.min(area)).unwrap_or(0);
+        } else if let (Some(out), true) = (self.region.output_area(slot), n > 0) {
             // SAFETY: `n` <= the slot's output area inside the mapping; the
             // dispatcher reads it only after this reply is published.
             unsafe { std::ptr::copy_nonoverlapping(ran.bytes.as_ptr(), out, n) };
         }
         reply.outcome = ran.outcome as u32;
-        reply.out_len = u64::try_from(n).unwrap_or(0);
+        if ran.written == 0 {
+            reply.out_len = u64::try_from(n).unwrap_or(0);
+        }
         reply.detail = ran.detail;
         reply.entered_ns = ran.entered_ns;
         reply.returned_ns = ran.returned_ns;
         reply
     }
 
+    /// Slot `slot`'s output area, as much of it as the output limit allows
+    /// (empty for a bad slot).
+    fn out_area(&self, slot: u32) -> OutArea {
+        match self.region.output_area(slot) {
+            Some(ptr) => OutArea {
+                ptr,
+                len: self.region.layout().output_area.min(self.output_limit),
+            },
+            None => OutArea {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            },
+        }
+    }
+
     fn invoke_warm(&mut self, request: &Request, input: &[u8]) -> Ran {
+        let out = self.out_area(request.slot);
         let Some(image) = self.functions.get(&request.func).map(|f| f.image) else {
             return Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0);
         };
@@ -492,7 +519,7 @@ impl Worker {
         let Some(instance) = self.resident.get_mut(&image) else {
             return Ran::fail(Outcome::NotLoaded, "function not resident".into(), 0);
         };
-        let ran = run_handle(instance, input, request.budget_ns, self.region.header());
+        let ran = run_handle(instance, input, request.budget_ns, self.region.header(), out);
         if needs_reload(ran.outcome) && !self.stale.contains(&image) {
             self.stale.push(image);
         }
@@ -503,6 +530,7 @@ impl Worker {
     /// the start time (map + relocate + init) in nanoseconds.
     fn invoke_cold(&mut self, request: &Request, input: &[u8]) -> (Ran, u64) {
         let t0 = now_ns();
+        let out = self.out_area(request.slot);
         let Some(image) = self.functions.get(&request.func).map(|f| f.image) else {
             return (Ran::fail(Outcome::NotLoaded, "function not registered".into(), 0), 0);
         };
@@ -515,7 +543,7 @@ impl Worker {
             Err(e) => return (Ran::fail(e.outcome, e.message, e.detail), 0),
         };
         let start_ns = now_ns().saturating_sub(t0);
-        let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header());
+        let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header(), out);
         self.retired.push(instance);
         (ran, start_ns)
     }
@@ -526,6 +554,7 @@ impl Worker {
     /// `None` if the image has no pre-linked form (then the loader's path
     /// runs).
     fn invoke_prelinked(&mut self, image: u64, request: &Request, input: &[u8], t0: u64) -> Option<(Ran, u64)> {
+        let out = self.out_area(request.slot);
         if !self.prelinked.as_ref()?.images.contains_key(&image) {
             return None;
         }
@@ -601,7 +630,7 @@ impl Worker {
             Err(e) => return Some((Ran::fail(e.outcome, e.message, e.detail), 0)),
         };
         let start_ns = now_ns().saturating_sub(t0);
-        let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header());
+        let ran = run_handle(&mut instance, input, request.budget_ns, self.region.header(), out);
         self.retired.push(instance);
         Some((ran, start_ns))
     }
@@ -868,16 +897,45 @@ fn with_deadline<T>(header: &Header, budget_ns: u64, f: impl FnOnce() -> T) -> T
     result
 }
 
-fn run_handle(instance: &mut Instance, input: &[u8], budget_ns: u64, header: &Header) -> Ran {
+/// Where a run's output goes: a slot's output area (`len` bytes at `ptr`,
+/// inside the shared region; the dispatcher reads it only after the reply
+/// is published).
+#[derive(Clone, Copy)]
+struct OutArea {
+    ptr: *mut u8,
+    len: usize,
+}
+
+fn run_handle(instance: &mut Instance, input: &[u8], budget_ns: u64, header: &Header, out: OutArea) -> Ran {
     let result = with_deadline(header, budget_ns, || match instance.handle(input) {
-        Ok(output) => Ok((output.bytes().to_vec(), output.entered_ns, output.returned_ns)),
+        Ok(output) => {
+            let bytes = output.bytes();
+            if bytes.len() > out.len {
+                return Ok((Err(bytes.len()), output.entered_ns, output.returned_ns));
+            }
+            if !bytes.is_empty() {
+                // SAFETY: `out` is a live output area of `out.len` bytes
+                // (checked above), not the instance's heap the bytes are in.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.ptr, bytes.len()) };
+            }
+            Ok((Ok(bytes.len()), output.entered_ns, output.returned_ns))
+        }
         Err(failure) => Err(failure),
     });
     match result {
-        Ok((bytes, entered_ns, returned_ns)) => Ran {
+        Ok((Ok(written), entered_ns, returned_ns)) => Ran {
             outcome: Outcome::Ok,
-            bytes,
+            bytes: Vec::new(),
+            written,
             detail: 0,
+            entered_ns,
+            returned_ns,
+        },
+        Ok((Err(len), entered_ns, returned_ns)) => Ran {
+            outcome: Outcome::OutputTooLarge,
+            bytes: Vec::new(),
+            written: 0,
+            detail: u64::try_from(len).unwrap_or(u64::MAX),
             entered_ns,
             returned_ns,
         },
