@@ -95,6 +95,28 @@ fn map_image(image: &File, len: usize) -> std::io::Result<ImageMemory> {
     Ok(ImageMemory { addr, len })
 }
 
+/// Maps `image` privately over a shell's reservation `addr..addr + len`
+/// (`Instance::restore_into_slot` hands it over for this).
+fn map_image_over(image: &File, addr: std::ptr::NonNull<u8>, len: usize) -> std::io::Result<ImageMemory> {
+    // SAFETY: `addr..addr + len` is the shell's reservation, which the
+    // restore hands to this mapping (MAP_FIXED replaces only it); a private
+    // mapping of a file we hold open; never executable.
+    let raw = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            image.as_raw_fd(),
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ImageMemory { addr, len })
+}
+
 struct Host {
     vmm: Vmm,
     io_addr: u64,
@@ -338,16 +360,18 @@ fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
     }
 }
 
-/// Makes VM shells (KVM_CREATE_VM, the vCPU, its CPUID: most of a
-/// restore's fixed cost) up to the target while no control request waits,
-/// so that restores find one made.
+/// Makes VM shells (KVM_CREATE_VM, the vCPU, its CPUID and the memory
+/// slots over reservations: most of a restore's fixed cost, and its tail)
+/// up to the target while no control request waits, so that restores find
+/// one made. A shell holds address space (the guest memory's and a
+/// channel view's), not memory, and two or three fds.
 fn refill_shells(host: &Host, control: BorrowedFd<'_>) {
     loop {
         let short = host.shells.lock().is_ok_and(|s| s.len() < host.shell_target);
         if !short || waiting(control) {
             return;
         }
-        match Shell::new(&host.vmm, host.config.vcpu_stats) {
+        match Shell::with_memory_for_slots(&host.vmm, &host.config) {
             Ok(shell) => {
                 if let Ok(mut s) = host.shells.lock() {
                     s.push(shell);
@@ -383,18 +407,40 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     {
         return Err(format!("slot {slot} is in use"));
     }
-    let (memory, state, reset) = {
+    let (image, state, reset) = {
         let nodes = host.nodes.lock().map_err(|_| "poisoned".to_owned())?;
         let n = nodes
             .get(&node)
             .ok_or_else(|| format!("node {node} is not registered"))?;
-        let memory = map_image(&n.image, host.mem_bytes).map_err(|e| format!("mapping node {node}: {e}"))?;
-        (memory, n.state.clone(), n.reset.clone())
+        (Arc::clone(&n.image), n.state.clone(), n.reset.clone())
     };
     let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
     chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
     let shell = host.shells.lock().ok().and_then(|mut s| s.pop());
-    let instance = match Instance::restore_in_slot(&host.vmm, shell, &host.config, Box::new(memory), &state, chan) {
+    let restored = match shell {
+        // The usual case: the shell's memory slots point at reservations
+        // the node's image and the slot are mapped over (no memory slot
+        // change here).
+        Some(shell) if shell.has_memory() => Instance::restore_into_slot(
+            &host.vmm,
+            shell,
+            &host.config,
+            |addr, len| {
+                map_image_over(&image, addr, len)
+                    .map(|m| Box::new(m) as Box<dyn ExternalMemory>)
+                    .map_err(|e| format!("mapping node {node}: {e}").into())
+            },
+            &state,
+            chan,
+        ),
+        // None made (out of fds or VMs, or restores faster than the
+        // refills): a new VM and its slots, here.
+        shell => {
+            let memory = map_image(&image, host.mem_bytes).map_err(|e| format!("mapping node {node}: {e}"))?;
+            Instance::restore_in_slot(&host.vmm, shell, &host.config, Box::new(memory), &state, chan)
+        }
+    };
+    let instance = match restored {
         Ok(i) => i,
         // The node is at fault: KVM refused its registers, or its state
         // does not match its memory.
