@@ -6,8 +6,11 @@
 //! guest reaches its own slot only: a probe scanning its I/O window never
 //! finds what the instance in the neighbouring slot left in its own, while
 //! the same probe finds it in the window of the instance that wrote it (so
-//! the probe can fail). Shells of the wrong kind, or memory that fails to
-//! map, are refused with a typed error and the VMM keeps serving.
+//! the probe can fail). A shell primed with a node's vCPU state restores
+//! that node without setting a register, and another node (all of its
+//! registers set) as if it had never been primed. Shells of the wrong
+//! kind, or memory that fails to map, are refused with a typed error and
+//! the VMM keeps serving.
 
 mod vm_common;
 
@@ -161,11 +164,6 @@ fn a_restore_into_a_shell_for_slots_answers_as_one_that_registers_its_slots() {
     let mut registering = restore_registering(&vmm, &config, &echo, slot(&slab, &config, 0));
     let mut on_shell = restore_on_shell(&vmm, &config, &echo, slot(&slab, &config, 1)).unwrap();
     let mut second = restore_on_shell(&vmm, &config, &echo, slot(&slab, &config, 2)).unwrap();
-    assert_eq!(
-        on_shell.restore_timings().unwrap().shell_ns,
-        0,
-        "the shell was made in advance"
-    );
     let big: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
     for input in [&b"a"[..], b"", &big, b"after a big one"] {
         let want = registering.invoke(input, deadline()).unwrap();
@@ -288,4 +286,48 @@ fn restore_into_slot_refuses_other_shells_and_failed_mappings_and_the_vmm_serves
         inst.invoke(b"still serving", deadline()).unwrap().data,
         b"still serving"
     );
+}
+
+#[test]
+fn a_primed_shell_sets_no_register_for_its_node_and_all_of_them_for_another() {
+    let Some(vmm) = vm_common::open_vmm() else {
+        return;
+    };
+    let config = small_config();
+    let echo = node(&vmm, &config, microfaas::builtin("echo").unwrap().bytes());
+    let sha = node(&vmm, &config, microfaas::builtin("sha512").unwrap().bytes());
+    let layout = vmm::layout::Layout::new(config.layout).unwrap();
+    let slab = Slab::with_slots(layout.io_bytes, 4).unwrap();
+    let restore_primed = |primed_for: &Node, node: &Node, index: usize| {
+        let mut shell = Shell::with_memory_for_slots(&vmm, &config).unwrap();
+        shell.prime(&primed_for.saved.vcpu).unwrap();
+        Instance::restore_into_slot(
+            &vmm,
+            shell,
+            &config,
+            |at, len| Ok(Box::new(cow_copy(&node.file, at.as_ptr(), len)?) as Box<dyn ExternalMemory>),
+            &node.saved,
+            slot(&slab, &config, index),
+        )
+        .unwrap()
+    };
+    let mut want_echo = restore_registering(&vmm, &config, &echo, slot(&slab, &config, 0));
+    let mut want_sha = restore_registering(&vmm, &config, &sha, slot(&slab, &config, 1));
+    // Primed for its own node: no register set, the same replies.
+    let mut same = restore_primed(&echo, &echo, 2);
+    assert!(
+        !same.restore_timings().unwrap().vcpu_set,
+        "a shell primed for the node set registers"
+    );
+    // Primed for echo, restored as sha512: every register set, and it is
+    // sha512 that answers.
+    let mut other = restore_primed(&echo, &sha, 3);
+    assert!(other.restore_timings().unwrap().vcpu_set);
+    for input in [&b"abc"[..], b"", &[7u8; 3000][..]] {
+        let e = want_echo.invoke(input, deadline()).unwrap().data;
+        let h = want_sha.invoke(input, deadline()).unwrap().data;
+        assert_ne!(e, h);
+        assert_eq!(same.invoke(input, deadline()).unwrap().data, e);
+        assert_eq!(other.invoke(input, deadline()).unwrap().data, h);
+    }
 }

@@ -133,6 +133,9 @@ struct Host {
     shells: Mutex<Vec<Shell>>,
     /// How many to keep.
     shell_target: usize,
+    /// The node new shells are primed for (`Shell::prime`): the one last
+    /// registered or restored (the next restore is most likely of it).
+    prime_for: Mutex<Option<u64>>,
 }
 
 /// Takes an fd the backend placed at `number`.
@@ -186,6 +189,7 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         instances: RwLock::new((0..args.slots).map(|_| None).collect()),
         shells: Mutex::new(Vec::new()),
         shell_target: args.shells,
+        prime_for: Mutex::new(None),
     });
     if args.poll_us > 0 {
         vmm::runner::set_idle_poll(
@@ -326,6 +330,9 @@ fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
                     if let Ok(mut nodes) = host.nodes.lock() {
                         nodes.insert(node, Node { image, state, reset });
                     }
+                    if let Ok(mut p) = host.prime_for.lock() {
+                        *p = Some(node);
+                    }
                     Reply::Ok
                 }
                 Err(e) => Reply::Error(format!("node {node}: bad saved state: {e}")),
@@ -372,7 +379,14 @@ fn refill_shells(host: &Host, control: BorrowedFd<'_>) {
             return;
         }
         match Shell::with_memory_for_slots(&host.vmm, &host.config) {
-            Ok(shell) => {
+            Ok(mut shell) => {
+                let node = host.prime_for.lock().ok().and_then(|p| *p);
+                let state = node.and_then(|n| host.nodes.lock().ok()?.get(&n).map(|n| n.state.vcpu.clone()));
+                // A shell that refused the state is still a shell (a restore
+                // sets the registers).
+                if let Some(state) = state {
+                    let _ = shell.prime(&state);
+                }
                 if let Ok(mut s) = host.shells.lock() {
                     s.push(shell);
                 }
@@ -451,6 +465,9 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     };
     if let Some(reset) = reset {
         instance.set_reset_source(reset);
+    }
+    if let Ok(mut p) = host.prime_for.lock() {
+        *p = Some(node);
     }
     let reply = Reply::Restored {
         seq: instance.seq(),

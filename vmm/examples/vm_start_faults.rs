@@ -17,9 +17,12 @@
 //! - `plain`: a `Shell::new` (VM + vCPU); the restore registers the memory
 //!   slots (what host processes did before their shells had memory);
 //! - `slots`: a `Shell::with_memory_for_slots`; the restore maps the node
-//!   and the slot over its reservations (what host processes do).
+//!   and the slot over its reservations;
+//! - `primed`: such a shell primed with the node's vCPU state
+//!   (`Shell::prime`): the restore sets no register (what host processes
+//!   do for the node they last restored).
 //!
-//! `SHELLS=plain,slots` picks some (default all three).
+//! `SHELLS=plain,slots` picks some (default all four).
 //!
 //! ```text
 //! cargo run --release -p vmm --example vm_start_faults -- ART.so [INPUT [STARTS]]
@@ -178,13 +181,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "times"
         );
     }
-    let modes = std::env::var("SHELLS").unwrap_or_else(|_| "none,plain,slots".into());
+    let modes = std::env::var("SHELLS").unwrap_or_else(|_| "none,plain,slots,primed".into());
     for mode in modes.split(',') {
         let shell = match mode {
             "none" => ShellKind::None,
             "plain" => ShellKind::Plain,
             "slots" => ShellKind::Slots,
-            other => return Err(format!("SHELLS: no shell kind {other} (none, plain, slots)").into()),
+            "primed" => ShellKind::Primed,
+            other => return Err(format!("SHELLS: no shell kind {other} (none, plain, slots, primed)").into()),
         };
         println!("\n== shells: {mode} ==");
         function_starts(&vmm, &config, &artifact, input.as_bytes(), starts, shell)?;
@@ -198,6 +202,7 @@ enum ShellKind {
     None,
     Plain,
     Slots,
+    Primed,
 }
 
 /// One function start's numbers.
@@ -249,12 +254,17 @@ fn function_starts(
             ShellKind::None => None,
             ShellKind::Plain => Some(Shell::new(vmm, config.vcpu_stats)?),
             ShellKind::Slots => Some(Shell::with_memory_for_slots(vmm, config)?),
+            ShellKind::Primed => {
+                let mut shell = Shell::with_memory_for_slots(vmm, config)?;
+                shell.prime(&saved.vcpu)?;
+                Some(shell)
+            }
         };
         let mut chan = slab.take()?;
         chan.bind(layout.io_addr)?;
         let t = Instant::now();
         let mut restored = match shell {
-            Some(shell) if kind == ShellKind::Slots => Instance::restore_into_slot(
+            Some(shell) if shell.has_memory() => Instance::restore_into_slot(
                 vmm,
                 shell,
                 config,
@@ -303,12 +313,13 @@ fn function_starts(
         );
     }
     println!("\n{starts} function starts (restore on a fresh VM + first request), us:");
-    let cols: [Column; 8] = [
+    let cols: [Column; 9] = [
         ("restore", |s| s.restore_ns),
         ("  map", |s| s.restore.map_ns),
         ("  vm+vcpu", |s| s.restore.shell_ns),
         ("  slots", |s| s.restore.slots_ns),
-        ("  state", |s| s.restore.state_ns),
+        ("  channel", |s| s.restore.channel_ns),
+        ("  vcpu", |s| s.restore.vcpu_ns),
         ("  spawn", |s| s.restore.spawn_ns),
         ("first req", |s| s.first_ns),
         ("total", |s| s.restore_ns + s.first_ns),
@@ -324,7 +335,7 @@ fn function_starts(
     }
     let mut slow: Vec<&Start> = all.iter().collect();
     slow.sort_by_key(|s| std::cmp::Reverse(s.restore_ns + s.first_ns));
-    println!("slowest 5 (us: map, vm+vcpu, slots, state, spawn | first request; pf_taken):");
+    println!("slowest 5 (us: map, vm+vcpu, slots, channel + vcpu, spawn | first request; pf_taken):");
     for s in slow.iter().take(5) {
         println!(
             "  {:8.1} {:8.1} {:8.1} {:8.1} {:8.1} | {:8.1}; {}",

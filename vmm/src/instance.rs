@@ -266,8 +266,17 @@ pub struct RestoreTimings {
     /// Checking the mailbox against the state and registering the memory
     /// slots (`KVM_SET_USER_MEMORY_REGION`; 0 when the shell had them).
     pub slots_ns: u64,
-    /// The channel copy, the vCPU state and the TSC offset.
+    /// The channel copy and the vCPU state (`channel_ns + vcpu_ns`).
     pub state_ns: u64,
+    /// Copying the node's mailbox page (and a checkpoint's input) into
+    /// the channel slot.
+    pub channel_ns: u64,
+    /// Setting the vCPU's registers (0-ish when the shell was primed with
+    /// them, [`Shell::prime`]).
+    pub vcpu_ns: u64,
+    /// Whether the registers were set (false: the shell was primed with
+    /// the node's vCPU state).
+    pub vcpu_set: bool,
     /// Handing the instance to a runner.
     pub spawn_ns: u64,
 }
