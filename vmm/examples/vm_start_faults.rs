@@ -222,8 +222,12 @@ fn ns(d: Duration) -> u64 {
 }
 
 fn pct(v: &mut [u64], p: usize) -> u64 {
+    permille(v, p * 10)
+}
+
+fn permille(v: &mut [u64], p: usize) -> u64 {
     v.sort_unstable();
-    v.get((v.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0)
+    v.get((v.len().saturating_sub(1)) * p / 1000).copied().unwrap_or(0)
 }
 
 fn function_starts(
@@ -327,9 +331,10 @@ fn function_starts(
     for (name, f) in cols {
         let mut v: Vec<u64> = all.iter().map(f).collect();
         println!(
-            "{name:>10}: median {:8.1}  p99 {:8.1}  max {:8.1}",
+            "{name:>10}: median {:8.1}  p99 {:8.1}  p99.9 {:8.1}  max {:8.1}",
             us(pct(&mut v, 50)),
             us(pct(&mut v, 99)),
+            us(permille(&mut v, 999)),
             us(pct(&mut v, 100))
         );
     }
