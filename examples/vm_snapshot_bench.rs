@@ -8,6 +8,8 @@
 //!
 //! Uses a fresh store in a temporary directory. INSTANCES (default 1000)
 //! idle instances of `noop` are restored for the memory figures.
+//! `VMHOST=PATH` runs another build of the VMM host process (e.g. an
+//! older one, to compare its restore path).
 
 use microfaas::{Backend, BackendKind, Config, FunctionId, FunctionSpec, StartPath, StartRequest, VmConfig};
 use std::time::{Duration, Instant};
@@ -76,6 +78,7 @@ fn main() {
         vm: VmConfig {
             store_dir: Some(store.path().to_owned()),
             idle_per_function: Some(idle),
+            host_binary: std::env::var_os("VMHOST").map(std::path::PathBuf::from),
             ..VmConfig::default()
         },
         ..Config::default()

@@ -3,7 +3,8 @@
 //! takes queued runs off the ring and hands the instances to the runner
 //! pool, and stops instances whose callers gave up (a stop entry); the
 //! main thread answers control requests (register a node, restore into a
-//! slot, drop a slot). It exits when the backend closes the socket.
+//! slot, drop a slot); a shell maker thread keeps VM shells made for the
+//! restores. It exits when the backend closes the socket.
 
 use crate::protocol::{Reply, Request};
 use crate::{HostArgs, RING_FD, RunRing, SLAB_FD};
@@ -15,7 +16,7 @@ use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 use vmm::slab::Slab;
 use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, RunnerConfig, SavedState, Shell, Vmm};
@@ -95,6 +96,28 @@ fn map_image(image: &File, len: usize) -> std::io::Result<ImageMemory> {
     Ok(ImageMemory { addr, len })
 }
 
+/// Maps `image` privately over a shell's reservation `addr..addr + len`
+/// (`Instance::restore_into_slot` hands it over for this).
+fn map_image_over(image: &File, addr: std::ptr::NonNull<u8>, len: usize) -> std::io::Result<ImageMemory> {
+    // SAFETY: `addr..addr + len` is the shell's reservation, which the
+    // restore hands to this mapping (MAP_FIXED replaces only it); a private
+    // mapping of a file we hold open; never executable.
+    let raw = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            image.as_raw_fd(),
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ImageMemory { addr, len })
+}
+
 struct Host {
     vmm: Vmm,
     io_addr: u64,
@@ -107,10 +130,15 @@ struct Host {
     mem_bytes: usize,
     nodes: Mutex<HashMap<u64, Node>>,
     instances: RwLock<Vec<Option<Arc<Instance>>>>,
-    /// VM shells made while no control request waits.
+    /// VM shells made in advance (by the shell maker thread).
     shells: Mutex<Vec<Shell>>,
+    /// Signalled when a restore takes a shell.
+    shell_taken: Condvar,
     /// How many to keep.
     shell_target: usize,
+    /// The node new shells are primed for (`Shell::prime`): the one last
+    /// registered or restored (the next restore is most likely of it).
+    prime_for: Mutex<Option<u64>>,
 }
 
 /// Takes an fd the backend placed at `number`.
@@ -163,7 +191,9 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         nodes: Mutex::new(HashMap::new()),
         instances: RwLock::new((0..args.slots).map(|_| None).collect()),
         shells: Mutex::new(Vec::new()),
+        shell_taken: Condvar::new(),
         shell_target: args.shells,
+        prime_for: Mutex::new(None),
     });
     if args.poll_us > 0 {
         vmm::runner::set_idle_poll(
@@ -176,6 +206,13 @@ pub fn run(args: &HostArgs) -> Result<(), HostError> {
         .name("vmhost-dispatch".into())
         .spawn(move || dispatch(&h))
         .map_err(|e| setup("the dispatcher thread", &e))?;
+    if host.shell_target > 0 {
+        let h = Arc::clone(&host);
+        std::thread::Builder::new()
+            .name("vmhost-shells".into())
+            .spawn(move || make_shells(&h))
+            .map_err(|e| setup("the shell maker thread", &e))?;
+    }
     serve(&host, std::os::fd::AsFd::as_fd(&control))
 }
 
@@ -267,7 +304,6 @@ impl vmm::runner::IdlePoll for RingPoll {
 fn serve(host: &Host, control: BorrowedFd<'_>) -> Result<(), HostError> {
     let mut buf = vec![0u8; crate::protocol::MAX_MESSAGE + crate::protocol::FRAME_HEADER + 1];
     loop {
-        refill_shells(host, control);
         let (len, fd) = match receive(control, &mut buf) {
             Ok(Some(m)) => m,
             // The backend is gone.
@@ -304,6 +340,9 @@ fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
                     if let Ok(mut nodes) = host.nodes.lock() {
                         nodes.insert(node, Node { image, state, reset });
                     }
+                    if let Ok(mut p) = host.prime_for.lock() {
+                        *p = Some(node);
+                    }
                     Reply::Ok
                 }
                 Err(e) => Reply::Error(format!("node {node}: bad saved state: {e}")),
@@ -338,37 +377,45 @@ fn handle(host: &Host, request: Request, fd: Option<OwnedFd>) -> Reply {
     }
 }
 
-/// Makes VM shells (KVM_CREATE_VM, the vCPU, its CPUID: most of a
-/// restore's fixed cost) up to the target while no control request waits,
-/// so that restores find one made.
-fn refill_shells(host: &Host, control: BorrowedFd<'_>) {
+/// The shell maker thread: keeps `shell_target` VM shells made
+/// (KVM_CREATE_VM, the vCPU, its CPUID and the memory slots over
+/// reservations, primed with the vCPU state of the node last registered or
+/// restored: most of a restore's fixed cost, and its tail), so that
+/// restores find one made. Its own thread, so that the control thread never
+/// waits behind a shell being made (a memory slot's registration alone
+/// took up to 13 ms here under load). A shell holds address space (the
+/// guest memory's and a channel view's), not memory, and two or three fds.
+fn make_shells(host: &Host) {
     loop {
-        let short = host.shells.lock().is_ok_and(|s| s.len() < host.shell_target);
-        if !short || waiting(control) {
-            return;
+        {
+            let Ok(mut shells) = host.shells.lock() else {
+                return;
+            };
+            while shells.len() >= host.shell_target {
+                shells = match host.shell_taken.wait(shells) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            }
         }
-        match Shell::new(&host.vmm, host.config.vcpu_stats) {
-            Ok(shell) => {
+        match Shell::with_memory_for_slots(&host.vmm, &host.config) {
+            Ok(mut shell) => {
+                let node = host.prime_for.lock().ok().and_then(|p| *p);
+                let state = node.and_then(|n| host.nodes.lock().ok()?.get(&n).map(|n| n.state.vcpu.clone()));
+                // A shell that refused the state is still a shell (a restore
+                // sets the registers).
+                if let Some(state) = state {
+                    let _ = shell.prime(&state);
+                }
                 if let Ok(mut s) = host.shells.lock() {
                     s.push(shell);
                 }
             }
-            // Out of VMs or fds: restores make their own (and say why).
-            Err(_) => return,
+            // Out of VMs or fds: restores make their own (and say why)
+            // until this one succeeds again.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-}
-
-/// Whether a message waits on the socket (or it is closed).
-fn waiting(control: BorrowedFd<'_>) -> bool {
-    let mut fds = [libc::pollfd {
-        fd: control.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    // SAFETY: one valid pollfd in a local array; no timeout.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-    n != 0
 }
 
 fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
@@ -383,18 +430,41 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     {
         return Err(format!("slot {slot} is in use"));
     }
-    let (memory, state, reset) = {
+    let (image, state, reset) = {
         let nodes = host.nodes.lock().map_err(|_| "poisoned".to_owned())?;
         let n = nodes
             .get(&node)
             .ok_or_else(|| format!("node {node} is not registered"))?;
-        let memory = map_image(&n.image, host.mem_bytes).map_err(|e| format!("mapping node {node}: {e}"))?;
-        (memory, n.state.clone(), n.reset.clone())
+        (Arc::clone(&n.image), n.state.clone(), n.reset.clone())
     };
     let mut chan = host.slab.slot_at(index).map_err(|e| format!("slot {slot}: {e}"))?;
     chan.bind(host.io_addr).map_err(|e| format!("slot {slot}: {e}"))?;
     let shell = host.shells.lock().ok().and_then(|mut s| s.pop());
-    let instance = match Instance::restore_in_slot(&host.vmm, shell, &host.config, Box::new(memory), &state, chan) {
+    host.shell_taken.notify_one();
+    let restored = match shell {
+        // The usual case: the shell's memory slots point at reservations
+        // the node's image and the slot are mapped over (no memory slot
+        // change here).
+        Some(shell) if shell.has_memory() => Instance::restore_into_slot(
+            &host.vmm,
+            shell,
+            &host.config,
+            |addr, len| {
+                map_image_over(&image, addr, len)
+                    .map(|m| Box::new(m) as Box<dyn ExternalMemory>)
+                    .map_err(|e| format!("mapping node {node}: {e}").into())
+            },
+            &state,
+            chan,
+        ),
+        // None made (out of fds or VMs, or restores faster than the
+        // refills): a new VM and its slots, here.
+        shell => {
+            let memory = map_image(&image, host.mem_bytes).map_err(|e| format!("mapping node {node}: {e}"))?;
+            Instance::restore_in_slot(&host.vmm, shell, &host.config, Box::new(memory), &state, chan)
+        }
+    };
+    let instance = match restored {
         Ok(i) => i,
         // The node is at fault: KVM refused its registers, or its state
         // does not match its memory.
@@ -405,6 +475,9 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     };
     if let Some(reset) = reset {
         instance.set_reset_source(reset);
+    }
+    if let Ok(mut p) = host.prime_for.lock() {
+        *p = Some(node);
     }
     let reply = Reply::Restored {
         seq: instance.seq(),

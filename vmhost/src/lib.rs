@@ -167,7 +167,9 @@ pub struct HostArgs {
     pub poll_us: u32,
     /// Slots in the slab (the bound of VMs of this process).
     pub slots: usize,
-    /// VM shells (VM + vCPU) kept made in advance, off the restore path.
+    /// VM shells (VM + vCPU + memory slots over reservations, see
+    /// `vmm::Shell::with_memory_for_slots`) kept made in advance, off the
+    /// restore path.
     pub shells: usize,
     /// Runner threads.
     pub runners: usize,

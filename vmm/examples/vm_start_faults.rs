@@ -5,11 +5,24 @@
 //! invocation of an instance restored from a copy-on-write copy of that
 //! loaded guest (a function snapshot's start).
 //!
-//! Then STARTS (default 200) function starts from that node (a restore
-//! on a fresh VM and its first request), the first without and the rest
-//! with the node's recorded first-run working set (pre-copied at restore;
-//! `NO_WORKING_SET=1`: never), with the faults, the restore's steps and
-//! the first request's time of each: medians, p99, max and the slowest.
+//! Then, for each way a VMM host process can find its VM shell, STARTS
+//! (default 200) function starts from that node (a restore into a
+//! channel-slab slot and its first request), the first without and the
+//! rest with the node's recorded first-run working set (pre-copied at
+//! restore; `NO_WORKING_SET=1`: never), with the faults, the restore's
+//! steps and the first request's time of each: medians, p99, max and the
+//! slowest. The shells (made off the clock) are:
+//! - `none`: no shell; the restore makes the VM, its vCPU and its memory
+//!   slots;
+//! - `plain`: a `Shell::new` (VM + vCPU); the restore registers the memory
+//!   slots (what host processes did before their shells had memory);
+//! - `slots`: a `Shell::with_memory_for_slots`; the restore maps the node
+//!   and the slot over its reservations;
+//! - `primed`: such a shell primed with the node's vCPU state
+//!   (`Shell::prime`): the restore sets no register (what host processes
+//!   do for the node they last restored).
+//!
+//! `SHELLS=plain,slots` picks some (default all four).
 //!
 //! ```text
 //! cargo run --release -p vmm --example vm_start_faults -- ART.so [INPUT [STARTS]]
@@ -18,7 +31,8 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, RestoreTimings, Vmm};
+use vmm::slab::Slab;
+use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, RestoreTimings, Shell, Vmm};
 
 const STATS: [&str; 6] = [
     "pf_taken",
@@ -90,14 +104,23 @@ fn image(bytes: &[u8]) -> std::io::Result<std::fs::File> {
 }
 
 fn cow_copy(file: &std::fs::File, len: usize) -> std::io::Result<CowCopy> {
+    cow_copy_at(file, std::ptr::null_mut(), len)
+}
+
+/// A private mapping of `file` at `at` (a shell's reservation, replaced
+/// in place) or anywhere (null).
+fn cow_copy_at(file: &std::fs::File, at: *mut u8, len: usize) -> std::io::Result<CowCopy> {
     use std::os::fd::AsRawFd;
-    // SAFETY: maps the whole file privately; no existing mapping is touched.
+    let fixed = if at.is_null() { 0 } else { libc::MAP_FIXED };
+    // SAFETY: maps the whole file privately, anywhere or over a
+    // reservation the caller hands over (`Instance::restore_into_slot`);
+    // no other mapping is touched.
     let addr = unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
+            at.cast(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
+            libc::MAP_PRIVATE | fixed,
             file.as_raw_fd(),
             0,
         )
@@ -158,7 +181,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "times"
         );
     }
-    function_starts(&vmm, &config, &artifact, input.as_bytes(), starts)
+    let modes = std::env::var("SHELLS").unwrap_or_else(|_| "none,plain,slots,primed".into());
+    for mode in modes.split(',') {
+        let shell = match mode {
+            "none" => ShellKind::None,
+            "plain" => ShellKind::Plain,
+            "slots" => ShellKind::Slots,
+            "primed" => ShellKind::Primed,
+            other => return Err(format!("SHELLS: no shell kind {other} (none, plain, slots, primed)").into()),
+        };
+        println!("\n== shells: {mode} ==");
+        function_starts(&vmm, &config, &artifact, input.as_bytes(), starts, shell)?;
+    }
+    Ok(())
+}
+
+/// Which shell a start finds (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShellKind {
+    None,
+    Plain,
+    Slots,
+    Primed,
 }
 
 /// One function start's numbers.
@@ -178,8 +222,12 @@ fn ns(d: Duration) -> u64 {
 }
 
 fn pct(v: &mut [u64], p: usize) -> u64 {
+    permille(v, p * 10)
+}
+
+fn permille(v: &mut [u64], p: usize) -> u64 {
     v.sort_unstable();
-    v.get((v.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0)
+    v.get((v.len().saturating_sub(1)) * p / 1000).copied().unwrap_or(0)
 }
 
 fn function_starts(
@@ -188,6 +236,7 @@ fn function_starts(
     artifact: &[u8],
     input: &[u8],
     starts: usize,
+    kind: ShellKind,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let deadline = || Instant::now() + Duration::from_secs(10);
     let (mut fresh, _) = Instance::boot(vmm, config)?;
@@ -199,11 +248,39 @@ fn function_starts(
     let len = usize::try_from(file.metadata()?.len())?;
     let source = Arc::new(ResetSource::new(saved.clone(), Box::new(file.try_clone()?))?);
     let use_ws = std::env::var_os("NO_WORKING_SET").is_none();
+    let layout = vmm::layout::Layout::new(config.layout)?;
+    // A slab like a host process's (the backend's, there).
+    let slab = Slab::with_slots(layout.io_bytes, 4)?;
     let mut all = Vec::with_capacity(starts);
     for _ in 0..starts {
-        let memory = cow_copy(&file, len)?;
+        // Off the clock, as a host process makes them between requests.
+        let shell = match kind {
+            ShellKind::None => None,
+            ShellKind::Plain => Some(Shell::new(vmm, config.vcpu_stats)?),
+            ShellKind::Slots => Some(Shell::with_memory_for_slots(vmm, config)?),
+            ShellKind::Primed => {
+                let mut shell = Shell::with_memory_for_slots(vmm, config)?;
+                shell.prime(&saved.vcpu)?;
+                Some(shell)
+            }
+        };
+        let mut chan = slab.take()?;
+        chan.bind(layout.io_addr)?;
         let t = Instant::now();
-        let mut restored = Instance::restore(vmm, None, config, Box::new(memory), &saved)?;
+        let mut restored = match shell {
+            Some(shell) if shell.has_memory() => Instance::restore_into_slot(
+                vmm,
+                shell,
+                config,
+                |at, len| Ok(Box::new(cow_copy_at(&file, at.as_ptr(), len)?) as Box<dyn ExternalMemory>),
+                &saved,
+                chan,
+            )?,
+            shell => {
+                let memory = cow_copy(&file, len)?;
+                Instance::restore_in_slot(vmm, shell, config, Box::new(memory), &saved, chan)?
+            }
+        };
         if use_ws {
             restored.set_reset_source(Arc::clone(&source));
         }
@@ -240,11 +317,13 @@ fn function_starts(
         );
     }
     println!("\n{starts} function starts (restore on a fresh VM + first request), us:");
-    let cols: [Column; 7] = [
+    let cols: [Column; 9] = [
         ("restore", |s| s.restore_ns),
+        ("  map", |s| s.restore.map_ns),
         ("  vm+vcpu", |s| s.restore.shell_ns),
         ("  slots", |s| s.restore.slots_ns),
-        ("  state", |s| s.restore.state_ns),
+        ("  channel", |s| s.restore.channel_ns),
+        ("  vcpu", |s| s.restore.vcpu_ns),
         ("  spawn", |s| s.restore.spawn_ns),
         ("first req", |s| s.first_ns),
         ("total", |s| s.restore_ns + s.first_ns),
@@ -252,18 +331,20 @@ fn function_starts(
     for (name, f) in cols {
         let mut v: Vec<u64> = all.iter().map(f).collect();
         println!(
-            "{name:>10}: median {:8.1}  p99 {:8.1}  max {:8.1}",
+            "{name:>10}: median {:8.1}  p99 {:8.1}  p99.9 {:8.1}  max {:8.1}",
             us(pct(&mut v, 50)),
             us(pct(&mut v, 99)),
+            us(permille(&mut v, 999)),
             us(pct(&mut v, 100))
         );
     }
     let mut slow: Vec<&Start> = all.iter().collect();
     slow.sort_by_key(|s| std::cmp::Reverse(s.restore_ns + s.first_ns));
-    println!("slowest 5 (us: vm+vcpu, slots, state, spawn | first request; pf_taken):");
+    println!("slowest 5 (us: map, vm+vcpu, slots, channel + vcpu, spawn | first request; pf_taken):");
     for s in slow.iter().take(5) {
         println!(
-            "  {:8.1} {:8.1} {:8.1} {:8.1} | {:8.1}; {}",
+            "  {:8.1} {:8.1} {:8.1} {:8.1} {:8.1} | {:8.1}; {}",
+            us(s.restore.map_ns),
             us(s.restore.shell_ns),
             us(s.restore.slots_ns),
             us(s.restore.state_ns),

@@ -257,13 +257,26 @@ pub struct Instance {
 /// How long each step of a restore took, in ns: where a slow start went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoreTimings {
+    /// Mapping the guest memory (and a channel slot's view) over a
+    /// pre-made shell's reservations ([`Instance::restore_into`],
+    /// [`Instance::restore_into_slot`]; 0 otherwise: the caller mapped it).
+    pub map_ns: u64,
     /// Making the VM and its vCPU (0 with a pre-made shell).
     pub shell_ns: u64,
     /// Checking the mailbox against the state and registering the memory
     /// slots (`KVM_SET_USER_MEMORY_REGION`; 0 when the shell had them).
     pub slots_ns: u64,
-    /// The channel copy, the vCPU state and the TSC offset.
+    /// The channel copy and the vCPU state (`channel_ns + vcpu_ns`).
     pub state_ns: u64,
+    /// Copying the node's mailbox page (and a checkpoint's input) into
+    /// the channel slot.
+    pub channel_ns: u64,
+    /// Setting the vCPU's registers (0-ish when the shell was primed with
+    /// them, [`Shell::prime`]).
+    pub vcpu_ns: u64,
+    /// Whether the registers were set (false: the shell was primed with
+    /// the node's vCPU state).
+    pub vcpu_set: bool,
     /// Handing the instance to a runner.
     pub spawn_ns: u64,
 }
@@ -1059,11 +1072,40 @@ unsafe fn add_memory_slots(
     layout: &Layout,
     dirty_log: bool,
 ) -> Result<(), VmmError> {
+    // SAFETY: forwarded: the caller keeps the guest memory, and `chan`
+    // (whose mailbox page and window these are), for the VM's life.
+    unsafe {
+        add_memory_slots_at(
+            vm,
+            host_addr,
+            (chan.mailbox_host_addr(), chan.window_host_addr()),
+            layout,
+            dirty_log,
+        )
+    }
+}
+
+/// Adds the memory slots: guest RAM at `host_addr` around the MMIO pages,
+/// and the mailbox page and the I/O window at the host addresses `channel`
+/// gives (mailbox, window).
+///
+/// # Safety
+/// `host_addr..host_addr + layout.mem_bytes`, the mailbox page and the
+/// window (`layout.io_bytes`) at `channel`'s addresses must be mappings (or
+/// reservations later replaced in place by them) that stay for as long as
+/// the VM exists.
+unsafe fn add_memory_slots_at(
+    vm: &VmFd,
+    host_addr: u64,
+    (mailbox_addr, window_addr): (u64, u64),
+    layout: &Layout,
+    dirty_log: bool,
+) -> Result<(), VmmError> {
     let ram = memory_slots(layout).map(|(slot, start, end)| (slot, start, end, host_addr + start));
     let [(mb_slot, mb_start, mb_end), (io_slot, io_start, io_end)] = channel_slots(layout);
     let channel = [
-        (mb_slot, mb_start, mb_end, chan.mailbox_host_addr()),
-        (io_slot, io_start, io_end, chan.window_host_addr()),
+        (mb_slot, mb_start, mb_end, mailbox_addr),
+        (io_slot, io_start, io_end, window_addr),
     ];
     for (slot, start, end, userspace_addr) in ram.into_iter().chain(channel) {
         let region = kvm_userspace_memory_region {
@@ -1074,7 +1116,7 @@ unsafe fn add_memory_slots(
             userspace_addr,
         };
         // SAFETY: the region lies inside the guest memory mapping or the
-        // channel slot, which the caller keeps alive for the VM's life (this
+        // channel's, which the caller keeps for the VM's life (this
         // function's contract).
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }

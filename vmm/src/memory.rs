@@ -202,6 +202,81 @@ impl GuestRam {
     }
 }
 
+/// An inaccessible anonymous address range (`PROT_NONE`, no memory behind
+/// it), `align`-aligned, owned until dropped (unmapped then): the place a
+/// VM shell's memory slots point at before the memory they will map is
+/// known, which is later mapped over it in place (`MAP_FIXED`).
+#[derive(Debug)]
+pub(crate) struct Reserved {
+    addr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the pointer is the base of a range this value owns exclusively
+// and unmaps only on drop; it is never dereferenced through this value.
+unsafe impl Send for Reserved {}
+
+impl Reserved {
+    /// Reserves `len` bytes aligned to `align` (a power of two, at least a
+    /// page).
+    pub(crate) fn new(len: usize, align: usize) -> Result<Self, MemoryError> {
+        let map_err = |source| MemoryError::Map { bytes: len, source };
+        let enomem = || map_err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        if len == 0 || !align.is_power_of_two() {
+            return Err(enomem());
+        }
+        let padded = len.checked_add(align).ok_or_else(enomem)?;
+        // SAFETY: a fresh inaccessible anonymous mapping; nothing else is
+        // affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                padded,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error()));
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(align);
+        let (head, tail) = (aligned - start, padded - (aligned - start) - len);
+        // SAFETY: trimming the unaligned head and the tail of the range
+        // just reserved; nothing references them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        let addr = std::ptr::NonNull::new(aligned as *mut u8).ok_or_else(|| map_err(std::io::Error::other("null")))?;
+        Ok(Self { addr, len })
+    }
+
+    /// Its base.
+    pub(crate) fn addr(&self) -> std::ptr::NonNull<u8> {
+        self.addr
+    }
+
+    /// Its length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        // SAFETY: the range this value owns (whatever was mapped over it
+        // in place is part of it).
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
+    }
+}
+
 impl Drop for GuestRam {
     fn drop(&mut self) {
         if self.external.is_some() {

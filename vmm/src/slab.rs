@@ -11,6 +11,12 @@
 //! everything the guest can write there is checked by the caller
 //! ([`crate::channel`]) before use.
 //!
+//! A VMM host process's pre-made VM shells register their channel memory
+//! slots over a reservation before they know their slot; a restore maps
+//! the slot's mailbox page and window there (a second, shared mapping of
+//! the same file: [`SlabSlot::map_guest_view`]) instead of changing the
+//! memory slots.
+//!
 //! One mapping serves all the slots (not one per instance), and a freed
 //! slot's pages go back to the kernel (`MADV_REMOVE`, which also zeroes
 //! them) before the slot is reused.
@@ -100,9 +106,10 @@ struct Free {
 /// One process's slab for one window size.
 #[derive(Debug)]
 pub struct Slab {
-    /// The memory file (kept by its creator, to hand on; closed by a
-    /// process that only maps it).
-    file: Option<File>,
+    /// The memory file (to map a slot's guest view, [`SlabSlot::map_guest_view`]).
+    file: File,
+    /// Made here (its file may be handed on, [`Slab::fd`]), not received.
+    made_here: bool,
     base: NonNull<u8>,
     reserved: usize,
     stride: usize,
@@ -162,7 +169,8 @@ impl Slab {
         if size < u64::try_from(reserved).unwrap_or(u64::MAX) {
             return Err(SlabError::BadWindow(io_bytes));
         }
-        // Mapped, the fd is closed: nothing here maps it again.
+        // Kept open: a slot's guest view is a second mapping of it
+        // (`SlabSlot::map_guest_view`).
         Self::map(file, io_bytes, slots, false)
     }
 
@@ -189,7 +197,8 @@ impl Slab {
         }
         let base = NonNull::new(raw.cast::<u8>()).ok_or_else(|| os("mmap")(std::io::Error::other("null")))?;
         Ok(Arc::new(Self {
-            file: keep.then_some(file),
+            file,
+            made_here: keep,
             base,
             reserved,
             stride,
@@ -202,7 +211,7 @@ impl Slab {
     /// The slab's memory file (to map it in another process; `None` in a
     /// process that mapped one it was given).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.file.as_ref().map(AsFd::as_fd)
+        self.made_here.then(|| self.file.as_fd())
     }
 
     /// Bytes per slot.
@@ -283,6 +292,10 @@ pub struct SlabSlot {
     slab: Arc<Slab>,
     /// Taken from the free list (given back on drop).
     listed: bool,
+    /// A second mapping of the mailbox page and the I/O window, where a
+    /// pre-made VM shell's memory slots point ([`SlabSlot::map_guest_view`]);
+    /// unmapped when the slot drops (after the VM).
+    guest_view: Option<crate::memory::Reserved>,
 }
 
 // SAFETY: the raw pointers are into the slab's mapping, kept alive by the
@@ -329,7 +342,54 @@ impl SlabSlot {
             window,
             slab,
             listed: true,
+            guest_view: None,
         })
+    }
+
+    /// Bytes of a slot's guest view: the mailbox page and the I/O window,
+    /// adjacent in the slab (the layout [`slot_offsets`] gives).
+    pub(crate) fn guest_view_bytes(io_bytes: u64) -> Option<usize> {
+        usize::try_from(io_bytes.checked_add(PAGE_BYTES)?).ok()
+    }
+
+    /// Maps this slot's mailbox page and I/O window (shared, from the slab's
+    /// file) over `range`, a reservation of [`SlabSlot::guest_view_bytes`]
+    /// where a VM shell's channel memory slots already point, so that the
+    /// guest reaches the slot without a memory slot change on the restore
+    /// path. The slot keeps the mapping until it drops. On failure `range`
+    /// is unmapped.
+    pub(crate) fn map_guest_view(&mut self, range: crate::memory::Reserved) -> Result<(), SlabError> {
+        use std::os::fd::AsRawFd;
+        let os = |op| move |source| SlabError::Os { op, source };
+        let len = Self::guest_view_bytes(self.slab.io_bytes).ok_or(SlabError::BadWindow(self.slab.io_bytes))?;
+        if range.len() != len || self.guest_view.is_some() {
+            return Err(SlabError::Region(
+                "a guest view of the wrong size, or a second one".into(),
+            ));
+        }
+        let (_, mb_off, _) = slot_offsets(self.index, self.slab.stride)
+            .ok_or_else(|| SlabError::Region("slot out of the slab".into()))?;
+        let offset = libc::off_t::try_from(mb_off).map_err(|_| SlabError::Region("slot out of the slab".into()))?;
+        // SAFETY: `range` is a reservation this function owns (moved in),
+        // so replacing its pages in place (MAP_FIXED) affects no other
+        // mapping; the file range is this slot's mailbox page and window
+        // (inside the file: the slab's size covers every slot), page
+        // aligned (the stride is a page multiple); never executable.
+        let raw = unsafe {
+            libc::mmap(
+                range.addr().as_ptr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                self.slab.file.as_raw_fd(),
+                offset,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(os("mmap (a slot's guest view)")(std::io::Error::last_os_error()));
+        }
+        self.guest_view = Some(range);
+        Ok(())
     }
 
     /// Sets the guest address of the I/O window (the layout's `io_addr`),

@@ -76,6 +76,22 @@ pub struct VcpuState {
     pub xsave: Option<Vec<u32>>,
 }
 
+impl VcpuState {
+    /// Whether `other` is the same state, byte for byte (a vCPU holding
+    /// one needs no change to hold the other).
+    pub fn same_as(&self, other: &Self) -> bool {
+        pod_bytes(&self.regs) == pod_bytes(&other.regs)
+            && sregs_eq(&self.sregs, &other.sregs)
+            && pod_bytes(&self.fpu) == pod_bytes(&other.fpu)
+            && match (&self.xcrs, &other.xcrs) {
+                (Some(a), Some(b)) => pod_bytes(a) == pod_bytes(b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.xsave == other.xsave
+    }
+}
+
 /// A stopped instance's state besides its memory.
 #[derive(Debug, Clone, Default)]
 pub struct SavedState {

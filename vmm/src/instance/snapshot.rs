@@ -2,12 +2,12 @@
 //! from a saved state onto memory the caller mapped, and saving a stopped
 //! instance's state.
 
-use super::{Instance, InstanceConfig, RestoreTimings, add_memory_slots, kvm_err, ns_since};
+use super::{Instance, InstanceConfig, RestoreTimings, add_memory_slots, add_memory_slots_at, kvm_err, ns_since};
 use crate::Vmm;
 use crate::channel;
 use crate::error::VmmError;
 use crate::layout::Layout;
-use crate::memory::{ExternalMemory, GuestRam};
+use crate::memory::{ExternalMemory, GuestRam, Reserved};
 use crate::setup::measure_tsc_offset;
 use crate::slab::SlabSlot;
 use crate::state::{SavedState, VcpuState};
@@ -15,6 +15,7 @@ use crate::stats::StatsFd;
 use crate::vcpu::{Cmd, StartAt};
 
 const ALIGN: usize = 2 << 20;
+const PAGE: usize = 4096;
 use guest_abi::MAILBOX_ADDR;
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::ptr::NonNull;
@@ -24,41 +25,41 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// An empty VM with its vCPU (CPUID set), ready to be given memory and a
 /// saved state: creating one is most of a restore's fixed cost on this
-/// host (~0.3 ms, ~0.1 ms more for the memory slots), so callers keep a few
-/// made in advance ([`Shell::with_memory`] also registers the memory slots
-/// over a reserved address range that the guest memory is later mapped
-/// over, see [`Instance::restore_into`]).
+/// host (~0.3 ms, ~0.1 ms more for the memory slots, with a tail of many
+/// ms under load), so callers keep a few made in advance.
+///
+/// [`Shell::with_memory`] and [`Shell::with_memory_for_slots`] also
+/// register the memory slots, over reserved (inaccessible) address ranges
+/// that a restore maps the guest memory (and, for the latter, the channel
+/// slot it is given) over in place, so that no memory slot changes on the
+/// restore path:
+///
+/// ```text
+///  with_memory             RAM reservation  <- slots 0-3   channel slot of the VMM's slab <- slots 4, 5
+///  with_memory_for_slots   RAM reservation  <- slots 0-3   view reservation               <- slots 4, 5
+///  restore_into(_slot)     node image mapped MAP_FIXED over the RAM reservation;
+///                          (_slot: the given slot's mailbox + window mapped MAP_FIXED over the view)
+/// ```
 #[derive(Debug)]
 pub struct Shell {
-    // Field order is drop order: the VM goes before the reservation its
+    // Field order is drop order: the VM goes before the reservations its
     // memory slots point at.
     vm: VmFd,
     vcpu: VcpuFd,
     stats: Option<StatsFd>,
-    reserved: Option<Reservation>,
+    reserved: Option<Reserved>,
     /// The channel slot the memory slots of a shell with memory point at.
     chan: Option<SlabSlot>,
+    /// Or the reservation they point at, for any slot mapped there.
+    chan_view: Option<Reserved>,
     /// Its memory slots are registered (over `reserved`, then over the
     /// guest memory mapped there).
     registered: bool,
-}
-
-/// An inaccessible anonymous address range owned by a shell.
-#[derive(Debug)]
-struct Reservation {
-    addr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the pointer is the base of a range this value owns exclusively
-// and unmaps only on drop; it is never dereferenced.
-unsafe impl Send for Reservation {}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // SAFETY: the range this value owns (see `Shell::with_memory`).
-        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
-    }
+    /// Guest TSC minus host TSC, measured when the vCPU was made (KVM sets
+    /// it then; nothing a restore does changes it).
+    tsc_offset: u64,
+    /// The vCPU state it was given in advance ([`Shell::prime`]).
+    primed: Option<VcpuState>,
 }
 
 impl Shell {
@@ -68,68 +69,101 @@ impl Shell {
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(&vmm.cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let stats = if vcpu_stats { StatsFd::open(&vcpu).ok() } else { None };
+        let tsc_offset = measure_tsc_offset(&vcpu)?;
         Ok(Self {
             vm,
             vcpu,
             stats,
             reserved: None,
             chan: None,
+            chan_view: None,
             registered: false,
+            tsc_offset,
+            primed: None,
         })
     }
 
+    /// Gives the vCPU `state` now, off the restore path: a restore of a
+    /// node with that very vCPU state (e.g. the function node the last
+    /// restore was of) then sets no register; one of another state sets
+    /// them all, as on a shell never primed.
+    pub fn prime(&mut self, state: &VcpuState) -> Result<(), VmmError> {
+        self.primed = None;
+        apply_vcpu_state(&self.vcpu, state)?;
+        self.primed = Some(state.clone());
+        Ok(())
+    }
+
     /// Creates a VM and its vCPU plus the memory slots of `config`'s layout
-    /// over a reserved (inaccessible, 2 MiB aligned) address range.
+    /// over a reserved (inaccessible, 2 MiB aligned) address range and a
+    /// channel slot of the VMM's own slab.
     pub fn with_memory(vmm: &Vmm, config: &InstanceConfig) -> Result<Self, VmmError> {
         let layout = Layout::new(config.layout)?;
-        let len =
-            usize::try_from(layout.mem_bytes).map_err(|_| crate::layout::LayoutError::DoesNotFit("memory size"))?;
         let mut shell = Self::new(vmm, config.vcpu_stats)?;
-        let map_err = |source| crate::memory::MemoryError::Map { bytes: len, source };
-        let padded = len
-            .checked_add(ALIGN)
-            .ok_or_else(|| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
-        // SAFETY: a fresh inaccessible anonymous mapping; nothing else is
-        // affected.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                padded,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(map_err(std::io::Error::last_os_error()).into());
-        }
-        let start = raw as usize;
-        let aligned = start.next_multiple_of(ALIGN);
-        let (head, tail) = (aligned - start, padded - (aligned - start) - len);
-        // SAFETY: trimming the unaligned head and the tail of the range
-        // just reserved; nothing references them.
-        unsafe {
-            if head > 0 {
-                libc::munmap(raw, head);
-            }
-            if tail > 0 {
-                libc::munmap((aligned + len) as *mut libc::c_void, tail);
-            }
-        }
-        let addr = NonNull::new(aligned as *mut u8).ok_or_else(|| map_err(std::io::Error::other("null")))?;
-        let reservation = Reservation { addr, len };
+        let reservation = Reserved::new(ram_bytes(&layout)?, ALIGN)?;
         let chan = vmm.channel_slot(&layout)?;
         // SAFETY: the slots point into the reservation, which the shell
         // keeps until the VM is gone or hands over to the guest memory
         // mapped in its place (`Instance::restore_into`), and into `chan`,
         // which the shell (then the instance) keeps until the VM is gone.
-        unsafe { add_memory_slots(&shell.vm, aligned as u64, &chan, &layout, config.dirty_log) }?;
+        unsafe {
+            add_memory_slots_at(
+                &shell.vm,
+                reservation.addr().as_ptr() as u64,
+                (chan.mailbox_host_addr(), chan.window_host_addr()),
+                &layout,
+                config.dirty_log,
+            )
+        }?;
         shell.reserved = Some(reservation);
         shell.chan = Some(chan);
         shell.registered = true;
         Ok(shell)
     }
+
+    /// Like [`Shell::with_memory`], but the channel's memory slots point at
+    /// a second reservation, where [`Instance::restore_into_slot`] maps the
+    /// channel slot it is given: for a process whose slots are chosen by
+    /// someone else at restore time (a VMM host process: the backend's
+    /// slab). The shell holds address space only (no memory): two
+    /// reservations and the VM's and vCPU's fds.
+    pub fn with_memory_for_slots(vmm: &Vmm, config: &InstanceConfig) -> Result<Self, VmmError> {
+        let layout = Layout::new(config.layout)?;
+        let view_bytes =
+            SlabSlot::guest_view_bytes(layout.io_bytes).ok_or(crate::layout::LayoutError::DoesNotFit("I/O window"))?;
+        let mut shell = Self::new(vmm, config.vcpu_stats)?;
+        let reservation = Reserved::new(ram_bytes(&layout)?, ALIGN)?;
+        let view = Reserved::new(view_bytes, PAGE)?;
+        let mailbox = view.addr().as_ptr() as u64;
+        // SAFETY: the slots point into the two reservations, which the
+        // shell keeps until the VM is gone or hands over to what is mapped
+        // in their place (`Instance::restore_into_slot`: the guest memory,
+        // kept by the instance until its VM is gone; the channel slot's
+        // view, kept by the slot, which the instance drops after the VM).
+        unsafe {
+            add_memory_slots_at(
+                &shell.vm,
+                reservation.addr().as_ptr() as u64,
+                (mailbox, mailbox + guest_abi::PAGE_BYTES),
+                &layout,
+                config.dirty_log,
+            )
+        }?;
+        shell.reserved = Some(reservation);
+        shell.chan_view = Some(view);
+        shell.registered = true;
+        Ok(shell)
+    }
+
+    /// Whether its memory slots are registered (made by
+    /// [`Shell::with_memory`] or [`Shell::with_memory_for_slots`]).
+    pub fn has_memory(&self) -> bool {
+        self.registered
+    }
+}
+
+fn ram_bytes(layout: &Layout) -> Result<usize, VmmError> {
+    Ok(usize::try_from(layout.mem_bytes).map_err(|_| crate::layout::LayoutError::DoesNotFit("memory size"))?)
 }
 
 /// A caller's failure to map guest memory over a shell's reservation.
@@ -183,30 +217,49 @@ impl Instance {
         map: impl FnOnce(NonNull<u8>, usize) -> Result<Box<dyn ExternalMemory>, MapMemoryError>,
         saved: &SavedState,
     ) -> Result<Self, VmmError> {
-        let Some(reservation) = shell.reserved.take() else {
-            return Err(VmmError::Shell("the shell has no memory reservation"));
+        let t = Instant::now();
+        let Some(chan) = shell.chan.take() else {
+            return Err(VmmError::Shell("the shell has no channel slot of its own"));
         };
-        let layout = Layout::new(config.layout)?;
-        if u64::try_from(reservation.len).ok() != Some(layout.mem_bytes) {
-            return Err(VmmError::SnapshotSize {
-                expected: layout.mem_bytes,
-                got: u64::try_from(reservation.len).unwrap_or(u64::MAX),
-            });
+        let memory = map_over_reservation(&mut shell, config, map)?;
+        let map_ns = ns_since(t);
+        let mut instance = Self::restore_on(vmm, Some(shell), config, memory, saved, Some(chan))?;
+        if let Some(timings) = instance.restore_timings.as_mut() {
+            timings.map_ns = map_ns;
         }
-        let memory = match map(reservation.addr, reservation.len) {
-            Ok(m) => m,
-            // The reservation is still intact: it drops (unmaps) here.
-            Err(source) => return Err(VmmError::MapMemory(source)),
+        Ok(instance)
+    }
+
+    /// Like [`Instance::restore_into`] on a shell made by
+    /// [`Shell::with_memory_for_slots`], into the channel slot `chan` (bound
+    /// to the layout's I/O window address): the slot's mailbox page and
+    /// window are mapped over the shell's channel reservation, where its
+    /// memory slots point, so that (as with [`Instance::restore_into`]) no
+    /// memory slot changes on the restore path. A VMM host process restores
+    /// so into the slot the backend chose.
+    pub fn restore_into_slot(
+        vmm: &Vmm,
+        mut shell: Shell,
+        config: &InstanceConfig,
+        map: impl FnOnce(NonNull<u8>, usize) -> Result<Box<dyn ExternalMemory>, MapMemoryError>,
+        saved: &SavedState,
+        mut chan: SlabSlot,
+    ) -> Result<Self, VmmError> {
+        let t = Instant::now();
+        let Some(view) = shell.chan_view.take() else {
+            return Err(VmmError::Shell("the shell has no channel reservation"));
         };
-        if memory.host_addr() != reservation.addr.as_ptr() || memory.len() != reservation.len {
-            return Err(VmmError::Shell(
-                "the memory was not mapped over the shell's reservation",
-            ));
+        // From here the slot's view is where the shell's channel memory
+        // slots point; the slot (moved into the instance) keeps it until
+        // after the VM is gone.
+        chan.map_guest_view(view)?;
+        let memory = map_over_reservation(&mut shell, config, map)?;
+        let map_ns = ns_since(t);
+        let mut instance = Self::restore_on(vmm, Some(shell), config, memory, saved, Some(chan))?;
+        if let Some(timings) = instance.restore_timings.as_mut() {
+            timings.map_ns = map_ns;
         }
-        // Handed over: the memory now owns the range.
-        std::mem::forget(reservation);
-        let chan = shell.chan.take();
-        Self::restore_on(vmm, Some(shell), config, memory, saved, chan)
+        Ok(instance)
     }
 
     fn restore_on(
@@ -234,7 +287,14 @@ impl Instance {
                 got,
             });
         }
-        let Shell { vm, vcpu, stats, .. } = match shell {
+        let Shell {
+            vm,
+            vcpu,
+            stats,
+            tsc_offset,
+            primed,
+            ..
+        } = match shell {
             Some(shell) => shell,
             None => Shell::new(vmm, config.vcpu_stats)?,
         };
@@ -267,9 +327,14 @@ impl Instance {
         // The snapshot's channel into the slot: its mailbox page, and at a
         // checkpoint the input the stopped `handle()` still points at.
         copy_channel(ram.mem(), chan.mem(), &layout, saved.at_checkpoint).map_err(VmmError::GuestMemory)?;
-        apply_vcpu_state(&vcpu, &saved.vcpu)?;
-        let tsc_offset = measure_tsc_offset(&vcpu)?;
-        step(&mut timings.state_ns);
+        step(&mut timings.channel_ns);
+        // A vCPU primed with this very state (and never run since) holds it.
+        if !primed.is_some_and(|p| p.same_as(&saved.vcpu)) {
+            apply_vcpu_state(&vcpu, &saved.vcpu)?;
+            timings.vcpu_set = true;
+        }
+        step(&mut timings.vcpu_ns);
+        timings.state_ns = timings.channel_ns + timings.vcpu_ns;
         let start = if saved.at_checkpoint {
             StartAt::Checkpoint
         } else {
@@ -344,6 +409,39 @@ impl Instance {
     pub fn at_checkpoint(&self) -> bool {
         self.at_checkpoint
     }
+}
+
+/// Has `map` map the guest memory over `shell`'s RAM reservation (see
+/// [`Instance::restore_into`]) and checks that it did: the memory owns the
+/// range from then on. On failure the reservation is unmapped.
+fn map_over_reservation(
+    shell: &mut Shell,
+    config: &InstanceConfig,
+    map: impl FnOnce(NonNull<u8>, usize) -> Result<Box<dyn ExternalMemory>, MapMemoryError>,
+) -> Result<Box<dyn ExternalMemory>, VmmError> {
+    let Some(reservation) = shell.reserved.take() else {
+        return Err(VmmError::Shell("the shell has no memory reservation"));
+    };
+    let layout = Layout::new(config.layout)?;
+    if u64::try_from(reservation.len()).ok() != Some(layout.mem_bytes) {
+        return Err(VmmError::SnapshotSize {
+            expected: layout.mem_bytes,
+            got: u64::try_from(reservation.len()).unwrap_or(u64::MAX),
+        });
+    }
+    let memory = match map(reservation.addr(), reservation.len()) {
+        Ok(m) => m,
+        // The reservation is still intact: it drops (unmaps) here.
+        Err(source) => return Err(VmmError::MapMemory(source)),
+    };
+    if memory.host_addr() != reservation.addr().as_ptr() || memory.len() != reservation.len() {
+        return Err(VmmError::Shell(
+            "the memory was not mapped over the shell's reservation",
+        ));
+    }
+    // Handed over: the memory now owns the range.
+    std::mem::forget(reservation);
+    Ok(memory)
 }
 
 /// Copies the mailbox page from `from` to `to` and, with `input`, the
