@@ -14,7 +14,9 @@
 //! window), `HOST_POLL_US` (`vm.host_poll_us`), `CALLER_SPIN_US`
 //! (`vm.caller_spin_us`), `SHELL_POOL` (`vm.shell_pool`, which also sets
 //! the shells each host process makes in advance, up to 2), `FUNCTIONS=N` (N noop functions picked at random, as table1
-//! does with 100).
+//! does with 100), `PIN=caller` (the calling thread pinned to core 0 for
+//! the hot part, as table1 pins its vm latency caller: caller and runner
+//! then share a core, the fast mode here).
 
 #[path = "../tests/vm_common/mod.rs"]
 mod vm_common;
@@ -107,8 +109,22 @@ fn hot(label: &str, b: &dyn Backend) {
     summary(&format!("{label}: hot noop dispatch"), dispatch);
 }
 
+/// Pins the calling thread to core 0; returns the mask it had.
+fn pin_caller() -> Option<nix::sched::CpuSet> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    let me = nix::unistd::Pid::from_raw(0);
+    let previous = sched_getaffinity(me).ok()?;
+    let mut only0 = CpuSet::new();
+    only0.set(0).ok()?;
+    sched_setaffinity(me, &only0).ok()?;
+    Some(previous)
+}
+
 fn main() {
     let max: usize = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let pinned = (std::env::var("PIN").as_deref() == Ok("caller"))
+        .then(pin_caller)
+        .flatten();
     if std::env::var("SKIP_HOT").is_err() {
         let Some(b) = vm_common::open_vm(config(2048)) else {
             return;
@@ -120,6 +136,9 @@ fn main() {
         };
         hot("in-process", b.as_ref());
         drop(b);
+    }
+    if let Some(previous) = pinned {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &previous);
     }
     let per_host: usize = std::env::var("VMS_PER_HOST")
         .ok()

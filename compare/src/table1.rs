@@ -6,6 +6,16 @@
 //! measured saturated without oversubscribing (callers + worker <= cores,
 //! callers pinned apart from the worker) and serial (one pinned caller, one
 //! request at a time: the paper's way), each reported as such.
+//!
+//! The vm latency rows run their one caller thread pinned to core 0 (the
+//! previous mask is restored before the throughput threads): a hot vm
+//! request hands off between the caller and a runner thread, and on this
+//! 2-core host the row had two modes by where the scheduler put them,
+//! caller and runner on the same core (~50 us dispatch / ~85 us end to
+//! end) or split (~80-100 / ~135-175 us, a cross-core futex wake costing
+//! tens of microseconds under nested virtualisation); with the caller
+//! pinned every run measured the fast mode (~52 / ~86 us). Unpinned, the
+//! row measured the scheduler's choice rather than the backend.
 
 use crate::progress::bar;
 use crate::stats::{Latencies, Summary, ratio};
@@ -344,8 +354,12 @@ fn measure(
         StartRequest::Force(start)
     };
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    // The vm latency caller runs on core 0 (see the module doc); the mask
+    // it had is put back before the throughput threads, which inherit it.
+    let restore = (kind == BackendKind::Vm).then(pin_saving).flatten();
     // Probe once: a path the backend lacks is a skipped row, not an error count.
     if let Err(e) = backend.invoke(&ids[rng.next(ids.len())], workload.input, request) {
+        restore_affinity(restore);
         return Row::skipped(kind, start, ids.len(), e.to_string());
     }
     let pb = bar(warmup + iterations, &format!("{kind} {start}"));
@@ -365,6 +379,7 @@ fn measure(
         pb.inc(1);
     }
     pb.finish_and_clear();
+    restore_affinity(restore);
     let language = kind == BackendKind::Language;
     let throughput_per_s = is_warm(start).then(|| {
         if language {
@@ -414,6 +429,21 @@ fn cores() -> usize {
 fn pin(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Pins the calling thread to core 0 and returns the mask it had (None:
+/// unknown, nothing changed).
+fn pin_saving() -> Option<nix::sched::CpuSet> {
+    let previous = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    pin(0);
+    Some(previous)
+}
+
+/// Puts back a mask `pin_saving` returned (best effort).
+fn restore_affinity(previous: Option<nix::sched::CpuSet>) {
+    if let Some(set) = previous {
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
     }
 }
