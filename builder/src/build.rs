@@ -387,6 +387,25 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))
 }
 
+/// A digest of the registry packages a `Cargo.lock` pins (name, version,
+/// checksum of every package with a checksum, in order): what `cargo
+/// vendor` of that lock writes, whatever its path packages are.
+fn registry_packages_key(lock: &str) -> String {
+    let mut key = String::new();
+    for block in lock.split("[[package]]").skip(1) {
+        let field = |name: &str| {
+            block.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
+            })
+        };
+        if let (Some(name), Some(version), Some(sum)) = (field("name"), field("version"), field("checksum")) {
+            key.push_str(&format!("{name} {version} {sum}\n"));
+        }
+    }
+    crate::digest_hex(key.as_bytes())
+}
+
 fn toml_str(path: &Path) -> String {
     path.to_string_lossy().replace('\\', "\\\\").replace('"', "\\\"")
 }
@@ -410,25 +429,38 @@ fn compile(
     opts: &BuildOptions,
 ) -> Result<Vec<u8>, BuildError> {
     let wrapper = work.join("wrapper");
-    // Vendored once per lock file content (the stamp is written last).
-    let vendor = work.join("vendor");
-    let stamp = work.join("vendor.lock-sha256");
-    let lock_hash =
-        crate::digest_hex(&fs::read(wrapper.join("Cargo.lock")).map_err(io_err("reading the wrapper's Cargo.lock"))?);
-    if fs::read_to_string(&stamp).ok().as_deref() != Some(lock_hash.as_str()) || !vendor.is_dir() {
-        let _ = fs::remove_file(&stamp);
-        toolchain.vendor(&wrapper, &vendor)?;
-        write_atomic(&stamp, lock_hash.as_bytes())?;
+    let workspace = &crate::digest_hex(func.workspace_root.as_os_str().as_bytes())[..12];
+    // Vendored once per set of registry packages (the stamp is written
+    // last), shared by the crates of one workspace that lock the same
+    // packages: cargo checks a vendored dependency's freshness by its
+    // files' paths and times, so a copy per crate made every crate's
+    // compile rebuild all its dependencies (wasmi ten times over).
+    let lock_text =
+        fs::read_to_string(wrapper.join("Cargo.lock")).map_err(io_err("reading the wrapper's Cargo.lock"))?;
+    let packages = registry_packages_key(&lock_text);
+    let shared = work.parent().unwrap_or(work);
+    let vendor = shared.join(format!("vendor-{workspace}-{}", &packages[..16]));
+    let stamp = shared.join(format!("vendor-{workspace}-{}.stamp", &packages[..16]));
+    {
+        let guard = fs::File::create(shared.join(format!("vendor-{workspace}-{}.lock", &packages[..16])))
+            .map_err(io_err("creating the vendor dir lock"))?;
+        while let Err(e) = guard.lock() {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io_err("locking the vendor dir")(e));
+            }
+        }
+        if fs::read_to_string(&stamp).ok().as_deref() != Some(packages.as_str()) || !vendor.is_dir() {
+            let _ = fs::remove_file(&stamp);
+            toolchain.vendor(&wrapper, &vendor)?;
+            write_atomic(&stamp, packages.as_bytes())?;
+        }
     }
     let snapshot = work.join("snapshot");
     write_snapshot(dir, files, &snapshot)?;
     // The only directory the compile may write: one per workspace, so the
     // crates of one source tree share compiled dependencies while unrelated
     // crates (each its own workspace) never see each other's outputs.
-    let out = work.parent().unwrap_or(work).join(format!(
-        "out-{}",
-        &crate::digest_hex(func.workspace_root.as_os_str().as_bytes())[..12]
-    ));
+    let out = shared.join(format!("out-{workspace}"));
     // Fresh per compile: nothing a previous compile left in its cargo home
     // (a config file) or temp dir carries over.
     let scratch = out.join(work.file_name().unwrap_or_default());
@@ -538,4 +570,35 @@ fn compile(
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(io_err(format!("reading {}", so.display())))?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::registry_packages_key;
+
+    const LOCK: &str = r#"version = 4
+
+[[package]]
+name = "microfaas-artifact-a"
+version = "0.1.0"
+dependencies = ["wasmi"]
+
+[[package]]
+name = "wasmi"
+version = "2.0.0"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+checksum = "aaaa"
+"#;
+
+    #[test]
+    fn the_vendor_key_is_the_registry_packages_only() {
+        let other_path_package = LOCK.replace("microfaas-artifact-a", "microfaas-artifact-b");
+        assert_eq!(registry_packages_key(LOCK), registry_packages_key(&other_path_package));
+        let other_version = LOCK.replace("2.0.0", "2.0.1");
+        assert_ne!(registry_packages_key(LOCK), registry_packages_key(&other_version));
+        let other_sum = LOCK.replace("aaaa", "aaab");
+        assert_ne!(registry_packages_key(LOCK), registry_packages_key(&other_sum));
+        let no_registry = "version = 4\n\n[[package]]\nname = \"x\"\nversion = \"0.1.0\"\n";
+        assert_ne!(registry_packages_key(LOCK), registry_packages_key(no_registry));
+    }
 }
