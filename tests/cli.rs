@@ -75,6 +75,62 @@ fn build_caches_by_content_hash() {
     assert!(verified.status.success(), "{}", stderr(&verified));
 }
 
+/// Writes the `panics` example (whose panic location names its source
+/// file) as a function crate of its own under `root`, depending on the
+/// builder's SDK by absolute path.
+fn source_tree_at(root: &Path) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let func = root.join("panics");
+    std::fs::create_dir_all(func.join("src")).unwrap();
+    std::fs::write(
+        func.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"panics\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+             [dependencies]\nmicrofaas-sdk = {{ path = \"{}\" }}\n\n[workspace]\n",
+            repo.join("sdk").display()
+        ),
+    )
+    .unwrap();
+    std::fs::copy(repo.join("functions/panics/src/lib.rs"), func.join("src/lib.rs")).unwrap();
+    let lock = std::fs::read_to_string(fixture("stateful").join("Cargo.lock")).unwrap();
+    std::fs::write(func.join("Cargo.lock"), lock.replace("\"stateful\"", "\"panics\"")).unwrap();
+    func
+}
+
+#[test]
+fn an_artifact_does_not_depend_on_where_its_sources_and_cache_live() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut artifacts = Vec::new();
+    for (tree, cache) in [
+        ("a", "c"),
+        ("a-much-longer-directory-name/for-the-same/sources", "another-cache-dir"),
+    ] {
+        let root = scratch.path().join(tree);
+        let func = source_tree_at(&root);
+        let cache = scratch.path().join(cache);
+        let out_file = cache.join("panics.so");
+        let out = microfaas(
+            &["build", func.to_str().unwrap(), "--out", out_file.to_str().unwrap()],
+            &cache,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let bytes = std::fs::read(&out_file).unwrap();
+        for host_path in [&root, &cache] {
+            let needle = host_path.as_os_str().as_encoded_bytes();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "the artifact names the host path {}",
+                host_path.display()
+            );
+        }
+        artifacts.push(bytes);
+    }
+    assert!(
+        artifacts[0] == artifacts[1],
+        "the same sources built in two places gave different artifacts"
+    );
+}
+
 #[test]
 fn verify_refuses_malformed_elf_files_clearly() {
     let dir = tempfile::tempdir().unwrap();

@@ -406,6 +406,30 @@ fn registry_packages_key(lock: &str) -> String {
     crate::digest_hex(key.as_bytes())
 }
 
+/// A `build.rustflags` setting that maps every host path a compile sees
+/// (the function's and the SDK's sources, the vendored crates, the
+/// wrapper, the output and cargo-home directories) to a fixed name, for
+/// every crate of the build: panic locations, `file!()` and build-script
+/// outputs then name `/microfaas/...`, so an artifact's bytes depend only on
+/// its inputs, not on where the source tree or the build cache lives. A
+/// clone in another directory used to build different bytes (the string
+/// lengths moved the code), which once put a chance `WRPKRU` byte sequence
+/// into one clone's artifact and not the other's.
+fn remap_path_flags(paths: &CompilePaths) -> OsString {
+    let mut flags = Vec::new();
+    // rustc applies the last matching prefix: the most specific go last.
+    for (from, to) in [
+        (&paths.out_dir, "/microfaas/out"),
+        (&paths.vendor_dir, "/microfaas/vendor"),
+        (&paths.wrapper_dir, "/microfaas/wrapper"),
+        (&paths.sdk_dir, "/microfaas/sdk"),
+        (&paths.function_dir, "/microfaas/function"),
+    ] {
+        flags.push(format!("\"--remap-path-prefix={}={to}\"", toml_str(from)));
+    }
+    OsString::from(format!("build.rustflags=[{}]", flags.join(", ")))
+}
+
 fn toml_str(path: &Path) -> String {
     path.to_string_lossy().replace('\\', "\\\\").replace('"', "\\\"")
 }
@@ -498,6 +522,7 @@ fn compile(
         forbid_unsafe_dir: (!opts.allow_unsafe).then(|| dir.to_owned()),
         root: work.join("root"),
     };
+    let remap = remap_path_flags(&paths);
     let policy = sandbox::compile_policy(&paths, &HostLayout::detect(), is_root());
     let args: Vec<OsString> = [
         "rustc",
@@ -514,6 +539,8 @@ fn compile(
     .map(OsString::from)
     .chain([
         OsString::from(format!("source.microfaas-vendored.directory=\"{}\"", toml_str(&vendor))),
+        "--config".into(),
+        remap,
         "--manifest-path".into(),
         wrapper.join("Cargo.toml").into(),
         "--target-dir".into(),
@@ -530,6 +557,11 @@ fn compile(
             "link-arg=-Wl,-z,now",
             "-C",
             "link-arg=-Wl,--gc-sections",
+            // No static symbol table: nothing loads by it (loaders use the
+            // dynamic symbols), and its names carry cargo's per-crate hashes,
+            // which depend on where the function's sources live.
+            "-C",
+            "strip=symbols",
         ]
         .iter()
         .map(OsString::from),
