@@ -20,7 +20,7 @@ use std::time::Duration;
 /// The target every artifact is built for (installed with the toolchain).
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Bumped whenever the build recipe changes, so old cache entries miss.
-pub(crate) const RECIPE_VERSION: &str = "microfaas-builder/2";
+pub(crate) const RECIPE_VERSION: &str = "microfaas-builder/3";
 
 /// `MICROFAAS_BUILD_SANDBOX=off` turns the build sandbox off (see
 /// [`BuildOptions::sandboxed`]); any other value, or none, keeps it.
