@@ -408,25 +408,27 @@ fn registry_packages_key(lock: &str) -> String {
 
 /// A `build.rustflags` setting that maps every host path a compile sees
 /// (the function's and the SDK's sources, the vendored crates, the
-/// wrapper, the output and cargo-home directories) to a fixed name, for
-/// every crate of the build: panic locations, `file!()` and build-script
-/// outputs then name `/microfaas/...`, so an artifact's bytes depend only on
-/// its inputs, not on where the source tree or the build cache lives. A
-/// clone in another directory used to build different bytes (the string
-/// lengths moved the code), which once put a chance `WRPKRU` byte sequence
-/// into one clone's artifact and not the other's.
+/// wrapper, and the output dir with each compile's cargo home) to a fixed
+/// name, for every crate of the build: panic locations, `file!()` and
+/// build-script outputs then name `/microfaas/...`, not where the source
+/// tree or the build cache lives (string lengths moved the code, which once
+/// put a chance `WRPKRU` byte sequence into one clone's artifact and not
+/// the other's). Not the whole story: cargo's `-C metadata` hash of a path
+/// crate still derives from its absolute path, and with LTO it still moves
+/// code in some artifacts; fixed mount points in the build sandbox would
+/// remove that too.
 fn remap_path_flags(paths: &CompilePaths) -> OsString {
-    let mut flags = Vec::new();
     // rustc applies the last matching prefix: the most specific go last.
-    for (from, to) in [
+    let flags: Vec<String> = [
         (&paths.out_dir, "/microfaas/out"),
         (&paths.vendor_dir, "/microfaas/vendor"),
         (&paths.wrapper_dir, "/microfaas/wrapper"),
         (&paths.sdk_dir, "/microfaas/sdk"),
         (&paths.function_dir, "/microfaas/function"),
-    ] {
-        flags.push(format!("\"--remap-path-prefix={}={to}\"", toml_str(from)));
-    }
+    ]
+    .iter()
+    .map(|(from, to)| format!("\"--remap-path-prefix={}={to}\"", toml_str(from)))
+    .collect();
     OsString::from(format!("build.rustflags=[{}]", flags.join(", ")))
 }
 
