@@ -83,10 +83,25 @@ impl HeapMemory {
     }
 
     /// Maps `len` bytes of `fd` from `file_offset` copy-on-write over the
-    /// start of the persistent arena (a post-init snapshot's heap).
-    pub fn map_persistent_prefix(&self, len: usize, fd: BorrowedFd<'_>, file_offset: u64) -> io::Result<()> {
-        self.persistent
-            .map_file_fixed(0, len, libc::PROT_READ | libc::PROT_WRITE, fd, file_offset)
+    /// start of the persistent arena (a post-init snapshot's heap),
+    /// read-write, or read-only for a write watch
+    /// (`super::watch::WriteWatch::adopt`) if `read_only`. A watch of the
+    /// pages replaced ends.
+    pub fn map_persistent_prefix(
+        &self,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        read_only: bool,
+    ) -> io::Result<()> {
+        let start = self.persistent_range().start;
+        super::watch::forget_within(&(start..start.saturating_add(len)));
+        let prot = if read_only {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        self.persistent.map_file_fixed(0, len, prot, fd, file_offset)
     }
 
     /// Puts fresh anonymous zero pages over `[offset, offset + len)` of the
@@ -95,6 +110,8 @@ impl HeapMemory {
         if len == 0 {
             return Ok(());
         }
+        let start = self.persistent_range().start.saturating_add(offset);
+        super::watch::forget_within(&(start..start.saturating_add(len)));
         self.persistent
             .map_anonymous_fixed(offset, len, libc::PROT_READ | libc::PROT_WRITE)
     }
@@ -112,15 +129,37 @@ impl HeapMemory {
         self.persistent.discard(offset, len)
     }
 
-    /// Gives both arenas `key` (read-write).
+    /// Gives both arenas `key` (read-write; a watched prefix of the
+    /// persistent arena stays read-only: `super::watch`).
     pub fn set_key(&self, key: u32) -> io::Result<()> {
-        for m in [&self.persistent, &self.invocation] {
-            // SAFETY: a mapping this value owns; keying changes no Rust
-            // object's validity (accesses with the key closed fault and are
-            // handled by the runtime's trap handler).
-            unsafe { super::pkeys::pkey_mprotect(m.addr(), m.len(), libc::PROT_READ | libc::PROT_WRITE, key)? };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let persistent = self.persistent_range();
+        let watched = super::watch::armed_within(&persistent).filter(|r| r.start == persistent.start);
+        let writable_from = watched.as_ref().map_or(persistent.start, |r| r.end);
+        let (ro_start, ro_end) = watched.map_or((0, 0), |r| (r.start, r.end));
+        let invocation = range_of(&self.invocation);
+        let parts = [
+            (ro_start, ro_end, libc::PROT_READ),
+            (writable_from, persistent.end, rw),
+            (invocation.start, invocation.end, rw),
+        ];
+        for (start, end, prot) in parts {
+            if start < end {
+                // SAFETY: a range of a mapping this value owns; keying
+                // changes no Rust object's validity (accesses with the key
+                // closed fault and are handled by the runtime's trap
+                // handler), and the watched part keeps its protection.
+                unsafe { super::pkeys::pkey_mprotect(start, end - start, prot, key)? };
+            }
         }
         Ok(())
+    }
+}
+
+impl Drop for HeapMemory {
+    fn drop(&mut self) {
+        // Before the arenas are unmapped (the fields drop after this).
+        super::watch::forget_within(&self.persistent_range());
     }
 }
 

@@ -65,6 +65,7 @@ pub mod prelinked;
 mod services;
 mod stack;
 mod trap;
+mod watch;
 
 pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
 pub use heap::{Arena, HeapMemory, InstanceHeap, PersistentState};

@@ -68,6 +68,8 @@ use super::instance::{Instance, InstanceShell};
 use super::loader::{ArtifactImage, LoadError, LoadedFunction, import_addr, prot_of};
 use super::mmap::{Mapping, page_size, round_up_to_page};
 use super::pagescan::PageScan;
+use super::watch::WriteWatch;
+use std::cell::Cell;
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -526,6 +528,50 @@ struct Snapshot {
     /// The shell it was taken in: its persistent arena and context.
     heap_addr: usize,
     ctx_addr: usize,
+    /// Whether its heap is watched for writes on the next cold start.
+    watch: Cell<Backoff>,
+}
+
+/// When a snapshot's heap is watched for writes (`super::watch`): always,
+/// until a watched call writes; then not for the next `skip` cold starts
+/// (scanned after each instead), `skip` doubling with every watched call
+/// that writes, up to [`Backoff::MAX_SKIP`], and back to its first value
+/// after one that does not. A function whose calls write pays one fault
+/// per [`Backoff::MAX_SKIP`] calls at most; one whose calls only read,
+/// none, and no scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff {
+    skip: u32,
+    next: u32,
+}
+
+impl Backoff {
+    const FIRST_SKIP: u32 = 16;
+    const MAX_SKIP: u32 = 4096;
+    const NEW: Self = Self {
+        skip: 0,
+        next: Self::FIRST_SKIP,
+    };
+
+    /// Whether the coming cold start is watched.
+    fn watched(self) -> bool {
+        self.skip == 0
+    }
+
+    /// After a cold start: `watched` and whether a write was seen.
+    fn after(self, watched: bool, wrote: bool) -> Self {
+        match (watched, wrote) {
+            (true, true) => Self {
+                skip: self.next,
+                next: self.next.saturating_mul(2).min(Self::MAX_SKIP),
+            },
+            (true, false) => Self::NEW,
+            (false, _) => Self {
+                skip: self.skip.saturating_sub(1),
+                ..self
+            },
+        }
+    }
 }
 
 /// An artifact pre-linked for its own range of an [`ImageSpace`]: its
@@ -694,6 +740,7 @@ impl PrelinkedImage {
             state,
             heap_addr: heap_range.start,
             ctx_addr,
+            watch: Cell::new(Backoff::NEW),
         });
         // Cold starts run from the snapshot now; a start from the pristine
         // pages (another shell) maps them copy-on-write from the arena.
@@ -803,6 +850,24 @@ pub struct ImageSpace {
     scan: Option<PageScan>,
     /// The scan's answer (kept: no allocation per call).
     written: Vec<Range<usize>>,
+    /// Watches a snapshot's heap for writes (`None`: scanned after every
+    /// call).
+    watch: Option<WriteWatch>,
+    /// Whether the last cold start's heap was watched from its start.
+    watched: bool,
+    teardowns: HeapTeardowns,
+}
+
+/// How the snapshot heaps of cold calls were put back so far
+/// ([`ImageSpace::heap_teardowns`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HeapTeardowns {
+    /// Watched, and nothing wrote: nothing to do (no system call).
+    pub unwritten: u64,
+    /// Watched, and written (one write fault): scanned or dropped.
+    pub written: u64,
+    /// Not watched (backing off, or no watch): scanned or dropped.
+    pub unwatched: u64,
 }
 
 impl ImageSpace {
@@ -823,7 +888,23 @@ impl ImageSpace {
             teardown,
             scan: None,
             written: Vec::new(),
+            watch: WriteWatch::new(),
+            watched: false,
+            teardowns: HeapTeardowns::default(),
         })
+    }
+
+    /// How cold calls' snapshot heaps were put back so far.
+    pub fn heap_teardowns(&self) -> HeapTeardowns {
+        self.teardowns
+    }
+
+    /// Stops watching snapshot heaps for writes: every cold call's heap is
+    /// scanned (or dropped) after it, as before watches (for comparison).
+    pub fn without_write_watch(&mut self) {
+        if let Some(w) = self.watch.take() {
+            let _ = w.disarm();
+        }
     }
 
     /// Drops only the pages a call wrote of a snapshot's heap after it
@@ -1029,14 +1110,30 @@ impl ImageSpace {
         self.lru.insert(tick, at);
         self.last = Some(at);
         let heap_want = snapshot.filter(|s| s.heap_len > 0).map(|s| (s.uid, s.heap_len));
+        let memory = shell.heap_memory();
+        let heap_start = memory.persistent_range().start;
+        // Watch the heap for writes (see `Backoff`) if the scan can be
+        // skipped at all (with `Remap` the heap is mapped again anyway).
+        let watch = snapshot
+            .filter(|s| s.heap_len > 0 && self.teardown != Teardown::Remap && self.watch.is_some())
+            .is_some_and(|s| s.watch.get().watched());
+        self.watched = false;
         if self.heap != heap_want {
-            let memory = shell.heap_memory();
             let previous = self.heap.take().map_or(0, |(_, len)| len);
             let now = match snapshot.filter(|s| s.heap_len > 0) {
                 Some(s) => {
                     memory
-                        .map_persistent_prefix(s.heap_len, arena.fd.as_fd(), s.heap.offset)
+                        .map_persistent_prefix(s.heap_len, arena.fd.as_fd(), s.heap.offset, watch)
                         .map_err(PrelinkError::Map)?;
+                    if watch && let Some(w) = &self.watch {
+                        // SAFETY: the shell's persistent arena, just mapped
+                        // read-only; mapped over again only by this space
+                        // (which forgets the watch first) and unmapped by
+                        // `HeapMemory`'s drop (which forgets it); the
+                        // runtime never has the kernel write into a heap.
+                        unsafe { w.adopt(heap_start..heap_start + s.heap_len) };
+                        self.watched = true;
+                    }
                     s.heap_len
                 }
                 None => 0,
@@ -1047,6 +1144,13 @@ impl ImageSpace {
                     .map_err(PrelinkError::Map)?;
             }
             self.heap = heap_want;
+        } else if let (Some(w), Some((_, len))) = (&self.watch, self.heap) {
+            if watch {
+                // SAFETY: as above (the same arena, mapped since).
+                self.watched = unsafe { w.arm(heap_start..heap_start + len) }.is_ok();
+            } else {
+                w.disarm().map_err(PrelinkError::Map)?;
+            }
         }
         // SAFETY: the range now holds `image`'s pieces (its artifact's code
         // and its writable pages relocated for this address), and `enter`
@@ -1166,8 +1270,22 @@ impl ImageSpace {
                 }
             }
         }
-        if let Some((_, len)) = self.heap {
+        if let Some((uid, len)) = self.heap {
+            let snapshot = image.and_then(|i| i.snapshot.as_ref()).filter(|s| s.uid == uid);
+            let watched = std::mem::take(&mut self.watched);
+            // Still armed: nothing wrote the heap since the start.
+            let clean = watched && self.watch.as_ref().is_some_and(|w| w.armed().is_some());
+            let wrote = self.watch.as_ref().is_some_and(WriteWatch::take_hit);
+            if let Some(s) = snapshot {
+                s.watch.set(s.watch.get().after(watched, !clean));
+            }
+            match (watched, clean) {
+                (true, true) => self.teardowns.unwritten += 1,
+                (true, false) => self.teardowns.written += 1,
+                (false, _) => self.teardowns.unwatched += 1,
+            }
             let r = match self.teardown {
+                Teardown::Discard | Teardown::Restore if clean && !wrote => Ok(()),
                 Teardown::Discard | Teardown::Restore => self.drop_heap(shell.heap_memory(), len),
                 Teardown::Remap => {
                     self.heap = None;
@@ -1176,6 +1294,9 @@ impl ImageSpace {
             };
             if r.is_err() {
                 self.heap = None;
+                if let Some(w) = &self.watch {
+                    let _ = w.disarm();
+                }
             }
             result = result.and(r);
         }

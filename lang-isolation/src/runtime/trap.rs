@@ -182,6 +182,8 @@ fn install(signal: libc::c_int, prev_slot: &AtomicPtr<libc::sigaction>) -> std::
     Ok(())
 }
 
+/// `si_code` of a write to a page mapped without write permission.
+const SEGV_ACCERR: i32 = 2;
 /// `si_code` of a protection-key fault.
 const SEGV_PKUERR: i32 = 4;
 /// Offset of `si_pkey` in the kernel's `siginfo_t` on x86-64: the
@@ -204,6 +206,12 @@ extern "C" fn on_fault(signal: libc::c_int, info: *mut libc::siginfo_t, context:
         reset_default(signal);
         // SAFETY: raise is async-signal-safe.
         unsafe { libc::raise(signal) };
+        return;
+    }
+    if signal == libc::SIGSEGV && code == SEGV_ACCERR && super::watch::on_write_fault(addr) {
+        // A write to a watched (read-only) range, now writable again: the
+        // write runs again when we return. Whoever wrote (function or host
+        // service), nothing ends.
         return;
     }
     // SAFETY: `context` is this signal's ucontext, as the handler contract
