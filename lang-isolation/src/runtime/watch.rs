@@ -144,16 +144,7 @@ impl WriteWatch {
             return Ok(());
         };
         self.forget();
-        // SAFETY: the range was armed (the `arm` contract: still mapped);
-        // read-write is what it was before.
-        let rc = unsafe {
-            libc::mprotect(
-                range.start as *mut libc::c_void,
-                range.len(),
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        if rc != 0 {
+        if !make_writable(&range) {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -190,6 +181,21 @@ pub fn forget_within(range: &Range<usize>) {
     }
 }
 
+/// Makes an armed (or just disarmed) range read-write again, as it was
+/// before it was armed; `false` if `mprotect` failed (errno says why).
+/// Async-signal-safe.
+fn make_writable(range: &Range<usize>) -> bool {
+    // SAFETY: an armed range is mapped memory of this process (the `arm`
+    // contract) that was read-write before it was armed.
+    unsafe {
+        libc::mprotect(
+            range.start as *mut libc::c_void,
+            range.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+        ) == 0
+    }
+}
+
 /// From the fault handler: a write fault (`SEGV_ACCERR`) at `addr`. If a
 /// watch holds `addr`, makes its range read-write, records the hit and
 /// says so (the write then runs again and succeeds); else `false`.
@@ -202,16 +208,7 @@ pub(crate) fn on_write_fault(addr: usize) -> bool {
         if !r.contains(&addr) {
             continue;
         }
-        // SAFETY: an armed range is mapped memory of this process (the
-        // `arm` contract) that was read-write before it was armed.
-        let rc = unsafe {
-            libc::mprotect(
-                r.start as *mut libc::c_void,
-                r.len(),
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        if rc != 0 {
+        if !make_writable(&r) {
             return false;
         }
         s.len.store(0, Ordering::Release);
