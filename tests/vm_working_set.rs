@@ -5,77 +5,13 @@
 
 mod vm_common;
 
-use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::{ExternalMemory, Instance, InstanceConfig, ResetSource, Status, WORKING_SET_LIMIT_PAGES};
+use vm_common::{cow_copy, image};
+use vmm::{Instance, InstanceConfig, ResetSource, Status, WORKING_SET_LIMIT_PAGES};
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
-}
-
-/// A private copy-on-write mapping of a file holding a guest's memory.
-#[derive(Debug)]
-struct CowCopy {
-    addr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: one private read/write mapping of `len` bytes, owned by the
-// value and unmapped only on drop.
-unsafe impl ExternalMemory for CowCopy {
-    fn host_addr(&self) -> *mut u8 {
-        self.addr.as_ptr()
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-// SAFETY: the mapping is owned exclusively by the value.
-unsafe impl Send for CowCopy {}
-// SAFETY: as above; shared access only reads the pointer.
-unsafe impl Sync for CowCopy {}
-
-impl Drop for CowCopy {
-    fn drop(&mut self) {
-        // SAFETY: the mapping this value owns.
-        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
-    }
-}
-
-fn image(bytes: &[u8]) -> std::fs::File {
-    // SAFETY: a fresh memfd; the name is a NUL-terminated literal.
-    let fd = unsafe { libc::memfd_create(c"node-image".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a new descriptor owned by nothing else.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.write_all(bytes).unwrap();
-    file
-}
-
-fn cow_copy(file: &std::fs::File, len: usize) -> CowCopy {
-    // SAFETY: maps the whole file privately; no existing mapping is touched.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-    CowCopy {
-        addr: NonNull::new(addr.cast()).unwrap(),
-        len,
-    }
 }
 
 /// Restores from the node, gives it `source`, runs one request: (output,

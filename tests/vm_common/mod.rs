@@ -1,5 +1,6 @@
-// Shared by the `vm_*` test files (`mod vm_common;`): opening the `vm`
-// backend or a raw VMM, skipping only when /dev/kvm is unusable and KVM is
+// Shared by the `vm_*` test files (`mod vm_common;`) and the vm examples:
+// opening the `vm` backend or a raw VMM, a node image's memfd and its
+// copy-on-write mapping, skipping only when /dev/kvm is unusable and KVM is
 // not required (`MICROFAAS_REQUIRE_KVM=1`, as CI sets it).
 #![allow(dead_code)]
 
@@ -7,8 +8,12 @@
 mod test_store;
 
 use microfaas::{Backend, BackendKind, Config, ErrorKind, VmConfig};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
+use std::ptr::NonNull;
 use std::time::Duration;
+use vmm::ExternalMemory;
 
 /// A snapshot store private to this test process (never the user's cache),
 /// under cargo's target tmp dir; stores of finished test processes are
@@ -65,5 +70,70 @@ pub fn open_vmm() -> Option<vmm::Vmm> {
             None
         }
         Err(e) => panic!("opening KVM failed: {e}"),
+    }
+}
+
+/// A private copy-on-write mapping of a file holding a guest's memory
+/// (a node's image, as the backend maps one).
+#[derive(Debug)]
+pub struct CowCopy {
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: one private read/write mapping of `len` bytes, owned by the
+// value and unmapped only on drop.
+unsafe impl ExternalMemory for CowCopy {
+    fn host_addr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+// SAFETY: the mapping is owned exclusively by the value.
+unsafe impl Send for CowCopy {}
+// SAFETY: as above; shared access only reads the pointer.
+unsafe impl Sync for CowCopy {}
+
+impl Drop for CowCopy {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value owns.
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A memfd holding `bytes` (a guest's memory: a node's image).
+pub fn image(bytes: &[u8]) -> std::fs::File {
+    // SAFETY: a fresh memfd; the name is a NUL-terminated literal.
+    let fd = unsafe { libc::memfd_create(c"node-image".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor owned by nothing else.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(bytes).unwrap();
+    file
+}
+
+/// [`CowCopy`] of the first `len` bytes of `file`.
+pub fn cow_copy(file: &std::fs::File, len: usize) -> CowCopy {
+    // SAFETY: maps the whole file privately; no existing mapping is touched.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    CowCopy {
+        addr: NonNull::new(addr.cast()).unwrap(),
+        len,
     }
 }

@@ -431,6 +431,60 @@ impl SlabSlot {
         self.window as u64
     }
 
+    /// The runs (first page, pages) of the I/O window that hold memory in
+    /// the slab's file (resident or swapped: every page anyone wrote through
+    /// any mapping of it since the slot was cleared), found with
+    /// `lseek(SEEK_DATA / SEEK_HOLE)` on the file: a walk of its page index
+    /// that skips holes, a few system calls where `mincore` over the
+    /// window's mapping looks every page up (54 us for a 4 MiB window
+    /// here). Only the returned offsets are used, never the file position
+    /// (which other users of the file share), so concurrent calls are fine.
+    pub fn window_data_pages(&self) -> std::io::Result<Vec<(usize, usize)>> {
+        use std::os::fd::AsRawFd;
+        let bad = || std::io::Error::from_raw_os_error(libc::EINVAL);
+        let (_, _, win_off) = slot_offsets(self.index, self.slab.stride).ok_or_else(bad)?;
+        let len = usize::try_from(self.slab.io_bytes).map_err(|_| bad())?;
+        let page = usize::try_from(PAGE_BYTES).map_err(|_| bad())?;
+        let end = win_off.checked_add(len).ok_or_else(bad)?;
+        let fd = self.slab.file.as_raw_fd();
+        let seek = |at: usize, whence: libc::c_int| -> std::io::Result<Option<usize>> {
+            let at = libc::off_t::try_from(at).map_err(|_| bad())?;
+            // SAFETY: lseek on the slab's own fd reads no memory; only the
+            // returned offset is used.
+            let r = unsafe { libc::lseek(fd, at, whence) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                // No data at or after `at`.
+                return if e.raw_os_error() == Some(libc::ENXIO) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                };
+            }
+            usize::try_from(r).map(Some).map_err(|_| bad())
+        };
+        let mut runs = Vec::new();
+        let mut at = win_off;
+        while at < end {
+            let Some(data) = seek(at, libc::SEEK_DATA)? else {
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            // A file's end is a hole: SEEK_HOLE always answers.
+            let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            if hole <= data {
+                return Err(bad());
+            }
+            let first = (data - win_off) / page;
+            let last = (hole - win_off).div_ceil(page);
+            runs.push((first, last - first));
+            at = hole;
+        }
+        Ok(runs)
+    }
+
     /// The slot's index in its slab.
     pub fn index(&self) -> usize {
         self.index
@@ -502,5 +556,33 @@ mod tests {
         c.mem().read_slice(&mut buf, GuestAddress(io + 100)).unwrap();
         assert_eq!(buf, [0; 8]);
         assert_eq!(c.control().report_seq.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_windows_data_pages_are_the_ones_written() {
+        let slab = Slab::new(1 << 20).unwrap();
+        let io = 0x80_0000u64;
+        let mut a = slab.take().unwrap();
+        let mut b = slab.take().unwrap();
+        a.bind(io).unwrap();
+        b.bind(io).unwrap();
+        assert_eq!(a.window_data_pages().unwrap(), vec![]);
+        // Pages 0, 5-6 and the last one of a's window; b's page 3; both
+        // mailboxes (not in a window).
+        a.mem().write_slice(b"x", GuestAddress(io + 10)).unwrap();
+        a.mem().write_slice(&[1u8; 5000], GuestAddress(io + 5 * 4096)).unwrap();
+        a.mem().write_slice(b"y", GuestAddress(io + (1 << 20) - 1)).unwrap();
+        b.mem().write_slice(b"z", GuestAddress(io + 3 * 4096)).unwrap();
+        a.mem().write_slice(b"m", GuestAddress(MAILBOX_ADDR)).unwrap();
+        b.mem().write_slice(b"m", GuestAddress(MAILBOX_ADDR)).unwrap();
+        assert_eq!(a.window_data_pages().unwrap(), vec![(0, 1), (5, 2), (255, 1)]);
+        assert_eq!(b.window_data_pages().unwrap(), vec![(3, 1)]);
+        // The same pages mincore finds resident in the window's mapping.
+        let mut resident = vec![0u8; 256];
+        // SAFETY: the window is a live shared mapping of 1 MiB (256 pages).
+        let rc = unsafe { libc::mincore(a.window.cast(), 1 << 20, resident.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        let pages: Vec<usize> = (0..256).filter(|&i| resident[i] & 1 != 0).collect();
+        assert_eq!(pages, vec![0, 5, 6, 255]);
     }
 }
