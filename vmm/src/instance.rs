@@ -162,6 +162,8 @@ pub(crate) struct Shared {
     pub(crate) pagemap: Option<Arc<std::fs::File>>,
     /// Resets may use the `PAGEMAP_SCAN` ioctl on it.
     pub(crate) pagemap_scan: bool,
+    /// Resets read and set registers through `kvm_run` (`KVM_CAP_SYNC_REGS`).
+    pub(crate) sync_regs: bool,
     /// What the last reset did.
     pub(crate) reset_stats: Mutex<ResetStats>,
     /// Working-set pages pre-copied at restore.
@@ -420,6 +422,7 @@ impl Instance {
             reset: Mutex::new(None),
             pagemap: vmm.pagemap.clone(),
             pagemap_scan: vmm.pagemap_scan,
+            sync_regs: vmm.sync_regs,
             reset_stats: Mutex::new(ResetStats::default()),
             prefaulted: AtomicU64::new(0),
         });

@@ -102,6 +102,10 @@ pub struct Vmm {
     /// Resets find written pages with the `PAGEMAP_SCAN` ioctl instead of
     /// reading the pagemap ([`Vmm::use_pagemap_scan`]).
     pagemap_scan: bool,
+    /// KVM copies the general and segment registers through `kvm_run`
+    /// (`KVM_CAP_SYNC_REGS`): a reset reads and sets them there instead of
+    /// by two ioctls (~7 us each here).
+    sync_regs: bool,
 }
 
 impl Vmm {
@@ -139,6 +143,8 @@ impl Vmm {
             smap: leaf7 & (1 << 20) != 0,
         };
         let xcr0 = leaf(0xd, 0).map_or(0b11, |e| cpu::xcr0(e.eax));
+        let want = u64::from(kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS);
+        let sync_regs = u64::try_from(kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs)).unwrap_or(0) & want == want;
         // Two fds per VM (VM, vCPU): as many as the hard limit allows.
         let _ = limits::raise_fd_limit();
         kick::install().map_err(|source| VmmError::Kvm {
@@ -155,6 +161,7 @@ impl Vmm {
             slabs: std::sync::Mutex::new(Vec::new()),
             pagemap: std::fs::File::open("/proc/self/pagemap").ok().map(std::sync::Arc::new),
             pagemap_scan: false,
+            sync_regs,
         })
     }
 

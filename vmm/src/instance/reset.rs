@@ -176,14 +176,32 @@ impl ResetError {
 /// changed (setting them makes KVM drop its shadow page tables, which the
 /// next request would rebuild fault by fault); XCR0 never (the guest runs at
 /// CPL3 and cannot change it: `xsetbv` is privileged).
-fn reset_vcpu(vcpu: &kvm_ioctls::VcpuFd, state: &crate::state::VcpuState) -> Result<bool, crate::VmmError> {
+///
+/// `synced`: the segment registers as the last `KVM_RUN` copied them out
+/// into `kvm_run` (`KVM_CAP_SYNC_REGS`); then the general registers are
+/// set there too, for KVM to load at the next `KVM_RUN` (which every later
+/// use of the vCPU starts with: a request, or a save's `complete_exit`),
+/// instead of by ioctl. `None`: both by ioctl.
+fn reset_vcpu(
+    vcpu: &mut kvm_ioctls::VcpuFd,
+    synced: Option<kvm_bindings::kvm_sregs>,
+    state: &crate::state::VcpuState,
+) -> Result<bool, crate::VmmError> {
     use super::kvm_err;
-    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let sregs = match synced {
+        Some(sregs) => sregs,
+        None => vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+    };
     let changed = !crate::state::sregs_eq(&sregs, &state.sregs);
     if changed {
         vcpu.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     }
-    vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    if synced.is_some() {
+        vcpu.sync_regs_mut().regs = state.regs;
+        vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+    } else {
+        vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    }
     match &state.xsave {
         // The XSAVE area holds the x87 and SSE state too.
         Some(words) => {
@@ -289,9 +307,21 @@ impl Shared {
         let pagemap = self.pagemap.as_deref().ok_or(ResetError::NoPagemap)?;
         let t = std::time::Instant::now();
         // An exit still in progress (the doorbell's) is finished before its
-        // registers are replaced.
-        crate::vcpu::complete_exit(&mut vcpu.fd)
-            .map_err(|e| ResetError::Vcpu(Box::new(super::kvm_err("completing the last exit")(e))))?;
+        // registers are replaced; with sync regs, that KVM_RUN also copies
+        // the segment registers out into `kvm_run` (read below).
+        if self.sync_regs {
+            // Cleared first: if KVM did not copy them out after all, they
+            // differ from any saved state and are set by ioctl (the safe
+            // way), never taken as unchanged.
+            vcpu.fd.sync_regs_mut().sregs = kvm_bindings::kvm_sregs::default();
+            vcpu.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        }
+        let completed = crate::vcpu::complete_exit(&mut vcpu.fd);
+        let synced = self.sync_regs.then(|| vcpu.fd.sync_regs().sregs);
+        if self.sync_regs {
+            vcpu.fd.clear_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        }
+        completed.map_err(|e| ResetError::Vcpu(Box::new(super::kvm_err("completing the last exit")(e))))?;
         let mut stats = ResetStats {
             exit_ns: super::ns_since(t),
             ..ResetStats::default()
@@ -314,7 +344,8 @@ impl Shared {
             .map_err(ResetError::Mismatch)?;
         stats.channel_ns = super::ns_since(t);
         let t = std::time::Instant::now();
-        stats.sregs_set = reset_vcpu(&vcpu.fd, &source.state.vcpu).map_err(|e| ResetError::Vcpu(Box::new(e)))?;
+        stats.sregs_set =
+            reset_vcpu(&mut vcpu.fd, synced, &source.state.vcpu).map_err(|e| ResetError::Vcpu(Box::new(e)))?;
         stats.vcpu_ns = super::ns_since(t);
         if let Ok(mut log) = self.serial.lock() {
             log.clear();
