@@ -97,41 +97,88 @@ fn source_tree_at(root: &Path) -> PathBuf {
     func
 }
 
-/// Covers the host paths a small crate's bytes used to carry (panic
-/// locations, the static symbol table's hashed names); larger LTO builds
-/// can still differ by cargo's path-derived crate hashes (see the builder's
-/// `remap_path_flags`).
+/// Writes the `echo` and `sha512` examples (the SDK, a crates.io
+/// dependency, workspace-inherited fields) as the members of a workspace of
+/// their own under `root`, depending on the builder's SDK by absolute path;
+/// returns their directories.
+fn example_tree_at(root: &Path) -> Vec<PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ws = root.join("fns");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(
+        ws.join("Cargo.toml"),
+        "[workspace]\nresolver = \"3\"\nmembers = [\"echo\", \"sha512\"]\n\n\
+         [workspace.package]\nedition = \"2024\"\nlicense = \"Apache-2.0\"\n\n\
+         [workspace.dependencies]\nsha2 = { version = \"0.10\", default-features = false }\n\n\
+         [workspace.lints.rust]\nunsafe_op_in_unsafe_fn = \"deny\"\n",
+    )
+    .unwrap();
+    std::fs::copy(repo.join("Cargo.lock"), ws.join("Cargo.lock")).unwrap();
+    let sdk = format!("path = \"{}\"", repo.join("sdk").display());
+    ["echo", "sha512"]
+        .iter()
+        .map(|name| {
+            let from = repo.join("functions").join(name);
+            let func = ws.join(name);
+            std::fs::create_dir_all(func.join("src")).unwrap();
+            let manifest = std::fs::read_to_string(from.join("Cargo.toml")).unwrap();
+            assert!(manifest.contains("path = \"../../sdk\""), "{manifest}");
+            std::fs::write(func.join("Cargo.toml"), manifest.replace("path = \"../../sdk\"", &sdk)).unwrap();
+            for entry in std::fs::read_dir(from.join("src")).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), func.join("src").join(entry.file_name())).unwrap();
+            }
+            func
+        })
+        .collect()
+}
+
+/// Covers the host paths an artifact's bytes used to carry (panic
+/// locations, the static symbol table's hashed names) and cargo's
+/// path-derived crate hashes (`-C metadata`), which moved the code of
+/// larger LTO builds: the build sandbox shows cargo every path at a fixed
+/// place.
 #[test]
 fn an_artifact_does_not_depend_on_where_its_sources_and_cache_live() {
     let scratch = tempfile::tempdir().unwrap();
-    let mut artifacts = Vec::new();
+    let mut artifacts: Vec<Vec<(String, Vec<u8>)>> = Vec::new();
     for (tree, cache) in [
         ("a", "c"),
         ("a-much-longer-directory-name/for-the-same/sources", "another-cache-dir"),
     ] {
         let root = scratch.path().join(tree);
-        let func = source_tree_at(&root);
         let cache = scratch.path().join(cache);
-        let out_file = cache.join("panics.so");
-        let out = microfaas(
-            &["build", func.to_str().unwrap(), "--out", out_file.to_str().unwrap()],
-            &cache,
-        );
-        assert!(out.status.success(), "{}", stderr(&out));
-        let bytes = std::fs::read(&out_file).unwrap();
-        for host_path in [&root, &cache] {
-            let needle = host_path.as_os_str().as_encoded_bytes();
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle),
-                "the artifact names the host path {}",
-                host_path.display()
+        let mut built = Vec::new();
+        for func in std::iter::once(source_tree_at(&root)).chain(example_tree_at(&root)) {
+            let name = func.file_name().unwrap().to_string_lossy().into_owned();
+            let out_file = cache.join(format!("{name}.so"));
+            let out = microfaas(
+                &["build", func.to_str().unwrap(), "--out", out_file.to_str().unwrap()],
+                &cache,
             );
+            assert!(out.status.success(), "{name}: {}", stderr(&out));
+            let bytes = std::fs::read(&out_file).unwrap();
+            for host_path in [&root, &cache] {
+                let needle = host_path.as_os_str().as_encoded_bytes();
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "the artifact of {name} names the host path {}",
+                    host_path.display()
+                );
+            }
+            built.push((name, bytes));
         }
-        artifacts.push(bytes);
+        artifacts.push(built);
     }
+    let differing: Vec<&str> = artifacts[0]
+        .iter()
+        .zip(&artifacts[1])
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((name, _), _)| name.as_str())
+        .collect();
     assert!(
-        artifacts[0] == artifacts[1],
-        "the same sources built in two places gave different artifacts"
+        differing.is_empty(),
+        "the same sources built in two places gave different artifacts: {differing:?}"
     );
 }
 

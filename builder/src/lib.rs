@@ -23,7 +23,9 @@
 //!    compiles the wrapper with `cargo rustc --frozen` inside the build
 //!    sandbox ([`sandbox`]: no network, a fixed environment, a read-only
 //!    root holding only the toolchain, `/usr`, the snapshot, the SDK and the
-//!    vendored sources, one writable output directory, Landlock over it, an
+//!    vendored sources, these three and the wrapper at fixed paths so the
+//!    artifact does not depend on where they live, one writable output
+//!    directory, Landlock over it, an
 //!    unprivileged uid when root, a user namespace otherwise), for
 //!    `x86_64-unknown-linux-gnu` with `panic = "abort"`, no start files and
 //!    `-Bsymbolic`, passing `-F unsafe-code` to the function's own crate
