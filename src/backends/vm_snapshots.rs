@@ -395,17 +395,15 @@ impl Snapshots {
             },
             // KVM refusing the saved registers (e.g. a CR0/CR4 value), or a
             // state that does not match its memory: the node is at fault,
-            // and named.
-            vmm::VmmError::Kvm { .. } | vmm::VmmError::StateMismatch(_) | vmm::VmmError::Save(_) => {
-                Error::SnapshotCorrupt {
-                    path: node.path.clone(),
-                    detail: format!(
-                        "restoring an instance from snapshot node {}: {}",
-                        node.id,
-                        super::vm::error_chain(&e)
-                    ),
-                }
-            }
+            // and named (a VM or vCPU the host could not make is not).
+            e if e.blames_saved_state() => Error::SnapshotCorrupt {
+                path: node.path.clone(),
+                detail: format!(
+                    "restoring an instance from snapshot node {}: {}",
+                    node.id,
+                    super::vm::error_chain(&e)
+                ),
+            },
             other => store_error("restoring an instance from a snapshot", &other),
         })
     }

@@ -467,10 +467,9 @@ fn restore(host: &Host, node: u64, slot: u32) -> Result<Reply, String> {
     let instance = match restored {
         Ok(i) => i,
         // The node is at fault: KVM refused its registers, or its state
-        // does not match its memory.
-        Err(e @ (vmm::VmmError::Kvm { .. } | vmm::VmmError::StateMismatch(_) | vmm::VmmError::Save(_))) => {
-            return Ok(Reply::StateRefused(chain(&e)));
-        }
+        // does not match its memory (not a VM or vCPU this process could
+        // not make: that is a plain error).
+        Err(e) if e.blames_saved_state() => return Ok(Reply::StateRefused(chain(&e))),
         Err(e) => return Err(chain(&e)),
     };
     if let Some(reset) = reset {

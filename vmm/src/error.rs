@@ -85,6 +85,41 @@ pub enum VmmError {
     Boot(#[source] RunError),
 }
 
+impl VmmError {
+    /// Whether this restore failure is the saved state's fault (KVM refused
+    /// the registers it holds, or it does not match its memory): then the
+    /// node is corrupt. A KVM call that failed for want of a resource
+    /// (`ENOMEM`, `ENOSPC`, `EAGAIN`, `EMFILE`, `ENFILE`, `EINTR`: making a
+    /// VM or vCPU when the host is out of memory or VMs), or one that does
+    /// not load state (`KVM_CREATE_VCPU`, a memory slot), blames the host,
+    /// never the node: calling it corrupt would make every later start of
+    /// the function fail.
+    pub fn blames_saved_state(&self) -> bool {
+        /// The calls that load a saved state into a vCPU.
+        const LOADS_STATE: [&str; 6] = [
+            "KVM_SET_SREGS",
+            "KVM_SET_REGS",
+            "KVM_SET_XCRS",
+            "KVM_SET_FPU",
+            "KVM_SET_XSAVE",
+            "KVM_SET_MSRS",
+        ];
+        const RESOURCE: [i32; 6] = [
+            libc::ENOMEM,
+            libc::ENOSPC,
+            libc::EAGAIN,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EINTR,
+        ];
+        match self {
+            Self::StateMismatch(_) | Self::Save(_) => true,
+            Self::Kvm { op, source } => LOADS_STATE.contains(op) && !RESOURCE.contains(&source.errno()),
+            _ => false,
+        }
+    }
+}
+
 /// How one request to a guest ended, other than with a reply.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -151,5 +186,40 @@ impl RunError {
                 | RunError::AlreadyLoaded
                 | RunError::NotResettable
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvm(op: &'static str, errno: i32) -> VmmError {
+        VmmError::Kvm {
+            op,
+            source: kvm_ioctls::Error::new(errno),
+        }
+    }
+
+    #[test]
+    fn only_a_refused_state_blames_the_node() {
+        // KVM refusing saved registers: the node's fault.
+        assert!(kvm("KVM_SET_SREGS", libc::EINVAL).blames_saved_state());
+        assert!(kvm("KVM_SET_XSAVE", libc::EFAULT).blames_saved_state());
+        assert!(VmmError::Save("XSAVE area of the wrong size").blames_saved_state());
+        // The host out of memory, VMs or fds, or a call that loads no state:
+        // the host's.
+        assert!(!kvm("KVM_CREATE_VCPU", libc::ENOMEM).blames_saved_state());
+        assert!(!kvm("KVM_CREATE_VCPU", libc::EINVAL).blames_saved_state());
+        assert!(!kvm("KVM_SET_USER_MEMORY_REGION", libc::EINVAL).blames_saved_state());
+        assert!(!kvm("KVM_SET_SREGS", libc::ENOMEM).blames_saved_state());
+        assert!(!kvm("KVM_SET_REGS", libc::EINTR).blames_saved_state());
+        assert!(
+            !VmmError::FdLimit {
+                op: "KVM_CREATE_VM",
+                limit: 1024,
+                hard: 20000
+            }
+            .blames_saved_state()
+        );
     }
 }
