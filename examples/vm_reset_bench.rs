@@ -10,7 +10,9 @@
 //! invoked with `Auto` (its instance's reset queued when the previous
 //! request gave it back, waited for on the next); `function`. Prints the
 //! end to end and start (reset / restore) medians and percentiles. The backend's
-//! default guest (80 MiB) unless `GUEST_MIB` is set.
+//! default guest (80 MiB) unless `GUEST_MIB` is set; `SHELL_POOL` sets
+//! `vm.shell_pool` (which also sets the shells each host process makes in
+//! advance, up to 2; 0: every restore makes its own VM).
 
 #[path = "../tests/vm_common/mod.rs"]
 mod vm_common;
@@ -40,6 +42,7 @@ fn config(vms_per_host: usize) -> Config {
             vms_per_host: Some(vms_per_host),
             guest_mem_mib: std::env::var("GUEST_MIB").ok().and_then(|v| v.parse().ok()),
             idle_per_function: Some(1),
+            shell_pool: std::env::var("SHELL_POOL").ok().and_then(|v| v.parse().ok()),
             arguments_per_function: Some(0),
             ..base.vm
         },

@@ -71,3 +71,40 @@ fn init_failures_surface_at_deploy() {
     b.deploy(&spec).unwrap();
     assert_eq!(b.stats().instances, before);
 }
+
+/// The backend's own pool of VM shells (for restores in this process) is
+/// used by starts and made again once invocations pause: a burst of
+/// in-process function starts takes shells from it, and within a few
+/// seconds of the last one it is full again.
+#[test]
+fn the_shell_pool_refills_once_invocations_pause() {
+    let mut config = vm_common::config();
+    config.vm.vms_per_host = Some(0);
+    config.vm.shell_pool = Some(2);
+    let Some(b) = vm_common::open_vm(config) else {
+        return;
+    };
+    let ready = |b: &dyn microfaas::Backend| b.stats().counter("vm_shells_ready").unwrap_or(u64::MAX);
+    let wait_full = |b: &dyn microfaas::Backend| {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ready(b) < 2 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        ready(b)
+    };
+    let noop = b
+        .deploy(&FunctionSpec::new("noop", microfaas::builtin("noop").unwrap()))
+        .unwrap();
+    assert_eq!(wait_full(b.as_ref()), 2, "the pool is made at start");
+    let taken = |b: &dyn microfaas::Backend| b.stats().counter("vm_shells_taken").unwrap_or(0);
+    let before = taken(b.as_ref());
+    for _ in 0..6 {
+        let r = b.invoke(&noop, b"", StartRequest::Force(StartPath::Function)).unwrap();
+        assert_eq!(r.start, StartPath::Function);
+    }
+    assert!(
+        taken(b.as_ref()) >= before + 2,
+        "the burst's starts took the shells made"
+    );
+    assert_eq!(wait_full(b.as_ref()), 2, "refilled after the burst");
+}

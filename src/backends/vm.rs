@@ -51,6 +51,16 @@ const DEFAULT_IMAGE_MIB: usize = 8;
 const DEFAULT_IDLE_PER_FUNCTION: usize = 16;
 /// Default number of pre-created VM shells.
 const DEFAULT_SHELL_POOL: usize = 4;
+
+/// How long no `invoke` may have run before the reaper makes a shell
+/// for this process's pool: making one (`KVM_CREATE_VM`, which walks the
+/// process's mappings to register KVM's MMU notifier, its vCPU and memory
+/// slots) while a start runs stalls that start. Measured with
+/// `vm_reset_bench` (`vms_per_host` 0, back-to-back starts): refilling after
+/// every start gave function starts of 1.44 ms median and 18.3 ms p99,
+/// making each start's VM inline 0.83 ms and 1.6 ms. Back-to-back starts
+/// thus make their own VMs; a start after a pause finds one made.
+const SHELL_REFILL_QUIET: Duration = Duration::from_millis(5);
 /// Default argument snapshots kept per function.
 const DEFAULT_ARGUMENTS_PER_FUNCTION: usize = 8;
 /// Default VMs per VMM host process. Every VM of a process registers an MMU
@@ -91,31 +101,55 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
     let shells = Arc::new(Mutex::new(Vec::new()));
     let shell_target = config.vm.shell_pool.unwrap_or(DEFAULT_SHELL_POOL);
     let (reaper, chores) = mpsc::channel::<Chore>();
+    let last_invoke = Arc::new(AtomicU64::new(0));
+    let invokes_running = Arc::new(AtomicUsize::new(0));
     let (pool_vmm, pool, shell_config) = (Arc::clone(&vmm), Arc::clone(&shells), instance);
+    let (last, running) = (Arc::clone(&last_invoke), Arc::clone(&invokes_running));
     std::thread::Builder::new()
         .name("vm-reaper".into())
         .spawn(move || {
-            // Teardown and shell creation, both off the start path.
-            let refill = || loop {
-                let short = pool
-                    .lock()
+            // Teardown and shell creation, both off the start path; a shell
+            // only once no invocation has started for SHELL_REFILL_QUIET.
+            let quiet_ns = u64::try_from(SHELL_REFILL_QUIET.as_nanos()).unwrap_or(u64::MAX);
+            let short = || {
+                pool.lock()
                     .map(|p: std::sync::MutexGuard<'_, Vec<Shell>>| p.len() < shell_target)
-                    .unwrap_or(false);
-                if !short {
-                    break;
-                }
-                let Ok(shell) = Shell::with_memory(&pool_vmm, &shell_config) else {
-                    break;
-                };
-                if let Ok(mut p) = pool.lock() {
-                    p.push(shell);
-                }
+                    .unwrap_or(false)
             };
-            refill();
-            for chore in chores {
+            let mut refill_pending = true;
+            loop {
+                let chore = if refill_pending {
+                    let since = if running.load(Ordering::Relaxed) > 0 {
+                        0
+                    } else {
+                        vmm::now_ns().saturating_sub(last.load(Ordering::Relaxed))
+                    };
+                    if since >= quiet_ns {
+                        if short()
+                            && let Ok(shell) = Shell::with_memory(&pool_vmm, &shell_config)
+                        {
+                            if let Ok(mut p) = pool.lock() {
+                                p.push(shell);
+                            }
+                        } else {
+                            refill_pending = false;
+                        }
+                        continue;
+                    }
+                    match chores.recv_timeout(Duration::from_nanos(quiet_ns - since)) {
+                        Ok(chore) => chore,
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                } else {
+                    match chores.recv() {
+                        Ok(chore) => chore,
+                        Err(_) => break,
+                    }
+                };
                 match chore {
                     Chore::Reap(instances) => drop(instances),
-                    Chore::Refill => refill(),
+                    Chore::Refill => refill_pending = true,
                 }
             }
         })
@@ -168,6 +202,8 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         config,
         functions: RwLock::new(HashMap::new()),
         reaper: Mutex::new(reaper),
+        last_invoke,
+        invokes_running,
         counters: Counters::default(),
     }))
 }
@@ -237,6 +273,8 @@ struct Counters {
     snapshot_failures: AtomicU64,
     discarded: AtomicU64,
     busy: AtomicU64,
+    /// Restores in this process that found a VM shell made in advance.
+    shells_taken: AtomicU64,
 }
 
 /// An idle instance and the node its memory maps (`None`: booted).
@@ -272,6 +310,27 @@ struct Function {
 
 /// Work for the reaper thread.
 #[derive(Debug)]
+/// An `invoke` in progress, for the reaper's quiet period: counted while it
+/// lives, and its end time recorded when it drops.
+struct Running<'a> {
+    running: &'a AtomicUsize,
+    last: &'a AtomicU64,
+}
+
+impl<'a> Running<'a> {
+    fn enter(running: &'a AtomicUsize, last: &'a AtomicU64) -> Self {
+        running.fetch_add(1, Ordering::Relaxed);
+        Self { running, last }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.last.store(vmm::now_ns(), Ordering::Relaxed);
+        self.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 enum Chore {
     /// Tear these instances down.
     Reap(Vec<Instance>),
@@ -292,6 +351,11 @@ struct VmBackend {
     idle_cap: usize,
     functions: RwLock<HashMap<String, Arc<Function>>>,
     reaper: Mutex<Sender<Chore>>,
+    /// `vmm::now_ns()` when the last `invoke` started or ended, and the
+    /// invocations running (the reaper makes shells only when none runs and
+    /// none has for [`SHELL_REFILL_QUIET`]).
+    last_invoke: Arc<AtomicU64>,
+    invokes_running: Arc<AtomicUsize>,
     counters: Counters,
 }
 
@@ -333,10 +397,15 @@ impl VmBackend {
     }
 
     /// A pre-created VM shell, if one is ready. The pool is refilled after
-    /// the invocation ([`VmBackend::refill_shells`]), so that making shells
-    /// does not compete with the start for this host's few cores.
+    /// the invocation ([`VmBackend::refill_shells`]) once invocations pause
+    /// ([`SHELL_REFILL_QUIET`]), so that making shells does not compete
+    /// with a start.
     fn take_shell(&self) -> Option<Shell> {
-        self.shells.lock().ok()?.pop()
+        let shell = self.shells.lock().ok()?.pop();
+        if shell.is_some() {
+            self.counters.shells_taken.fetch_add(1, Ordering::Relaxed);
+        }
+        shell
     }
 
     /// Asks the reaper thread to top the shell pool up.
@@ -548,6 +617,8 @@ impl Backend for VmBackend {
     fn invoke(&self, id: &FunctionId, input: &[u8], start: StartRequest) -> Result<Invocation, Error> {
         let invoked = Instant::now();
         let invoked_ns = vmm::now_ns();
+        self.last_invoke.store(invoked_ns, Ordering::Relaxed);
+        let _running = Running::enter(&self.invokes_running, &self.last_invoke);
         let f = self.function(id)?;
         if input.len() > self.config.input_limit_bytes {
             return Err(Error::InputTooLarge {
@@ -868,6 +939,13 @@ impl Backend for VmBackend {
                         .map_or(0, |h| u64::try_from(h.exited()).unwrap_or(0)),
                 ),
                 ("vm_host_private_bytes".to_owned(), host_private),
+                ("vm_shells_taken".to_owned(), load(&c.shells_taken)),
+                (
+                    "vm_shells_ready".to_owned(),
+                    self.shells
+                        .lock()
+                        .map_or(0, |p| u64::try_from(p.len()).unwrap_or(u64::MAX)),
+                ),
             ]
             .into_iter()
             .chain(host_list.iter().enumerate().flat_map(|(i, h)| {
