@@ -14,86 +14,15 @@
 
 mod vm_common;
 
-use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
+use vm_common::{cow_copy_at as cow_copy, image};
 use vmm::slab::{Slab, SlabSlot};
 use vmm::{ExternalMemory, Instance, InstanceConfig, SavedState, Shell, Status, Vmm, VmmError};
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
-}
-
-/// A private copy-on-write mapping of a file holding a guest's memory.
-#[derive(Debug)]
-struct CowCopy {
-    addr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: one private read/write mapping of `len` bytes, owned by the
-// value and unmapped only on drop.
-unsafe impl ExternalMemory for CowCopy {
-    fn host_addr(&self) -> *mut u8 {
-        self.addr.as_ptr()
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-// SAFETY: the mapping is owned exclusively by the value.
-unsafe impl Send for CowCopy {}
-// SAFETY: as above; shared access only reads the pointer.
-unsafe impl Sync for CowCopy {}
-
-impl Drop for CowCopy {
-    fn drop(&mut self) {
-        // SAFETY: the mapping this value owns.
-        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
-    }
-}
-
-/// A node's image: a memfd holding a stopped guest's memory.
-fn image(bytes: &[u8]) -> std::fs::File {
-    // SAFETY: a fresh memfd; the name is a NUL-terminated literal.
-    let fd = unsafe { libc::memfd_create(c"node-image".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a new descriptor owned by nothing else.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.write_all(bytes).unwrap();
-    file
-}
-
-/// Maps `file` privately at `at` (a shell's reservation, handed over by
-/// the restore) or anywhere (null).
-fn cow_copy(file: &std::fs::File, at: *mut u8, len: usize) -> std::io::Result<CowCopy> {
-    let fixed = if at.is_null() { 0 } else { libc::MAP_FIXED };
-    // SAFETY: maps the whole file privately, anywhere or over the
-    // reservation the restore hands to this mapping; no other mapping is
-    // touched.
-    let addr = unsafe {
-        libc::mmap(
-            at.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | fixed,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(CowCopy {
-        addr: NonNull::new(addr.cast()).ok_or_else(|| std::io::Error::other("null mapping"))?,
-        len,
-    })
 }
 
 /// A function node: the saved state and image of a booted guest with

@@ -118,22 +118,32 @@ pub fn image(bytes: &[u8]) -> std::fs::File {
     file
 }
 
-/// [`CowCopy`] of the first `len` bytes of `file`.
+/// [`CowCopy`] of the first `len` bytes of `file`, anywhere.
 pub fn cow_copy(file: &std::fs::File, len: usize) -> CowCopy {
-    // SAFETY: maps the whole file privately; no existing mapping is touched.
+    cow_copy_at(file, std::ptr::null_mut(), len).unwrap_or_else(|e| panic!("mmap: {e}"))
+}
+
+/// [`CowCopy`] of the first `len` bytes of `file` at `at` (a shell's
+/// reservation, handed over by a restore) or anywhere (null).
+pub fn cow_copy_at(file: &std::fs::File, at: *mut u8, len: usize) -> std::io::Result<CowCopy> {
+    let fixed = if at.is_null() { 0 } else { libc::MAP_FIXED };
+    // SAFETY: maps the file privately, anywhere or over the reservation
+    // the restore hands to this mapping; no other mapping is touched.
     let addr = unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
+            at.cast(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
+            libc::MAP_PRIVATE | fixed,
             file.as_raw_fd(),
             0,
         )
     };
-    assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-    CowCopy {
-        addr: NonNull::new(addr.cast()).unwrap(),
-        len,
+    if addr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(CowCopy {
+        addr: NonNull::new(addr.cast()).ok_or_else(|| std::io::Error::other("null mapping"))?,
+        len,
+    })
 }
