@@ -273,7 +273,10 @@ pub struct VmConfig {
     /// removed); `None` = 8. 0 = no argument snapshots.
     pub arguments_per_function: Option<usize>,
     /// VM shells (VM + vCPU) created in advance for snapshot restores, off
-    /// the start path; `None` = 4. 0 = create one per restore.
+    /// the start path; `None` = 4. 0 = create one per restore. The pool of
+    /// this process is refilled only once no invocation has run for 5 ms
+    /// (making one beside a start stalls it); each VMM host process keeps
+    /// up to 2 of its own.
     pub shell_pool: Option<usize>,
     /// VMs per VMM host process: instances that serve requests (restores
     /// from function and argument snapshots, prestarts, the hot pool) run
