@@ -311,7 +311,8 @@ struct Function {
 /// Work for the reaper thread.
 #[derive(Debug)]
 /// An `invoke` in progress, for the reaper's quiet period: counted while it
-/// lives, and its end time recorded when it drops.
+/// lives (no shell is made meanwhile), and its end time recorded when it
+/// drops.
 struct Running<'a> {
     running: &'a AtomicUsize,
     last: &'a AtomicU64,
@@ -351,7 +352,7 @@ struct VmBackend {
     idle_cap: usize,
     functions: RwLock<HashMap<String, Arc<Function>>>,
     reaper: Mutex<Sender<Chore>>,
-    /// `vmm::now_ns()` when the last `invoke` started or ended, and the
+    /// `vmm::now_ns()` when the last `invoke` ended, and the
     /// invocations running (the reaper makes shells only when none runs and
     /// none has for [`SHELL_REFILL_QUIET`]).
     last_invoke: Arc<AtomicU64>,
@@ -617,7 +618,6 @@ impl Backend for VmBackend {
     fn invoke(&self, id: &FunctionId, input: &[u8], start: StartRequest) -> Result<Invocation, Error> {
         let invoked = Instant::now();
         let invoked_ns = vmm::now_ns();
-        self.last_invoke.store(invoked_ns, Ordering::Relaxed);
         let _running = Running::enter(&self.invokes_running, &self.last_invoke);
         let f = self.function(id)?;
         if input.len() > self.config.input_limit_bytes {

@@ -851,10 +851,9 @@ pub struct ImageSpace {
     /// The scan's answer (kept: no allocation per call).
     written: Vec<Range<usize>>,
     /// Watches a snapshot's heap for writes (`None`: scanned after every
-    /// call).
+    /// call). Armed at `leave`: watched from the start and not written;
+    /// hit: watched and written (arming clears it).
     watch: Option<WriteWatch>,
-    /// Whether the last cold start's heap was watched from its start.
-    watched: bool,
     teardowns: HeapTeardowns,
 }
 
@@ -889,7 +888,6 @@ impl ImageSpace {
             scan: None,
             written: Vec::new(),
             watch: WriteWatch::new(),
-            watched: false,
             teardowns: HeapTeardowns::default(),
         })
     }
@@ -897,14 +895,6 @@ impl ImageSpace {
     /// How cold calls' snapshot heaps were put back so far.
     pub fn heap_teardowns(&self) -> HeapTeardowns {
         self.teardowns
-    }
-
-    /// Stops watching snapshot heaps for writes: every cold call's heap is
-    /// scanned (or dropped) after it, as before watches (for comparison).
-    pub fn without_write_watch(&mut self) {
-        if let Some(w) = self.watch.take() {
-            let _ = w.disarm();
-        }
     }
 
     /// Drops only the pages a call wrote of a snapshot's heap after it
@@ -1117,7 +1107,6 @@ impl ImageSpace {
         let watch = snapshot
             .filter(|s| s.heap_len > 0 && self.teardown != Teardown::Remap && self.watch.is_some())
             .is_some_and(|s| s.watch.get().watched());
-        self.watched = false;
         if self.heap != heap_want {
             let previous = self.heap.take().map_or(0, |(_, len)| len);
             let now = match snapshot.filter(|s| s.heap_len > 0) {
@@ -1132,7 +1121,6 @@ impl ImageSpace {
                         // `HeapMemory`'s drop (which forgets it); the
                         // runtime never has the kernel write into a heap.
                         unsafe { w.adopt(heap_start..heap_start + s.heap_len) };
-                        self.watched = true;
                     }
                     s.heap_len
                 }
@@ -1146,8 +1134,9 @@ impl ImageSpace {
             self.heap = heap_want;
         } else if let (Some(w), Some((_, len))) = (&self.watch, self.heap) {
             if watch {
-                // SAFETY: as above (the same arena, mapped since).
-                self.watched = unsafe { w.arm(heap_start..heap_start + len) }.is_ok();
+                // SAFETY: as above (the same arena, mapped since). If it
+                // fails the heap is not watched (scanned after the call).
+                let _ = unsafe { w.arm(heap_start..heap_start + len) };
             } else {
                 w.disarm().map_err(PrelinkError::Map)?;
             }
@@ -1272,10 +1261,10 @@ impl ImageSpace {
         }
         if let Some((uid, len)) = self.heap {
             let snapshot = image.and_then(|i| i.snapshot.as_ref()).filter(|s| s.uid == uid);
-            let watched = std::mem::take(&mut self.watched);
-            // Still armed: nothing wrote the heap since the start.
-            let clean = watched && self.watch.as_ref().is_some_and(|w| w.armed().is_some());
-            let wrote = self.watch.as_ref().is_some_and(WriteWatch::take_hit);
+            // Still armed: watched from the start, nothing wrote the heap.
+            let clean = self.watch.as_ref().is_some_and(|w| w.armed().is_some());
+            // Hit: watched from the start, and written.
+            let watched = clean || self.watch.as_ref().is_some_and(WriteWatch::take_hit);
             if let Some(s) = snapshot {
                 s.watch.set(s.watch.get().after(watched, !clean));
             }
@@ -1285,7 +1274,7 @@ impl ImageSpace {
                 (false, _) => self.teardowns.unwatched += 1,
             }
             let r = match self.teardown {
-                Teardown::Discard | Teardown::Restore if clean && !wrote => Ok(()),
+                Teardown::Discard | Teardown::Restore if clean => Ok(()),
                 Teardown::Discard | Teardown::Restore => self.drop_heap(shell.heap_memory(), len),
                 Teardown::Remap => {
                     self.heap = None;

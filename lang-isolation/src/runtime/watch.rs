@@ -18,6 +18,15 @@
 //! `mprotect` (protection key -1) keeps each page's protection key, so a
 //! keyed instance's heap stays keyed through both changes.
 //!
+//! What it does not claim: a hostile function with native code can make its
+//! heap writable itself (`mprotect`, from its own code or a gadget of the
+//! worker's) and write unseen; those pages then survive into *its own* next
+//! cold start in this worker, as a warm instance's state survives anyway.
+//! Nothing of it reaches another function: another snapshot's heap, or
+//! none, is mapped over it before another function's cold start
+//! (`HeapMemory::map_persistent_prefix`, `clear_persistent`, which also end
+//! the watch), and the snapshot itself is a sealed memfd mapped privately.
+//!
 //! The slots are process-wide (a fault may be taken by any thread), fixed
 //! in number, and read by the handler with atomics only.
 
