@@ -12,6 +12,8 @@
 //! - [`pagemap`]: which pages of a private file mapping were written, by
 //!   `ioctl(PAGEMAP_SCAN)` (a snapshot's heap in a worker, a VM's memory at
 //!   reset).
+//! - [`holes`]: which page runs of a file hold data (`SEEK_DATA`/`SEEK_HOLE`:
+//!   an I/O window's written pages at a VM reset, a sparse snapshot image's).
 //! - [`robust`]: the child's side of a death notice without any thread: a
 //!   robust-futex word the kernel marks and wakes when the child dies.
 //!
@@ -39,6 +41,7 @@
 //! ```
 
 pub mod futex;
+pub mod holes;
 pub mod pagemap;
 pub mod region;
 pub mod ring;

@@ -412,46 +412,17 @@ pub(crate) struct ImageCheck {
 }
 
 /// The runs of pages of `file` (of `len` bytes) that hold data, from
-/// `SEEK_DATA`/`SEEK_HOLE` (a file system that cannot tell reports one run:
-/// everything). Pages outside them read as zero.
+/// `SEEK_DATA`/`SEEK_HOLE` (`ipc::holes`; a file system that cannot tell
+/// reports one run: everything). Pages outside them read as zero.
 fn data_runs(file: &File, len: u64) -> std::io::Result<Vec<PageRange>> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let seek = |off: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
-        let Ok(off) = libc::off_t::try_from(off) else {
-            return Ok(None);
-        };
-        // SAFETY: lseek on a descriptor this function borrows; it changes
-        // only the file offset, which nothing else here relies on (all
-        // reads are positional).
-        let r = unsafe { libc::lseek(fd, off, whence) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(u64::try_from(r).ok())
-    };
-    let mut runs = Vec::new();
-    let mut off = 0;
-    while off < len {
-        let Some(start) = seek(off, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        if end <= start {
-            break;
-        }
-        runs.push(PageRange {
-            start: start / PAGE_SIZE_U64,
-            end: end.div_ceil(PAGE_SIZE_U64),
-        });
-        off = end;
-    }
-    Ok(runs)
+    use std::os::fd::AsFd;
+    Ok(ipc::holes::data_runs(file.as_fd(), 0..len, PAGE_SIZE_U64)?
+        .into_iter()
+        .map(|r| PageRange {
+            start: r.start / PAGE_SIZE_U64,
+            end: r.end.div_ceil(PAGE_SIZE_U64),
+        })
+        .collect())
 }
 
 /// Checks an image against its lineage: each page must carry the keyed tag

@@ -433,56 +433,22 @@ impl SlabSlot {
 
     /// The runs (first page, pages) of the I/O window that hold memory in
     /// the slab's file (resident or swapped: every page anyone wrote through
-    /// any mapping of it since the slot was cleared), found with
-    /// `lseek(SEEK_DATA / SEEK_HOLE)` on the file: a walk of its page index
-    /// that skips holes, a few system calls where `mincore` over the
-    /// window's mapping looks every page up (54 us for a 4 MiB window
-    /// here). Only the returned offsets are used, never the file position
-    /// (which other users of the file share), so concurrent calls are fine.
+    /// any mapping of it since the slot was cleared), by `ipc::holes`: a few
+    /// system calls where `mincore` over the window's mapping looks every
+    /// page up (54 us for a 4 MiB window here).
     pub fn window_data_pages(&self) -> std::io::Result<Vec<(usize, usize)>> {
-        use std::os::fd::AsRawFd;
         let bad = || std::io::Error::from_raw_os_error(libc::EINVAL);
         let (_, _, win_off) = slot_offsets(self.index, self.slab.stride).ok_or_else(bad)?;
-        let len = usize::try_from(self.slab.io_bytes).map_err(|_| bad())?;
-        let page = usize::try_from(PAGE_BYTES).map_err(|_| bad())?;
-        let end = win_off.checked_add(len).ok_or_else(bad)?;
-        let fd = self.slab.file.as_raw_fd();
-        let seek = |at: usize, whence: libc::c_int| -> std::io::Result<Option<usize>> {
-            let at = libc::off_t::try_from(at).map_err(|_| bad())?;
-            // SAFETY: lseek on the slab's own fd reads no memory; only the
-            // returned offset is used.
-            let r = unsafe { libc::lseek(fd, at, whence) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                // No data at or after `at`.
-                return if e.raw_os_error() == Some(libc::ENXIO) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                };
-            }
-            usize::try_from(r).map(Some).map_err(|_| bad())
-        };
-        let mut runs = Vec::new();
-        let mut at = win_off;
-        while at < end {
-            let Some(data) = seek(at, libc::SEEK_DATA)? else {
-                break;
-            };
-            if data >= end {
-                break;
-            }
-            // A file's end is a hole: SEEK_HOLE always answers.
-            let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            if hole <= data {
-                return Err(bad());
-            }
-            let first = (data - win_off) / page;
-            let last = (hole - win_off).div_ceil(page);
-            runs.push((first, last - first));
-            at = hole;
-        }
-        Ok(runs)
+        let start = u64::try_from(win_off).map_err(|_| bad())?;
+        let end = start.checked_add(self.slab.io_bytes).ok_or_else(bad)?;
+        let runs = ipc::holes::data_runs(self.slab.file.as_fd(), start..end, PAGE_BYTES)?;
+        runs.into_iter()
+            .map(|r| {
+                let first = usize::try_from((r.start - start) / PAGE_BYTES).map_err(|_| bad())?;
+                let pages = usize::try_from((r.end - r.start).div_ceil(PAGE_BYTES)).map_err(|_| bad())?;
+                Ok((first, pages))
+            })
+            .collect()
     }
 
     /// The slot's index in its slab.

@@ -470,11 +470,10 @@ impl Shared {
     fn zero_window(&self) -> Result<u64, ResetError> {
         let addr = usize::try_from(self.chan.window_host_addr()).map_err(|_| ResetError::Dead)?;
         let len = usize::try_from(self.layout.io_bytes).map_err(|_| ResetError::Dead)?;
-        let runs = match self.chan.window_data_pages() {
-            Ok(runs) => runs,
-            // (Never expected for a memfd: then as before, by mincore.)
-            Err(_) => resident_runs(addr, len)?,
-        };
+        let runs = self
+            .chan
+            .window_data_pages()
+            .map_err(io("finding the I/O window's data (SEEK_DATA)"))?;
         let mut zeroed = 0;
         for (first, pages) in runs {
             let at = first * PAGE;
@@ -490,29 +489,6 @@ impl Shared {
         }
         Ok(zeroed)
     }
-}
-
-/// Runs (first page, pages) of the resident pages of the mapping
-/// `addr..addr + len` (page aligned), by `mincore`.
-fn resident_runs(addr: usize, len: usize) -> Result<Vec<(usize, usize)>, ResetError> {
-    let pages = len.div_ceil(PAGE);
-    let mut resident = vec![0u8; pages];
-    // SAFETY: `addr..addr + len` is a live mapping (the caller's I/O
-    // window); `resident` has one byte per page.
-    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, resident.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io("mincore on the I/O window")(std::io::Error::last_os_error()));
-    }
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for (i, r) in resident.iter().enumerate() {
-        if r & 1 != 0 {
-            match runs.last_mut() {
-                Some((p, n)) if *p + *n == i => *n += 1,
-                _ => runs.push((i, 1)),
-            }
-        }
-    }
-    Ok(runs)
 }
 
 /// The first `limit` pages of `runs`, the run that crosses the limit cut.
