@@ -11,7 +11,8 @@
 //! Each attack must end in a typed error for the request it hit (or for
 //! the instance it targeted), never a panic or a hang, never a second
 //! answer; afterwards the backend serves correctly (a fresh host process
-//! replaces a condemned one).
+//! replaces a condemned one). A process that exits before it answers a
+//! restore has that restore asked of a fresh process instead.
 
 mod vm_common;
 
@@ -142,8 +143,21 @@ fn a_host_process_that_never_answers_is_condemned_after_the_reply_timeout() {
 }
 
 #[test]
-fn a_host_process_exiting_mid_control_request_is_replaced() {
-    control_attack("exit-on-restore", &[ErrorKind::Io], true);
+fn a_host_process_exiting_mid_control_request_is_replaced_and_the_restore_retried() {
+    // The process exits on its second restore: that restore is asked of a
+    // fresh process instead (the one that left cannot have been harmed by
+    // it, nor answer it), so the prestart succeeds.
+    let mode = "exit-on-restore";
+    let Some((backend, dir, echo)) = before_a_control_attack(mode) else {
+        return;
+    };
+    backend
+        .prestart(&echo, 3)
+        .unwrap_or_else(|e| panic!("{mode}: the restores were not retried: {e}"));
+    assert!(fired(&dir), "{mode}: the attack did not happen");
+    assert!(spawned(backend.as_ref()) > 1, "{mode}: no fresh host process");
+    assert_eq!(backend.stats().counter("vm_idle_instances"), Some(4), "{mode}");
+    serves(backend.as_ref(), &echo, 5, mode);
 }
 
 #[test]

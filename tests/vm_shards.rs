@@ -207,6 +207,31 @@ fn a_host_process_killed_mid_request_fails_it_once_then_serves_again() {
     assert_ne!(host_pids(backend.as_ref()), pids);
 }
 
+/// A host process killed while idle, and a restore placed on it before
+/// the backend noticed (it is asked the moment after the kill): the
+/// restore goes to another host process instead of failing. Each round
+/// kills the process the last one landed in.
+#[test]
+fn a_restore_placed_on_a_host_process_that_just_died_goes_elsewhere() {
+    let Some(backend) = vm_common::open_vm(vm_common::config()) else {
+        return;
+    };
+    let echo = deploy(backend.as_ref(), "echo", Duration::from_secs(5));
+    for round in 0..8 {
+        let pids = host_pids(backend.as_ref());
+        assert_eq!(pids.len(), 1, "round {round}: one host process");
+        let pid = libc::pid_t::try_from(pids[0]).unwrap();
+        // SAFETY: sending SIGKILL to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let input = format!("round {round}");
+        let r = backend
+            .invoke(&echo, input.as_bytes(), StartRequest::Force(StartPath::Function))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(r.output, input.as_bytes());
+        assert_ne!(host_pids(backend.as_ref()), pids, "round {round}");
+    }
+}
+
 /// With 3 VMs per host process, the deploy's instance and 10 prestarted
 /// ones spread over 4 host processes, and every one serves correctly.
 #[test]

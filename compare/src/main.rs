@@ -21,7 +21,7 @@ mod stats;
 mod table1;
 
 use clap::{Parser, ValueEnum};
-use microfaas::Config;
+use microfaas::{BackendKind, Config};
 use report::Report;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,12 +75,19 @@ struct Cli {
     /// (default 2,000; 50 with --quick); stepping stops earlier if memory or the fd limit would not allow it.
     #[arg(long)]
     max_instances: Option<usize>,
+    /// Backends table1 and memory run, comma-separated (default all three: process,language,vm).
+    #[arg(long, value_delimiter = ',', value_parser = parse_backend)]
+    backends: Option<Vec<BackendKind>>,
     /// Write the JSON document here.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Write report.md, report.json and the SVG plots into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
@@ -101,9 +108,10 @@ fn run(cli: &Cli) -> Result<(), String> {
     let mut report = Report::new(environment);
     let config = Config::default();
     let all = cli.experiment == Experiment::All;
+    let backends = cli.backends.clone().unwrap_or_else(|| BackendKind::ALL.to_vec());
     if all || cli.experiment == Experiment::Table1 {
         let opts = table1::Options::new(cli.quick, cli.iterations, cli.functions);
-        let rows = table1::run(&opts, &config);
+        let rows = table1::run(&opts, &config, &backends);
         println!(
             "table1: noop (the vm argument row: checkpointed resuming after its checkpoint), {} functions deployed; latency from dispatch to the function's first timestamp (median/p99/p99.9) and end to end (e2e)\n{}",
             opts.functions,
@@ -120,7 +128,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             .memory_tenants
             .clone()
             .unwrap_or_else(|| memory::default_tenants(cli.quick));
-        let rows = memory::run(&steps, &tenants, &config);
+        let rows = memory::run(&steps, &tenants, &config, &backends);
         println!(
             "memory: host memory of N deployed functions, each invoked once (language: spread over T tenants, a worker per tenant per core, all kept live)\n{}",
             report::memory_text(&rows)

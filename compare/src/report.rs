@@ -26,7 +26,7 @@
 //!               throughput_per_s,                // warm/hot rows only, else null (language: saturated,
 //!                                                // callers + workers <= cores; else a caller per core)
 //!               throughput_serial_per_s,         // language warm only: one pinned caller, one at a time
-//!               samples, errors, skipped: null | "reason" }
+//!               samples, errors, first_error: null | "message", skipped: null | "reason" }
 //! memory row: { backend, functions, tenants, workers, memory_mib, per_function_kib, per_tenant_mib, workers_pss_mib, instances, skipped }
 //! density: { function, steps: [ { instances, start_us: {..}, per_instance, mem_available_mib, host_processes } ],
 //!            instances_reported, hot_invocations, hot_us: {..} | null, teardown_ms,
@@ -130,7 +130,11 @@ pub fn table1_text(rows: &[table1::Row]) -> String {
                 (true, Some(serial)) => format!("  (throughput saturated; serial {serial:.0}/s)"),
             },
             if r.errors > 0 {
-                format!("  ({} errors)", r.errors)
+                format!(
+                    "  ({} errors, first: {})",
+                    r.errors,
+                    r.first_error.as_deref().unwrap_or("?")
+                )
             } else {
                 String::new()
             },

@@ -87,6 +87,8 @@ pub struct Row {
     pub samples: u64,
     /// Invocations that failed (should be 0).
     pub errors: u64,
+    /// The first failure's error, if any failed.
+    pub first_error: Option<String>,
     /// Why the row has no numbers, if it has none.
     pub skipped: Option<String>,
     /// What `median_us`/`p99_us`/`p999_us` measure: `dispatch` (invoke to
@@ -113,6 +115,7 @@ impl Row {
             throughput_serial_per_s: None,
             samples: 0,
             errors: 0,
+            first_error: None,
             skipped: Some(reason),
             latency_basis: "dispatch",
             dispatch: None,
@@ -141,10 +144,10 @@ fn is_warm(start: StartPath) -> bool {
     matches!(start, StartPath::Warm | StartPath::Hot | StartPath::Reset)
 }
 
-/// Runs the experiment on every backend.
-pub fn run(opts: &Options, config: &Config) -> Vec<Row> {
+/// Runs the experiment on each of `backends`, in turn.
+pub fn run(opts: &Options, config: &Config, backends: &[BackendKind]) -> Vec<Row> {
     let mut rows = Vec::new();
-    for kind in BackendKind::ALL {
+    for &kind in backends {
         rows.extend(run_backend(kind, opts, config));
     }
     rows
@@ -366,6 +369,7 @@ fn measure(
     let mut dispatch = Latencies::new();
     let mut e2e = Latencies::new();
     let mut errors = 0;
+    let mut first_error = None;
     for i in 0..warmup + iterations {
         let id = &ids[rng.next(ids.len())];
         match backend.invoke(id, workload.input, request) {
@@ -374,7 +378,10 @@ fn measure(
                 e2e.record_ns(inv.timings.total_ns);
             }
             Ok(_) => {}
-            Err(_) => errors += 1,
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| error_chain(&e));
+            }
         }
         pb.inc(1);
     }
@@ -416,9 +423,22 @@ fn measure(
         throughput_serial_per_s,
         samples: dispatch.len(),
         errors,
+        first_error,
         skipped: None,
         dispatch: Some(basis),
     }
+}
+
+/// An error with its causes (`a: b: c`).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 fn cores() -> usize {

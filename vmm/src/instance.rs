@@ -1028,12 +1028,14 @@ impl Instance {
     fn try_report(&mut self) -> Option<Event> {
         let chan = Arc::clone(self.chan());
         let control = chan.control();
-        let seq = control.report_seq.load(Ordering::Acquire);
-        if seq == self.reports_seen {
+        if control.report_seq.load(Ordering::Acquire) == self.reports_seen {
             return None;
         }
+        // A report being written is read on the next try (the waits
+        // below wake on its bump or time out).
+        let (seq, event) = crate::report::read(control)?;
         self.reports_seen = seq;
-        Some(crate::report::read(control))
+        Some(event)
     }
 
     /// The runner's next report, waiting up to `timeout` (None: timed out).

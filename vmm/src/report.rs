@@ -110,15 +110,21 @@ pub(crate) fn decode(kind: u32, arg: u64, w: [u64; 7]) -> Event {
     }
 }
 
-/// Runner: stores `event` and wakes the caller.
+/// Runner: stores `event` and wakes the caller. The fields and the
+/// `report_seq` bump lie inside an odd `writing` generation (a seqlock's
+/// write side; one writer per slot: its runner, or the caller's side once
+/// the process running it is dead).
 pub(crate) fn write(control: &Control, event: &Event) {
     let (kind, arg, w) = encode(event);
+    control.writing.fetch_add(1, Ordering::Relaxed);
+    std::sync::atomic::fence(Ordering::Release);
     control.kind.store(kind, Ordering::Relaxed);
     control.arg.store(arg, Ordering::Relaxed);
     for (slot, v) in control.words.iter().zip(w) {
         slot.store(v, Ordering::Relaxed);
     }
-    control.report_seq.fetch_add(1, Ordering::Release);
+    control.report_seq.fetch_add(1, Ordering::Relaxed);
+    control.writing.fetch_add(1, Ordering::Release);
     ipc::futex::wake(&control.report_seq, u32::MAX);
 }
 
@@ -129,15 +135,48 @@ pub fn report_lost(control: &Control) {
     write(control, &Event::Lost);
 }
 
+/// How often a caller re-reads a report being written before it gives up
+/// for now (a runner's write is a few stores, unless it is preempted in
+/// the middle; a process that keeps a write open reports nothing).
+const READ_TRIES: usize = 256;
+
+/// Caller: one report as (report_seq, kind, arg, words), read as a
+/// seqlock on `writing` (even before, the same after), again while a
+/// write was under way, so a report being written as it is read (a reply
+/// the caller polled from the mailbox is taken before the runner writes
+/// its doorbell) is never taken half old, half new. `None`: a write
+/// stayed open while it tried (read again later).
+fn snapshot(control: &Control) -> Option<(u32, u32, u64, [u64; 7])> {
+    let mut tries = 0;
+    loop {
+        let before = control.writing.load(Ordering::Acquire);
+        let seq = control.report_seq.load(Ordering::Relaxed);
+        let kind = control.kind.load(Ordering::Relaxed);
+        let arg = control.arg.load(Ordering::Relaxed);
+        let w = std::array::from_fn(|i| control.words[i].load(Ordering::Relaxed));
+        std::sync::atomic::fence(Ordering::Acquire);
+        if before.is_multiple_of(2) && control.writing.load(Ordering::Relaxed) == before {
+            return Some((seq, kind, arg, w));
+        }
+        tries += 1;
+        if tries >= READ_TRIES {
+            return None;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Caller: whether the control block holds a report no runner writes (a
 /// kind or crash code outside the encoding): the process running the VM
-/// forged it (a guest cannot reach the control page).
+/// forged it (a guest cannot reach the control page). A report still
+/// being written is not judged.
 pub fn forged(control: &Control) -> bool {
-    let kind = control.kind.load(Ordering::Relaxed);
-    let arg = control.arg.load(Ordering::Relaxed);
+    let Some((seq, kind, arg, _)) = snapshot(control) else {
+        return false;
+    };
     match kind {
         // Never reported: a fresh slot.
-        0 if control.report_seq.load(Ordering::Relaxed) == 0 => false,
+        0 if seq == 0 => false,
         DOORBELL | CHECKPOINT => u32::try_from(arg).is_err(),
         FAULT | KILLED | LOST | RUN_FAILED => false,
         CRASH => !(CRASH_TRIPLE..=CRASH_KVM).contains(&arg),
@@ -145,14 +184,22 @@ pub fn forged(control: &Control) -> bool {
     }
 }
 
-/// Caller: the event in the control block now (after `report_seq` moved).
-pub(crate) fn read(control: &Control) -> Event {
-    let w = std::array::from_fn(|i| control.words[i].load(Ordering::Relaxed));
-    decode(
+/// The control block's report words, for a message (`kind 4, arg 17,
+/// report 3`).
+pub fn describe(control: &Control) -> String {
+    format!(
+        "kind {}, arg {}, report {}",
         control.kind.load(Ordering::Relaxed),
         control.arg.load(Ordering::Relaxed),
-        w,
+        control.report_seq.load(Ordering::Relaxed)
     )
+}
+
+/// Caller: the report in the control block now and its `report_seq`
+/// (read whole: see `snapshot`); `None` while one is being written.
+pub(crate) fn read(control: &Control) -> Option<(u32, Event)> {
+    let (seq, kind, arg, w) = snapshot(control)?;
+    Some((seq, decode(kind, arg, w)))
 }
 
 #[cfg(test)]
@@ -236,5 +283,52 @@ mod tests {
         control.arg.store(0, Ordering::Relaxed);
         assert!(forged(&control), "kind 0 after a report");
         assert!(matches!(decode(99, 0, [0; 7]), Event::Lost));
+    }
+
+    /// A report written while the caller judges the slot (a reply polled
+    /// from the mailbox comes before the runner's doorbell) is never
+    /// half of the last report and half of the next.
+    #[test]
+    fn a_report_being_written_is_never_judged_forged() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let control = Arc::new(Control::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (control, stop) = (Arc::clone(&control), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut seq = 1_000u32;
+                while !stop.load(Ordering::Relaxed) {
+                    // Legitimate reports in turn: a crash's code is small,
+                    // a doorbell's sequence number is not.
+                    write(&control, &Event::Crash(Crash::Halt));
+                    write(&control, &Event::Doorbell(seq));
+                    write(&control, &Event::RunFailed(kvm_ioctls::Error::new(libc::EFAULT)));
+                    seq = seq.wrapping_add(1);
+                }
+            })
+        };
+        let mut judged = 0u64;
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        while std::time::Instant::now() < until {
+            assert!(!forged(&control), "judged forged: {}", describe(&control));
+            let Some((_, event)) = read(&control) else {
+                continue;
+            };
+            assert!(
+                matches!(
+                    event,
+                    Event::Crash(Crash::Halt) | Event::Doorbell(_) | Event::RunFailed(_) | Event::Lost
+                ),
+                "{event:?}"
+            );
+            if let Event::Doorbell(s) = event {
+                assert!(s >= 1_000, "a doorbell with another report's argument: {s}");
+            }
+            judged += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(judged > 1_000, "the slot was judged only {judged} times");
     }
 }

@@ -77,6 +77,10 @@ pub struct Control {
     pub words: [AtomicU64; 7],
     /// Non-zero: the caller gave the instance up; the VM side stops it.
     pub kill: AtomicU32,
+    /// The report's write generation: odd while a report is being written
+    /// (a seqlock, so a caller never takes half of one report and half of
+    /// the next; see [`crate::report`]).
+    pub writing: AtomicU32,
 }
 
 const _: () = assert!(std::mem::size_of::<Control>() as u64 <= PAGE_BYTES);

@@ -161,19 +161,46 @@ impl Host {
     /// One control request and its reply. Any failure condemns the
     /// process ([`Host::condemn`]): an exchange out of step is never
     /// trusted to get back in step.
-    fn call(&self, request: &Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Reply, String> {
+    fn call(&self, request: &Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Reply, CallError> {
         if self.is_dead() {
-            return Err("the host process is gone".into());
+            return Err(CallError {
+                message: format!("the host process is gone ({})", self.why_gone()),
+                gone: true,
+            });
         }
         let result = {
-            let control = self.control.lock().map_err(|_| "poisoned".to_owned())?;
+            let control = self.control.lock().map_err(|_| CallError {
+                message: "poisoned".to_owned(),
+                gone: false,
+            })?;
             let id = self.last_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
             exchange(control.as_fd(), id, request, fd)
         };
-        if let Err(e) = &result {
-            self.condemn(e);
+        result.map_err(|(e, gone)| {
+            let why = self.why_gone();
+            self.condemn(&e);
+            CallError {
+                message: format!("{e} ({why})"),
+                gone,
+            }
+        })
+    }
+
+    /// Why the process stopped answering, in words: why it was condemned,
+    /// else how it ended (reaped here if it has), else that it still runs.
+    fn why_gone(&self) -> String {
+        if let Some(why) = self.condemned.lock().ok().and_then(|c| c.clone()) {
+            return format!("condemned: {why}");
         }
-        result
+        let Ok(mut child) = self.child.lock() else {
+            return "unknown".into();
+        };
+        match child.as_mut().map(Child::try_reap) {
+            Some(Ok(Some(status))) => ipc::spawn::describe_status("the host process", Some(status)),
+            Some(Ok(None)) => "the host process still runs".into(),
+            Some(Err(e)) => format!("the host process: {e}"),
+            None => "the host process was reaped".into(),
+        }
     }
 
     /// The process broke the protocol: kill it, fail its waiting callers
@@ -215,29 +242,53 @@ impl Host {
     }
 }
 
+/// A control request that got no reply.
+#[derive(Debug)]
+struct CallError {
+    /// What went wrong, and why the process stopped answering.
+    message: String,
+    /// The process was gone (dead or condemned already, or its socket
+    /// closed before or while it was asked), as opposed to answering
+    /// wrongly or late: the request may be asked of another process.
+    gone: bool,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Sends `request` as request `id` and takes its reply, which must echo
-/// `id` (pure protocol checks; the socket has a receive timeout).
+/// `id` (pure protocol checks; the socket has a receive timeout). An
+/// error says what failed and whether the process was gone (its socket
+/// closed).
 fn exchange(
     control: std::os::fd::BorrowedFd<'_>,
     id: u32,
     request: &Request,
     fd: Option<std::os::fd::BorrowedFd<'_>>,
-) -> Result<Reply, String> {
+) -> Result<Reply, (String, bool)> {
     use vmhost::protocol::{FRAME_HEADER, MAX_MESSAGE, frame, unframe};
-    vmhost::host::send_with(control, &frame(id, &request.encode()), fd).map_err(|e| format!("sending: {e}"))?;
+    vmhost::host::send_with(control, &frame(id, &request.encode()), fd).map_err(|e| {
+        let closed = matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET));
+        (format!("sending: {e}"), closed)
+    })?;
+    let failed = |m: String| (m, false);
     let mut buf = vec![0u8; MAX_MESSAGE + FRAME_HEADER + 1];
     let len = match vmhost::host::receive(control, &mut buf) {
         // A passed fd (the protocol has none in replies) closes here.
         Ok(Some((len, _fd))) => len,
-        Ok(None) => return Err("the host process closed its socket".into()),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err("no reply in time".into()),
-        Err(e) => return Err(format!("receiving: {e}")),
+        Ok(None) => return Err(("the host process closed its socket".into(), true)),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Err((format!("receiving: {e}"), true)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(failed("no reply in time".into())),
+        Err(e) => return Err(failed(format!("receiving: {e}"))),
     };
-    let (got, message) = unframe(&buf[..len]).map_err(|e| format!("bad reply: {e}"))?;
+    let (got, message) = unframe(&buf[..len]).map_err(|e| failed(format!("bad reply: {e}")))?;
     if got != id {
-        return Err(format!("a reply to request {got} when {id} was asked"));
+        return Err(failed(format!("a reply to request {got} when {id} was asked")));
     }
-    Reply::decode(message).map_err(|e| format!("bad reply: {e}"))
+    Reply::decode(message).map_err(|e| failed(format!("bad reply: {e}")))
 }
 
 impl Drop for Host {
@@ -329,7 +380,11 @@ impl Drop for RemoteVm {
         }
         // A report no runner writes: the process forged it.
         if !self.host.is_dead() && vmm::report::forged(self.chan.control()) {
-            self.host.condemn("a forged report in a slot");
+            self.host.condemn(&format!(
+                "a forged report in slot {} ({})",
+                self.slot,
+                vmm::report::describe(self.chan.control())
+            ));
         }
         // The dropper thread drops the VM (or the whole process, once it
         // holds no instance); the slot is reused only after that.
@@ -435,6 +490,9 @@ enum Attempt {
     /// A process that had run guests refused the node's state: retired,
     /// not believed; another process is tried.
     Disbelieved(String),
+    /// The process placed on was gone when asked (killed, or condemned
+    /// meanwhile for another instance): another is tried.
+    HostGone(String),
 }
 
 impl From<Error> for Attempt {
@@ -697,13 +755,13 @@ impl Shared {
             match self.restore_once(tenant, node) {
                 Ok(instance) => return Ok(instance),
                 Err(Attempt::Failed(e)) => return Err(e),
-                Err(Attempt::Disbelieved(detail)) => last = Some(detail),
+                Err(Attempt::Disbelieved(detail) | Attempt::HostGone(detail)) => last = Some(detail),
             }
         }
         Err(io(
             "restoring an instance in a vm host process",
             format!(
-                "{ATTEMPTS} host processes that had run guests refused the state of node {}; not believed (last: {})",
+                "{ATTEMPTS} host processes refused the state of node {} (not believed from one that had run guests) or were gone when asked (last: {})",
                 node.id,
                 last.unwrap_or_default()
             ),
@@ -745,7 +803,12 @@ impl Shared {
                 }
                 Err(e) => {
                     undo(&host);
-                    return Err(fail(format!("registering node {id}: {e}")));
+                    let detail = format!("registering node {id}: {e}");
+                    return Err(if e.gone {
+                        Attempt::HostGone(detail)
+                    } else {
+                        fail(detail)
+                    });
                 }
             }
         }
@@ -796,7 +859,8 @@ impl Shared {
                 host.refused(&other);
                 return Err(fail(format!("{other:?}")));
             }
-            Err(e) => return Err(fail(e)),
+            Err(e) if e.gone => return Err(Attempt::HostGone(e.message)),
+            Err(e) => return Err(fail(e.message)),
         };
         let start = RemoteStart {
             seq: node.state().seq,
