@@ -301,17 +301,21 @@ pub struct VmConfig {
     /// How long a VMM host process's runner polls its run ring after
     /// finishing a request before it sleeps, in microseconds, so a hot
     /// back-to-back request is taken with no sleep, wake or hand-off;
-    /// `None` = the backend's default (see `DEFAULT_HOST_POLL_US`), 0 =
-    /// off. Costs up to that much busy CPU after each request, only after
-    /// activity (an idle process burns nothing).
+    /// `None` = the backend's default (100; see `DEFAULT_HOST_POLL_US`),
+    /// 0 = off. Costs up to that much CPU after each request (the poll
+    /// yields the CPU between looks, so a thread that shares its core still
+    /// runs), only after activity (an idle process burns nothing).
     pub host_poll_us: Option<u32>,
     /// How long a VMM host process may hold no instance before it exits
     /// (its VMs, being torn down, go with it at once); `None` = 1,000 ms.
     pub host_idle_exit_ms: Option<u64>,
     /// How long a caller polls for the reply of an instance in a VMM host
     /// process before it sleeps on it, in microseconds (the guest need not
-    /// spin: `hot_spin_us` makes both spin); `None` = the backend's
-    /// default (`DEFAULT_CALLER_SPIN_US`), 0 = sleep at once. Costs the
-    /// caller's thread busy CPU for up to that long per request.
+    /// spin: `hot_spin_us` makes both spin), when it is the only invocation
+    /// running and the host has another CPU (concurrent callers sleep at
+    /// once: polling would take their runners' CPUs); `None` = the
+    /// backend's default (100; `DEFAULT_CALLER_SPIN_US`), 0 = sleep at
+    /// once. Costs the caller's thread up to that much CPU per request
+    /// (yielding between looks).
     pub caller_spin_us: Option<u32>,
 }

@@ -155,6 +155,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         })
         .map_err(|e| Error::io("spawning the vm reaper thread", e))?;
     let vms_per_host = config.vm.vms_per_host.unwrap_or(DEFAULT_VMS_PER_HOST);
+    let config_caller_spin = config.vm.caller_spin_us;
     let hosts = if vms_per_host == 0 {
         None
     } else {
@@ -176,7 +177,6 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
             // As many as this process keeps, at most 2 per host process
             // (each is a VM: an MMU notifier in its address space).
             shells: shell_target.min(2),
-            caller_spin_us: config.vm.caller_spin_us.unwrap_or(hosts::DEFAULT_CALLER_SPIN_US),
             idle_exit: config
                 .vm
                 .host_idle_exit_ms
@@ -204,6 +204,8 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         reaper: Mutex::new(reaper),
         last_invoke,
         invokes_running,
+        caller_spin: Duration::from_micros(u64::from(config_caller_spin.unwrap_or(hosts::DEFAULT_CALLER_SPIN_US))),
+        cpus: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
         counters: Counters::default(),
     }))
 }
@@ -357,6 +359,12 @@ struct VmBackend {
     /// none has for [`SHELL_REFILL_QUIET`]).
     last_invoke: Arc<AtomicU64>,
     invokes_running: Arc<AtomicUsize>,
+    /// How long a caller of an instance in a host process polls for its
+    /// reply before it sleeps, when it has a core to spare
+    /// (`vm.caller_spin_us`; see [`VmBackend::reply_spin`]).
+    caller_spin: Duration,
+    /// Online CPUs.
+    cpus: usize,
     counters: Counters,
 }
 
@@ -377,6 +385,20 @@ fn ns(d: Duration) -> u64 {
 }
 
 impl VmBackend {
+    /// How long this request's caller polls for its reply before it sleeps:
+    /// `vm.caller_spin_us` when it is the only invocation running and
+    /// another CPU is there for the runner; else 0. Polling saves the wake
+    /// on the reply (a cross-core wake of a sleeping thread costs tens of
+    /// microseconds on this host), but callers that poll while others'
+    /// requests run would take the CPUs their runners need.
+    fn reply_spin(&self) -> Duration {
+        if self.cpus > 1 && self.invokes_running.load(Ordering::Relaxed) <= 1 {
+            self.caller_spin
+        } else {
+            Duration::ZERO
+        }
+    }
+
     fn function(&self, id: &FunctionId) -> Result<Arc<Function>, Error> {
         self.functions
             .read()

@@ -55,7 +55,8 @@ fn spin_idle(poll: &dyn IdlePoll, pool: &PoolInner, until: Instant) {
         if poll.poll() || pool.queued.load(Ordering::Acquire) > 0 || Instant::now() >= until {
             break;
         }
-        std::hint::spin_loop();
+        // Yield between looks: a caller or runner sharing this core runs.
+        std::thread::yield_now();
     }
     poll.leave();
 }

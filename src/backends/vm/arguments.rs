@@ -74,6 +74,9 @@ impl VmBackend {
         checkpointed: &mut bool,
     ) -> Result<Reply, RunError> {
         let instance = &mut pooled.instance;
+        if instance.is_remote() {
+            instance.set_reply_spin(self.reply_spin());
+        }
         let mut deadline = Instant::now() + f.budget;
         let mut progress = if instance.at_checkpoint() {
             instance.resume(deadline)?

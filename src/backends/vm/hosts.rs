@@ -63,13 +63,20 @@ use vmm::slab::{Slab, SlabSlot};
 use vmm::{Instance, InstanceConfig, RemoteStart};
 
 /// How long a host's runner polls its run ring after a request, by
-/// default (`vm.host_poll_us`; measured in `examples/vm_shard_bench.rs`).
-pub(crate) const DEFAULT_HOST_POLL_US: u32 = 0;
+/// default (`vm.host_poll_us`). With it and the caller's poll below,
+/// table1's hot row (one caller pinned to core 0, 100 functions) went from
+/// 72 us dispatch / 101 us end to end to 33-35 / 34-39 us, its reset row
+/// from 120 to 54-64 us end to end, throughput unchanged (16-18 K/s with a
+/// caller per core): every cross-core wake of a sleeping thread (the
+/// request's two, the reply's one) costs tens of microseconds on this
+/// nested host. `examples/vm_shard_bench.rs` has the knobs.
+pub(crate) const DEFAULT_HOST_POLL_US: u32 = 100;
 
-/// How long a caller polls for the reply of an instance in a host process
-/// before it sleeps, by default (`vm.caller_spin_us`; measured in
-/// `examples/vm_shard_bench.rs`).
-pub(crate) const DEFAULT_CALLER_SPIN_US: u32 = 0;
+/// How long a lone caller polls for the reply of an instance in a host
+/// process before it sleeps, by default (`vm.caller_spin_us`; only while
+/// it is the backend's one invocation running, see
+/// `VmBackend::reply_spin`).
+pub(crate) const DEFAULT_CALLER_SPIN_US: u32 = 100;
 
 /// How long a host process may hold no instance before it exits, by
 /// default (`vm.host_idle_exit_ms`).
@@ -455,9 +462,6 @@ pub(crate) struct HostSettings {
     /// How long a host's runner polls its run ring after a request, in
     /// microseconds.
     pub(crate) poll_us: u32,
-    /// How long a caller polls for its reply before it sleeps, in
-    /// microseconds.
-    pub(crate) caller_spin_us: u32,
 }
 
 /// All host processes of a backend.
@@ -867,13 +871,9 @@ impl Shared {
             at_checkpoint: node.state().at_checkpoint,
             tsc_offset,
         };
-        // The caller polls for its reply (`caller_spin_us`) before it
-        // sleeps, whether or not the guest spins.
-        let caller = InstanceConfig {
-            idle_spin_us: self.config.idle_spin_us.max(self.settings.caller_spin_us),
-            ..self.config
-        };
-        Instance::remote(Box::new(remote), &caller, start).map_err(|e| fail(e.to_string()))
+        // The caller's own polling for replies (`caller_spin_us`) is set
+        // per request (`VmBackend::reply_spin`).
+        Instance::remote(Box::new(remote), &self.config, start).map_err(|e| fail(e.to_string()))
     }
 
     /// Threads and private memory of the host processes, from `/proc`
