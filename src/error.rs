@@ -244,3 +244,16 @@ impl Error {
         }
     }
 }
+
+/// `err` and its causes on one line, joined by `: ` (an [`Error::Io`]'s
+/// `Display` shows only its context; its cause is its `source`).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

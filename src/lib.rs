@@ -27,4 +27,4 @@ pub use backends::open;
 pub use config::{
     Config, DEFAULT_IO_LIMIT_BYTES, LanguageColdStart, LanguageConfig, LanguagePreemption, SandboxConfig, VmConfig,
 };
-pub use error::{Error, ErrorKind};
+pub use error::{Error, ErrorKind, error_chain};

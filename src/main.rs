@@ -1,6 +1,7 @@
 //! The `microfaas` command line: build functions, invoke them on any backend.
 
 use clap::{Parser, Subcommand};
+use microfaas::error_chain as chain;
 use microfaas::{
     Artifact, Backend, BackendKind, Config, Error, ErrorKind, FunctionSpec, StartPath, StartRequest, Tenant,
 };
@@ -142,17 +143,6 @@ struct Failure {
     code: u8,
     message: String,
     kind: Option<ErrorKind>,
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 impl From<Error> for Failure {

@@ -380,7 +380,7 @@ fn measure(
             Ok(_) => {}
             Err(e) => {
                 errors += 1;
-                first_error.get_or_insert_with(|| error_chain(&e));
+                first_error.get_or_insert_with(|| microfaas::error_chain(&e));
             }
         }
         pb.inc(1);
@@ -427,18 +427,6 @@ fn measure(
         skipped: None,
         dispatch: Some(basis),
     }
-}
-
-/// An error with its causes (`a: b: c`).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 fn cores() -> usize {

@@ -155,7 +155,9 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         })
         .map_err(|e| Error::io("spawning the vm reaper thread", e))?;
     let vms_per_host = config.vm.vms_per_host.unwrap_or(DEFAULT_VMS_PER_HOST);
-    let config_caller_spin = config.vm.caller_spin_us;
+    let caller_spin = Duration::from_micros(u64::from(
+        config.vm.caller_spin_us.unwrap_or(hosts::DEFAULT_CALLER_SPIN_US),
+    ));
     let hosts = if vms_per_host == 0 {
         None
     } else {
@@ -204,7 +206,7 @@ pub fn open(config: Config) -> Result<Box<dyn Backend>, Error> {
         reaper: Mutex::new(reaper),
         last_invoke,
         invokes_running,
-        caller_spin: Duration::from_micros(u64::from(config_caller_spin.unwrap_or(hosts::DEFAULT_CALLER_SPIN_US))),
+        caller_spin,
         cpus: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
         counters: Counters::default(),
     }))
@@ -368,17 +370,7 @@ struct VmBackend {
     counters: Counters,
 }
 
-/// An error and its causes, each once.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
+pub(crate) use crate::error_chain;
 
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)

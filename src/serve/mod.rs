@@ -85,17 +85,7 @@ pub enum ServeError {
     },
 }
 
-/// An error and its causes on one line.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}
+pub(crate) use crate::error_chain as chain;
 
 /// One queued `Event` invocation.
 #[derive(Debug)]

@@ -170,26 +170,24 @@ impl Host {
     /// trusted to get back in step.
     fn call(&self, request: &Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Reply, CallError> {
         if self.is_dead() {
-            return Err(CallError {
-                message: format!("the host process is gone ({})", self.why_gone()),
-                gone: true,
-            });
+            return Err(CallError::gone(format!(
+                "the host process is gone ({})",
+                self.why_gone()
+            )));
         }
         let result = {
-            let control = self.control.lock().map_err(|_| CallError {
-                message: "poisoned".to_owned(),
-                gone: false,
-            })?;
+            let control = self
+                .control
+                .lock()
+                .map_err(|_| CallError::failed("poisoned".to_owned()))?;
             let id = self.last_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
             exchange(control.as_fd(), id, request, fd)
         };
-        result.map_err(|(e, gone)| {
+        result.map_err(|mut e| {
             let why = self.why_gone();
-            self.condemn(&e);
-            CallError {
-                message: format!("{e} ({why})"),
-                gone,
-            }
+            self.condemn(&e.message);
+            e.message = format!("{} ({why})", e.message);
+            e
         })
     }
 
@@ -260,6 +258,18 @@ struct CallError {
     gone: bool,
 }
 
+impl CallError {
+    /// The process answered wrongly or late (or not at all, in time).
+    fn failed(message: String) -> Self {
+        Self { message, gone: false }
+    }
+
+    /// The process was gone.
+    fn gone(message: String) -> Self {
+        Self { message, gone: true }
+    }
+}
+
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
@@ -275,27 +285,35 @@ fn exchange(
     id: u32,
     request: &Request,
     fd: Option<std::os::fd::BorrowedFd<'_>>,
-) -> Result<Reply, (String, bool)> {
+) -> Result<Reply, CallError> {
     use vmhost::protocol::{FRAME_HEADER, MAX_MESSAGE, frame, unframe};
     vmhost::host::send_with(control, &frame(id, &request.encode()), fd).map_err(|e| {
-        let closed = matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET));
-        (format!("sending: {e}"), closed)
+        let message = format!("sending: {e}");
+        if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+            CallError::gone(message)
+        } else {
+            CallError::failed(message)
+        }
     })?;
-    let failed = |m: String| (m, false);
     let mut buf = vec![0u8; MAX_MESSAGE + FRAME_HEADER + 1];
     let len = match vmhost::host::receive(control, &mut buf) {
         // A passed fd (the protocol has none in replies) closes here.
         Ok(Some((len, _fd))) => len,
-        Ok(None) => return Err(("the host process closed its socket".into(), true)),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Err((format!("receiving: {e}"), true)),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(failed("no reply in time".into())),
-        Err(e) => return Err(failed(format!("receiving: {e}"))),
+        Ok(None) => return Err(CallError::gone("the host process closed its socket".into())),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Err(CallError::gone(format!("receiving: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            return Err(CallError::failed("no reply in time".into()));
+        }
+        Err(e) => return Err(CallError::failed(format!("receiving: {e}"))),
     };
-    let (got, message) = unframe(&buf[..len]).map_err(|e| failed(format!("bad reply: {e}")))?;
+    let bad = |e: &dyn std::fmt::Display| CallError::failed(format!("bad reply: {e}"));
+    let (got, message) = unframe(&buf[..len]).map_err(|e| bad(&e))?;
     if got != id {
-        return Err(failed(format!("a reply to request {got} when {id} was asked")));
+        return Err(CallError::failed(format!(
+            "a reply to request {got} when {id} was asked"
+        )));
     }
-    Reply::decode(message).map_err(|e| failed(format!("bad reply: {e}")))
+    Reply::decode(message).map_err(|e| bad(&e))
 }
 
 impl Drop for Host {
