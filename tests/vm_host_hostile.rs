@@ -283,6 +283,14 @@ fn a_run_the_host_process_swallows_ends_at_the_budget() {
     run_attack("never-run", &[ErrorKind::BudgetExceeded], false, false);
 }
 
+/// A report inside a write the process never finishes is never taken
+/// (half written, as far as the caller can tell): the request ends at its
+/// budget, neither hung nor failed as the report says.
+#[test]
+fn a_report_left_half_written_is_never_taken_and_the_request_ends_at_its_budget() {
+    run_attack("open-report", &[ErrorKind::BudgetExceeded], false, false);
+}
+
 #[test]
 fn a_host_process_exiting_mid_request_fails_it_once_with_worker_lost() {
     run_attack("exit-mid-run", &[ErrorKind::WorkerLost], false, true);

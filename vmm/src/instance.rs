@@ -1067,7 +1067,17 @@ impl Instance {
             if left.is_zero() {
                 return None;
             }
-            let word = &self.chan().control().report_seq;
+            let control = self.chan().control();
+            let word = &control.report_seq;
+            if word.load(Ordering::Acquire) != self.reports_seen {
+                // A report came meanwhile (take it), or one is being
+                // written (or a process keeps a write open): look again
+                // shortly rather than spin.
+                if !control.writing.load(Ordering::Acquire).is_multiple_of(2) {
+                    std::thread::sleep(left.min(SPIN_POLL));
+                }
+                continue;
+            }
             ipc::futex::wait(word, self.reports_seen, Some(left));
         }
     }

@@ -23,7 +23,8 @@
 //! `state-refused-restore` (claims KVM refused the node's state). Run attacks hit
 //! the process's second queued run: `garbage-report`, `forged-reply`,
 //! `toctou`, `stray-reports`, `double-report`, `never-run`,
-//! `exit-mid-run`. Any other name relays honestly.
+//! `open-report` (a fault report written inside a write generation it
+//! never closes, the run swallowed), `exit-mid-run`. Any other name relays honestly.
 
 use ipc::futex;
 use ipc::region::SharedRegion;
@@ -107,6 +108,15 @@ impl SlabView {
             c.report_seq.fetch_add(1, Ordering::Release);
             futex::wake(&c.report_seq, u32::MAX);
         }
+    }
+
+    /// Writes a report as `report` does, but opens a write generation
+    /// first (odd `writing`) and never closes it.
+    fn open_report(&self, slot: usize, kind: u32, arg: u64, words: [u64; 7]) {
+        if let Some(c) = self.control(slot) {
+            c.writing.fetch_or(1, Ordering::Release);
+        }
+        self.report(slot, kind, arg, words);
     }
 
     /// Writes a reply in slot's mailbox answering `seq`.
@@ -369,6 +379,12 @@ fn relay_runs(mode: &str, attack: &AtomicBool, view: &Arc<SlabView>, from: &RunR
                 });
             }
             "never-run" => swallowed = Some(e.slot),
+            "open-report" => {
+                swallowed = Some(e.slot);
+                // A page fault at ring 3: taken, it would fail the request
+                // as a guest fault.
+                view.open_report(slot, FAULT, 0, [14, 4, 0x1000, 0xdead_0000, 0x8000, 3, 0]);
+            }
             "exit-mid-run" => std::process::exit(7),
             _ => {
                 attack.store(true, Ordering::SeqCst);
