@@ -12,7 +12,7 @@ use goblin::elf::reloc::{R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X
 const DT_RELR: u64 = 36;
 
 use microfaas_sdk::{
-    ABI_VERSION, ABI_VERSION_SYMBOL, ALLOWED_IMPORTS, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction,
+    ABI_VERSION, ABI_VERSION_SYMBOL, ALLOWED_IMPORTS, HANDLE_SYMBOL, INIT_SYMBOL, LOAD_SYMBOL, PkruInstruction,
     find_pkru_instruction,
 };
 
@@ -73,6 +73,8 @@ pub struct ArtifactInfo {
     pub init_vaddr: u64,
     /// Address of the handle entry point.
     pub handle_vaddr: u64,
+    /// Address of the (optional) load entry point.
+    pub load_vaddr: Option<u64>,
 }
 
 /// Page size executable segments are mapped in.
@@ -303,6 +305,9 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
     };
     let init_vaddr = entry(INIT_SYMBOL)?;
     let handle_vaddr = entry(HANDLE_SYMBOL)?;
+    // Optional (artifacts built before it existed lack it), but if there,
+    // an entry point like the others.
+    let load_vaddr = find(LOAD_SYMBOL).map(|_| entry(LOAD_SYMBOL)).transpose()?;
     imports.sort();
     Ok(ArtifactInfo {
         segments,
@@ -311,6 +316,7 @@ pub fn verify(bytes: &[u8]) -> Result<ArtifactInfo, VerifyError> {
         relative_relocations,
         init_vaddr,
         handle_vaddr,
+        load_vaddr,
     })
 }
 

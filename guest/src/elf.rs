@@ -76,6 +76,9 @@ pub struct LoadedFunction {
     pub init_addr: u64,
     /// Address of `microfaas_v1_handle`.
     pub handle_addr: u64,
+    /// Address of `microfaas_v1_load`, or 0 if the artifact has none (it
+    /// is optional).
+    pub load_addr: u64,
     /// The `PT_LOAD` segments, in file order (`segment_count` of them).
     pub segments: [SegmentRange; MAX_SEGMENTS],
     /// How many of `segments` are used.
@@ -452,12 +455,18 @@ pub fn load(
     let abi_version = u32_at(image, version_off, "ABI version")?;
     let init_off = in_image(symbols.lookup("microfaas_v1_init")?, 1, "microfaas_v1_init")?;
     let handle_off = in_image(symbols.lookup("microfaas_v1_handle")?, 1, "microfaas_v1_handle")?;
+    let load_addr = match symbols.lookup("microfaas_v1_load") {
+        Ok(value) => image_addr + in_image(value, 1, "microfaas_v1_load")?,
+        Err(LoadError::MissingSymbol(_)) => 0,
+        Err(e) => return Err(e),
+    };
     Ok(LoadedFunction {
         base,
         span,
         abi_version,
         init_addr: image_addr + init_off,
         handle_addr: image_addr + handle_off,
+        load_addr,
         segments,
         segment_count,
         relro,

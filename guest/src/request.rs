@@ -2,7 +2,7 @@
 //! trusted more than the function, but a request is still checked against
 //! the layout before the runtime acts on it.
 
-use guest_abi::{BOOT_MAGIC, BootInfo, CHANNEL_ABI_VERSION, LoadRequest, Mailbox, op};
+use guest_abi::{BOOT_MAGIC, BootInfo, CHANNEL_ABI_VERSION, LoadRequest, Mailbox, ModuleRequest, op};
 
 /// A decoded request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +18,12 @@ pub enum Request {
         /// Input length.
         len: usize,
     },
+    /// Hand the module in the image region to the function's `load()`; a
+    /// [`ModuleRequest`] of `len` bytes is at the start of the I/O window.
+    Module {
+        /// Payload length.
+        len: usize,
+    },
 }
 
 /// Why a request was refused.
@@ -30,6 +36,9 @@ pub enum RequestError {
     /// A `LOAD` payload that is not a [`LoadRequest`], or whose entry
     /// points are outside the image region.
     BadLoad,
+    /// A `MODULE` payload that is not a [`ModuleRequest`], or whose bytes
+    /// are not inside the image region.
+    BadModule,
 }
 
 impl RequestError {
@@ -39,6 +48,7 @@ impl RequestError {
             RequestError::UnknownOp(_) => "unknown request op",
             RequestError::TooLong => "request payload larger than the I/O window",
             RequestError::BadLoad => "load request malformed or its entry points outside the image region",
+            RequestError::BadModule => "module request malformed or its bytes outside the image region",
         }
     }
 }
@@ -52,30 +62,52 @@ pub fn decode(mailbox: &Mailbox, io_bytes: u64) -> Result<Request, RequestError>
     match mailbox.op {
         op::LOAD => Ok(Request::Load { len }),
         op::INVOKE => Ok(Request::Invoke { len }),
+        op::MODULE => Ok(Request::Module { len }),
         other => Err(RequestError::UnknownOp(other)),
     }
 }
 
+/// The little-endian `u64` at `at` of `bytes` (which holds it).
+fn word(bytes: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
 /// Decodes a `LOAD` payload (`bytes`, from the I/O window) and checks its
-/// entry points lie in the image region `[image_addr, image_addr + image_bytes)`.
+/// entry points lie in the image region `[image_addr, image_addr + image_bytes)`
+/// (the optional `load` entry point may be 0: none).
 pub fn decode_load(bytes: &[u8], image_addr: u64, image_bytes: u64) -> Result<LoadRequest, RequestError> {
     if bytes.len() != core::mem::size_of::<LoadRequest>() {
         return Err(RequestError::BadLoad);
     }
-    let word = |at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_le_bytes(w)
-    };
     let req = LoadRequest {
-        init_addr: word(0),
-        handle_addr: word(8),
+        init_addr: word(bytes, 0),
+        handle_addr: word(bytes, 8),
+        load_addr: word(bytes, 16),
     };
     let inside = |a: u64| a >= image_addr && a - image_addr < image_bytes;
-    if inside(req.init_addr) && inside(req.handle_addr) {
+    if inside(req.init_addr) && inside(req.handle_addr) && (req.load_addr == 0 || inside(req.load_addr)) {
         Ok(req)
     } else {
         Err(RequestError::BadLoad)
+    }
+}
+
+/// Decodes a `MODULE` payload and checks the module's bytes lie in the
+/// image region `[image_addr, image_addr + image_bytes)`.
+pub fn decode_module(bytes: &[u8], image_addr: u64, image_bytes: u64) -> Result<ModuleRequest, RequestError> {
+    if bytes.len() != core::mem::size_of::<ModuleRequest>() {
+        return Err(RequestError::BadModule);
+    }
+    let req = ModuleRequest {
+        addr: word(bytes, 0),
+        len: word(bytes, 8),
+    };
+    let end = image_addr.checked_add(image_bytes).ok_or(RequestError::BadModule)?;
+    match req.addr.checked_add(req.len) {
+        Some(last) if req.addr >= image_addr && last <= end => Ok(req),
+        _ => Err(RequestError::BadModule),
     }
 }
 
@@ -104,6 +136,7 @@ mod tests {
     fn decodes_known_ops() {
         assert_eq!(decode(&mb(op::LOAD, 10), 100), Ok(Request::Load { len: 10 }));
         assert_eq!(decode(&mb(op::INVOKE, 100), 100), Ok(Request::Invoke { len: 100 }));
+        assert_eq!(decode(&mb(op::MODULE, 16), 100), Ok(Request::Module { len: 16 }));
     }
 
     #[test]
@@ -113,25 +146,59 @@ mod tests {
         assert_eq!(decode(&mb(op::INVOKE, u64::MAX), 100), Err(RequestError::TooLong));
     }
 
+    fn words<const N: usize>(w: [u64; N]) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        for (i, v) in w.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
     #[test]
     fn load_requests_point_into_the_image() {
-        let bytes = |init: u64, handle: u64| {
-            let mut b = [0u8; 16];
-            b[..8].copy_from_slice(&init.to_le_bytes());
-            b[8..].copy_from_slice(&handle.to_le_bytes());
-            b
-        };
         assert_eq!(
-            decode_load(&bytes(0x1000, 0x1fff), 0x1000, 0x1000),
+            decode_load(&words([0x1000, 0x1fff, 0]), 0x1000, 0x1000),
             Ok(LoadRequest {
                 init_addr: 0x1000,
-                handle_addr: 0x1fff
+                handle_addr: 0x1fff,
+                load_addr: 0,
             })
         );
-        for (i, h) in [(0xfff, 0x1000), (0x1000, 0x2000), (u64::MAX, 0x1000), (0, 0)] {
-            assert_eq!(decode_load(&bytes(i, h), 0x1000, 0x1000), Err(RequestError::BadLoad));
+        assert!(decode_load(&words([0x1000, 0x1fff, 0x1800]), 0x1000, 0x1000).is_ok());
+        for (i, h, l) in [
+            (0xfff, 0x1000, 0),
+            (0x1000, 0x2000, 0),
+            (u64::MAX, 0x1000, 0),
+            (0, 0, 0),
+            (0x1000, 0x1000, 0x2000),
+            (0x1000, 0x1000, 0xfff),
+        ] {
+            assert_eq!(
+                decode_load(&words([i, h, l]), 0x1000, 0x1000),
+                Err(RequestError::BadLoad)
+            );
         }
-        assert_eq!(decode_load(&[0; 15], 0, 1 << 20), Err(RequestError::BadLoad));
+        assert_eq!(decode_load(&[0; 16], 0, 1 << 20), Err(RequestError::BadLoad));
+    }
+
+    #[test]
+    fn module_requests_lie_in_the_image() {
+        let req = |addr: u64, len: u64| {
+            let b = words([addr, len]);
+            decode_module(&b[..16], 0x1000, 0x1000)
+        };
+        assert_eq!(
+            req(0x1800, 0x800),
+            Ok(ModuleRequest {
+                addr: 0x1800,
+                len: 0x800
+            })
+        );
+        assert_eq!(req(0x1000, 0), Ok(ModuleRequest { addr: 0x1000, len: 0 }));
+        for (addr, len) in [(0x1800, 0x801), (0xfff, 1), (u64::MAX, 2), (0x1000, u64::MAX)] {
+            assert_eq!(req(addr, len), Err(RequestError::BadModule), "{addr:#x}+{len:#x}");
+        }
+        assert_eq!(decode_module(&[0; 24], 0x1000, 0x1000), Err(RequestError::BadModule));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use guest::clock::Clock;
 use guest::request::{self, Request};
 use guest_abi::{BootInfo, LoadRequest, Mailbox, reply};
 use linked_list_allocator::Heap;
-use microfaas_sdk::{ABI_VERSION, HandleFn, HandleResult, HostServices, InitFn, fail_kind, status};
+use microfaas_sdk::{ABI_VERSION, HandleFn, HandleResult, HostServices, InitFn, LoadFn, fail_kind, status};
 
 /// A fixed buffer for messages formatted without a heap.
 pub struct MessageBuf {
@@ -49,6 +49,8 @@ struct Runtime {
     heap: Heap,
     /// The loaded function's entry points (the host loaded its image).
     function: Option<LoadRequest>,
+    /// Whether the function took its module (`MODULE`, at most once).
+    module_loaded: bool,
     services: HostServices,
     /// The last output's heap block, freed when the next request arrives.
     pending_free: Option<(NonNull<u8>, Layout)>,
@@ -85,6 +87,7 @@ pub extern "C" fn kernel_main(info: *const BootInfo) -> ! {
         clock: Clock::new(info.tsc_base, info.mono_base_ns, info.ns_per_tsc_q32),
         heap,
         function: None,
+        module_loaded: false,
         services: HostServices {
             abi_version: ABI_VERSION,
             reserved: 0,
@@ -132,6 +135,7 @@ impl Runtime {
             let reply = match request::decode(&mailbox, self.info.io_bytes) {
                 Ok(Request::Load { len }) => self.load(len),
                 Ok(Request::Invoke { len }) => self.invoke(len),
+                Ok(Request::Module { len }) => self.module(len),
                 Err(e) => self.message(reply::BAD_REQUEST, e.message().as_bytes()),
             };
             self.write_reply(&reply);
@@ -276,6 +280,50 @@ impl Runtime {
             status::BAD_ABI => self.message(reply::LOAD_FAILED, b"artifact refused the host table (ABI)"),
             // The SDK reports init errors through `fail` (with the
             // message); this is an artifact that returned ERROR bare.
+            _ => self.message(reply::INIT_FAILED, b"(no message)"),
+        }
+    }
+
+    /// `MODULE`: hands the module the host wrote into the image region
+    /// (read-only) to the function's `load()`.
+    fn module(&mut self, len: usize) -> Reply {
+        let Some(function) = self.function else {
+            return self.message(reply::BAD_REQUEST, b"no function loaded");
+        };
+        if self.module_loaded {
+            return self.message(reply::BAD_REQUEST, b"a module is already loaded");
+        }
+        if function.load_addr == 0 {
+            return self.message(
+                reply::INIT_FAILED,
+                b"the function takes no module (its artifact has no load entry)",
+            );
+        }
+        // SAFETY: as in `load`.
+        let payload = unsafe { core::slice::from_raw_parts(self.info.io_addr as *const u8, len) };
+        let module = match request::decode_module(payload, self.info.image_addr, self.info.image_bytes) {
+            Ok(module) => module,
+            Err(e) => return self.message(reply::LOAD_FAILED, e.message().as_bytes()),
+        };
+        let Ok(module_len) = usize::try_from(module.len) else {
+            return self.message(reply::LOAD_FAILED, b"module length out of range");
+        };
+        self.module_loaded = true;
+        // SAFETY: `load_addr` is the relocated `microfaas_v1_load` of the
+        // loaded artifact (checked inside the image region by
+        // `decode_load`), of the ABI's LoadFn type.
+        let load: LoadFn = unsafe { core::mem::transmute::<u64, LoadFn>(function.load_addr) };
+        // SAFETY: the services table lives as long as the runtime; the
+        // module's bytes lie in the image region (checked above), which the
+        // host mapped readable before sending the request.
+        let code = unsafe { load(&raw const self.services, module.addr as *const u8, module_len) };
+        match code {
+            status::OK => self.message(reply::OK, b""),
+            status::BAD_ABI => self.message(reply::LOAD_FAILED, b"artifact refused the host table (ABI)"),
+            status::NO_LOAD => self.message(
+                reply::INIT_FAILED,
+                b"the function takes no module (it declares no load)",
+            ),
             _ => self.message(reply::INIT_FAILED, b"(no message)"),
         }
     }

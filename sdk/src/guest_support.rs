@@ -169,6 +169,47 @@ pub mod __private {
         }
     }
 
+    /// Body of the exported load symbol: runs `load` (if the function
+    /// declares one) on the module's bytes; an error is reported as an init
+    /// error is.
+    ///
+    /// # Safety
+    /// `host` must point to a valid `HostServices` and `module` to `len`
+    /// readable bytes (or be anything when `len` is 0), both for the whole
+    /// call.
+    pub unsafe fn run_load(
+        host: *const HostServices,
+        module: *const u8,
+        len: usize,
+        load: Option<crate::LoadHook>,
+    ) -> u32 {
+        // SAFETY: caller contract.
+        let Some(table) = (unsafe { host.as_ref() }) else {
+            return status::BAD_ABI;
+        };
+        if table.abi_version != crate::ABI_VERSION {
+            return status::BAD_ABI;
+        }
+        let Some(load) = load else {
+            return status::NO_LOAD;
+        };
+        HOST.store(host.cast_mut(), Ordering::Relaxed);
+        let bytes: &[u8] = if len == 0 || module.is_null() {
+            &[]
+        } else {
+            // SAFETY: caller contract: `len` readable bytes at `module`.
+            unsafe { core::slice::from_raw_parts(module, len) }
+        };
+        match load(bytes) {
+            Ok(()) => status::OK,
+            Err(e) => {
+                let message = e.message();
+                // SAFETY: as in `run_init`.
+                unsafe { (table.fail)(table.ctx, fail_kind::INIT_ERROR, message.as_ptr(), message.len()) }
+            }
+        }
+    }
+
     /// Body of the exported handle symbol.
     ///
     /// # Safety

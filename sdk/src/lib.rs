@@ -23,9 +23,12 @@
 //!
 //! # The contract
 //!
-//! * The runtime calls [`INIT_SYMBOL`] once after loading, then
-//!   [`HANDLE_SYMBOL`] once per request, each with a pointer to a
-//!   [`HostServices`] table that stays valid for the duration of the call.
+//! * The runtime calls [`INIT_SYMBOL`] once after loading; then, if the
+//!   function was deployed with a module (deploy-time data, e.g. the
+//!   WebAssembly module an interpreter runs), [`LOAD_SYMBOL`] once with its
+//!   bytes; then [`HANDLE_SYMBOL`] once per request. Each call gets a
+//!   pointer to a [`HostServices`] table that stays valid for the duration
+//!   of the call.
 //! * Every byte the function allocates comes from `HostServices::alloc`.
 //! * A failure that cannot be returned (panic, allocation refusal that ends in
 //!   a panic) is reported through `HostServices::fail`, which never returns.
@@ -58,6 +61,15 @@ pub const ABI_VERSION: u32 = 1;
 pub const ABI_VERSION_SYMBOL: &str = "MICROFAAS_ABI_VERSION";
 /// `extern "C" fn(*const HostServices) -> InitStatus` (see [`InitFn`]).
 pub const INIT_SYMBOL: &str = "microfaas_v1_init";
+/// `extern "C" fn(*const HostServices, *const u8, usize) -> LoadStatus` (see
+/// [`LoadFn`]): takes the function's module. Optional: a runtime calls it
+/// only for a function deployed with a module, and an artifact built before
+/// it existed simply lacks it (the ABI version did not change).
+pub const LOAD_SYMBOL: &str = "microfaas_v1_load";
+
+/// A function's `load` (see [`export!`]): run once, after `init`, on the
+/// module the function was deployed with.
+pub type LoadHook = fn(&[u8]) -> Result<(), Error>;
 /// `extern "C" fn(*const HostServices, *const u8, usize, *mut HandleResult)` (see [`HandleFn`]).
 pub const HANDLE_SYMBOL: &str = "microfaas_v1_handle";
 
@@ -68,6 +80,10 @@ pub const ALLOWED_IMPORTS: &[&str] = &["memcpy", "memmove", "memset", "memcmp", 
 
 /// Signature of [`INIT_SYMBOL`].
 pub type InitFn = unsafe extern "C" fn(host: *const HostServices) -> u32;
+/// Signature of [`LOAD_SYMBOL`]: the module is `len` bytes at `module`, valid
+/// for the call only (the function copies what it keeps). Returns a
+/// [`status`] value; [`status::NO_LOAD`] if the function declares no `load`.
+pub type LoadFn = unsafe extern "C" fn(host: *const HostServices, module: *const u8, len: usize) -> u32;
 /// Signature of [`HANDLE_SYMBOL`].
 pub type HandleFn =
     unsafe extern "C" fn(host: *const HostServices, input: *const u8, input_len: usize, result: *mut HandleResult);
@@ -160,7 +176,8 @@ impl HandleResult {
     }
 }
 
-/// `HandleResult::status` values and the return values of [`InitFn`].
+/// `HandleResult::status` values and the return values of [`InitFn`] and
+/// [`LoadFn`].
 pub mod status {
     /// The shim did not finish (the runtime's initial value).
     pub const NOT_RUN: u32 = 0;
@@ -170,6 +187,9 @@ pub mod status {
     pub const ERROR: u32 = 2;
     /// The host table had the wrong ABI version; nothing ran.
     pub const BAD_ABI: u32 = 3;
+    /// ([`crate::LoadFn`] only) the function declares no `load`: it takes
+    /// no module.
+    pub const NO_LOAD: u32 = 4;
 }
 
 /// An error a function returns from `handle` (or `init`): a message the
@@ -235,25 +255,60 @@ pub fn out_of_memory(message: &str) -> ! {
 
 /// Declares a function crate's entry points. `handle` is a
 /// `fn(&[u8]) -> Result<Vec<u8>, Error>`; `init`, if given, a
-/// `fn() -> Result<(), Error>` run once after load.
+/// `fn() -> Result<(), Error>` run once after load; `load`, if given, a
+/// `fn(&[u8]) -> Result<(), Error>` run once after `init` with the module
+/// the function was deployed with (an interpreter's program: the runtime
+/// artifact is one, its modules many). An error from `load` fails the
+/// deploy as an `init` error does. Order: `handle`, then `init = ...`,
+/// then `load = ...`.
 ///
 /// Expands to safe code only, so it works in a crate with
 /// `#![forbid(unsafe_code)]`.
 #[macro_export]
 macro_rules! export {
     ($handle:path) => {
+        $crate::export!(@init);
+        $crate::export!(@load);
+        $crate::export!(@handle $handle);
+    };
+    ($handle:path, init = $init:path) => {
+        $crate::export!(@init $init);
+        $crate::export!(@load);
+        $crate::export!(@handle $handle);
+    };
+    ($handle:path, load = $load:path) => {
+        $crate::export!(@init);
+        $crate::export!(@load $load);
+        $crate::export!(@handle $handle);
+    };
+    ($handle:path, init = $init:path, load = $load:path) => {
+        $crate::export!(@init $init);
+        $crate::export!(@load $load);
+        $crate::export!(@handle $handle);
+    };
+    (@init) => {
         #[doc(hidden)]
         pub fn __microfaas_init() -> ::core::result::Result<(), $crate::Error> {
             Ok(())
         }
-        $crate::export!(@handle $handle);
     };
-    ($handle:path, init = $init:path) => {
+    (@init $init:path) => {
         #[doc(hidden)]
         pub fn __microfaas_init() -> ::core::result::Result<(), $crate::Error> {
             $init()
         }
-        $crate::export!(@handle $handle);
+    };
+    (@load) => {
+        #[doc(hidden)]
+        pub const __MICROFAAS_LOAD: ::core::option::Option<
+            $crate::LoadHook,
+        > = None;
+    };
+    (@load $load:path) => {
+        #[doc(hidden)]
+        pub const __MICROFAAS_LOAD: ::core::option::Option<
+            $crate::LoadHook,
+        > = Some($load);
     };
     (@handle $handle:path) => {
         #[doc(hidden)]
@@ -312,6 +367,20 @@ macro_rules! artifact_entry {
         pub unsafe extern "C" fn microfaas_v1_init(host: *const $crate::HostServices) -> u32 {
             // SAFETY: forwarded caller contract.
             unsafe { $crate::__private::run_init(host, $krate::__microfaas_init) }
+        }
+
+        /// # Safety
+        /// `host` must point to a valid `HostServices` and `module` to `len`
+        /// readable bytes, both for the whole call.
+        // SAFETY: a unique, versioned symbol name that nothing else defines.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn microfaas_v1_load(
+            host: *const $crate::HostServices,
+            module: *const u8,
+            len: usize,
+        ) -> u32 {
+            // SAFETY: forwarded caller contract.
+            unsafe { $crate::__private::run_load(host, module, len, $krate::__MICROFAAS_LOAD) }
         }
 
         /// # Safety

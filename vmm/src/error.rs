@@ -168,6 +168,10 @@ pub enum RunError {
     /// A load into an instance that already served a request.
     #[error("a function is loaded only into a freshly booted instance")]
     AlreadyLoaded,
+    /// A module for an instance that has not just loaded its artifact (it
+    /// served a request since, or is not local to this process).
+    #[error("a module is loaded only into an instance that has just loaded its artifact")]
+    NotFreshlyLoaded,
     /// A reset of an instance that has no idle node to go back to (booted,
     /// or restored at a checkpoint) or no reset source.
     #[error("the instance cannot be reset")]
@@ -184,6 +188,7 @@ impl RunError {
                 | RunError::AtCheckpoint
                 | RunError::Load(_)
                 | RunError::AlreadyLoaded
+                | RunError::NotFreshlyLoaded
                 | RunError::NotResettable
         )
     }

@@ -13,7 +13,7 @@ use crate::GUEST_KERNEL;
 use crate::layout::{Access, IMAGE_TABLES_ADDR, IMAGE_TABLES_END, Layout, PAGE_TABLES_ADDR, PAGE_TABLES_END, Region};
 use crate::paging::{ChunkTables, PageTables, TooManyTables};
 use guest::elf::{self, LoadError, LoadedFunction};
-use guest_abi::{LoadRequest, PAGE_BYTES};
+use guest_abi::{LoadRequest, ModuleRequest, PAGE_BYTES};
 use std::sync::OnceLock;
 
 /// Why an artifact cannot be loaded into the image region.
@@ -42,6 +42,22 @@ pub enum ImageError {
     /// The image's page tables do not fit their area.
     #[error("the image's page tables")]
     PageTables(#[source] TooManyTables),
+    /// The module does not fit the image region past the artifact.
+    #[error(
+        "the {len}-byte module does not fit the image region past the artifact ({room} bytes free of {image_bytes})"
+    )]
+    ModuleTooLarge {
+        /// The module's length.
+        len: u64,
+        /// Bytes of the image region free past the artifact.
+        room: u64,
+        /// The image region's size.
+        image_bytes: u64,
+    },
+    /// Mapping the module would change a translation of the artifact the
+    /// guest may already hold (its page tables would move).
+    #[error("mapping the module would remap the loaded artifact's pages")]
+    ModuleRemaps,
 }
 
 /// An artifact loaded and relocated for one layout, ready to be written.
@@ -102,8 +118,77 @@ pub fn prepare(artifact: &[u8], layout: &Layout) -> Result<LoadedImage, ImageErr
         entry: LoadRequest {
             init_addr: f.init_addr,
             handle_addr: f.handle_addr,
+            load_addr: f.load_addr,
         },
     })
+}
+
+/// A function's module placed in the image region of a loaded artifact.
+#[derive(Debug, Clone)]
+pub struct PlacedModule {
+    /// The `MODULE` request's payload: where the module lies.
+    pub request: ModuleRequest,
+    /// The image region's pages with the module's added (read-only, not
+    /// executable), for [`mapping`].
+    pub regions: Vec<Region>,
+}
+
+/// Places a module of `len` bytes in `image`'s region: from the first page
+/// past the artifact, mapped user read-only and never executable (it is
+/// data the artifact reads; W^X holds as before).
+pub fn place_module(image: &LoadedImage, len: usize, layout: &Layout) -> Result<PlacedModule, ImageError> {
+    let len = u64::try_from(len).unwrap_or(u64::MAX);
+    let span = u64::try_from(image.bytes.len()).unwrap_or(u64::MAX);
+    let at = span.div_ceil(PAGE_BYTES).saturating_mul(PAGE_BYTES);
+    let room = layout.image_bytes.saturating_sub(at);
+    if len > room {
+        return Err(ImageError::ModuleTooLarge {
+            len,
+            room,
+            image_bytes: layout.image_bytes,
+        });
+    }
+    let mut regions = image.regions.clone();
+    if len > 0 {
+        regions.push(Region {
+            start: layout.image_addr + at,
+            len: len.div_ceil(PAGE_BYTES) * PAGE_BYTES,
+            access: Access::USER_RO,
+        });
+    }
+    Ok(PlacedModule {
+        request: ModuleRequest {
+            addr: layout.image_addr + at,
+            len,
+        },
+        regions,
+    })
+}
+
+/// Checks that the tables `new` keep every translation `old` made: each
+/// page-directory entry and each page-table entry present in `old` is the
+/// same in `new` (so a guest that used the old tables holds no stale
+/// translation once `new` is written over them).
+pub fn keeps_translations(old: &ChunkTables, new: &ChunkTables) -> Result<(), ImageError> {
+    if old.base != new.base || old.pages.len() > new.pages.len() {
+        return Err(ImageError::ModuleRemaps);
+    }
+    let present = |e: u64| e & 1 != 0;
+    let entries_kept = old
+        .entries
+        .iter()
+        .filter(|(_, e)| present(*e))
+        .all(|old_entry| new.entries.contains(old_entry));
+    let pages_kept = old
+        .pages
+        .iter()
+        .zip(&new.pages)
+        .all(|(o, n)| o.iter().zip(n.iter()).all(|(&o, &n)| !present(o) || o == n));
+    if entries_kept && pages_kept {
+        Ok(())
+    } else {
+        Err(ImageError::ModuleRemaps)
+    }
 }
 
 /// The rights of every page of the loaded image `f` at `image_addr`: pages
@@ -158,6 +243,12 @@ pub fn page_regions(f: &LoadedFunction, image_addr: u64) -> Result<Vec<Region>, 
 /// [`IMAGE_TABLES_ADDR`]) and, for each 2 MiB chunk of the image region,
 /// the page-directory entry (guest-physical address, value).
 pub fn mapping(image: &LoadedImage, layout: &Layout) -> Result<(ChunkTables, Vec<(u64, u64)>), ImageError> {
+    mapping_of(&image.regions, layout)
+}
+
+/// [`mapping`] of the image region's pages `regions` (an artifact's, with
+/// or without its module).
+pub fn mapping_of(regions: &[Region], layout: &Layout) -> Result<(ChunkTables, Vec<(u64, u64)>), ImageError> {
     let max = |from: u64, to: u64| usize::try_from((to - from) / PAGE_BYTES).unwrap_or(0);
     let boot = PageTables::build(
         &layout.regions(),
@@ -167,7 +258,7 @@ pub fn mapping(image: &LoadedImage, layout: &Layout) -> Result<(ChunkTables, Vec
     )
     .map_err(ImageError::PageTables)?;
     let tables = ChunkTables::build(
-        &image.regions,
+        regions,
         layout.image_addr,
         layout.image_addr + layout.image_bytes,
         IMAGE_TABLES_ADDR,
@@ -200,6 +291,7 @@ mod tests {
             abi_version: 1,
             init_addr: 0,
             handle_addr: 0,
+            load_addr: 0,
             segments: table,
             segment_count: segments.len(),
             relro,

@@ -23,7 +23,7 @@ use crate::vcpu::{Cmd, Event, StartAt, Vcpu};
 
 mod reset;
 mod snapshot;
-use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, PAGE_BYTES, op};
+use guest_abi::{LoadRequest, MAILBOX_ADDR, Mailbox, ModuleRequest, PAGE_BYTES, op};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 pub(crate) use reset::pagemap_scan_works;
@@ -799,10 +799,59 @@ impl Instance {
         }
         let mut request = [0u8; size_of::<LoadRequest>()];
         request[..8].copy_from_slice(&loaded.entry.init_addr.to_le_bytes());
-        request[8..].copy_from_slice(&loaded.entry.handle_addr.to_le_bytes());
+        request[8..16].copy_from_slice(&loaded.entry.handle_addr.to_le_bytes());
+        request[16..].copy_from_slice(&loaded.entry.load_addr.to_le_bytes());
         match self.request(op::LOAD, &request, deadline, false)? {
             Progress::Replied(r) => Ok(r),
             // `init()` cannot ask for a checkpoint (the request did not).
+            Progress::Checkpoint => {
+                self.kill();
+                Err(RunError::Dead)
+            }
+        }
+    }
+
+    /// Hands `module` (a function's deploy-time data, e.g. a WebAssembly
+    /// module for a runtime artifact) to the `load()` of `artifact`, which
+    /// this instance loaded with [`Instance::load`] (here or in the
+    /// instance its snapshot was taken from) and has served nothing since.
+    /// The host maps the module read-only into the image region past the
+    /// artifact, keeping every translation the guest already uses, and asks
+    /// the guest to run `load()` on it.
+    pub fn load_module(&mut self, artifact: &[u8], module: &[u8], deadline: Instant) -> Result<Reply, RunError> {
+        if self.dead {
+            return Err(RunError::Dead);
+        }
+        if self.seq != 1 || self.at_checkpoint {
+            return Err(RunError::NotFreshlyLoaded);
+        }
+        let layout = self.layout;
+        let loaded = image::prepare(artifact, &layout).map_err(RunError::Load)?;
+        let placed = image::place_module(&loaded, module.len(), &layout).map_err(RunError::Load)?;
+        let (old, _) = image::mapping(&loaded, &layout).map_err(RunError::Load)?;
+        let (tables, pdes) = image::mapping_of(&placed.regions, &layout).map_err(RunError::Load)?;
+        image::keeps_translations(&old, &tables).map_err(RunError::Load)?;
+        let Some(shared) = self.local().map(Arc::clone) else {
+            return Err(RunError::NotFreshlyLoaded);
+        };
+        // The guest is stopped between requests. The module's pages were
+        // unmapped until now (so the guest holds no translation of them);
+        // every entry it may have used is unchanged (checked above).
+        let mem = shared.ram.mem();
+        let write = |bytes: &[u8], addr: u64| {
+            mem.write_slice(bytes, GuestAddress(addr))
+                .map_err(RunError::GuestMemory)
+        };
+        write(module, placed.request.addr)?;
+        write(&tables.to_bytes(), tables.base)?;
+        for (at, entry) in pdes {
+            write(&entry.to_le_bytes(), at)?;
+        }
+        let mut request = [0u8; size_of::<ModuleRequest>()];
+        request[..8].copy_from_slice(&placed.request.addr.to_le_bytes());
+        request[8..].copy_from_slice(&placed.request.len.to_le_bytes());
+        match self.request(op::MODULE, &request, deadline, false)? {
+            Progress::Replied(r) => Ok(r),
             Progress::Checkpoint => {
                 self.kill();
                 Err(RunError::Dead)

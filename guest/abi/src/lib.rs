@@ -55,7 +55,7 @@
 #![no_std]
 
 /// Version of this channel ABI; [`BootInfo::abi_version`] carries it.
-pub const CHANNEL_ABI_VERSION: u32 = 2;
+pub const CHANNEL_ABI_VERSION: u32 = 3;
 /// [`BootInfo::magic`].
 pub const BOOT_MAGIC: u64 = 0x6d66_6161_735f_766d; // "mfaas_vm"
 
@@ -225,6 +225,21 @@ pub struct LoadRequest {
     pub init_addr: u64,
     /// Address of `microfaas_v1_handle`.
     pub handle_addr: u64,
+    /// Address of `microfaas_v1_load`; 0 if the artifact has none.
+    pub load_addr: u64,
+}
+
+/// The payload of a `MODULE` request (at the start of the I/O window): the
+/// host has written the function's module (deploy-time data) into the
+/// image region, read-only, past the artifact; the guest hands it to the
+/// artifact's `load`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModuleRequest {
+    /// Guest address of the module's first byte.
+    pub addr: u64,
+    /// Its length in bytes.
+    pub len: u64,
 }
 
 /// Request operations ([`Mailbox::op`]).
@@ -234,6 +249,10 @@ pub mod op {
     pub const LOAD: u32 = 1;
     /// Call the loaded function's `handle()` on the input in the I/O window.
     pub const INVOKE: u32 = 2;
+    /// Hand the module the host wrote into the image region to the loaded
+    /// function's `load()` (a [`ModuleRequest`](super::ModuleRequest) in
+    /// the I/O window); once per instance, after `LOAD`.
+    pub const MODULE: u32 = 3;
 }
 
 /// Reply codes ([`Mailbox::status`]). For every code but `OK`,
@@ -260,5 +279,6 @@ pub mod reply {
 const _: () = assert!(core::mem::size_of::<Mailbox>() as u64 <= LOG_OFFSET);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= PAGE_BYTES);
 const _: () = assert!(core::mem::size_of::<FaultFrame>() == 56);
-const _: () = assert!(core::mem::size_of::<LoadRequest>() == 16);
+const _: () = assert!(core::mem::size_of::<LoadRequest>() == 24);
+const _: () = assert!(core::mem::size_of::<ModuleRequest>() == 16);
 const _: () = assert!(FAULT_STUBS_ADDR + FAULT_VECTORS * FAULT_STUB_STRIDE + 64 <= FAULT_STUBS_ADDR + PAGE_BYTES);
