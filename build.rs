@@ -53,7 +53,12 @@ fn build_functions(manifest_dir: &Path, target_root: &Path) {
         .filter(|p| p.join("Cargo.toml").is_file())
         .collect();
     dirs.sort();
-    dirs.extend(wasm::generate_crates(manifest_dir, &target_root.join("microfaas-wasm")));
+    let wasm_root = target_root.join("microfaas-wasm");
+    dirs.extend(wasm::generate_crates(manifest_dir, &wasm_root));
+    println!(
+        "cargo:rustc-env=MICROFAAS_MODULES_DIR={}",
+        wasm::modules_dir(&wasm_root).display()
+    );
     for dir in dirs {
         let name = dir.file_name().expect("dir name").to_string_lossy().into_owned();
         let mut opts = microfaas_builder::BuildOptions::new(fn_root.join("cache"));

@@ -96,3 +96,39 @@ pub fn builtin(name: &str) -> Result<Arc<Artifact>, Error> {
     }
     Artifact::load(&builtin_dir().join(format!("{name}.so"))).map(Arc::new)
 }
+
+/// The artifact every interpreted example with a deploy-time module runs
+/// on: the wasmi runtime alone (`functions/wasm/runtime.rs`).
+pub const WASM_RUNTIME: &str = "wasm-runtime";
+
+/// Directory holding the compiled modules of the interpreted examples
+/// (`NAME.wasm`, for `functions/wasm/NAME.wat` and the generated `large`).
+pub fn builtin_modules_dir() -> &'static Path {
+    Path::new(env!("MICROFAAS_MODULES_DIR"))
+}
+
+/// Names of the interpreted examples' modules (`noop`, `echo`, ...), sorted:
+/// each runs on [`WASM_RUNTIME`] with [`builtin_module`] as its module, as
+/// the `wasm-NAME` artifact runs it embedded.
+pub fn builtin_module_names() -> Vec<String> {
+    builtin_names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("wasm-"))
+        .filter(|n| format!("wasm-{n}") != WASM_RUNTIME)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The compiled WebAssembly module of the interpreted example `name` (as in
+/// [`builtin_module_names`]).
+pub fn builtin_module(name: &str) -> Result<Arc<[u8]>, Error> {
+    if !builtin_module_names().iter().any(|n| n == name) {
+        return Err(Error::UnknownFunction {
+            name: format!("module {name}"),
+        });
+    }
+    let path = builtin_modules_dir().join(format!("{name}.wasm"));
+    std::fs::read(&path)
+        .map(Arc::from)
+        .map_err(|e| Error::io(format!("reading module {}", path.display()), e))
+}

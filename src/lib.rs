@@ -18,7 +18,10 @@ mod config;
 mod error;
 pub mod serve;
 
-pub use artifact::{Artifact, builtin, builtin_dir, builtin_names};
+pub use artifact::{
+    Artifact, WASM_RUNTIME, builtin, builtin_dir, builtin_module, builtin_module_names, builtin_modules_dir,
+    builtin_names,
+};
 pub use backend::{
     Backend, BackendKind, FunctionId, FunctionSpec, InvalidTenant, Invocation, StartPath, StartRequest, Stats, Tenant,
     Timings,

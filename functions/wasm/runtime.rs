@@ -6,12 +6,19 @@
 //! `lib.rs`; `microfaas build` builds it like any other function (unsafe
 //! code forbidden, allowlisted crates only, no new imports).
 //!
+//! The same file also builds `wasm-runtime`, the runtime alone: it embeds no
+//! module and takes one at deploy time through the SDK's `load` (a module
+//! is then data, not code: one runtime artifact serves every function).
+//!
 //! # The levels
-//! * `init` (what a function snapshot captures on `vm`, and the post-init
-//!   snapshot on `language`): the engine, the linker with the host
-//!   functions, the module parsed, validated and compiled eagerly (every
-//!   function body to wasmi bytecode), then instantiated once, its start
-//!   function run, to check that it links and starts.
+//! * `init` (the base level: what a runtime base snapshot captures on
+//!   `vm`): the engine and the linker with the host functions;
+//! * `load` (the function level: what a function snapshot captures on `vm`,
+//!   and the post-init snapshot on `language`): the module parsed,
+//!   validated and compiled eagerly (every function body to wasmi
+//!   bytecode), then instantiated once, its start function run, to check
+//!   that it links and starts. An embedded `wasm-NAME` crate runs both in
+//!   its `init`.
 //! * `handle`: a fresh instance of the compiled module (its memory, globals
 //!   and tables; its start function runs), then one call of its `handle`
 //!   export. `checkpoint()` is a host function, so an argument snapshot
@@ -115,14 +122,22 @@ struct Host {
     memory: Option<Memory>,
 }
 
-/// The compiled module and what instantiates it, made by `init`.
-struct Prepared {
+/// The runtime, made by `init`: the engine and the linker with the host
+/// functions (the base level: no module yet).
+struct Runtime {
     engine: Engine,
     linker: Linker<Host>,
+}
+
+/// The compiled module, made by `load`.
+struct Prepared {
+    runtime: &'static Runtime,
     module: Module,
 }
 
 /// Set once by `init`; read-only afterwards.
+static RUNTIME: OnceBox<Runtime> = OnceBox::new();
+/// Set once by `load`; read-only afterwards.
 static PREPARED: OnceBox<Prepared> = OnceBox::new();
 
 fn memory_of(caller: &Caller<'_, Host>) -> Result<Memory, wasmi::Error> {
@@ -200,14 +215,14 @@ fn linker(engine: &Engine) -> Result<Linker<Host>, wasmi::Error> {
 /// returns the store and its `handle` export.
 fn instantiate(prepared: &Prepared, input: Vec<u8>) -> Result<(Store<Host>, TypedFunc<(), ()>), Fault> {
     let mut store = Store::new(
-        &prepared.engine,
+        &prepared.runtime.engine,
         Host {
             input,
             ..Host::default()
         },
     );
     store.limiter(|host| &mut host.limits);
-    let instance = match prepared.linker.instantiate_and_start(&mut store, &prepared.module) {
+    let instance = match prepared.runtime.linker.instantiate_and_start(&mut store, &prepared.module) {
         Ok(instance) => instance,
         Err(error) => return Err(Fault::of(&mut store, error)),
     };
@@ -260,10 +275,10 @@ impl Fault {
     }
 }
 
-/// Parses, validates and compiles `module` (every function body, eagerly)
-/// and instantiates it once, running its start function, to check that it
-/// links and starts.
-pub fn init(module: &[u8]) -> Result<(), Error> {
+/// The base level: makes the engine (eager compilation, no value stacks
+/// cached between calls, custom page sizes) and the linker with the host
+/// functions.
+pub fn init() -> Result<(), Error> {
     let mut config = Config::default();
     config.compilation_mode(CompilationMode::Eager);
     config.set_max_cached_stacks(0);
@@ -271,12 +286,34 @@ pub fn init(module: &[u8]) -> Result<(), Error> {
     config.wasm_custom_page_sizes(true);
     let engine = Engine::new(&config);
     let linker = linker(&engine).map_err(|e| Error::new(format!("wasm runtime: {e}")))?;
-    let module = Module::new(&engine, module).map_err(|e| Error::new(format!("invalid wasm module: {e}")))?;
-    let prepared = Prepared { engine, linker, module };
+    RUNTIME
+        .set(alloc::boxed::Box::new(Runtime { engine, linker }))
+        .map_err(|_| Error::new("the wasm runtime was initialised twice"))
+}
+
+/// The function level: parses, validates and compiles `module` (every
+/// function body, eagerly) and instantiates it once, running its start
+/// function, to check that it links and starts.
+pub fn load(module: &[u8]) -> Result<(), Error> {
+    let runtime = RUNTIME
+        .get()
+        .ok_or_else(|| Error::new("the wasm runtime is not initialised"))?;
+    if PREPARED.get().is_some() {
+        return Err(Error::new("a wasm module is already loaded"));
+    }
+    let module = Module::new(&runtime.engine, module).map_err(|e| Error::new(format!("invalid wasm module: {e}")))?;
+    let prepared = Prepared { runtime, module };
     drop(instantiate(&prepared, Vec::new()).map_err(|f| f.report(true))?);
     PREPARED
         .set(alloc::boxed::Box::new(prepared))
-        .map_err(|_| Error::new("the wasm runtime was initialised twice"))
+        .map_err(|_| Error::new("a wasm module is already loaded"))
+}
+
+/// Both levels at once, for a crate that embeds its module.
+#[allow(dead_code, reason = "wasm-runtime, which takes its module at deploy time, does not use it")]
+pub fn init_with(module: &[u8]) -> Result<(), Error> {
+    init()?;
+    load(module)
 }
 
 /// One request: a fresh instance of the compiled module, its `handle`
@@ -284,7 +321,7 @@ pub fn init(module: &[u8]) -> Result<(), Error> {
 pub fn handle(input: &[u8]) -> Result<Vec<u8>, Error> {
     let prepared = PREPARED
         .get()
-        .ok_or_else(|| Error::new("the wasm runtime is not initialised"))?;
+        .ok_or_else(|| Error::new("no wasm module is loaded (the function was deployed without one)"))?;
     let (mut store, handle) = instantiate(prepared, input.to_vec()).map_err(|f| f.report(false))?;
     match handle.call(&mut store, ()) {
         Ok(()) => Ok(core::mem::take(&mut store.data_mut().output)),

@@ -817,7 +817,8 @@ impl Instance {
     /// instance its snapshot was taken from) and has served nothing since.
     /// The host maps the module read-only into the image region past the
     /// artifact, keeping every translation the guest already uses, and asks
-    /// the guest to run `load()` on it.
+    /// the guest to run `load()` on it. A reply other than `Ok` (the module
+    /// refused) ends the instance.
     pub fn load_module(&mut self, artifact: &[u8], module: &[u8], deadline: Instant) -> Result<Reply, RunError> {
         if self.dead {
             return Err(RunError::Dead);
@@ -851,7 +852,13 @@ impl Instance {
         request[..8].copy_from_slice(&placed.request.addr.to_le_bytes());
         request[8..].copy_from_slice(&placed.request.len.to_le_bytes());
         match self.request(op::MODULE, &request, deadline, false)? {
-            Progress::Replied(r) => Ok(r),
+            Progress::Replied(r) if r.status == Status::Ok => Ok(r),
+            // A `load()` that failed may have stopped inside the SDK's
+            // `fail` (it never returns): the instance is done either way.
+            Progress::Replied(r) => {
+                self.kill();
+                Ok(r)
+            }
             Progress::Checkpoint => {
                 self.kill();
                 Err(RunError::Dead)
