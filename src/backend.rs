@@ -198,6 +198,11 @@ pub struct FunctionSpec {
     /// used instance, it resets it first (`vm`: [`StartPath::Reset`]
     /// instead of `hot`). Off by default.
     pub fresh_per_request: bool,
+    /// Deploy-time data handed to the artifact's `load` after its `init`
+    /// (e.g. a WebAssembly module for [`crate::WASM_RUNTIME`]): one runtime
+    /// artifact serves many functions, each its own module. `None`: the
+    /// artifact is the whole function.
+    pub module: Option<Arc<[u8]>>,
 }
 
 impl FunctionSpec {
@@ -209,7 +214,22 @@ impl FunctionSpec {
             budget: None,
             tenant: Tenant::default(),
             fresh_per_request: false,
+            module: None,
         }
+    }
+
+    /// The spec of `name` running `module` on `runtime` (an artifact with
+    /// a `load`, such as [`crate::WASM_RUNTIME`]).
+    pub fn with_module(mut self, module: Arc<[u8]>) -> Self {
+        self.module = Some(module);
+        self
+    }
+
+    /// What identifies the function's code: the artifact's digest, or,
+    /// with a module, the digest of both (a snapshot of one is never
+    /// taken for the other).
+    pub fn code_digest(&self) -> String {
+        code_digest(&self.artifact, self.module.as_deref())
     }
 
     /// The same spec asking for a fresh instance per request
@@ -229,6 +249,22 @@ impl FunctionSpec {
     pub fn with_budget(mut self, budget: Duration) -> Self {
         self.budget = Some(budget);
         self
+    }
+}
+
+/// [`FunctionSpec::code_digest`] of `artifact` with `module`.
+pub(crate) fn code_digest(artifact: &Artifact, module: Option<&[u8]>) -> String {
+    match module {
+        None => artifact.digest().to_owned(),
+        Some(module) => {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            h.update(b"microfaas artifact+module v1\0");
+            h.update(artifact.digest().as_bytes());
+            h.update((module.len() as u64).to_le_bytes());
+            h.update(module);
+            h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        }
     }
 }
 

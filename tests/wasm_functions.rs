@@ -4,6 +4,14 @@
 //! native functions for traps, an endless loop, `fail`, linear memory
 //! beyond the heap limit and a module that is not valid WebAssembly.
 //!
+//! Each example runs in two forms: its `wasm-NAME` artifact (the module
+//! embedded, compiled by `init`) and `wasm-runtime` deployed with the
+//! module as deploy-time data (compiled by `load`; on `vm` its function
+//! node hangs off the runtime base, the runtime loaded and initialised
+//! once). Both give the same outputs and errors. The module form runs on
+//! `vm` only so far: `language` and `process` refuse it (`Unsupported`),
+//! which is tested too.
+//!
 //! KVM is required as in the conformance suite (`MICROFAAS_REQUIRE_KVM=1`
 //! makes an unusable `/dev/kvm` a failure rather than a skip).
 
@@ -24,10 +32,37 @@ fn start_paths(kind: BackendKind) -> &'static [StartPath] {
     }
 }
 
+/// How an interpreted example is deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Its `wasm-NAME` artifact, the module embedded.
+    Embedded,
+    /// `wasm-runtime` with the module as deploy-time data.
+    Module,
+}
+
+/// The spec of example `name` (`wasm-NAME`) in `form`.
+fn spec(name: &str, form: Form) -> FunctionSpec {
+    match form {
+        Form::Embedded => FunctionSpec::new(name, microfaas::builtin(name).expect("example function")),
+        Form::Module => {
+            let module = name.strip_prefix("wasm-").expect("a wasm- example");
+            FunctionSpec::new(
+                format!("{name}-module"),
+                microfaas::builtin(microfaas::WASM_RUNTIME).expect("the wasm runtime"),
+            )
+            .with_module(microfaas::builtin_module(module).expect("example module"))
+        }
+    }
+}
+
+fn deploy_as(b: &dyn Backend, name: &str, form: Form) -> FunctionId {
+    b.deploy(&spec(name, form))
+        .unwrap_or_else(|e| panic!("deploying {name} ({form:?}) on {}: {e}", b.kind()))
+}
+
 fn deploy(b: &dyn Backend, name: &str) -> FunctionId {
-    let spec = FunctionSpec::new(name, microfaas::builtin(name).expect("example function"));
-    b.deploy(&spec)
-        .unwrap_or_else(|e| panic!("deploying {name} on {}: {e}", b.kind()))
+    deploy_as(b, name, Form::Embedded)
 }
 
 /// Invokes `id` with `input` from `path` and returns the output, checking
@@ -41,7 +76,8 @@ fn run(b: &dyn Backend, id: &FunctionId, input: &[u8], path: StartPath) -> Vec<u
 }
 
 /// Every example with a reference, on every start path of `b`.
-fn same_output(b: &dyn Backend) {
+fn same_output(b: &dyn Backend, form: Form) {
+    let deploy = |b: &dyn Backend, name: &str| deploy_as(b, name, form);
     let echo = deploy(b, "wasm-echo");
     let hash = deploy(b, "wasm-hash");
     let large = deploy(b, "wasm-large");
@@ -135,7 +171,8 @@ fn assert_serves(b: &dyn Backend) {
 
 /// Faults inside the interpreter give the native functions' typed errors,
 /// twice in a row (nothing is left broken), and the backend keeps serving.
-fn bad_cases(b: &dyn Backend) {
+fn bad_cases(b: &dyn Backend, form: Form) {
+    let deploy = |b: &dyn Backend, name: &str| deploy_as(b, name, form);
     let trap = deploy(b, "wasm-trap");
     for _ in 0..2 {
         let e = expect_error(b, &trap, ErrorKind::Panicked);
@@ -143,9 +180,9 @@ fn bad_cases(b: &dyn Backend) {
     }
     assert_serves(b);
 
-    let spec = FunctionSpec::new("wasm-spin", microfaas::builtin("wasm-spin").unwrap())
-        .with_budget(Duration::from_millis(300));
-    let spin = b.deploy(&spec).unwrap();
+    let spin = b
+        .deploy(&spec("wasm-spin", form).with_budget(Duration::from_millis(300)))
+        .unwrap();
     for _ in 0..2 {
         expect_error(b, &spin, ErrorKind::BudgetExceeded);
     }
@@ -164,8 +201,7 @@ fn bad_cases(b: &dyn Backend) {
     }
     assert_serves(b);
 
-    let spec = FunctionSpec::new("wasm-invalid", microfaas::builtin("wasm-invalid").unwrap());
-    let e = match b.deploy(&spec) {
+    let e = match b.deploy(&spec("wasm-invalid", form)) {
         Err(e) => e,
         Ok(id) => b
             .invoke(&id, b"", StartRequest::Auto)
@@ -184,11 +220,11 @@ macro_rules! backends {
             use super::*;
             #[test]
             fn same_output() {
-                if let Some(b) = open($kind) { super::same_output(b.as_ref()) }
+                if let Some(b) = open($kind) { super::same_output(b.as_ref(), Form::Embedded) }
             }
             #[test]
             fn bad_cases() {
-                if let Some(b) = open($kind) { super::bad_cases(b.as_ref()) }
+                if let Some(b) = open($kind) { super::bad_cases(b.as_ref(), Form::Embedded) }
             }
         }
     )*};
@@ -198,6 +234,77 @@ backends! {
     process => BackendKind::Process;
     language => BackendKind::Language;
     vm => BackendKind::Vm;
+}
+
+mod vm_module {
+    use super::*;
+
+    #[test]
+    fn same_output() {
+        if let Some(b) = open(BackendKind::Vm) {
+            super::same_output(b.as_ref(), Form::Module);
+        }
+    }
+
+    #[test]
+    fn bad_cases() {
+        if let Some(b) = open(BackendKind::Vm) {
+            super::bad_cases(b.as_ref(), Form::Module);
+        }
+    }
+
+    /// Functions deployed with modules on one runtime share its runtime
+    /// base: their function nodes are children of one base node labelled
+    /// with the runtime (a guest booted with it loaded and initialised),
+    /// not of the kernel's base.
+    #[test]
+    fn function_nodes_hang_off_one_runtime_base() {
+        let Some(b) = open(BackendKind::Vm) else { return };
+        deploy(b.as_ref(), "noop");
+        deploy_as(b.as_ref(), "wasm-echo", Form::Module);
+        deploy_as(b.as_ref(), "wasm-hash", Form::Module);
+        let store_dir = conformance_cases::config().vm.store_dir.expect("a test store");
+        let store = snapshots::Store::open(store_dir).expect("the test store");
+        let function = |name: &str| {
+            let nodes = store.nodes();
+            let node = nodes
+                .iter()
+                .find(|n| n.level() == snapshots::Level::Function && n.label().function.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("no function node of {name}"))
+                .clone();
+            let parent = store.node(node.parent().expect("a parent")).expect("its parent");
+            (node, parent)
+        };
+        let (_, native_base) = function("noop");
+        let (echo, echo_base) = function("wasm-echo-module");
+        let (hash, hash_base) = function("wasm-hash-module");
+        assert_eq!(echo_base.id(), hash_base.id(), "one runtime base for both");
+        assert_ne!(echo.id(), hash.id());
+        assert_ne!(echo_base.id(), native_base.id(), "the runtime base is not the kernel's");
+        assert_eq!(echo_base.level(), snapshots::Level::Base);
+        assert_eq!(echo_base.parent(), None);
+        assert_eq!(
+            echo_base.label().function.as_deref(),
+            Some("runtime wasm-runtime"),
+            "{:?}",
+            echo_base.label()
+        );
+        assert_eq!(native_base.label().function, None);
+    }
+}
+
+/// `language` and `process` refuse a function with a module with a typed
+/// error (rather than running the runtime without it), and keep serving.
+#[test]
+fn backends_without_modules_refuse_them() {
+    for kind in [BackendKind::Process, BackendKind::Language] {
+        let Some(b) = open(kind) else { continue };
+        let e = b
+            .deploy(&spec("wasm-echo", Form::Module))
+            .expect_err("a module was taken");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{kind}: {e}");
+        assert_serves(b.as_ref());
+    }
 }
 
 /// A backend and its `wasm-echo`, `wasm-hash` and `wasm-large`.

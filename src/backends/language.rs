@@ -89,6 +89,12 @@ impl Backend for LanguageBackend {
     }
 
     fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error> {
+        if spec.module.is_some() {
+            return Err(Error::Unsupported {
+                backend: BackendKind::Language,
+                operation: "functions deployed with a module (only vm takes one so far)",
+            });
+        }
         let budget = spec.budget.unwrap_or(self.config.default_budget);
         let index = self
             .dispatcher

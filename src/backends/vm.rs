@@ -295,6 +295,10 @@ struct Function {
     name: String,
     tenant: String,
     artifact: Arc<Artifact>,
+    /// Its module, handed to the artifact's `load` (`FunctionSpec::module`).
+    module: Option<Arc<[u8]>>,
+    /// `FunctionSpec::code_digest`: keys its function and argument nodes.
+    digest: String,
     budget: Duration,
     /// Every request gets an instance with nothing of an earlier one
     /// (`FunctionSpec::fresh_per_request`): used instances are reset.
@@ -447,16 +451,86 @@ impl VmBackend {
     /// Boots an instance and loads `f` into it (a cold start's work).
     fn start_cold(&self, f: &Function) -> Result<Instance, Error> {
         let instance = self.boot_instance()?;
-        self.load_into(&f.name, &f.artifact, instance)
+        let instance = self.load_into(&f.name, &f.artifact, instance)?;
+        match &f.module {
+            None => Ok(instance),
+            Some(module) => self.module_into(&f.name, &f.artifact, module, instance),
+        }
     }
 
-    /// Restores the base snapshot and loads `f` into it (`base`).
-    fn start_base(&self, name: &str, artifact: &Artifact) -> Result<Instance, Error> {
-        let base = self.snapshots.base(|| self.boot_instance())?;
+    /// The `base` start: restores the base snapshot and loads `artifact`
+    /// into it; with a module, restores the runtime base of `artifact` (the
+    /// artifact loaded and initialised, no module yet) and hands it the
+    /// module.
+    fn start_base(&self, name: &str, artifact: &Artifact, module: Option<&[u8]>) -> Result<Instance, Error> {
+        let Some(module) = module else {
+            let base = self.snapshots.base(|| self.boot_instance())?;
+            let instance = self
+                .snapshots
+                .restore(&self.vmm, self.take_shell(), &self.instance, &base)?;
+            return self.load_into(name, artifact, instance);
+        };
+        let base = self.runtime_base(name, artifact)?;
         let instance = self
             .snapshots
             .restore(&self.vmm, self.take_shell(), &self.instance, &base)?;
-        self.load_into(name, artifact, instance)
+        self.module_into(name, artifact, module, instance)
+    }
+
+    /// The runtime base of `artifact`: a base node of a booted guest with
+    /// `artifact` loaded and its `init()` run, taken once per artifact (the
+    /// first function deployed on it pays for it).
+    fn runtime_base(&self, name: &str, artifact: &Artifact) -> Result<Arc<Restorable>, Error> {
+        self.snapshots.runtime_base(artifact, || {
+            let instance = self.boot_instance()?;
+            self.load_into(name, artifact, instance)
+        })
+    }
+
+    /// Hands `module` to the `load` of `artifact`, loaded into `instance`
+    /// just before (here or in the node it was restored from).
+    fn module_into(
+        &self,
+        name: &str,
+        artifact: &Artifact,
+        module: &[u8],
+        mut instance: Instance,
+    ) -> Result<Instance, Error> {
+        let deadline = Instant::now() + self.config.init_budget;
+        let result = match instance.load_module(artifact.bytes(), module, deadline) {
+            Ok(reply) if reply.status == Status::Ok => Ok(()),
+            Ok(reply) if reply.status == Status::InitFailed => Err(Error::InitFailed {
+                name: name.to_owned(),
+                message: format!("load(module): {}", String::from_utf8_lossy(&reply.data)),
+            }),
+            Ok(reply) => Err(self.reply_error(name, &instance, reply.status, &reply.data, true)),
+            Err(RunError::Load(e)) => Err(Error::InitFailed {
+                name: name.to_owned(),
+                message: format!("its module cannot be mapped: {}", error_chain(&e)),
+            }),
+            Err(RunError::BudgetExceeded) => Err(Error::InitFailed {
+                name: name.to_owned(),
+                message: format!(
+                    "load(module) exceeded its budget of {} ms",
+                    self.config.init_budget.as_millis()
+                ),
+            }),
+            Err(e) => Err(match self.run_error(name, &instance, e, self.config.init_budget) {
+                Error::Crashed { name, detail } => Error::InitFailed {
+                    name,
+                    message: format!("load(module) crashed: {detail}"),
+                },
+                other => other,
+            }),
+        };
+        match result {
+            Ok(()) => Ok(instance),
+            Err(e) => {
+                self.counters.discarded.fetch_add(1, Ordering::Relaxed);
+                self.reap(vec![instance]);
+                Err(e)
+            }
+        }
     }
 
     /// Loads `artifact` into an idle instance and runs its `init()`.
@@ -562,7 +636,7 @@ impl Backend for VmBackend {
         // Redeploying the same artifact with the same budget keeps its
         // instances.
         if let Ok(existing) = self.function(&id)
-            && existing.artifact.digest() == spec.artifact.digest()
+            && existing.digest == spec.code_digest()
             && existing.budget == budget
             && existing.fresh == spec.fresh_per_request
         {
@@ -572,8 +646,13 @@ impl Backend for VmBackend {
         // now from the base (a bad artifact or a failing init() surfaces
         // here). A changed artifact gets a new node; the old one is left
         // to `snapshots gc`.
-        let base = self.snapshots.base(|| self.boot_instance())?;
-        let digest = spec.artifact.digest();
+        // A function with a module hangs off its artifact's runtime base.
+        let base = match &spec.module {
+            None => self.snapshots.base(|| self.boot_instance())?,
+            Some(_) => self.runtime_base(&spec.name, &spec.artifact)?,
+        };
+        let digest = spec.code_digest();
+        let digest = digest.as_str();
         // A refused function node (its state, or KVM refusing it) is made
         // anew from the base, as if it were missing.
         let (node, first) = loop {
@@ -581,7 +660,7 @@ impl Backend for VmBackend {
             let node_id = match found {
                 Some(node) => node,
                 None => {
-                    let mut instance = self.start_base(&spec.name, &spec.artifact)?;
+                    let mut instance = self.start_base(&spec.name, &spec.artifact, spec.module.as_deref())?;
                     let made = self.snapshots.create_child(
                         &mut instance,
                         base.id,
@@ -608,6 +687,8 @@ impl Backend for VmBackend {
             name: spec.name.clone(),
             tenant: spec.tenant.as_str().to_owned(),
             artifact: Arc::clone(&spec.artifact),
+            module: spec.module.clone(),
+            digest: digest.to_owned(),
             budget,
             fresh: spec.fresh_per_request,
             node,
@@ -641,7 +722,7 @@ impl Backend for VmBackend {
             });
         }
         // Inputs are hashed only for functions with argument snapshots.
-        let hash = |f: &Function| input_hash(f.artifact.digest(), input);
+        let hash = |f: &Function| input_hash(&f.digest, input);
         let known = if f.has_arguments.load(Ordering::Relaxed) {
             self.argument_node(&f, &hash(&f))?
         } else {
@@ -727,9 +808,10 @@ impl Backend for VmBackend {
                 }
             }
             StartRequest::Force(StartPath::Cold) => measured(booted(self.start_cold(&f)?), StartPath::Cold),
-            StartRequest::Force(StartPath::Base) => {
-                measured(booted(self.start_base(&f.name, &f.artifact)?), StartPath::Base)
-            }
+            StartRequest::Force(StartPath::Base) => measured(
+                booted(self.start_base(&f.name, &f.artifact, f.module.as_deref())?),
+                StartPath::Base,
+            ),
             StartRequest::Force(StartPath::Function) => {
                 measured(self.restore(&f.tenant, &f.node)?, StartPath::Function)
             }

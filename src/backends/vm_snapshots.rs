@@ -107,6 +107,10 @@ pub(crate) struct Snapshots {
     base_key: String,
     mem_bytes: u64,
     base: Mutex<Option<Arc<Restorable>>>,
+    /// Runtime bases (a booted guest with a runtime artifact loaded and
+    /// initialised: the base of the functions deployed with a module on
+    /// it), by the artifact's digest.
+    runtime_bases: Mutex<HashMap<String, Arc<Restorable>>>,
     /// Argument nodes kept per function (LRU).
     pub(crate) arguments_per_function: usize,
     /// Nodes refused in this process (never looked up again).
@@ -118,8 +122,10 @@ pub(crate) struct Snapshots {
 /// What a node's saved state must be at its level, if it is not (pure).
 pub(crate) fn level_fault(level: Level, state: &SavedState) -> Option<String> {
     match level {
-        Level::Base if state.at_checkpoint || state.seq != 0 => Some(format!(
-            "a base node must be idle before its first request, but its state is {} at request {}",
+        // A booted guest (request 0), or a runtime base (its runtime loaded
+        // by request 1).
+        Level::Base if state.at_checkpoint || state.seq > 1 => Some(format!(
+            "a base node must be idle before its first request or after its runtime's load, but its state is {} at request {}",
             if state.at_checkpoint { "at a checkpoint" } else { "idle" },
             state.seq
         )),
@@ -212,6 +218,7 @@ impl Snapshots {
             base_key,
             mem_bytes: layout.mem_bytes,
             base: Mutex::new(None),
+            runtime_bases: Mutex::new(HashMap::new()),
             arguments_per_function,
             refused: Mutex::new(HashSet::new()),
             files_refused: AtomicU64::new(0),
@@ -304,30 +311,78 @@ impl Snapshots {
         if let Some(b) = cached.as_ref() {
             return Ok(Arc::clone(b));
         }
-        // A refused base is replaced by a fresh boot, as if it were missing.
+        let made = self.find_or_make_base(&self.base_key, Label::base(Some(&self.base_key)), 0, &boot)?;
+        *cached = Some(Arc::clone(&made));
+        Ok(made)
+    }
+
+    /// The runtime base of `runtime`: a base node (no parent: the whole
+    /// guest memory) of a guest booted with `runtime` loaded and its
+    /// `init()` run (by `load`), made once per store and artifact, keyed by
+    /// the base's key and the artifact's digest, and cached.
+    pub(crate) fn runtime_base(
+        &self,
+        runtime: &crate::Artifact,
+        load: impl Fn() -> Result<Instance, Error>,
+    ) -> Result<Arc<Restorable>, Error> {
+        let mut cached = self.runtime_bases.lock().map_err(|_| super::vm::poisoned())?;
+        if let Some(b) = cached.get(runtime.digest()) {
+            return Ok(Arc::clone(b));
+        }
+        let key = digest_hex(&[self.base_key.as_bytes(), runtime.digest().as_bytes()]);
+        let name = runtime
+            .path()
+            .file_stem()
+            .map_or_else(|| "runtime".to_owned(), |s| s.to_string_lossy().into_owned());
+        let label = Label {
+            function: Some(format!("runtime {name}")),
+            ..Label::base(Some(&key))
+        };
+        let made = self.find_or_make_base(&key, label, 1, &load)?;
+        cached.insert(runtime.digest().to_owned(), Arc::clone(&made));
+        Ok(made)
+    }
+
+    /// The base node keyed `key` (its saved state at request `seq`), or
+    /// one made from the instance `make` returns, labelled `label`.
+    fn find_or_make_base(
+        &self,
+        key: &str,
+        label: Label,
+        seq: u32,
+        make: &impl Fn() -> Result<Instance, Error>,
+    ) -> Result<Arc<Restorable>, Error> {
+        // A refused base is replaced by a fresh one, as if it were missing.
         loop {
             let found = self
                 .store
-                .find_base(Some(&self.base_key), Some(self.mem_bytes))
+                .find_base(Some(key), Some(self.mem_bytes))
                 .filter(|n| !self.is_refused(n.id()));
             let made = found.is_none();
             let id = match found {
                 Some(node) => node.id(),
-                None => self.make_base(&boot)?,
+                None => self.make_base(label.clone(), make)?,
             };
-            match self.restorable(id, Level::Base) {
-                Ok(r) => {
-                    *cached = Some(Arc::clone(&r));
-                    return Ok(r);
+            let restorable = self.restorable(id, Level::Base).and_then(|r| {
+                if r.state.seq == seq {
+                    Ok(r)
+                } else {
+                    Err(Error::SnapshotCorrupt {
+                        path: r.path.clone(),
+                        detail: format!("a base node keyed for request {seq} holds request {}", r.state.seq),
+                    })
                 }
+            });
+            match restorable {
+                Ok(r) => return Ok(r),
                 Err(e @ Error::SnapshotCorrupt { .. }) if !made => self.refuse(id, &e),
                 Err(e) => return Err(e),
             }
         }
     }
 
-    fn make_base(&self, boot: &impl Fn() -> Result<Instance, Error>) -> Result<NodeId, Error> {
-        let mut instance = boot()?;
+    fn make_base(&self, label: Label, make: &impl Fn() -> Result<Instance, Error>) -> Result<NodeId, Error> {
+        let mut instance = make()?;
         let state = instance
             .save()
             .map_err(|e| store_error("saving the booted guest", &e))?;
@@ -336,12 +391,12 @@ impl Snapshots {
             .create_node(NodeSpec {
                 level: Level::Base,
                 parent: None,
-                label: Label::base(Some(&self.base_key)),
+                label,
                 guest_mem_bytes: self.mem_bytes,
             })
             .map_err(|e| store_error("creating the base node", &e))?;
-        // SAFETY: the instance is idle (it answered its boot doorbell and no
-        // request is in flight) for this call.
+        // SAFETY: the instance is idle (it answered its boot doorbell, or
+        // its load, and no request is in flight) for this call.
         let memory = unsafe { instance.guest_memory() };
         w.write_nonzero(memory)
             .map_err(|e| store_error("writing the base node", &e))?;
@@ -506,7 +561,10 @@ mod tests {
         assert_eq!(level_fault(Level::Base, &st(0, false)), None);
         assert_eq!(level_fault(Level::Function, &st(1, false)), None);
         assert_eq!(level_fault(Level::Argument, &st(2, true)), None);
-        assert!(level_fault(Level::Base, &st(1, false)).is_some());
+        // A runtime base holds its runtime's load (request 1), no more.
+        assert_eq!(level_fault(Level::Base, &st(1, false)), None);
+        assert!(level_fault(Level::Base, &st(2, false)).is_some());
+        assert!(level_fault(Level::Base, &st(1, true)).is_some());
         assert!(level_fault(Level::Function, &st(1, true)).is_some());
         assert!(level_fault(Level::Function, &st(0, false)).is_some());
         let err = level_fault(Level::Argument, &st(2, false)).unwrap();

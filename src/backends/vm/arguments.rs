@@ -44,7 +44,7 @@ impl VmBackend {
     /// its checkpoint (restored from `f`'s function node), and trims the
     /// function's argument snapshots to the LRU bound.
     pub(super) fn capture_argument(&self, f: &Function, instance: &mut Instance, hash: &str) -> Result<(), Error> {
-        let label = Label::argument(&f.name, f.artifact.digest(), hash);
+        let label = Label::argument(&f.name, &f.digest, hash);
         self.snapshots
             .create_child(instance, f.node.id, Level::Argument, label)?;
         f.has_arguments.store(true, Ordering::Relaxed);
@@ -93,7 +93,7 @@ impl VmBackend {
                     } else if capture && !captured {
                         captured = true;
                         let t = Instant::now();
-                        let hash = input_hash(f.artifact.digest(), input);
+                        let hash = input_hash(&f.digest, input);
                         if self.capture_argument(f, instance, &hash).is_err() {
                             self.counters.snapshot_failures.fetch_add(1, Ordering::Relaxed);
                         }
@@ -125,6 +125,6 @@ impl VmBackend {
         if let Some(e) = failed {
             return Err(e);
         }
-        self.argument_node(f, &input_hash(f.artifact.digest(), input))
+        self.argument_node(f, &input_hash(&f.digest, input))
     }
 }
