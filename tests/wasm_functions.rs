@@ -8,9 +8,9 @@
 //! embedded, compiled by `init`) and `wasm-runtime` deployed with the
 //! module as deploy-time data (compiled by `load`; on `vm` its function
 //! node hangs off the runtime base, the runtime loaded and initialised
-//! once). Both give the same outputs and errors. The module form runs on
-//! `vm` only so far: `language` and `process` refuse it (`Unsupported`),
-//! which is tested too.
+//! once; on `language` its pre-linked image and post-init snapshot are of
+//! the runtime with that module loaded). Both give the same outputs and
+//! errors, on every backend.
 //!
 //! KVM is required as in the conformance suite (`MICROFAAS_REQUIRE_KVM=1`
 //! makes an unusable `/dev/kvm` a failure rather than a skip).
@@ -226,6 +226,18 @@ macro_rules! backends {
             fn bad_cases() {
                 if let Some(b) = open($kind) { super::bad_cases(b.as_ref(), Form::Embedded) }
             }
+            #[test]
+            fn same_output_module_form() {
+                if let Some(b) = open($kind) { super::same_output(b.as_ref(), Form::Module) }
+            }
+            #[test]
+            fn bad_cases_module_form() {
+                if let Some(b) = open($kind) { super::bad_cases(b.as_ref(), Form::Module) }
+            }
+            #[test]
+            fn a_module_for_a_function_without_load() {
+                if let Some(b) = open($kind) { super::module_without_load(b.as_ref()) }
+            }
         }
     )*};
 }
@@ -236,22 +248,32 @@ backends! {
     vm => BackendKind::Vm;
 }
 
+/// A module given to a function that declares no `load` (native `noop`,
+/// and the embedded `wasm-echo`, which has its module built in) is refused
+/// with `InitFailed` saying so, at deploy or at its first invocation,
+/// twice in a row; the backend keeps serving.
+fn module_without_load(b: &dyn Backend) {
+    let module = microfaas::builtin_module("echo").expect("example module");
+    for (i, name) in ["noop", "wasm-echo", "noop"].into_iter().enumerate() {
+        let spec = FunctionSpec::new(
+            format!("{name}-given-a-module-{i}"),
+            microfaas::builtin(name).expect("example function"),
+        )
+        .with_module(Arc::clone(&module));
+        let e = match b.deploy(&spec) {
+            Err(e) => e,
+            Ok(id) => b
+                .invoke(&id, b"", StartRequest::Force(StartPath::Cold))
+                .expect_err("a function without load took a module"),
+        };
+        assert_eq!(e.kind(), ErrorKind::InitFailed, "{}: {name}: {e}", b.kind());
+        assert!(e.to_string().contains("takes no module"), "{}: {name}: {e}", b.kind());
+        assert_serves(b);
+    }
+}
+
 mod vm_module {
     use super::*;
-
-    #[test]
-    fn same_output() {
-        if let Some(b) = open(BackendKind::Vm) {
-            super::same_output(b.as_ref(), Form::Module);
-        }
-    }
-
-    #[test]
-    fn bad_cases() {
-        if let Some(b) = open(BackendKind::Vm) {
-            super::bad_cases(b.as_ref(), Form::Module);
-        }
-    }
 
     /// Functions deployed with modules on one runtime share its runtime
     /// base: their function nodes are children of one base node labelled
@@ -293,22 +315,9 @@ mod vm_module {
     }
 }
 
-/// `language` and `process` refuse a function with a module with a typed
-/// error (rather than running the runtime without it), and keep serving.
-#[test]
-fn backends_without_modules_refuse_them() {
-    for kind in [BackendKind::Process, BackendKind::Language] {
-        let Some(b) = open(kind) else { continue };
-        let e = b
-            .deploy(&spec("wasm-echo", Form::Module))
-            .expect_err("a module was taken");
-        assert_eq!(e.kind(), ErrorKind::Unsupported, "{kind}: {e}");
-        assert_serves(b.as_ref());
-    }
-}
-
-/// A backend and its `wasm-echo`, `wasm-hash` and `wasm-large`.
-type Deployed = (Arc<dyn Backend>, [FunctionId; 3]);
+/// A backend and its `wasm-echo`, `wasm-hash` and `wasm-large`, in both
+/// forms (embedded first).
+type Deployed = (Arc<dyn Backend>, [FunctionId; 6]);
 
 /// Every backend that can be opened here, each with the generated-input
 /// examples deployed, shared by the proptest's cases.
@@ -320,8 +329,10 @@ fn all_backends() -> &'static [Deployed] {
             .filter_map(open)
             .map(|b| {
                 let b: Arc<dyn Backend> = Arc::from(b);
-                let ids = ["wasm-echo", "wasm-hash", "wasm-large"].map(|n| deploy(b.as_ref(), n));
-                (b, ids)
+                let names = ["wasm-echo", "wasm-hash", "wasm-large"];
+                let [e, h, l] = names.map(|n| deploy_as(b.as_ref(), n, Form::Embedded));
+                let [me, mh, ml] = names.map(|n| deploy_as(b.as_ref(), n, Form::Module));
+                (b, [e, h, l, me, mh, ml])
             })
             .collect()
     })
@@ -330,15 +341,17 @@ fn all_backends() -> &'static [Deployed] {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
-    /// Generated inputs: every backend, every start path, the reference's
-    /// output (so all of them give the same output).
+    /// Generated inputs: every backend, every start path, both forms, the
+    /// reference's output (so all of them give the same output).
     #[test]
     fn identical_output_on_every_backend_and_path(input in proptest::collection::vec(any::<u8>(), 0..300)) {
-        for (b, [echo, hash, large]) in all_backends() {
-            for &path in start_paths(b.kind()) {
-                prop_assert_eq!(run(b.as_ref(), echo, &input, path), input.clone());
-                prop_assert_eq!(run(b.as_ref(), hash, &input, path), hash_reference(&input));
-                prop_assert_eq!(run(b.as_ref(), large, &input, path), large_reference(&input));
+        for (b, ids) in all_backends() {
+            for [echo, hash, large] in [[&ids[0], &ids[1], &ids[2]], [&ids[3], &ids[4], &ids[5]]] {
+                for &path in start_paths(b.kind()) {
+                    prop_assert_eq!(run(b.as_ref(), echo, &input, path), input.clone());
+                    prop_assert_eq!(run(b.as_ref(), hash, &input, path), hash_reference(&input));
+                    prop_assert_eq!(run(b.as_ref(), large, &input, path), large_reference(&input));
+                }
             }
         }
     }

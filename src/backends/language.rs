@@ -89,16 +89,11 @@ impl Backend for LanguageBackend {
     }
 
     fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error> {
-        if spec.module.is_some() {
-            return Err(Error::Unsupported {
-                backend: BackendKind::Language,
-                operation: "functions deployed with a module (only vm takes one so far)",
-            });
-        }
         let budget = spec.budget.unwrap_or(self.config.default_budget);
+        let code = super::function_code(spec)?;
         let index = self
             .dispatcher
-            .deploy_for(spec.tenant.as_str(), spec.artifact.sealed()?, budget)
+            .deploy_code(spec.tenant.as_str(), code, budget)
             .map_err(|e| map_error(e, &spec.name, budget, &self.config))?;
         let previous = self
             .functions

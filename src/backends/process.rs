@@ -41,15 +41,10 @@ impl Backend for ProcessBackend {
     }
 
     fn deploy(&self, spec: &FunctionSpec) -> Result<FunctionId, Error> {
-        if spec.module.is_some() {
-            return Err(Error::Unsupported {
-                backend: BackendKind::Process,
-                operation: "functions deployed with a module (only vm takes one so far)",
-            });
-        }
         let budget = spec.budget.unwrap_or(self.default_budget);
+        let code = super::function_code(spec)?;
         self.host
-            .deploy_for(spec.tenant.as_str(), &spec.name, spec.artifact.sealed()?, budget)
+            .deploy_code(spec.tenant.as_str(), &spec.name, code, budget)
             .map_err(map_error)?;
         Ok(FunctionId::new(&spec.name))
     }

@@ -1,14 +1,16 @@
 //! How the dispatcher tells a worker about its functions: catalog messages
 //! on the worker's `AF_UNIX` `SOCK_SEQPACKET` socket (inherited at
 //! [`crate::runtime::fds::WORKER_SOCKET_FD`]), each a fixed 24-byte record carrying the
-//! function's artifact as a sealed memfd (`SCM_RIGHTS`, exactly one fd).
+//! function's artifact as a sealed memfd (`SCM_RIGHTS`), and its module as a
+//! second one when the function was deployed with a module.
 //! A new worker reads the initial catalog up to an end marker before it
 //! serves; later deploys send one message and then a `LOAD` request through
 //! the ring. The dispatcher never reads from the socket (its read side is
 //! shut down) and the worker checks every fd's seals before using it.
 //!
 //! ```text
-//!  kind u32 (1 = function, 2 = end) | func u32 | image u64 | preload u32 | 0 u32   [+ 1 fd]
+//!  kind u32 (1 = function, 2 = end) | func u32 | image u64 | preload u32 | module u32 (0/1)
+//!  [+ artifact fd [+ module fd]]
 //! ```
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -30,14 +32,18 @@ pub struct CatalogEntry {
     pub image: u64,
     /// Load and init it now (warm) rather than only registering it.
     pub preload: bool,
+    /// The function takes a module: the message carries its memfd as the
+    /// second fd (see [`crate::runtime::FunctionCode`]).
+    pub module: bool,
 }
 
 /// A message as read from the socket.
 #[derive(Debug)]
 pub enum Message {
     /// A function and its artifact memfd (`None` if the message carried no
-    /// fd, which the worker then refuses unless it holds the image already).
-    Function(CatalogEntry, Option<OwnedFd>),
+    /// fd, which the worker then refuses unless it holds the image already),
+    /// and the module memfd when the entry says it takes one.
+    Function(CatalogEntry, Option<OwnedFd>, Option<OwnedFd>),
     /// The initial catalog is complete.
     End,
 }
@@ -60,6 +66,7 @@ fn encode(kind: u32, e: &CatalogEntry) -> [u8; MESSAGE_BYTES] {
     b[4..8].copy_from_slice(&e.func.to_le_bytes());
     b[8..16].copy_from_slice(&e.image.to_le_bytes());
     b[16..20].copy_from_slice(&u32::from(e.preload).to_le_bytes());
+    b[20..24].copy_from_slice(&u32::from(e.module).to_le_bytes());
     b
 }
 
@@ -67,9 +74,6 @@ fn encode(kind: u32, e: &CatalogEntry) -> [u8; MESSAGE_BYTES] {
 pub fn decode(bytes: &[u8]) -> Result<Option<CatalogEntry>, MessageError> {
     let b: &[u8; MESSAGE_BYTES] = bytes.try_into().map_err(|_| MessageError("length"))?;
     let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    if word(20) != 0 {
-        return Err(MessageError("reserved word"));
-    }
     match word(0) {
         KIND_END => Ok(None),
         KIND_FUNCTION => {
@@ -80,20 +84,30 @@ pub fn decode(bytes: &[u8]) -> Result<Option<CatalogEntry>, MessageError> {
                 1 => true,
                 _ => return Err(MessageError("preload flag")),
             };
+            let module = match word(20) {
+                0 => false,
+                1 => true,
+                _ => return Err(MessageError("module flag")),
+            };
             Ok(Some(CatalogEntry {
                 func: word(4),
                 image: u64::from_le_bytes(image),
                 preload,
+                module,
             }))
         }
         _ => Err(MessageError("kind")),
     }
 }
 
-fn send(socket: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+fn send(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let iov = [IoSlice::new(bytes)];
-    let raw = fd.map(|f| [f.as_raw_fd()]);
-    let cmsgs: Vec<ControlMessage<'_>> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
     loop {
         match sendmsg::<()>(socket.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(n) if n == bytes.len() => return Ok(()),
@@ -104,9 +118,22 @@ fn send(socket: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io:
     }
 }
 
-/// Sends `entry` with its artifact memfd `artifact` (dispatcher side).
-pub fn send_entry(socket: BorrowedFd<'_>, entry: &CatalogEntry, artifact: BorrowedFd<'_>) -> io::Result<()> {
-    send(socket, &entry.to_bytes(), Some(artifact))
+/// Sends `entry` with its artifact memfd `artifact` and, if the entry
+/// takes one, its module memfd (dispatcher side).
+pub fn send_entry(
+    socket: BorrowedFd<'_>,
+    entry: &CatalogEntry,
+    artifact: BorrowedFd<'_>,
+    module: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    if entry.module != module.is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a catalog entry's module flag and its module fd disagree",
+        ));
+    }
+    let fds: Vec<BorrowedFd<'_>> = std::iter::once(artifact).chain(module).collect();
+    send(socket, &entry.to_bytes(), &fds)
 }
 
 /// Sends the end-of-catalog marker (dispatcher side).
@@ -115,16 +142,18 @@ pub fn send_end(socket: BorrowedFd<'_>) -> io::Result<()> {
         func: 0,
         image: 0,
         preload: false,
+        module: false,
     };
-    send(socket, &encode(KIND_END, &none), None)
+    send(socket, &encode(KIND_END, &none), &[])
 }
 
 /// Receives one message (worker side); `Ok(None)` if `nonblocking` and none
-/// is queued. Received fds are close-on-exec; fds beyond the first, or
-/// other control messages, are closed.
+/// is queued. Received fds are close-on-exec; fds beyond the two an entry
+/// may carry (the second only if it takes a module), or other control
+/// messages, are closed.
 pub fn recv(socket: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option<Message>> {
     let mut buf = [0u8; MESSAGE_BYTES + 1];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
     let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
     if nonblocking {
         flags |= MsgFlags::MSG_DONTWAIT;
@@ -164,8 +193,10 @@ pub fn recv(socket: BorrowedFd<'_>, nonblocking: bool) -> io::Result<Option<Mess
     Ok(Some(match entry {
         None => Message::End,
         Some(entry) => {
-            fds.truncate(1);
-            Message::Function(entry, fds.pop())
+            fds.truncate(if entry.module { 2 } else { 1 });
+            let mut fds = fds.into_iter();
+            let artifact = fds.next();
+            Message::Function(entry, artifact, fds.next())
         }
     }))
 }
@@ -182,6 +213,7 @@ mod tests {
             func: 42,
             image: 0x1234_5678_9abc,
             preload: true,
+            module: false,
         };
         assert_eq!(decode(&e.to_bytes()), Ok(Some(e)));
         assert_eq!(decode(&encode(KIND_END, &e)), Ok(None));
@@ -192,9 +224,11 @@ mod tests {
         let mut bad = e.to_bytes();
         bad[16] = 2;
         assert_eq!(decode(&bad), Err(MessageError("preload flag")));
+        let with_module = CatalogEntry { module: true, ..e };
+        assert_eq!(decode(&with_module.to_bytes()), Ok(Some(with_module)));
         let mut bad = e.to_bytes();
-        bad[23] = 1;
-        assert_eq!(decode(&bad), Err(MessageError("reserved word")));
+        bad[20] = 2;
+        assert_eq!(decode(&bad), Err(MessageError("module flag")));
     }
 
     #[test]
@@ -206,14 +240,40 @@ mod tests {
             func: 7,
             image: artifact.id(),
             preload: false,
+            module: false,
         };
-        send_entry(a.as_fd(), &e, artifact.as_fd()).unwrap();
+        send_entry(a.as_fd(), &e, artifact.as_fd(), None).unwrap();
+        let module = crate::runtime::SealedArtifact::create("module", b"module bytes").unwrap();
+        let m = CatalogEntry {
+            func: 8,
+            module: true,
+            ..e
+        };
+        assert!(
+            send_entry(a.as_fd(), &e, artifact.as_fd(), Some(module.as_fd())).is_err(),
+            "a module fd for an entry without one"
+        );
+        assert!(
+            send_entry(a.as_fd(), &m, artifact.as_fd(), None).is_err(),
+            "an entry with a module and no module fd"
+        );
+        send_entry(a.as_fd(), &m, artifact.as_fd(), Some(module.as_fd())).unwrap();
         send_end(a.as_fd()).unwrap();
         match recv(b.as_fd(), false).unwrap() {
-            Some(Message::Function(got, Some(fd))) => {
+            Some(Message::Function(got, Some(fd), None)) => {
                 assert_eq!(got, e);
                 let received = crate::runtime::SealedArtifact::from_fd(fd).unwrap();
                 assert_eq!(received.read_all().unwrap(), b"bytes");
+            }
+            other => panic!("{other:?}"),
+        }
+        match recv(b.as_fd(), false).unwrap() {
+            Some(Message::Function(got, Some(fd), Some(module_fd))) => {
+                assert_eq!(got, m);
+                let received = crate::runtime::SealedArtifact::from_fd(fd).unwrap();
+                assert_eq!(received.read_all().unwrap(), b"bytes");
+                let received = crate::runtime::SealedArtifact::from_fd(module_fd).unwrap();
+                assert_eq!(received.read_all().unwrap(), b"module bytes");
             }
             other => panic!("{other:?}"),
         }

@@ -11,7 +11,7 @@ use super::pool::{SlotResult, WorkerHandle, lock, rss_of};
 use super::protocol::{ColdStart, LOAD_REGISTER_ONLY, Outcome, Preemption, Reply, Request, WorkerArgs, op};
 use super::shm::{Layout, now_ns};
 use super::tenants::TenantWorkers;
-use crate::runtime::SealedArtifact;
+use crate::runtime::{FunctionCode, SealedArtifact};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -201,8 +201,9 @@ pub struct TenantStats {
 struct Function {
     /// Its tenant's workers: the only ones it ever runs in.
     tenant: Arc<TenantWorkers>,
-    /// Its sealed memfd, kept while deployed (sent to every new worker).
-    artifact: Arc<SealedArtifact>,
+    /// Its sealed memfds (artifact, module), kept while deployed (sent to
+    /// every new worker).
+    code: FunctionCode,
     budget: Duration,
     resident: AtomicBool,
     strikes: AtomicU32,
@@ -335,13 +336,25 @@ impl Dispatcher {
         artifact: Arc<SealedArtifact>,
         budget: Duration,
     ) -> Result<FunctionIndex, LanguageError> {
+        self.deploy_code(tenant, FunctionCode::new(artifact), budget)
+    }
+
+    /// Like [`Dispatcher::deploy_for`], for any [`FunctionCode`]: an
+    /// artifact with a module runs `load(module)` right after `init()` in
+    /// each worker, and is one image (never shared with the artifact alone).
+    pub fn deploy_code(
+        &self,
+        tenant: &str,
+        code: FunctionCode,
+        budget: Duration,
+    ) -> Result<FunctionIndex, LanguageError> {
         let inner = &self.inner;
         let workers = inner.tenant(tenant)?;
         inner.lower_min_budget(nanos(budget));
         let index = inner.next_func.fetch_add(1, Ordering::Relaxed);
         let function = Arc::new(Function {
             tenant: workers,
-            artifact,
+            code,
             budget,
             resident: AtomicBool::new(!inner.config.lazy_resident),
             strikes: AtomicU32::new(0),
@@ -367,7 +380,7 @@ impl Dispatcher {
     fn register(&self, id: FunctionIndex, function: &Function) -> Result<(), LanguageError> {
         let entry = self.inner.catalog_entry(id.0, function, false);
         for w in function.tenant.live_workers() {
-            if let Err(e) = w.deliver(&entry, &function.artifact)
+            if let Err(e) = w.deliver(&entry, &function.code)
                 && w.alive.load(Ordering::SeqCst)
             {
                 return Err(LanguageError::io("sending an artifact to a worker", e));
@@ -388,7 +401,7 @@ impl Dispatcher {
         for w in function.tenant.live_workers() {
             // A worker being replaced meanwhile gets the function in its
             // initial catalog instead (the LOAD then finds it registered).
-            if let Err(e) = w.deliver(&entry, &function.artifact)
+            if let Err(e) = w.deliver(&entry, &function.code)
                 && w.alive.load(Ordering::SeqCst)
             {
                 return Err(LanguageError::io("sending an artifact to a worker", e));
@@ -525,7 +538,7 @@ impl Dispatcher {
             let images = own
                 .iter()
                 .filter(|f| f.resident.load(Ordering::Relaxed))
-                .map(|f| f.artifact.id())
+                .map(|f| f.code.image_id())
                 .collect::<std::collections::HashSet<_>>()
                 .len();
             let pids: Vec<u32> = g.workers.iter().map(|w| w.pid.load(Ordering::Relaxed)).collect();
@@ -619,8 +632,9 @@ impl Inner {
     fn catalog_entry(&self, index: u32, f: &Function, preload: bool) -> CatalogEntry {
         CatalogEntry {
             func: index,
-            image: f.artifact.id(),
+            image: f.code.image_id(),
             preload,
+            module: f.code.module().is_some(),
         }
     }
 
@@ -775,7 +789,7 @@ impl Inner {
             sandbox: g.sandbox_arg.clone(),
             ..self.args.clone()
         };
-        let catalog: Vec<(CatalogEntry, Arc<SealedArtifact>)> = self
+        let catalog: Vec<(CatalogEntry, FunctionCode)> = self
             .functions
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -783,7 +797,7 @@ impl Inner {
             .filter(|(_, f)| std::ptr::eq(&*f.tenant, g))
             .map(|(&i, f)| {
                 let entry = self.catalog_entry(i, f, f.resident.load(Ordering::Relaxed));
-                (entry, Arc::clone(&f.artifact))
+                (entry, f.code.clone())
             })
             .collect();
         w.spawn(&self.config.worker_bin, &args, &catalog, self.config.start_timeout)

@@ -7,14 +7,14 @@
 use super::catalog::{self, CatalogEntry};
 use super::protocol::{Reply, Request, WorkerArgs};
 use super::shm::{Layout, Region, futex_wait, futex_wake_all, now_ns};
-use crate::runtime::SealedArtifact;
+use crate::runtime::FunctionCode;
 use crate::runtime::fds::{SHM_FD, WORKER_SOCKET_FD};
 use ipc::spawn::Child;
 use nix::sys::socket::{AddressFamily, Shutdown, SockFlag, SockType, setsockopt, shutdown, socketpair, sockopt};
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// How long a caller sleeps on the reply futex before re-checking (bounds
@@ -271,24 +271,25 @@ impl WorkerHandle {
         }
     }
 
-    /// Sends `entry` and its artifact memfd to the worker (before a `LOAD`
-    /// request for it). Blocks at most the socket's send timeout.
-    pub fn deliver(&self, entry: &CatalogEntry, artifact: &SealedArtifact) -> std::io::Result<()> {
+    /// Sends `entry` and its artifact memfd (and module memfd, if any) to
+    /// the worker (before a `LOAD` request for it). Blocks at most the
+    /// socket's send timeout.
+    pub fn deliver(&self, entry: &CatalogEntry, code: &FunctionCode) -> std::io::Result<()> {
         let socket = lock(&self.socket);
         let socket = socket
             .as_ref()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "worker not running"))?;
-        catalog::send_entry(socket.as_fd(), entry, artifact.as_fd())
+        send_code(socket.as_fd(), entry, code)
     }
 
     /// Starts a worker process for this region, sends it `catalog` (each
-    /// entry with its artifact memfd) and waits (up to `ready_timeout`)
+    /// entry with its code's memfds) and waits (up to `ready_timeout`)
     /// until it serves.
     pub fn spawn(
         &self,
         bin: &std::path::Path,
         args: &WorkerArgs,
-        catalog: &[(CatalogEntry, Arc<SealedArtifact>)],
+        catalog: &[(CatalogEntry, FunctionCode)],
         ready_timeout: Duration,
     ) -> std::io::Result<()> {
         let header = self.region.header();
@@ -341,7 +342,7 @@ impl WorkerHandle {
             // A worker that dies while reading is noticed below.
             let sent = catalog
                 .iter()
-                .try_for_each(|(entry, artifact)| catalog::send_entry(ours.as_fd(), entry, artifact.as_fd()))
+                .try_for_each(|(entry, code)| send_code(ours.as_fd(), entry, code))
                 .and_then(|()| catalog::send_end(ours.as_fd()));
             if let Err(e) = sent {
                 eprintln!("microfaas language: sending worker {} its catalog: {e}", self.index);
@@ -469,6 +470,11 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     pages.checked_mul(4096)
+}
+
+/// Sends `entry` with `code`'s memfds on `socket`.
+fn send_code(socket: BorrowedFd<'_>, entry: &CatalogEntry, code: &FunctionCode) -> std::io::Result<()> {
+    catalog::send_entry(socket, entry, code.artifact().as_fd(), code.module().map(|m| m.as_fd()))
 }
 
 #[cfg(test)]

@@ -91,7 +91,7 @@ struct Worker {
     /// resident while any registered function with `loaded` uses it.
     resident: IdMap<u64, Instance>,
     /// Catalog messages received ahead of their `LOAD` request.
-    pending: IdMap<u32, (CatalogEntry, Option<OwnedFd>)>,
+    pending: IdMap<u32, (CatalogEntry, Option<OwnedFd>, Option<OwnedFd>)>,
     /// Images whose instance must be reloaded before its next use (a failure
     /// other than a returned error may have torn the function's statics).
     stale: Vec<u64>,
@@ -288,10 +288,10 @@ pub fn run(args: Vec<String>) -> Result<(), WorkerError> {
     // A function whose artifact or init fails now is simply not resident;
     // its next warm request reports `NotLoaded`. The end marker (or a
     // closed socket) ends the initial catalog.
-    while let Some(Message::Function(entry, fd)) =
+    while let Some(Message::Function(entry, fd, module)) =
         catalog::recv(worker.socket.as_fd(), false).map_err(WorkerError::Catalog)?
     {
-        let _ = worker.register(entry, fd);
+        let _ = worker.register(entry, fd, module);
     }
     let header = worker.region.header();
     header.worker.pid.store(std::process::id(), Ordering::Relaxed);
@@ -705,8 +705,8 @@ impl Worker {
     fn load(&mut self, func: u32, resident: bool) -> Result<(), NotReady> {
         loop {
             match catalog::recv(self.socket.as_fd(), true) {
-                Ok(Some(Message::Function(entry, fd))) => {
-                    self.pending.insert(entry.func, (entry, fd));
+                Ok(Some(Message::Function(entry, fd, module))) => {
+                    self.pending.insert(entry.func, (entry, fd, module));
                 }
                 Ok(Some(Message::End)) => {}
                 Ok(None) => break,
@@ -714,20 +714,24 @@ impl Worker {
             }
         }
         match self.pending.remove(&func) {
-            Some((entry, fd)) => self.register(
+            Some((entry, fd, module)) => self.register(
                 CatalogEntry {
                     preload: resident,
                     ..entry
                 },
                 fd,
+                module,
             ),
             None => match self.functions.get(&func).map(|f| f.image) {
+                // The image is held already (its module with it).
                 Some(image) => self.register(
                     CatalogEntry {
                         func,
                         image,
                         preload: resident,
+                        module: false,
                     },
+                    None,
                     None,
                 ),
                 None => Err("no catalog message for the function".into()),
@@ -737,12 +741,21 @@ impl Worker {
 
     /// Registers a function (its artifact memfd `fd` is parsed unless the
     /// image is known already) and, if asked, makes it resident.
-    fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>) -> Result<(), NotReady> {
+    fn register(&mut self, entry: CatalogEntry, fd: Option<OwnedFd>, module: Option<OwnedFd>) -> Result<(), NotReady> {
         let image = entry.image;
         if let std::collections::hash_map::Entry::Vacant(slot) = self.images.entry(image) {
             let fd = fd.ok_or("catalog message without an artifact fd")?;
+            let module = match (entry.module, module) {
+                (false, _) => None,
+                (true, Some(module)) => Some(module),
+                (true, None) => return Err("catalog message without its module fd".into()),
+            };
             let artifact = SealedArtifact::from_fd(fd)
                 .and_then(ArtifactImage::parse)
+                .and_then(|image| match module {
+                    Some(module) => image.with_module(SealedArtifact::from_fd(module)?),
+                    None => Ok(image),
+                })
                 .map_err(|e| error_chain(&e))?;
             // Pre-linked once, at deploy; without it (a failure is only
             // reported) its cold starts take the loader's path.

@@ -4,7 +4,7 @@
 use super::protocol::{Layout, Reply, kind, phase, state};
 use super::runner_handle::{Runner, RunnerLimits, Tracker, WaitEnd, lock};
 use super::{Completed, ProcessConfig, ProcessError, ProcessStats, Served, StartMode};
-use crate::runtime::{SealedArtifact, monotonic_ns};
+use crate::runtime::{FunctionCode, SealedArtifact, monotonic_ns};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
@@ -15,8 +15,9 @@ struct Slot {
     name: String,
     /// Its runners' limits and sandbox (its tenant's uid).
     limits: RunnerLimits,
-    /// The artifact's sealed memfd, inherited by every runner at fd 4.
-    artifact: Arc<SealedArtifact>,
+    /// The artifact's sealed memfd, inherited by every runner at fd 4 (and
+    /// its module's at fd 5).
+    code: FunctionCode,
     budget: Duration,
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -95,6 +96,18 @@ impl ProcessHost {
         artifact: Arc<SealedArtifact>,
         budget: Duration,
     ) -> Result<(), ProcessError> {
+        self.deploy_code(tenant, name, FunctionCode::new(artifact), budget)
+    }
+
+    /// Like [`ProcessHost::deploy_for`], for any [`FunctionCode`]: with a
+    /// module, every runner runs `load(module)` right after `init()`.
+    pub fn deploy_code(
+        &self,
+        tenant: &str,
+        name: &str,
+        code: FunctionCode,
+        budget: Duration,
+    ) -> Result<(), ProcessError> {
         let sandbox = self.config.sandbox.for_tenant(tenant)?;
         let limits = RunnerLimits {
             layout: self.layout,
@@ -105,7 +118,7 @@ impl ProcessHost {
         let slot = Arc::new(Slot {
             name: name.to_owned(),
             limits,
-            artifact,
+            code,
             budget,
             pool: Mutex::new(Pool::default()),
             returned: Condvar::new(),
@@ -186,7 +199,7 @@ impl ProcessHost {
     fn invoke_cold(&self, slot: &Slot, input: &[u8], t0: u64) -> Result<Completed, ProcessError> {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
-            &slot.artifact,
+            &slot.code,
             &slot.limits,
             &self.tracker,
             Some(input),
@@ -299,7 +312,7 @@ impl ProcessHost {
         if p == phase::LOAD {
             return ProcessError::LoadFailed {
                 name,
-                artifact: slot.artifact.label().to_owned(),
+                artifact: slot.code.artifact().label().to_owned(),
                 message,
             };
         }
@@ -337,7 +350,7 @@ impl ProcessHost {
     fn spawn_warm(&self, slot: &Slot, generation: u64) -> Result<Runner, ProcessError> {
         let mut runner = Runner::spawn(
             &self.config.runner_bin,
-            &slot.artifact,
+            &slot.code,
             &slot.limits,
             &self.tracker,
             None,

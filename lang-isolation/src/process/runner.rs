@@ -1,11 +1,12 @@
 //! The runner process's side of the protocol: map the region the host
 //! passed at fd 3 (and close that fd), load the sealed artifact memfd at
-//! fd 4 with [`crate::runtime`]'s loader (and close it), `init()` it, serve
-//! requests (warm) or the one posted request (once).
+//! fd 4 with [`crate::runtime`]'s loader (and close it), read the module
+//! memfd at fd 5 if started with `--module` (and close it), `init()` it (and
+//! `load(module)`), serve requests (warm) or the one posted request (once).
 
 use super::protocol::{MAX_MESSAGE_BYTES, kind, phase, state};
 use super::shm::SharedRegion;
-use super::spawn::{RUNNER_ARTIFACT_FD, SHM_FD};
+use super::spawn::{RUNNER_ARTIFACT_FD, RUNNER_MODULE_FD, SHM_FD};
 use crate::runtime::{
     ArtifactImage, Failure, Instance, InstanceConfig, LoadError, LoadedFunction, SealedArtifact, monotonic_ns,
 };
@@ -31,12 +32,14 @@ const EXIT_USAGE: u8 = 2;
 pub struct RunnerArgs {
     /// Exit after the first reply.
     pub once: bool,
+    /// The function takes a module, at fd [`RUNNER_MODULE_FD`].
+    pub module: bool,
     /// The sandbox to enter before `init()`; without `--sandbox`, every
     /// layer with the default uid/gid (fail closed).
     pub sandbox: SandboxSpec,
 }
 
-/// Parses `[--sandbox SPEC] --warm|--once`.
+/// Parses `[--sandbox SPEC] [--module] --warm|--once`.
 pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
     let (sandbox, args) = match args {
         [flag, spec, rest @ ..] if flag == "--sandbox" => (SandboxSpec::parse(spec.to_str()?).ok()?, rest),
@@ -49,6 +52,10 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
             args,
         ),
     };
+    let (module, args) = match args {
+        [flag, rest @ ..] if flag == "--module" => (true, rest),
+        _ => (false, args),
+    };
     let once = match args {
         [mode] => match mode.to_str()? {
             "--once" => true,
@@ -57,7 +64,7 @@ pub fn parse_args(args: &[OsString]) -> Option<RunnerArgs> {
         },
         _ => return None,
     };
-    Some(RunnerArgs { once, sandbox })
+    Some(RunnerArgs { once, module, sandbox })
 }
 
 /// Takes an inherited fd, if it is open.
@@ -70,10 +77,14 @@ fn inherited(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Checks, parses and maps the artifact memfd, and closes it: a runner
-/// loads once, so it keeps no mappable fd at all.
-fn load(fd: OwnedFd) -> Result<LoadedFunction, LoadError> {
-    let image = ArtifactImage::parse(SealedArtifact::from_fd(fd)?)?;
+/// Checks, parses and maps the artifact memfd (with its module, read from
+/// `module`), and closes both: a runner loads once, so it keeps no
+/// mappable fd at all.
+fn load(fd: OwnedFd, module: Option<OwnedFd>) -> Result<LoadedFunction, LoadError> {
+    let mut image = ArtifactImage::parse(SealedArtifact::from_fd(fd)?)?;
+    if let Some(module) = module {
+        image = image.with_module(SealedArtifact::from_fd(module)?)?;
+    }
     LoadedFunction::load(&image)
 }
 
@@ -83,13 +94,21 @@ pub fn main() -> u8 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some(args) = parse_args(&args) else {
         eprintln!(
-            "usage: microfaas-runner [--sandbox SPEC] --warm|--once (with the shared region at fd {SHM_FD} and the artifact memfd at fd {RUNNER_ARTIFACT_FD})"
+            "usage: microfaas-runner [--sandbox SPEC] [--module] --warm|--once (with the shared region at fd {SHM_FD}, the artifact memfd at fd {RUNNER_ARTIFACT_FD} and, with --module, the module memfd at fd {RUNNER_MODULE_FD})"
         );
         return EXIT_USAGE;
     };
     let (Some(shm), Some(artifact)) = (inherited(SHM_FD), inherited(RUNNER_ARTIFACT_FD)) else {
         eprintln!("microfaas-runner: no shared region at fd {SHM_FD} or no artifact at fd {RUNNER_ARTIFACT_FD}");
         return EXIT_USAGE;
+    };
+    let module = match (args.module, inherited(RUNNER_MODULE_FD)) {
+        (false, _) => None,
+        (true, Some(module)) => Some(module),
+        (true, None) => {
+            eprintln!("microfaas-runner: --module without a module at fd {RUNNER_MODULE_FD}");
+            return EXIT_USAGE;
+        }
     };
     // Maps the region and closes its fd.
     let region = match SharedRegion::open(shm) {
@@ -101,17 +120,17 @@ pub fn main() -> u8 {
     };
     // Best effort: without it the host polls for an early exit (`alive` stays 0).
     let _ = ipc::robust::register_death_notice(&region.header().alive);
-    serve(&region, &args, artifact)
+    serve(&region, &args, artifact, module)
 }
 
-fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd) -> u8 {
+fn serve(region: &SharedRegion, args: &RunnerArgs, artifact: OwnedFd, module: Option<OwnedFd>) -> u8 {
     let h = region.header();
     let parent = ipc::spawn::ParentWatch::now();
     let config = InstanceConfig {
         heap_limit_bytes: usize::try_from(h.heap_limit_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
         stack_bytes: usize::try_from(h.stack_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
     };
-    let function = match load(artifact) {
+    let function = match load(artifact, module) {
         Ok(f) => f,
         Err(e) => return fatal(region, kind::LOAD_FAILED, phase::LOAD, &error_chain(&e), 0),
     };
@@ -280,9 +299,19 @@ mod tests {
             parse_args(&a(&["--once"])),
             Some(RunnerArgs {
                 once: true,
+                module: false,
                 sandbox: default_sandbox
             })
         );
+        assert_eq!(
+            parse_args(&a(&["--module", "--warm"])).map(|r| (r.once, r.module)),
+            Some((false, true))
+        );
+        assert_eq!(
+            parse_args(&a(&["--sandbox", "uid=7,gid=8,layers=-n-s", "--module", "--once"])).map(|r| r.module),
+            Some(true)
+        );
+        assert_eq!(parse_args(&a(&["--warm", "--module"])), None);
         assert_eq!(parse_args(&a(&["--warm"])).map(|r| r.once), Some(false));
         assert_eq!(parse_args(&a(&["--cold"])), None);
         assert_eq!(parse_args(&a(&["--warm", "/x.so"])), None);

@@ -5,7 +5,7 @@ use super::ProcessError;
 use super::protocol::{Layout, RawReply, Reply, decode_reply, robust, state};
 use super::shm::SharedRegion;
 use super::spawn::{RunnerMode, spawn_runner};
-use crate::runtime::{SealedArtifact, monotonic_ns};
+use crate::runtime::{FunctionCode, monotonic_ns};
 use ipc::futex::{self, Woken};
 use ipc::spawn::Child;
 use std::collections::BTreeSet;
@@ -136,7 +136,7 @@ impl Runner {
     /// boots and waits (warm: wait for it with [`Runner::wait_ready`]).
     pub fn spawn(
         runner_bin: &Path,
-        artifact: &SealedArtifact,
+        code: &FunctionCode,
         limits: &RunnerLimits,
         tracker: &Arc<Tracker>,
         request: Option<&[u8]>,
@@ -156,8 +156,15 @@ impl Runner {
         let shm = region
             .fd()
             .ok_or_else(|| ProcessError::io("the runner's shared region", std::io::Error::other("no fd")))?;
-        let child = spawn_runner(runner_bin, shm, artifact.as_fd(), mode, &limits.sandbox)
-            .map_err(|e| ProcessError::io(format!("spawning {}", runner_bin.display()), e))?;
+        let child = spawn_runner(
+            runner_bin,
+            shm,
+            code.artifact().as_fd(),
+            code.module().map(|m| m.as_fd()),
+            mode,
+            &limits.sandbox,
+        )
+        .map_err(|e| ProcessError::io(format!("spawning {}", runner_bin.display()), e))?;
         tracker.add(child.pid());
         Ok(Self {
             child: Some(child),

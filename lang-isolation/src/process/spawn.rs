@@ -1,11 +1,12 @@
 //! Starting a runner process through `microfaas-ipc`'s spawner
 //! (`posix_spawn`: vfork + exec, safe in a multithreaded host), its shared
-//! region at fd 3 and its artifact memfd at fd 4 (see
+//! region at fd 3, its artifact memfd at fd 4 and its module's at fd 5, if
+//! the function has one (see
 //! [`crate::runtime::fds`]), stdin and stdout on `/dev/null`, no other fd
 //! above 2 (even ones the host left inheritable), no inherited ignored
 //! signals and an empty signal mask.
 
-pub use crate::runtime::fds::{RUNNER_ARTIFACT_FD, SHM_FD};
+pub use crate::runtime::fds::{RUNNER_ARTIFACT_FD, RUNNER_MODULE_FD, SHM_FD};
 use ipc::spawn::Child;
 use std::ffi::OsStr;
 use std::io;
@@ -22,12 +23,14 @@ pub enum RunnerMode {
 }
 
 /// Spawns `runner_bin` with `shm` as its fd [`SHM_FD`] and `artifact` (a
-/// sealed memfd) as its fd [`RUNNER_ARTIFACT_FD`], to enter the sandbox
+/// sealed memfd) as its fd [`RUNNER_ARTIFACT_FD`] (and `module`, if given,
+/// as [`RUNNER_MODULE_FD`], with `--module`), to enter the sandbox
 /// `sandbox` (a `--sandbox` value). The caller must reap it.
 pub fn spawn_runner(
     runner_bin: &Path,
     shm: BorrowedFd<'_>,
     artifact: BorrowedFd<'_>,
+    module: Option<BorrowedFd<'_>>,
     mode: RunnerMode,
     sandbox: &str,
 ) -> io::Result<Child> {
@@ -35,6 +38,12 @@ pub fn spawn_runner(
         RunnerMode::Warm => "--warm",
         RunnerMode::Once => "--once",
     };
-    let args = [OsStr::new("--sandbox"), OsStr::new(sandbox), OsStr::new(mode_arg)];
-    Child::spawn(runner_bin, &args, &[], &[(shm, SHM_FD), (artifact, RUNNER_ARTIFACT_FD)])
+    let mut args = vec![OsStr::new("--sandbox"), OsStr::new(sandbox)];
+    let mut fds = vec![(shm, SHM_FD), (artifact, RUNNER_ARTIFACT_FD)];
+    if let Some(module) = module {
+        args.push(OsStr::new("--module"));
+        fds.push((module, RUNNER_MODULE_FD));
+    }
+    args.push(OsStr::new(mode_arg));
+    Child::spawn(runner_bin, &args, &[], &fds)
 }

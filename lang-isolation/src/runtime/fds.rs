@@ -6,10 +6,11 @@
 //! | worker, runner     | 0-2 | stdin, stdout on `/dev/null`; stderr inherited              |
 //! | worker, runner     | 3  | [`SHM_FD`]: the shared-region memfd; **closed** once mapped  |
 //! | runner             | 4  | [`RUNNER_ARTIFACT_FD`]: the artifact, a sealed memfd; **closed** once mapped |
+//! | runner (`--module`) | 5 | [`RUNNER_MODULE_FD`]: the function's module, a sealed memfd; **closed** once read |
 //! | worker             | 4  | [`WORKER_SOCKET_FD`]: `AF_UNIX` `SOCK_SEQPACKET` socket; artifacts arrive on it as sealed memfds (`SCM_RIGHTS`, one per message) |
 //!
 //! Nothing else is inherited: both are spawned by `ipc::spawn::Child`
-//! (`posix_spawn`), which closes every fd above 4 in the child
+//! (`posix_spawn`), which closes every fd above the last it passes in the child
 //! (`posix_spawn_file_actions_addclosefrom_np`), even ones the host left
 //! inheritable. stderr (fd 2) is the host's own, shared
 //! for diagnostics; the sandbox may want to replace it with a pipe. Once
@@ -30,5 +31,8 @@ use std::os::fd::RawFd;
 pub const SHM_FD: RawFd = 3;
 /// Runner: its artifact's sealed memfd (closed once mapped).
 pub const RUNNER_ARTIFACT_FD: RawFd = 4;
+/// Runner of a function deployed with a module: the module's sealed memfd
+/// (closed once read).
+pub const RUNNER_MODULE_FD: RawFd = 5;
 /// Worker: the socket artifact memfds arrive on (`SCM_RIGHTS`).
 pub const WORKER_SOCKET_FD: RawFd = 4;

@@ -173,11 +173,80 @@ impl Instance {
             },
             other => Err(self.failure_of(other)),
         };
+        let result = result.and_then(|()| self.load_module());
         match result {
             Ok(()) => self.initialised = true,
             Err(_) => self.poisoned = true,
         }
         result
+    }
+
+    /// After `init`, for a function deployed with a module: runs
+    /// `load(module)` (allocations go to the persistent arena, as init's).
+    /// Gated, the module is first copied into the function's own (keyed)
+    /// invocation arena, which is reset once `load` returns: the function
+    /// copies what it keeps.
+    fn load_module(&mut self) -> Result<(), Failure> {
+        let Some(module) = self.function.module().cloned() else {
+            return Ok(());
+        };
+        let Some(load) = self.function.load_fn() else {
+            return Err(Failure::FunctionError {
+                message: "the function takes no module (its artifact exports no microfaas_v1_load)".to_owned(),
+            });
+        };
+        let mut code = status::NOT_RUN;
+        let exit = if self.gated {
+            let heap = &mut self.ctx.get_mut().heap;
+            heap.set_active(Arena::Invocation);
+            let copy = if module.is_empty() {
+                std::ptr::NonNull::<u8>::dangling().as_ptr()
+            } else {
+                heap.alloc(module.len(), 1)
+            };
+            heap.set_active(Arena::Persistent);
+            if copy.is_null() {
+                self.reset_invocation();
+                return Err(Failure::OutOfMemory {
+                    message: format!("no room for the {}-byte module", module.len()),
+                    limit_bytes: self.limit_bytes,
+                });
+            }
+            // SAFETY: `copy` is a fresh block of `module.len()` bytes (or
+            // dangling for an empty module, never written).
+            unsafe { std::ptr::copy_nonoverlapping(module.as_ptr(), copy, module.len()) };
+            let (exit, rax) = self.call_gated(load as *const () as usize, [copy.addr(), module.len(), 0]);
+            code = u32::try_from(rax & 0xffff_ffff).unwrap_or(status::NOT_RUN);
+            exit
+        } else {
+            let code_ptr: *mut u32 = &mut code;
+            let (at, len) = (module.as_ptr(), module.len());
+            self.call(move |host| {
+                // SAFETY: `host` is the instance's table, valid for the call;
+                // the module's bytes (kept alive by `module`, held until the
+                // call returns) are readable; `code_ptr` points at a local
+                // that outlives the call.
+                unsafe { *code_ptr = load(host, at, len) };
+            })
+        };
+        self.reset_invocation();
+        drop(module);
+        match exit {
+            Exit::Returned => match code {
+                status::OK => Ok(()),
+                status::NO_LOAD => Err(Failure::FunctionError {
+                    message: "the function takes no module (it declares no load)".to_owned(),
+                }),
+                status::ERROR => Err(Failure::FunctionError {
+                    message: "(no message)".to_owned(),
+                }),
+                status::BAD_ABI => Err(Failure::BadAbi),
+                other => Err(Failure::Malformed {
+                    detail: format!("load returned unknown status {other}"),
+                }),
+            },
+            other => Err(self.failure_of(other)),
+        }
     }
 
     /// Runs `handle(input)` (allocations go to the invocation arena). On

@@ -29,12 +29,13 @@
 
 use super::elf::{self, ElfError, Import, LoadPlan, Protection, RelocValue};
 use super::mmap::Mapping;
-use microfaas_sdk::{HandleFn, InitFn};
+use microfaas_sdk::{HandleFn, InitFn, LoadFn};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The seals a delivered artifact memfd must carry: its contents and size
@@ -180,6 +181,57 @@ impl AsFd for SealedArtifact {
     }
 }
 
+/// What a function runs: its artifact and, for a function deployed with a
+/// module (deploy-time data such as the WebAssembly module an interpreter
+/// runs), that module, both sealed memfds. The module is passed to the
+/// artifact's `microfaas_v1_load` once, right after `init`; the pair is one
+/// image (loaded, initialised and snapshotted as one), never shared with
+/// the artifact alone or with another module.
+#[derive(Debug, Clone)]
+pub struct FunctionCode {
+    artifact: Arc<SealedArtifact>,
+    module: Option<Arc<SealedArtifact>>,
+    image: u64,
+}
+
+impl FunctionCode {
+    /// The artifact alone: its image is the artifact's ([`SealedArtifact::id`]).
+    pub fn new(artifact: Arc<SealedArtifact>) -> Self {
+        let image = artifact.id();
+        Self {
+            artifact,
+            module: None,
+            image,
+        }
+    }
+
+    /// `artifact` taking `module`: an image of its own (a fresh id, from the
+    /// same counter as the artifacts', so unique in this process).
+    pub fn with_module(artifact: Arc<SealedArtifact>, module: Arc<SealedArtifact>) -> Self {
+        Self {
+            artifact,
+            module: Some(module),
+            image: NEXT_ARTIFACT_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// The artifact.
+    pub fn artifact(&self) -> &Arc<SealedArtifact> {
+        &self.artifact
+    }
+
+    /// The module, if any.
+    pub fn module(&self) -> Option<&Arc<SealedArtifact>> {
+        self.module.as_ref()
+    }
+
+    /// The image id: functions deployed with equal ids share one loaded
+    /// (and initialised) image in a worker.
+    pub fn image_id(&self) -> u64 {
+        self.image
+    }
+}
+
 /// The non-executable ranges of `plan`'s image with their final protection
 /// (RELRO read-only inside its writable segment). Pure.
 pub(crate) fn data_ranges(plan: &LoadPlan) -> Vec<(usize, usize, libc::c_int)> {
@@ -233,6 +285,8 @@ fn memfd_exec(name: &CString) -> io::Result<OwnedFd> {
 pub struct ArtifactImage {
     sealed: SealedArtifact,
     plan: LoadPlan,
+    /// The module every instance's `load` is given (see [`FunctionCode`]).
+    module: Option<Arc<[u8]>>,
 }
 
 impl ArtifactImage {
@@ -240,7 +294,26 @@ impl ArtifactImage {
     pub fn parse(sealed: SealedArtifact) -> Result<Self, LoadError> {
         let bytes = sealed.read_all()?;
         let plan = elf::plan(&bytes).map_err(LoadError::Elf)?;
-        Ok(Self { sealed, plan })
+        Ok(Self {
+            sealed,
+            plan,
+            module: None,
+        })
+    }
+
+    /// The image of this artifact taking `module`: its bytes are read now
+    /// (the memfd is closed) and given to every instance's `load` right
+    /// after `init`. An artifact that exports no `microfaas_v1_load` is
+    /// refused when an instance is initialised, not here (the error is the
+    /// function's: it takes no module).
+    pub fn with_module(mut self, module: SealedArtifact) -> Result<Self, LoadError> {
+        self.module = Some(module.read_all()?.into());
+        Ok(self)
+    }
+
+    /// The module, if the image takes one.
+    pub fn module(&self) -> Option<&Arc<[u8]>> {
+        self.module.as_ref()
     }
 
     /// The checked plan.
@@ -290,6 +363,10 @@ pub(crate) fn import_addr(import: Import) -> u64 {
 pub struct LoadedFunction {
     init: InitFn,
     handle: HandleFn,
+    /// `microfaas_v1_load`, if exported.
+    load: Option<LoadFn>,
+    /// The module `load` is given after `init` (from the [`ArtifactImage`]).
+    module: Option<Arc<[u8]>>,
     mappings: usize,
     /// The non-executable ranges of the image (offset, length, final
     /// protection): what a protection key covers.
@@ -381,23 +458,30 @@ impl LoadedFunction {
         }
         // SAFETY: the image was mapped and relocated above by the plan, and
         // `self` keeps it mapped (dropping it last).
-        Ok(unsafe { Self::over(plan, ImageMemory::Owned(image)) })
+        let mut function = unsafe { Self::over(plan, ImageMemory::Owned(image)) };
+        function.module = artifact.module.clone();
+        Ok(function)
     }
 
     /// The function of a pre-linked image mapped at `addr` (`plan.span`
     /// bytes) in an image space, which keeps it mapped while `token` lives.
     ///
+    /// The instance's `load` is given `artifact`'s module, if it has one.
+    ///
     /// # Safety
     /// `[addr, addr + plan.span)` must hold `plan`'s image relocated for
     /// `addr` and stay mapped so while the token (kept in the value) lives.
-    pub(crate) unsafe fn in_window(plan: &LoadPlan, addr: usize, token: std::sync::Arc<()>) -> Self {
+    pub(crate) unsafe fn in_window(artifact: &ArtifactImage, addr: usize, token: std::sync::Arc<()>) -> Self {
+        let plan = artifact.plan();
         let memory = ImageMemory::Window {
             addr,
             len: plan.span,
             _token: token,
         };
         // SAFETY: forwarded caller contract.
-        unsafe { Self::over(plan, memory) }
+        let mut function = unsafe { Self::over(plan, memory) };
+        function.module = artifact.module.clone();
+        function
     }
 
     /// # Safety
@@ -405,20 +489,24 @@ impl LoadedFunction {
     /// address, for as long as it lives.
     unsafe fn over(plan: &LoadPlan, image: ImageMemory) -> Self {
         let base = image.start();
-        // SAFETY: the plan puts both entry symbols inside an executable
+        // SAFETY: the plan puts the entry symbols (and `load`, if any) inside an executable
         // segment of the image (caller contract: mapped); the ABI (version
         // checked by the plan) gives them these types. They stay valid
         // while `image` is mapped, which `self` guarantees by dropping
         // `image` last.
-        let (init, handle) = unsafe {
+        let (init, handle, load) = unsafe {
             (
                 std::mem::transmute::<*const u8, InitFn>(base.add(plan.init)),
                 std::mem::transmute::<*const u8, HandleFn>(base.add(plan.handle)),
+                plan.load
+                    .map(|at| std::mem::transmute::<*const u8, LoadFn>(base.add(at))),
             )
         };
         Self {
             init,
             handle,
+            load,
+            module: None,
             mappings: plan.max_mappings(),
             data_ranges: data_ranges(plan),
             image,
@@ -462,5 +550,15 @@ impl LoadedFunction {
     /// The handle entry point (valid while `self` lives).
     pub(crate) fn handle_fn(&self) -> HandleFn {
         self.handle
+    }
+
+    /// The load entry point, if exported (valid while `self` lives).
+    pub(crate) fn load_fn(&self) -> Option<LoadFn> {
+        self.load
+    }
+
+    /// The module `init` goes on to give `load`, if any.
+    pub fn module(&self) -> Option<&Arc<[u8]>> {
+        self.module.as_ref()
     }
 }

@@ -70,7 +70,9 @@ mod watch;
 pub use elf::{ElfError, Import, LoadPlan, MAX_SPAN_BYTES, Protection, RelocValue, Relocation, SegmentPlan, plan};
 pub use heap::{Arena, HeapMemory, InstanceHeap, PersistentState};
 pub use instance::{Instance, InstanceShell, Output};
-pub use loader::{ArtifactImage, LoadError, LoadedFunction, MAX_ARTIFACT_BYTES, REQUIRED_SEALS, SealedArtifact};
+pub use loader::{
+    ArtifactImage, FunctionCode, LoadError, LoadedFunction, MAX_ARTIFACT_BYTES, REQUIRED_SEALS, SealedArtifact,
+};
 pub use services::monotonic_ns;
 pub use stack::{GUARD_BYTES, GuardedStack};
 pub use trap::{Preemption, preempt_from_signal};

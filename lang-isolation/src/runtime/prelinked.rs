@@ -1144,7 +1144,7 @@ impl ImageSpace {
         // SAFETY: the range now holds `image`'s pieces (its artifact's code
         // and its writable pages relocated for this address), and `enter`
         // refuses to map anything while the token handed out lives.
-        Ok(unsafe { LoadedFunction::in_window(artifact.plan(), self.addr() + at, Arc::clone(&self.token)) })
+        Ok(unsafe { LoadedFunction::in_window(artifact, self.addr() + at, Arc::clone(&self.token)) })
     }
 
     /// Copies `copies` (offset in the image, bytes) into the image at `at`.

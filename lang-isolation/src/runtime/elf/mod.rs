@@ -18,7 +18,7 @@ mod dynamic;
 
 use dynamic::{Symbols, parse_dynamic};
 use microfaas_sdk::{
-    ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, INIT_SYMBOL, PkruInstruction, find_pkru_instruction,
+    ABI_VERSION, ABI_VERSION_SYMBOL, HANDLE_SYMBOL, INIT_SYMBOL, LOAD_SYMBOL, PkruInstruction, find_pkru_instruction,
 };
 
 /// Largest address span an artifact may occupy: 1 GiB.
@@ -236,6 +236,10 @@ pub struct LoadPlan {
     pub init: usize,
     /// Offset of `microfaas_v1_handle` (in an executable segment).
     pub handle: usize,
+    /// Offset of `microfaas_v1_load` (in an executable segment), if the
+    /// artifact exports it (it is optional: only a function deployed with a
+    /// module is called through it).
+    pub load: Option<usize>,
 }
 
 impl LoadPlan {
@@ -620,6 +624,11 @@ pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
     };
     let init = entry(INIT_SYMBOL)?;
     let handle = entry(HANDLE_SYMBOL)?;
+    let load = match symbols.lookup(LOAD_SYMBOL) {
+        Ok(_) => Some(entry(LOAD_SYMBOL)?),
+        Err(ElfError::MissingSymbol(_)) => None,
+        Err(e) => return Err(e),
+    };
     Ok(LoadPlan {
         lo,
         span: to_usize(span, "span")?,
@@ -628,6 +637,7 @@ pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
         relro,
         init,
         handle,
+        load,
     })
 }
 
