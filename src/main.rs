@@ -57,6 +57,11 @@ enum Command {
         backend: String,
         /// A function from functions/ (e.g. echo) or a path to a built artifact.
         function: String,
+        /// Deploy-time data for the function's `load` (e.g. a WebAssembly
+        /// module for wasm-runtime): an example module's name (`microfaas
+        /// functions --modules`) or a file.
+        #[arg(long)]
+        module: Option<String>,
         /// Input text.
         #[arg(long, conflicts_with = "input_file")]
         input: Option<String>,
@@ -94,8 +99,13 @@ enum Command {
         /// The artifact file.
         artifact: PathBuf,
     },
-    /// List the example functions.
-    Functions,
+    /// List the example functions (with --modules: the example WebAssembly
+    /// modules, to run on wasm-runtime with `invoke --module`).
+    Functions {
+        /// List the example modules instead.
+        #[arg(long)]
+        modules: bool,
+    },
     /// Inspect the vm backend's snapshot store: tree, show, diff, verify, gc.
     Snapshots(snapshots_cli::SnapshotsCommand),
     /// Serve the AWS Lambda API (HTTP/1.1, SigV4) for every backend until
@@ -187,6 +197,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Invoke {
             backend,
             function,
+            module,
             input,
             input_file,
             cold,
@@ -212,6 +223,9 @@ fn run(command: Command) -> Result<(), Failure> {
             config.vm.store_dir = store;
             let backend = microfaas::open(kind, config)?;
             let mut spec = FunctionSpec::new(name.clone(), artifact).with_tenant(tenant);
+            if let Some(module) = module {
+                spec = spec.with_module(resolve_module(&module)?);
+            }
             if let Some(ms) = budget_ms {
                 spec = spec.with_budget(Duration::from_millis(ms));
             }
@@ -243,8 +257,13 @@ fn run(command: Command) -> Result<(), Failure> {
             outln!("{}: ok (sha256 {})", a.path().display(), a.digest());
             Ok(())
         }
-        Command::Functions => {
-            for name in microfaas::builtin_names() {
+        Command::Functions { modules } => {
+            let names = if modules {
+                microfaas::builtin_module_names()
+            } else {
+                microfaas::builtin_names()
+            };
+            for name in names {
                 outln!("{name}");
             }
             Ok(())
@@ -299,6 +318,16 @@ fn resolve_function(function: &str) -> Result<(String, Arc<Artifact>), Failure> 
         return Ok((name, Arc::new(artifact)));
     }
     Ok((function.to_owned(), microfaas::builtin(function)?))
+}
+
+/// `--module`: an example module by name, or a file (a path, or a name
+/// ending in `.wasm`).
+fn resolve_module(module: &str) -> Result<Arc<[u8]>, Failure> {
+    if module.contains('/') || module.ends_with(".wasm") {
+        let bytes = std::fs::read(module).map_err(|e| Error::io(format!("reading module {module}"), e))?;
+        return Ok(bytes.into());
+    }
+    Ok(microfaas::builtin_module(module)?)
 }
 
 fn invoke(backend: &dyn Backend, spec: &FunctionSpec, input: &[u8], cold: bool, json: bool) -> Result<(), Failure> {

@@ -273,3 +273,66 @@ fn commands_exit_quietly_when_stdout_is_closed() {
         );
     }
 }
+
+/// `invoke --module`: the wasm runtime runs an example module given by
+/// name or as a file, on `process` and `language`; a file that is not
+/// WebAssembly fails the function (exit 1, named); an unknown module name
+/// exits with 2; `functions --modules` lists the example modules.
+#[test]
+fn invoke_takes_a_module_by_name_or_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let listed = microfaas(&["functions", "--modules"], dir.path());
+    assert_eq!(listed.status.code(), Some(0), "{}", stderr(&listed));
+    let names = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(names.lines().any(|l| l == "echo"), "{names}");
+
+    let file = dir.path().join("echo.wasm");
+    std::fs::write(&file, &*microfaas::builtin_module("echo").unwrap()).unwrap();
+    let file = file.to_str().unwrap();
+    for (backend, module) in [("process", "echo"), ("language", file)] {
+        let out = microfaas(
+            &[
+                "invoke",
+                "--backend",
+                backend,
+                "wasm-runtime",
+                "--module",
+                module,
+                "--input",
+                "hi",
+            ],
+            dir.path(),
+        );
+        assert_eq!(out.status.code(), Some(0), "{backend}: {}", stderr(&out));
+        assert_eq!(out.stdout, b"hi", "{backend}");
+    }
+
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"not webassembly").unwrap();
+    let out = microfaas(
+        &[
+            "invoke",
+            "--backend",
+            "process",
+            "wasm-runtime",
+            "--module",
+            garbage.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("invalid wasm module"), "{}", stderr(&out));
+
+    let out = microfaas(
+        &[
+            "invoke",
+            "--backend",
+            "process",
+            "wasm-runtime",
+            "--module",
+            "no-such-module",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

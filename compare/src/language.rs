@@ -1,7 +1,10 @@
 //! `language`: the language backend's cold and warm starts in detail, one
 //! worker: cold start of `noop` by cold-start path (the loader's fresh
 //! copy, the pre-linked image, its post-init snapshot) with N functions
-//! deployed, `init-heavy` cold with and without its post-init snapshot,
+//! deployed, `init-heavy` and the interpreted `wasm-large-module` and
+//! `wasm-noop-module` (the wasmi runtime with the example's WebAssembly
+//! module as deploy-time data: init = engine + linker, load = compile) cold
+//! with and without their post-init snapshots,
 //! warm latency and throughput measured the paper's way (one caller pinned
 //! to core 0, the worker on core 1, requests one at a time: throughput =
 //! serial requests per second) and saturated without oversubscribing
@@ -119,9 +122,17 @@ fn open(cold_start: LanguageColdStart, config: &Config) -> Result<Box<dyn Backen
 /// Deploys `n` copies of `function`, each its own artifact (as the paper's
 /// functions are each their own shared object): its own memfd, image and
 /// snapshot in the worker. (Functions deployed from one `Artifact` share
-/// one image.)
+/// one image.) `wasm-NAME-module` is the wasm runtime given example NAME's
+/// module.
 fn deploy(backend: &dyn Backend, function: &str, n: usize) -> Result<Vec<FunctionId>, String> {
-    let path = microfaas::builtin(function)
+    let (artifact_name, module) = match function.strip_prefix("wasm-").and_then(|f| f.strip_suffix("-module")) {
+        Some(name) => (
+            microfaas::WASM_RUNTIME,
+            Some(microfaas::builtin_module(name).map_err(|e| e.to_string())?),
+        ),
+        None => (function, None),
+    };
+    let path = microfaas::builtin(artifact_name)
         .map_err(|e| e.to_string())?
         .path()
         .to_owned();
@@ -133,11 +144,12 @@ fn deploy(backend: &dyn Backend, function: &str, n: usize) -> Result<Vec<Functio
         .map(|i| {
             pb.inc(1);
             let artifact = microfaas::Artifact::load(&path).map_err(|e| e.to_string())?;
+            let mut spec = FunctionSpec::new(format!("{function}-{i}"), std::sync::Arc::new(artifact));
+            if let Some(module) = &module {
+                spec = spec.with_module(std::sync::Arc::clone(module));
+            }
             backend
-                .deploy(&FunctionSpec::new(
-                    format!("{function}-{i}"),
-                    std::sync::Arc::new(artifact),
-                ))
+                .deploy(&spec)
                 .map_err(|e| format!("deploying {function} #{i}: {e}"))
         })
         .collect();
@@ -411,7 +423,8 @@ fn noop_rows(opts: &Options, config: &Config, n: usize, report: &mut Report) {
     }
 }
 
-/// `init-heavy` (and `noop` beside it, for the ratio) cold by every path.
+/// `init-heavy` and the interpreted module functions (and `noop` beside
+/// them, for the ratio) cold by every path.
 fn heavy_rows(opts: &Options, config: &Config, report: &mut Report) {
     for mode in [
         LanguageColdStart::Snapshot,
@@ -426,7 +439,7 @@ fn heavy_rows(opts: &Options, config: &Config, report: &mut Report) {
                 continue;
             }
         };
-        for function in ["init-heavy", "noop"] {
+        for function in ["init-heavy", "wasm-large-module", "wasm-noop-module", "noop"] {
             if function == "noop" && mode != LanguageColdStart::Snapshot {
                 continue;
             }
@@ -457,13 +470,13 @@ fn heavy_rows(opts: &Options, config: &Config, report: &mut Report) {
 /// The results as text.
 pub fn text(r: &Report) -> String {
     let mut s = format!(
-        "{:<11} {:<5} {:<14} {:>6}  {:>9} {:>9} {:>9}  {:>12}  {}\n",
+        "{:<17} {:<5} {:<14} {:>6}  {:>9} {:>9} {:>9}  {:>12}  {}\n",
         "function", "start", "mode", "fns", "p50 us", "p99 us", "p99.9 us", "req/s", "errors"
     );
     for row in &r.rows {
         if let Some(why) = &row.skipped {
             s.push_str(&format!(
-                "{:<11} {:<5} {:<14} {:>6}  skipped: {why}\n",
+                "{:<17} {:<5} {:<14} {:>6}  skipped: {why}\n",
                 row.function, row.start, row.mode, row.functions_deployed
             ));
             continue;
@@ -477,7 +490,7 @@ pub fn text(r: &Report) -> String {
         });
         let tput = row.throughput_per_s.map_or(String::new(), |t| format!("{t:.0}"));
         s.push_str(&format!(
-            "{:<11} {:<5} {:<14} {:>6}  {p50:>9} {p99:>9} {p999:>9}  {tput:>12}  {}\n",
+            "{:<17} {:<5} {:<14} {:>6}  {p50:>9} {p99:>9} {p999:>9}  {tput:>12}  {}\n",
             row.function, row.start, row.mode, row.functions_deployed, row.errors
         ));
     }

@@ -42,8 +42,9 @@ enum Experiment {
     Snapshots,
     /// The HTTP front end (`microfaas serve`) against the trait: latency per backend and start path, throughput per client count (not in `all`).
     Http,
-    /// The language backend: cold start by path (load, pre-linked, post-init snapshot) for noop and
-    /// init-heavy, warm serial and saturated throughput, mappings and memory per function (100 and 5,000).
+    /// The language backend: cold start by path (load, pre-linked, post-init snapshot) for noop,
+    /// init-heavy and the interpreted wasm-large-module and wasm-noop-module, warm serial and saturated
+    /// throughput, mappings and memory per function (100 and 5,000).
     Language,
 }
 
