@@ -264,7 +264,7 @@ pub fn snapshots_text(r: &snapshots::Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\nprivate memory per idle restored noop instance: {} KiB (guest pages it wrote; KVM's own memory not included)",
+        "\nprivate memory per idle restored noop instance: {} KiB (the guest pages written plus the vm host processes' own private memory, over the idle instances: with few instances the processes' own share dominates; `density` gives the figure at scale; KVM's kernel memory not included)",
         opt(r.idle_private_kib, 0)
     );
     if let Some(d) = &r.density {

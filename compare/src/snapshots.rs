@@ -80,8 +80,9 @@ pub struct Report {
     pub deploy_ms: Vec<(String, f64)>,
     /// The store's nodes.
     pub nodes: Vec<NodeRow>,
-    /// Private host memory per idle restored `noop` instance, KiB (guest
-    /// pages the instance wrote; KVM's own kernel memory is not included).
+    /// Private host memory per idle restored `noop` instance, KiB: the
+    /// guest pages written plus the vm host processes' own private memory,
+    /// over the idle instances (KVM's kernel memory is not included).
     pub idle_private_kib: Option<f64>,
     /// Idle `noop` instances started from its function node, in steps.
     pub density: Option<Density>,
