@@ -26,6 +26,15 @@ fn build(dir: &Path, name: &str) -> Vec<u8> {
     std::fs::read(built.path).unwrap()
 }
 
+fn fixture(name: &str) -> Vec<u8> {
+    build(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name),
+        name,
+    )
+}
+
 fn function(name: &str) -> Vec<u8> {
     build(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions").join(name),
@@ -145,6 +154,67 @@ fn every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on() {
     assert!(n.handle(b"").is_ok());
 }
 
+/// A gated instance of `bytes` that takes `module`.
+fn gated_with_module(bytes: &[u8], module: &[u8], keys: &[u32], config: &InstanceConfig) -> Instance {
+    let image = image(bytes)
+        .with_module(SealedArtifact::create("module", module).unwrap())
+        .unwrap();
+    let f = LoadedFunction::load(&image).unwrap();
+    match keys.first() {
+        Some(&key) => Instance::new_keyed(f, config, key).unwrap(),
+        None => Instance::new_gated_without_keys(f, config).unwrap(),
+    }
+}
+
+/// `init` then `load(module)` through the gate: the module is copied into
+/// the function's own heap and reaches `load` intact (here 1 MiB, and
+/// empty); a module `load` refuses, or one given to a function that
+/// declares no `load`, poisons the instance with a function error; one
+/// larger than the heap is out of memory before any function code runs.
+fn a_module_goes_through_the_gate_into_load() {
+    // As in the first test (and whichever runs first).
+    let keys = if pkeys::cpu_has_ospke() {
+        let keys = pkeys::allocate_keys(1).unwrap();
+        pkeys::claim_for_this_thread().unwrap();
+        keys
+    } else {
+        pkeys::use_key_safe_imports();
+        Vec::new()
+    };
+    let config = InstanceConfig {
+        heap_limit_bytes: 8 << 20,
+        ..InstanceConfig::default()
+    };
+    let bytes = fixture("module-echo");
+    let module: Vec<u8> = (0..(1u32 << 20)).map(|i| u8::try_from(i * 13 % 251).unwrap()).collect();
+    for module in [&module[..], b""] {
+        let mut m = gated_with_module(&bytes, module, &keys, &config);
+        m.init().unwrap();
+        let mut want = module.to_vec();
+        want.extend_from_slice(b"input");
+        assert_eq!(m.handle(b"input").unwrap().bytes(), want);
+        assert_eq!(m.handle(b"").unwrap().bytes(), module, "the module stays after load");
+    }
+    let mut bad = gated_with_module(&bytes, b"bad module", &keys, &config);
+    match bad.init() {
+        Err(Failure::FunctionError { message }) => assert!(message.contains("refuses"), "{message}"),
+        other => panic!("a refused module: {other:?}"),
+    }
+    assert!(bad.poisoned());
+    assert!(matches!(bad.handle(b""), Err(Failure::Poisoned)));
+    let mut no_load = gated_with_module(&function("echo"), b"anything", &keys, &config);
+    match no_load.init() {
+        Err(Failure::FunctionError { message }) => assert!(message.contains("takes no module"), "{message}"),
+        other => panic!("a module for echo: {other:?}"),
+    }
+    let huge = vec![7u8; 9 << 20];
+    let mut too_big = gated_with_module(&bytes, &huge, &keys, &config);
+    assert!(
+        matches!(too_big.init(), Err(Failure::OutOfMemory { .. })),
+        "a module beyond the heap"
+    );
+}
+
 fn the_loader_refuses_code_patched_to_hold_pkru_writes() {
     let bytes = function("noop");
     let p = plan(&bytes).unwrap();
@@ -187,10 +257,14 @@ fn the_loader_refuses_code_patched_to_hold_pkru_writes() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 2] = [
+    let tests: [(&str, fn()); 3] = [
         (
             "every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on",
             every_way_a_call_ends_goes_through_the_gate_and_the_instance_serves_on,
+        ),
+        (
+            "a_module_goes_through_the_gate_into_load",
+            a_module_goes_through_the_gate_into_load,
         ),
         (
             "the_loader_refuses_code_patched_to_hold_pkru_writes",
