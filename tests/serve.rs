@@ -345,3 +345,71 @@ fn the_server_refuses_to_start_without_credentials_or_with_a_bad_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A zip of `entries` (name, bytes).
+fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, bytes) in entries {
+        w.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// Code uploaded with a module (`wasm-runtime`'s `.so` and a `.wasm` in one
+/// zip) runs the module on every backend; `UpdateFunctionCode` with another
+/// module changes what runs; the configuration names the module's digest;
+/// a module that is not WebAssembly fails the invocation (a function
+/// error), and the server keeps serving.
+#[test]
+fn code_with_a_module_runs_the_module() {
+    use base64::Engine as _;
+    let server = Server::start(&[], false);
+    let mut c = Client::connect(server.addr, None).unwrap();
+    let runtime = std::fs::read(microfaas::builtin(microfaas::WASM_RUNTIME).unwrap().path()).unwrap();
+    let module = |name: &str| microfaas::builtin_module(name).unwrap();
+    let echo = zip_of(&[("wasm-runtime.so", &runtime), ("echo.wasm", &module("echo"))]);
+    for runtime_name in ["microfaas-process", "microfaas-language", "microfaas-vm"] {
+        let name = format!("wasm-echo-{}", runtime_name.trim_start_matches("microfaas-"));
+        let r = c.create_function(&name, runtime_name, &echo).unwrap();
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        let config: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(config["MicrofaasModuleSha256"].is_string(), "{config}");
+        let r = c.invoke(&name, b"interpreted", None).unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"interpreted"[..]),
+            "{runtime_name}"
+        );
+    }
+    let hash = zip_of(&[("wasm-runtime.so", &runtime), ("hash.wasm", &module("hash"))]);
+    let body = serde_json::json!({ "ZipFile": base64::engine::general_purpose::STANDARD.encode(&hash) }).to_string();
+    let r = c
+        .request(
+            "PUT",
+            "/2015-03-31/functions/wasm-echo-process/code",
+            "",
+            &[],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = c.invoke("wasm-echo-process", b"abc", None).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 8, "the hash module's 8-byte digest, not an echo");
+
+    let garbage = zip_of(&[("wasm-runtime.so", &runtime), ("bad.wasm", b"not webassembly")]);
+    assert_eq!(
+        c.create_function("bad", "microfaas-process", &garbage).unwrap().status,
+        201
+    );
+    let r = c.invoke("bad", b"", None).unwrap();
+    assert_eq!(r.header("x-amz-function-error"), Some("Unhandled"));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("invalid wasm module"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(c.invoke("wasm-echo-vm", b"alive", None).unwrap().body, b"alive");
+    assert!(server.stop().success());
+}

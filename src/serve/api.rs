@@ -339,7 +339,7 @@ pub fn check_create(req: &CreateRequest) -> Result<(BackendKind, u64, u64), ApiE
 /// Lambda's `FunctionConfiguration` of a stored function.
 pub fn configuration(meta: &FunctionMeta, region: &str) -> Value {
     let sha = hex_to_base64(&meta.code_sha256);
-    json!({
+    let mut config = json!({
         "FunctionName": meta.name,
         "FunctionArn": format!("arn:aws:lambda:{region}:{ACCOUNT}:function:{}", meta.name),
         "Runtime": meta.runtime,
@@ -357,7 +357,15 @@ pub fn configuration(meta: &FunctionMeta, region: &str) -> Value {
         "LastUpdateStatus": "Successful",
         "PackageType": "Zip",
         "Architectures": ["x86_64"],
-    })
+    });
+    // Ours (Lambda has no modules): the module's digest and size, when the
+    // function was uploaded with one; `CodeSha256`/`CodeSize` stay the
+    // artifact's.
+    if let Some(module) = &meta.module_sha256 {
+        config["MicrofaasModuleSha256"] = json!(hex_to_base64(module));
+        config["MicrofaasModuleSize"] = json!(meta.module_size);
+    }
+    config
 }
 
 /// Lambda prints `CodeSha256` in base64; we store hex.
@@ -615,6 +623,8 @@ mod tests {
                 memory_mib: 128,
                 code_sha256: "ab".into(),
                 code_size: 1,
+                module_sha256: None,
+                module_size: 0,
                 last_modified: String::new(),
                 revision_id: String::new(),
             })

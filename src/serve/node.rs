@@ -92,6 +92,24 @@ impl Node {
         Ok(Arc::new(artifact))
     }
 
+    /// The stored module of `meta`, if it has one, checked against its
+    /// digest (the registry is trusted no more than an upload).
+    fn module(&self, meta: &FunctionMeta) -> Result<Option<Arc<[u8]>>, crate::Error> {
+        let Some(sha256) = &meta.module_sha256 else {
+            return Ok(None);
+        };
+        let path = self.registry.module_path(sha256);
+        let bytes =
+            std::fs::read(&path).map_err(|e| crate::Error::io(format!("reading module {}", path.display()), e))?;
+        if sha256_hex(&bytes) != *sha256 {
+            return Err(crate::Error::InvalidArtifact {
+                path,
+                reason: "the module's digest is not the one the registry records".into(),
+            });
+        }
+        Ok(Some(bytes.into()))
+    }
+
     /// The function deployed at the registry's current version (deploying it
     /// on this node first if needed: the first invoke after a create, an
     /// update, or a node failure).
@@ -127,6 +145,7 @@ impl Node {
             })
         })?;
         let artifact = self.artifact(&meta).map_err(InvokeError::Backend)?;
+        let module = self.module(&meta).map_err(InvokeError::Backend)?;
         let backend = self
             .backend(kind, api::heap_mib_of_memory_size(meta.memory_mib))
             .map_err(InvokeError::Backend)?;
@@ -134,9 +153,12 @@ impl Node {
             // Its instances go; the backend keeps the (unreachable) spec.
             let _ = old.backend.evict(&old.id);
         }
-        let spec = FunctionSpec::new(name, artifact)
+        let mut spec = FunctionSpec::new(name, artifact)
             .with_budget(Duration::from_secs(meta.timeout_s))
             .with_tenant(tenant.clone());
+        if let Some(module) = module {
+            spec = spec.with_module(module);
+        }
         let id = backend.deploy(&spec).map_err(InvokeError::Backend)?;
         let l = Loaded {
             version,
@@ -194,9 +216,10 @@ impl Node {
     }
 
     /// Verifies uploaded code exactly as `microfaas verify` does a file, and
-    /// stores it: (digest, size).
-    fn store_code(&self, code: &api::CodeRequest) -> Result<(String, u64), ApiError> {
-        let bytes = super::code::extract_code(code)?;
+    /// stores it and its module, if any.
+    fn store_code(&self, code: &api::CodeRequest) -> Result<StoredCode, ApiError> {
+        let upload = super::code::extract_code(code)?;
+        let bytes = upload.artifact;
         let temp = self.registry.write_temp(&bytes)?;
         let verified = Artifact::load(&temp);
         let artifact = match verified {
@@ -211,13 +234,27 @@ impl Node {
         };
         let digest = artifact.digest().to_owned();
         self.registry.store_code(&temp, &digest)?;
-        Ok((digest, u64::try_from(bytes.len()).unwrap_or(u64::MAX)))
+        let module = match upload.module {
+            None => None,
+            Some(module) => {
+                let module_digest = sha256_hex(&module);
+                let temp = self.registry.write_temp(&module)?;
+                self.registry.store_module(&temp, &module_digest)?;
+                Some((module_digest, u64::try_from(module.len()).unwrap_or(u64::MAX)))
+            }
+        };
+        Ok(StoredCode {
+            sha256: digest,
+            size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+            module,
+        })
     }
 
     /// `CreateFunction`.
     pub fn create(&self, caller: &Tenant, req: &api::CreateRequest) -> Result<FunctionMeta, ApiError> {
         let (kind, timeout_s, memory_mib) = api::check_create(req)?;
-        let (code_sha256, code_size) = self.store_code(&req.code)?;
+        let code = self.store_code(&req.code)?;
+        let (module_sha256, module_size) = code.module.unzip();
         let meta = FunctionMeta {
             name: req.function_name.clone(),
             tenant: caller.as_str().to_owned(),
@@ -227,8 +264,10 @@ impl Node {
             description: req.description.clone().unwrap_or_default(),
             timeout_s,
             memory_mib,
-            code_sha256,
-            code_size,
+            code_sha256: code.sha256,
+            code_size: code.size,
+            module_sha256,
+            module_size: module_size.unwrap_or(0),
             last_modified: now_iso8601(),
             revision_id: self.new_revision(),
         };
@@ -239,12 +278,15 @@ impl Node {
     /// `UpdateFunctionCode`.
     pub fn update_code(&self, caller: &Tenant, name: &str, code: &api::CodeRequest) -> Result<FunctionMeta, ApiError> {
         let mut meta = self.get(caller, name)?;
-        let (code_sha256, code_size) = self.store_code(code)?;
+        let stored = self.store_code(code)?;
         if code.dry_run {
             return Ok(meta);
         }
-        meta.code_sha256 = code_sha256;
-        meta.code_size = code_size;
+        let (module_sha256, module_size) = stored.module.unzip();
+        meta.code_sha256 = stored.sha256;
+        meta.code_size = stored.size;
+        meta.module_sha256 = module_sha256;
+        meta.module_size = module_size.unwrap_or(0);
         meta.last_modified = now_iso8601();
         meta.revision_id = self.new_revision();
         self.registry.replace(&meta)?;
@@ -309,4 +351,19 @@ pub fn now_iso8601() -> String {
         &d[13..15],
         t.subsec_millis()
     )
+}
+
+/// Uploaded code as stored: the artifact's digest and size, and the
+/// module's, if it came with one.
+#[derive(Debug)]
+struct StoredCode {
+    sha256: String,
+    size: u64,
+    module: Option<(String, u64)>,
+}
+
+/// Hex SHA-256 of `bytes` (a module's content address).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

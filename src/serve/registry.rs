@@ -4,6 +4,7 @@
 //! ```text
 //! DIR/functions/NAME.json    the configuration (FunctionMeta), replaced whole
 //! DIR/code/SHA256.so         verified artifacts, content-addressed, immutable
+//! DIR/code/SHA256.module     modules (deploy-time data for an artifact's load), likewise
 //! DIR/tmp/                   files being written (same filesystem)
 //! ```
 //!
@@ -55,6 +56,13 @@ pub struct FunctionMeta {
     pub code_sha256: String,
     /// Artifact size in bytes.
     pub code_size: u64,
+    /// Hex SHA-256 of the function's module, if it was uploaded with one
+    /// (a `.wasm` entry beside the artifact in the zip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_sha256: Option<String>,
+    /// Module size in bytes (0 without one).
+    #[serde(default)]
+    pub module_size: u64,
     /// When it was last changed, ISO 8601.
     pub last_modified: String,
     /// Changes on every create and update.
@@ -138,6 +146,11 @@ impl Registry {
         self.dir.join("code").join(format!("{sha256}.so"))
     }
 
+    /// Where the module of digest `sha256` is stored.
+    pub fn module_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join("code").join(format!("{sha256}.module"))
+    }
+
     /// A new temporary file in `tmp/` holding `bytes`, synced.
     pub fn write_temp(&self, bytes: &[u8]) -> Result<PathBuf, RegistryError> {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
@@ -159,6 +172,13 @@ impl Registry {
             .and_then(|()| f.sync_all())
             .map_err(io(format!("writing {}", path.display())))?;
         Ok(path)
+    }
+
+    /// Moves a temporary module file to its content address.
+    pub fn store_module(&self, temp: &Path, sha256: &str) -> Result<PathBuf, RegistryError> {
+        let dest = self.module_path(sha256);
+        std::fs::rename(temp, &dest).map_err(io(format!("storing module {}", dest.display())))?;
+        Ok(dest)
     }
 
     /// Moves a verified temporary artifact to its content address.
@@ -298,6 +318,8 @@ mod tests {
             memory_mib: 128,
             code_sha256: "00".into(),
             code_size: 1,
+            module_sha256: None,
+            module_size: 0,
             last_modified: String::new(),
             revision_id: rev.into(),
         }
