@@ -110,6 +110,53 @@ fn every_example_function_loads_runs_and_is_never_writable_and_executable() {
     }
 }
 
+#[test]
+fn outputs_of_every_size_around_the_context_scratch_arrive_intact() {
+    // A call's first 2 KiB of allocations come from its context's scratch,
+    // the rest from the invocation arena; echo's output is one block of
+    // the input's size. Sizes on both sides of the boundary, interleaved, so
+    // that a scratch not reset between calls, or an output read from the
+    // wrong place, shows.
+    let image = image(&artifacts()["echo"]).unwrap();
+    let mut echo = instance(LoadedFunction::load(&image).unwrap());
+    echo.init().unwrap();
+    let sizes = [
+        0usize,
+        1,
+        7,
+        100,
+        2047,
+        2048,
+        2049,
+        5000,
+        1,
+        100_000,
+        2048,
+        3,
+        1 << 20,
+        64,
+    ];
+    for round in 0..3u8 {
+        for (i, &len) in (0u8..).zip(sizes.iter()) {
+            let input: Vec<u8> = (0u8..=250)
+                .cycle()
+                .take(len)
+                .map(|b| b.wrapping_mul(31).wrapping_add(round ^ i))
+                .collect();
+            let out = echo.handle(&input).unwrap_or_else(|e| panic!("{len} bytes: {e}"));
+            assert_eq!(out.bytes(), &input[..], "{len} bytes, round {round}");
+            // A scratch block is not the heap's: the arena holds nothing.
+            if len <= 2048 {
+                assert_eq!(out.heap_used_bytes(), 0, "{len} bytes");
+            } else {
+                assert!(out.heap_used_bytes() >= len, "{len} bytes");
+            }
+            drop(out);
+            assert_eq!(echo.heap_used_bytes(), 0, "reset after {len} bytes");
+        }
+    }
+}
+
 /// `(calls before, mark)` as the stateful fixture reports them.
 fn stateful_reply(out: &[u8]) -> (u64, u8) {
     assert_eq!(out.len(), 9, "{out:?}");

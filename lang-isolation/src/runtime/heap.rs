@@ -371,7 +371,24 @@ impl InstanceHeap {
         let region = &memory.invocation;
         self.limit_bytes = limit_bytes;
         self.persistent_region = Region::of(&memory.persistent);
+        let untouched = self.invocation_region == Region::of(region)
+            && self.invocation_high_water == 0
+            && self.invocation.0.used() == 0
+            && self.invocation.0.bottom().addr() == region.addr()
+            && self.invocation.0.size() == region.len();
         self.invocation_region = Region::of(region);
+        if untouched {
+            // Nothing was handed out since the last reset (a call's small
+            // blocks come from its context's scratch): a fresh allocator
+            // would only write its first hole's header again, into the
+            // arena's first page, one more page (and TLB miss) per warm
+            // call. This state lives where the function can write it, so
+            // this trusts it no more than the call's own next allocation
+            // would: a function that corrupts its holes can do so within
+            // one call (see `Context`); the bounds compared are the
+            // runtime's own.
+            return;
+        }
         self.invocation = ArenaHeap::over(region);
         let touched = super::mmap::round_up_to_page(self.invocation_high_water)
             .unwrap_or(region.len())

@@ -13,8 +13,8 @@ use microfaas_sdk::{HandleResult, HostServices, fail_kind, status};
 use std::ptr;
 
 /// A function instance: a [`LoadedFunction`] with its own heap (limit from
-/// [`InstanceConfig`]) and its own guarded stack. Entry calls run on that
-/// stack; a panic, out-of-memory, stack overflow, memory fault or preemption
+/// [`InstanceConfig`]) and a guarded stack (its thread's shared one, or its
+/// own once keyed). Entry calls run on that stack; a panic, out-of-memory, stack overflow, memory fault or preemption
 /// ends the call with a [`Failure`] and control returns here.
 ///
 /// Not `Send`: the fault handlers find the running call through a
@@ -260,15 +260,22 @@ impl Instance {
             self.init()?;
         }
         self.ctx.get_mut().heap.set_active(Arena::Invocation);
+        self.ctx.get_mut().scratch_used = 0;
         let handle = self.function.handle_fn();
         let mut result = HandleResult::empty();
         let exit = if self.gated {
             // The input is copied into the function's own (keyed) heap: the
             // shared slots stay the runtime's.
+            let ctx = self.ctx.as_ptr();
             let copy = if input.is_empty() {
                 std::ptr::NonNull::<u8>::dangling().as_ptr()
             } else {
-                self.ctx.get_mut().heap.alloc(input.len(), 1)
+                // SAFETY: `ctx` is this instance's live context; no call is
+                // in progress, so nothing else uses it.
+                match unsafe { super::services::scratch_alloc(ctx, input.len(), 1) } {
+                    Some(block) => block,
+                    None => self.ctx.get_mut().heap.alloc(input.len(), 1),
+                }
             };
             if copy.is_null() {
                 self.reset_invocation();
@@ -317,9 +324,15 @@ impl Instance {
     fn decode(&self, result: &HandleResult) -> Result<(*const u8, usize), Failure> {
         // The runtime's own bounds, not the (function-writable) allocator's.
         let heap = &self.heap_memory;
+        let scratch = super::services::scratch_range(self.ctx.get());
         let located = |ptr: *mut u8, len: usize| -> Result<(*const u8, usize), Failure> {
             if len == 0 {
                 return Ok((ptr::null(), 0));
+            }
+            let in_scratch =
+                scratch.contains(&ptr.addr()) && ptr.addr().checked_add(len).is_some_and(|end| end <= scratch.end);
+            if in_scratch {
+                return Ok((ptr.cast_const(), len));
             }
             match heap.arena_of(ptr.addr(), len) {
                 Some(_) => Ok((ptr.cast_const(), len)),
@@ -527,7 +540,9 @@ impl InstanceShell {
         trap::prepare_thread().map_err(RuntimeError::Signals)?;
         let heap_memory = HeapMemory::new(config.heap_limit_bytes).map_err(RuntimeError::Heap)?;
         let heap = InstanceHeap::over(&heap_memory, config.heap_limit_bytes);
-        let stack = GuardedStack::new(config.stack_bytes).map_err(RuntimeError::Stack)?;
+        // Shared with the thread's other instances until a key is applied
+        // (see `super::stack`).
+        let stack = GuardedStack::for_this_thread(config.stack_bytes).map_err(RuntimeError::Stack)?;
         let ctx = ContextBox::new(heap).map_err(RuntimeError::Heap)?;
         Ok(Self {
             ctx,
@@ -733,6 +748,13 @@ pub struct Output<'a> {
 }
 
 impl Output<'_> {
+    /// Heap bytes in use while the output lives (its own block, unless it
+    /// came from the call's context scratch, and whatever the call did not
+    /// free).
+    pub fn heap_used_bytes(&self) -> usize {
+        self.instance.heap_used_bytes()
+    }
+
     /// The output bytes.
     pub fn bytes(&self) -> &[u8] {
         if self.len == 0 {

@@ -20,8 +20,9 @@
 //!                                      (stack reset, invocation arena reset)
 //! ```
 //!
-//! Every entry call runs on the instance's own [`GuardedStack`] as a
-//! corosensei coroutine. `fail()` (the SDK's panic path) switches back to the
+//! Every entry call runs on the instance's [`GuardedStack`] (the thread's
+//! shared one unless the instance is keyed: see [`GuardedStack::for_this_thread`])
+//! as a corosensei coroutine. `fail()` (the SDK's panic path) switches back to the
 //! runtime at once; a fault is caught by the runtime's SIGSEGV/SIGBUS handler (on a
 //! `sigaltstack`), which redirects the faulting context back to the runtime;
 //! a timer or watchdog handler does the same with [`preempt_from_signal`].

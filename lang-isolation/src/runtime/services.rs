@@ -2,7 +2,7 @@
 //! the clock, `checkpoint()` and `fail()`, all reaching the instance through
 //! the table's `ctx` pointer.
 
-use super::heap::InstanceHeap;
+use super::heap::{Arena, InstanceHeap};
 use super::mmap::Mapping;
 use super::pkeys;
 use super::trap::Exit;
@@ -36,33 +36,54 @@ pub(crate) mod bail {
 /// can read and write all of it, so the runtime trusts nothing in it after
 /// a call without checking (plain values only, no owned resources, no
 /// pointers the runtime follows but the services table's `ctx`).
+#[repr(C)]
 pub(crate) struct Context {
+    // `repr(C)`, the fields an entry call touches first and the message
+    // last: a call touches the context's first page only (with thousands
+    // of resident instances every page a warm call touches is one more TLB
+    // miss; see the README's "Warm path layout").
     pub services: HostServices,
     pub heap: InstanceHeap,
-    /// Set by `fail`: the kind, and `reported_len` bytes of `message`.
-    pub reported: bool,
-    pub reported_kind: u32,
-    pub reported_len: usize,
-    pub message: [u8; MAX_MESSAGE_BYTES],
     /// The yielder of the entry call in progress (null between calls;
     /// coroutine calls only).
     pub yielder: *const Yielder<(), Exit>,
-    /// Calls go through the protection-key gate (`super::pkeys`): 0 no,
-    /// [`GATED_WITH_KEYS`], or [`GATED_WITHOUT_KEYS`] (the gate's control
-    /// flow without PKRU writes, for hosts without PKU).
-    pub gated: u8,
-    /// Why a gated call bailed ([`bail`]), 0 if it did not.
-    pub bail: u32,
     /// `handle`'s result of a gated call (in keyed memory).
     pub result: HandleResult,
-    pub in_host: AtomicBool,
-    pub preempt_pending: AtomicBool,
-    pub torn: AtomicBool,
     pub checkpoints: u64,
     /// `clock_ns()` calls seen (an `init()` that read the clock may depend
     /// on the time: no post-init snapshot of it).
     pub clock_reads: u64,
+    /// Set by `fail`: the kind, and `reported_len` bytes of `message`.
+    pub reported_len: usize,
+    /// Bytes of `scratch` handed out in the call in progress (zeroed by
+    /// `Instance::handle` before each call).
+    pub scratch_used: usize,
+    pub reported_kind: u32,
+    /// Why a gated call bailed ([`bail`]), 0 if it did not.
+    pub bail: u32,
+    pub reported: bool,
+    /// Calls go through the protection-key gate (`super::pkeys`): 0 no,
+    /// [`GATED_WITH_KEYS`], or [`GATED_WITHOUT_KEYS`] (the gate's control
+    /// flow without PKRU writes, for hosts without PKU).
+    pub gated: u8,
+    pub in_host: AtomicBool,
+    pub preempt_pending: AtomicBool,
+    pub torn: AtomicBool,
+    /// The front of the invocation arena: a call's first
+    /// [`SCRATCH_BYTES`] of allocations (an output, a few small buffers)
+    /// come from here, next to the fields a call touches anyway, instead
+    /// of from the arena's own first page (see [`scratch_alloc`]).
+    pub scratch: Scratch,
+    pub message: [u8; MAX_MESSAGE_BYTES],
 }
+
+/// Bytes a call can allocate from its context before the invocation arena.
+pub(crate) const SCRATCH_BYTES: usize = 2048;
+
+/// [`Context::scratch`]'s bytes, aligned for any block the SDK asks for
+/// (a larger alignment goes to the arena).
+#[repr(C, align(64))]
+pub(crate) struct Scratch(pub [u8; SCRATCH_BYTES]);
 
 impl Context {
     /// Clears the per-call flags before an entry call.
@@ -96,11 +117,102 @@ pub(crate) const GATED_WITH_KEYS: u8 = 1;
 /// `Context::gated`: through the gate's copy without PKRU writes.
 pub(crate) const GATED_WITHOUT_KEYS: u8 = 2;
 
-/// A [`Context`] in a mapping of its own (so that it can carry the
-/// instance's protection key), with the table's `ctx` pointing at it.
+/// A [`Context`], with the table's `ctx` pointing at it: in a slot of this
+/// thread's context slab ([`slab`]) until a protection key is applied,
+/// then in a page-aligned mapping of its own, which carries the key.
 pub(crate) struct ContextBox {
     ptr: std::ptr::NonNull<Context>,
-    mapping: Mapping,
+    storage: Storage,
+}
+
+enum Storage {
+    Slot,
+    Own(Mapping),
+}
+
+/// Every unkeyed context of a thread, in 2 MiB chunks the kernel may back
+/// with huge pages. A warm call touches its instance's context; with
+/// thousands of resident instances a mapping each (a 4 KiB page each) was
+/// one more TLB miss per call, and on this nested host a miss costs
+/// 40-220 ns depending on how many pages are hot (see the README's "Warm
+/// path layout"). Written here because the general-purpose allocators
+/// cannot be asked for huge pages for just these blocks. Slots are reused;
+/// chunks stay for the thread's life (a worker holds at most its resident
+/// instances plus a cold shell).
+mod slab {
+    use super::Context;
+    use std::cell::RefCell;
+
+    const CHUNK: usize = 2 << 20;
+    const SLOT: usize = std::mem::size_of::<Context>().next_multiple_of(64);
+
+    thread_local! {
+        static FREE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A free slot: uninitialised, `size_of::<Context>()` bytes, 64-byte
+    /// aligned.
+    pub fn take() -> std::io::Result<*mut Context> {
+        FREE.with(|free| {
+            let mut free = free.borrow_mut();
+            if free.is_empty() {
+                let chunk = map_chunk()?;
+                // Highest first: `pop` hands them out in address order.
+                free.extend((0..CHUNK / SLOT).rev().map(|i| chunk + i * SLOT));
+            }
+            Ok(free
+                .pop()
+                .map_or(std::ptr::null_mut(), std::ptr::with_exposed_provenance_mut))
+        })
+    }
+
+    /// Gives a slot back (the context in it is dead).
+    pub fn give(slot: *mut Context) {
+        FREE.with(|free| free.borrow_mut().push(slot.addr()));
+    }
+
+    /// A fresh chunk, 2 MiB aligned, huge pages asked for. Returns its
+    /// address, exposed (slots are made from it).
+    fn map_chunk() -> std::io::Result<usize> {
+        let len = 2 * CHUNK;
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks
+        // aliases no Rust object; the munmaps below trim only its own
+        // unaligned ends, and the chunk itself is never unmapped (slots are
+        // reused), so no pointer into it ever dangles.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            let head = p.addr().next_multiple_of(CHUNK) - p.addr();
+            if head > 0 {
+                libc::munmap(p, head);
+            }
+            let chunk = p.cast::<u8>().add(head);
+            let tail = len - head - CHUNK;
+            if tail > 0 {
+                libc::munmap(chunk.add(CHUNK).cast(), tail);
+            }
+            // Best effort: without huge pages the contexts are still packed.
+            libc::madvise(chunk.cast(), CHUNK, libc::MADV_HUGEPAGE);
+            Ok(chunk.expose_provenance())
+        }
+    }
+}
+
+impl Drop for ContextBox {
+    fn drop(&mut self) {
+        if matches!(self.storage, Storage::Slot) {
+            slab::give(self.ptr.as_ptr());
+        }
+    }
 }
 
 impl std::fmt::Debug for ContextBox {
@@ -112,11 +224,9 @@ impl std::fmt::Debug for ContextBox {
 }
 
 impl ContextBox {
-    /// A context around `heap`.
+    /// A context around `heap`, in a slab slot.
     pub fn new(heap: InstanceHeap) -> std::io::Result<Self> {
-        let mapping = Mapping::anonymous(std::mem::size_of::<Context>(), libc::PROT_READ | libc::PROT_WRITE)?;
-        let ptr = std::ptr::NonNull::new(mapping.start().cast::<Context>())
-            .ok_or_else(|| std::io::Error::other("null mapping"))?;
+        let ptr = std::ptr::NonNull::new(slab::take()?).ok_or_else(|| std::io::Error::other("no context slot"))?;
         let value = Context {
             services: HostServices {
                 abi_version: ABI_VERSION,
@@ -133,6 +243,8 @@ impl ContextBox {
             reported: false,
             reported_kind: 0,
             reported_len: 0,
+            scratch_used: 0,
+            scratch: Scratch([0; SCRATCH_BYTES]),
             message: [0; MAX_MESSAGE_BYTES],
             yielder: std::ptr::null(),
             gated: 0,
@@ -144,10 +256,13 @@ impl ContextBox {
             checkpoints: 0,
             clock_reads: 0,
         };
-        // SAFETY: the mapping is fresh, read-write, page aligned (enough for
-        // `Context`) and at least `size_of::<Context>()` bytes.
+        // SAFETY: the slot is free (ours until `give`), read-write, 64-byte
+        // aligned (enough for `Context`) and `size_of::<Context>()` bytes.
         unsafe { ptr.as_ptr().write(value) };
-        Ok(Self { ptr, mapping })
+        Ok(Self {
+            ptr,
+            storage: Storage::Slot,
+        })
     }
 
     /// The context.
@@ -167,17 +282,30 @@ impl ContextBox {
         self.ptr.as_ptr()
     }
 
-    /// Gives the context's page `key`.
-    pub fn set_key(&self, key: u32) -> std::io::Result<()> {
-        // SAFETY: a mapping this value owns; see `HeapMemory::set_key`.
-        unsafe {
-            super::pkeys::pkey_mprotect(
-                self.mapping.addr(),
-                self.mapping.len(),
-                libc::PROT_READ | libc::PROT_WRITE,
-                key,
-            )
+    /// Moves the context into a page-aligned mapping of its own and gives
+    /// that `key`. Before any call only: the table's `ctx` moves with it,
+    /// but a function that kept the old address would not follow.
+    pub fn set_key(&mut self, key: u32) -> std::io::Result<()> {
+        if matches!(self.storage, Storage::Slot) {
+            let mapping = Mapping::anonymous(std::mem::size_of::<Context>(), libc::PROT_READ | libc::PROT_WRITE)?;
+            let to = mapping.start().cast::<Context>();
+            // SAFETY: `to` is a fresh, page-aligned, read-write mapping of at
+            // least `size_of::<Context>()` bytes; the slot holds a live
+            // `Context` (plain data: a byte copy is a valid move), not used
+            // again once its slot is given back below.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), to, 1);
+                (*to).services.ctx = to.cast();
+            }
+            slab::give(self.ptr.as_ptr());
+            self.ptr = std::ptr::NonNull::new(to).ok_or_else(|| std::io::Error::other("null mapping"))?;
+            self.storage = Storage::Own(mapping);
         }
+        let Storage::Own(mapping) = &self.storage else {
+            unreachable!("moved into a mapping above")
+        };
+        // SAFETY: a mapping this value owns; see `HeapMemory::set_key`.
+        unsafe { super::pkeys::pkey_mprotect(mapping.addr(), mapping.len(), libc::PROT_READ | libc::PROT_WRITE, key) }
     }
 }
 
@@ -245,17 +373,62 @@ unsafe extern "C" fn host_alloc(ctx: *mut c_void, size: usize, align: usize) -> 
     let call = unsafe { HostCall::enter(ctx) };
     // SAFETY: as above; the runtime does not touch the context while the
     // function runs, so this is the only reference.
-    let ptr = unsafe { &mut (*call.0).heap }.alloc(size, align);
+    let ptr = match unsafe { scratch_alloc(call.0, size, align) } {
+        Some(ptr) => ptr,
+        // SAFETY: as above.
+        None => unsafe { &mut (*call.0).heap }.alloc(size, align),
+    };
     drop(call);
     ptr
+}
+
+/// The scratch bytes of `ctx`, as an address range (derived from the
+/// context's own address, never from a field the function can write).
+pub(crate) fn scratch_range(ctx: *const Context) -> std::ops::Range<usize> {
+    // SAFETY: only the field's address is computed, nothing is read.
+    let start = unsafe { std::ptr::addr_of!((*ctx).scratch) }.addr();
+    start..start + SCRATCH_BYTES
+}
+
+/// A block of the call's scratch, if the active arena is the invocation
+/// arena and the block fits. `scratch_used` lives where the function can
+/// write it: it is only trusted within the scratch's own bounds.
+///
+/// # Safety
+/// `ctx` must be a live context that nothing else uses meanwhile (the
+/// entry call in progress, or an instance between calls).
+pub(crate) unsafe fn scratch_alloc(ctx: *mut Context, size: usize, align: usize) -> Option<*mut u8> {
+    // SAFETY: caller contract.
+    let c = unsafe { &mut *ctx };
+    if c.heap.active() != Arena::Invocation || !align.is_power_of_two() || align > 64 {
+        return None;
+    }
+    let at = c.scratch_used.checked_next_multiple_of(align)?;
+    let end = at.checked_add(size.max(1))?;
+    if end > SCRATCH_BYTES {
+        return None;
+    }
+    c.scratch_used = end;
+    Some(c.scratch.0.as_mut_ptr().wrapping_add(at))
+}
+
+/// Whether `[ptr, ptr + len)` is a block of `ctx`'s scratch.
+fn in_scratch(ctx: *const Context, ptr: *const u8, len: usize) -> bool {
+    let range = scratch_range(ctx);
+    let start = ptr.addr();
+    range.contains(&start) && start.checked_add(len).is_some_and(|end| end <= range.end)
 }
 
 unsafe extern "C" fn host_dealloc(ctx: *mut c_void, ptr: *mut u8, size: usize, align: usize) {
     // SAFETY: as in `host_alloc`.
     let call = unsafe { HostCall::enter(ctx) };
-    // SAFETY: as in `host_alloc`; the block contract is the caller's (the
-    // SDK allocator frees only what it allocated, with the same layout).
-    unsafe { (*call.0).heap.dealloc(ptr, size, align) };
+    // A scratch block goes with the call.
+    if !in_scratch(call.0, ptr, size) {
+        // SAFETY: as in `host_alloc`; the block contract is the caller's
+        // (the SDK allocator frees only what it allocated, with the same
+        // layout).
+        unsafe { (*call.0).heap.dealloc(ptr, size, align) };
+    }
     drop(call);
 }
 
@@ -268,8 +441,24 @@ unsafe extern "C" fn host_realloc(
 ) -> *mut u8 {
     // SAFETY: as in `host_alloc`.
     let call = unsafe { HostCall::enter(ctx) };
-    // SAFETY: as in `host_dealloc`.
-    let new = unsafe { (*call.0).heap.realloc(ptr, old_size, align, new_size) };
+    let new = if in_scratch(call.0, ptr, old_size) {
+        // SAFETY: as in `host_alloc`.
+        let new = match unsafe { scratch_alloc(call.0, new_size, align) } {
+            Some(new) => new,
+            // SAFETY: as in `host_alloc`.
+            None => unsafe { &mut (*call.0).heap }.alloc(new_size, align),
+        };
+        if !new.is_null() {
+            // SAFETY: `ptr` is a scratch block of `old_size` bytes (checked),
+            // `new` a fresh block of `new_size`; a `scratch_used` the
+            // function rewound could make them overlap, hence `copy`.
+            unsafe { std::ptr::copy(ptr, new, old_size.min(new_size)) };
+        }
+        new
+    } else {
+        // SAFETY: as in `host_dealloc`.
+        unsafe { (*call.0).heap.realloc(ptr, old_size, align, new_size) }
+    };
     drop(call);
     new
 }
@@ -340,6 +529,44 @@ unsafe extern "C" fn host_fail(ctx: *mut c_void, kind: u32, msg: *const u8, msg_
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contexts_share_a_slab_until_keyed_and_move_intact() {
+        let memory = crate::runtime::HeapMemory::new(1 << 20).unwrap();
+        let new = || ContextBox::new(InstanceHeap::over(&memory, 1 << 20)).unwrap();
+        let (mut a, mut b) = (new(), new());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        assert_ne!(pa, pb);
+        assert_eq!(pa.addr() % 64, 0);
+        assert_eq!(a.get().services.ctx, pa.cast::<c_void>());
+        // Slots come out of one 2 MiB chunk, in address order.
+        assert_eq!(pa.addr() / (2 << 20), pb.addr() / (2 << 20));
+        drop(a);
+        let mut c = new();
+        assert_eq!(c.as_ptr(), pa, "a freed slot is reused");
+        // Keyed (without PKU the key itself is refused, after the move):
+        // its own page, same contents, the table pointing at the new place.
+        b.get_mut().clock_reads = 42;
+        b.get_mut().message[..5].copy_from_slice(b"hello");
+        let _ = b.set_key(0);
+        let moved = b.as_ptr();
+        assert_ne!(moved, pb);
+        assert_eq!(moved.addr() % 4096, 0);
+        assert_eq!(b.get().services.ctx, moved.cast::<c_void>());
+        assert_eq!(b.get().clock_reads, 42);
+        assert_eq!(&b.get().message[..5], b"hello");
+        assert_eq!(c.get().clock_reads, 0, "a reused slot starts fresh");
+        drop((b, c));
+    }
+
+    #[test]
+    fn what_a_call_touches_lies_in_the_contexts_first_page() {
+        // The context's mapping is page aligned; everything but the message
+        // (written only by `fail`) is in its first page.
+        let end_of_message = std::mem::offset_of!(Context, message) + MAX_MESSAGE_BYTES;
+        assert!(std::mem::size_of::<Context>() - end_of_message < std::mem::align_of::<Context>());
+        assert!(std::mem::offset_of!(Context, message) <= 4096);
+    }
 
     #[test]
     fn timespec_conversion() {
