@@ -136,9 +136,12 @@ enum Storage {
 /// one more TLB miss per call, and on this nested host a miss costs
 /// 40-220 ns depending on how many pages are hot (see the README's "Warm
 /// path layout"). Written here because the general-purpose allocators
-/// cannot be asked for huge pages for just these blocks. Slots are reused;
-/// chunks stay for the thread's life (a worker holds at most its resident
-/// instances plus a cold shell).
+/// cannot be asked for huge pages for just these blocks. A chunk is made a
+/// huge page only once [`slab::COLLAPSE_AT`] of its slots have been handed
+/// out (`MADV_COLLAPSE`, synchronous, on the deploy path): a worker with a
+/// few dozen functions has no TLB pressure to relieve and would pay 2 MiB
+/// for them. Slots are reused; chunks stay for the thread's life (a worker
+/// holds at most its resident instances plus a cold shell).
 mod slab {
     use super::Context;
     use std::cell::RefCell;
@@ -146,8 +149,13 @@ mod slab {
     const CHUNK: usize = 2 << 20;
     const SLOT: usize = std::mem::size_of::<Context>().next_multiple_of(64);
 
+    /// Slots handed out of a chunk before it is made a huge page.
+    pub const COLLAPSE_AT: usize = 128;
+
     thread_local! {
         static FREE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+        /// Chunks already collapsed into a huge page (or refused it).
+        static COLLAPSED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     }
 
     /// A free slot: uninitialised, `size_of::<Context>()` bytes, 64-byte
@@ -160,10 +168,33 @@ mod slab {
                 // Highest first: `pop` hands them out in address order.
                 free.extend((0..CHUNK / SLOT).rev().map(|i| chunk + i * SLOT));
             }
-            Ok(free
-                .pop()
-                .map_or(std::ptr::null_mut(), std::ptr::with_exposed_provenance_mut))
+            let slot = free.pop().unwrap_or(0);
+            let chunk = slot & !(CHUNK - 1);
+            if slot != 0 && (slot - chunk) / SLOT >= COLLAPSE_AT {
+                collapse_once(chunk);
+            }
+            Ok(std::ptr::with_exposed_provenance_mut(slot))
         })
+    }
+
+    /// Asks for `chunk` in one huge page, the first time only. Best effort:
+    /// without one the contexts are still packed in 4 KiB pages.
+    fn collapse_once(chunk: usize) {
+        COLLAPSED.with(|done| {
+            let mut done = done.borrow_mut();
+            if done.contains(&chunk) {
+                return;
+            }
+            done.push(chunk);
+            let at: *mut libc::c_void = std::ptr::with_exposed_provenance_mut(chunk);
+            // SAFETY: `chunk` is one of this slab's chunks, mapped for good
+            // (see `map_chunk`); both advices change only how its pages are
+            // backed, never their contents.
+            unsafe {
+                libc::madvise(at, CHUNK, libc::MADV_HUGEPAGE);
+                libc::madvise(at, CHUNK, libc::MADV_COLLAPSE);
+            }
+        });
     }
 
     /// Gives a slot back (the context in it is dead).
@@ -171,8 +202,8 @@ mod slab {
         FREE.with(|free| free.borrow_mut().push(slot.addr()));
     }
 
-    /// A fresh chunk, 2 MiB aligned, huge pages asked for. Returns its
-    /// address, exposed (slots are made from it).
+    /// A fresh chunk, 2 MiB aligned. Returns its address, exposed (slots
+    /// are made from it).
     fn map_chunk() -> std::io::Result<usize> {
         let len = 2 * CHUNK;
         // SAFETY: a fresh anonymous mapping at an address the kernel picks
@@ -200,8 +231,6 @@ mod slab {
             if tail > 0 {
                 libc::munmap(chunk.add(CHUNK).cast(), tail);
             }
-            // Best effort: without huge pages the contexts are still packed.
-            libc::madvise(chunk.cast(), CHUNK, libc::MADV_HUGEPAGE);
             Ok(chunk.expose_provenance())
         }
     }
