@@ -207,9 +207,8 @@ mod slab {
     fn map_chunk() -> std::io::Result<usize> {
         let len = 2 * CHUNK;
         // SAFETY: a fresh anonymous mapping at an address the kernel picks
-        // aliases no Rust object; the munmaps below trim only its own
-        // unaligned ends, and the chunk itself is never unmapped (slots are
-        // reused), so no pointer into it ever dangles.
+        // aliases no Rust object; it is never unmapped (slots are reused),
+        // so no pointer into it ever dangles.
         unsafe {
             let p = libc::mmap(
                 std::ptr::null_mut(),
@@ -222,15 +221,12 @@ mod slab {
             if p == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error());
             }
+            // The 2 MiB-aligned chunk inside. The unaligned ends stay mapped
+            // and untouched (no memory): unmapped, they would leave holes
+            // that later small mappings (function images) fill, scattering
+            // a worker's images over its address space.
             let head = p.addr().next_multiple_of(CHUNK) - p.addr();
-            if head > 0 {
-                libc::munmap(p, head);
-            }
             let chunk = p.cast::<u8>().add(head);
-            let tail = len - head - CHUNK;
-            if tail > 0 {
-                libc::munmap(chunk.add(CHUNK).cast(), tail);
-            }
             Ok(chunk.expose_provenance())
         }
     }
