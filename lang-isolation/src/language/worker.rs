@@ -928,7 +928,7 @@ fn run_handle(instance: &mut Instance, input: &[u8], budget_ns: u64, header: &He
             }
             if !bytes.is_empty() {
                 // SAFETY: `out` is a live output area of `out.len` bytes
-                // (checked above), not the instance's heap the bytes are in.
+                // (checked above), not the instance's memory the bytes are in.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.ptr, bytes.len()) };
             }
             Ok((Ok(bytes.len()), output.entered_ns, output.returned_ns))

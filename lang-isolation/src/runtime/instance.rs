@@ -14,8 +14,9 @@ use std::ptr;
 
 /// A function instance: a [`LoadedFunction`] with its own heap (limit from
 /// [`InstanceConfig`]) and a guarded stack (its thread's shared one, or its
-/// own once keyed). Entry calls run on that stack; a panic, out-of-memory, stack overflow, memory fault or preemption
-/// ends the call with a [`Failure`] and control returns here.
+/// own once keyed). Entry calls run on that stack; a panic, out-of-memory,
+/// stack overflow, memory fault or preemption ends the call with a
+/// [`Failure`] and control returns here.
 ///
 /// Not `Send`: the fault handlers find the running call through a
 /// thread-local, so an instance is driven from one thread.
@@ -264,8 +265,9 @@ impl Instance {
         let handle = self.function.handle_fn();
         let mut result = HandleResult::empty();
         let exit = if self.gated {
-            // The input is copied into the function's own (keyed) heap: the
-            // shared slots stay the runtime's.
+            // The input is copied into the function's own (keyed) memory,
+            // its context's scratch or else its heap: the shared slots stay
+            // the runtime's.
             let ctx = self.ctx.as_ptr();
             let copy = if input.is_empty() {
                 std::ptr::NonNull::<u8>::dangling().as_ptr()
@@ -320,7 +322,8 @@ impl Instance {
     }
 
     /// Checks a returned `HandleResult`: the bytes must lie inside the
-    /// instance's heap. Returns the output's location.
+    /// instance's heap or its context's scratch. Returns the output's
+    /// location.
     fn decode(&self, result: &HandleResult) -> Result<(*const u8, usize), Failure> {
         // The runtime's own bounds, not the (function-writable) allocator's.
         let heap = &self.heap_memory;
@@ -348,8 +351,9 @@ impl Instance {
                 let message = if len == 0 {
                     String::new()
                 } else {
-                    // SAFETY: `located` checked the range lies in the heap,
-                    // which is mapped and which the function wrote.
+                    // SAFETY: `located` checked the range lies in the heap or
+                    // the context's scratch, both mapped, which the function
+                    // wrote.
                     let bytes = unsafe { std::slice::from_raw_parts(ptr, len.min(MAX_MESSAGE_BYTES)) };
                     String::from_utf8_lossy(bytes).into_owned()
                 };
