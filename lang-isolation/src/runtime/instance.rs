@@ -327,14 +327,12 @@ impl Instance {
     fn decode(&self, result: &HandleResult) -> Result<(*const u8, usize), Failure> {
         // The runtime's own bounds, not the (function-writable) allocator's.
         let heap = &self.heap_memory;
-        let scratch = super::services::scratch_range(self.ctx.get());
+        let ctx: *const Context = self.ctx.get();
         let located = |ptr: *mut u8, len: usize| -> Result<(*const u8, usize), Failure> {
             if len == 0 {
                 return Ok((ptr::null(), 0));
             }
-            let in_scratch =
-                scratch.contains(&ptr.addr()) && ptr.addr().checked_add(len).is_some_and(|end| end <= scratch.end);
-            if in_scratch {
+            if super::services::in_scratch(ctx, ptr, len) {
                 return Ok((ptr.cast_const(), len));
             }
             match heap.arena_of(ptr.addr(), len) {

@@ -154,8 +154,6 @@ mod slab {
 
     thread_local! {
         static FREE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-        /// Chunks already collapsed into a huge page (or refused it).
-        static COLLAPSED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     }
 
     /// A free slot: uninitialised, `size_of::<Context>()` bytes, 64-byte
@@ -168,33 +166,28 @@ mod slab {
                 // Highest first: `pop` hands them out in address order.
                 free.extend((0..CHUNK / SLOT).rev().map(|i| chunk + i * SLOT));
             }
-            let slot = free.pop().unwrap_or(0);
+            let slot = free.pop().ok_or_else(|| std::io::Error::other("no context slot"))?;
             let chunk = slot & !(CHUNK - 1);
-            if slot != 0 && (slot - chunk) / SLOT >= COLLAPSE_AT {
-                collapse_once(chunk);
+            // A chunk's slots first go out in address order: this one marks
+            // the chunk as busy enough (again on a reuse: harmless).
+            if (slot - chunk) / SLOT == COLLAPSE_AT {
+                collapse(chunk);
             }
             Ok(std::ptr::with_exposed_provenance_mut(slot))
         })
     }
 
-    /// Asks for `chunk` in one huge page, the first time only. Best effort:
-    /// without one the contexts are still packed in 4 KiB pages.
-    fn collapse_once(chunk: usize) {
-        COLLAPSED.with(|done| {
-            let mut done = done.borrow_mut();
-            if done.contains(&chunk) {
-                return;
-            }
-            done.push(chunk);
-            let at: *mut libc::c_void = std::ptr::with_exposed_provenance_mut(chunk);
-            // SAFETY: `chunk` is one of this slab's chunks, mapped for good
-            // (see `map_chunk`); both advices change only how its pages are
-            // backed, never their contents.
-            unsafe {
-                libc::madvise(at, CHUNK, libc::MADV_HUGEPAGE);
-                libc::madvise(at, CHUNK, libc::MADV_COLLAPSE);
-            }
-        });
+    /// Asks for `chunk` in one huge page. Best effort: without one the
+    /// contexts are still packed in 4 KiB pages.
+    fn collapse(chunk: usize) {
+        let at: *mut libc::c_void = std::ptr::with_exposed_provenance_mut(chunk);
+        // SAFETY: `chunk` is one of this slab's chunks, mapped for good (see
+        // `map_chunk`); both advices change only how its pages are backed,
+        // never their contents.
+        unsafe {
+            libc::madvise(at, CHUNK, libc::MADV_HUGEPAGE);
+            libc::madvise(at, CHUNK, libc::MADV_COLLAPSE);
+        }
     }
 
     /// Gives a slot back (the context in it is dead).
@@ -205,30 +198,16 @@ mod slab {
     /// A fresh chunk, 2 MiB aligned. Returns its address, exposed (slots
     /// are made from it).
     fn map_chunk() -> std::io::Result<usize> {
-        let len = 2 * CHUNK;
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks
-        // aliases no Rust object; it is never unmapped (slots are reused),
-        // so no pointer into it ever dangles.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The 2 MiB-aligned chunk inside. The unaligned ends stay mapped
-            // and untouched (no memory): unmapped, they would leave holes
-            // that later small mappings (function images) fill, scattering
-            // a worker's images over its address space.
-            let head = p.addr().next_multiple_of(CHUNK) - p.addr();
-            let chunk = p.cast::<u8>().add(head);
-            Ok(chunk.expose_provenance())
-        }
+        let mapping = super::Mapping::anonymous(2 * CHUNK, libc::PROT_READ | libc::PROT_WRITE)?;
+        // The 2 MiB-aligned chunk inside. The unaligned ends stay mapped and
+        // untouched (no memory): unmapped, they would leave holes that later
+        // small mappings (function images) fill, scattering a worker's images
+        // over its address space.
+        let head = mapping.addr().next_multiple_of(CHUNK) - mapping.addr();
+        let chunk = mapping.start().wrapping_add(head).expose_provenance();
+        // Never unmapped (slots are reused), so no slot ever dangles.
+        std::mem::forget(mapping);
+        Ok(chunk)
     }
 }
 
@@ -409,9 +388,8 @@ unsafe extern "C" fn host_alloc(ctx: *mut c_void, size: usize, align: usize) -> 
 
 /// The scratch bytes of `ctx`, as an address range (derived from the
 /// context's own address, never from a field the function can write).
-pub(crate) fn scratch_range(ctx: *const Context) -> std::ops::Range<usize> {
-    // SAFETY: only the field's address is computed, nothing is read.
-    let start = unsafe { std::ptr::addr_of!((*ctx).scratch) }.addr();
+fn scratch_range(ctx: *const Context) -> std::ops::Range<usize> {
+    let start = ctx.addr() + std::mem::offset_of!(Context, scratch);
     start..start + SCRATCH_BYTES
 }
 
@@ -437,8 +415,8 @@ pub(crate) unsafe fn scratch_alloc(ctx: *mut Context, size: usize, align: usize)
     Some(c.scratch.0.as_mut_ptr().wrapping_add(at))
 }
 
-/// Whether `[ptr, ptr + len)` is a block of `ctx`'s scratch.
-fn in_scratch(ctx: *const Context, ptr: *const u8, len: usize) -> bool {
+/// Whether `[ptr, ptr + len)` lies in `ctx`'s scratch.
+pub(crate) fn in_scratch(ctx: *const Context, ptr: *const u8, len: usize) -> bool {
     let range = scratch_range(ctx);
     let start = ptr.addr();
     range.contains(&start) && start.checked_add(len).is_some_and(|end| end <= range.end)
